@@ -1,0 +1,327 @@
+"""Command line: parse, build the config, call the API, render, gate, exit code.
+
+Exit codes: 0 passed, 1 gate failed, 2 bad usage or input, 3 runtime failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UsageError, WalkauditError
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _err(message: str) -> None:
+    click.echo(f"walkaudit: error: {message}", err=True)
+
+
+def guarded(fn):
+    """Turn our errors into one line and an exit code; unexpected ones into exit 3 without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except WalkauditError as exc:
+            _err(str(exc))
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _err("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug or an unexpected library failure: still one line
+            if os.environ.get("WALKAUDIT_DEBUG"):
+                raise
+            _err(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                 "(set WALKAUDIT_DEBUG=1 for a traceback)")
+            sys.exit(EXIT_RUNTIME)
+
+    return wrapper
+
+
+class DefaultGroup(click.Group):
+    """`walkaudit MODEL ...` means `walkaudit audit MODEL ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["audit", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="walkaudit")
+def main():
+    """Layer-wise noise robustness (Walking Noise) of an ONNX classifier.
+
+    \b
+      walkaudit model.onnx --data val.npz --json report.json
+      walkaudit inspect model.onnx
+      walkaudit compare baseline.json report.json --max-drop 20%
+      walkaudit plot report.json -o curves.png
+
+    Exit codes: 0 passed, 1 gate failed, 2 bad usage or input, 3 runtime failure, 130 interrupted.
+    """
+
+
+def site_options(fn):
+    fn = click.option("--exclude", metavar="REGEX", help="Drop sites whose tensor or node name matches.")(fn)
+    fn = click.option("--include", metavar="REGEX", help="Keep only sites whose tensor or node name matches.")(fn)
+    fn = click.option("--ops", metavar="OPS", default=None,
+                      help="Comma-separated op types whose outputs are sites, or 'all' for every float node output "
+                           "[default: Conv,ConvTranspose,Gemm,MatMul with their bias Add].")(fn)
+    return fn
+
+
+def gate_options(fn):
+    opts = [
+        click.option("--fail-under", type=float, metavar="SIGMA", help="Fail when a site's σ50 is below SIGMA."),
+        click.option("--fail-under-relative", type=float, metavar="X",
+                     help="Fail when a site's σ50 / activation std is below X."),
+        click.option("--rule", "rules", multiple=True, metavar="REGEX:SIGMA",
+                     help="Per-site threshold, e.g. 'conv.*:0.05' (append 'rel' for relative). Repeatable."),
+        click.option("--rules", "rules_file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Gate rules in a TOML file (see docs/ci.md)."),
+        click.option("--min-clean-accuracy", type=float, metavar="A", help="Fail when clean accuracy is below A."),
+        click.option("--baseline", type=click.Path(dir_okay=False), metavar="REPORT",
+                     help="A previous JSON report to compare against."),
+        click.option("--max-drop", metavar="DROP", help="Largest allowed σ50 drop vs --baseline: '20%' or '0.3dec'."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def output_options(fn):
+    opts = [
+        click.option("--json", "json_path", metavar="PATH", help="Write the JSON report ('-' = stdout)."),
+        click.option("--markdown", "markdown_path", metavar="PATH",
+                     help="Write a Markdown summary ('auto' = append to $GITHUB_STEP_SUMMARY)."),
+        click.option("--junit", "junit_path", metavar="PATH", help="Write JUnit XML (one test case per site)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _selection(ops, include, exclude, names=()):
+    from .sites import LAYER_OPS, Selection
+
+    op_list = tuple(o.strip() for o in ops.split(",") if o.strip()) if ops else LAYER_OPS
+    return Selection(op_list, include, exclude, tuple(names))
+
+
+def _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, baseline):
+    from . import gate
+
+    config = gate.load_rules(rules_file) if rules_file else gate.GateConfig()
+    thresholds = [gate.parse_rule(r) for r in rules]
+    if fail_under is not None:
+        thresholds.append(gate.Threshold(None, fail_under))
+    if fail_under_relative is not None:
+        thresholds.append(gate.Threshold(None, fail_under_relative, relative=True))
+    flags = gate.GateConfig(tuple(thresholds), min_clean_accuracy,
+                            gate.parse_drop(max_drop) if max_drop is not None else None)
+    config = config.merge(flags)
+    if config.max_drop is not None and baseline is None:
+        raise UsageError("--max-drop needs --baseline")
+    return config
+
+
+def _read_report(path: str) -> dict:
+    from .schema import check_report_version
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"report not found: {path}")
+    try:
+        report = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not a JSON report: {exc}") from None
+    if not isinstance(report, dict):
+        raise UsageError(f"{path} is not a walkaudit report (not a JSON object)")
+    check_report_version(report)
+    return report
+
+
+def _write(path: str, text: str, append: bool = False) -> None:
+    if path == "-":
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(path, "a" if append else "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> None:
+    """Write the requested files and render the summary (to stderr when stdout carries the JSON)."""
+    from rich.console import Console
+
+    from . import render
+    from .formats import to_junit, to_markdown
+
+    if json_path:
+        _write(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    if markdown_path:
+        if markdown_path == "auto":
+            target = os.environ.get("GITHUB_STEP_SUMMARY")
+            if not target:
+                raise UsageError("--markdown auto needs the environment variable GITHUB_STEP_SUMMARY")
+            _write(target, to_markdown(report) + "\n", append=True)
+        else:
+            _write(markdown_path, to_markdown(report))
+    if junit_path:
+        _write(junit_path, to_junit(report))
+    if quiet:
+        return
+    console = Console(stderr=json_path == "-" or markdown_path == "-" or junit_path == "-", highlight=False)
+    console.print(render.site_table(report, bars=console.width >= 100))
+    for line in render.summary_lines(report):
+        console.print(line, markup=False)
+
+
+@main.command("audit")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Validation data: .npz (inputs and optional labels) or .npy (inputs only).")
+@click.option("--x-key", metavar="KEY", help="Array holding the inputs in the .npz [default: auto].")
+@click.option("--y-key", metavar="KEY", help="Array holding the labels in the .npz [default: auto].")
+@click.option("--limit", type=int, metavar="N", help="Use only the first N samples.")
+@click.option("--output", metavar="NAME", help="The class output to read [default: found automatically].")
+@site_options
+@click.option("--site", "site_names", multiple=True, metavar="TENSOR", help="An explicit site (repeatable).")
+@click.option("--noise", type=click.Choice(["additive", "multiplicative", "combined"]), default="additive",
+              show_default=True, help="Noise model.")
+@click.option("--ratio", type=float, default=0.5, show_default=True,
+              help="combined: σa = σ·r, σm = σ·(1−r).")
+@click.option("--global", "global_mode", is_flag=True, help="The same σ at every site at once (default: one site at "
+                                                              "a time).")
+@click.option("--sigmas", metavar="LIST|A:B:N",
+              help="Fixed σ grid: '0.01,0.1,1' or '1e-3:1e2:21' (log). Default: adaptive search per site.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Noise draws per σ.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Samples per clean batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (same seed, same report).")
+@click.option("--chance", type=float, help="Chance accuracy [default: 1/classes].")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="onnxruntime provider; auto uses CUDA only where a session really runs on it.")
+@click.option("--threads", type=int, help="CPU threads for onnxruntime and noise [default: all].")
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the inputs.")
+@gate_options
+@output_options
+@guarded
+def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
+                  global_mode, sigmas, repeats, batch_size, seed, chance, provider, threads, allow_nonfinite,
+                  fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
+                  json_path, markdown_path, junit_path, quiet):
+    """Audit MODEL: σ50 of every site, a table, a JSON report and a gate verdict."""
+    from . import gate
+    from .api import AuditConfig, audit
+    from .progress import RichProgress
+    from .sweep import parse_sigmas
+
+    gate_config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop,
+                               baseline)
+    baseline_report = _read_report(baseline) if baseline else None
+    config = AuditConfig(
+        noise=noise, ratio=ratio, mode="global" if global_mode else "walk",
+        sigmas=parse_sigmas(sigmas) if sigmas else None, repeats=repeats, seed=seed, batch_size=batch_size,
+        provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
+        limit=limit, x_key=x_key, y_key=y_key, allow_nonfinite=allow_nonfinite, threads=threads,
+    )
+    with RichProgress(disable=quiet) as progress:
+        result = audit(model, data=data_path, config=config, progress=progress)
+    report = result.to_dict()
+    report["config"]["gate"] = gate_config.to_dict()
+    verdict = gate.evaluate(report, gate_config, baseline_report)
+    report["gate"] = verdict.to_dict()
+    _emit(report, json_path, markdown_path, junit_path, quiet)
+    if report.get("partial"):
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(verdict.exit_code)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@site_options
+@click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
+@guarded
+def inspect(model, ops, include, exclude, as_json):
+    """List the candidate sites of MODEL: index, tensor, node, op type, shape."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .model import load_model
+    from .sites import select
+
+    loaded = load_model(model)
+    sites = select(loaded.proto, loaded.types, _selection(ops, include, exclude))
+    if as_json:
+        click.echo(json.dumps([{"index": s.index, "name": s.name, "node": s.node, "op_type": s.op_type,
+                                "shape": None if s.shape is None else list(s.shape)} for s in sites], indent=2))
+        return
+    out = loaded.class_output
+    table = Table(title=f"{len(sites)} sites of {Path(model).name} (class output '{out.name}', {out.kind})",
+                  title_justify="left", header_style="bold")
+    for col in ("#", "tensor", "node", "op", "shape"):
+        table.add_column(col, justify="right" if col == "#" else "left")
+    for s in sites:
+        shape = "?" if s.shape is None else "×".join("?" if d is None else str(d) for d in s.shape)
+        table.add_row(str(s.index), s.name, s.node, s.op_type, shape)
+    Console(highlight=False).print(table)
+
+
+@main.command()
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@gate_options
+@output_options
+@guarded
+def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
+            json_path, markdown_path, junit_path, quiet):
+    """Compare two reports side by side and gate NEW against OLD with the same rules as the audit."""
+    from rich.console import Console
+
+    from . import gate, render
+
+    if baseline:
+        raise UsageError("compare takes the baseline as its first argument; drop --baseline")
+    old_report, new_report = _read_report(old), _read_report(new)
+    config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, old)
+    verdict = gate.evaluate(new_report, config, old_report)
+    new_report = {**new_report, "gate": verdict.to_dict()}
+    if json_path or markdown_path or junit_path:
+        _emit(new_report, json_path, markdown_path, junit_path, quiet=True)
+    if not quiet:
+        console = Console(stderr=json_path == "-", highlight=False)
+        console.print(render.compare_table(old_report, new_report))
+        for w in verdict.warnings:
+            console.print(f"warning: {w}", markup=False)
+        for f in new_report["gate"]["failures"]:
+            console.print(f"FAIL: {f['message']}", markup=False)
+        console.print("gate: " + ("passed" if verdict.passed else "FAILED"))
+    sys.exit(verdict.exit_code)
+
+
+@main.command()
+@click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, metavar="FILE", help="Image file: .png, .svg or .pdf.")
+@guarded
+def plot(report_path, out):
+    """Plot accuracy vs σ per site and σ50 per site from a JSON report."""
+    from .plot import plot_report
+
+    if Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UsageError(f"plot output must end in .png, .svg or .pdf, got {out}")
+    plot_report(_read_report(report_path), out)
+    click.echo(f"wrote {out}", err=True)

@@ -1,0 +1,202 @@
+"""Load validation data safely and check it against the model's inputs.
+
+.npz files hold inputs and (optionally) labels; .npy files hold the inputs of a single-input model. Files are read
+with allow_pickle=False: object arrays are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .model import TensorSpec
+
+X_KEYS = ("x", "X", "inputs", "input", "images", "image", "data", "features", "x_val", "x_test")
+Y_KEYS = ("y", "Y", "labels", "label", "targets", "target", "y_val", "y_test")
+
+
+@dataclass
+class Dataset:
+    """Model inputs by name ([N, ...] each) and class ids (or None: agreement with the clean model)."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    path: str | None = None
+    sha256: str | None = None
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batches(self, size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(start, inputs) for consecutive slices of at most `size` samples (views, no copies)."""
+        for start in range(0, self.samples, size):
+            yield start, {k: v[start : start + size] for k, v in self.inputs.items()}
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"data path is not a file: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".npy"):
+        raise DataError(f"data file must be .npz or .npy, got {path.name}")
+    try:
+        if suffix == ".npy":
+            return {"": np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise DataError(f"{path.name} holds pickled object arrays; walkaudit refuses to load them") from None
+        raise DataError(f"{path.name} is not a readable {suffix} file: {str(exc).splitlines()[0]}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DataError(f"{path.name} is not a readable {suffix} file: {type(exc).__name__}: {exc}") from None
+
+
+def _pick(arrays: dict[str, np.ndarray], wanted: str | None, choices: tuple[str, ...], what: str) -> str | None:
+    if wanted is not None:
+        if wanted not in arrays:
+            raise DataError(f"{what} key {wanted!r} not in the data file (keys: {', '.join(arrays) or 'none'})")
+        return wanted
+    return next((k for k in choices if k in arrays), None)
+
+
+def load(
+    path,
+    model_inputs: list[TensorSpec],
+    *,
+    x_key: str | None = None,
+    y_key: str | None = None,
+    limit: int | None = None,
+    num_classes: int | None = None,
+    allow_nonfinite: bool = False,
+) -> Dataset:
+    """Read a .npz/.npy file into a checked Dataset."""
+    path = Path(path)
+    arrays = _read_arrays(path)
+    keys = ", ".join(arrays) or "none"
+    y_name = None if "" in arrays else _pick(arrays, y_key, Y_KEYS, "label")
+    if "" in arrays:  # .npy: inputs only
+        if len(model_inputs) != 1:
+            raise DataError(f"a .npy file feeds one input, but the model has {len(model_inputs)}; use an .npz")
+        inputs = {model_inputs[0].name: arrays[""]}
+    elif len(model_inputs) == 1 and (x_key is not None or model_inputs[0].name not in arrays):
+        x_name = _pick(arrays, x_key, X_KEYS, "input")
+        if x_name is None:
+            rest = [k for k in arrays if k != y_name]
+            if len(rest) != 1:
+                raise DataError(f"cannot tell which array holds the inputs (keys: {keys}); use --x-key")
+            x_name = rest[0]
+        inputs = {model_inputs[0].name: arrays[x_name]}
+    else:
+        missing = [s.name for s in model_inputs if s.name not in arrays]
+        if missing:
+            raise DataError(f"no array named like model input {missing[0]!r} in the data file (keys: {keys})")
+        inputs = {s.name: arrays[s.name] for s in model_inputs}
+    labels = arrays[y_name] if y_name is not None else None
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return from_arrays(inputs, labels, model_inputs, limit=limit, num_classes=num_classes,
+                       allow_nonfinite=allow_nonfinite, path=str(path), sha256=sha)
+
+
+def from_arrays(
+    inputs,
+    labels,
+    model_inputs: list[TensorSpec],
+    *,
+    limit: int | None = None,
+    num_classes: int | None = None,
+    allow_nonfinite: bool = False,
+    path: str | None = None,
+    sha256: str | None = None,
+) -> Dataset:
+    """Check arrays against the model's inputs (shape, dtype, finiteness) and the labels against the classes."""
+    if not isinstance(inputs, dict):
+        if len(model_inputs) != 1:
+            names = ", ".join(s.name for s in model_inputs)
+            raise DataError(f"the model has {len(model_inputs)} inputs ({names}): pass a dict of arrays by name")
+        inputs = {model_inputs[0].name: inputs}
+    checked = {}
+    for spec in model_inputs:
+        if spec.name not in inputs:
+            raise DataError(f"no data for model input {spec.name!r}")
+        checked[spec.name] = _check_input(np.asarray(inputs[spec.name]), spec, allow_nonfinite)
+    counts = {len(a) for a in checked.values()}
+    if len(counts) != 1:
+        raise DataError(f"inputs have different numbers of samples: {sorted(counts)}")
+    n = counts.pop()
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"--limit must be at least 1, got {limit}")
+        checked = {k: v[:limit] for k, v in checked.items()}
+        n = min(n, limit)
+    if labels is not None:
+        labels = to_class_ids(np.asarray(labels), num_classes)
+        if limit is not None:
+            labels = labels[:limit]
+        if len(labels) != n:
+            raise DataError(f"labels have {len(labels)} entries but the inputs have {n} samples")
+    return Dataset(checked, labels, path, sha256)
+
+
+def _describe(a: np.ndarray) -> str:
+    return f"{a.dtype} [{', '.join(map(str, a.shape))}]"
+
+
+def _check_input(a: np.ndarray, spec: TensorSpec, allow_nonfinite: bool) -> np.ndarray:
+    want = spec.describe()
+    if a.dtype == object:
+        raise DataError(f"input {spec.name!r}: object arrays are not accepted")
+    if a.size == 0 or a.ndim == 0:
+        raise DataError(f"input {spec.name!r} is empty: expected {want}, found {_describe(a)}")
+    if spec.shape is not None:
+        dims = spec.shape[1:]
+        if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(dims, a.shape[1:])):
+            raise DataError(f"input {spec.name!r}: expected {want}, found {_describe(a)}")
+    target = spec.dtype
+    if a.dtype != target:
+        same_kind = a.dtype.kind == target.kind or (a.dtype.kind in "iub" and target.kind in "iu")
+        if not same_kind:
+            raise DataError(f"input {spec.name!r}: expected {want}, found {_describe(a)}")
+        a = a.astype(target)
+    if a.dtype.kind == "f" and not allow_nonfinite and not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise DataError(f"input {spec.name!r} holds {bad} NaN/Inf values (use --allow-nonfinite to accept them)")
+    return np.ascontiguousarray(a)
+
+
+def to_class_ids(labels: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """Class ids [N] from ids or one-hot [N, C]; checks range and one-hotness."""
+    if labels.dtype == object:
+        raise DataError("labels: object arrays are not accepted")
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        hot = labels == 1
+        if not ((labels == 0) | hot).all() or not (hot.sum(axis=1) == 1).all():
+            raise DataError("labels look one-hot ([N, C]) but some rows are not a single 1 among 0s")
+        if num_classes is not None and labels.shape[1] != num_classes:
+            raise DataError(f"one-hot labels have {labels.shape[1]} columns, the model has {num_classes} classes")
+        return hot.argmax(axis=1).astype(np.int64)
+    if labels.ndim == 2:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"labels must be class ids [N] or one-hot [N, C], found shape {list(labels.shape)}")
+    if labels.size == 0:
+        raise DataError("labels are empty")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or not (labels == np.round(labels)).all():
+            raise DataError("labels must be whole class ids; found fractional or NaN values")
+    elif labels.dtype.kind not in "iub":
+        raise DataError(f"labels must be integer class ids, found dtype {labels.dtype}")
+    ids = labels.astype(np.int64)
+    top = num_classes - 1 if num_classes else None
+    if ids.min() < 0 or (top is not None and ids.max() > top):
+        raise DataError(f"labels out of range: found {ids.min()}..{ids.max()}, the model has {num_classes} classes")
+    return ids

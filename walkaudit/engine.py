@@ -1,0 +1,268 @@
+"""Evaluate accuracy under noise, fast.
+
+- One clean pass over the data gives the targets, the clean accuracy and each site's activation statistics.
+- Walk mode reuses the clean prefix: per site, only the suffix that the noise reaches runs, fed with the site's noisy
+  value (computed on the host) and the clean values it also reads (taken from the clean model, once per batch, kept
+  while they fit a memory budget).
+- Several σ levels go into one run: the batch is tiled along dimension 0 (per-sample σ). Whether a graph allows
+  that is checked once per site with σ = 0; where it does not (fixed batch, folded batch) levels run one by one.
+- One draw of ε per (site, batch, repeat) serves every σ level (common random numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import noise as noise_mod
+from . import rewrite
+from .data import Dataset
+from .model import LoadedModel
+from .noise import Noise, NormalSource
+from .runtime import OutOfMemory, Runtime, run
+from .sites import Site
+
+#: Largest tensor (in elements) one packed run feeds; bounds memory whatever the data set size.
+RUN_ELEMENTS = 1 << 24
+#: Clean values kept per site between σ rounds (bytes).
+CACHE_BYTES = 256 << 20
+
+Progress = Callable[[int], None]
+
+
+def predictions(out: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class [N], non-finite mask [N]). A row with NaN/Inf scores predicts no class (-1)."""
+    if kind == "label":
+        pred = out.reshape(-1).astype(np.int64)
+        return pred, np.zeros(pred.shape, dtype=bool)
+    scores = out.reshape(out.shape[0], -1)
+    bad = ~np.isfinite(scores).all(axis=1)
+    pred = np.where(bad, -1, np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1))
+    return pred, bad
+
+
+@dataclass
+class Clean:
+    """What the clean pass learnt."""
+
+    targets: np.ndarray  # class id per sample: the labels, or the clean model's own predictions
+    predictions: np.ndarray
+    accuracy: float
+    num_classes: int | None
+    activation_std: dict[str, float]
+
+
+@dataclass
+class Counts:
+    """Outcome of evaluating a list of σ levels with R repeats each."""
+
+    correct: np.ndarray  # [L, R]
+    nonfinite: np.ndarray  # [L, R]
+    samples: int
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return self.correct / max(self.samples, 1)
+
+
+@dataclass
+class Engine:
+    model: LoadedModel
+    runtime: Runtime
+    noise: Noise
+    source: NormalSource
+    sites: list[Site]
+    batch_size: int = 256
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        out = self.model.class_output.name
+        self.plans = {s.name: rewrite.suffix_plan(self.model.proto, s.name, out) for s in self.sites}
+        needed = [s.name for s in self.sites] + [n for _, f in self.plans.values() for n in f]
+        self._clean = self.runtime.session(rewrite.expose(self.model.proto, needed, self.model.types))
+        self._input_names = {s.name for s in self.model.inputs}
+        fixed = self.model.batch_size
+        if fixed is not None and fixed != self.batch_size:
+            self.notes.append(f"the model has a fixed batch size of {fixed}; evaluating {fixed} samples per run")
+            self.batch_size = fixed
+        self.evaluations = 0  # sample forward passes under noise, for the report
+
+    # -- the clean model ---------------------------------------------------------------------------------------
+    def _batches(self, data: Dataset):
+        """(start, valid rows, feeds) with the last batch padded to a fixed batch size when the model has one."""
+        fixed = self.model.batch_size
+        for start, feeds in data.batches(self.batch_size):
+            n = len(next(iter(feeds.values())))
+            if fixed is not None and n < fixed:
+                feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - n, axis=0)]) for k, v in feeds.items()}
+            yield start, n, feeds
+
+    def clean_values(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        wanted = [n for n in dict.fromkeys(names) if n not in self._input_names]
+        values = dict(zip(wanted, run(self._clean, wanted, feeds)))
+        values.update({n: feeds[n] for n in names if n in self._input_names})
+        return values
+
+    def clean_pass(self, data: Dataset, labels: np.ndarray | None, progress: Progress | None = None) -> Clean:
+        out = self.model.class_output
+        stats = {s.name: np.zeros(3) for s in self.sites}  # count, sum, sum of squares
+        preds, width = [], None
+        for _, n, feeds in self._batches(data):
+            values = self.clean_values(feeds, [out.name, *stats])
+            pred, _ = predictions(values[out.name], out.kind)
+            preds.append(pred[:n])
+            if out.kind == "scores":
+                width = values[out.name].shape[-1]
+            for name, acc in stats.items():
+                v = values[name][:n].astype(np.float64)
+                v = v[np.isfinite(v)]
+                acc += (v.size, v.sum(), np.square(v).sum())
+            if progress:
+                progress(n)
+        pred = np.concatenate(preds)
+        targets = pred if labels is None else labels
+        std = {}
+        for name, (count, total, squares) in stats.items():
+            mean = total / max(count, 1)
+            std[name] = float(np.sqrt(max(squares / max(count, 1) - mean * mean, 0.0)))
+        num_classes = out.num_classes or width
+        return Clean(targets, pred, float((pred == targets).mean()), num_classes, std)
+
+    # -- noisy evaluation ------------------------------------------------------------------------------------------
+    def walk(self, site: Site) -> SiteEvaluator:
+        nodes, frontier = self.plans[site.name]
+        suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, self.model.types)
+        session = self.runtime.session(suffix.model, f"part of the model after {site.name}")
+        return SiteEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(frontier), terms=[])
+
+    def global_(self) -> SiteEvaluator:
+        sm, sa = self.noise.scales(np.ones(1))
+        names = [s.name for s in self.sites]
+        proto, injections = rewrite.inject(self.model.proto, names, self.model.types, sm is not None, sa is not None)
+        session = self.runtime.session(proto, "model with noise at every site")
+        return SiteEvaluator(self, session, key=len(self.sites) + 1, host=[], passthrough=[], terms=injections,
+                             feed_inputs=True)
+
+
+@dataclass
+class SiteEvaluator:
+    """Runs one noisy program (a site's suffix, or the whole model with noise everywhere) over the data."""
+
+    engine: Engine
+    session: object
+    key: int
+    host: list[str]  # sites whose noisy value the host computes and feeds
+    passthrough: list[str]  # clean values fed unchanged
+    terms: list[rewrite.Injection]  # sites whose noise terms are fed as graph inputs
+    feed_inputs: bool = False  # also feed the model's data inputs (global mode)
+    group: int | None = None  # σ levels per run; 1 when the graph cannot take a tiled batch
+    _cache: list | None = None
+    _cache_ok: bool = True
+
+    def _values(self, data: Dataset):
+        """(start, valid rows, clean values) per batch, from the cache when it holds them."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        engine, out = self.engine, self.engine.model.class_output.name
+        names = [*self.host, *self.passthrough, *(t.site for t in self.terms), out]
+        kept, size = [], 0
+        for start, n, feeds in engine._batches(data):
+            values = engine.clean_values(feeds, names)
+            if self.feed_inputs:
+                values.update(feeds)
+            size += sum(v.nbytes for v in values.values())
+            if self._cache_ok and size <= CACHE_BYTES:
+                kept.append((start, n, values))
+            else:
+                self._cache_ok, kept = False, []
+            yield start, n, values
+        if self._cache_ok:
+            self._cache = kept
+
+    def _feeds(self, values: dict, sigmas: np.ndarray, eps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        g = len(sigmas)
+        tiled_names = [*self.passthrough, *(self.engine._input_names if self.feed_inputs else ())]
+        feeds = {n: _tile(values[n], g) for n in tiled_names}
+        for name in self.host:
+            y = values[name]
+            mul, add = self.engine.noise.terms(sigmas, eps[name], dtype=np.float32)
+            noisy = noise_mod.apply(y[None], None if mul is None else mul[0], None if add is None else add[0])
+            feeds[name] = noisy.reshape(g * y.shape[0], *y.shape[1:])
+        for inj in self.terms:
+            y = values[inj.site]
+            mul, add = self.engine.noise.terms(sigmas, eps[inj.site], dtype=y.dtype)
+            for term, arr in ((inj.mul, mul), (inj.add, add)):
+                if term:
+                    feeds[term] = arr.reshape(g * y.shape[0], *y.shape[1:])
+        return feeds
+
+    def _run(self, values, sigmas, eps) -> np.ndarray:
+        out = self.engine.model.class_output
+        return run(self.session, [out.name], self._feeds(values, sigmas, eps), "noisy model")[0]
+
+    def _choose_group(self, values: dict, levels: int) -> int:
+        """How many σ levels one run takes: 1 unless a tiled batch reproduces the clean outputs at σ = 0."""
+        if self.group is None:
+            out = self.engine.model.class_output
+            zeros = {n: np.zeros((self.engine.noise.draws, 1, *values[n].shape), np.float32)
+                     for n in [*self.host, *(t.site for t in self.terms)]}
+            try:
+                got = self._run(values, np.zeros(2), zeros)
+                want = np.concatenate([values[out.name]] * 2)
+                ok = got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+            except Exception:
+                ok = False
+            self.group = 0 if ok else 1
+            if not ok:
+                self.engine.notes.append(f"site key {self.key}: the graph does not take a tiled batch; "
+                                         "σ levels run one at a time")
+        if self.group == 1:
+            return 1
+        per_level = sum(values[n].size for n in [*self.host, *self.passthrough, *(t.site for t in self.terms)])
+        return int(max(1, min(levels, RUN_ELEMENTS // max(per_level, 1))))
+
+    def evaluate(self, data: Dataset, targets: np.ndarray, sigmas, repeats: int,
+                 progress: Progress | None = None) -> Counts:
+        """Correct predictions per (σ, repeat) over the whole data set."""
+        sigmas = np.asarray(sigmas, dtype=np.float64)
+        levels = len(sigmas)
+        correct = np.zeros((levels, repeats), dtype=np.int64)
+        nonfinite = np.zeros((levels, repeats), dtype=np.int64)
+        kind = self.engine.model.class_output.kind
+        noisy_sites = [*self.host, *(t.site for t in self.terms)]
+        draws = self.engine.noise.draws
+        for start, n, values in self._values(data):
+            target = targets[start : start + n]
+            group = self._choose_group(values, levels)
+            for r in range(repeats):
+                eps = {name: self.engine.source.normal((draws, 1, *values[name].shape), (self.key, j, start, r))
+                       for j, name in enumerate(noisy_sites)}
+                g0 = 0
+                while g0 < levels:
+                    chunk = sigmas[g0 : g0 + group]
+                    try:
+                        out = self._run(values, chunk, eps)
+                    except OutOfMemory:
+                        if group == 1:
+                            raise
+                        group = max(1, group // 2)
+                        self.engine.notes.append(f"out of memory: fewer σ levels per run ({group})")
+                        continue
+                    pred, bad = predictions(out, kind)
+                    pred = pred.reshape(len(chunk), -1)[:, :n]
+                    bad = bad.reshape(len(chunk), -1)[:, :n]
+                    correct[g0 : g0 + len(chunk), r] += (pred == target).sum(axis=1)
+                    nonfinite[g0 : g0 + len(chunk), r] += bad.sum(axis=1)
+                    self.engine.evaluations += len(chunk) * n
+                    if progress:
+                        progress(len(chunk) * n)
+                    g0 += len(chunk)
+        return Counts(correct, nonfinite, data.samples)
+
+
+def _tile(a: np.ndarray, times: int) -> np.ndarray:
+    return a if times == 1 else np.concatenate([a] * times)

@@ -1,0 +1,281 @@
+"""Load and validate an ONNX classifier; find its inputs and its class output.
+
+Nothing here runs the model. The user's file is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import ModelError
+
+#: onnx tensor element types that count as floating point (sites, class scores).
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+INT_TYPES = {TensorProto.INT64, TensorProto.INT32}
+
+# onnxruntime 1.2x/1.3x loads IR versions up to 11..13; onnx 1.23 writes 14 by default without
+# needing any IR-14 feature. We lower the IR version of our in-memory copy when nothing needs more.
+_MAX_IR_SAFE = 10
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, element type and shape (ints, symbolic names or None) of a graph value."""
+
+    name: str
+    elem_type: int
+    shape: tuple | None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return helper.tensor_dtype_to_np_dtype(self.elem_type)
+
+    @property
+    def is_float(self) -> bool:
+        return self.elem_type in FLOAT_TYPES
+
+    def describe(self) -> str:
+        if self.elem_type == TensorProto.UNDEFINED:
+            return "non-tensor (sequence or map)"
+        dims = "?" if self.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        return f"{TensorProto.DataType.Name(self.elem_type).lower()} {dims}"
+
+
+@dataclass(frozen=True)
+class ClassOutput:
+    """The output that carries the class decision: scores [N, C] or labels [N]."""
+
+    name: str
+    kind: str  # "scores" | "label"
+    num_classes: int | None
+
+
+@dataclass
+class LoadedModel:
+    """A validated model in memory plus what walkaudit needs to know about it."""
+
+    proto: onnx.ModelProto
+    path: str | None
+    sha256: str | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    types: dict[str, TensorSpec] = field(repr=False)
+    class_output: ClassOutput = None  # type: ignore[assignment]
+
+    @property
+    def opset(self) -> int:
+        return default_opset(self.proto)
+
+    @property
+    def producer(self) -> str:
+        p = self.proto
+        return f"{p.producer_name} {p.producer_version}".strip()
+
+    @property
+    def batch_size(self) -> int | None:
+        """The fixed batch size of the model's inputs, or None when dimension 0 is dynamic."""
+        fixed = {s.shape[0] for s in self.inputs if s.shape and isinstance(s.shape[0], int)}
+        return fixed.pop() if len(fixed) == 1 else None
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for op in proto.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+    """Refuse external-data locations outside the model's folder (CVE-2024-27318 class) or missing."""
+    root = folder.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (root / location).resolve()
+        if os.path.isabs(location) or ".." in Path(location).parts or root not in (target, *target.parents):
+            raise ModelError(f"external data of tensor '{tensor.name}' points outside the model's folder: {location!r}")
+        if not target.is_file():
+            raise ModelError(f"external data file of tensor '{tensor.name}' is missing: {location}")
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None, str | None]:
+    """Read a model file (or take a ModelProto) with its external data. Returns (proto, path, sha256)."""
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+        return proto, None, None
+    path = Path(source)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelError(f"model path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model file is empty: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ModelError(f"{path} is not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not proto.HasField("graph") or not proto.graph.node:
+        raise ModelError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    _check_external_data(proto, path.parent)
+    try:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:
+        raise ModelError(f"cannot read external data of {path}: {_first_line(exc)}") from None
+    return proto, str(path), _sha256(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _spec(vi: onnx.ValueInfoProto) -> TensorSpec | None:
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    shape = None
+    if tt.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    return TensorSpec(vi.name, tt.elem_type, shape)
+
+
+def value_types(proto: onnx.ModelProto) -> dict[str, TensorSpec]:
+    """Type and shape of every value of the main graph that shape inference can tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:
+        inferred = proto
+    g = inferred.graph
+    specs: dict[str, TensorSpec] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        spec = _spec(vi)
+        if spec is not None and spec.elem_type:
+            specs[vi.name] = spec
+    for init in g.initializer:
+        specs.setdefault(init.name, TensorSpec(init.name, init.data_type, tuple(init.dims)))
+    return specs
+
+
+def data_inputs(proto: onnx.ModelProto) -> list[TensorSpec]:
+    """Graph inputs that take data (old IR versions list initializers as inputs too)."""
+    inits = {i.name for i in proto.graph.initializer}
+    specs = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        spec = _spec(vi)
+        if spec is None:
+            raise ModelError(f"input '{vi.name}' is not a tensor; walkaudit feeds tensors only")
+        specs.append(spec)
+    return specs
+
+
+def find_class_output(outputs: list[TensorSpec], override: str | None = None) -> ClassOutput:
+    """Pick the output that carries the class decision.
+
+    Preference: a float output of rank 2 with more than one column (logits or probabilities),
+    then an integer label output of rank 1. `override` names the output explicitly.
+    """
+    names = [o.name for o in outputs]
+    if override is not None:
+        match = [o for o in outputs if o.name == override]
+        if not match:
+            raise ModelError(f"--output {override!r} is not an output of the model (outputs: {', '.join(names)})")
+        return _as_class_output(match[0], strict=True)
+    scores = [o for o in outputs if o.is_float and o.shape is not None and len(o.shape) == 2 and o.shape[1] != 1]
+    if scores:
+        named = [o for o in scores if any(k in o.name.lower() for k in ("prob", "logit", "score"))]
+        return _as_class_output((named or scores)[0], strict=False)
+    labels = [o for o in outputs if o.elem_type in INT_TYPES and o.shape is not None and len(o.shape) == 1]
+    if labels:
+        return _as_class_output(labels[0], strict=False)
+    found = "; ".join(f"{o.name}: {o.describe()}" for o in outputs) or "none"
+    raise ModelError(f"no class output found: need float scores [N, C] or integer labels [N] (outputs: {found})")
+
+
+def _as_class_output(spec: TensorSpec, strict: bool) -> ClassOutput:
+    if spec.is_float and spec.shape is not None and len(spec.shape) == 2:
+        c = spec.shape[1]
+        if c == 1:
+            raise ModelError(f"output '{spec.name}' has one column ({spec.describe()}): a regressor, not a classifier")
+        return ClassOutput(spec.name, "scores", c if isinstance(c, int) else None)
+    if spec.elem_type in INT_TYPES and spec.shape is not None and len(spec.shape) == 1:
+        return ClassOutput(spec.name, "label", None)
+    raise ModelError(f"output '{spec.name}' ({spec.describe()}) is neither scores [N, C] nor labels [N]")
+
+
+def _output_specs(proto: onnx.ModelProto, types: dict[str, TensorSpec]) -> list[TensorSpec]:
+    specs = []
+    for vi in proto.graph.output:
+        spec = _spec(vi)
+        if spec is None:  # a sequence or map (e.g. skl2onnx's ZipMap): listed, never chosen
+            specs.append(TensorSpec(vi.name, TensorProto.UNDEFINED, None))
+            continue
+        inferred = types.get(vi.name)
+        if (spec.shape is None or not spec.elem_type) and inferred is not None:
+            spec = inferred
+        specs.append(spec)
+    return specs
+
+
+def _ml_class_count(proto: onnx.ModelProto) -> int | None:
+    """Number of classes declared by an ai.onnx.ml classifier or ZipMap node, if any."""
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.name in ("classlabels_int64s", "classlabels_strings", "classlabels_ints"):
+                n = len(attr.ints) or len(attr.strings)
+                if n:
+                    return n
+    return None
+
+
+def prepare_for_runtime(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Lower the IR version of our copy when onnx wrote a newer one than onnxruntime loads."""
+    if proto.ir_version > _MAX_IR_SAFE:
+        uses_new = any(op.domain not in ("", "ai.onnx", "ai.onnx.ml") for op in proto.opset_import)
+        if not uses_new:
+            proto.ir_version = _MAX_IR_SAFE
+    return proto
+
+
+def load_model(source, output: str | None = None, validate: bool = True) -> LoadedModel:
+    """Read, check and describe a classifier. Raises ModelError with one clear line."""
+    proto, path, sha = read_model(source)
+    if validate:
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            msg = _first_line(exc)
+            # the checker refuses models newer than it knows; onnxruntime will say more
+            if "opset" not in msg.lower() and "ir_version" not in msg.lower():
+                raise ModelError(f"{path or 'model'} fails the ONNX checker: {msg}") from None
+        except Exception:
+            pass  # e.g. >2 GB protos: the checker cannot take them in memory, onnxruntime still can
+    prepare_for_runtime(proto)
+    types = value_types(proto)
+    inputs = data_inputs(proto)
+    if not inputs:
+        raise ModelError("the model has no data inputs")
+    outputs = _output_specs(proto, types)
+    class_output = find_class_output(outputs, output)
+    if class_output.num_classes is None:
+        class_output = ClassOutput(class_output.name, class_output.kind, _ml_class_count(proto))
+    return LoadedModel(proto, path, sha, inputs, outputs, types, class_output)

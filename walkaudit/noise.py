@@ -1,0 +1,117 @@
+"""The noise models and the source of normal numbers.
+
+Every noise model is written as y' = y · mul + add, with ε ~ N(0, 1) independent per element, sample, pass and site:
+
+    additive        mul = 1                   add = σ·ε
+    multiplicative  mul = 1 + σ·ε             add = 0
+    combined        mul = 1 + σ(1−r)·ε1       add = σr·ε2
+
+σ = 0 gives mul = 1 and add = 0 exactly, so y' = y bit for bit. The same two terms serve the host path (walk mode
+feeds y' to the part of the graph after the site) and the graph path (rewrite.py inserts Mul and Add nodes that read
+the terms as graph inputs), so there is one formula.
+
+Common random numbers: one draw of ε per repeat serves every σ level of a batch (the terms of level l are the same
+ε scaled by σ_l), which cuts the cost of drawing and makes the curves smooth in σ.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+NOISE_MODELS = ("additive", "multiplicative", "combined")
+
+#: Normal numbers are drawn in chunks of this many values, each from its own stream, so the numbers depend on the
+#: seed and the key only, never on how many threads drew them.
+CHUNK = 1 << 18
+
+
+@dataclass(frozen=True)
+class Noise:
+    kind: str = "additive"
+    ratio: float = 0.5  # combined only: σa = σ·r, σm = σ·(1−r)
+
+    def __post_init__(self):
+        if self.kind not in NOISE_MODELS:
+            raise UsageError(f"unknown noise model {self.kind!r} (choose from {', '.join(NOISE_MODELS)})")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise UsageError(f"--ratio must be between 0 and 1, got {self.ratio}")
+
+    @property
+    def draws(self) -> int:
+        """How many independent normal arrays one noisy pass needs."""
+        return 2 if self.kind == "combined" else 1
+
+    def scales(self, sigma: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(σ of the multiplicative term, σ of the additive term); None where the model has no such term."""
+        sigma = np.asarray(sigma, dtype=np.float64)
+        if self.kind == "additive":
+            return None, sigma
+        if self.kind == "multiplicative":
+            return sigma, None
+        return sigma * (1.0 - self.ratio), sigma * self.ratio
+
+    def terms(self, sigmas, eps: np.ndarray, dtype=np.float32) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The (mul, add) terms for every σ level from one draw per repeat.
+
+        eps: [draws, R, N, ...] normal numbers. Returns arrays of shape [R, L, N, ...] (or None for a missing term).
+        """
+        sm, sa = self.scales(sigmas)
+        extra = (1,) * (eps.ndim - 2)  # broadcast σ over N and the site's dimensions
+
+        def scaled(e: np.ndarray, s: np.ndarray) -> np.ndarray:
+            return e[:, None] * s.astype(np.float32).reshape(1, -1, *extra)
+
+        mul = add = None
+        if sm is not None:
+            mul = scaled(eps[0], sm)
+            mul += 1.0
+            mul = mul.astype(dtype, copy=False)
+        if sa is not None:
+            add = scaled(eps[-1], sa).astype(dtype, copy=False)
+        return mul, add
+
+
+def apply(y: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None) -> np.ndarray:
+    """y' = y · mul + add (with broadcasting), in y's dtype."""
+    out = y * mul if mul is not None else np.array(y, copy=True)
+    if add is not None:
+        out = out + add
+    return out.astype(y.dtype, copy=False)
+
+
+class NormalSource:
+    """Reproducible standard normal numbers keyed by (seed, *key), drawn in parallel threads.
+
+    numpy's Generator releases the GIL while it fills an array, so threads draw in parallel.
+    """
+
+    def __init__(self, seed: int, threads: int | None = None):
+        self.seed = int(seed)
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def normal(self, shape: tuple[int, ...], key: tuple[int, ...]) -> np.ndarray:
+        out = np.empty(shape, dtype=np.float32)
+        flat = out.reshape(-1)
+        starts = range(0, flat.size, CHUNK)
+
+        def fill(start: int) -> None:
+            rng = np.random.default_rng([self.seed, *key, start // CHUNK])
+            rng.standard_normal(out=flat[start : start + CHUNK], dtype=np.float32)
+
+        if self._pool is None or flat.size <= CHUNK:
+            for s in starts:
+                fill(s)
+        else:
+            list(self._pool.map(fill, starts))
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()

@@ -1,0 +1,148 @@
+"""Graph surgery: functional passes that return a new model and never modify the one given.
+
+- `expose`: make intermediate values graph outputs (the clean pass reads sites and what suffixes need).
+- `suffix`: the part of the graph that noise at one site reaches, with that site as an input.
+- `inject`: Mul/Add nodes after sites whose noise terms are graph inputs (global mode, any opset:
+  no random op is needed in the graph, so opset ≥ 22 models work too).
+Original output names are kept in every pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from . import graph as g
+from .model import TensorSpec
+
+
+def _copy_without_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.Clear()
+    return out
+
+
+def _value_info(name: str, types: dict[str, TensorSpec]) -> onnx.ValueInfoProto:
+    """A value info with the element type only: shapes stay free so packed batches fit."""
+    spec = types.get(name)
+    if spec is None:
+        return onnx.ValueInfoProto(name=name)
+    return helper.make_tensor_value_info(name, spec.elem_type, None)
+
+
+def expose(model: onnx.ModelProto, names, types: dict[str, TensorSpec]) -> onnx.ModelProto:
+    """A copy of `model` whose outputs also include `names` (graph inputs and existing outputs are skipped)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output} | {i.name for i in out.graph.input}
+    for name in dict.fromkeys(names):
+        if name not in have:
+            out.graph.output.append(_value_info(name, types))
+            have.add(name)
+    return out
+
+
+@dataclass(frozen=True)
+class Suffix:
+    """The nodes after a site, as a model of their own."""
+
+    model: onnx.ModelProto
+    site: str
+    frontier: tuple[str, ...]  # clean values the suffix reads besides the site (from the clean pass)
+
+
+def suffix_plan(model: onnx.ModelProto, site: str, output: str) -> tuple[list[int], tuple[str, ...]]:
+    """Which nodes the noise at `site` reaches on its way to `output`, and which clean values they also read.
+
+    Nodes: every node that depends on the site and that the output needs, plus the constant-only nodes that feed
+    them (Constant, weight transposes, ...). Frontier: values the suffix reads that the site does not reach
+    (skip connections from before the site, shape tensors, other branches, graph inputs).
+    """
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    static = g.static_values(graph)
+    keep = g.descendants(graph, site) & g.ancestors(graph, [output])
+    made = {o for i in keep for o in graph.node[i].output}
+    reads = {n for i in keep for n in g.node_inputs(graph.node[i])}
+    keep |= g.ancestors(graph, [n for n in reads - made if n in static and n not in inits])
+    made = {o for i in keep for o in graph.node[i].output}
+    reads = {n for i in keep for n in g.node_inputs(graph.node[i])}
+    return sorted(keep), tuple(sorted(reads - made - inits - {site}))
+
+
+def suffix(model: onnx.ModelProto, site: str, output: str, types: dict[str, TensorSpec]) -> Suffix:
+    """The subgraph from `site` to `output` as a model whose inputs are the site and the frontier."""
+    graph = model.graph
+    nodes, frontier = suffix_plan(model, site, output)
+    nodes = [graph.node[i] for i in nodes]
+    reads = {n for node in nodes for n in g.node_inputs(node)}
+    out = _copy_without_graph(model)
+    out.graph.name = f"{graph.name or 'graph'}_after_{site}"
+    out.graph.node.extend(nodes)
+    out.graph.input.extend(_value_info(n, types) for n in (site, *frontier))
+    out.graph.initializer.extend(i for i in graph.initializer if i.name in reads)
+    out.graph.output.extend(o for o in graph.output if o.name == output)
+    return Suffix(out, site, frontier)
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Where the noise terms of one site enter a rewritten graph."""
+
+    site: str
+    mul: str | None  # graph input holding the multiplicative term
+    add: str | None  # graph input holding the additive term
+
+
+def term_names(site: str, index: int, has_mul: bool, has_add: bool) -> Injection:
+    return Injection(
+        site,
+        f"walkaudit.mul.{index}" if has_mul else None,
+        f"walkaudit.add.{index}" if has_add else None,
+    )
+
+
+def inject(
+    model: onnx.ModelProto, sites: list[str], types: dict[str, TensorSpec], has_mul: bool, has_add: bool
+) -> tuple[onnx.ModelProto, list[Injection]]:
+    """Insert y' = y · mul + add after each site, with mul and add as new graph inputs.
+
+    The site's producer is made to write `<site>.clean`; the new nodes write the site's own name, so every reader,
+    graph outputs included, sees the noisy value and every output keeps its name.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    made_by = g.producers(graph)
+    injections = [term_names(s, i, has_mul, has_add) for i, s in enumerate(sites)]
+    after: dict[int, list[onnx.NodeProto]] = {}
+    for inj in injections:
+        producer = graph.node[made_by[inj.site]]
+        clean = f"{inj.site}.clean"
+        producer.output[list(producer.output).index(inj.site)] = clean
+        new, value = [], clean
+        if inj.mul:
+            target = inj.site if not inj.add else f"{inj.site}.scaled"
+            new.append(helper.make_node("Mul", [value, inj.mul], [target], name=f"walkaudit/mul/{inj.site}"))
+            value = target
+        if inj.add:
+            new.append(helper.make_node("Add", [value, inj.add], [inj.site], name=f"walkaudit/add/{inj.site}"))
+        after[made_by[inj.site]] = after.get(made_by[inj.site], []) + new
+        for term in (inj.mul, inj.add):
+            if term:
+                graph.input.append(_value_info_like(term, inj.site, types))
+    nodes = []
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out, injections
+
+
+def _value_info_like(name: str, site: str, types: dict[str, TensorSpec]) -> onnx.ValueInfoProto:
+    spec = types[site]
+    return helper.make_tensor_value_info(name, spec.elem_type, None)

@@ -1,0 +1,156 @@
+"""Enumerate and select the injection sites of a graph (pure: graph in, sites out).
+
+A site is a floating-point tensor of the main graph after which noise is added. The default set is the paper's
+"layer": the output of every Conv, ConvTranspose, Gemm and MatMul, bias included: where the layer's only consumer is
+an Add of a constant (MatMul + Add from skl2onnx and the torch exporters), the site is the Add's output.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import graph as g
+from .errors import UsageError
+from .model import FLOAT_TYPES, TensorSpec
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place to inject noise."""
+
+    index: int
+    name: str  # the tensor
+    node: str  # the node producing it (the layer's node when a bias Add was folded in)
+    op_type: str  # e.g. "Conv", "MatMul+Add"
+    shape: tuple | None
+    weight: str | None = None  # initializer holding the layer's weights, when there is one
+
+    @property
+    def base_op(self) -> str:
+        return self.op_type.split("+")[0]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How the user narrows or widens the set of sites."""
+
+    ops: tuple[str, ...] = LAYER_OPS
+    include: str | None = None
+    exclude: str | None = None
+    names: tuple[str, ...] = ()  # explicit tensor names; overrides ops
+
+
+def _bias_add(graph: onnx.GraphProto, out: str, readers: dict, static: set[str]) -> onnx.NodeProto | None:
+    """The Add that adds a constant bias to `out`, when it is `out`'s only reader."""
+    users = readers.get(out, [])
+    if len(users) != 1 or any(o.name == out for o in graph.output):
+        return None
+    node = graph.node[users[0]]
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    other = node.input[1] if node.input[0] == out else node.input[0]
+    return node if other in static else None
+
+
+def _weight_of(node: onnx.NodeProto, static: set[str], inits: set[str]) -> str | None:
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        cand = node.input[1:2]
+    elif node.op_type == "MatMul":
+        cand = [n for n in node.input if n in static]
+    else:
+        return None
+    return next((n for n in cand if n in inits), None)
+
+
+def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_OPS) -> list[Site]:
+    """Every site of the requested op types (`("all",)`: every float node output), in graph order."""
+    graph = model.graph
+    readers = g.consumers(graph)
+    static = g.static_values(graph)
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    everything = ALL in ops
+    sites: list[Site] = []
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if not everything and node.op_type not in ops:
+            continue
+        for out in node.output:
+            spec = types.get(out)
+            if not out or out in static or spec is None or spec.elem_type not in FLOAT_TYPES:
+                continue
+            if out not in readers and out not in outputs:
+                continue  # an unused optional output
+            name, op_type = out, node.op_type
+            if not everything:
+                bias = _bias_add(graph, out, readers, static)
+                if bias is not None and types.get(bias.output[0]) is not None:
+                    name, op_type = bias.output[0], f"{node.op_type}+Add"
+            if name in seen:
+                continue
+            seen.add(name)
+            shape = types[name].shape
+            weight = _weight_of(node, static, inits)
+            sites.append(Site(len(sites), name, g.node_label(node, i), op_type, shape, weight))
+    return sites
+
+
+def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection) -> list[Site]:
+    """The sites the user asked for, numbered in graph order. Raises UsageError when nothing matches."""
+    ops = tuple(selection.ops) or LAYER_OPS
+    if selection.names:
+        pool = candidates(model, types, (ALL,))
+        by_name = {s.name: s for s in pool}
+        missing = [n for n in selection.names if n not in by_name]
+        if missing:
+            raise UsageError(f"site {missing[0]!r} is not a float node output of the model{_hint(pool)}")
+        chosen = [by_name[n] for n in selection.names]
+    else:
+        pool = candidates(model, types, ops)
+        chosen = pool
+        include = _regex(selection.include, "--include")
+        exclude = _regex(selection.exclude, "--exclude")
+        if include is not None:
+            chosen = [s for s in chosen if include.search(s.name) or include.search(s.node)]
+        if exclude is not None:
+            chosen = [s for s in chosen if not (exclude.search(s.name) or exclude.search(s.node))]
+        if not pool:
+            raise UsageError(f"the model has no {'/'.join(ops)} layers with float outputs; try --ops all")
+    if not chosen:
+        raise UsageError(f"no site matches the selection{_hint(pool)}")
+    return [Site(i, s.name, s.node, s.op_type, s.shape, s.weight) for i, s in enumerate(chosen)]
+
+
+def _regex(pattern: str | None, flag: str) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"{flag} {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def _hint(pool: list[Site]) -> str:
+    if not pool:
+        return ""
+    names = ", ".join(s.name for s in pool[:5])
+    return f" (sites include: {names}{', …' if len(pool) > 5 else ''})"
+
+
+def weight_stats(model: onnx.ModelProto, site: Site) -> dict | None:
+    """Magnitude of the weights feeding a site: mean |w| and the L2 norm of its initializer."""
+    if site.weight is None:
+        return None
+    init = next((t for t in model.graph.initializer if t.name == site.weight), None)
+    if init is None:
+        return None
+    w = numpy_helper.to_array(init).astype(np.float64)
+    return {"name": site.weight, "mean_abs": float(np.abs(w).mean()), "l2": float(np.linalg.norm(w))}
