@@ -1,0 +1,144 @@
+"""The CLI end to end on small models built in code: outputs, exit codes, determinism, modes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from walkaudit.cli import main
+
+from .models import mlp, resnet_block, teacher_labels
+
+
+@pytest.fixture(scope="module")
+def mlp_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlp")
+    model = mlp(seed=1)
+    x = np.random.default_rng(2).normal(size=(300, 16)).astype(np.float32)
+    path = folder / "mlp.onnx"
+    onnx.save(model, path)
+    np.savez(folder / "val.npz", x=x, y=teacher_labels(model, x))
+    np.savez(folder / "nolabels.npz", inputs=x)
+    return folder
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def audit_json(folder, *extra):
+    result = invoke(folder / "mlp.onnx", "--data", folder / "val.npz", "--json", "-", "--provider", "cpu", *extra)
+    assert result.exit_code in (0, 1), result.stderr
+    return json.loads(result.stdout), result
+
+
+def test_report_has_the_contract_keys_and_a_midpoint_per_site(mlp_files):
+    report, result = audit_json(mlp_files, "--quiet")
+    assert result.exit_code == 0
+    assert report["schema"] == "walkaudit.report/1"
+    for key in ("tool", "model", "data", "config", "runtime", "clean_accuracy", "chance", "num_classes", "sites",
+                "summary", "gate"):
+        assert key in report
+    assert report["clean_accuracy"] == 1.0  # labels are the model's own predictions
+    assert report["num_classes"] == 4 and report["chance"] == pytest.approx(0.25)
+    assert report["data"]["labels"] == "given"
+    assert report["runtime"]["provider"] == "CPUExecutionProvider"
+    names = [s["name"] for s in report["sites"]]
+    assert names == ["h", "logits"]  # MatMul+Add folded into one site named after the Add
+    assert [s["op_type"] for s in report["sites"]] == ["MatMul+Add", "Gemm"]
+    for site in report["sites"]:
+        assert site["midpoint"] is not None or site["censored"] is not None
+        accs = [p["accuracy"] for p in site["points"]]
+        sig = [p["sigma"] for p in site["points"]]
+        assert sig == sorted(sig)
+        assert accs[0] > 0.95 and accs[-1] < 0.5  # accuracy falls with σ
+        assert site["midpoint_relative"] == pytest.approx(site["midpoint"] / site["activation_std"])
+        lo, hi = site["ci95"]
+        assert lo <= site["midpoint"] <= hi
+        assert site["weight"]["mean_abs"] > 0
+
+
+def test_json_to_stdout_leaves_stdout_pure_json(mlp_files):
+    report, result = audit_json(mlp_files)  # not quiet: the table goes to stderr
+    assert "Midpoint noise level" in result.stderr
+    assert report["summary"]["weakest_site"] in ("h", "logits")
+
+
+def test_same_seed_same_report_other_seed_other_noise(mlp_files):
+    def run(seed):
+        report, _ = audit_json(mlp_files, "--quiet", "--seed", seed)
+        report["runtime"].pop("elapsed_s")
+        return report
+
+    a, b, c = run(5), run(5), run(6)
+    assert a == b
+    assert a["sites"][0]["points"] != c["sites"][0]["points"]
+
+
+def test_without_labels_accuracy_is_agreement(mlp_files):
+    result = invoke(mlp_files / "mlp.onnx", "--data", mlp_files / "nolabels.npz", "--json", "-", "--quiet",
+                    "--provider", "cpu", "--sigmas", "0.01,1,100")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["data"]["labels"] == "clean-predictions"
+    assert report["clean_accuracy"] == 1.0
+    assert [p["sigma"] for p in report["sites"][0]["points"]] == [0.01, 1, 100]
+
+
+@pytest.mark.parametrize("noise", ["multiplicative", "combined"])
+def test_other_noise_models_run_and_fall(mlp_files, noise):
+    report, _ = audit_json(mlp_files, "--quiet", "--noise", noise, "--sigmas", "1e-3:1e2:11")
+    assert report["config"]["noise"] == noise
+    for site in report["sites"]:
+        assert site["points"][0]["accuracy"] > site["points"][-1]["accuracy"]
+
+
+def test_global_mode_reports_one_curve(mlp_files):
+    report, _ = audit_json(mlp_files, "--quiet", "--global")
+    assert report["config"]["mode"] == "global"
+    assert len(report["sites"]) == 1 and report["sites"][0]["name"] == "global"
+    walk, _ = audit_json(mlp_files, "--quiet")
+    # noise everywhere at once hurts at least as much as at the weakest single site
+    assert report["sites"][0]["midpoint"] <= max(s["midpoint"] for s in walk["sites"]) * 1.1
+
+
+def test_fail_under_gates_with_exit_code_1(mlp_files):
+    report, _ = audit_json(mlp_files, "--quiet")
+    lowest = report["summary"]["min_midpoint"]
+    passed, result = audit_json(mlp_files, "--quiet", "--fail-under", lowest / 10)
+    assert result.exit_code == 0 and passed["gate"]["passed"]
+    failed, result = audit_json(mlp_files, "--quiet", "--fail-under", lowest * 10)
+    assert result.exit_code == 1 and not failed["gate"]["passed"]
+    assert {f["site"] for f in failed["gate"]["failures"]} >= {report["summary"]["weakest_site"]}
+
+
+def test_residual_model_walks_every_site(tmp_path):
+    model = resnet_block(seed=3)
+    x = np.random.default_rng(4).normal(size=(200, 1, 6, 6)).astype(np.float32)
+    onnx.save(model, tmp_path / "res.onnx")
+    np.savez(tmp_path / "val.npz", x=x)
+    result = invoke(tmp_path / "res.onnx", "--data", tmp_path / "val.npz", "--json", tmp_path / "r.json",
+                    "--quiet", "--provider", "cpu")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [s["name"] for s in report["sites"]] == ["a", "b", "logits"]
+    assert all(s["midpoint"] is not None for s in report["sites"])
+
+
+def test_inspect_lists_sites(mlp_files):
+    result = invoke("inspect", mlp_files / "mlp.onnx", "--ops", "all", "--json")
+    assert result.exit_code == 0
+    sites = json.loads(result.stdout)
+    assert [s["name"] for s in sites] == ["h_mm", "h", "h_relu", "logits"]
+    assert sites[0]["shape"] == ["N", 32]
+
+
+def test_help_names_the_main_flags():
+    result = invoke("audit", "--help")
+    for flag in ("--data", "--noise", "--sigmas", "--repeats", "--global", "--fail-under", "--json", "--provider"):
+        assert flag in result.stdout
