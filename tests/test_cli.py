@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from walkaudit.cli import main
+from walkaudit.schema import validate_report
 
 from .models import mlp, resnet_block, teacher_labels
 
@@ -34,7 +35,9 @@ def invoke(*args):
 def audit_json(folder, *extra):
     result = invoke(folder / "mlp.onnx", "--data", folder / "val.npz", "--json", "-", "--provider", "cpu", *extra)
     assert result.exit_code in (0, 1), result.stderr
-    return json.loads(result.stdout), result
+    report = json.loads(result.stdout)
+    assert validate_report(report) == []
+    return report, result
 
 
 def test_report_has_the_contract_keys_and_a_midpoint_per_site(mlp_files):
@@ -142,3 +145,59 @@ def test_help_names_the_main_flags():
     result = invoke("audit", "--help")
     for flag in ("--data", "--noise", "--sigmas", "--repeats", "--global", "--fail-under", "--json", "--provider"):
         assert flag in result.stdout
+
+
+def test_ci_outputs_markdown_junit_and_step_summary(mlp_files, tmp_path, monkeypatch):
+    import xml.etree.ElementTree as ET
+
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    result = invoke(mlp_files / "mlp.onnx", "--data", mlp_files / "val.npz", "--quiet", "--provider", "cpu",
+                    "--markdown", "auto", "--junit", tmp_path / "junit.xml", "--fail-under", 1e6)
+    assert result.exit_code == 1
+    text = summary.read_text()
+    assert text.startswith("earlier step\n")  # appended, not overwritten
+    assert "| h " in text or "`h`" in text
+    suite = ET.parse(tmp_path / "junit.xml").getroot()
+    cases = suite.findall(".//testcase")
+    assert {c.get("name") for c in cases} >= {"h", "logits"}
+    assert len(suite.findall(".//failure")) >= 2
+
+
+def test_compare_gates_a_regression(mlp_files, tmp_path):
+    base, _ = audit_json(mlp_files, "--quiet")
+    worse = json.loads(json.dumps(base))
+    for site in worse["sites"]:
+        site["midpoint"] /= 10
+        site["ci95"] = [site["midpoint"] * 0.9, site["midpoint"] * 1.1]
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    same = invoke("compare", tmp_path / "base.json", tmp_path / "base.json", "--max-drop", "20%")
+    assert same.exit_code == 0, same.stderr
+    result = invoke("compare", tmp_path / "base.json", tmp_path / "worse.json", "--max-drop", "20%")
+    assert result.exit_code == 1
+    assert "FAIL" in result.stdout and "max_drop" not in result.stderr
+    future = dict(base, schema="walkaudit.report/2")
+    (tmp_path / "future.json").write_text(json.dumps(future))
+    refused = invoke("compare", tmp_path / "base.json", tmp_path / "future.json")
+    assert refused.exit_code == 2 and "newer" in refused.stderr and len(refused.stderr.splitlines()) == 1
+
+
+def test_audit_against_a_baseline(mlp_files, tmp_path):
+    base, _ = audit_json(mlp_files, "--quiet")
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    again, result = audit_json(mlp_files, "--quiet", "--baseline", tmp_path / "base.json", "--max-drop", "20%")
+    assert result.exit_code == 0 and again["gate"]["passed"]
+
+
+def test_plot_writes_png_and_svg(mlp_files, tmp_path):
+    pytest.importorskip("matplotlib")
+    report, _ = audit_json(mlp_files, "--quiet")
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    for suffix in ("png", "svg"):
+        out = tmp_path / f"curves.{suffix}"
+        result = invoke("plot", tmp_path / "r.json", "-o", out)
+        assert result.exit_code == 0, result.stderr
+        assert out.stat().st_size > 1000
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

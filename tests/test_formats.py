@@ -1,0 +1,188 @@
+"""Markdown and JUnit renderings of crafted reports."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from walkaudit.formats import to_junit, to_markdown
+from walkaudit.formats.junit import MODEL_CASE
+from walkaudit.gate import GateConfig, Threshold, evaluate
+
+try:
+    from tests.reports import make_global_report, make_report, make_site
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from reports import make_global_report, make_report, make_site
+
+
+def gated(report: dict, config: GateConfig) -> dict:
+    report["gate"] = evaluate(report, config).to_dict()
+    return report
+
+
+def failing_report() -> dict:
+    """conv2 (0.05) fails fail-under 0.08 and clean accuracy 0.9 fails min 0.95; conv1 and fc pass."""
+    return gated(make_report(), GateConfig(thresholds=(Threshold(None, 0.08, False),), min_clean_accuracy=0.95))
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows[1:]]  # drop the header
+
+
+# --- markdown -----------------------------------------------------------------------------------------------------
+
+def test_markdown_heading_says_pass():
+    text = to_markdown(gated(make_report(), GateConfig()))
+    first = text.splitlines()[0]
+    assert first.startswith("## ") and "✅" in first and "`net.onnx`" in first and "passed" in first
+
+
+def test_markdown_heading_says_fail_and_lists_failures():
+    report = failing_report()
+    text = to_markdown(report)
+    first = text.splitlines()[0]
+    assert "❌" in first and "failed (2 failures)" in first
+    assert "### Failures (2)" in text
+    failure_lines = [line for line in text.splitlines() if line.startswith("- ❌")]
+    assert len(failure_lines) == 2
+    assert any("`conv2`" in line and "fail\\_under" in line for line in failure_lines)
+    assert any(line.startswith("- ❌ model") and "min\\_clean\\_accuracy" in line for line in failure_lines)
+
+
+def test_markdown_context_line():
+    text = to_markdown(make_report(noise="combined", ratio=0.25))
+    context = text.splitlines()[2]
+    for fragment in ("Clean accuracy **90.0%**", "chance 10.0%", "noise combined (ratio 0.25)",
+                     "CPUExecutionProvider", "500 samples"):
+        assert fragment in context
+
+
+def test_markdown_has_a_row_for_every_site_with_status():
+    report = failing_report()
+    rows = table_rows(to_markdown(report))
+    assert [row[1] for row in rows] == ["`conv1`", "`conv2`", "`fc`"]
+    assert [row[-1] for row in rows] == ["✅", "❌", "✅"]
+    assert [row[0] for row in rows] == ["0", "1", "2"]
+    conv1 = rows[0]
+    assert conv1[2] == "Conv" and conv1[3] == "0.1" and conv1[4] == "0.1" and conv1[5] == "0.095 – 0.105"
+
+
+def test_markdown_marks_censored_sites():
+    sites = [make_site("up", 10.0, index=0, censored="above", activation_std=2.0),
+             make_site("down", 0.001, index=1, censored="below"),
+             make_site("unmeasured", None, index=2)]
+    rows = table_rows(to_markdown(make_report(sites)))
+    assert rows[0][3] == "> 10" and rows[0][4] == "> 5" and rows[0][5] == "—"
+    assert rows[1][3] == "< 0.001"
+    assert rows[2][3] == "—" and rows[2][-1] == "⚠️"
+
+
+def test_markdown_escapes_pipes_and_backticks_in_site_names():
+    sites = [make_site("a|b", 0.1, index=0), make_site("x`y", 0.2, index=1)]
+    text = to_markdown(make_report(sites))
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert "`a\\|b`" in rows[0]
+    assert "``x`y``" in rows[1]
+    # every row still has exactly 7 cells: unescaped pipes = 8 separators
+    for row in rows:
+        assert row.replace("\\|", "").count("|") == 8
+
+
+def test_markdown_global_mode_and_partial_note():
+    report = make_global_report(0.2)
+    report["partial"] = True
+    text = to_markdown(report)
+    rows = table_rows(text)
+    assert len(rows) == 1 and rows[0][0] == "—" and rows[0][1] == "`global`"
+    assert "Partial report" in text
+
+
+def test_markdown_warnings_are_folded():
+    report = make_report()
+    report["gate"] = {"passed": True, "failures": [], "warnings": ["grid <too> narrow"]}
+    text = to_markdown(report)
+    assert "<details><summary>Warnings (1)</summary>" in text
+    assert "- grid \\<too\\> narrow" in text
+
+
+# --- junit --------------------------------------------------------------------------------------------------------
+
+def test_junit_one_suite_one_case_per_site_plus_model_case():
+    root = ET.fromstring(to_junit(failing_report()))
+    suites = root.findall("testsuite")
+    assert root.tag == "testsuites" and len(suites) == 1
+    suite = suites[0]
+    assert suite.get("name") == "walkaudit"
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == ["conv1", "conv2", "fc", MODEL_CASE]
+    assert {c.get("classname") for c in cases} == {"net.onnx"}
+    assert suite.get("tests") == "4" and suite.get("failures") == "2" and suite.get("errors") == "0"
+    failed = {c.get("name"): c.find("failure") for c in cases if c.find("failure") is not None}
+    assert set(failed) == {"conv2", MODEL_CASE}
+    assert "0.05" in failed["conv2"].get("message") and failed["conv2"].get("type") == "fail_under"
+    assert failed[MODEL_CASE].get("type") == "min_clean_accuracy"
+
+
+def test_junit_passing_report_has_no_failures_and_no_model_case():
+    root = ET.fromstring(to_junit(gated(make_report(), GateConfig())))
+    suite = root.find("testsuite")
+    assert suite.get("failures") == "0" and suite.get("tests") == "3"
+    assert root.findall(".//failure") == []
+    assert MODEL_CASE not in [c.get("name") for c in suite.findall("testcase")]
+
+
+def test_junit_model_case_when_min_clean_accuracy_configured_and_passing():
+    report = gated(make_report(), GateConfig(min_clean_accuracy=0.5))
+    report["config"]["gate"] = GateConfig(min_clean_accuracy=0.5).to_dict()
+    suite = ET.fromstring(to_junit(report)).find("testsuite")
+    model_case = [c for c in suite.findall("testcase") if c.get("name") == MODEL_CASE]
+    assert len(model_case) == 1 and model_case[0].find("failure") is None
+
+
+def test_junit_several_failures_of_one_site_make_one_failure_element():
+    report = gated(make_report(), GateConfig(thresholds=(Threshold(None, 0.08, False), Threshold("conv2", 0.5, True))))
+    root = ET.fromstring(to_junit(report))
+    conv2 = [c for c in root.iter("testcase") if c.get("name") == "conv2"][0]
+    failures = conv2.findall("failure")
+    assert len(failures) == 1
+    assert failures[0].get("type") == "fail_under,fail_under_relative"
+    assert root.find("testsuite").get("failures") == "1"
+
+
+def test_junit_escapes_names_and_messages():
+    nasty = 'a<b>&"c\'\x01'
+    report = make_report([make_site(nasty, 0.01, index=0)], model_path="dir/m&m<1>.onnx")
+    report = gated(report, GateConfig(thresholds=(Threshold(None, 0.1, False),)))
+    text = to_junit(report)
+    root = ET.fromstring(text)  # parses: & < > quotes escaped, control character replaced
+    case = root.find("testsuite/testcase")
+    assert case.get("name") == 'a<b>&"c\'\ufffd'
+    assert case.get("classname") == "m&m<1>.onnx"
+    assert case.find("failure") is not None
+
+
+def test_junit_skips_sites_without_midpoint_and_carries_warnings():
+    report = make_report([make_site("x", None, index=0), make_site("y", 0.1, index=1)])
+    report["gate"] = {"passed": True, "failures": [], "warnings": ["w1", "w2"]}
+    suite = ET.fromstring(to_junit(report)).find("testsuite")
+    assert suite.get("skipped") == "1"
+    assert suite.find("testcase/skipped") is not None
+    assert suite.find("system-out").text == "w1\nw2"
+
+
+def test_junit_failure_for_unknown_site_goes_to_model_case():
+    report = make_report()
+    report["gate"] = {"passed": False, "warnings": [],
+                      "failures": [{"rule": "max_drop", "site": "gone", "value": 50.0, "threshold": 20.0,
+                                    "message": "σ50 fell"}]}
+    suite = ET.fromstring(to_junit(report)).find("testsuite")
+    model_case = [c for c in suite.findall("testcase") if c.get("name") == MODEL_CASE]
+    assert len(model_case) == 1 and model_case[0].find("failure").get("message") == "σ50 fell"
+
+
+@pytest.mark.parametrize("render", [to_markdown, to_junit])
+def test_renderers_return_strings_ending_in_newline(render):
+    out = render(failing_report())
+    assert isinstance(out, str) and out.endswith("\n")

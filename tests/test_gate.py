@@ -1,0 +1,448 @@
+"""Gate rules on crafted reports: thresholds, clean accuracy, baseline drops, censoring both ways, site matching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from walkaudit.errors import UsageError
+from walkaudit.gate import (
+    Drop,
+    Failure,
+    GateConfig,
+    GateResult,
+    Threshold,
+    check_comparable,
+    evaluate,
+    load_rules,
+    parse_drop,
+    parse_rule,
+)
+
+try:
+    from tests.reports import make_global_report, make_report, make_site
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from reports import make_global_report, make_report, make_site
+
+
+def rules(*thresholds, min_clean_accuracy=None, max_drop=None) -> GateConfig:
+    return GateConfig(thresholds=tuple(thresholds), min_clean_accuracy=min_clean_accuracy,
+                      max_drop=None if max_drop is None else parse_drop(max_drop))
+
+
+def failed_sites(result: GateResult) -> list[str | None]:
+    return [f.site for f in result.failures]
+
+
+# --- parsing ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("conv.*:0.05", Threshold("conv.*", 0.05, False)),
+    ("0.05", Threshold(None, 0.05, False)),
+    (":0.05", Threshold(None, 0.05, False)),
+    ("*:1e-3", Threshold(None, 0.001, False)),
+    ("dense/BiasAdd:0:0.2", Threshold("dense/BiasAdd:0", 0.2, False)),
+    ("fc.*:0.5rel", Threshold("fc.*", 0.5, True)),
+])
+def test_parse_rule(text, expected):
+    assert parse_rule(text) == expected
+
+
+def test_parse_rule_relative_flag():
+    assert parse_rule("conv:0.3", relative=True) == Threshold("conv", 0.3, True)
+
+
+@pytest.mark.parametrize("text", ["conv:", "conv:abc", "conv:-1", "(:0.1", "conv:0.1x"])
+def test_parse_rule_rejects(text):
+    with pytest.raises(UsageError):
+        parse_rule(text)
+
+
+@pytest.mark.parametrize("text, amount, unit", [
+    ("20%", 20.0, "%"), (" 12.5 % ", 12.5, "%"), ("0.3dec", 0.3, "dec"), ("0.3", 0.3, "dec"),
+    ("1decades", 1.0, "dec"), (0.25, 0.25, "dec"),
+])
+def test_parse_drop(text, amount, unit):
+    assert parse_drop(text) == Drop(amount, unit)
+
+
+@pytest.mark.parametrize("text", ["", "-5%", "150%", "0.3x", "abc", True])
+def test_parse_drop_rejects(text):
+    with pytest.raises(UsageError):
+        parse_drop(text)
+
+
+def test_drop_measure():
+    assert Drop(20, "%").measure(0.1, 0.05) == pytest.approx(50.0)
+    assert Drop(0.3, "dec").measure(1.0, 0.1) == pytest.approx(1.0)
+    assert Drop(0.3, "dec").measure(0.1, 1.0) == pytest.approx(-1.0)  # improvement
+    assert Drop(20, "%").measure(0.1, math.inf) == -math.inf
+    assert Drop(20, "%").measure(0.0, 0.1) == -math.inf
+
+
+def test_min_clean_accuracy_must_be_a_fraction():
+    with pytest.raises(UsageError, match="fraction"):
+        GateConfig(min_clean_accuracy=90)
+
+
+def test_load_rules(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text(
+        'min_clean_accuracy = 0.85\nmax_drop = "20%"\nfail_under = 0.001\n'
+        '[[rule]]\npattern = "conv.*"\nfail_under = 0.05\nfail_under_relative = 0.5\n'
+        '[[rule]]\npattern = "*"\nfail_under_relative = 0.1\n'
+    )
+    config = load_rules(path)
+    assert config.min_clean_accuracy == 0.85
+    assert config.max_drop == Drop(20.0, "%")
+    assert config.thresholds == (
+        Threshold(None, 0.001, False),
+        Threshold("conv.*", 0.05, False),
+        Threshold("conv.*", 0.5, True),
+        Threshold(None, 0.1, True),
+    )
+
+
+def test_load_rules_bare_max_drop_is_decades(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text("max_drop = 0.3\n")
+    assert load_rules(path).max_drop == Drop(0.3, "dec")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("fail_undr = 0.1\n", "unknown key"),
+    ("[[rule]]\npattern = 'conv'\n", "needs fail_under"),
+    ("[[rule]]\npattern = 'conv'\nfail_under = 'x'\n", "must be a number"),
+    ("[[rule]]\npattern = '('\nfail_under = 0.1\n", "invalid site pattern"),
+    ("[[rule]]\nfail_under = 0.1\nsite = 'x'\n", "unknown key"),
+    ("max_drop = '20'\nmax_drop = '5%'\n", "invalid TOML"),
+    ("min_clean_accuracy = 1.5\n", "fraction"),
+])
+def test_load_rules_errors_name_the_file(tmp_path, text, fragment):
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=fragment) as info:
+        load_rules(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_rules_missing_file(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        load_rules(tmp_path / "nope.toml")
+
+
+def test_merge_cli_overrides_file():
+    file_cfg = rules(Threshold("conv", 0.1, False), min_clean_accuracy=0.8, max_drop="20%")
+    cli_cfg = rules(Threshold(None, 0.01, False), min_clean_accuracy=0.9)
+    merged = file_cfg.merge(cli_cfg)
+    assert merged.thresholds == (Threshold("conv", 0.1, False), Threshold(None, 0.01, False))
+    assert merged.min_clean_accuracy == 0.9
+    assert merged.max_drop == Drop(20.0, "%")
+
+
+# --- fail-under ---------------------------------------------------------------------------------------------------
+
+def test_empty_config_passes():
+    result = evaluate(make_report(), GateConfig())
+    assert result.passed and result.exit_code == 0 and bool(result)
+    assert result.to_dict() == {"passed": True, "failures": [], "warnings": []}
+
+
+def test_fail_under_all_sites():
+    # sites: conv1 0.1, conv2 0.05, fc 1.0
+    result = evaluate(make_report(), rules(Threshold(None, 0.08, False)))
+    assert not result.passed and result.exit_code == 1
+    assert failed_sites(result) == ["conv2"]
+    failure = result.failures[0]
+    assert failure.rule == "fail_under"
+    assert failure.value == pytest.approx(0.05) and failure.threshold == 0.08
+    assert "0.05" in failure.message and "0.08" in failure.message
+
+
+def test_fail_under_passes_at_equality():
+    assert evaluate(make_report(), rules(Threshold(None, 0.05, False))).passed
+
+
+def test_fail_under_pattern_selects_sites():
+    config = rules(Threshold("^fc$", 2.0, False))
+    result = evaluate(make_report(), config)
+    assert failed_sites(result) == ["fc"]
+
+
+def test_rules_combine_and_every_failure_is_reported():
+    config = rules(Threshold(None, 0.2, False), Threshold("fc", 5.0, False), min_clean_accuracy=0.95)
+    result = evaluate(make_report(), config)
+    assert sorted((f.rule, f.site or "") for f in result.failures) == [
+        ("fail_under", "conv1"), ("fail_under", "conv2"), ("fail_under", "fc"), ("min_clean_accuracy", ""),
+    ]
+
+
+def test_pattern_matching_no_site_warns():
+    result = evaluate(make_report(), rules(Threshold("attention", 0.1, False)))
+    assert result.passed
+    assert any("matches no site" in w for w in result.warnings)
+
+
+def test_fail_under_relative_uses_activation_std():
+    sites = [make_site("a", 0.1, index=0, activation_std=0.5),  # relative 0.2
+             make_site("b", 0.1, index=1, activation_std=0.1)]  # relative 1.0
+    result = evaluate(make_report(sites), rules(Threshold(None, 0.5, True)))
+    assert failed_sites(result) == ["a"]
+    assert result.failures[0].rule == "fail_under_relative"
+    assert result.failures[0].value == pytest.approx(0.2)
+
+
+def test_relative_rule_without_activation_std_warns_in_global_mode():
+    result = evaluate(make_global_report(0.2), rules(Threshold(None, 0.5, True)))
+    assert result.passed
+    assert any("global" in w and "activation std" in w for w in result.warnings)
+
+
+def test_global_mode_absolute_threshold():
+    result = evaluate(make_global_report(0.2), rules(Threshold(None, 0.5, False)))
+    assert failed_sites(result) == ["global"]
+
+
+def test_site_without_midpoint_warns():
+    report = make_report([make_site("x", None)])
+    result = evaluate(report, rules(Threshold(None, 0.1, False)))
+    assert result.passed
+    assert any("x" in w and "no σ50" in w for w in result.warnings)
+
+
+# --- censoring vs thresholds --------------------------------------------------------------------------------------
+
+def test_censored_above_with_bound_at_or_over_threshold_passes_silently():
+    report = make_report([make_site("s", 10.0, censored="above")])
+    result = evaluate(report, rules(Threshold(None, 10.0, False)))
+    assert result.passed and result.warnings == []
+
+
+def test_censored_above_with_bound_under_threshold_passes_with_warning():
+    report = make_report([make_site("s", 1.0, censored="above")])
+    result = evaluate(report, rules(Threshold(None, 5.0, False)))
+    assert result.passed
+    assert len(result.warnings) == 1 and "extend the grid" in result.warnings[0]
+
+
+def test_censored_below_with_bound_at_or_under_threshold_fails():
+    report = make_report([make_site("s", 0.01, censored="below")])
+    result = evaluate(report, rules(Threshold(None, 0.01, False)))
+    assert failed_sites(result) == ["s"]
+    assert "< 0.01" in result.failures[0].message
+
+
+def test_censored_below_with_bound_over_threshold_fails_as_unprovable():
+    report = make_report([make_site("s", 0.5, censored="below")])
+    result = evaluate(report, rules(Threshold(None, 0.1, False)))
+    assert failed_sites(result) == ["s"]
+    assert "cannot be shown" in result.failures[0].message
+
+
+# --- clean accuracy -----------------------------------------------------------------------------------------------
+
+def test_min_clean_accuracy():
+    report = make_report(clean_accuracy=0.8)
+    assert evaluate(report, rules(min_clean_accuracy=0.8)).passed
+    result = evaluate(report, rules(min_clean_accuracy=0.85))
+    assert [(f.rule, f.site, f.value, f.threshold) for f in result.failures] == [
+        ("min_clean_accuracy", None, 0.8, 0.85)]
+
+
+# --- baseline -----------------------------------------------------------------------------------------------------
+
+def test_baseline_identical_passes():
+    assert evaluate(make_report(), rules(max_drop="20%"), baseline=make_report()).passed
+
+
+def test_baseline_percent_drop_fails_with_numbers():
+    new = make_report([make_site("conv1", 0.05, index=0), make_site("conv2", 0.05, index=1),
+                       make_site("fc", 1.0, index=2, op_type="Gemm")])
+    result = evaluate(new, rules(max_drop="20%"), baseline=make_report())
+    assert failed_sites(result) == ["conv1"]
+    failure = result.failures[0]
+    assert failure.rule == "max_drop" and failure.threshold == 20.0
+    assert failure.value == pytest.approx(50.0)
+    assert "0.1" in failure.message and "0.05" in failure.message
+
+
+def test_baseline_small_drop_passes():
+    new = make_report([make_site("conv1", 0.09, index=0, ci95=[0.089, 0.091])])
+    old = make_report([make_site("conv1", 0.1, index=0, ci95=[0.099, 0.101])])
+    assert evaluate(new, rules(max_drop="20%"), baseline=old).passed  # 10% < 20%
+    assert not evaluate(new, rules(max_drop="5%"), baseline=old).passed
+
+
+def test_baseline_decades():
+    old = make_report([make_site("a", 1.0, index=0, ci95=[0.99, 1.01])])
+    new = make_report([make_site("a", 0.25, index=0, ci95=[0.24, 0.26])])  # ~0.6 decades
+    assert not evaluate(new, rules(max_drop="0.3dec"), baseline=old).passed
+    assert evaluate(new, rules(max_drop="0.7"), baseline=old).passed
+
+
+def test_baseline_drop_within_confidence_intervals_is_a_warning():
+    old = make_report([make_site("a", 0.1, index=0, ci95=[0.07, 0.14])])
+    new = make_report([make_site("a", 0.075, index=0, ci95=[0.05, 0.11])])  # 25% at face value
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert result.passed
+    assert any("95% intervals" in w for w in result.warnings)
+
+
+def test_improvement_never_fails():
+    old = make_report([make_site("a", 0.1, index=0)])
+    new = make_report([make_site("a", 0.5, index=0)])
+    result = evaluate(new, rules(max_drop="0%"), baseline=old)
+    assert result.passed and result.warnings == []
+
+
+def test_new_censored_above_is_not_a_regression():
+    old = make_report([make_site("a", 0.5, index=0)])
+    new = make_report([make_site("a", 1.0, index=0, censored="above")])
+    assert evaluate(new, rules(max_drop="20%"), baseline=old).passed
+
+
+def test_new_censored_above_with_narrower_grid_warns_not_fails():
+    # new grid stops at 0.1; baseline measured σ50 = 1: the new σ50 is > 0.1, unknown beyond
+    old = make_report([make_site("a", 1.0, index=0)])
+    new = make_report([make_site("a", 0.1, index=0, censored="above")])
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert result.passed
+    assert any("censored" in w for w in result.warnings)
+
+
+def test_both_censored_above_same_bound_passes_silently():
+    old = make_report([make_site("a", 1.0, index=0, censored="above")])
+    new = make_report([make_site("a", 1.0, index=0, censored="above")])
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert result.passed and result.warnings == []
+
+
+def test_new_censored_below_far_under_baseline_fails():
+    old = make_report([make_site("a", 0.1, index=0)])
+    new = make_report([make_site("a", 0.01, index=0, censored="below")])
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert failed_sites(result) == ["a"]
+    assert result.failures[0].value >= 89.0
+    assert "< 0.01" in result.failures[0].message
+
+
+def test_old_censored_above_new_measured_far_below_fails():
+    old = make_report([make_site("a", 1.0, index=0, censored="above")])
+    new = make_report([make_site("a", 0.1, index=0, ci95=[0.09, 0.11])])
+    assert failed_sites(evaluate(new, rules(max_drop="20%"), baseline=old)) == ["a"]
+
+
+def test_old_censored_below_cannot_regress():
+    old = make_report([make_site("a", 0.1, index=0, censored="below")])
+    new = make_report([make_site("a", 0.01, index=0, censored="below")])
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert result.passed
+    assert any("censored" in w for w in result.warnings)
+
+
+def test_sites_matched_by_name_not_position():
+    old = make_report([make_site("a", 0.1, index=0), make_site("b", 1.0, index=1)])
+    new = make_report([make_site("b", 1.0, index=0), make_site("a", 0.1, index=1)])
+    result = evaluate(new, rules(max_drop="5%"), baseline=old)
+    assert result.passed and result.warnings == []
+
+
+def test_renamed_sites_fall_back_to_index_with_warning():
+    old = make_report([make_site("/conv1/Conv_output_0", 0.1, index=0)])
+    new = make_report([make_site("onnx::Conv_12", 0.05, index=0)])
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert failed_sites(result) == ["onnx::Conv_12"]
+    assert any("by index 0" in w and "/conv1/Conv_output_0" in w for w in result.warnings)
+
+
+def test_index_fallback_requires_same_op_type():
+    old = make_report([make_site("x", 0.1, index=0, op_type="Conv")])
+    new = make_report([make_site("y", 0.01, index=0, op_type="Gemm")])
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert result.passed
+    assert any("y" in w and "not in the baseline" in w for w in result.warnings)
+    assert any("baseline site x" in w and "missing" in w for w in result.warnings)
+
+
+def test_site_only_in_one_report_warns():
+    old = make_report()
+    new = make_report([make_site("conv1", 0.1, index=0), make_site("conv2", 0.05, index=1),
+                       make_site("extra", 0.5, index=None)])
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert result.passed
+    assert any("extra" in w and "not in the baseline" in w for w in result.warnings)
+    assert any("baseline site fc" in w and "missing" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("change", [{"noise": "multiplicative"}, {"mode": "global"}])
+def test_baseline_with_other_noise_or_mode_is_refused(change):
+    old = make_report()
+    new = make_report(**change)
+    with pytest.raises(UsageError, match="cannot compare"):
+        evaluate(new, rules(max_drop="20%"), baseline=old)
+
+
+def test_combined_noise_with_other_ratio_is_refused():
+    with pytest.raises(UsageError, match="ratio"):
+        check_comparable(make_report(noise="combined", ratio=0.2), make_report(noise="combined", ratio=0.5))
+    assert check_comparable(make_report(noise="combined", ratio=0.5), make_report(noise="combined", ratio=0.5)) == []
+
+
+def test_check_comparable_works_on_config_stubs_and_warns_on_other_data():
+    assert check_comparable({"config": {"noise": "additive"}}, {"config": {"noise": "additive"}}) == []
+    warnings = check_comparable(make_report(data_sha256="ab" * 32), make_report(data_sha256="cd" * 32))
+    assert any("other data" in w for w in warnings)
+
+
+def test_baseline_without_max_drop_warns():
+    result = evaluate(make_report(), GateConfig(), baseline=make_report())
+    assert result.passed and any("no max drop" in w for w in result.warnings)
+
+
+def test_max_drop_without_baseline_warns():
+    result = evaluate(make_report(), rules(max_drop="20%"))
+    assert result.passed and any("no baseline" in w for w in result.warnings)
+
+
+def test_partial_report_warns():
+    result = evaluate(make_report(partial=True), GateConfig())
+    assert any("partial" in w for w in result.warnings)
+
+
+def test_unknown_report_version_is_refused():
+    report = make_report()
+    report["schema"] = "walkaudit.report/2"
+    with pytest.raises(UsageError, match="newer"):
+        evaluate(report, GateConfig())
+    with pytest.raises(UsageError, match="newer"):
+        evaluate(make_report(), rules(max_drop="20%"), baseline=report)
+
+
+def test_result_to_dict_matches_report_gate_shape():
+    result = evaluate(make_report(), rules(Threshold(None, 0.08, False)))
+    data = result.to_dict()
+    assert data["passed"] is False
+    assert data["failures"] == [{"rule": "fail_under", "site": "conv2", "value": pytest.approx(0.05),
+                                 "threshold": 0.08, "message": result.failures[0].message}]
+    assert isinstance(data["warnings"], list)
+
+
+def test_failure_to_dict_writes_non_finite_as_null():
+    failure = Failure("max_drop", "a", math.inf, 20.0, "m")
+    assert failure.to_dict()["value"] is None
+
+
+def test_censored_drop_is_reported_as_a_lower_bound():
+    old = make_report([make_site("a", 0.2, index=0, censored="above")])
+    new = make_report([make_site("a", 0.05, index=0, censored="below")])
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert failed_sites(result) == ["a"]
+    assert "more than 75%" in result.failures[0].message
+    assert result.failures[0].value == pytest.approx(75.0)
+
+
+def test_max_drop_failures_follow_the_new_report_order():
+    old = make_report([make_site("a", 1.0, index=0), make_site("b", 1.0, index=1)])
+    new = make_report([make_site("renamed", 0.1, index=0), make_site("b", 0.1, index=1)])
+    assert failed_sites(evaluate(new, rules(max_drop="20%"), baseline=old)) == ["renamed", "b"]

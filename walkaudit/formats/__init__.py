@@ -1,0 +1,8 @@
+"""Renderers of a walkaudit report dict into other formats. Each returns a string; the CLI decides where it goes."""
+
+from __future__ import annotations
+
+from walkaudit.formats.junit import to_junit
+from walkaudit.formats.markdown import to_markdown
+
+__all__ = ["to_junit", "to_markdown"]
