@@ -9,26 +9,35 @@ from walkaudit import fit, sweep
 from walkaudit.errors import UsageError
 
 
+BATCH = 100  # samples per batch of the stand-in data set
+
+
 def synthetic(sigma50: float, width: float = 0.15, clean: float = 0.98, chance: float = 0.1, floor=None):
+    """A noise-free model: every batch has exactly the expected accuracy (2 repeats)."""
     lo = chance if floor is None else floor
     calls = []
 
-    def evaluate(sigmas):
-        calls.append(np.array(sigmas))
-        u = np.log10(sigmas)
-        acc = fit.logistic(u, clean, lo, np.log10(sigma50), width)
-        acc = np.repeat(acc[:, None], 2, axis=1)
-        return acc, np.zeros_like(acc, dtype=int)
+    def evaluate(sigmas, batches):
+        calls.append((np.array(sigmas), batches))
+        acc = fit.logistic(np.log10(sigmas), clean, lo, np.log10(sigma50), width)
+        samples = BATCH * len(batches)
+        correct = np.repeat(np.round(acc * samples)[:, None], 2, axis=1)
+        return correct, np.zeros_like(correct, dtype=int), samples
 
     return evaluate, calls
+
+
+def accuracy(curve):
+    sig, levels = curve.sorted()
+    return sig, np.stack([lv.accuracy for lv in levels])
 
 
 @pytest.mark.parametrize("sigma50", [3e-3, 0.2, 7.0, 300.0])
 def test_adaptive_brackets_and_refines_the_crossing(sigma50):
     evaluate, calls = synthetic(sigma50)
     half = fit.halfway(0.98, 0.1)
-    curve = sweep.adaptive(evaluate, half, sweep.Plan(), scale=1.0)
-    sig, acc, _ = curve.sorted()
+    curve = sweep.adaptive(evaluate, half, sweep.Plan(), scale=1.0, n_batches=8, clean=0.98)
+    sig, acc = accuracy(curve)
     means = acc.mean(axis=1)
     # the crossing is inside the grid and at least the refine points sit inside the bracket
     assert means[0] > half > means[-1]
@@ -44,37 +53,51 @@ def test_adaptive_brackets_and_refines_the_crossing(sigma50):
 def test_adaptive_scales_the_start_to_the_site():
     evaluate, calls = synthetic(50.0)
     sweep.adaptive(evaluate, 0.54, sweep.Plan(), scale=20.0)
-    assert calls[0][0] == pytest.approx(20.0 * 1e-2)  # first coarse level = scale · 10^start
+    assert calls[0][0][0] == pytest.approx(20.0 * 1e-2)  # first coarse level = scale · 10^start
 
 
 def test_adaptive_stops_at_the_bound_when_the_site_never_falls():
     evaluate, calls = synthetic(1e9)
     plan = sweep.Plan()
     curve = sweep.adaptive(evaluate, 0.54, plan, scale=1.0)
-    sig, _, _ = curve.sorted()
+    sig, acc = accuracy(curve)
     assert sig.max() == pytest.approx(10**plan.highest)
-    mid = fit.midpoint(*curve.sorted()[:2], clean=0.98, chance=0.1)
+    mid = fit.midpoint(sig, acc, clean=0.98, chance=0.1)
     assert mid.censored == "above" and mid.value == pytest.approx(10**plan.highest)
 
 
 def test_adaptive_plateau_above_half_extends_to_the_bound_then_stops():
     evaluate, _ = synthetic(1.0, floor=0.6)  # levels off above the halfway line 0.54
     curve = sweep.adaptive(evaluate, 0.54, sweep.Plan(highest=3.0), scale=1.0)
-    assert max(curve.accuracy) == pytest.approx(1e3)
+    assert max(curve.levels) == pytest.approx(1e3)
 
 
 def test_adaptive_extends_down_when_already_below_half():
     evaluate, _ = synthetic(1e-4)
     curve = sweep.adaptive(evaluate, 0.54, sweep.Plan(), scale=1.0)
-    sig, acc, _ = curve.sorted()
+    sig, acc = accuracy(curve)
     assert sig.min() < 1e-4 < sig.max()
     assert acc.mean(axis=1)[0] > 0.54
 
 
 def test_fixed_grid_evaluates_exactly_the_grid_once():
     evaluate, calls = synthetic(1.0)
-    curve = sweep.fixed(evaluate, (0.1, 1.0, 10.0))
-    assert len(calls) == 1 and sorted(curve.accuracy) == [0.1, 1.0, 10.0]
+    curve = sweep.fixed(evaluate, (0.1, 1.0, 10.0), n_batches=3)
+    assert len(calls) == 1 and sorted(curve.levels) == [0.1, 1.0, 10.0]
+    assert calls[0][1] == range(3) and all(lv.samples == 300 for lv in curve.levels.values())
+
+
+def test_clear_levels_keep_their_head_estimate_and_unclear_ones_get_all_data():
+    evaluate, calls = synthetic(1.0, width=0.1)
+    curve = sweep.adaptive(evaluate, 0.54, sweep.Plan(), scale=1.0, n_batches=8, clean=0.98)
+    assert calls[0][1] == range(2)  # the coarse grid sees a quarter of the batches first
+    samples = {s: lv.samples for s, lv in curve.levels.items()}
+    assert samples[0.01] == 200 and samples[10.0] == 200  # far from the crossing: the head was enough
+    expected = {s: fit.logistic(np.log10(s), 0.98, 0.1, 0.0, 0.1) for s in samples}
+    near = [s for s in samples if abs(expected[s] - 0.54) < 0.08]
+    assert near and all(samples[s] == 800 for s in near)  # around σ50: every sample
+    total = sum(len(sig) * len(b) for sig, b in calls)
+    assert total < 0.4 * 25 * 8  # vs a 25-level fixed grid over all 8 batches
 
 
 @pytest.mark.parametrize("text, expected", [

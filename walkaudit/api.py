@@ -157,19 +157,25 @@ def _audit_unit(engine: Engine, site, sites, dataset, clean, config: AuditConfig
     if noise.kind == "multiplicative":
         scale = 1.0
 
-    def evaluate(sigmas):
-        progress.grow(len(sigmas) * config.repeats * dataset.samples)
-        counts: Counts = evaluator.evaluate(dataset, clean.targets, sigmas, config.repeats, progress.advance)
-        return counts.accuracy, counts.nonfinite
+    n_batches = engine.n_batches(dataset)
+
+    def evaluate(sigmas, batches: range):
+        rows = min(batches.stop * engine.batch_size, dataset.samples) - batches.start * engine.batch_size
+        progress.grow(len(sigmas) * config.repeats * rows)
+        counts: Counts = evaluator.evaluate(dataset, clean.targets, sigmas, config.repeats, progress.advance,
+                                            batches)
+        return counts.correct, counts.nonfinite, counts.samples
 
     if config.sigmas:
-        curve = sweep.fixed(evaluate, config.sigmas)
+        curve = sweep.fixed(evaluate, config.sigmas, n_batches)
     else:
-        curve = sweep.adaptive(evaluate, half, sweep.default_plan(noise.kind), scale)
-    sig, acc, bad = curve.sorted()
-    mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=chance, samples=dataset.samples)
-    points = [Point(float(s), float(a.mean()), float(a.std()), int(a.size), dataset.samples, int(b.sum()))
-              for s, a, b in zip(sig, acc, bad)]
+        curve = sweep.adaptive(evaluate, half, sweep.default_plan(noise.kind), scale, n_batches, clean.accuracy)
+    sig, levels = curve.sorted()
+    acc = np.stack([lv.accuracy for lv in levels])
+    mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=chance,
+                       samples=int(np.median([lv.samples for lv in levels])))
+    points = [Point(float(s), float(lv.accuracy.mean()), float(lv.accuracy.std()), len(lv.correct), lv.samples,
+                    int(lv.nonfinite.sum())) for s, lv in zip(sig, levels)]
     std = None if site is None else clean.activation_std[site.name]
     value = mid.value if mid.value is not None and np.isfinite(mid.value) else None
     relative = value / std if value is not None and std else None

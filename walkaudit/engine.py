@@ -100,6 +100,9 @@ class Engine:
                 feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - n, axis=0)]) for k, v in feeds.items()}
             yield start, n, feeds
 
+    def n_batches(self, data: Dataset) -> int:
+        return -(-data.samples // self.batch_size)
+
     def clean_values(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         wanted = [n for n in dict.fromkeys(names) if n not in self._input_names]
         values = dict(zip(wanted, run(self._clean, wanted, feeds)))
@@ -158,30 +161,29 @@ class SiteEvaluator:
     passthrough: list[str]  # clean values fed unchanged
     terms: list[rewrite.Injection]  # sites whose noise terms are fed as graph inputs
     feed_inputs: bool = False  # also feed the model's data inputs (global mode)
-    group: int | None = None  # σ levels per run; 1 when the graph cannot take a tiled batch
-    _cache: list | None = None
-    _cache_ok: bool = True
+    packable: bool | None = None  # does the graph take a tiled batch (several σ levels in one run)?
+    _cache: dict = field(default_factory=dict)  # batch index -> clean values, within CACHE_BYTES
+    _cached: int = 0
 
-    def _values(self, data: Dataset):
-        """(start, valid rows, clean values) per batch, from the cache when it holds them."""
-        if self._cache is not None:
-            yield from self._cache
-            return
+    def _values(self, data: Dataset, batches: range):
+        """(start, valid rows, clean values) for the batches in range, from the cache when it holds them."""
         engine, out = self.engine, self.engine.model.class_output.name
         names = [*self.host, *self.passthrough, *(t.site for t in self.terms), out]
-        kept, size = [], 0
-        for start, n, feeds in engine._batches(data):
-            values = engine.clean_values(feeds, names)
-            if self.feed_inputs:
-                values.update(feeds)
-            size += sum(v.nbytes for v in values.values())
-            if self._cache_ok and size <= CACHE_BYTES:
-                kept.append((start, n, values))
-            else:
-                self._cache_ok, kept = False, []
+        for i, (start, n, feeds) in enumerate(engine._batches(data)):
+            if i < batches.start:
+                continue
+            if i >= batches.stop:
+                break
+            values = self._cache.get(i)
+            if values is None:
+                values = engine.clean_values(feeds, names)
+                if self.feed_inputs:
+                    values.update(feeds)
+                size = sum(v.nbytes for v in values.values())
+                if self._cached + size <= CACHE_BYTES:
+                    self._cache[i] = values
+                    self._cached += size
             yield start, n, values
-        if self._cache_ok:
-            self._cache = kept
 
     def _feeds(self, values: dict, sigmas: np.ndarray, eps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         g = len(sigmas)
@@ -206,7 +208,7 @@ class SiteEvaluator:
 
     def _choose_group(self, values: dict, levels: int) -> int:
         """How many σ levels one run takes: 1 unless a tiled batch reproduces the clean outputs at σ = 0."""
-        if self.group is None:
+        if self.packable is None:
             out = self.engine.model.class_output
             zeros = {n: np.zeros((self.engine.noise.draws, 1, *values[n].shape), np.float32)
                      for n in [*self.host, *(t.site for t in self.terms)]}
@@ -216,18 +218,19 @@ class SiteEvaluator:
                 ok = got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
             except Exception:
                 ok = False
-            self.group = 0 if ok else 1
+            self.packable = ok
             if not ok:
                 self.engine.notes.append(f"site key {self.key}: the graph does not take a tiled batch; "
                                          "σ levels run one at a time")
-        if self.group == 1:
+        if not self.packable:
             return 1
         per_level = sum(values[n].size for n in [*self.host, *self.passthrough, *(t.site for t in self.terms)])
         return int(max(1, min(levels, RUN_ELEMENTS // max(per_level, 1))))
 
     def evaluate(self, data: Dataset, targets: np.ndarray, sigmas, repeats: int,
-                 progress: Progress | None = None) -> Counts:
-        """Correct predictions per (σ, repeat) over the whole data set."""
+                 progress: Progress | None = None, batches: range | None = None) -> Counts:
+        """Correct predictions per (σ, repeat) over the data set's batches in range (default: all)."""
+        batches = batches if batches is not None else range(self.engine.n_batches(data))
         sigmas = np.asarray(sigmas, dtype=np.float64)
         levels = len(sigmas)
         correct = np.zeros((levels, repeats), dtype=np.int64)
@@ -235,7 +238,9 @@ class SiteEvaluator:
         kind = self.engine.model.class_output.kind
         noisy_sites = [*self.host, *(t.site for t in self.terms)]
         draws = self.engine.noise.draws
-        for start, n, values in self._values(data):
+        samples = 0
+        for start, n, values in self._values(data, batches):
+            samples += n
             target = targets[start : start + n]
             group = self._choose_group(values, levels)
             for r in range(repeats):
@@ -261,7 +266,7 @@ class SiteEvaluator:
                     if progress:
                         progress(len(chunk) * n)
                     g0 += len(chunk)
-        return Counts(correct, nonfinite, data.samples)
+        return Counts(correct, nonfinite, samples)
 
 
 def _tile(a: np.ndarray, times: int) -> np.ndarray:

@@ -4,7 +4,9 @@ Adaptive search (the default), per site:
 1. a coarse log grid (2 points a decade) over a starting range scaled to the site;
 2. extend a decade at a time while the curve has not crossed the halfway line (up) or starts below it (down),
    never past the stated bounds;
-3. refine inside the bracket where the mean accuracy crosses the halfway line.
+3. levels are first evaluated on the first quarter of the data; those clearly above or below the halfway line keep
+   that estimate, the others get the rest of the data;
+4. refine inside the bracket where the mean accuracy crosses the halfway line, on all the data.
 The search only needs `evaluate(sigmas) -> accuracy per (σ, repeat)`, so it is pure and tested without onnxruntime.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +31,8 @@ class Plan:
     highest: float = 4.0  # never above scale·10^highest
     per_decade: int = 2
     refine: int = 3  # points added inside the crossing bracket
+    head: float = 0.25  # share of the batches a level is first evaluated on
+    margin: float = 0.1  # a level this far (× (clean − chance)) from the halfway line needs no more samples
 
     def coarse(self, scale: float) -> np.ndarray:
         n = int(round((self.stop - self.start) * self.per_decade)) + 1
@@ -74,59 +78,96 @@ def check_sigmas(values) -> tuple[float, ...]:
 
 
 @dataclass
+class Level:
+    """Counts at one σ: correct predictions and non-finite outputs per repeat, over `samples` samples."""
+
+    correct: np.ndarray  # [R]
+    nonfinite: np.ndarray  # [R]
+    samples: int
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return self.correct / max(self.samples, 1)
+
+
+@dataclass
 class Curve:
-    """Accumulated points of one site: σ → accuracy per repeat."""
+    """Accumulated levels of one site."""
 
-    accuracy: dict[float, np.ndarray]
-    nonfinite: dict[float, np.ndarray]
+    levels: dict[float, Level] = field(default_factory=dict)
 
-    def sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        sig = np.array(sorted(self.accuracy))
-        return sig, np.stack([self.accuracy[s] for s in sig]), np.stack([self.nonfinite[s] for s in sig])
+    def sorted(self) -> tuple[np.ndarray, list[Level]]:
+        sig = np.array(sorted(self.levels))
+        return sig, [self.levels[s] for s in sig]
+
+    def mean(self, sigma: float) -> float:
+        return float(np.mean(self.levels[sigma].accuracy))
 
 
-Evaluate = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # sigmas -> (accuracy [L,R], nonfinite [L,R])
+#: evaluate(sigmas, batches) -> (correct [L, R], nonfinite [L, R], samples): counts over the batches in the range.
+Evaluate = Callable[[np.ndarray, range], tuple[np.ndarray, np.ndarray, int]]
 
 
-def _add(curve: Curve, evaluate: Evaluate, sigmas) -> None:
-    new = np.array([s for s in np.atleast_1d(sigmas) if float(s) not in curve.accuracy], dtype=np.float64)
-    if new.size == 0:
+def _add(curve: Curve, evaluate: Evaluate, sigmas, batches: range) -> None:
+    """Evaluate `sigmas` over `batches`, adding to what the curve already holds for them."""
+    sigmas = np.unique(np.atleast_1d(np.asarray(sigmas, dtype=np.float64)))
+    if sigmas.size == 0 or len(batches) == 0:
         return
-    acc, bad = evaluate(new)
-    for s, a, b in zip(new, acc, bad):
-        curve.accuracy[float(s)] = a
-        curve.nonfinite[float(s)] = b
+    correct, nonfinite, samples = evaluate(sigmas, batches)
+    for s, c, b in zip(sigmas, correct, nonfinite):
+        old = curve.levels.get(float(s))
+        if old is None:
+            curve.levels[float(s)] = Level(np.asarray(c), np.asarray(b), samples)
+        else:
+            curve.levels[float(s)] = Level(old.correct + c, old.nonfinite + b, old.samples + samples)
 
 
-def fixed(evaluate: Evaluate, sigmas) -> Curve:
-    curve = Curve({}, {})
-    _add(curve, evaluate, sigmas)
+def fixed(evaluate: Evaluate, sigmas, n_batches: int) -> Curve:
+    curve = Curve()
+    _add(curve, evaluate, sigmas, range(n_batches))
     return curve
 
 
-def adaptive(evaluate: Evaluate, half: float, plan: Plan, scale: float) -> Curve:
-    """Search for the halfway crossing as described in the module docstring."""
+def _clear(level: Level, half: float, margin: float) -> bool:
+    """Is this level's side of the halfway line already certain? (4 standard errors and a margin away)"""
+    acc = float(np.mean(level.accuracy))
+    n = level.samples * len(level.correct)
+    se = np.sqrt(max(acc * (1 - acc), 1.0 / n) / n)
+    return abs(acc - half) > max(4 * se, margin)
+
+
+def adaptive(evaluate: Evaluate, half: float, plan: Plan, scale: float, n_batches: int = 1,
+             clean: float = 1.0) -> Curve:
+    """Search for the halfway crossing as described in the module docstring.
+
+    Levels are first evaluated on the first quarter of the batches (`plan.head`); a level whose side of the halfway
+    line is already clear keeps that estimate, the others are completed on the remaining batches.
+    """
     scale = scale if np.isfinite(scale) and scale > 0 else 1.0
     step = 1.0 / plan.per_decade
-    curve = Curve({}, {})
-    _add(curve, evaluate, plan.coarse(scale))
-
-    def mean_at(s: float) -> float:
-        return float(np.mean(curve.accuracy[s]))
+    head = range(max(1, int(np.ceil(n_batches * plan.head))))
+    curve = Curve()
+    _add(curve, evaluate, plan.coarse(scale), head)
 
     top = plan.stop
-    while mean_at(max(curve.accuracy)) > half and top < plan.highest:
+    while curve.mean(max(curve.levels)) > half and top < plan.highest:
         top = min(plan.highest, top + 1.0)
-        _add(curve, evaluate, scale * 10 ** np.arange(top - 1.0 + step, top + step / 2, step))
+        _add(curve, evaluate, scale * 10 ** np.arange(top - 1.0 + step, top + step / 2, step), head)
     bottom = plan.start
-    while mean_at(min(curve.accuracy)) <= half and bottom > plan.lowest:
+    while curve.mean(min(curve.levels)) <= half and bottom > plan.lowest:
         bottom = max(plan.lowest, bottom - 1.0)
-        _add(curve, evaluate, scale * 10 ** np.arange(bottom, bottom + 1.0 - step / 2, step))
-    sig = sorted(curve.accuracy)
-    means = [mean_at(s) for s in sig]
+        _add(curve, evaluate, scale * 10 ** np.arange(bottom, bottom + 1.0 - step / 2, step), head)
+
+    tail = range(len(head), n_batches)
+    margin = plan.margin * max(clean - (2 * half - clean), 0.0)  # a fraction of (clean − chance)
+    unclear = [s for s, level in curve.levels.items() if not _clear(level, half, margin)]
+    _add(curve, evaluate, unclear, tail)
+
+    sig = sorted(curve.levels)
+    means = [curve.mean(s) for s in sig]
     for a, b, ma, mb in zip(sig, sig[1:], means, means[1:]):
         if ma > half >= mb:  # the first crossing
             inner = np.logspace(np.log10(a), np.log10(b), plan.refine + 2)[1:-1]
-            _add(curve, evaluate, inner)
+            _add(curve, evaluate, inner, range(n_batches))
             break
     return curve
