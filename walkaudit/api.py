@@ -37,6 +37,7 @@ class AuditConfig:
     y_key: str | None = None
     allow_nonfinite: bool = False
     threads: int | None = None
+    noise_source: str = "auto"  # "host": numpy draws fed in; "graph": RandomNormalLike in the graph; auto: per provider
 
     def check(self) -> AuditConfig:
         if self.mode not in ("walk", "global"):
@@ -49,6 +50,8 @@ class AuditConfig:
             raise UsageError(f"--chance must be in [0, 1), got {self.chance}")
         if self.sigmas is not None:
             sweep.check_sigmas(self.sigmas)
+        if self.noise_source not in ("auto", "host", "graph"):
+            raise UsageError(f"--noise-source must be auto, host or graph, got {self.noise_source!r}")
         Noise(self.noise, self.ratio)
         return self
 
@@ -97,7 +100,7 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
     noise = Noise(config.noise, config.ratio)
     runtime = Runtime(config.provider, config.threads)
     source = NormalSource(config.seed, config.threads)
-    engine = Engine(loaded, runtime, noise, source, sites, config.batch_size)
+    engine = Engine(loaded, runtime, noise, source, sites, config.batch_size, config.noise_source)
 
     progress.describe("clean pass")
     progress.grow(dataset.samples)
@@ -127,11 +130,12 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
                 "mode": config.mode, "sigmas": list(config.sigmas) if config.sigmas else None,
                 "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats, "seed": config.seed,
                 "batch_size": engine.batch_size, "provider_requested": config.provider,
-                "chance": config.chance, "limit": config.limit,
+                "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
                 "sites": {"ops": list(config.selection.ops), "include": config.selection.include,
                           "exclude": config.selection.exclude, "names": list(config.selection.names)}},
         runtime={"provider": runtime.provider, "onnxruntime_version": runtime.version,
                  "elapsed_s": round(time.perf_counter() - started, 3), "evaluations": engine.evaluations,
+                 "noise_source": "graph" if config.mode == "walk" and engine.uses_graph_noise() else "host",
                  "notes": runtime.notes + engine.notes},
         clean_accuracy=clean.accuracy, chance=chance, num_classes=classes, sites=results, partial=partial,
     )
@@ -151,7 +155,7 @@ def _audit_unit(engine: Engine, site, sites, dataset, clean, config: AuditConfig
         scale = float(np.median(stds)) if stds else 1.0
         progress.describe("global")
     else:
-        evaluator = engine.walk(site)
+        evaluator = engine.graph_walk(site) if engine.uses_graph_noise() else engine.walk(site)
         scale = clean.activation_std[site.name]
         progress.describe(site.name)
     if noise.kind == "multiplicative":

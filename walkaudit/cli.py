@@ -216,12 +216,15 @@ def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> No
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="onnxruntime provider; auto uses CUDA only where a session really runs on it.")
 @click.option("--threads", type=int, help="CPU threads for onnxruntime and noise [default: all].")
+@click.option("--noise-source", type=click.Choice(["auto", "host", "graph"]), default="auto", show_default=True,
+              help="Where ε is drawn: numpy on the host, or RandomNormalLike in the graph (opsets 10-21); auto "
+                   "uses the graph on CUDA.")
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the inputs.")
 @gate_options
 @output_options
 @guarded
 def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
-                  global_mode, sigmas, repeats, batch_size, seed, chance, provider, threads, allow_nonfinite,
+                  global_mode, sigmas, repeats, batch_size, seed, chance, provider, threads, noise_source, allow_nonfinite,
                   fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
                   json_path, markdown_path, junit_path, quiet):
     """Audit MODEL: σ50 of every site, a table, a JSON report and a gate verdict."""
@@ -235,9 +238,11 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
     baseline_report = _read_report(baseline) if baseline else None
     config = AuditConfig(
         noise=noise, ratio=ratio, mode="global" if global_mode else "walk",
-        sigmas=parse_sigmas(sigmas) if sigmas else None, repeats=repeats, seed=seed, batch_size=batch_size,
+        sigmas=parse_sigmas(sigmas) if sigmas is not None else None,  # "" is an empty grid, not "adaptive"
+        repeats=repeats, seed=seed, batch_size=batch_size,
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
         limit=limit, x_key=x_key, y_key=y_key, allow_nonfinite=allow_nonfinite, threads=threads,
+        noise_source=noise_source,
     )
     with RichProgress(disable=quiet) as progress:
         result = audit(model, data=data_path, config=config, progress=progress)

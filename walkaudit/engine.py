@@ -15,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from . import noise as noise_mod
 from . import rewrite
 from .data import Dataset
+from .errors import UsageError
 from .model import LoadedModel
 from .noise import Noise, NormalSource
-from .runtime import OutOfMemory, Runtime, run
+from .runtime import OutOfMemory, Runtime, failure, run
 from .sites import Site
 
 #: Largest tensor (in elements) one packed run feeds; bounds memory whatever the data set size.
@@ -76,6 +76,7 @@ class Engine:
     source: NormalSource
     sites: list[Site]
     batch_size: int = 256
+    noise_source: str = "auto"  # "host" | "graph" | "auto"
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -89,6 +90,9 @@ class Engine:
             self.notes.append(f"the model has a fixed batch size of {fixed}; evaluating {fixed} samples per run")
             self.batch_size = fixed
         self.evaluations = 0  # sample forward passes under noise, for the report
+        if self.noise_source == "graph" and self.model.opset not in rewrite.GRAPH_NOISE_OPSETS:
+            raise UsageError(f"--noise-source graph needs opset 10 to 21 (onnxruntime has no random ops at 22+); "
+                             f"the model has opset {self.model.opset}")
 
     # -- the clean model ---------------------------------------------------------------------------------------
     def _batches(self, data: Dataset):
@@ -141,6 +145,23 @@ class Engine:
         session = self.runtime.session(suffix.model, f"part of the model after {site.name}")
         return SiteEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(frontier), terms=[])
 
+    def graph_walk(self, site: Site) -> GraphNoiseEvaluator:
+        """Like `walk`, with the noise drawn inside the graph (opsets 10–21; see rewrite.graph_noise)."""
+        sm, sa = self.noise.scales(np.ones(1))
+        suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, self.model.types)
+        program = rewrite.graph_noise(suffix, self.model.types, sm is not None, sa is not None,
+                                      seed=self.source.seed * 10007 + site.index)
+        session = self.runtime.session(program.model, f"part of the model after {site.name}")
+        device = "cuda" if self.runtime.provider == "CUDAExecutionProvider" else "cpu"
+        return GraphNoiseEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
+                                   terms=[], program=program, device=device)
+
+    def uses_graph_noise(self) -> bool:
+        """Graph noise where it pays: on CUDA (noise stays on the device) and where the opset has random ops."""
+        if self.noise_source == "auto":
+            return self.runtime.provider == "CUDAExecutionProvider" and self.model.opset in rewrite.GRAPH_NOISE_OPSETS
+        return self.noise_source == "graph"
+
     def global_(self) -> SiteEvaluator:
         sm, sa = self.noise.scales(np.ones(1))
         names = [s.name for s in self.sites]
@@ -184,6 +205,12 @@ class SiteEvaluator:
                     self._cache[i] = values
                     self._cached += size
             yield start, n, values
+
+    def _draw(self, values: dict, names: list[str], start: int, repeat: int) -> dict[str, np.ndarray]:
+        """ε for each noisy site of a batch and repeat: [draws, 1, N, ...], shared by every σ level."""
+        draws = self.engine.noise.draws
+        return {name: self.engine.source.normal((draws, 1, *values[name].shape), (self.key, j, start, repeat))
+                for j, name in enumerate(names)}
 
     def _feeds(self, values: dict, sigmas: np.ndarray, eps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         g = len(sigmas)
@@ -237,15 +264,13 @@ class SiteEvaluator:
         nonfinite = np.zeros((levels, repeats), dtype=np.int64)
         kind = self.engine.model.class_output.kind
         noisy_sites = [*self.host, *(t.site for t in self.terms)]
-        draws = self.engine.noise.draws
         samples = 0
         for start, n, values in self._values(data, batches):
             samples += n
             target = targets[start : start + n]
             group = self._choose_group(values, levels)
             for r in range(repeats):
-                eps = {name: self.engine.source.normal((draws, 1, *values[name].shape), (self.key, j, start, r))
-                       for j, name in enumerate(noisy_sites)}
+                eps = self._draw(values, noisy_sites, start, r)
                 g0 = 0
                 while g0 < levels:
                     chunk = sigmas[g0 : g0 + group]
@@ -267,6 +292,55 @@ class SiteEvaluator:
                         progress(len(chunk) * n)
                     g0 += len(chunk)
         return Counts(correct, nonfinite, samples)
+
+
+@dataclass
+class GraphNoiseEvaluator(SiteEvaluator):
+    """A site's suffix that draws its noise in the graph (RandomNormalLike) and tiles σ levels itself.
+
+    Runs through IOBinding: on CUDA the clean values of a batch are copied to the device once and kept there with
+    the rest of the cache, the noise never leaves the device, and only σ and the class output cross the bus.
+    """
+
+    program: rewrite.GraphNoise | None = None
+    device: str = "cpu"
+    _on_device: dict = field(default_factory=dict)  # batch start -> clean values as OrtValues on the device
+
+    def _values(self, data: Dataset, batches: range):
+        ort = self.engine.runtime._ort
+        for start, n, values in super()._values(data, batches):
+            if start not in self._on_device:
+                on_device = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values[k]), self.device, 0)
+                             for k in (*self.host, *self.passthrough)}
+                if not self._cache:  # the clean values are not kept either: neither are their device copies
+                    self._on_device.clear()
+                self._on_device[start] = on_device
+            self._current = self._on_device[start]
+            yield start, n, values
+
+    def _draw(self, values, names, start, repeat):
+        return {}  # drawn inside the graph
+
+    def _run(self, values, sigmas, eps) -> np.ndarray:
+        program, out = self.program, self.engine.model.class_output.name
+        site = self.host[0]
+        rank = values[site].ndim
+        dtype = values[site].dtype
+        io = self.session.io_binding()
+        device = self._current
+        io.bind_ortvalue_input(program.site, device[site])
+        for f, name in zip(self.passthrough, program.frontier):
+            io.bind_ortvalue_input(name, device[f])
+        sm, sa = self.engine.noise.scales(sigmas)
+        for name, scale in ((program.sigma_mul, sm), (program.sigma_add, sa)):
+            if name:
+                io.bind_cpu_input(name, scale.astype(dtype).reshape(-1, *([1] * (rank + 1))))
+        io.bind_output(out, "cpu")
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:
+            raise failure(exc, "noisy model") from None
+        return io.copy_outputs_to_cpu()[0]
 
 
 def _tile(a: np.ndarray, times: int) -> np.ndarray:

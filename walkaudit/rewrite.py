@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import helper
 
 from . import graph as g
+from .errors import ModelError
 from .model import TensorSpec
 
 
@@ -113,8 +115,7 @@ def inject(
     The site's producer is made to write `<site>.clean`; the new nodes write the site's own name, so every reader,
     graph outputs included, sees the noisy value and every output keeps its name.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _at_least_opset(model, _MIN_INJECT_OPSET)
     graph = out.graph
     made_by = g.producers(graph)
     injections = [term_names(s, i, has_mul, has_add) for i, s in enumerate(sites)]
@@ -143,6 +144,112 @@ def inject(
     return out, injections
 
 
+#: Mul and Add broadcast without an attribute from opset 7 on, and onnxruntime has no kernels for earlier versions.
+_MIN_INJECT_OPSET = 7
+
+
+def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """A copy of `model`, converted to `opset` of the default domain when it imports an older one."""
+    version = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), opset)
+    if version >= opset:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"cannot add noise nodes to an opset {version} model: converting it to opset {opset} "
+                         f"failed ({reason})") from None
+
+
 def _value_info_like(name: str, site: str, types: dict[str, TensorSpec]) -> onnx.ValueInfoProto:
     spec = types[site]
     return helper.make_tensor_value_info(name, spec.elem_type, None)
+
+
+#: Random ops have no onnxruntime kernel at opset ≥ 22; Slice takes its bounds as inputs from opset 10.
+GRAPH_NOISE_OPSETS = range(10, 22)
+
+
+@dataclass(frozen=True)
+class GraphNoise:
+    """A suffix that draws its own noise: feed the clean site value and frontier untiled, and σ per level."""
+
+    model: onnx.ModelProto
+    site: str  # graph input: the clean site value [N, ...]
+    frontier: tuple[str, ...]  # graph inputs: clean values [N, ...], tiled inside the graph
+    sigma_mul: str | None  # graph input [G, 1, ...] (rank of the site + 1)
+    sigma_add: str | None
+
+
+def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int) -> GraphNoise:
+    """Prepend in-graph noise to a suffix: y' = y·(1 + σm·ε1) + σa·ε2 for G levels at once.
+
+    ε is drawn by RandomNormalLike once per run ([1, N, ...]) and broadcast over the G levels (common random
+    numbers); the result [G, N, ...] is reshaped to [G·N, ...], and every frontier value is tiled the same way.
+    With a `seed` attribute the generator is stateful per session: each run draws anew, a new session replays.
+    onnxruntime reads the (float) seed as an integer: ε1 and ε2 get seeds 2·seed and 2·seed + 1.
+    """
+    model, site = sfx.model, sfx.site
+    elem = types[site].elem_type
+    nodes: list[onnx.NodeProto] = []
+    inits = [
+        onnx.numpy_helper.from_array(np.array([1], np.int64), "walkaudit.one"),
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "walkaudit.minus_one"),
+        onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "walkaudit.end"),
+    ]
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def lifted(value: str) -> tuple[str, str]:
+        """value [N, ...] as [1, N, ...], and the shape [-1, ...] that folds a [G, N, ...] back to [G·N, ...]."""
+        shape = node("Shape", [value], f"{value}/shape")
+        rest = node("Slice", [shape, "walkaudit.one", "walkaudit.end"], f"{value}/rest")
+        folded = node("Concat", ["walkaudit.minus_one", rest], f"{value}/folded", axis=0)
+        lift = node("Concat", ["walkaudit.one", shape], f"{value}/lift", axis=0)
+        return node("Reshape", [value, lift], f"{value}/lifted"), folded
+
+    clean = f"{site}.clean"
+    y, folded = lifted(clean)
+    sm, sa = ("walkaudit.sigma_mul" if has_mul else None), ("walkaudit.sigma_add" if has_add else None)
+    noisy = y
+    if sm:
+        eps = node("RandomNormalLike", [y], "walkaudit/eps_mul", dtype=elem, seed=float(2 * seed))
+        one = onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), "walkaudit.unit")
+        inits.append(one)
+        factor = node("Add", [node("Mul", [sm, eps], "walkaudit/scaled_mul"), "walkaudit.unit"], "walkaudit/factor")
+        noisy = node("Mul", [noisy, factor], "walkaudit/noisy_mul")
+    if sa:
+        eps = node("RandomNormalLike", [y], "walkaudit/eps_add", dtype=elem, seed=float(2 * seed + 1))
+        noisy = node("Add", [noisy, node("Mul", [sa, eps], "walkaudit/scaled_add")], "walkaudit/noisy_add")
+    nodes.append(helper.make_node("Reshape", [noisy, folded], [site], name="walkaudit/fold"))
+    levels = node("Shape", [sm or sa], "walkaudit/levels")
+    count = node("Slice", [levels, "walkaudit.zero", "walkaudit.one"], "walkaudit/count")
+    inits.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "walkaudit.zero"))
+    for f in sfx.frontier:
+        f_lifted, f_folded = lifted(f"{f}.clean")
+        shape = node("Shape", [f_lifted], f"{f}.clean/lifted_shape")
+        rest = node("Slice", [shape, "walkaudit.one", "walkaudit.end"], f"{f}.clean/tail")
+        target = node("Concat", [count, rest], f"{f}.clean/target", axis=0)
+        tiled = node("Expand", [f_lifted, target], f"{f}.clean/tiled")
+        nodes.append(helper.make_node("Reshape", [tiled, f_folded], [f], name=f"walkaudit/fold/{f}"))
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    renamed = {site: clean, **{f: f"{f}.clean" for f in sfx.frontier}}
+    for vi in graph.input:
+        vi.name = renamed.get(vi.name, vi.name)
+    for name in (sm, sa):
+        if name:
+            graph.input.append(helper.make_tensor_value_info(name, elem, None))
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + body)
+    graph.initializer.extend(inits)
+    return GraphNoise(out, clean, tuple(f"{f}.clean" for f in sfx.frontier), sm, sa)

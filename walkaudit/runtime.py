@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from .errors import RuntimeFailure, UsageError
+from .errors import ModelError, RuntimeFailure, UsageError
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
@@ -32,10 +33,70 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = next((t for t in text if t.strip()), type(exc).__name__)
-    return line.split(" : ")[-1][:300] if " : " in line else line[:300]
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*([A-Z_]+)\s*:\s*")
+_SOURCE = re.compile(r"(?:(?<=\s)|^)/?[\w./+-]+\.(?:h|hpp|cc|cpp|cu):\d+\s+")
+#: onnxruntime status codes that mean "this model cannot be loaded or run here", as opposed to a failure of ours
+_MODEL_CODES = {"FAIL", "INVALID_ARGUMENT", "NO_SUCHFILE", "NO_MODEL", "INVALID_PROTOBUF", "MODEL_LOADED",
+                "NOT_IMPLEMENTED", "INVALID_GRAPH", "MODEL_REQUIRES_COMPILATION"}
+
+
+def _skip_signature(text: str) -> str:
+    """Drop a leading C++ function signature ('void ns::f(const T&, int) ') that onnxruntime prints."""
+    head = text.split("(", 1)[0]
+    if "::" not in head or "(" not in text:
+        return text
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                rest = text[i + 1 :].lstrip()
+                if rest.startswith("const "):
+                    rest = rest[len("const ") :]
+                return rest.strip() or text
+    return text
+
+
+def _parse(exc: BaseException) -> tuple[str | None, str]:
+    """(onnxruntime status code or None, the message in one readable line without source locations)."""
+    text = " ".join(t.strip() for t in str(exc).strip().splitlines() if t.strip()) or type(exc).__name__
+    code = None
+    m = _ORT_PREFIX.match(text)
+    if m:
+        code, text = m.group(1), text[m.end() :]
+    for _ in range(5):  # source locations and C++ signatures anywhere in the text (also after "Status Message:")
+        m = _SOURCE.search(text)
+        if m is None:
+            break
+        text = text[: m.start()] + _skip_signature(text[m.end() :])
+    text = re.sub(r"^(?:Fatal error|Load model from \S+ failed|Exception during initialization):\s*", "", text)
+    return code, text
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = _parse(exc)[1]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _load_reason(exc: BaseException) -> str:
+    """Why onnxruntime refused a model, said the way a user can act on it."""
+    _, text = _parse(exc)
+    m = re.search(r"Opset (\d+) is under development", text)
+    if m:
+        return f"the model's opset {m.group(1)} is newer than onnxruntime supports"
+    m = re.search(r"[Uu]nsupported model IR version:?\s*(\d+)", text)
+    if m:
+        return f"the model's IR version {m.group(1)} is newer than onnxruntime supports"
+    m = re.search(r"(\S+)\(-?\d+\) is not a registered function/op", text)
+    if m:
+        return f"operator {m.group(1)} is not known to onnxruntime (a custom op needs its library)"
+    m = re.search(r"Could not find an implementation for (\S+)\((\d+)\) node with name '([^']*)'", text)
+    if m:
+        node = f" (node '{m.group(3)}')" if m.group(3) else ""
+        return f"onnxruntime has no kernel for {m.group(1)} (opset {m.group(2)}) with these input types{node}"
+    return _first_line(exc)
 
 
 @dataclass
@@ -50,6 +111,8 @@ class Runtime:
     def __post_init__(self):
         if self.requested not in ("auto", "cuda", "cpu"):
             raise UsageError(f"--provider must be auto, cuda or cpu, got {self.requested!r}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
         import onnxruntime as ort
 
         self._ort = ort
@@ -62,7 +125,12 @@ class Runtime:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     def session(self, model: onnx.ModelProto, what: str = "model"):
-        """An InferenceSession for `model`. Raises RuntimeFailure with onnxruntime's reason in one line."""
+        """An InferenceSession for `model`, raising onnxruntime's reason in one line.
+
+        When the user's own model (`what == "model"`) cannot be loaded (unknown op, opset or IR version too new,
+        no kernel for its types, invalid graph) that is a bad input: ModelError, exit 2. When a graph walkaudit
+        derived from it fails, that is a runtime failure (exit 3).
+        """
         ort = self._ort
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -73,6 +141,9 @@ class Runtime:
             with _quiet_stderr() as err:
                 session = ort.InferenceSession(model.SerializeToString(), options, providers=wanted)
         except Exception as exc:
+            code, _ = _parse(exc)
+            if what == "model" and code in _MODEL_CODES:
+                raise ModelError(f"onnxruntime {self.version} cannot run this model: {_load_reason(exc)}") from None
             raise RuntimeFailure(f"onnxruntime cannot load the {what}: {_first_line(exc)}") from None
         used = session.get_providers()[0]
         if self.provider is None:
@@ -87,15 +158,34 @@ class Runtime:
         return session
 
 
+_RUN_OPTIONS = None
+
+
+def _run_options():
+    """Run options that keep onnxruntime's own error log off stderr: the exception carries the message."""
+    global _RUN_OPTIONS
+    if _RUN_OPTIONS is None:
+        import onnxruntime as ort
+
+        _RUN_OPTIONS = ort.RunOptions()
+        _RUN_OPTIONS.log_severity_level = 4
+    return _RUN_OPTIONS
+
+
 def run(session, outputs: list[str], feeds: dict[str, np.ndarray], what: str = "model") -> list[np.ndarray]:
-    """session.run with onnxruntime's failures turned into RuntimeFailure."""
+    """session.run with onnxruntime's failures turned into RuntimeFailure (OutOfMemory when memory ran out)."""
     try:
-        return session.run(outputs, feeds)
+        return session.run(outputs, feeds, _run_options())
     except Exception as exc:
-        text = str(exc)
-        if "Failed to allocate memory" in text or "bad_alloc" in text or isinstance(exc, MemoryError):
-            raise OutOfMemory(_first_line(exc)) from None
-        raise RuntimeFailure(f"onnxruntime failed running the {what}: {_first_line(exc)}") from None
+        raise failure(exc, what) from None
+
+
+def failure(exc: Exception, what: str = "model") -> RuntimeFailure:
+    """onnxruntime's exception as ours: OutOfMemory (the caller may retry smaller) or RuntimeFailure."""
+    text = str(exc)
+    if "Failed to allocate memory" in text or "bad_alloc" in text or isinstance(exc, MemoryError):
+        return OutOfMemory(f"out of memory running the {what} (try a smaller --batch-size): {_first_line(exc)}")
+    return RuntimeFailure(f"onnxruntime failed running the {what}: {_first_line(exc)}")
 
 
 class OutOfMemory(RuntimeFailure):

@@ -1,0 +1,83 @@
+"""The in-graph noise source (RandomNormalLike, the GPU path) run on the CPU provider."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import walkaudit
+from walkaudit import rewrite
+from walkaudit.errors import UsageError
+from walkaudit.model import value_types
+
+from .models import mlp, resnet_block
+
+
+def _session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+def test_graph_noise_has_the_requested_statistics_per_level(kind):
+    """The site is the class output, so the program returns the noisy site itself: [G·N, C]."""
+    model = mlp(seed=0)
+    types = value_types(model)
+    noise = walkaudit.noise.Noise(kind, ratio=0.25)
+    sm, sa = noise.scales(np.ones(1))
+    program = rewrite.graph_noise(rewrite.suffix(model, "logits", "logits", types), types, sm is not None,
+                                  sa is not None, seed=3)
+    y = np.random.default_rng(0).normal(2.0, 1.0, size=(4000, 4)).astype(np.float32)
+    sigmas = np.array([0.0, 0.1, 0.5])
+    feeds = {program.site: y}
+    m, a = noise.scales(sigmas)
+    if program.sigma_mul:
+        feeds[program.sigma_mul] = m.astype(np.float32).reshape(-1, 1, 1)
+    if program.sigma_add:
+        feeds[program.sigma_add] = a.astype(np.float32).reshape(-1, 1, 1)
+    out = _session(program.model).run(["logits"], feeds)[0].reshape(3, *y.shape)
+    assert np.array_equal(out[0], y)  # σ = 0 is bit-identical
+    for level, sigma in enumerate(sigmas[1:], start=1):
+        diff = (out[level] - y).astype(np.float64)
+        sm_, sa_ = noise.scales(np.array([sigma]))
+        var_mul = 0.0 if sm_ is None else float((sm_[0] ** 2 * y.astype(np.float64) ** 2).mean())
+        var_add = 0.0 if sa_ is None else float(sa_[0] ** 2)
+        want = np.sqrt(var_mul + var_add)
+        # 16000 values: the std of a std estimate is ~0.6 %; allow 3 %
+        assert np.sqrt((diff**2).mean()) == pytest.approx(want, rel=0.03)
+    # common random numbers: the levels scale the same ε
+    if kind == "additive":
+        np.testing.assert_allclose((out[2] - y) / 0.5, (out[1] - y) / 0.1, rtol=1e-3, atol=1e-4)
+
+
+def test_graph_noise_on_a_residual_block_tiles_the_skip_value():
+    model = resnet_block(seed=1)
+    types = value_types(model)
+    sfx = rewrite.suffix(model, "b", "logits", types)
+    assert sfx.frontier == ("a",)  # the skip connection from before the site
+    program = rewrite.graph_noise(sfx, types, False, True, seed=0)
+    x = np.random.default_rng(1).normal(size=(5, 1, 6, 6)).astype(np.float32)
+    clean = _session(rewrite.expose(model, ["a", "b"], types)).run(["logits", "a", "b"], {"x": x})
+    out = _session(program.model).run(["logits"], {program.site: clean[2], program.frontier[0]: clean[1],
+                                                   program.sigma_add: np.zeros((3, 1, 1, 1, 1), np.float32)})[0]
+    assert np.array_equal(out, np.concatenate([clean[0]] * 3))
+
+
+def test_audit_with_graph_noise_is_reproducible_and_close_to_host_noise():
+    model = resnet_block(seed=2)
+    x = np.random.default_rng(2).normal(size=(400, 1, 6, 6)).astype(np.float32)
+    args = dict(provider="cpu", repeats=2, seed=4)
+    a = walkaudit.audit(model, x, noise_source="graph", **args).to_dict()
+    b = walkaudit.audit(model, x, noise_source="graph", **args).to_dict()
+    host = walkaudit.audit(model, x, noise_source="host", **args).to_dict()
+    assert a["runtime"]["noise_source"] == "graph" and host["runtime"]["noise_source"] == "host"
+    assert a["sites"] == b["sites"]
+    for g, h in zip(a["sites"], host["sites"]):
+        # different random numbers, same distribution: midpoints agree within 0.1 decades
+        assert abs(np.log10(g["midpoint"] / h["midpoint"])) < 0.1
+
+
+def test_graph_noise_refuses_opsets_without_random_ops():
+    model = mlp(opset=22)
+    with pytest.raises(UsageError, match="opset 10 to 21"):
+        walkaudit.audit(model, np.zeros((8, 16), np.float32), noise_source="graph", provider="cpu")
