@@ -40,7 +40,25 @@ class Dataset:
             yield start, {k: v[start : start + size] for k, v in self.inputs.items()}
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+
+
+def _kind_of(path: Path) -> str:
+    """What the file really holds, by its first bytes: 'npy', 'npz', 'pickle' or 'other'. Names can lie."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_NPY_MAGIC):
+        return "npy"
+    if head.startswith(_ZIP_MAGIC):
+        return "npz"
+    if head[:1] == b"\x80" and 2 <= (head[1:2] or b"\0")[0] <= 5:  # pickle protocols 2..5
+        return "pickle"
+    return "other"
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Arrays by key ('' for an .npy file). Never unpickles: allow_pickle=False everywhere."""
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if not path.is_file():
@@ -49,16 +67,35 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if suffix not in (".npz", ".npy"):
         raise DataError(f"data file must be .npz or .npy, got {path.name}")
     try:
-        if suffix == ".npy":
+        kind = _kind_of(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {path.name}: {exc.strerror}") from None
+    if kind == "pickle":
+        raise DataError(f"{path.name} holds pickled data; walkaudit refuses to load it (save arrays with "
+                        "numpy.savez instead)")
+    if kind == "other":
+        raise DataError(f"{path.name} is not a {suffix} file: it starts with neither the .npy nor the .npz "
+                        "(zip) signature")
+    try:
+        if kind == "npy":
             return {"": np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+            arrays = {k: npz[k] for k in npz.files}
     except ValueError as exc:
         if "pickle" in str(exc).lower() or "object" in str(exc).lower():
             raise DataError(f"{path.name} holds pickled object arrays; walkaudit refuses to load them") from None
-        raise DataError(f"{path.name} is not a readable {suffix} file: {str(exc).splitlines()[0]}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise DataError(f"{path.name} is not a readable {suffix} file: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{path.name} is not a readable {suffix} file: {_line(exc)}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError, MemoryError) as exc:
+        raise DataError(f"{path.name} is not a readable {suffix} file: {type(exc).__name__}: {_line(exc)}") from None
+    odd = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+    if odd:
+        raise DataError(f"{path.name}: member {odd[0]!r} of the archive is not a numpy array")
+    return arrays
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _pick(arrays: dict[str, np.ndarray], wanted: str | None, choices: tuple[str, ...], what: str) -> str | None:

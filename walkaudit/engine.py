@@ -140,10 +140,11 @@ class Engine:
 
     # -- noisy evaluation ------------------------------------------------------------------------------------------
     def walk(self, site: Site) -> SiteEvaluator:
-        nodes, frontier = self.plans[site.name]
+        """The site's suffix, fed the noisy site value computed on the host."""
         suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, self.model.types)
         session = self.runtime.session(suffix.model, f"part of the model after {site.name}")
-        return SiteEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(frontier), terms=[])
+        return SiteEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
+                             terms=[])
 
     def graph_walk(self, site: Site) -> GraphNoiseEvaluator:
         """Like `walk`, with the noise drawn inside the graph (opsets 10–21; see rewrite.graph_noise)."""

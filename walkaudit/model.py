@@ -188,11 +188,25 @@ def data_inputs(proto: onnx.ModelProto) -> list[TensorSpec]:
     return specs
 
 
+def _score_like(spec: TensorSpec) -> bool:
+    """Float [N, C] or [N, C, 1, ...] (a Conv classifier head without its Flatten), C known to be > 1 or unknown."""
+    if not spec.is_float or spec.shape is None or len(spec.shape) < 2 or spec.shape[1] == 1:
+        return False
+    return all(d == 1 for d in spec.shape[2:])
+
+
+def _regressor_like(spec: TensorSpec) -> bool:
+    """Float [N], [N, 1] or [N, 1, 1, ...]: one number per sample."""
+    if not spec.is_float or spec.shape is None:
+        return False
+    return len(spec.shape) == 1 or (len(spec.shape) >= 2 and all(d == 1 for d in spec.shape[1:]))
+
+
 def find_class_output(outputs: list[TensorSpec], override: str | None = None) -> ClassOutput:
     """Pick the output that carries the class decision.
 
-    Preference: a float output of rank 2 with more than one column (logits or probabilities),
-    then an integer label output of rank 1. `override` names the output explicitly.
+    Preference: a float output [N, C] with more than one column (logits or probabilities; trailing 1-dimensions
+    of a convolutional head are accepted), then an integer label output [N]. `override` names the output explicitly.
     """
     names = [o.name for o in outputs]
     if override is not None:
@@ -200,7 +214,7 @@ def find_class_output(outputs: list[TensorSpec], override: str | None = None) ->
         if not match:
             raise ModelError(f"--output {override!r} is not an output of the model (outputs: {', '.join(names)})")
         return _as_class_output(match[0], strict=True)
-    scores = [o for o in outputs if o.is_float and o.shape is not None and len(o.shape) == 2 and o.shape[1] != 1]
+    scores = [o for o in outputs if _score_like(o)]
     if scores:
         named = [o for o in scores if any(k in o.name.lower() for k in ("prob", "logit", "score"))]
         return _as_class_output((named or scores)[0], strict=False)
@@ -208,17 +222,23 @@ def find_class_output(outputs: list[TensorSpec], override: str | None = None) ->
     if labels:
         return _as_class_output(labels[0], strict=False)
     found = "; ".join(f"{o.name}: {o.describe()}" for o in outputs) or "none"
+    if outputs and all(_regressor_like(o) for o in outputs):
+        raise ModelError(f"the model looks like a regressor, not a classifier: one number per sample "
+                         f"(outputs: {found}); walkaudit needs float scores [N, C] or integer labels [N]")
     raise ModelError(f"no class output found: need float scores [N, C] or integer labels [N] (outputs: {found})")
 
 
 def _as_class_output(spec: TensorSpec, strict: bool) -> ClassOutput:
-    if spec.is_float and spec.shape is not None and len(spec.shape) == 2:
+    if _regressor_like(spec):
+        raise ModelError(f"output '{spec.name}' has one value per sample ({spec.describe()}): a regressor, "
+                         "not a classifier")
+    if _score_like(spec):
         c = spec.shape[1]
-        if c == 1:
-            raise ModelError(f"output '{spec.name}' has one column ({spec.describe()}): a regressor, not a classifier")
         return ClassOutput(spec.name, "scores", c if isinstance(c, int) else None)
     if spec.elem_type in INT_TYPES and spec.shape is not None and len(spec.shape) == 1:
         return ClassOutput(spec.name, "label", None)
+    if spec.is_float and spec.shape is None:  # rank unknown: trust the user's choice, the clean pass checks it
+        return ClassOutput(spec.name, "scores", None)
     raise ModelError(f"output '{spec.name}' ({spec.describe()}) is neither scores [N, C] nor labels [N]")
 
 
