@@ -182,12 +182,16 @@ def _audit_unit(engine: Engine, site, sites, dataset, clean, config: AuditConfig
                     int(lv.nonfinite.sum())) for s, lv in zip(sig, levels)]
     std = None if site is None else clean.activation_std[site.name]
     value = mid.value if mid.value is not None and np.isfinite(mid.value) else None
-    relative = value / std if value is not None and std else None
+    if noise.kind == "multiplicative":  # σ already scales the signal: it is its own relative value
+        relative = value
+    else:
+        relative = value / std if value is not None and std else None
     common = dict(points=points, midpoint=value, midpoint_relative=relative,
                   ci95=list(mid.ci95) if mid.ci95 else None, censored=mid.censored, fit=_fit_entry(mid))
     if site is None:
         return SiteResult(None, "global", None, "global", None, None, None, **common)
-    return SiteResult(site.index, site.name, site.node, site.op_type, _shape(site.shape), std,
+    shape = site.shape if site.shape is not None else ("N", *clean.shapes[site.name][1:])
+    return SiteResult(site.index, site.name, site.node, site.op_type, list(shape), std,
                       weight_stats(loaded.proto, site), **common)
 
 
@@ -195,6 +199,3 @@ def _fit_entry(mid: fit.Midpoint) -> dict:
     """The report's `fit` object: how σ50 was found (its value, interval and censoring are site keys)."""
     return {k: v for k, v in mid.to_dict().items() if k not in ("value", "ci95", "censored")}
 
-
-def _shape(shape):
-    return None if shape is None else [d for d in shape]

@@ -53,6 +53,7 @@ class Clean:
     accuracy: float
     num_classes: int | None
     activation_std: dict[str, float]
+    shapes: dict[str, tuple]  # each site's shape as run (dimension 0 is the batch)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Engine:
     def clean_pass(self, data: Dataset, labels: np.ndarray | None, progress: Progress | None = None) -> Clean:
         out = self.model.class_output
         stats = {s.name: np.zeros(3) for s in self.sites}  # count, sum, sum of squares
-        preds, width = [], None
+        preds, width, shapes = [], None, {}
         for _, n, feeds in self._batches(data):
             values = self.clean_values(feeds, [out.name, *stats])
             pred, _ = predictions(values[out.name], out.kind)
@@ -124,6 +125,7 @@ class Engine:
             if out.kind == "scores":
                 width = values[out.name].shape[-1]
             for name, acc in stats.items():
+                shapes[name] = values[name].shape
                 v = values[name][:n].astype(np.float64)
                 v = v[np.isfinite(v)]
                 acc += (v.size, v.sum(), np.square(v).sum())
@@ -136,7 +138,7 @@ class Engine:
             mean = total / max(count, 1)
             std[name] = float(np.sqrt(max(squares / max(count, 1) - mean * mean, 0.0)))
         num_classes = out.num_classes or width
-        return Clean(targets, pred, float((pred == targets).mean()), num_classes, std)
+        return Clean(targets, pred, float((pred == targets).mean()), num_classes, std, shapes)
 
     # -- noisy evaluation ------------------------------------------------------------------------------------------
     def walk(self, site: Site) -> SiteEvaluator:
