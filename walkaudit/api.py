@@ -180,6 +180,10 @@ def _audit_unit(engine: Engine, site, sites, dataset, clean, config: AuditConfig
                        samples=int(np.median([lv.samples for lv in levels])))
     points = [Point(float(s), float(lv.accuracy.mean()), float(lv.accuracy.std()), len(lv.correct), lv.samples,
                     int(lv.nonfinite.sum())) for s, lv in zip(sig, levels)]
+    bad = sum(p.nonfinite for p in points)
+    if bad:
+        engine.notes.append(f"{site.name if site else 'global'}: {bad} noisy passes gave NaN/Inf class scores; "
+                            "counted as misclassified")
     std = None if site is None else clean.activation_std[site.name]
     value = mid.value if mid.value is not None and np.isfinite(mid.value) else None
     if noise.kind == "multiplicative":  # σ already scales the signal: it is its own relative value

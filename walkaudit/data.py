@@ -98,10 +98,12 @@ def _line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
-def _pick(arrays: dict[str, np.ndarray], wanted: str | None, choices: tuple[str, ...], what: str) -> str | None:
+def _pick(arrays: dict[str, np.ndarray], wanted: str | None, choices: tuple[str, ...], what: str,
+          all_keys: str | None = None) -> str | None:
     if wanted is not None:
         if wanted not in arrays:
-            raise DataError(f"{what} key {wanted!r} not in the data file (keys: {', '.join(arrays) or 'none'})")
+            keys = all_keys if all_keys is not None else ", ".join(arrays) or "none"
+            raise DataError(f"{what} key {wanted!r} not in the data file (keys: {keys})")
         return wanted
     return next((k for k in choices if k in arrays), None)
 
@@ -116,28 +118,45 @@ def load(
     num_classes: int | None = None,
     allow_nonfinite: bool = False,
 ) -> Dataset:
-    """Read a .npz/.npy file into a checked Dataset."""
+    """Read a .npz/.npy file into a checked Dataset.
+
+    Inputs: a single-input model reads --x-key, else the array named like its input, else a usual name (x, images,
+    ...), else the one array that is not the labels. A multi-input model reads one array per input, named like the
+    input. Labels: --y-key, else a usual name (y, labels, ...) among the arrays not used as inputs; none means
+    agreement with the clean model's predictions.
+    """
     path = Path(path)
     arrays = _read_arrays(path)
     keys = ", ".join(arrays) or "none"
-    y_name = None if "" in arrays else _pick(arrays, y_key, Y_KEYS, "label")
     if "" in arrays:  # .npy: inputs only
         if len(model_inputs) != 1:
-            raise DataError(f"a .npy file feeds one input, but the model has {len(model_inputs)}; use an .npz")
-        inputs = {model_inputs[0].name: arrays[""]}
+            names = ", ".join(s.name for s in model_inputs)
+            raise DataError(f"a .npy file feeds one input, but the model has {len(model_inputs)} ({names}); "
+                            "use an .npz with one array per input")
+        if y_key is not None:
+            raise DataError(f"--y-key {y_key!r}: a .npy file holds inputs only; use an .npz for labels")
+        inputs, used = {model_inputs[0].name: arrays[""]}, {""}
     elif len(model_inputs) == 1 and (x_key is not None or model_inputs[0].name not in arrays):
         x_name = _pick(arrays, x_key, X_KEYS, "input")
         if x_name is None:
-            rest = [k for k in arrays if k != y_name]
+            y_guess = _pick(arrays, y_key, Y_KEYS, "label")
+            rest = [k for k in arrays if k != y_guess]
             if len(rest) != 1:
-                raise DataError(f"cannot tell which array holds the inputs (keys: {keys}); use --x-key")
+                raise DataError(f"cannot tell which array holds the inputs (keys: {keys}); use --x-key "
+                                f"(the model's input is {model_inputs[0].name!r})")
             x_name = rest[0]
-        inputs = {model_inputs[0].name: arrays[x_name]}
+        inputs, used = {model_inputs[0].name: arrays[x_name]}, {x_name}
     else:
         missing = [s.name for s in model_inputs if s.name not in arrays]
         if missing:
-            raise DataError(f"no array named like model input {missing[0]!r} in the data file (keys: {keys})")
-        inputs = {s.name: arrays[s.name] for s in model_inputs}
+            want = ", ".join(s.name for s in model_inputs)
+            raise DataError(f"no array named like model input {missing[0]!r} in the data file (keys: {keys}; "
+                            f"the model's inputs: {want})")
+        inputs, used = {s.name: arrays[s.name] for s in model_inputs}, {s.name for s in model_inputs}
+    if y_key is not None and y_key in used:
+        raise DataError(f"--y-key {y_key!r} names the array that holds the inputs")
+    rest = {k: v for k, v in arrays.items() if k not in used}
+    y_name = None if "" in arrays else _pick(rest, y_key, Y_KEYS, "label", all_keys=keys)
     labels = arrays[y_name] if y_name is not None else None
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     return from_arrays(inputs, labels, model_inputs, limit=limit, num_classes=num_classes,
@@ -188,23 +207,46 @@ def _describe(a: np.ndarray) -> str:
     return f"{a.dtype} [{', '.join(map(str, a.shape))}]"
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """numpy floats and the ml_dtypes ones onnx uses (bfloat16, float8 ...), whose numpy kind is 'V'."""
+    return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8", "float4"))
+
+
 def _check_input(a: np.ndarray, spec: TensorSpec, allow_nonfinite: bool) -> np.ndarray:
     want = spec.describe()
     if a.dtype == object:
-        raise DataError(f"input {spec.name!r}: object arrays are not accepted")
+        raise DataError(f"input {spec.name!r}: object arrays are not accepted (expected {want})")
     if a.size == 0 or a.ndim == 0:
         raise DataError(f"input {spec.name!r} is empty: expected {want}, found {_describe(a)}")
     if spec.shape is not None:
         dims = spec.shape[1:]
         if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(dims, a.shape[1:])):
             raise DataError(f"input {spec.name!r}: expected {want}, found {_describe(a)}")
-    target = spec.dtype
+    try:
+        target = spec.dtype
+    except Exception:  # an element type numpy cannot hold
+        raise DataError(f"input {spec.name!r}: walkaudit cannot feed {want} inputs") from None
     if a.dtype != target:
-        same_kind = a.dtype.kind == target.kind or (a.dtype.kind in "iub" and target.kind in "iu")
+        if _is_float(target):
+            same_kind = _is_float(a.dtype)
+        else:
+            same_kind = a.dtype.kind == target.kind or (a.dtype.kind in "iub" and target.kind in "iu")
         if not same_kind:
-            raise DataError(f"input {spec.name!r}: expected {want}, found {_describe(a)}")
-        a = a.astype(target)
-    if a.dtype.kind == "f" and not allow_nonfinite and not np.isfinite(a).all():
+            hint = " (convert and scale it to float yourself)" if _is_float(target) and a.dtype.kind in "iub" else ""
+            raise DataError(f"input {spec.name!r}: expected {want}, found {_describe(a)}{hint}")
+        if not allow_nonfinite and _is_float(a.dtype) and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise DataError(f"input {spec.name!r} holds {bad} NaN/Inf values (use --allow-nonfinite to accept them)")
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = a.astype(target)
+        if _is_float(target) and not allow_nonfinite and not np.isfinite(cast).all():
+            bad = int((~np.isfinite(cast)).sum())
+            raise DataError(f"input {spec.name!r}: {bad} values overflow {target.name} when cast from {a.dtype} "
+                            f"(largest |value| {float(np.abs(a).max()):.3g})")
+        if target.kind in "iu" and not np.array_equal(cast, a):
+            raise DataError(f"input {spec.name!r}: values do not fit {target.name} (found {a.dtype})")
+        a = cast
+    if _is_float(a.dtype) and not allow_nonfinite and not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).sum())
         raise DataError(f"input {spec.name!r} holds {bad} NaN/Inf values (use --allow-nonfinite to accept them)")
     return np.ascontiguousarray(a)

@@ -22,7 +22,7 @@ from .data import Dataset
 from .errors import UsageError
 from .model import LoadedModel
 from .noise import Noise, NormalSource
-from .runtime import OutOfMemory, Runtime, failure, run
+from .runtime import OutOfMemory, Runtime, failure, run, run_options
 from .sites import Site
 
 #: Largest tensor (in elements) one packed run feeds; bounds memory whatever the data set size.
@@ -340,7 +340,7 @@ class GraphNoiseEvaluator(SiteEvaluator):
                 io.bind_cpu_input(name, scale.astype(dtype).reshape(-1, *([1] * (rank + 1))))
         io.bind_output(out, "cpu")
         try:
-            self.session.run_with_iobinding(io)
+            self.session.run_with_iobinding(io, run_options())
         except Exception as exc:
             raise failure(exc, "noisy model") from None
         return io.copy_outputs_to_cpu()[0]

@@ -118,6 +118,11 @@ def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None, str | None]:
     """Read a model file (or take a ModelProto) with its external data. Returns (proto, path, sha256)."""
     if isinstance(source, onnx.ModelProto):
+        external = next((t.name for t in onnx.external_data_helper._get_all_tensors(source)
+                         if t.data_location == TensorProto.EXTERNAL), None)
+        if external is not None:  # onnxruntime would resolve the location against the working directory
+            raise ModelError(f"tensor '{external}' of the model refers to external data; pass the model's path, or "
+                             "a model loaded with its data (onnx.load(path))")
         proto = onnx.ModelProto()
         proto.CopyFrom(source)
         return proto, None, None
@@ -157,19 +162,62 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec | None:
     return TensorSpec(vi.name, tt.elem_type, shape)
 
 
-def value_types(proto: onnx.ModelProto) -> dict[str, TensorSpec]:
-    """Type and shape of every value of the main graph that shape inference can tell."""
+#: Initializers larger than this are left out of the copy that the checker and shape inference see: both serialize
+#: the whole model, which costs seconds for zoo-sized weights (and fails beyond 2 GB). Shape tensors are tiny.
+SKELETON_BYTES = 1 << 16
+
+
+def copy_fields(src, dst, skip: str | None = None) -> None:
+    """Copy every set field of protobuf message `src` into the empty `dst`, except the field named `skip`."""
+    for desc, value in src.ListFields():
+        if desc.name == skip:
+            continue
+        repeated = getattr(desc, "is_repeated", None)  # protobuf >= 5.28; `label` is gone from upb in 6.x
+        if repeated is None:
+            repeated = desc.label == desc.LABEL_REPEATED
+        if repeated:
+            getattr(dst, desc.name).extend(value)
+        elif desc.message_type is not None:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    """Size by the declared shape (8 bytes an element at most); reading raw_data's length would copy it."""
+    return int(np.prod(t.dims, dtype=np.int64)) * 8
+
+
+def skeleton(proto: onnx.ModelProto, limit: int = SKELETON_BYTES) -> onnx.ModelProto:
+    """The model with its large initializers turned into typed graph inputs: what checking and shape inference need,
+    without the weights. (onnxruntime still checks that every initializer's data fits its shape.)"""
+    out = onnx.ModelProto()
+    copy_fields(proto, out, skip="graph")
+    g = out.graph
+    copy_fields(proto.graph, g, skip="initializer")
+    declared = {i.name for i in g.input}
+    for t in proto.graph.initializer:
+        if _tensor_bytes(t) <= limit or t.data_location == TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
+
+
+def value_types(proto: onnx.ModelProto, bare: onnx.ModelProto | None = None) -> dict[str, TensorSpec]:
+    """Type and shape of every value of the main graph that shape inference can tell. `bare`: its skeleton."""
+    bare = skeleton(proto) if bare is None else bare
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:
-        inferred = proto
+        inferred = onnx.shape_inference.infer_shapes(bare, data_prop=True)
+    except Exception:  # inference gives up on some graphs; the declared types still serve
+        inferred = bare
     g = inferred.graph
     specs: dict[str, TensorSpec] = {}
     for vi in [*g.input, *g.value_info, *g.output]:
         spec = _spec(vi)
         if spec is not None and spec.elem_type:
             specs[vi.name] = spec
-    for init in g.initializer:
+    for init in proto.graph.initializer:
         specs.setdefault(init.name, TensorSpec(init.name, init.data_type, tuple(init.dims)))
     return specs
 
@@ -279,18 +327,20 @@ def prepare_for_runtime(proto: onnx.ModelProto) -> onnx.ModelProto:
 def load_model(source, output: str | None = None, validate: bool = True) -> LoadedModel:
     """Read, check and describe a classifier. Raises ModelError with one clear line."""
     proto, path, sha = read_model(source)
+    bare = skeleton(proto)  # no weights: checking and inference stay fast and work past 2 GB
     if validate:
         try:
-            onnx.checker.check_model(proto)
+            onnx.checker.check_model(bare)
         except onnx.checker.ValidationError as exc:
             msg = _first_line(exc)
             # the checker refuses models newer than it knows; onnxruntime will say more
             if "opset" not in msg.lower() and "ir_version" not in msg.lower():
                 raise ModelError(f"{path or 'model'} fails the ONNX checker: {msg}") from None
         except Exception:
-            pass  # e.g. >2 GB protos: the checker cannot take them in memory, onnxruntime still can
+            pass  # a checker that cannot take the model at all: onnxruntime decides
     prepare_for_runtime(proto)
-    types = value_types(proto)
+    prepare_for_runtime(bare)
+    types = value_types(proto, bare)
     inputs = data_inputs(proto)
     if not inputs:
         raise ModelError("the model has no data inputs")
