@@ -102,7 +102,9 @@ class NormalSource:
         starts = range(0, flat.size, CHUNK)
 
         def fill(start: int) -> None:
-            rng = np.random.default_rng([self.seed, *key, start // CHUNK])
+            # the key's length goes in too: numpy's SeedSequence pads short entropy with zeros, so without it
+            # (1,) and (1, 0) -- or chunk 2 of key (1,) and chunk 0 of key (1, 2) -- would draw the same numbers
+            rng = np.random.default_rng([self.seed, len(key), *key, start // CHUNK])
             rng.standard_normal(out=flat[start : start + CHUNK], dtype=np.float32)
 
         if self._pool is None or flat.size <= CHUNK:

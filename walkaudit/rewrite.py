@@ -28,11 +28,15 @@ def _copy_without_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _value_info(name: str, types: dict[str, TensorSpec]) -> onnx.ValueInfoProto:
-    """A value info with the element type only: shapes stay free so packed batches fit."""
+    """A value info with the element type and rank only: every dimension stays free so packed batches fit.
+
+    The onnx checker requires a shape on main-graph inputs and outputs; a rank with unknown dimensions satisfies
+    it. Where the rank is unknown the shape is left out (onnxruntime still loads such a model).
+    """
     spec = types.get(name)
     if spec is None:
         return onnx.ValueInfoProto(name=name)
-    return helper.make_tensor_value_info(name, spec.elem_type, None)
+    return helper.make_tensor_value_info(name, spec.elem_type, None if spec.shape is None else [None] * len(spec.shape))
 
 
 def expose(model: onnx.ModelProto, names, types: dict[str, TensorSpec]) -> onnx.ModelProto:
@@ -167,7 +171,7 @@ def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 def _value_info_like(name: str, site: str, types: dict[str, TensorSpec]) -> onnx.ValueInfoProto:
     spec = types[site]
-    return helper.make_tensor_value_info(name, spec.elem_type, None)
+    return helper.make_tensor_value_info(name, spec.elem_type, None if spec.shape is None else [None] * len(spec.shape))
 
 
 #: Random ops have no onnxruntime kernel at opset ≥ 22; Slice takes its bounds as inputs from opset 10.

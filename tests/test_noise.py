@@ -1,0 +1,286 @@
+"""The noise models have the requested statistics, σ = 0 is exact, and the normal numbers are reproducible.
+
+Statistics are measured on 131 072 values per case drawn with fixed seeds, so every number below is deterministic;
+the tolerances are stated next to each check and sit ≥ 7 standard errors away from the expected value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from walkaudit import noise as noise_mod
+from walkaudit import rewrite
+from walkaudit.errors import UsageError
+from walkaudit.model import value_types
+from walkaudit.noise import CHUNK, Noise, NormalSource
+
+from .models import mlp, resnet_block
+
+SHAPE = (256, 512)  # one site value: 256 samples x 512 features
+N = SHAPE[0] * SHAPE[1]
+STD_TOL = 0.02  # relative error of a standard deviation; its standard error is 1/sqrt(2N) ≈ 0.002
+MEAN_TOL = 5 / np.sqrt(N)  # in units of the noise std: 5 standard errors ≈ 0.014
+
+
+def session(model):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture
+def source():
+    src = NormalSource(seed=1234, threads=2)
+    yield src
+    src.close()
+
+
+def draw(source: NormalSource, noise: Noise, shape, key=(0,), repeats: int = 1) -> np.ndarray:
+    """ε as the engine draws it: [draws, R, N, ...]."""
+    return source.normal((noise.draws, repeats, *shape), key)
+
+
+def activations(seed: int = 7) -> np.ndarray:
+    """A site value with magnitudes bounded away from 0 (|y| in [0.5, 2]), both signs."""
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0.5, 2.0, SHAPE) * rng.choice([-1.0, 1.0], SHAPE)).astype(np.float32)
+
+
+def noisy_value(noise: Noise, sigma: float, y: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    mul, add = noise.terms(np.array([sigma]), eps)
+    return noise_mod.apply(y, None if mul is None else mul[0, 0], None if add is None else add[0, 0])
+
+
+# -- the noise models ---------------------------------------------------------------------------------------------------
+def test_additive_noise_has_std_sigma(source):
+    noise, sigma, y = Noise("additive"), 0.3, activations()
+    out = noisy_value(noise, sigma, y, draw(source, noise, SHAPE))
+    assert out.dtype == np.float32 and out.shape == SHAPE
+    d = out.astype(np.float64) - y
+    assert abs(d.std() / sigma - 1) < STD_TOL
+    assert abs(d.mean()) < MEAN_TOL * sigma
+    # the same noise for every magnitude of y
+    small, large = np.abs(y) < 1, np.abs(y) >= 1
+    assert abs(d[small].std() / d[large].std() - 1) < 2 * STD_TOL
+
+
+def test_multiplicative_noise_is_y_times_normal_1_sigma(source):
+    noise, sigma, y = Noise("multiplicative"), 0.3, activations()
+    out = noisy_value(noise, sigma, y, draw(source, noise, SHAPE))
+    rel = (out.astype(np.float64) - y) / y
+    assert abs(rel.std() / sigma - 1) < STD_TOL
+    assert abs(rel.mean()) < MEAN_TOL * sigma
+    # the absolute noise scales with |y|: std(y'−y) is σ·rms(y) in each magnitude band
+    d = out.astype(np.float64) - y
+    for band in (np.abs(y) < 1, np.abs(y) >= 1):
+        want = sigma * np.sqrt(np.mean(np.square(y[band].astype(np.float64))))
+        assert abs(d[band].std() / want - 1) < 2 * STD_TOL
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.9])
+def test_combined_noise_splits_sigma_by_ratio(source, ratio):
+    noise, sigma, y = Noise("combined", ratio), 0.4, activations()
+    sm, sa = noise.scales(np.array(sigma))
+    assert np.isclose(sm, sigma * (1 - ratio)) and np.isclose(sa, sigma * ratio)
+    assert noise.draws == 2
+    eps = draw(source, noise, SHAPE)
+    out = noisy_value(noise, sigma, y, eps)
+    d = out.astype(np.float64) - y
+    y64 = y.astype(np.float64)
+    # var(y'−y) = (σm·y)² + σa², element by element: the standardised difference has std 1
+    z = d / np.sqrt((sm * y64) ** 2 + sa**2)
+    assert abs(z.std() - 1) < STD_TOL
+    assert abs(z.mean()) < MEAN_TOL
+    for band in (np.abs(y) < 1, np.abs(y) >= 1):
+        want = np.sqrt(np.mean((sm * y64[band]) ** 2) + sa**2)
+        assert abs(d[band].std() / want - 1) < 2 * STD_TOL
+    # the two terms come from independent draws
+    mul, add = noise.terms(np.array([sigma]), eps)
+    assert abs(np.corrcoef((mul[0, 0] - 1).ravel(), add[0, 0].ravel())[0, 1]) < 0.02  # s.e. 1/sqrt(N) ≈ 0.0028
+
+
+def test_scales_and_missing_terms():
+    s = np.array([0.0, 0.5, 2.0])
+    sm, sa = Noise("additive").scales(s)
+    assert sm is None and np.array_equal(sa, s)
+    sm, sa = Noise("multiplicative").scales(s)
+    assert sa is None and np.array_equal(sm, s)
+    eps = np.ones((1, 2, 3, 4), np.float32)
+    mul, add = Noise("additive").terms(s, eps)
+    assert mul is None and add.shape == (2, 3, 3, 4)
+    mul, add = Noise("multiplicative").terms(s, eps)
+    assert add is None and mul.shape == (2, 3, 3, 4)
+
+
+@pytest.mark.parametrize("kind, ratio", [("unknown", 0.5), ("combined", 1.5), ("combined", -0.1)])
+def test_bad_noise_settings_are_usage_errors(kind, ratio):
+    with pytest.raises(UsageError):
+        Noise(kind, ratio)
+
+
+# -- σ = 0 and common random numbers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+def test_sigma_zero_is_bit_identical(source, kind):
+    noise = Noise(kind, 0.3)
+    y = activations()
+    y[0, :8] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38, 3.4e38]  # zeros, specials, subnormal, extremes
+    mul, add = noise.terms(np.array([0.0]), draw(source, noise, SHAPE))
+    if mul is not None:
+        assert np.all(mul == 1)
+    if add is not None:
+        assert np.all(add == 0)
+    out = noise_mod.apply(y, None if mul is None else mul[0, 0], None if add is None else add[0, 0])
+    assert out.dtype == y.dtype and np.array_equal(out, y, equal_nan=True)
+    assert not np.shares_memory(out, y)  # apply never hands back the caller's array
+
+
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+def test_levels_share_one_draw(source, kind):
+    """Common random numbers: the terms of level l are the same ε scaled by σ_l, exactly (float32 arithmetic)."""
+    noise = Noise(kind, 0.3)
+    sigmas = np.array([0.0, 0.01, 0.1, 1.0, 3.0])
+    eps = draw(source, noise, (16, 8), repeats=3)
+    mul, add = noise.terms(sigmas, eps)
+    sm, sa = noise.scales(sigmas)
+    for r in range(3):
+        for level in range(len(sigmas)):
+            if mul is not None:
+                assert np.array_equal(mul[r, level], eps[0, r] * np.float32(sm[level]) + np.float32(1))
+            if add is not None:
+                assert np.array_equal(add[r, level], eps[-1, r] * np.float32(sa[level]))
+    # and repeats are different draws
+    term = add if add is not None else mul
+    assert not np.array_equal(term[0, 1], term[1, 1])
+
+
+# -- the graph path gives the same values as the host path ------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+def test_graph_terms_match_host_apply_at_an_output_site(source, kind):
+    """inject at the class output: the graph's Mul/Add give exactly noise.apply(y, mul, add)."""
+    noise = Noise(kind, 0.4)
+    model = mlp(features=16, hidden=32, classes=4)
+    types = value_types(model)
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    y = session(model).run(["logits"], {"x": x})[0]
+    sm, sa = noise.scales(np.ones(1))
+    injected, [inj] = rewrite.inject(model, ["logits"], types, has_mul=sm is not None, has_add=sa is not None)
+    sigmas = np.array([0.0, 0.2, 1.5])
+    mul, add = noise.terms(sigmas, draw(source, noise, y.shape))
+    sess = session(injected)
+    for level in range(len(sigmas)):
+        feeds = {"x": x}
+        if inj.mul:
+            feeds[inj.mul] = mul[0, level]
+        if inj.add:
+            feeds[inj.add] = add[0, level]
+        got = sess.run(["logits"], feeds)[0]
+        want = noise_mod.apply(y, None if mul is None else mul[0, level], None if add is None else add[0, level])
+        assert np.array_equal(got, want)
+        if sigmas[level] == 0:
+            assert np.array_equal(got, y)
+        else:
+            assert not np.array_equal(got, y)
+
+
+@pytest.mark.parametrize("build, site", [(mlp, "h"), (resnet_block, "b"), (resnet_block, "a")],
+                         ids=["mlp-h", "resnet-b", "resnet-a"])
+@pytest.mark.parametrize("kind", ["additive", "combined"])
+def test_walk_and_global_paths_agree(source, build, site, kind):
+    """Noise at one site, σ levels packed along the batch: the suffix fed apply(y) (walk) and the whole model fed the
+    terms (global) give identical class scores, level by level; σ = 0 gives the clean scores."""
+    noise = Noise(kind, 0.3)
+    model = build()
+    types = value_types(model)
+    shape = [d if isinstance(d, int) else 6 for d in types["x"].shape]
+    x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    part = rewrite.suffix(model, site, "logits", types)
+    needed = [site, *part.frontier]
+    exposed = rewrite.expose(model, needed, types)
+    got = session(exposed).run(["logits", *needed], {"x": x})
+    clean_logits, clean = got[0], dict(zip(needed, got[1:]))
+    y = clean[site]
+    sigmas = np.array([0.0, 0.1, 1.0])
+    levels = len(sigmas)
+    mul, add = noise.terms(sigmas, draw(source, noise, y.shape, key=(5,)))
+    # walk: the host applies the terms and feeds [L·N, ...]
+    noisy = noise_mod.apply(y[None], None if mul is None else mul[0], None if add is None else add[0])
+    feeds = {site: noisy.reshape(levels * y.shape[0], *y.shape[1:])}
+    feeds.update({f: np.concatenate([clean[f]] * levels) for f in part.frontier})
+    walk = session(part.model).run(["logits"], feeds)[0].reshape(levels, y.shape[0], -1)
+    # global: the rewritten model reads the terms as inputs
+    sm, sa = noise.scales(np.ones(1))
+    injected, [inj] = rewrite.inject(model, [site], types, has_mul=sm is not None, has_add=sa is not None)
+    terms = {"x": np.concatenate([x] * levels)}
+    if inj.mul:
+        terms[inj.mul] = mul[0].reshape(levels * y.shape[0], *y.shape[1:])
+    if inj.add:
+        terms[inj.add] = add[0].reshape(levels * y.shape[0], *y.shape[1:])
+    whole = session(injected).run(["logits"], terms)[0].reshape(levels, y.shape[0], -1)
+    assert np.array_equal(walk, whole)
+    assert np.array_equal(walk[0], clean_logits)
+    assert not np.array_equal(walk[2], clean_logits)
+
+
+# -- the source of normal numbers ---------------------------------------------------------------------------------------
+SIZE = 3 * CHUNK + 12345  # several chunks and a partial one
+
+
+def test_normal_source_is_reproducible_whatever_the_threads():
+    one, four = NormalSource(99, threads=1), NormalSource(99, threads=4)
+    try:
+        a = one.normal((SIZE,), (1, 2))
+        b = four.normal((SIZE,), (1, 2))
+        c = four.normal((SIZE,), (1, 2))  # a second call with the same key replays
+        assert a.dtype == np.float32 and a.shape == (SIZE,)
+        assert np.array_equal(a, b) and np.array_equal(b, c)
+        shaped = four.normal((3, CHUNK + 4115), (1, 2))  # the numbers follow the flat index, whatever the shape
+        assert np.array_equal(shaped.ravel(), a[: shaped.size])
+    finally:
+        one.close()
+        four.close()
+
+
+def test_normal_source_keys_and_seeds_give_different_numbers():
+    src, other = NormalSource(99, threads=2), NormalSource(100, threads=2)
+    try:
+        base = src.normal((SIZE,), (1, 2))
+        for different in (src.normal((SIZE,), (1, 3)), src.normal((SIZE,), (2, 1)), src.normal((SIZE,), (1, 2, 0)),
+                          other.normal((SIZE,), (1, 2))):
+            assert not np.any(different[:1000] == base[:1000])  # independent streams: no shared values
+            assert abs(np.corrcoef(different, base)[0, 1]) < 0.01  # s.e. 1/sqrt(SIZE) ≈ 0.0011
+        # and no chunk repeats another chunk of the same draw
+        chunks = base[: 3 * CHUNK].reshape(3, CHUNK)
+        assert not np.array_equal(chunks[0], chunks[1]) and not np.array_equal(chunks[1], chunks[2])
+    finally:
+        src.close()
+        other.close()
+
+
+def test_normal_source_keys_of_different_lengths_do_not_collide():
+    """numpy's SeedSequence pads short entropy with zeros; keys that differ by trailing zeros or by where the chunk
+    index sits must still draw different numbers."""
+    src = NormalSource(99, threads=1)
+    try:
+        k1 = src.normal((3 * CHUNK,), (1,))
+        assert not np.array_equal(src.normal((10,), (1, 0))[:10], k1[:10])
+        assert not np.array_equal(src.normal((CHUNK,), (1, 2)), k1[2 * CHUNK :])  # (1,) chunk 2 vs (1, 2) chunk 0
+        assert not np.array_equal(src.normal((CHUNK + 10,), ())[CHUNK:], k1[:10])  # () chunk 1 vs (1,) chunk 0
+    finally:
+        src.close()
+
+
+def test_normal_source_is_standard_normal():
+    src = NormalSource(5, threads=2)
+    try:
+        z = src.normal((SIZE,), (0,)).astype(np.float64)
+    finally:
+        src.close()
+    se = 1 / np.sqrt(SIZE)  # ≈ 0.0011
+    assert abs(z.mean()) < 7 * se
+    assert abs(z.std() - 1) < 7 * se
+    assert abs(np.mean(z**3)) < 7 * np.sqrt(15) * se  # symmetric (var of z³ is 15)
+    assert abs(np.mean(z**4) - 3) < 7 * np.sqrt(96) * se  # normal kurtosis (var of z⁴ is 96)
+    assert abs(np.mean(np.abs(z) < 1) - 0.6827) < 0.005
