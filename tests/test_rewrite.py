@@ -403,11 +403,8 @@ def test_random_dags_rewrite_cleanly_and_sigma_zero_is_exact(case):
 
 
 # -- the product's sessions -------------------------------------------------------------------------------------------
-FUSION_NOTE = ("onnxruntime's default optimisations fuse across values that exposing or rewriting turns into graph "
-               "outputs or inputs (MatMul+Add -> Gemm and Conv+BatchNormalization at level 1, the NCHWc Conv+Add at "
-               "level 3), so the clean pass and the rewritten graphs can differ from the original model in the last "
-               "bit; walkaudit.runtime would need to disable those fusions (disabled_optimizers=['MatMulAddFusion', "
-               "'ConvBNFusion', 'NchwcTransformer'] makes these cases exact)")
+# onnxruntime fuses across values that exposing or rewriting turns into graph outputs or inputs (MatMul+Add -> Gemm,
+# Conv+BatchNormalization, the NCHWc Conv+Add); walkaudit.runtime.EXACT disables those fusions, and these tests keep it so.
 
 
 def conv_bn(channels: int = 32) -> onnx.ModelProto:
@@ -437,7 +434,6 @@ def _runtime_session(model):
     return Runtime("cpu").session(model, "model under test")
 
 
-@pytest.mark.xfail(reason=FUSION_NOTE, strict=False)
 @pytest.mark.parametrize("build, site", [(lambda: mlp(features=300, hidden=64), "h_mm"), (resnet_block, "b"),
                                          (conv_bn, "c")], ids=["wide-mlp-matmul", "resnet-conv", "conv-bn"])
 def test_runtime_sessions_keep_sigma_zero_exact(build, site):

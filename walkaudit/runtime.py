@@ -26,6 +26,12 @@ _SHAREABLE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.Tensor
                     onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64}
 
 
+#: Graph fusions whose result depends on which values are graph outputs: exposing a site (or cutting the graph
+#: there) blocks them and changes the last bit of the outputs. Disabled in every session, so that σ = 0 reproduces
+#: the model bit for bit whatever is exposed; it costs about 25 % on a LeNet-5 on the CPU (docs/performance.md).
+EXACT = ["MatMulAddFusion", "ConvBNFusion", "NchwcTransformer"]
+
+
 def _shareable(t: onnx.TensorProto) -> bool:
     """Large enough to share, judged by its declared shape (reading raw_data's length would copy it)."""
     if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in _SHAREABLE_TYPES:
@@ -205,7 +211,7 @@ class Runtime:
             if names:
                 options.add_external_initializers(names, values)
             with _quiet_stderr() as err:
-                session = ort.InferenceSession(data, options, providers=wanted)
+                session = ort.InferenceSession(data, options, providers=wanted, disabled_optimizers=EXACT)
         except Exception as exc:
             code, _ = _parse(exc)
             if what == "model" and code in _MODEL_CODES:
