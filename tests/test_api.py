@@ -76,3 +76,20 @@ def test_fixed_batch_model_is_padded_and_walked(tmp_path):
     assert any("fixed batch size of 8" in n for n in report.runtime["notes"])
     assert report.clean_accuracy == 1.0
     assert all(s.points[0].accuracy == 1.0 and s.points[0].samples == 20 for s in report.sites)
+
+
+def test_sites_that_do_not_feed_the_class_output_are_not_walked():
+    """A side output computed from the input: its layer cannot change the class decision."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = mlp(seed=4)
+    w = numpy_helper.from_array(np.ones((16, 2), np.float32), "w_side")
+    model.graph.initializer.append(w)
+    model.graph.node.append(helper.make_node("MatMul", ["x", "w_side"], ["side"], name="side_fc"))
+    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, ["N", 2]))
+    x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
+    report = walkaudit.audit(model, x, provider="cpu", sigmas=(0.1, 1.0), repeats=1, output="logits")
+    assert [s.name for s in report.sites] == ["h", "logits"]
+    with pytest.raises(UsageError, match="does not feed the class output"):
+        walkaudit.audit(model, x, provider="cpu", output="logits",
+                        selection=walkaudit.api.Selection(names=("side",)))

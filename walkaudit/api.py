@@ -96,7 +96,7 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
                                        allow_nonfinite=config.allow_nonfinite)
     else:
         raise UsageError("no data: pass arrays (x, y) or a data file")
-    sites = select(loaded.proto, loaded.types, config.selection)
+    sites = select(loaded.proto, loaded.types, config.selection, out.name)
     noise = Noise(config.noise, config.ratio)
     runtime = Runtime(config.provider, config.threads)
     source = NormalSource(config.seed, config.threads)

@@ -270,7 +270,7 @@ def inspect(model, ops, include, exclude, as_json):
     from .sites import select
 
     loaded = load_model(model)
-    sites = select(loaded.proto, loaded.types, _selection(ops, include, exclude))
+    sites = select(loaded.proto, loaded.types, _selection(ops, include, exclude), loaded.class_output.name)
     if as_json:
         click.echo(json.dumps([{"index": s.index, "name": s.name, "node": s.node, "op_type": s.op_type,
                                 "shape": None if s.shape is None else list(s.shape)} for s in sites], indent=2))

@@ -103,18 +103,33 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
     return sites
 
 
-def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection) -> list[Site]:
-    """The sites the user asked for, numbered in graph order. Raises UsageError when nothing matches."""
+def _feeding(model: onnx.ModelProto, sites: list[Site], output: str | None) -> list[Site]:
+    """The sites whose noise can reach `output` (all of them when no output is named)."""
+    if output is None:
+        return sites
+    upstream = {o for i in g.ancestors(model.graph, [output]) for o in model.graph.node[i].output}
+    return [s for s in sites if s.name in upstream]
+
+
+def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection,
+           output: str | None = None) -> list[Site]:
+    """The sites the user asked for, numbered in graph order; with `output`, only those that feed it.
+
+    Raises UsageError when nothing matches.
+    """
     ops = tuple(selection.ops) or LAYER_OPS
     if selection.names:
-        pool = candidates(model, types, (ALL,))
+        everything = candidates(model, types, (ALL,))
+        pool = _feeding(model, everything, output)
         by_name = {s.name: s for s in pool}
         missing = [n for n in selection.names if n not in by_name]
         if missing:
-            raise UsageError(f"site {missing[0]!r} is not a float node output of the model{_hint(pool)}")
+            why = (f"does not feed the class output {output!r}" if missing[0] in {s.name for s in everything}
+                   else "is not a float node output of the model")
+            raise UsageError(f"site {missing[0]!r} {why}{_hint(pool)}")
         chosen = [by_name[n] for n in selection.names]
     else:
-        pool = candidates(model, types, ops)
+        pool = _feeding(model, candidates(model, types, ops), output)
         chosen = pool
         include = _regex(selection.include, "--include")
         exclude = _regex(selection.exclude, "--exclude")
