@@ -201,3 +201,16 @@ def test_plot_writes_png_and_svg(mlp_files, tmp_path):
         assert result.exit_code == 0, result.stderr
         assert out.stat().st_size > 1000
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--json", "-", "--junit", "-"], "only one of"),
+    (["--markdown", "auto"], "GITHUB_STEP_SUMMARY"),
+])
+def test_conflicting_outputs_are_refused_before_any_work(mlp_files, monkeypatch, flags, phrase):
+    import walkaudit.api
+
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    monkeypatch.setattr(walkaudit.api, "audit", lambda *a, **k: pytest.fail("audit ran"))
+    result = invoke(mlp_files / "mlp.onnx", "--data", mlp_files / "val.npz", *flags)
+    assert result.exit_code == 2 and phrase in result.stderr

@@ -164,6 +164,14 @@ def _write(path: str, text: str, append: bool = False) -> None:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
+def _check_outputs(json_path, markdown_path, junit_path) -> None:
+    """Refuse output flags that cannot all be honoured, before any work is done."""
+    if [json_path, markdown_path, junit_path].count("-") > 1:
+        raise UsageError("only one of --json, --markdown and --junit can write to stdout ('-')")
+    if markdown_path == "auto" and not os.environ.get("GITHUB_STEP_SUMMARY"):
+        raise UsageError("--markdown auto needs the environment variable GITHUB_STEP_SUMMARY")
+
+
 def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> None:
     """Write the requested files and render the summary (to stderr when stdout carries the JSON)."""
     from rich.console import Console
@@ -233,6 +241,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
     from .progress import RichProgress
     from .sweep import parse_sigmas
 
+    _check_outputs(json_path, markdown_path, junit_path)
     gate_config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop,
                                baseline)
     baseline_report = _read_report(baseline) if baseline else None
@@ -301,6 +310,7 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
 
     if baseline:
         raise UsageError("compare takes the baseline as its first argument; drop --baseline")
+    _check_outputs(json_path, markdown_path, junit_path)
     old_report, new_report = _read_report(old), _read_report(new)
     config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, old)
     verdict = gate.evaluate(new_report, config, old_report)
