@@ -10,7 +10,8 @@ from typing import Protocol
 import numpy as np
 
 from . import __version__, data as data_mod, fit, sweep
-from .engine import Counts, Engine
+from .engine import Engine
+from .sweep import Counts
 from .errors import UsageError
 from .model import load_model
 from .noise import Noise, NormalSource

@@ -24,6 +24,7 @@ from .model import LoadedModel
 from .noise import Noise, NormalSource
 from .runtime import OutOfMemory, Runtime, failure, run, run_options
 from .sites import Site
+from .sweep import Counts
 
 #: Largest tensor (in elements) one packed run feeds; bounds memory whatever the data set size.
 RUN_ELEMENTS = 1 << 24
@@ -54,19 +55,6 @@ class Clean:
     num_classes: int | None
     activation_std: dict[str, float]
     shapes: dict[str, tuple]  # each site's shape as run (dimension 0 is the batch)
-
-
-@dataclass
-class Counts:
-    """Outcome of evaluating a list of σ levels with R repeats each."""
-
-    correct: np.ndarray  # [L, R]
-    nonfinite: np.ndarray  # [L, R]
-    samples: int
-
-    @property
-    def accuracy(self) -> np.ndarray:
-        return self.correct / max(self.samples, 1)
 
 
 @dataclass

@@ -78,11 +78,11 @@ def check_sigmas(values) -> tuple[float, ...]:
 
 
 @dataclass
-class Level:
-    """Counts at one σ: correct predictions and non-finite outputs per repeat, over `samples` samples."""
+class Counts:
+    """Correct predictions and non-finite outputs per repeat ([R], or [L, R] for L levels) over `samples` samples."""
 
-    correct: np.ndarray  # [R]
-    nonfinite: np.ndarray  # [R]
+    correct: np.ndarray
+    nonfinite: np.ndarray
     samples: int
 
     @property
@@ -94,9 +94,9 @@ class Level:
 class Curve:
     """Accumulated levels of one site."""
 
-    levels: dict[float, Level] = field(default_factory=dict)
+    levels: dict[float, Counts] = field(default_factory=dict)
 
-    def sorted(self) -> tuple[np.ndarray, list[Level]]:
+    def sorted(self) -> tuple[np.ndarray, list[Counts]]:
         sig = np.array(sorted(self.levels))
         return sig, [self.levels[s] for s in sig]
 
@@ -117,9 +117,9 @@ def _add(curve: Curve, evaluate: Evaluate, sigmas, batches: range) -> None:
     for s, c, b in zip(sigmas, correct, nonfinite):
         old = curve.levels.get(float(s))
         if old is None:
-            curve.levels[float(s)] = Level(np.asarray(c), np.asarray(b), samples)
+            curve.levels[float(s)] = Counts(np.asarray(c), np.asarray(b), samples)
         else:
-            curve.levels[float(s)] = Level(old.correct + c, old.nonfinite + b, old.samples + samples)
+            curve.levels[float(s)] = Counts(old.correct + c, old.nonfinite + b, old.samples + samples)
 
 
 def fixed(evaluate: Evaluate, sigmas, n_batches: int) -> Curve:
@@ -128,7 +128,7 @@ def fixed(evaluate: Evaluate, sigmas, n_batches: int) -> Curve:
     return curve
 
 
-def _clear(level: Level, half: float, margin: float) -> bool:
+def _clear(level: Counts, half: float, margin: float) -> bool:
     """Is this level's side of the halfway line already certain? (4 standard errors and a margin away)"""
     acc = float(np.mean(level.accuracy))
     n = level.samples * len(level.correct)
