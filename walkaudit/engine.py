@@ -210,7 +210,8 @@ class SiteEvaluator:
         for name in self.host:
             y = values[name]
             mul, add = self.engine.noise.terms(sigmas, eps[name], dtype=np.float32)
-            noisy = noise_mod.apply(y[None], None if mul is None else mul[0], None if add is None else add[0])
+            noisy = noise_mod.apply(y[None], None if mul is None else mul[0], None if add is None else add[0],
+                                    consume=True)
             feeds[name] = noisy.reshape(g * y.shape[0], *y.shape[1:])
         for inj in self.terms:
             y = values[inj.site]
