@@ -404,7 +404,7 @@ def test_random_dags_rewrite_cleanly_and_sigma_zero_is_exact(case):
 
 # -- the product's sessions -------------------------------------------------------------------------------------------
 # onnxruntime fuses across values that exposing or rewriting turns into graph outputs or inputs (MatMul+Add -> Gemm,
-# Conv+BatchNormalization, the NCHWc Conv+Add); walkaudit.runtime.EXACT disables those fusions, and these tests keep it so.
+# Conv+BatchNormalization, the NCHWc Conv+Add); walkaudit.runtime.EXACT (exact mode) disables those fusions, and these tests check it does.
 
 
 def conv_bn(channels: int = 32) -> onnx.ModelProto:
@@ -431,7 +431,7 @@ def conv_bn(channels: int = 32) -> onnx.ModelProto:
 def _runtime_session(model):
     from walkaudit.runtime import Runtime
 
-    return Runtime("cpu").session(model, "model under test")
+    return Runtime("cpu", exact=True).session(model, "model under test")
 
 
 @pytest.mark.parametrize("build, site", [(lambda: mlp(features=300, hidden=64), "h_mm"), (resnet_block, "b"),
@@ -452,3 +452,17 @@ def test_runtime_sessions_keep_sigma_zero_exact(build, site):
                                                         inj.add: np.zeros_like(clean[site])})[0]
     assert bits_equal(got[0], want), "the clean pass (sites exposed) differs from the original model"
     assert bits_equal(walk, want) and bits_equal(whole, want)
+
+
+def test_prefix_computes_only_what_is_asked_and_the_same_values():
+    model = resnet_block(seed=2)
+    types = value_types(model)
+    part = rewrite.prefix(model, ["a", "a_relu"], types)
+    assert [n.op_type for n in part.graph.node] == ["Conv", "Relu"]
+    assert [o.name for o in part.graph.output] == ["a", "a_relu"]
+    assert {i.name for i in part.graph.initializer} == {"k0", "c0"}
+    onnx.checker.check_model(part, full_check=True)
+    feeds = x_for(model, batch=3, seed=1)
+    full = session(rewrite.expose(model, ["a", "a_relu"], types)).run(["a", "a_relu"], feeds)
+    got = session(part).run(["a", "a_relu"], feeds)
+    assert all(bits_equal(g, f) for g, f in zip(got, full))

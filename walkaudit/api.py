@@ -39,6 +39,7 @@ class AuditConfig:
     allow_nonfinite: bool = False
     threads: int | None = None
     noise_source: str = "auto"  # "host": numpy draws fed in; "graph": RandomNormalLike in the graph; auto: per provider
+    exact: bool = False  # σ = 0 bit-identical to the model in every session (slower conv nets on the CPU)
 
     def check(self) -> AuditConfig:
         if self.mode not in ("walk", "global"):
@@ -99,7 +100,7 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
         raise UsageError("no data: pass arrays (x, y) or a data file")
     sites = select(loaded.proto, loaded.types, config.selection, out.name)
     noise = Noise(config.noise, config.ratio)
-    runtime = Runtime(config.provider, config.threads)
+    runtime = Runtime(config.provider, config.threads, config.exact)
     source = NormalSource(config.seed, config.threads)
     engine = Engine(loaded, runtime, noise, source, sites, config.batch_size, config.noise_source)
 
@@ -132,6 +133,7 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
                 "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats, "seed": config.seed,
                 "batch_size": engine.batch_size, "provider_requested": config.provider,
                 "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
+                "exact": config.exact,
                 "sites": {"ops": list(config.selection.ops), "include": config.selection.include,
                           "exclude": config.selection.exclude, "names": list(config.selection.names)}},
         runtime={"provider": runtime.provider, "onnxruntime_version": runtime.version,

@@ -228,11 +228,14 @@ def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> No
               help="Where ε is drawn: numpy on the host, or RandomNormalLike in the graph (opsets 10-21); auto "
                    "uses the graph on CUDA.")
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the inputs.")
+@click.option("--exact", is_flag=True, help="Keep σ = 0 bit-identical to the model in every session (turns off "
+                                            "onnxruntime's NCHWc conv fusion: slower conv nets on the CPU).")
 @gate_options
 @output_options
 @guarded
 def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
-                  global_mode, sigmas, repeats, batch_size, seed, chance, provider, threads, noise_source, allow_nonfinite,
+                  global_mode, sigmas, repeats, batch_size, seed, chance, provider, threads, noise_source,
+                  allow_nonfinite, exact,
                   fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
                   json_path, markdown_path, junit_path, quiet):
     """Audit MODEL: σ50 of every site, a table, a JSON report and a gate verdict."""
@@ -251,7 +254,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
         repeats=repeats, seed=seed, batch_size=batch_size,
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
         limit=limit, x_key=x_key, y_key=y_key, allow_nonfinite=allow_nonfinite, threads=threads,
-        noise_source=noise_source,
+        noise_source=noise_source, exact=exact,
     )
     with RichProgress(disable=quiet) as progress:
         result = audit(model, data=data_path, config=config, progress=progress)

@@ -2,8 +2,8 @@
 
 - One clean pass over the data gives the targets, the clean accuracy and each site's activation statistics.
 - Walk mode reuses the clean prefix: per site, only the suffix that the noise reaches runs, fed with the site's noisy
-  value (computed on the host) and the clean values it also reads (taken from the clean model, once per batch, kept
-  while they fit a memory budget).
+  value (computed on the host) and the clean values it also reads (computed once per batch by the site's prefix,
+  the part of the graph before it, and kept while they fit a memory budget).
 - Several σ levels go into one run: the batch is tiled along dimension 0 (per-sample σ). Whether a graph allows
   that is checked once per site with σ = 0; where it does not (fixed batch, folded batch) levels run one by one.
 - One draw of ε per (site, batch, repeat) serves every σ level (common random numbers).
@@ -96,9 +96,10 @@ class Engine:
     def n_batches(self, data: Dataset) -> int:
         return -(-data.samples // self.batch_size)
 
-    def clean_values(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    def clean_values(self, feeds: dict[str, np.ndarray], names: list[str], session=None) -> dict[str, np.ndarray]:
+        """Clean values by name for one batch, from `session` (default: the clean model with everything exposed)."""
         wanted = [n for n in dict.fromkeys(names) if n not in self._input_names]
-        values = dict(zip(wanted, run(self._clean, wanted, feeds)))
+        values = dict(zip(wanted, run(session or self._clean, wanted, feeds)))
         values.update({n: feeds[n] for n in names if n in self._input_names})
         return values
 
@@ -134,7 +135,11 @@ class Engine:
         suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, self.model.types)
         session = self.runtime.session(suffix.model, f"part of the model after {site.name}")
         return SiteEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
-                             terms=[])
+                             terms=[], prefix=self._prefix(site, suffix))
+
+    def _prefix(self, site: Site, suffix: rewrite.Suffix):
+        proto = rewrite.prefix(self.model.proto, [site.name, *suffix.frontier], self.model.types)
+        return self.runtime.session(proto, f"part of the model before {site.name}")
 
     def graph_walk(self, site: Site) -> GraphNoiseEvaluator:
         """Like `walk`, with the noise drawn inside the graph (opsets 10–21; see rewrite.graph_noise)."""
@@ -145,7 +150,7 @@ class Engine:
         session = self.runtime.session(program.model, f"part of the model after {site.name}")
         device = "cuda" if self.runtime.provider == "CUDAExecutionProvider" else "cpu"
         return GraphNoiseEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
-                                   terms=[], program=program, device=device)
+                                   terms=[], prefix=self._prefix(site, suffix), program=program, device=device)
 
     def uses_graph_noise(self) -> bool:
         """Graph noise where it pays: on CUDA (noise stays on the device) and where the opset has random ops."""
@@ -173,6 +178,7 @@ class SiteEvaluator:
     passthrough: list[str]  # clean values fed unchanged
     terms: list[rewrite.Injection]  # sites whose noise terms are fed as graph inputs
     feed_inputs: bool = False  # also feed the model's data inputs (global mode)
+    prefix: object = None  # session computing the clean values this program reads (default: the clean model)
     packable: bool | None = None  # does the graph take a tiled batch (several σ levels in one run)?
     _cache: dict = field(default_factory=dict)  # batch index -> clean values, within CACHE_BYTES
     _cached: int = 0
@@ -180,7 +186,7 @@ class SiteEvaluator:
     def _values(self, data: Dataset, batches: range):
         """(start, valid rows, clean values) for the batches in range, from the cache when it holds them."""
         engine, out = self.engine, self.engine.model.class_output.name
-        names = [*self.host, *self.passthrough, *(t.site for t in self.terms), out]
+        names = [*self.host, *self.passthrough, *(t.site for t in self.terms)]
         for i, (start, n, feeds) in enumerate(engine._batches(data)):
             if i < batches.start:
                 continue
@@ -188,7 +194,7 @@ class SiteEvaluator:
                 break
             values = self._cache.get(i)
             if values is None:
-                values = engine.clean_values(feeds, names)
+                values = engine.clean_values(feeds, names, self.prefix)
                 if self.feed_inputs:
                     values.update(feeds)
                 size = sum(v.nbytes for v in values.values())
@@ -228,12 +234,11 @@ class SiteEvaluator:
     def _choose_group(self, values: dict, levels: int) -> int:
         """How many σ levels one run takes: 1 unless a tiled batch reproduces the clean outputs at σ = 0."""
         if self.packable is None:
-            out = self.engine.model.class_output
             zeros = {n: np.zeros((self.engine.noise.draws, 1, *values[n].shape), np.float32)
                      for n in [*self.host, *(t.site for t in self.terms)]}
             try:
                 got = self._run(values, np.zeros(2), zeros)
-                want = np.concatenate([values[out.name]] * 2)
+                want = np.concatenate([self._run(values, np.zeros(1), zeros)] * 2)
                 ok = got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
             except Exception:
                 ok = False

@@ -94,6 +94,27 @@ def suffix(model: onnx.ModelProto, site: str, output: str, types: dict[str, Tens
     return Suffix(out, site, frontier)
 
 
+def prefix(model: onnx.ModelProto, outputs, types: dict[str, TensorSpec]) -> onnx.ModelProto:
+    """The part of the graph that computes `outputs` (and nothing after), with the model's inputs.
+
+    A site's clean value and frontier come from this instead of the whole model: the suffix's work is not done
+    twice, and nothing blocks the fusions of the rest of the graph.
+    """
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    nodes = [graph.node[i] for i in sorted(g.ancestors(graph, outputs))]
+    reads = {n for node in nodes for n in g.node_inputs(node)}
+    out = _copy_without_graph(model)
+    out.graph.name = f"{graph.name or 'graph'}_prefix"
+    out.graph.node.extend(nodes)
+    inits = {i.name for i in graph.initializer}
+    # old IR versions list initializers as inputs too: keep only those the prefix still holds
+    out.graph.input.extend(i for i in graph.input if i.name not in inits or i.name in reads)
+    out.graph.initializer.extend(i for i in graph.initializer if i.name in reads)
+    out.graph.output.extend(_value_info(n, types) for n in dict.fromkeys(outputs) if n not in inputs)
+    return out
+
+
 @dataclass(frozen=True)
 class Injection:
     """Where the noise terms of one site enter a rewritten graph."""
