@@ -1,0 +1,99 @@
+"""Where the time of one walkaudit audit goes: wraps engine and API functions with timers for the length of one call.
+
+Exclusive times (a function's time minus the wrapped functions it calls), so the parts add up to the whole:
+
+    sessions      creating onnxruntime sessions (serialising the rewritten models, graph optimisation)
+    clean pass    the clean model over the data once: "model" is onnxruntime running it (every site exposed as
+                  an output), "statistics" the numpy work on its outputs (predictions, activation std per site)
+    cache fill    the clean model again, per site, for the values its suffix reads (site + frontier)
+    noise draw    NormalSource.normal: ε ~ N(0, 1), one draw per (site, batch, repeat)
+    noise apply   SiteEvaluator._feeds: σ·ε for every level, y + σ·ε, tiling the frontier (numpy, host)
+    suffix runs   onnxruntime running the noisy suffixes (with noise_source="graph": the suffix draws and adds the
+                  noise itself, so the three noise lines fold into "suffix runs (graph noise)")
+    fit           the curve fits
+    other         the rest (argmax and counting, the API, Python)
+
+Monkeypatching is confined to the `profiled` context manager; walkaudit's files are not touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+
+from walkaudit import api, fit, noise, runtime
+from walkaudit import engine as engine_mod
+
+
+class Profiler:
+    def __init__(self):
+        self.exclusive = defaultdict(float)
+        self._stack: list[list] = []  # [label, child seconds]
+
+    def wrap(self, label, fn):
+        prof = self
+
+        def wrapper(*args, **kwargs):
+            name = label(prof._stack) if callable(label) else label
+            prof._stack.append([name, 0.0])
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - t
+                _, children = prof._stack.pop()
+                prof.exclusive[name] += spent - children
+                if prof._stack:
+                    prof._stack[-1][1] += spent
+
+        return wrapper
+
+
+def _run_label(stack) -> str:
+    names = [s[0] for s in stack]
+    if "clean pass: statistics" in names:
+        return "clean pass: model"
+    if "cache fill" in names:
+        return "cache fill"
+    return "suffix runs"
+
+
+@contextlib.contextmanager
+def profiled():
+    """Yields a Profiler whose `exclusive` dict fills while walkaudit.audit runs inside the block."""
+    prof = Profiler()
+    cache_or_clean = lambda st: ("clean pass: model" if any(s[0] == "clean pass: statistics" for s in st)
+                                 else "cache fill")
+    wanted = [
+        (runtime.Runtime, "session", "sessions"),
+        (engine_mod.Engine, "clean_pass", "clean pass: statistics"),
+        (engine_mod.Engine, "clean_values", cache_or_clean),
+        (engine_mod, "run", _run_label),
+        (noise.NormalSource, "normal", "noise draw"),
+        (engine_mod.SiteEvaluator, "_feeds", "noise apply"),
+        (getattr(engine_mod, "GraphNoiseEvaluator", None), "_run", "suffix runs (graph noise)"),
+        (fit, "midpoint", "fit"),
+    ]
+    # whatever the engine no longer has is skipped (its time lands in "other")
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in wanted if obj is not None and hasattr(obj, name)]
+    labels = {(id(obj), name): label for obj, name, label in wanted}
+    for obj, name, old in saved:
+        setattr(obj, name, prof.wrap(labels[(id(obj), name)], old))
+    started = time.perf_counter()
+    try:
+        yield prof
+    finally:
+        for obj, name, old in saved:
+            setattr(obj, name, old)
+        total = time.perf_counter() - started
+        prof.exclusive["other"] = total - sum(prof.exclusive.values())
+        prof.exclusive["total"] = total
+
+
+def audit_breakdown(*args, **kwargs) -> dict:
+    """Run walkaudit.audit(*args, **kwargs) under the profiler; seconds per part."""
+    with profiled() as prof:
+        api.audit(*args, **kwargs)
+    return dict(prof.exclusive)
+
