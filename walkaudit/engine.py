@@ -115,9 +115,7 @@ class Engine:
                 width = values[out.name].shape[-1]
             for name, acc in stats.items():
                 shapes[name] = values[name].shape
-                v = values[name][:n].astype(np.float64)
-                v = v[np.isfinite(v)]
-                acc += (v.size, v.sum(), np.square(v).sum())
+                acc += _moments(values[name][:n])
             if progress:
                 progress(n)
         pred = np.concatenate(preds)
@@ -215,10 +213,8 @@ class SiteEvaluator:
         feeds = {n: _tile(values[n], g) for n in tiled_names}
         for name in self.host:
             y = values[name]
-            mul, add = self.engine.noise.terms(sigmas, eps[name], dtype=np.float32)
-            noisy = noise_mod.apply(y[None], None if mul is None else mul[0], None if add is None else add[0],
-                                    consume=True)
-            feeds[name] = noisy.reshape(g * y.shape[0], *y.shape[1:])
+            noisy = noise_mod.noisy_levels(self.engine.noise, y, sigmas, eps[name], self.engine.source.map)
+            feeds[name] = noisy.astype(y.dtype, copy=False).reshape(g * y.shape[0], *y.shape[1:])
         for inj in self.terms:
             y = values[inj.site]
             mul, add = self.engine.noise.terms(sigmas, eps[inj.site], dtype=y.dtype)
@@ -338,6 +334,16 @@ class GraphNoiseEvaluator(SiteEvaluator):
         except Exception as exc:
             raise failure(exc, "noisy model") from None
         return io.copy_outputs_to_cpu()[0]
+
+
+def _moments(v: np.ndarray) -> tuple[int, float, float]:
+    """(count, sum, sum of squares) of the finite values, accumulated in float64 without a float64 copy."""
+    total = float(v.sum(dtype=np.float64))
+    squares = float(np.square(v).sum(dtype=np.float64))
+    if not (np.isfinite(total) and np.isfinite(squares)):
+        v = v[np.isfinite(v)]
+        return v.size, float(v.sum(dtype=np.float64)), float(np.square(v.astype(np.float64)).sum())
+    return v.size, total, squares
 
 
 def _tile(a: np.ndarray, times: int) -> np.ndarray:

@@ -77,6 +77,32 @@ class Noise:
         return mul, add
 
 
+def noisy_levels(noise: Noise, y: np.ndarray, sigmas, eps: np.ndarray, map_=map) -> np.ndarray:
+    """y' for every σ level at once: [L, N, ...] in float32, level by level into one buffer (no temporaries of
+    that size), the levels spread over `map_` (a thread pool's map: numpy releases the GIL).
+
+    The same arithmetic, in the same order, as `apply(y, *noise.terms(sigmas, eps))`: the values are bit-identical.
+    eps: [draws, 1, N, ...] from one draw shared by the levels.
+    """
+    sm, sa = noise.scales(sigmas)
+    out = np.empty((len(sigmas), *y.shape), dtype=np.float32)
+
+    def level(i: int) -> None:
+        dst = out[i]
+        if sm is not None:
+            np.multiply(eps[0, 0], np.float32(sm[i]), out=dst)
+            dst += np.float32(1.0)
+            np.multiply(dst, y, out=dst)
+            if sa is not None:
+                dst += eps[-1, 0] * np.float32(sa[i])
+        else:
+            np.multiply(eps[-1, 0], np.float32(sa[i]), out=dst)
+            np.add(dst, y, out=dst)
+
+    list(map_(level, range(len(sigmas))))
+    return out
+
+
 def apply(y: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None, consume: bool = False) -> np.ndarray:
     """y' = y · mul + add (with broadcasting), in y's dtype.
 
@@ -122,6 +148,10 @@ class NormalSource:
         else:
             list(self._pool.map(fill, starts))
         return out
+
+    def map(self, fn, items) -> list:
+        """fn over items on this source's threads (in order); plain map without a pool."""
+        return list(self._pool.map(fn, items)) if self._pool is not None else list(map(fn, items))
 
     def close(self) -> None:
         if self._pool is not None:
