@@ -103,20 +103,11 @@ def noisy_levels(noise: Noise, y: np.ndarray, sigmas, eps: np.ndarray, map_=map)
     return out
 
 
-def apply(y: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None, consume: bool = False) -> np.ndarray:
-    """y' = y · mul + add (with broadcasting), in y's dtype.
-
-    With `consume`, the result is written into the term arrays (which must have the result's shape) instead of
-    new memory: one pass less over the largest arrays of a walk.
-    """
-    if mul is not None:
-        out = np.multiply(mul, y, out=mul) if consume else y * mul
-    elif add is not None and consume:
-        return np.add(add, y, out=add).astype(y.dtype, copy=False)
-    else:
-        out = np.array(y, copy=True)
+def apply(y: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None) -> np.ndarray:
+    """y' = y · mul + add (with broadcasting), in y's dtype."""
+    out = y * mul if mul is not None else np.array(y, copy=True)
     if add is not None:
-        out = np.add(out, add, out=out if consume else None)
+        out = out + add
     return out.astype(y.dtype, copy=False)
 
 
