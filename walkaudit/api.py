@@ -17,7 +17,7 @@ from .model import load_model
 from .noise import Noise, NormalSource
 from .report import Point, Report, SiteResult
 from .runtime import Runtime
-from .sites import LAYER_OPS, Selection, select, weight_stats
+from .sites import Selection, select, weight_stats
 
 
 @dataclass(frozen=True)

@@ -183,10 +183,7 @@ def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> No
         _write(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
     if markdown_path:
         if markdown_path == "auto":
-            target = os.environ.get("GITHUB_STEP_SUMMARY")
-            if not target:
-                raise UsageError("--markdown auto needs the environment variable GITHUB_STEP_SUMMARY")
-            _write(target, to_markdown(report) + "\n", append=True)
+            _write(os.environ["GITHUB_STEP_SUMMARY"], to_markdown(report) + "\n", append=True)
         else:
             _write(markdown_path, to_markdown(report))
     if junit_path:

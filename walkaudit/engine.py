@@ -69,10 +69,9 @@ class Engine:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        out = self.model.class_output.name
-        self.plans = {s.name: rewrite.suffix_plan(self.model.proto, s.name, out) for s in self.sites}
-        needed = [s.name for s in self.sites] + [n for _, f in self.plans.values() for n in f]
-        self._clean = self.runtime.session(rewrite.expose(self.model.proto, needed, self.model.types))
+        # the clean pass reads every site (statistics, global mode); a walk's frontier comes from its own prefix
+        sites = [s.name for s in self.sites]
+        self._clean = self.runtime.session(rewrite.expose(self.model.proto, sites, self.model.types))
         self._input_names = {s.name for s in self.model.inputs}
         fixed = self.model.batch_size
         if fixed is not None and fixed != self.batch_size:
@@ -97,7 +96,7 @@ class Engine:
         return -(-data.samples // self.batch_size)
 
     def clean_values(self, feeds: dict[str, np.ndarray], names: list[str], session=None) -> dict[str, np.ndarray]:
-        """Clean values by name for one batch, from `session` (default: the clean model with everything exposed)."""
+        """Clean values by name for one batch, from `session` (default: the clean model, sites exposed)."""
         wanted = [n for n in dict.fromkeys(names) if n not in self._input_names]
         values = dict(zip(wanted, run(session or self._clean, wanted, feeds)))
         values.update({n: feeds[n] for n in names if n in self._input_names})
@@ -183,7 +182,7 @@ class SiteEvaluator:
 
     def _values(self, data: Dataset, batches: range):
         """(start, valid rows, clean values) for the batches in range, from the cache when it holds them."""
-        engine, out = self.engine, self.engine.model.class_output.name
+        engine = self.engine
         names = [*self.host, *self.passthrough, *(t.site for t in self.terms)]
         for i, (start, n, feeds) in enumerate(engine._batches(data)):
             if i < batches.start:
