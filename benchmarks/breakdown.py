@@ -7,9 +7,11 @@ Exclusive times (a function's time minus the wrapped functions it calls), so the
                   an output), "statistics" the numpy work on its outputs (predictions, activation std per site)
     cache fill    the clean model again, per site, for the values its suffix reads (site + frontier)
     noise draw    NormalSource.normal: ε ~ N(0, 1), one draw per (site, batch, repeat)
-    noise apply   SiteEvaluator._feeds: σ·ε for every level, y + σ·ε, tiling the frontier (numpy, host)
-    suffix runs   onnxruntime running the noisy suffixes (with noise_source="graph": the suffix draws and adds the
-                  noise itself, so the three noise lines fold into "suffix runs (graph noise)")
+    noise apply   SiteEvaluator._feeds: σ·ε for every level, y + σ·ε, tiling the frontier (numpy, host; only where
+                  the host computes the noisy value: models before opset 10, and global mode)
+    suffix runs   onnxruntime running the noisy suffixes. Since the noise is applied in the graph (σ·ε, y + σ·ε and
+                  the frontier tiling run inside onnxruntime), they include the apply: "suffix runs (noise in the
+                  graph)". With noise_source="graph" the suffix also draws ε, so "noise draw" folds in too.
     fit           the curve fits
     other         the rest (argmax and counting, the API, Python)
 
@@ -72,7 +74,7 @@ def profiled():
         (engine_mod, "run", _run_label),
         (noise.NormalSource, "normal", "noise draw"),
         (engine_mod.SiteEvaluator, "_feeds", "noise apply"),
-        (getattr(engine_mod, "GraphNoiseEvaluator", None), "_run", "suffix runs (graph noise)"),
+        (engine_mod.SuffixEvaluator, "_run", "suffix runs (noise in the graph)"),
         (fit, "midpoint", "fit"),
     ]
     # whatever the engine no longer has is skipped (its time lands in "other")

@@ -65,3 +65,10 @@ def teacher_labels(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(axis=1)
+
+
+def cpu_session(model: onnx.ModelProto):
+    """A plain onnxruntime session on the CPU provider, default options."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

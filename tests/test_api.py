@@ -51,7 +51,7 @@ def test_packed_and_one_level_at_a_time_runs_agree(monkeypatch):
     x = np.random.default_rng(3).normal(size=(96, 1, 6, 6)).astype(np.float32)
     args = dict(provider="cpu", sigmas=(0.05, 0.2, 0.8, 3.2), repeats=2, seed=11)
     packed = walkaudit.audit(model, x, **args).to_dict()
-    monkeypatch.setattr(engine_mod.SiteEvaluator, "_choose_group", lambda self, values, levels: 1)
+    monkeypatch.setattr(engine_mod.SiteEvaluator, "_choose_group", lambda self, start, values, levels: 1)
     single = walkaudit.audit(model, x, **args).to_dict()
     for p, s in zip(packed["sites"], single["sites"]):
         assert [q["accuracy"] for q in p["points"]] == [q["accuracy"] for q in s["points"]]

@@ -577,19 +577,18 @@ def test_out_of_memory_retries_with_fewer_levels(corpus, monkeypatch):
     clean = corpus.root / "clean.json"
     assert CliRunner().invoke(main, [*argv, str(clean)]).exit_code == 0
 
-    real = engine_mod.run
-    calls = {"noisy": 0, "raised": 0}
+    calls = {"raised": 0}
 
-    def flaky(session, outputs, feeds, what="model"):
-        if what == "noisy model":
-            calls["noisy"] += 1
-            rows = len(next(iter(feeds.values())))
-            if rows > N and calls["raised"] == 0 and calls["noisy"] > 1:  # not the σ = 0 probe: a packed run
+    def flaky(real):
+        def _run(self, start, values, sigmas, eps):
+            if len(sigmas) > 1 and np.any(sigmas) and calls["raised"] == 0:  # a packed run, not the σ = 0 probe
                 calls["raised"] += 1
                 raise OutOfMemory("Failed to allocate memory for requested buffer of size 123456789")
-        return real(session, outputs, feeds, what)
+            return real(self, start, values, sigmas, eps)
+        return _run
 
-    monkeypatch.setattr(engine_mod, "run", flaky)
+    for cls in (engine_mod.SiteEvaluator, engine_mod.SuffixEvaluator):
+        monkeypatch.setattr(cls, "_run", flaky(cls._run))
     retried = corpus.root / "retried.json"
     result = CliRunner().invoke(main, [*argv, str(retried)])
     assert result.exit_code == 0, result.stderr
@@ -600,13 +599,11 @@ def test_out_of_memory_retries_with_fewer_levels(corpus, monkeypatch):
 
 
 def test_out_of_memory_at_one_level_is_a_runtime_failure(corpus, monkeypatch):
-    def oom(session, outputs, feeds, what="model"):
-        if what == "noisy model":
-            raise OutOfMemory("out of memory running the noisy model: Failed to allocate memory")
-        return real(session, outputs, feeds, what)
+    def oom(self, start, values, sigmas, eps):
+        raise OutOfMemory("out of memory running the noisy model: Failed to allocate memory")
 
-    real = engine_mod.run
-    monkeypatch.setattr(engine_mod, "run", oom)
+    for cls in (engine_mod.SiteEvaluator, engine_mod.SuffixEvaluator):
+        monkeypatch.setattr(cls, "_run", oom)
     result = CliRunner().invoke(main, [str(corpus.good), "--data", str(corpus.data), *FAST])
     one_error_line(result, 3, "out of memory")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 import walkaudit
@@ -11,11 +10,7 @@ from walkaudit import rewrite
 from walkaudit.errors import UsageError
 from walkaudit.model import value_types
 
-from .models import mlp, resnet_block
-
-
-def _session(model):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+from .models import cpu_session, mlp, resnet_block
 
 
 @pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
@@ -35,7 +30,7 @@ def test_graph_noise_has_the_requested_statistics_per_level(kind):
         feeds[program.sigma_mul] = m.astype(np.float32).reshape(-1, 1, 1)
     if program.sigma_add:
         feeds[program.sigma_add] = a.astype(np.float32).reshape(-1, 1, 1)
-    out = _session(program.model).run(["logits"], feeds)[0].reshape(3, *y.shape)
+    out = cpu_session(program.model).run(["logits"], feeds)[0].reshape(3, *y.shape)
     assert np.array_equal(out[0], y)  # σ = 0 is bit-identical
     for level, sigma in enumerate(sigmas[1:], start=1):
         diff = (out[level] - y).astype(np.float64)
@@ -57,8 +52,8 @@ def test_graph_noise_on_a_residual_block_tiles_the_skip_value():
     assert sfx.frontier == ("a",)  # the skip connection from before the site
     program = rewrite.graph_noise(sfx, types, False, True, seed=0)
     x = np.random.default_rng(1).normal(size=(5, 1, 6, 6)).astype(np.float32)
-    clean = _session(rewrite.expose(model, ["a", "b"], types)).run(["logits", "a", "b"], {"x": x})
-    out = _session(program.model).run(["logits"], {program.site: clean[2], program.frontier[0]: clean[1],
+    clean = cpu_session(rewrite.expose(model, ["a", "b"], types)).run(["logits", "a", "b"], {"x": x})
+    out = cpu_session(program.model).run(["logits"], {program.site: clean[2], program.frontier[0]: clean[1],
                                                    program.sigma_add: np.zeros((3, 1, 1, 1, 1), np.float32)})[0]
     assert np.array_equal(out, np.concatenate([clean[0]] * 3))
 

@@ -106,7 +106,7 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
 
     progress.describe("clean pass")
     progress.grow(dataset.samples)
-    clean = engine.clean_pass(dataset, dataset.labels, progress.advance)
+    clean = engine.clean_pass(dataset, dataset.labels, progress.advance, keep=config.mode == "walk")
     classes = clean.num_classes or _count_classes(clean, dataset.labels)
     chance = config.chance if config.chance is not None else 1.0 / max(classes, 1)
     half = fit.halfway(clean.accuracy, chance)
@@ -158,7 +158,7 @@ def _audit_unit(engine: Engine, site, sites, dataset, clean, config: AuditConfig
         scale = float(np.median(stds)) if stds else 1.0
         progress.describe("global")
     else:
-        evaluator = engine.graph_walk(site) if engine.uses_graph_noise() else engine.walk(site)
+        evaluator = engine.walk(site)
         scale = clean.activation_std[site.name]
         progress.describe(site.name)
     if noise.kind == "multiplicative":

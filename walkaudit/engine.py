@@ -27,7 +27,7 @@ from .sites import Site
 from .sweep import Counts
 
 #: Largest tensor (in elements) one packed run feeds; bounds memory whatever the data set size.
-RUN_ELEMENTS = 1 << 24
+RUN_ELEMENTS = 1 << 22
 #: Clean values kept per site between σ rounds (bytes).
 CACHE_BYTES = 256 << 20
 
@@ -69,9 +69,14 @@ class Engine:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        # the clean pass reads every site (statistics, global mode); a walk's frontier comes from its own prefix
-        sites = [s.name for s in self.sites]
-        self._clean = self.runtime.session(rewrite.expose(self.model.proto, sites, self.model.types))
+        # the clean pass reads every site (statistics, global mode) and what each site's suffix reads besides it
+        # (its frontier), so that it can keep those values for the walk (`clean_pass(keep=True)`)
+        out = self.model.class_output.name
+        self._reads = {s.name: (s.name, *rewrite.suffix_plan(self.model.proto, s.name, out)[1]) for s in self.sites}
+        exposed = [n for names in self._reads.values() for n in names]
+        self._clean = self.runtime.session(rewrite.expose(self.model.proto, exposed, self.model.types))
+        self._kept: dict[int, dict[str, np.ndarray]] = {}  # batch index -> clean values kept by the clean pass
+        self._keep_order: list[str] = []  # sites whose values are kept, in walk order
         self._input_names = {s.name for s in self.model.inputs}
         fixed = self.model.batch_size
         if fixed is not None and fixed != self.batch_size:
@@ -102,12 +107,22 @@ class Engine:
         values.update({n: feeds[n] for n in names if n in self._input_names})
         return values
 
-    def clean_pass(self, data: Dataset, labels: np.ndarray | None, progress: Progress | None = None) -> Clean:
+    def clean_pass(self, data: Dataset, labels: np.ndarray | None, progress: Progress | None = None,
+                   keep: bool = False) -> Clean:
+        """Targets, clean accuracy and activation statistics. With `keep`, also keep what the walk's first sites
+        read (`Engine.walk`), as far as it fits in CACHE_BYTES: their prefixes then need not run."""
         out = self.model.class_output
         stats = {s.name: np.zeros(3) for s in self.sites}  # count, sum, sum of squares
         preds, width, shapes = [], None, {}
-        for _, n, feeds in self._batches(data):
-            values = self.clean_values(feeds, [out.name, *stats])
+        names = [out.name, *stats, *(n for reads in self._reads.values() for n in reads)] if keep else [out.name,
+                                                                                                        *stats]
+        for i, (_, n, feeds) in enumerate(self._batches(data)):
+            values = self.clean_values(feeds, names)
+            if keep and i == 0:
+                self._keep_order = _fitting(self._reads, values, self.n_batches(data), CACHE_BYTES)
+            kept = {r for site in self._keep_order for r in self._reads[site]}
+            if kept:
+                self._kept[i] = {r: values[r] for r in kept}
             pred, _ = predictions(values[out.name], out.kind)
             preds.append(pred[:n])
             if out.kind == "scores":
@@ -128,29 +143,54 @@ class Engine:
 
     # -- noisy evaluation ------------------------------------------------------------------------------------------
     def walk(self, site: Site) -> SiteEvaluator:
-        """The site's suffix, fed the noisy site value computed on the host."""
-        suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, self.model.types)
-        session = self.runtime.session(suffix.model, f"part of the model after {site.name}")
-        return SiteEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
-                             terms=[], prefix=self._prefix(site, suffix))
+        """The part of the model after the site, fed the site's clean value and the other clean values it reads.
+
+        The noise is applied inside that graph (`rewrite.graph_noise`), with ε drawn by the host and fed in, or
+        drawn in the graph (`uses_graph_noise`). Models before opset 10, or a site of unknown rank, get the noisy
+        value computed on the host instead.
+        """
+        types = self.model.types
+        suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, types)
+        kept = self._take(site.name)
+        # the clean pass kept every batch of what this site reads: no prefix needed
+        prefix = self._clean if kept else self._prefix(site, suffix)
+        in_graph = self.uses_graph_noise()
+        if not in_graph and (self.model.opset < rewrite.FED_NOISE_MIN_OPSET or types[site.name].shape is None):
+            session = self.runtime.session(suffix.model, f"part of the model after {site.name}")
+            return SiteEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
+                                 terms=[], prefix=prefix).holding(kept)
+        sm, sa = self.noise.scales(np.ones(1))
+        program = rewrite.graph_noise(suffix, types, sm is not None, sa is not None,
+                                      seed=self.source.seed * 10007 + site.index, fed=not in_graph)
+        session = self.runtime.session(program.model, f"part of the model after {site.name}")
+        device = "cuda" if self.runtime.provider == "CUDAExecutionProvider" else "cpu"
+        return SuffixEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
+                               terms=[], prefix=prefix, program=program, device=device).holding(kept)
+
+    def _take(self, site: str) -> dict[int, dict[str, np.ndarray]]:
+        """Hand over what the clean pass kept for `site` (batch index -> values), and forget what no later site
+        reads. Empty when it was not kept."""
+        if site not in self._keep_order:
+            return {}
+        self._keep_order.remove(site)
+        taken = {i: {n: values[n] for n in self._reads[site]} for i, values in self._kept.items()}
+        still = {r for s in self._keep_order for r in self._reads[s]}
+        for values in self._kept.values():
+            for name in [n for n in values if n not in still]:
+                del values[name]
+        return taken
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(v.nbytes for values in self._kept.values() for v in values.values())
 
     def _prefix(self, site: Site, suffix: rewrite.Suffix):
         proto = rewrite.prefix(self.model.proto, [site.name, *suffix.frontier], self.model.types)
         return self.runtime.session(proto, f"part of the model before {site.name}")
 
-    def graph_walk(self, site: Site) -> GraphNoiseEvaluator:
-        """Like `walk`, with the noise drawn inside the graph (opsets 10–21; see rewrite.graph_noise)."""
-        sm, sa = self.noise.scales(np.ones(1))
-        suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, self.model.types)
-        program = rewrite.graph_noise(suffix, self.model.types, sm is not None, sa is not None,
-                                      seed=self.source.seed * 10007 + site.index)
-        session = self.runtime.session(program.model, f"part of the model after {site.name}")
-        device = "cuda" if self.runtime.provider == "CUDAExecutionProvider" else "cpu"
-        return GraphNoiseEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
-                                   terms=[], prefix=self._prefix(site, suffix), program=program, device=device)
-
     def uses_graph_noise(self) -> bool:
-        """Graph noise where it pays: on CUDA (noise stays on the device) and where the opset has random ops."""
+        """ε drawn in the graph where it pays: on CUDA (noise stays on the device) and where the opset has random
+        ops; or where asked for."""
         if self.noise_source == "auto":
             return self.runtime.provider == "CUDAExecutionProvider" and self.model.opset in rewrite.GRAPH_NOISE_OPSETS
         return self.noise_source == "graph"
@@ -180,8 +220,15 @@ class SiteEvaluator:
     _cache: dict = field(default_factory=dict)  # batch index -> clean values, within CACHE_BYTES
     _cached: int = 0
 
+    def holding(self, values: dict[int, dict[str, np.ndarray]]) -> SiteEvaluator:
+        """Start with these clean values (batch index -> values) in the cache."""
+        self._cache.update(values)
+        self._cached += sum(v.nbytes for batch in values.values() for v in batch.values())
+        return self
+
     def _values(self, data: Dataset, batches: range):
-        """(start, valid rows, clean values) for the batches in range, from the cache when it holds them."""
+        """(start, valid rows, clean values) for the batches in range, from the cache when it holds them. The
+        cache and what the engine still keeps for later sites share CACHE_BYTES."""
         engine = self.engine
         names = [*self.host, *self.passthrough, *(t.site for t in self.terms)]
         for i, (start, n, feeds) in enumerate(engine._batches(data)):
@@ -195,10 +242,23 @@ class SiteEvaluator:
                 if self.feed_inputs:
                     values.update(feeds)
                 size = sum(v.nbytes for v in values.values())
-                if self._cached + size <= CACHE_BYTES:
+                if self._cached + size + engine.kept_bytes <= CACHE_BYTES:
                     self._cache[i] = values
                     self._cached += size
             yield start, n, values
+
+    def _jobs(self, data: Dataset, batches: range, repeats: int, names: list[str]):
+        """(start, valid rows, clean values, repeat, ε as a future) per batch and repeat, in order. Each job's ε is
+        drawn in the background while the job before it runs."""
+        source, pending = self.engine.source, None
+        for start, n, values in self._values(data, batches):
+            for r in range(repeats):
+                job = (start, n, values, r, source.later(self._draw, values, names, start, r))
+                if pending:
+                    yield pending
+                pending = job
+        if pending:
+            yield pending
 
     def _draw(self, values: dict, names: list[str], start: int, repeat: int) -> dict[str, np.ndarray]:
         """ε for each noisy site of a batch and repeat: [draws, 1, N, ...], shared by every σ level."""
@@ -222,18 +282,18 @@ class SiteEvaluator:
                     feeds[term] = arr.reshape(g * y.shape[0], *y.shape[1:])
         return feeds
 
-    def _run(self, values, sigmas, eps) -> np.ndarray:
+    def _run(self, start: int, values, sigmas, eps) -> np.ndarray:
         out = self.engine.model.class_output
         return run(self.session, [out.name], self._feeds(values, sigmas, eps), "noisy model")[0]
 
-    def _choose_group(self, values: dict, levels: int) -> int:
+    def _choose_group(self, start: int, values: dict, levels: int) -> int:
         """How many σ levels one run takes: 1 unless a tiled batch reproduces the clean outputs at σ = 0."""
         if self.packable is None:
             zeros = {n: np.zeros((self.engine.noise.draws, 1, *values[n].shape), np.float32)
                      for n in [*self.host, *(t.site for t in self.terms)]}
             try:
-                got = self._run(values, np.zeros(2), zeros)
-                want = np.concatenate([self._run(values, np.zeros(1), zeros)] * 2)
+                got = self._run(start, values, np.zeros(2), zeros)
+                want = np.concatenate([self._run(start, values, np.zeros(1), zeros)] * 2)
                 ok = got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
             except Exception:
                 ok = False
@@ -256,47 +316,48 @@ class SiteEvaluator:
         nonfinite = np.zeros((levels, repeats), dtype=np.int64)
         kind = self.engine.model.class_output.kind
         noisy_sites = [*self.host, *(t.site for t in self.terms)]
-        samples = 0
-        for start, n, values in self._values(data, batches):
-            samples += n
+        samples, group = 0, None
+        for start, n, values, r, drawn in self._jobs(data, batches, repeats, noisy_sites):
+            samples += n if r == 0 else 0
             target = targets[start : start + n]
-            group = self._choose_group(values, levels)
-            for r in range(repeats):
-                eps = self._draw(values, noisy_sites, start, r)
-                g0 = 0
-                while g0 < levels:
-                    chunk = sigmas[g0 : g0 + group]
-                    try:
-                        out = self._run(values, chunk, eps)
-                    except OutOfMemory:
-                        if group == 1:
-                            raise
-                        group = max(1, group // 2)
-                        self.engine.notes.append(f"out of memory: fewer σ levels per run ({group})")
-                        continue
-                    pred, bad = predictions(out, kind)
-                    pred = pred.reshape(len(chunk), -1)[:, :n]
-                    bad = bad.reshape(len(chunk), -1)[:, :n]
-                    correct[g0 : g0 + len(chunk), r] += (pred == target).sum(axis=1)
-                    nonfinite[g0 : g0 + len(chunk), r] += bad.sum(axis=1)
-                    self.engine.evaluations += len(chunk) * n
-                    if progress:
-                        progress(len(chunk) * n)
-                    g0 += len(chunk)
+            group = group or self._choose_group(start, values, levels)
+            eps = drawn.result()
+            g0 = 0
+            while g0 < levels:
+                chunk = sigmas[g0 : g0 + group]
+                try:
+                    out = self._run(start, values, chunk, eps)
+                except OutOfMemory:
+                    if group == 1:
+                        raise
+                    group = max(1, group // 2)
+                    self.engine.notes.append(f"out of memory: fewer σ levels per run ({group})")
+                    continue
+                pred, bad = predictions(out, kind)
+                pred = pred.reshape(len(chunk), -1)[:, :n]
+                bad = bad.reshape(len(chunk), -1)[:, :n]
+                correct[g0 : g0 + len(chunk), r] += (pred == target).sum(axis=1)
+                nonfinite[g0 : g0 + len(chunk), r] += bad.sum(axis=1)
+                self.engine.evaluations += len(chunk) * n
+                if progress:
+                    progress(len(chunk) * n)
+                g0 += len(chunk)
         return Counts(correct, nonfinite, samples)
 
 
 @dataclass
-class GraphNoiseEvaluator(SiteEvaluator):
-    """A site's suffix that draws its noise in the graph (RandomNormalLike) and tiles σ levels itself.
+class SuffixEvaluator(SiteEvaluator):
+    """A site's suffix that applies the noise itself and tiles the σ levels itself (`rewrite.graph_noise`).
 
     Runs through IOBinding: on CUDA the clean values of a batch are copied to the device once and kept there with
-    the rest of the cache, the noise never leaves the device, and only σ and the class output cross the bus.
+    the rest of the cache; ε drawn in the graph never leaves the device, and ε from the host crosses once per
+    (batch, repeat) whatever the number of levels. Only σ, ε and the class output cross the bus.
     """
 
     program: rewrite.GraphNoise | None = None
     device: str = "cpu"
     _on_device: dict = field(default_factory=dict)  # batch start -> clean values as OrtValues on the device
+    _last: int | None = None  # the batch most recently put on the device
 
     def _values(self, data: Dataset, batches: range):
         ort = self.engine.runtime._ort
@@ -304,22 +365,25 @@ class GraphNoiseEvaluator(SiteEvaluator):
             if start not in self._on_device:
                 on_device = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values[k]), self.device, 0)
                              for k in (*self.host, *self.passthrough)}
-                if not self._cache:  # the clean values are not kept either: neither are their device copies
-                    self._on_device.clear()
+                if not self._cache:  # the clean values are not kept either: keep this batch and the one in flight
+                    for old in [k for k in self._on_device if k != self._last]:
+                        del self._on_device[old]
                 self._on_device[start] = on_device
-            self._current = self._on_device[start]
+                self._last = start
             yield start, n, values
 
     def _draw(self, values, names, start, repeat):
-        return {}  # drawn inside the graph
+        if self.program.eps_mul is None and self.program.eps_add is None:
+            return {}  # drawn inside the graph
+        return super()._draw(values, names, start, repeat)
 
-    def _run(self, values, sigmas, eps) -> np.ndarray:
+    def _run(self, start: int, values, sigmas, eps) -> np.ndarray:
         program, out = self.program, self.engine.model.class_output.name
         site = self.host[0]
         rank = values[site].ndim
         dtype = values[site].dtype
         io = self.session.io_binding()
-        device = self._current
+        device = self._on_device[start]
         io.bind_ortvalue_input(program.site, device[site])
         for f, name in zip(self.passthrough, program.frontier):
             io.bind_ortvalue_input(name, device[f])
@@ -327,6 +391,9 @@ class GraphNoiseEvaluator(SiteEvaluator):
         for name, scale in ((program.sigma_mul, sm), (program.sigma_add, sa)):
             if name:
                 io.bind_cpu_input(name, scale.astype(dtype).reshape(-1, *([1] * (rank + 1))))
+        for name, term in ((program.eps_mul, 0), (program.eps_add, -1)):  # as in noise.noisy_levels
+            if name:
+                io.bind_cpu_input(name, np.ascontiguousarray(eps[site][term], dtype=dtype))
         io.bind_output(out, "cpu")
         try:
             self.session.run_with_iobinding(io, run_options())
@@ -343,6 +410,19 @@ def _moments(v: np.ndarray) -> tuple[int, float, float]:
         v = v[np.isfinite(v)]
         return v.size, float(v.sum(dtype=np.float64)), float(np.square(v.astype(np.float64)).sum())
     return v.size, total, squares
+
+
+def _fitting(reads: dict[str, tuple[str, ...]], batch: dict[str, np.ndarray], batches: int, budget: int) -> list[str]:
+    """The sites, in walk order, whose reads (site and frontier) over all batches fit in `budget` together,
+    estimated from the first batch; a value read by several sites counts once."""
+    chosen, held, total = [], set(), 0
+    for site, names in reads.items():
+        extra = sum(batch[n].nbytes for n in set(names) - held) * batches
+        if total + extra <= budget:
+            chosen.append(site)
+            held |= set(names)
+            total += extra
+    return chosen
 
 
 def _tile(a: np.ndarray, times: int) -> np.ndarray:

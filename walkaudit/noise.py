@@ -17,7 +17,7 @@ Common random numbers: one draw of ε per repeat serves every σ level of a batc
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +121,7 @@ class NormalSource:
         self.seed = int(seed)
         self.threads = threads or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._ahead = ThreadPoolExecutor(1)  # draws ahead (`later`); it hands the chunks on to the pool
 
     def normal(self, shape: tuple[int, ...], key: tuple[int, ...]) -> np.ndarray:
         out = np.empty(shape, dtype=np.float32)
@@ -140,10 +141,15 @@ class NormalSource:
             list(self._pool.map(fill, starts))
         return out
 
+    def later(self, fn, *args) -> Future:
+        """Run fn(*args) (a draw) in the background, so that it overlaps onnxruntime's run of the previous one."""
+        return self._ahead.submit(fn, *args)
+
     def map(self, fn, items) -> list:
         """fn over items on this source's threads (in order); plain map without a pool."""
         return list(self._pool.map(fn, items)) if self._pool is not None else list(map(fn, items))
 
     def close(self) -> None:
+        self._ahead.shutdown()
         if self._pool is not None:
             self._pool.shutdown()

@@ -197,34 +197,50 @@ def _value_info_like(name: str, site: str, types: dict[str, TensorSpec]) -> onnx
 
 #: Random ops have no onnxruntime kernel at opset ≥ 22; Slice takes its bounds as inputs from opset 10.
 GRAPH_NOISE_OPSETS = range(10, 22)
+#: A suffix that applies fed-in noise needs only Slice with inputs (opset 10) and Expand (8): any opset from 10.
+FED_NOISE_MIN_OPSET = 10
 
 
 @dataclass(frozen=True)
 class GraphNoise:
-    """A suffix that draws its own noise: feed the clean site value and frontier untiled, and σ per level."""
+    """A suffix that applies its own noise for G σ levels at once.
+
+    Feed the clean site value and frontier untiled [N, ...], and σ per level [G, 1, ...] (rank of the site + 1).
+    Where ε is fed (`eps_mul`, `eps_add` not None), feed one draw [1, N, ...] per term: it serves every level.
+    """
 
     model: onnx.ModelProto
     site: str  # graph input: the clean site value [N, ...]
     frontier: tuple[str, ...]  # graph inputs: clean values [N, ...], tiled inside the graph
-    sigma_mul: str | None  # graph input [G, 1, ...] (rank of the site + 1)
+    sigma_mul: str | None  # graph input [G, 1, ...]
     sigma_add: str | None
+    eps_mul: str | None = None  # graph input [1, N, ...] when ε comes from the host; None: drawn in the graph
+    eps_add: str | None = None
 
 
-def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int) -> GraphNoise:
-    """Prepend in-graph noise to a suffix: y' = y·(1 + σm·ε1) + σa·ε2 for G levels at once.
+def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int = 0,
+                fed: bool = False) -> GraphNoise:
+    """Prepend noise to a suffix: y' = y·(1 + σm·ε1) + σa·ε2 for G levels at once.
 
-    ε is drawn by RandomNormalLike once per run ([1, N, ...]) and broadcast over the G levels (common random
-    numbers); the result [G, N, ...] is reshaped to [G·N, ...], and every frontier value is tiled the same way.
-    With a `seed` attribute the generator is stateful per session: each run draws anew, a new session replays.
-    onnxruntime reads the (float) seed as an integer: ε1 and ε2 get seeds 2·seed and 2·seed + 1.
+    ε is one array [1, N, ...] per run, broadcast over the G levels (common random numbers); the result
+    [G, N, ...] is reshaped to [G·N, ...], and every frontier value is tiled the same way. The arithmetic is the
+    host's (`noise.noisy_levels`), op for op, so both give the same values.
+
+    - `fed=False`: RandomNormalLike draws ε (opsets 10–21). With a `seed` attribute the generator is stateful per
+      session: each run draws anew, a new session replays. onnxruntime reads the (float) seed as an integer: ε1
+      and ε2 get seeds 2·seed and 2·seed + 1.
+    - `fed=True`: ε is a graph input, drawn by the host (any opset from 10). onnxruntime then does the apply and
+      the tiling in its own threads and arena.
     """
     model, site = sfx.model, sfx.site
     elem = types[site].elem_type
     nodes: list[onnx.NodeProto] = []
+    inputs: list[onnx.ValueInfoProto] = []
     inits = [
         onnx.numpy_helper.from_array(np.array([1], np.int64), "walkaudit.one"),
         onnx.numpy_helper.from_array(np.array([-1], np.int64), "walkaudit.minus_one"),
         onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "walkaudit.end"),
+        onnx.numpy_helper.from_array(np.array([0], np.int64), "walkaudit.zero"),
     ]
 
     def node(op, inputs, name, **attrs):
@@ -239,23 +255,33 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
         lift = node("Concat", ["walkaudit.one", shape], f"{value}/lift", axis=0)
         return node("Reshape", [value, lift], f"{value}/lifted"), folded
 
+    def epsilon(term: str, seed_: int) -> str:
+        if not fed:
+            return node("RandomNormalLike", [y], f"walkaudit/eps_{term}", dtype=elem, seed=float(seed_))
+        name = f"walkaudit.eps_{term}"
+        inputs.append(helper.make_tensor_value_info(name, elem, [None] * (rank + 1)))
+        return name
+
+    rank = len(types[site].shape) if types[site].shape is not None else None
+    if fed and rank is None:
+        raise ModelError(f"cannot feed noise to {site}: its rank is unknown")
     clean = f"{site}.clean"
     y, folded = lifted(clean)
     sm, sa = ("walkaudit.sigma_mul" if has_mul else None), ("walkaudit.sigma_add" if has_add else None)
+    eps_mul = eps_add = None
     noisy = y
     if sm:
-        eps = node("RandomNormalLike", [y], "walkaudit/eps_mul", dtype=elem, seed=float(2 * seed))
+        eps_mul = epsilon("mul", 2 * seed)
         one = onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), "walkaudit.unit")
         inits.append(one)
-        factor = node("Add", [node("Mul", [sm, eps], "walkaudit/scaled_mul"), "walkaudit.unit"], "walkaudit/factor")
+        factor = node("Add", [node("Mul", [sm, eps_mul], "walkaudit/scaled_mul"), "walkaudit.unit"], "walkaudit/factor")
         noisy = node("Mul", [noisy, factor], "walkaudit/noisy_mul")
     if sa:
-        eps = node("RandomNormalLike", [y], "walkaudit/eps_add", dtype=elem, seed=float(2 * seed + 1))
-        noisy = node("Add", [noisy, node("Mul", [sa, eps], "walkaudit/scaled_add")], "walkaudit/noisy_add")
+        eps_add = epsilon("add", 2 * seed + 1)
+        noisy = node("Add", [noisy, node("Mul", [sa, eps_add], "walkaudit/scaled_add")], "walkaudit/noisy_add")
     nodes.append(helper.make_node("Reshape", [noisy, folded], [site], name="walkaudit/fold"))
     levels = node("Shape", [sm or sa], "walkaudit/levels")
     count = node("Slice", [levels, "walkaudit.zero", "walkaudit.one"], "walkaudit/count")
-    inits.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "walkaudit.zero"))
     for f in sfx.frontier:
         f_lifted, f_folded = lifted(f"{f}.clean")
         shape = node("Shape", [f_lifted], f"{f}.clean/lifted_shape")
@@ -273,8 +299,11 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     for name in (sm, sa):
         if name:
             graph.input.append(helper.make_tensor_value_info(name, elem, None))
+    graph.input.extend(inputs)
     body = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + body)
     graph.initializer.extend(inits)
-    return GraphNoise(out, clean, tuple(f"{f}.clean" for f in sfx.frontier), sm, sa)
+    if not fed:
+        eps_mul = eps_add = None  # internal values, not inputs
+    return GraphNoise(out, clean, tuple(f"{f}.clean" for f in sfx.frontier), sm, sa, eps_mul, eps_add)
