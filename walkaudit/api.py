@@ -28,7 +28,7 @@ class AuditConfig:
     sigmas: tuple[float, ...] | None = None  # None: adaptive search
     repeats: int = 3
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 256 on the CPU, sized to the device's free memory on CUDA
     provider: str = "auto"
     chance: float | None = None
     output: str | None = None
@@ -46,7 +46,7 @@ class AuditConfig:
             raise UsageError(f"mode must be walk or global, got {self.mode!r}")
         if self.repeats < 1:
             raise UsageError(f"--repeats must be at least 1, got {self.repeats}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.chance is not None and not 0.0 <= self.chance < 1.0:
             raise UsageError(f"--chance must be in [0, 1), got {self.chance}")

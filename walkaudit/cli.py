@@ -215,7 +215,8 @@ def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> No
 @click.option("--sigmas", metavar="LIST|A:B:N",
               help="Fixed σ grid: '0.01,0.1,1' or '1e-3:1e2:21' (log). Default: adaptive search per site.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Noise draws per σ.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Samples per clean batch.")
+@click.option("--batch-size", type=int, default=None,
+              help="Samples per batch [default: 256 on the CPU; sized to the free device memory on CUDA].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (same seed, same report).")
 @click.option("--chance", type=float, help="Chance accuracy [default: 1/classes].")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,

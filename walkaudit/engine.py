@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import noise as noise_mod
-from . import rewrite
+from . import rewrite, sizing
 from .data import Dataset
 from .errors import UsageError
 from .model import LoadedModel
@@ -26,8 +26,6 @@ from .runtime import OutOfMemory, Runtime, failure, run, run_options
 from .sites import Site
 from .sweep import Counts
 
-#: Largest tensor (in elements) one packed run feeds; bounds memory whatever the data set size.
-RUN_ELEMENTS = 1 << 22
 #: Clean values kept per site between σ rounds (bytes).
 CACHE_BYTES = 256 << 20
 
@@ -64,7 +62,7 @@ class Engine:
     noise: Noise
     source: NormalSource
     sites: list[Site]
-    batch_size: int = 256
+    batch_size: int | None = None  # None: sizing.DEFAULT_BATCH on the CPU, sized to the device's memory on CUDA
     noise_source: str = "auto"  # "host" | "graph" | "auto"
     notes: list[str] = field(default_factory=list)
 
@@ -77,6 +75,11 @@ class Engine:
         self._clean = self.runtime.session(rewrite.expose(self.model.proto, exposed, self.model.types))
         self._kept: dict[int, dict[str, np.ndarray]] = {}  # batch index -> clean values kept by the clean pass
         self._keep_order: list[str] = []  # sites whose values are kept, in walk order
+        self.device_free = self.runtime.device_memory()  # None on the CPU
+        if self.batch_size is None:
+            self.batch_size = (sizing.DEFAULT_BATCH if self.device_free is None else
+                               sizing.device_batch(self.device_free, sizing.row_bytes(self.model.proto.graph,
+                                                                                      self.model.types)))
         self._input_names = {s.name for s in self.model.inputs}
         fixed = self.model.batch_size
         if fixed is not None and fixed != self.batch_size:
@@ -154,18 +157,20 @@ class Engine:
         kept = self._take(site.name)
         # the clean pass kept every batch of what this site reads: no prefix needed
         prefix = self._clean if kept else self._prefix(site, suffix)
+        row = sizing.row_bytes(suffix.model.graph, types)
         in_graph = self.uses_graph_noise()
         if not in_graph and (self.model.opset < rewrite.FED_NOISE_MIN_OPSET or types[site.name].shape is None):
             session = self.runtime.session(suffix.model, f"part of the model after {site.name}")
             return SiteEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
-                                 terms=[], prefix=prefix).holding(kept)
+                                 terms=[], prefix=prefix, row_bytes=row).holding(kept)
         sm, sa = self.noise.scales(np.ones(1))
         program = rewrite.graph_noise(suffix, types, sm is not None, sa is not None,
                                       seed=self.source.seed * 10007 + site.index, fed=not in_graph)
         session = self.runtime.session(program.model, f"part of the model after {site.name}")
         device = "cuda" if self.runtime.provider == "CUDAExecutionProvider" else "cpu"
         return SuffixEvaluator(self, session, key=site.index, host=[site.name], passthrough=list(suffix.frontier),
-                               terms=[], prefix=prefix, program=program, device=device).holding(kept)
+                               terms=[], prefix=prefix, program=program, device=device,
+                               row_bytes=row).holding(kept)
 
     def _take(self, site: str) -> dict[int, dict[str, np.ndarray]]:
         """Hand over what the clean pass kept for `site` (batch index -> values), and forget what no later site
@@ -201,7 +206,7 @@ class Engine:
         proto, injections = rewrite.inject(self.model.proto, names, self.model.types, sm is not None, sa is not None)
         session = self.runtime.session(proto, "model with noise at every site")
         return SiteEvaluator(self, session, key=len(self.sites) + 1, host=[], passthrough=[], terms=injections,
-                             feed_inputs=True)
+                             feed_inputs=True, row_bytes=sizing.row_bytes(proto.graph, self.model.types))
 
 
 @dataclass
@@ -217,6 +222,7 @@ class SiteEvaluator:
     feed_inputs: bool = False  # also feed the model's data inputs (global mode)
     prefix: object = None  # session computing the clean values this program reads (default: the clean model)
     packable: bool | None = None  # does the graph take a tiled batch (several σ levels in one run)?
+    row_bytes: int = 1  # bytes per row of the values the program computes (sizes runs on a device)
     _cache: dict = field(default_factory=dict)  # batch index -> clean values, within CACHE_BYTES
     _cached: int = 0
 
@@ -304,7 +310,8 @@ class SiteEvaluator:
         if not self.packable:
             return 1
         per_level = sum(values[n].size for n in [*self.host, *self.passthrough, *(t.site for t in self.terms)])
-        return int(max(1, min(levels, RUN_ELEMENTS // max(per_level, 1))))
+        rows = len(values[[*self.host, *(t.site for t in self.terms)][0]])
+        return sizing.levels_per_run(levels, rows, per_level, self.row_bytes, self.engine.device_free)
 
     def evaluate(self, data: Dataset, targets: np.ndarray, sigmas, repeats: int,
                  progress: Progress | None = None, batches: range | None = None) -> Counts:

@@ -235,6 +235,38 @@ class Runtime:
         return session
 
 
+    def device_memory(self) -> int | None:
+        """Free bytes on the CUDA device sessions run on; None on the CPU or where the driver cannot be asked."""
+        if self.provider != "CUDAExecutionProvider":
+            return None
+        return cuda_free_bytes()
+
+
+_CUDART = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0")
+
+
+def cuda_free_bytes(device: int = 0) -> int | None:
+    """Free memory of a CUDA device: cudaMemGetInfo from the CUDA runtime onnxruntime has loaded (found by its
+    soname), else nvidia-smi; None when neither answers."""
+    import ctypes
+    import subprocess
+
+    for name in _CUDART:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if lib.cudaSetDevice(device) == 0 and lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+            return int(free.value)
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i",
+                              str(device)], capture_output=True, text=True, timeout=10, check=True).stdout
+        return int(float(out.split()[0])) << 20  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 _RUN_OPTIONS = None
 
 

@@ -1,0 +1,56 @@
+"""How many rows one run takes: pure arithmetic on the model's value shapes and a memory budget.
+
+- On the CPU, runs stay small (`CPU_RUN_ELEMENTS` per fed tensor): the elementwise work of a suffix then stays in
+  the caches, which measured faster than larger runs (docs/performance.md).
+- On a GPU, runs are as large as the device's free memory allows: the data batch and the number of σ levels packed
+  into one run are sized from the bytes one row of the model (or of a suffix) occupies, counted over every value
+  the graph computes. That count ignores onnxruntime's buffer reuse, so it overestimates, and only a share of the
+  free memory (`DEVICE_SHARE`) is planned for; a run that still does not fit is retried with fewer levels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .model import TensorSpec
+
+#: Largest tensor (in elements) one packed run feeds on the CPU.
+CPU_RUN_ELEMENTS = 1 << 22
+#: Share of the device's free memory that one run plans for (the rest: the clean-value cache, arena slack).
+DEVICE_SHARE = 0.25
+#: Data batch without a device budget (CPU), and the bounds of a batch sized to a device.
+DEFAULT_BATCH = 256
+MAX_DEVICE_BATCH = 8192
+
+
+def row_bytes(graph: onnx.GraphProto, types: dict[str, TensorSpec]) -> int:
+    """Bytes of every value the graph computes, per row (dimension 0 is the batch). Unknown dimensions count 1."""
+    total = 0
+    for node in graph.node:
+        for name in node.output:
+            spec = types.get(name)
+            if spec is None or not spec.shape:
+                continue
+            per_row = int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]], dtype=np.int64))
+            total += per_row * spec.dtype.itemsize
+    return max(total, 1)
+
+
+def device_batch(free: int, row: int) -> int:
+    """The data batch for a device with `free` bytes, given the clean model's bytes per row."""
+    rows = int(free * DEVICE_SHARE) // max(row, 1)
+    return int(max(1, min(rows, MAX_DEVICE_BATCH)))
+
+
+def levels_per_run(levels: int, rows: int, per_level_elements: int, row: int, free: int | None) -> int:
+    """σ levels packed into one run of `rows` rows per level.
+
+    per_level_elements: elements fed per level (site and frontier values of one batch), which bounds a CPU run.
+    row: bytes per row of the suffix that runs; free: the device's free bytes (None on the CPU).
+    """
+    if free is None:
+        fit = CPU_RUN_ELEMENTS // max(per_level_elements, 1)
+    else:
+        fit = int(free * DEVICE_SHARE) // max(rows * row, 1)
+    return int(max(1, min(levels, fit)))
