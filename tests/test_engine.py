@@ -140,3 +140,33 @@ def test_eps_drawn_ahead_gives_the_numbers_drawn_in_turn(monkeypatch):
     monkeypatch.setattr(NormalSource, "later", lambda self, fn, *a: Now(fn(*a)))
     in_turn = walkaudit.audit(model, x, **args)
     assert _points(ahead) == _points(in_turn)
+
+
+def test_device_copies_are_kept_only_for_cached_batches(monkeypatch):
+    """With room in the cache for 5 of 20 batches, a walk holds the device copies of those 5 and of two more at most
+    (the one running and the one whose ε is drawn ahead), not one per batch of the data set."""
+    monkeypatch.setattr(engine_mod, "CACHE_BYTES", 0)
+    model = resnet_block(seed=10)
+    loaded = walkaudit.model.load_model(model)
+    sites = walkaudit.sites.select(loaded.proto, loaded.types, walkaudit.sites.Selection(), loaded.class_output.name)
+    source = NormalSource(0, threads=1)
+    engine = engine_mod.Engine(loaded, walkaudit.runtime.Runtime("cpu"), Noise(), source, sites, batch_size=10)
+    x = np.random.default_rng(10).normal(size=(200, 1, 6, 6)).astype(np.float32)
+    data = walkaudit.data.from_arrays(x, None, loaded.inputs)
+    clean = engine.clean_pass(data, None, keep=True)
+    assert engine.kept_bytes == 0
+    monkeypatch.setattr(engine_mod, "CACHE_BYTES", 5 * 10 * 144 * 4)  # 5 batches of site a (10 × 4×6×6 floats)
+    evaluator = engine.walk(sites[0])
+    held = []
+    real = engine_mod.SuffixEvaluator._run
+
+    def run(self, start, values, sigmas, eps):
+        held.append(len(self._on_device))
+        return real(self, start, values, sigmas, eps)
+
+    monkeypatch.setattr(engine_mod.SuffixEvaluator, "_run", run)
+    counts = evaluator.evaluate(data, clean.targets, [0.0, 1.0], repeats=2)
+    assert counts.samples == 200 and counts.correct[0].tolist() == [200, 200]  # σ = 0 agrees with the clean pass
+    assert len(evaluator._cache) == 5
+    assert len(held) > 20 and max(held) <= 5 + 2
+    source.close()

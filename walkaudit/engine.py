@@ -363,20 +363,22 @@ class SuffixEvaluator(SiteEvaluator):
 
     program: rewrite.GraphNoise | None = None
     device: str = "cpu"
-    _on_device: dict = field(default_factory=dict)  # batch start -> clean values as OrtValues on the device
+    _on_device: dict = field(default_factory=dict)  # batch index -> clean values as OrtValues on the device
     _last: int | None = None  # the batch most recently put on the device
 
     def _values(self, data: Dataset, batches: range):
         ort = self.engine.runtime._ort
         for start, n, values in super()._values(data, batches):
-            if start not in self._on_device:
-                on_device = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values[k]), self.device, 0)
-                             for k in (*self.host, *self.passthrough)}
-                if not self._cache:  # the clean values are not kept either: keep this batch and the one in flight
-                    for old in [k for k in self._on_device if k != self._last]:
-                        del self._on_device[old]
-                self._on_device[start] = on_device
-                self._last = start
+            i = start // self.engine.batch_size
+            if i not in self._on_device:
+                # device copies live as long as their batch is cached, plus the batch before (its ε was drawn ahead
+                # and it may still be running): never one per batch of the data set
+                for old in [k for k in self._on_device if k not in self._cache and k != self._last]:
+                    del self._on_device[old]
+                self._on_device[i] = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values[k]),
+                                                                           self.device, 0)
+                                      for k in (*self.host, *self.passthrough)}
+                self._last = i
             yield start, n, values
 
     def _draw(self, values, names, start, repeat):
@@ -390,7 +392,7 @@ class SuffixEvaluator(SiteEvaluator):
         rank = values[site].ndim
         dtype = values[site].dtype
         io = self.session.io_binding()
-        device = self._on_device[start]
+        device = self._on_device[start // self.engine.batch_size]
         io.bind_ortvalue_input(program.site, device[site])
         for f, name in zip(self.passthrough, program.frontier):
             io.bind_ortvalue_input(name, device[f])
