@@ -306,3 +306,23 @@ def test_noisy_levels_is_bit_identical_to_terms_then_apply(kind, threads):
         source.close()
     assert got.tobytes() == want.tobytes()
     assert np.array_equal(got[0], y)  # σ = 0
+
+
+@pytest.mark.parametrize("size", [1, 7, 100_001])
+def test_box_muller_fills_every_element_with_standard_normals(size):
+    from scipy import stats
+
+    from walkaudit.noise import box_muller
+
+    out = np.full(size, np.nan, dtype=np.float32)
+    box_muller(np.random.default_rng(11), out)
+    assert np.isfinite(out).all() and np.abs(out).max() < 5.8  # r = √(−2 ln u) with u ≥ 2⁻²⁴
+    if size > 1000:
+        # seeded, so deterministic; the bound is the KS critical value at α = 0.001
+        assert stats.kstest(out.astype(np.float64), "norm").statistic < 1.95 / np.sqrt(size)
+        half = (size + 1) // 2  # the two halves hold r·cos θ and r·sin θ of the same pairs: uncorrelated
+        rest = size - half
+        corr = np.corrcoef(out[:rest], out[half:])[0, 1]
+        assert abs(corr) < 5 / np.sqrt(rest)
+        # and so are their squares (a dependence that correlation of the values would miss)
+        assert abs(np.corrcoef(out[:rest] ** 2, out[half:] ** 2)[0, 1]) < 5 / np.sqrt(rest)

@@ -111,6 +111,27 @@ def apply(y: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None) -> np.n
     return out.astype(y.dtype, copy=False)
 
 
+def box_muller(rng: np.random.Generator, out: np.ndarray) -> None:
+    """Fill the float32 vector `out` with standard normal numbers: the Box–Muller transform of uniform pairs.
+
+    z₁ = r·cos θ, z₂ = r·sin θ with r = √(−2 ln u₁), θ = 2π·u₂ are two independent N(0, 1) numbers. In float32 with
+    numpy's vectorised log, sqrt, cos and sin this draws about 2.4x faster than numpy's float32 ziggurat
+    (`Generator.standard_normal`): 205 against 87 M values/s on one core here (docs/performance.md), and the draw is
+    what limits noisy evaluation on the CPU. u₁ has 24 bits, so |z| ≤ 5.8: the mass left out is 7e-9.
+    """
+    half = (out.size + 1) // 2
+    r = rng.random(half, dtype=np.float32)
+    theta = rng.random(half, dtype=np.float32)
+    np.subtract(np.float32(1.0), r, out=r)  # (0, 1]: the log is finite
+    np.log(r, out=r)
+    np.multiply(r, np.float32(-2.0), out=r)
+    np.sqrt(r, out=r)
+    np.multiply(theta, np.float32(2.0 * np.pi), out=theta)
+    rest = out.size - half
+    np.multiply(r, np.cos(theta), out=out[:half])
+    np.multiply(r[:rest], np.sin(theta[:rest]), out=out[half:])
+
+
 class NormalSource:
     """Reproducible standard normal numbers keyed by (seed, *key), drawn in parallel threads.
 
@@ -132,7 +153,7 @@ class NormalSource:
             # the key's length goes in too: numpy's SeedSequence pads short entropy with zeros, so without it
             # (1,) and (1, 0) -- or chunk 2 of key (1,) and chunk 0 of key (1, 2) -- would draw the same numbers
             rng = np.random.default_rng([self.seed, len(key), *key, start // CHUNK])
-            rng.standard_normal(out=flat[start : start + CHUNK], dtype=np.float32)
+            box_muller(rng, flat[start : start + CHUNK])
 
         if self._pool is None or flat.size <= CHUNK:
             for s in starts:
