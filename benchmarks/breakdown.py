@@ -5,8 +5,11 @@ Exclusive times (a function's time minus the wrapped functions it calls), so the
     sessions      creating onnxruntime sessions (serialising the rewritten models, graph optimisation)
     clean pass    the clean model over the data once: "model" is onnxruntime running it (every site exposed as
                   an output), "statistics" the numpy work on its outputs (predictions, activation std per site)
-    cache fill    the clean model again, per site, for the values its suffix reads (site + frontier)
-    noise draw    NormalSource.normal: ε ~ N(0, 1), one draw per (site, batch, repeat)
+    cache fill    per site, the prefix sessions computing the values its suffix reads (site + frontier), for the
+                  sites whose values the clean pass could not keep
+    noise draw    NormalSource.normal: ε ~ N(0, 1), one draw per (site, batch, repeat). The engine draws the next
+                  job's ε on a background thread while the current one runs; that time is reported apart
+                  ("noise draw (background)") and overlaps the rest, so it is not part of the total
     noise apply   SiteEvaluator._feeds: σ·ε for every level, y + σ·ε, tiling the frontier (numpy, host; only where
                   the host computes the noisy value: models before opset 10, and global mode)
     suffix runs   onnxruntime running the noisy suffixes. Since the noise is applied in the graph (σ·ε, y + σ·ε and
@@ -21,6 +24,7 @@ Monkeypatching is confined to the `profiled` context manager; walkaudit's files 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import defaultdict
 
@@ -29,25 +33,38 @@ from walkaudit import engine as engine_mod
 
 
 class Profiler:
+    """Exclusive seconds per label. Each thread keeps its own call stack; time spent in threads other than the one
+    that made the profiler (the draw ahead of the noise) is kept apart, under `background`, and is not part of the
+    total: it overlaps the main thread's work."""
+
     def __init__(self):
         self.exclusive = defaultdict(float)
-        self._stack: list[list] = []  # [label, child seconds]
+        self.background = defaultdict(float)
+        self._main = threading.get_ident()
+        self._local = threading.local()
+
+    def _stack(self) -> list[list]:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []  # [label, child seconds]
+        return self._local.stack
 
     def wrap(self, label, fn):
         prof = self
 
         def wrapper(*args, **kwargs):
-            name = label(prof._stack) if callable(label) else label
-            prof._stack.append([name, 0.0])
+            stack = prof._stack()
+            name = label(stack) if callable(label) else label
+            stack.append([name, 0.0])
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 spent = time.perf_counter() - t
-                _, children = prof._stack.pop()
-                prof.exclusive[name] += spent - children
-                if prof._stack:
-                    prof._stack[-1][1] += spent
+                _, children = stack.pop()
+                into = prof.exclusive if threading.get_ident() == prof._main else prof.background
+                into[name] += spent - children
+                if stack:
+                    stack[-1][1] += spent
 
         return wrapper
 
@@ -94,8 +111,8 @@ def profiled():
 
 
 def audit_breakdown(*args, **kwargs) -> dict:
-    """Run walkaudit.audit(*args, **kwargs) under the profiler; seconds per part."""
+    """Run walkaudit.audit(*args, **kwargs) under the profiler; seconds per part (background parts suffixed)."""
     with profiled() as prof:
         api.audit(*args, **kwargs)
-    return dict(prof.exclusive)
+    return {**prof.exclusive, **{f"{k} (background)": v for k, v in prof.background.items()}}
 

@@ -9,16 +9,15 @@
 2. The cache fill: one run of the clean model with every site exposed, asking for all outputs, for one, for the
    logits only; the plain model; and a prefix model that computes only the first site (what walkaudit's per-site
    prefix sessions do).
-3. Normal numbers: walkaudit's NormalSource (1 and 2 threads), raw numpy, torch.randn, onnxruntime's
-   RandomNormalLike.
-4. Host noise application: what SiteEvaluator._feeds does for the stem (K = 8 levels of 256 rows) against the same
-   arithmetic written into preallocated buffers.
+3. Normal numbers: walkaudit's NormalSource (1 and 2 threads), its Box–Muller transform and numpy's ziggurat on one
+   thread, torch.randn, onnxruntime's RandomNormalLike.
+4. Applying the noise for the stem (K = 8 levels of 256 rows): in the graph from a fed ε (what the engine does)
+   against numpy on the host (its fallback for models before opset 10).
 Medians of 5 timed calls after one warm-up call.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import tempfile
@@ -38,10 +37,11 @@ sys.path.insert(0, str(HERE))
 
 import models
 
+from walkaudit import noise as noise_mod
 from walkaudit import rewrite
 from walkaudit import runtime as wa_runtime
 from walkaudit.model import load_model
-from walkaudit.noise import Noise, NormalSource
+from walkaudit.noise import Noise, NormalSource, box_muller
 from walkaudit.sites import Selection, select
 
 THREADS = 2
@@ -124,7 +124,9 @@ def main() -> None:
         src.close()
     rng = np.random.default_rng(0)
     out = np.empty(count, np.float32)
-    print(f"   numpy standard_normal: {count / timed(lambda: rng.standard_normal(out=out, dtype=np.float32)) / 1e3:.0f}")
+    print(f"   numpy standard_normal (float32 ziggurat), one thread: "
+          f"{count / timed(lambda: rng.standard_normal(out=out, dtype=np.float32)) / 1e3:.0f}")
+    print(f"   walkaudit.noise.box_muller, one thread: {count / timed(lambda: box_muller(rng, out)) / 1e3:.0f}")
     print(f"   torch.randn: {count / timed(lambda: torch.randn(count)) / 1e3:.0f}")
     graph = helper.make_graph(
         [helper.make_node("RandomNormalLike", ["y"], ["e"], dtype=TensorProto.FLOAT)], "rng",
@@ -134,33 +136,28 @@ def main() -> None:
     y = np.zeros(count, np.float32)
     print(f"   onnxruntime RandomNormalLike: {count / timed(lambda: rnl.run(None, {'y': y})) / 1e3:.0f}")
 
-    print("\n4. host noise application for the stem, K = 8 levels of 256 rows (ms)")
+    print("\n4. applying the noise for the stem, K = 8 levels of 256 rows (ms)")
     noise = Noise("additive")
-    site_value = values[stem][:256]
-    eps = np.random.default_rng(0).standard_normal((1, 1, *site_value.shape), dtype=np.float32)
+    site_value = np.ascontiguousarray(values[stem][:256])
+    eps = NormalSource(0, 1).normal((1, 1, *site_value.shape), (0,))
     sigmas = np.logspace(-1, 1, 8)
+    spec = loaded.types[stem]
+    io = helper.make_tensor_value_info(stem, spec.elem_type, [None] * len(spec.shape))
+    bare = helper.make_model(helper.make_graph([], "apply", [io], [io]), opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=8)  # an empty suffix: the program is the noise prologue alone
+    program = rewrite.graph_noise(rewrite.Suffix(bare, stem, ()), loaded.types, False, True, fed=True)
+    prologue = session(program.model)
+    feeds = {program.site: site_value, program.eps_add: eps[0],
+             program.sigma_add: sigmas.astype(np.float32).reshape(-1, 1, 1, 1, 1)}
+    source = NormalSource(0, THREADS)
 
-    from walkaudit import noise as noise_mod
-    consume = "consume" in inspect.signature(noise_mod.apply).parameters  # as the engine calls it, where it can
+    def on_host():  # the fallback path (models before opset 10): numpy, level by level on the noise threads
+        return noise_mod.noisy_levels(noise, site_value, sigmas, eps, source.map)
 
-    def as_engine():
-        _, add = noise.terms(sigmas, eps, dtype=np.float32)
-        extra = {"consume": True} if consume else {}
-        noisy = noise_mod.apply(site_value[None], None, add[0], **extra)
-        return noisy.reshape(8 * 256, *site_value.shape[1:])
-
-    buffer = np.empty((8, *site_value.shape), np.float32)
-
-    def in_place():
-        for level, sigma in enumerate(sigmas.astype(np.float32)):
-            np.multiply(eps[0, 0], sigma, out=buffer[level])
-            buffer[level] += site_value
-        return buffer.reshape(8 * 256, *site_value.shape[1:])
-
-    assert np.allclose(as_engine(), in_place())
-    print(f"   noise.terms + noise.apply{' (consume=True)' if consume else ''} (as SiteEvaluator._feeds): "
-          f"{timed(as_engine):.0f}; "
-          f"preallocated, in place, one thread: {timed(in_place):.0f}")
+    assert np.array_equal(prologue.run([stem], feeds)[0], on_host().reshape(8 * 256, *site_value.shape[1:]))
+    print(f"   in the graph (rewrite.graph_noise, fed ε; the default): {timed(lambda: prologue.run([stem], feeds)):.0f}; "
+          f"on the host (noise.noisy_levels, {THREADS} threads): {timed(on_host):.0f}")
+    source.close()
 
 
 if __name__ == "__main__":
