@@ -70,7 +70,7 @@ class Sizes:
     graph: bool = False  # also time walkaudit with noise_source="graph" (--graph)
     ref_batch: int = 1000  # batch of the two references (their fastest here); walkaudit keeps its default 256
     clean_levels: int = 8
-    clean_runs: int = 3
+    clean_runs: int = 5
     adaptive_models: tuple = ("LeNet-5", "ResNet-8")
     adaptive_samples: int = 1000
     adaptive_resnet_samples: int = 500
