@@ -113,14 +113,15 @@ def test_kept_values_are_handed_over_site_by_site_and_then_forgotten():
     source.close()
 
 
-def test_fitting_takes_sites_in_walk_order_within_the_budget_and_counts_shared_values_once():
-    batch = {"a": np.zeros(100, np.float32), "b": np.zeros(50, np.float32), "c": np.zeros(1000, np.float32),
+def test_fitting_takes_later_sites_first_within_the_budget_and_counts_shared_values_once():
+    batch = {"a": np.zeros(1000, np.float32), "b": np.zeros(50, np.float32), "c": np.zeros(100, np.float32),
              "d": np.zeros(10, np.float32)}
-    reads = {"a": ("a",), "b": ("b", "a"), "c": ("c",), "d": ("d", "a")}
-    # per batch: a 400 B, b 200 B, c 4000 B, d 40 B; 2 batches
+    reads = {"a": ("a",), "b": ("b", "a"), "c": ("c",), "d": ("d", "c")}
+    # per batch: a 4000 B, b 200 B, c 400 B, d 40 B; 2 batches
     assert _fitting(reads, batch, 2, 10_000) == ["a", "b", "c", "d"]
-    assert _fitting(reads, batch, 2, 2_000) == ["a", "b", "d"]  # c does not fit; d's "a" is already held
-    assert _fitting(reads, batch, 2, 1_000) == ["a", "d"]  # a and b would take 1200
+    assert _fitting(reads, batch, 2, 2_000) == ["c", "d"]  # d then c (c already held: free); b would need a too
+    assert _fitting(reads, batch, 2, 880) == ["c", "d"]  # d reads c: 80 + 800 B
+    assert _fitting(reads, batch, 2, 879) == ["c"]  # d (with c) does not fit; c alone does
     assert _fitting(reads, batch, 2, 0) == []
 
 

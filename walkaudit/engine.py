@@ -112,8 +112,8 @@ class Engine:
 
     def clean_pass(self, data: Dataset, labels: np.ndarray | None, progress: Progress | None = None,
                    keep: bool = False) -> Clean:
-        """Targets, clean accuracy and activation statistics. With `keep`, also keep what the walk's first sites
-        read (`Engine.walk`), as far as it fits in CACHE_BYTES: their prefixes then need not run."""
+        """Targets, clean accuracy and activation statistics. With `keep`, also keep what the walk's sites read
+        (`Engine.walk`), as far as it fits in CACHE_BYTES (`_fitting`): their prefixes then need not run."""
         out = self.model.class_output
         stats = {s.name: np.zeros(3) for s in self.sites}  # count, sum, sum of squares
         preds, width, shapes = [], None, {}
@@ -422,16 +422,17 @@ def _moments(v: np.ndarray) -> tuple[int, float, float]:
 
 
 def _fitting(reads: dict[str, tuple[str, ...]], batch: dict[str, np.ndarray], batches: int, budget: int) -> list[str]:
-    """The sites, in walk order, whose reads (site and frontier) over all batches fit in `budget` together,
-    estimated from the first batch; a value read by several sites counts once."""
-    chosen, held, total = [], set(), 0
-    for site, names in reads.items():
+    """The sites whose reads (site and frontier) over all batches fit in `budget` together, estimated from the first
+    batch; a value read by several sites counts once. Later sites are taken first: their prefixes cost the most to
+    run again, and their values are usually the smallest. Returned in walk order."""
+    chosen, held, total = set(), set(), 0
+    for site, names in reversed(reads.items()):
         extra = sum(batch[n].nbytes for n in set(names) - held) * batches
         if total + extra <= budget:
-            chosen.append(site)
+            chosen.add(site)
             held |= set(names)
             total += extra
-    return chosen
+    return [site for site in reads if site in chosen]
 
 
 def _tile(a: np.ndarray, times: int) -> np.ndarray:
