@@ -117,13 +117,13 @@ class Engine:
         out = self.model.class_output
         stats = {s.name: np.zeros(3) for s in self.sites}  # count, sum, sum of squares
         preds, width, shapes = [], None, {}
-        names = [out.name, *stats, *(n for reads in self._reads.values() for n in reads)] if keep else [out.name,
-                                                                                                        *stats]
+        reads = [n for names in self._reads.values() for n in names] if keep else []
+        kept: set[str] = set()
         for i, (_, n, feeds) in enumerate(self._batches(data)):
-            values = self.clean_values(feeds, names)
+            values = self.clean_values(feeds, [out.name, *stats, *reads])
             if keep and i == 0:
                 self._keep_order = _fitting(self._reads, values, self.n_batches(data), CACHE_BYTES)
-            kept = {r for site in self._keep_order for r in self._reads[site]}
+                kept = {r for site in self._keep_order for r in self._reads[site]}
             if kept:
                 self._kept[i] = {r: values[r] for r in kept}
             pred, _ = predictions(values[out.name], out.kind)
