@@ -116,7 +116,7 @@ def box_muller(rng: np.random.Generator, out: np.ndarray) -> None:
 
     z₁ = r·cos θ, z₂ = r·sin θ with r = √(−2 ln u₁), θ = 2π·u₂ are two independent N(0, 1) numbers. In float32 with
     numpy's vectorised log, sqrt, cos and sin this draws about 2.4x faster than numpy's float32 ziggurat
-    (`Generator.standard_normal`): 205 against 87 M values/s on one core here (docs/performance.md), and the draw is
+    (`Generator.standard_normal`): 234 against 88 M values/s on one core here (docs/performance.md), and the draw is
     what limits noisy evaluation on the CPU. u₁ has 24 bits, so |z| ≤ 5.8: the mass left out is 8e-9.
     """
     half = (out.size + 1) // 2
