@@ -141,6 +141,15 @@ def test_inspect_lists_sites(mlp_files):
     assert sites[0]["shape"] == ["N", 32]
 
 
+def test_inspect_table_says_what_it_lists_on_one_line(mlp_files, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # narrower than the summary line, which must not wrap
+    result = invoke("inspect", mlp_files / "mlp.onnx")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == "2 sites of mlp.onnx (class output 'logits', scores)"
+    assert any("logits" in line and "Gemm" in line for line in lines[1:])
+
+
 def test_help_names_the_main_flags():
     result = invoke("audit", "--help")
     for flag in ("--data", "--noise", "--sigmas", "--repeats", "--global", "--fail-under", "--json", "--provider"):

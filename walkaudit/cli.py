@@ -286,14 +286,17 @@ def inspect(model, ops, include, exclude, as_json):
                                 "shape": None if s.shape is None else list(s.shape)} for s in sites], indent=2))
         return
     out = loaded.class_output
-    table = Table(title=f"{len(sites)} sites of {Path(model).name} (class output '{out.name}', {out.kind})",
-                  title_justify="left", header_style="bold")
+    table = Table(header_style="bold")
     for col in ("#", "tensor", "node", "op", "shape"):
         table.add_column(col, justify="right" if col == "#" else "left")
     for s in sites:
         shape = "?" if s.shape is None else "×".join("?" if d is None else str(d) for d in s.shape)
         table.add_row(str(s.index), s.name, s.node, s.op_type, shape)
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    # a line of its own, not the table's title: rich wraps a title to the table's width
+    console.print(f"{len(sites)} sites of {Path(model).name} (class output '{out.name}', {out.kind})", markup=False,
+                  soft_wrap=True)
+    console.print(table)
 
 
 @main.command()
