@@ -171,3 +171,24 @@ def test_device_copies_are_kept_only_for_cached_batches(monkeypatch):
     assert len(evaluator._cache) == 5
     assert len(held) > 20 and max(held) <= 5 + 2
     source.close()
+
+
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+@pytest.mark.parametrize("build", [mlp, resnet_block])
+def test_global_mode_gives_the_same_points_with_the_noise_applied_in_the_graph_or_from_host_terms(kind, build,
+                                                                                                monkeypatch):
+    model = build(seed=12)
+    shape = (240, 16) if build is mlp else (240, 1, 6, 6)
+    x = np.random.default_rng(12).normal(size=shape).astype(np.float32)
+    args = dict(provider="cpu", repeats=2, seed=5, noise=kind, mode="global", sigmas=(0.05, 0.3, 1.0, 4.0),
+                batch_size=100, selection=walkaudit.sites.Selection(ops=("all",)))
+    made = []
+    real = engine_mod.Engine.global_
+    monkeypatch.setattr(engine_mod.Engine, "global_", lambda self: made.append(real(self)) or made[-1])
+    fed = walkaudit.audit(model, x, **args)
+    monkeypatch.setattr(rewrite, "FED_NOISE_MIN_OPSET", 99)  # host terms (rewrite.inject) for every opset
+    terms = walkaudit.audit(model, x, **args)
+    assert type(made[0]) is engine_mod.FedGlobalEvaluator and type(made[1]) is engine_mod.SiteEvaluator
+    assert len(made[0].program.eps) >= 3  # --ops all: every float value is a site
+    assert _points(fed) == _points(terms)
+    assert fed.sites[0].points[0].accuracy < 1.0 or fed.sites[0].points[-1].accuracy < 1.0  # the noise does bite

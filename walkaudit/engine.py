@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from . import noise as noise_mod
 from . import rewrite, sizing
@@ -201,12 +202,24 @@ class Engine:
         return self.noise_source == "graph"
 
     def global_(self) -> SiteEvaluator:
+        """The whole model with noise after every site: applied in the graph from fed ε (`rewrite.inject_fed`)
+        where every site is float32 of known rank and the opset is 10 or later, else from terms the host computes
+        (`rewrite.inject`)."""
         sm, sa = self.noise.scales(np.ones(1))
         names = [s.name for s in self.sites]
-        proto, injections = rewrite.inject(self.model.proto, names, self.model.types, sm is not None, sa is not None)
+        types = self.model.types
+        key, row = len(self.sites) + 1, sizing.row_bytes(self.model.proto.graph, types)
+        if self.model.opset >= rewrite.FED_NOISE_MIN_OPSET and all(
+                types[n].elem_type == onnx.TensorProto.FLOAT and types[n].shape is not None for n in names):
+            program = rewrite.inject_fed(self.model.proto, names, types, sm is not None, sa is not None)
+            session = self.runtime.session(program.model, "model with noise at every site")
+            return FedGlobalEvaluator(self, session, key=key, host=[], passthrough=[],
+                                      terms=[rewrite.Injection(n, None, None) for n in names], feed_inputs=True,
+                                      row_bytes=row, program=program)
+        proto, injections = rewrite.inject(self.model.proto, names, types, sm is not None, sa is not None)
         session = self.runtime.session(proto, "model with noise at every site")
-        return SiteEvaluator(self, session, key=len(self.sites) + 1, host=[], passthrough=[], terms=injections,
-                             feed_inputs=True, row_bytes=sizing.row_bytes(proto.graph, self.model.types))
+        return SiteEvaluator(self, session, key=key, host=[], passthrough=[], terms=injections, feed_inputs=True,
+                             row_bytes=row)
 
 
 @dataclass
@@ -409,6 +422,26 @@ class SuffixEvaluator(SiteEvaluator):
         except Exception as exc:
             raise failure(exc, "noisy model") from None
         return io.copy_outputs_to_cpu()[0]
+
+
+@dataclass
+class FedGlobalEvaluator(SiteEvaluator):
+    """The model with noise after every site (`rewrite.inject_fed`): fed the tiled inputs, σ per level and one ε
+    per site and term; the graph applies the noise."""
+
+    program: rewrite.FedNoise | None = None
+
+    def _feeds(self, values: dict, sigmas: np.ndarray, eps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {n: _tile(values[n], len(sigmas)) for n in self.engine._input_names}
+        sm, sa = self.engine.noise.scales(sigmas)
+        for name, scale in ((self.program.sigma_mul, sm), (self.program.sigma_add, sa)):
+            if name:
+                feeds[name] = scale.astype(np.float32)
+        for site, eps_mul, eps_add in self.program.eps:  # as in noise.noisy_levels: ε[0] multiplies, ε[-1] adds
+            for name, term in ((eps_mul, 0), (eps_add, -1)):
+                if name:
+                    feeds[name] = eps[site][term]
+        return feeds
 
 
 def _moments(v: np.ndarray) -> tuple[int, float, float]:

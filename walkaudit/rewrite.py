@@ -169,6 +169,89 @@ def inject(
     return out, injections
 
 
+@dataclass(frozen=True)
+class FedNoise:
+    """A model with noise applied after every site from fed-in ε: feed the data inputs tiled G times along
+    dimension 0, σ per level as a vector [G], and per site one ε [1, N, ...] per term, shared by the levels."""
+
+    model: onnx.ModelProto
+    sigma_mul: str | None
+    sigma_add: str | None
+    eps: tuple[tuple[str, str | None, str | None], ...]  # per site: (site, ε of the mul term, ε of the add term)
+
+
+def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, TensorSpec], has_mul: bool,
+               has_add: bool) -> FedNoise:
+    """After each site of a model run on G tiled copies of a batch, y' = y·(1 + σm·ε1) + σa·ε2 per copy.
+
+    The site's producer writes `<site>.clean` [G·N, ...]; it is viewed as [G, N, ...], the noise for the G levels is
+    applied with ε [1, N, ...] broadcast over them (the host's arithmetic, `noise.noisy_levels`, op for op), and the
+    result is folded back to [G·N, ...] under the site's name, so every reader sees the noisy value. Float32 sites of
+    known rank and opset ≥ 10 (Slice with inputs); `inject` serves the rest.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    made_by = g.producers(graph)
+    sm, sa = ("walkaudit.sigma_mul" if has_mul else None), ("walkaudit.sigma_add" if has_add else None)
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (
+        ("walkaudit.zero", [0]), ("walkaudit.one", [1]), ("walkaudit.minus_one", [-1]),
+        ("walkaudit.end", [np.iinfo(np.int64).max]))]
+    if has_mul:
+        inits.append(onnx.numpy_helper.from_array(np.array(1, np.float32), "walkaudit.unit"))
+    first: list[onnx.NodeProto] = []  # nodes that read graph inputs only: they go first
+
+    def node(into, op, inputs, name, **attrs):
+        into.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    levels = node(first, "Slice", [node(first, "Shape", [sm or sa], "walkaudit/sigma_shape"), "walkaudit.zero",
+                                   "walkaudit.one"], "walkaudit/levels")
+    after: dict[int, list[onnx.NodeProto]] = {}
+    eps = []
+    for i, site in enumerate(sites):
+        rank = len(types[site].shape)
+        lifted = onnx.numpy_helper.from_array(np.array([-1] + [1] * rank, np.int64), f"walkaudit.sigma_shape.{i}")
+        inits.append(lifted)
+        producer = graph.node[made_by[site]]
+        clean = f"{site}.clean"
+        producer.output[list(producer.output).index(site)] = clean
+        new: list[onnx.NodeProto] = []
+        shape = node(new, "Shape", [clean], f"{clean}/shape")
+        rest = node(new, "Slice", [shape, "walkaudit.one", "walkaudit.end"], f"{clean}/rest")
+        grid = node(new, "Concat", [levels, "walkaudit.minus_one", rest], f"{clean}/grid", axis=0)
+        noisy = node(new, "Reshape", [clean, grid], f"{clean}/levels")
+        names = []
+        for term, sigma in (("mul", sm), ("add", sa)):
+            if not sigma:
+                names.append(None)
+                continue
+            e = f"walkaudit.eps_{term}.{i}"
+            graph.input.append(helper.make_tensor_value_info(e, types[site].elem_type, [None] * (rank + 1)))
+            names.append(e)
+            scale = node(new, "Reshape", [sigma, lifted.name], f"{clean}/sigma_{term}")
+            scaled = node(new, "Mul", [scale, e], f"{clean}/scaled_{term}")
+            if term == "mul":
+                factor = node(new, "Add", [scaled, "walkaudit.unit"], f"{clean}/factor")
+                noisy = node(new, "Mul", [noisy, factor], f"{clean}/noisy_mul")
+            else:
+                noisy = node(new, "Add", [noisy, scaled], f"{clean}/noisy_add")
+        new.append(helper.make_node("Reshape", [noisy, shape], [site], name=f"walkaudit/fold/{site}"))
+        after.setdefault(made_by[site], []).extend(new)
+        eps.append((site, *names))
+    nodes = list(first)
+    for i, n in enumerate(graph.node):
+        nodes.append(n)
+        nodes.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    for name in (sm, sa):
+        if name:
+            graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [None]))
+    return FedNoise(out, sm, sa, tuple(eps))
+
+
 #: Mul and Add broadcast without an attribute from opset 7 on, and onnxruntime has no kernels for earlier versions.
 _MIN_INJECT_OPSET = 7
 
