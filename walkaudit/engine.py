@@ -1,12 +1,15 @@
 """Evaluate accuracy under noise, fast.
 
 - One clean pass over the data gives the targets, the clean accuracy and each site's activation statistics.
-- Walk mode reuses the clean prefix: per site, only the suffix that the noise reaches runs, fed with the site's noisy
-  value (computed on the host) and the clean values it also reads (computed once per batch by the site's prefix,
-  the part of the graph before it, and kept while they fit a memory budget).
-- Several σ levels go into one run: the batch is tiled along dimension 0 (per-sample σ). Whether a graph allows
+- Walk mode reuses the clean prefix: per site, only the suffix that the noise reaches runs, fed the site's clean
+  value and the clean values it also reads. Those come from the clean pass (kept while they fit a memory budget,
+  later sites first) or from the site's prefix, the part of the graph before it, once per batch, and are cached.
+  The suffix applies the noise itself (`rewrite.graph_noise`); models before opset 10 get y' from the host.
+- Several σ levels go into one run: G copies of the batch along dimension 0, one σ each. Whether a graph allows
   that is checked once per site with σ = 0; where it does not (fixed batch, folded batch) levels run one by one.
-- One draw of ε per (site, batch, repeat) serves every σ level (common random numbers).
+  `sizing` says how many levels fit a run.
+- One draw of ε per (site, batch, repeat) serves every σ level (common random numbers), drawn in the background
+  while the previous job runs.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 - `expose`: make intermediate values graph outputs (the clean pass reads sites and what suffixes need).
 - `suffix`: the part of the graph that noise at one site reaches, with that site as an input.
-- `inject`: Mul/Add nodes after sites whose noise terms are graph inputs (global mode, any opset:
-  no random op is needed in the graph, so opset ≥ 22 models work too).
-Original output names are kept in every pass.
+- `prefix`: the part of the graph that computes given values, and nothing after.
+- `graph_noise`: a suffix that applies the noise for G σ levels itself, from a fed ε or RandomNormalLike (walk mode).
+- `inject_fed`: noise after every site of the whole model from fed ε (global mode, opset ≥ 10).
+- `inject`: Mul/Add nodes after sites whose noise terms are graph inputs (global mode, any opset).
+None needs a random op unless asked (`graph_noise` without `fed`), so opset ≥ 22 models work too. Original output
+names are kept in every pass.
 """
 
 from __future__ import annotations
