@@ -53,6 +53,16 @@ def test_noise_fed_to_the_graph_is_bit_identical_to_noise_applied_on_the_host(ki
     assert np.array_equal(got[: len(x)], logits)  # σ = 0 is the clean model, bit for bit
 
 
+def _engine(model, samples: int, batch_size: int, seed: int):
+    """An Engine on the CPU over the model's default sites, with random data of the resnet_block's input shape."""
+    loaded = walkaudit.model.load_model(model)
+    sites = walkaudit.sites.select(loaded.proto, loaded.types, walkaudit.sites.Selection(), loaded.class_output.name)
+    engine = engine_mod.Engine(loaded, walkaudit.runtime.Runtime("cpu"), Noise(), NormalSource(0, threads=1), sites,
+                               batch_size=batch_size)
+    x = np.random.default_rng(seed).normal(size=(samples, 1, 6, 6)).astype(np.float32)
+    return engine, walkaudit.data.from_arrays(x, None, loaded.inputs), sites
+
+
 def _points(report) -> list:
     return [[(p.sigma, p.accuracy, p.accuracy_std) for p in s.points] for s in report.sites]
 
@@ -94,12 +104,7 @@ def test_clean_values_kept_by_the_clean_pass_spare_the_prefixes_and_change_nothi
 
 def test_kept_values_are_handed_over_site_by_site_and_then_forgotten():
     model = resnet_block(seed=6)
-    loaded = walkaudit.model.load_model(model)
-    sites = walkaudit.sites.select(loaded.proto, loaded.types, walkaudit.sites.Selection(), loaded.class_output.name)
-    source = NormalSource(0, threads=1)
-    engine = engine_mod.Engine(loaded, walkaudit.runtime.Runtime("cpu"), Noise(), source, sites, batch_size=50)
-    x = np.random.default_rng(6).normal(size=(120, 1, 6, 6)).astype(np.float32)
-    data = walkaudit.data.from_arrays(x, None, loaded.inputs)
+    engine, data, sites = _engine(model, samples=120, batch_size=50, seed=6)
     engine.clean_pass(data, None, keep=True)
     assert set(engine._kept) == {0, 1, 2}  # every batch
     before = engine.kept_bytes
@@ -110,7 +115,7 @@ def test_kept_values_are_handed_over_site_by_site_and_then_forgotten():
         assert engine.kept_bytes <= before  # what a later site also reads (a skip value) stays
         before = engine.kept_bytes
     assert engine.kept_bytes == 0
-    source.close()
+    engine.source.close()
 
 
 def test_fitting_takes_later_sites_first_within_the_budget_and_counts_shared_values_once():
@@ -147,13 +152,7 @@ def test_device_copies_are_kept_only_for_cached_batches(monkeypatch):
     """With room in the cache for 5 of 20 batches, a walk holds the device copies of those 5 and of two more at most
     (the one running and the one whose ε is drawn ahead), not one per batch of the data set."""
     monkeypatch.setattr(engine_mod, "CACHE_BYTES", 0)
-    model = resnet_block(seed=10)
-    loaded = walkaudit.model.load_model(model)
-    sites = walkaudit.sites.select(loaded.proto, loaded.types, walkaudit.sites.Selection(), loaded.class_output.name)
-    source = NormalSource(0, threads=1)
-    engine = engine_mod.Engine(loaded, walkaudit.runtime.Runtime("cpu"), Noise(), source, sites, batch_size=10)
-    x = np.random.default_rng(10).normal(size=(200, 1, 6, 6)).astype(np.float32)
-    data = walkaudit.data.from_arrays(x, None, loaded.inputs)
+    engine, data, sites = _engine(resnet_block(seed=10), samples=200, batch_size=10, seed=10)
     clean = engine.clean_pass(data, None, keep=True)
     assert engine.kept_bytes == 0
     monkeypatch.setattr(engine_mod, "CACHE_BYTES", 5 * 10 * 144 * 4)  # 5 batches of site a (10 × 4×6×6 floats)
@@ -170,7 +169,7 @@ def test_device_copies_are_kept_only_for_cached_batches(monkeypatch):
     assert counts.samples == 200 and counts.correct[0].tolist() == [200, 200]  # σ = 0 agrees with the clean pass
     assert len(evaluator._cache) == 5
     assert len(held) > 20 and max(held) <= 5 + 2
-    source.close()
+    engine.source.close()
 
 
 @pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])

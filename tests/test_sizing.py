@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import walkaudit
 from walkaudit import engine as engine_mod

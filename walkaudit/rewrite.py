@@ -172,6 +172,26 @@ def inject(
     return out, injections
 
 
+def _noisy(y: str, mul: tuple[str, str] | None, add: tuple[str, str] | None,
+           prefix: str) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes computing y·(1 + σm·εm) + σa·εa, where `mul` and `add` are (σ, ε) value names or None, and the name of
+    the result. The order of operations is the host's (`noise.noisy_levels`), so both give the same numbers. A mul
+    term reads the initializer `walkaudit.unit` (1 in y's type), which the caller provides."""
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op, inputs, name):
+        nodes.append(helper.make_node(op, inputs, [name], name=name))
+        return name
+
+    out = y
+    if mul:
+        factor = node("Add", [node("Mul", list(mul), f"{prefix}/scaled_mul"), "walkaudit.unit"], f"{prefix}/factor")
+        out = node("Mul", [out, factor], f"{prefix}/noisy_mul")
+    if add:
+        out = node("Add", [out, node("Mul", list(add), f"{prefix}/scaled_add")], f"{prefix}/noisy_add")
+    return nodes, out
+
+
 @dataclass(frozen=True)
 class FedNoise:
     """A model with noise applied after every site from fed-in ε: feed the data inputs tiled G times along
@@ -224,22 +244,16 @@ def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, Tensor
         rest = node(new, "Slice", [shape, "walkaudit.one", "walkaudit.end"], f"{clean}/rest")
         grid = node(new, "Concat", [levels, "walkaudit.minus_one", rest], f"{clean}/grid", axis=0)
         noisy = node(new, "Reshape", [clean, grid], f"{clean}/levels")
-        names = []
+        terms = {}  # term -> (σ reshaped to broadcast over [G, N, ...], fed ε)
         for term, sigma in (("mul", sm), ("add", sa)):
-            if not sigma:
-                names.append(None)
-                continue
-            e = f"walkaudit.eps_{term}.{i}"
-            graph.input.append(helper.make_tensor_value_info(e, types[site].elem_type, [None] * (rank + 1)))
-            names.append(e)
-            scale = node(new, "Reshape", [sigma, lifted.name], f"{clean}/sigma_{term}")
-            scaled = node(new, "Mul", [scale, e], f"{clean}/scaled_{term}")
-            if term == "mul":
-                factor = node(new, "Add", [scaled, "walkaudit.unit"], f"{clean}/factor")
-                noisy = node(new, "Mul", [noisy, factor], f"{clean}/noisy_mul")
-            else:
-                noisy = node(new, "Add", [noisy, scaled], f"{clean}/noisy_add")
+            if sigma:
+                e = f"walkaudit.eps_{term}.{i}"
+                graph.input.append(helper.make_tensor_value_info(e, types[site].elem_type, [None] * (rank + 1)))
+                terms[term] = (node(new, "Reshape", [sigma, lifted.name], f"{clean}/sigma_{term}"), e)
+        applied, noisy = _noisy(noisy, terms.get("mul"), terms.get("add"), clean)
+        new.extend(applied)
         new.append(helper.make_node("Reshape", [noisy, shape], [site], name=f"walkaudit/fold/{site}"))
+        names = [terms[t][1] if t in terms else None for t in ("mul", "add")]
         after.setdefault(made_by[site], []).extend(new)
         eps.append((site, *names))
     nodes = list(first)
@@ -355,16 +369,13 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     y, folded = lifted(clean)
     sm, sa = ("walkaudit.sigma_mul" if has_mul else None), ("walkaudit.sigma_add" if has_add else None)
     eps_mul = eps_add = None
-    noisy = y
     if sm:
         eps_mul = epsilon("mul", 2 * seed)
-        one = onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), "walkaudit.unit")
-        inits.append(one)
-        factor = node("Add", [node("Mul", [sm, eps_mul], "walkaudit/scaled_mul"), "walkaudit.unit"], "walkaudit/factor")
-        noisy = node("Mul", [noisy, factor], "walkaudit/noisy_mul")
+        inits.append(onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), "walkaudit.unit"))
     if sa:
         eps_add = epsilon("add", 2 * seed + 1)
-        noisy = node("Add", [noisy, node("Mul", [sa, eps_add], "walkaudit/scaled_add")], "walkaudit/noisy_add")
+    applied, noisy = _noisy(y, (sm, eps_mul) if sm else None, (sa, eps_add) if sa else None, "walkaudit")
+    nodes.extend(applied)
     nodes.append(helper.make_node("Reshape", [noisy, folded], [site], name="walkaudit/fold"))
     levels = node("Shape", [sm or sa], "walkaudit/levels")
     count = node("Slice", [levels, "walkaudit.zero", "walkaudit.one"], "walkaudit/count")
