@@ -133,9 +133,11 @@ def box_muller(rng: np.random.Generator, out: np.ndarray) -> None:
 
 
 class NormalSource:
-    """Reproducible standard normal numbers keyed by (seed, *key), drawn in parallel threads.
+    """Reproducible standard normal numbers keyed by (seed, *key), drawn in parallel threads (`box_muller` per
+    chunk of CHUNK values, each chunk from its own generator).
 
-    numpy's Generator releases the GIL while it fills an array, so threads draw in parallel.
+    numpy releases the GIL while it fills an array, so threads draw in parallel. `later` draws on one more thread,
+    in the background, while the caller does something else (runs onnxruntime).
     """
 
     def __init__(self, seed: int, threads: int | None = None):

@@ -237,7 +237,6 @@ class Runtime:
                 self.notes.append("CUDA not available; ran on the CPU")
         return session
 
-
     def device_memory(self) -> int | None:
         """Free bytes on the CUDA device sessions run on; None on the CPU or where the driver cannot be asked."""
         if self.provider != "CUDAExecutionProvider":
