@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,11 @@ def test_sites_that_do_not_feed_the_class_output_are_not_walked():
     with pytest.raises(UsageError, match="does not feed the class output"):
         walkaudit.audit(model, x, provider="cpu", output="logits",
                         selection=walkaudit.api.Selection(names=("side",)))
+
+
+def test_report_to_json_is_the_dict_as_json():
+    model = mlp(seed=3)
+    x = np.random.default_rng(3).normal(size=(64, 16)).astype(np.float32)
+    report = walkaudit.audit(model, x, provider="cpu", sigmas=(0.1, 1.0), repeats=1)
+    text = report.to_json()
+    assert text.endswith("\n") and json.loads(text) == report.to_dict()

@@ -178,9 +178,10 @@ def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> No
 
     from . import render
     from .formats import to_junit, to_markdown
+    from .report import dumps
 
     if json_path:
-        _write(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        _write(json_path, dumps(report))
     if markdown_path:
         if markdown_path == "auto":
             _write(os.environ["GITHUB_STEP_SUMMARY"], to_markdown(report) + "\n", append=True)

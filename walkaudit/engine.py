@@ -74,11 +74,12 @@ class Engine:
         # the clean pass reads every site (statistics, global mode) and what each site's suffix reads besides it
         # (its frontier), so that it can keep those values for the walk (`clean_pass(keep=True)`)
         out = self.model.class_output.name
-        self._reads = {s.name: (s.name, *rewrite.suffix_plan(self.model.proto, s.name, out)[1]) for s in self.sites}
+        self._plans = {s.name: rewrite.suffix_plan(self.model.proto, s.name, out) for s in self.sites}
+        self._reads = {site: (site, *frontier) for site, (_, frontier) in self._plans.items()}
         exposed = [n for names in self._reads.values() for n in names]
         self._clean = self.runtime.session(rewrite.expose(self.model.proto, exposed, self.model.types))
         self._kept: dict[int, dict[str, np.ndarray]] = {}  # batch index -> clean values kept by the clean pass
-        self._keep_order: list[str] = []  # sites whose values are kept, in walk order
+        self._kept_sites: set[str] = set()  # sites whose values the clean pass keeps and no walk has taken yet
         self.device_free = self.runtime.device_memory()  # None on the CPU
         if self.batch_size is None:
             self.batch_size = (sizing.DEFAULT_BATCH if self.device_free is None else
@@ -126,8 +127,8 @@ class Engine:
         for i, (_, n, feeds) in enumerate(self._batches(data)):
             values = self.clean_values(feeds, [out.name, *stats, *reads])
             if keep and i == 0:
-                self._keep_order = _fitting(self._reads, values, self.n_batches(data), CACHE_BYTES)
-                kept = {r for site in self._keep_order for r in self._reads[site]}
+                self._kept_sites = set(_fitting(self._reads, values, self.n_batches(data), CACHE_BYTES))
+                kept = {r for site in self._kept_sites for r in self._reads[site]}
             if kept:
                 self._kept[i] = {r: values[r] for r in kept}
             pred, _ = predictions(values[out.name], out.kind)
@@ -157,7 +158,8 @@ class Engine:
         value computed on the host instead.
         """
         types = self.model.types
-        suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, types)
+        suffix = rewrite.suffix(self.model.proto, site.name, self.model.class_output.name, types,
+                                self._plans[site.name])
         kept = self._take(site.name)
         # the clean pass kept every batch of what this site reads: no prefix needed
         prefix = self._clean if kept else self._prefix(site, suffix)
@@ -179,11 +181,11 @@ class Engine:
     def _take(self, site: str) -> dict[int, dict[str, np.ndarray]]:
         """Hand over what the clean pass kept for `site` (batch index -> values), and forget what no later site
         reads. Empty when it was not kept."""
-        if site not in self._keep_order:
+        if site not in self._kept_sites:
             return {}
-        self._keep_order.remove(site)
+        self._kept_sites.remove(site)
         taken = {i: {n: values[n] for n in self._reads[site]} for i, values in self._kept.items()}
-        still = {r for s in self._keep_order for r in self._reads[s]}
+        still = {r for s in self._kept_sites for r in self._reads[s]}
         for values in self._kept.values():
             for name in [n for n in values if n not in still]:
                 del values[name]

@@ -67,7 +67,12 @@ class Report:
         return _clean_floats(body)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        return dumps(self.to_dict())
+
+
+def dumps(report: dict) -> str:
+    """A report dict as the JSON text walkaudit writes (the CLI's --json adds the gate to the dict first)."""
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
 
 def _clean_floats(value):

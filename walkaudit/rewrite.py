@@ -82,10 +82,12 @@ def suffix_plan(model: onnx.ModelProto, site: str, output: str) -> tuple[list[in
     return sorted(keep), tuple(sorted(reads - made - inits - {site}))
 
 
-def suffix(model: onnx.ModelProto, site: str, output: str, types: dict[str, TensorSpec]) -> Suffix:
-    """The subgraph from `site` to `output` as a model whose inputs are the site and the frontier."""
+def suffix(model: onnx.ModelProto, site: str, output: str, types: dict[str, TensorSpec],
+           plan: tuple[list[int], tuple[str, ...]] | None = None) -> Suffix:
+    """The subgraph from `site` to `output` as a model whose inputs are the site and the frontier (`plan`: what
+    `suffix_plan` gave for them, when the caller has it already)."""
     graph = model.graph
-    nodes, frontier = suffix_plan(model, site, output)
+    nodes, frontier = plan or suffix_plan(model, site, output)
     nodes = [graph.node[i] for i in nodes]
     reads = {n for node in nodes for n in g.node_inputs(node)}
     out = _copy_without_graph(model)
