@@ -28,8 +28,11 @@ import threading
 import time
 from collections import defaultdict
 
-from walkaudit import api, fit, noise, runtime
-from walkaudit import engine as engine_mod
+from walkaudit import _noise as noise
+from walkaudit import api
+from walkaudit._analysis import fit
+from walkaudit._execution import engine as engine_mod
+from walkaudit._execution import runtime
 
 
 class Profiler:

@@ -4,7 +4,7 @@
     python benchmarks/diagnose.py
 
 1. onnxruntime optimisations: the whole model and every suffix with onnxruntime's default optimisations, with the
-   fusions walkaudit always disables (walkaudit.runtime.FUSIONS_OFF), with its exact-mode set (EXACT), and with each
+   fusions walkaudit always disables (walkaudit._execution.runtime.FUSIONS_OFF), with its exact-mode set (EXACT), and with each
    member of EXACT disabled alone.
 2. The cache fill: one run of the clean model with every site exposed, asking for all outputs, for one, for the
    logits only; the plain model; and a prefix model that computes only the first site (what walkaudit's per-site
@@ -37,12 +37,12 @@ sys.path.insert(0, str(HERE))
 
 import models
 
-from walkaudit import noise as noise_mod
-from walkaudit import rewrite
-from walkaudit import runtime as wa_runtime
-from walkaudit.model import load_model
-from walkaudit.noise import Noise, NormalSource, box_muller
-from walkaudit.sites import Selection, select
+from walkaudit import _noise as noise_mod
+from walkaudit._execution import runtime as wa_runtime
+from walkaudit._graph import passes as rewrite
+from walkaudit._graph.sites import Selection, select
+from walkaudit._loading.model import load_model
+from walkaudit._noise import Noise, NormalSource, box_muller
 
 THREADS = 2
 
@@ -126,7 +126,7 @@ def main() -> None:
     out = np.empty(count, np.float32)
     print(f"   numpy standard_normal (float32 ziggurat), one thread: "
           f"{count / timed(lambda: rng.standard_normal(out=out, dtype=np.float32)) / 1e3:.0f}")
-    print(f"   walkaudit.noise.box_muller, one thread: {count / timed(lambda: box_muller(rng, out)) / 1e3:.0f}")
+    print(f"   walkaudit._noise.box_muller, one thread: {count / timed(lambda: box_muller(rng, out)) / 1e3:.0f}")
     print(f"   torch.randn: {count / timed(lambda: torch.randn(count)) / 1e3:.0f}")
     graph = helper.make_graph(
         [helper.make_node("RandomNormalLike", ["y"], ["e"], dtype=TensorProto.FLOAT)], "rng",

@@ -38,7 +38,7 @@ def main() -> None:
     import onnxruntime  # noqa: F401  (loaded before the baseline, like the data)
 
     import walkaudit
-    from walkaudit.sites import Selection
+    from walkaudit._graph.sites import Selection
 
     x = np.load(data)
     before = rss_mib()

@@ -48,14 +48,14 @@ import onnxruntime as ort
 import torch_reference
 
 import walkaudit
-from walkaudit import data as data_mod
-from walkaudit import engine as engine_mod
-from walkaudit import rewrite
-from walkaudit.engine import Engine
-from walkaudit.model import load_model
-from walkaudit.noise import Noise, NormalSource
-from walkaudit.runtime import Runtime
-from walkaudit.sites import Selection, select
+from walkaudit._execution import engine as engine_mod
+from walkaudit._execution.engine import Engine
+from walkaudit._execution.runtime import Runtime
+from walkaudit._graph import passes as rewrite
+from walkaudit._graph.sites import Selection, select
+from walkaudit._loading import data as data_mod
+from walkaudit._loading.model import load_model
+from walkaudit._noise import Noise, NormalSource
 
 
 @dataclass

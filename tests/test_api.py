@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import walkaudit
-from walkaudit import engine as engine_mod
+from walkaudit._execution import engine as engine_mod
 from walkaudit.errors import UsageError
 
 from .models import mlp, resnet_block, teacher_labels

@@ -35,10 +35,10 @@ import onnx.backend.test
 import pytest
 from onnx import numpy_helper
 
-from walkaudit import graph as g
-from walkaudit import rewrite
-from walkaudit.model import prepare_for_runtime, read_model, value_types
-from walkaudit.sites import ALL, candidates
+from walkaudit._graph import passes as rewrite
+from walkaudit._graph import queries as g
+from walkaudit._graph.sites import ALL, candidates
+from walkaudit._loading.model import prepare_for_runtime, read_model, value_types
 
 DATA = Path(onnx.backend.test.__file__).parent / "data"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "backend-models.md"

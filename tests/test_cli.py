@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from walkaudit.cli import main
-from walkaudit.schema import validate_report
+from walkaudit.report.schema import validate_report
 
 from .models import mlp, resnet_block, teacher_labels
 

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from walkaudit.data import from_arrays, load, to_class_ids
+from walkaudit._loading.data import from_arrays, load, to_class_ids
+from walkaudit._loading.model import TensorSpec
 from walkaudit.errors import DataError
-from walkaudit.model import TensorSpec
 
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

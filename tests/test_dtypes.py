@@ -12,10 +12,15 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import walkaudit
+from walkaudit._graph.sites import Selection, candidates
+from walkaudit._loading.model import (
+    FLOAT_TYPES,
+    TensorSpec,
+    find_class_output,
+    load_model,
+)
 from walkaudit.cli import main
 from walkaudit.errors import ModelError
-from walkaudit.model import FLOAT_TYPES, TensorSpec, find_class_output, load_model
-from walkaudit.sites import Selection, candidates
 
 try:
     from tests.models import IR, mlp

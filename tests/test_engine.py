@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import walkaudit
-from walkaudit import engine as engine_mod
-from walkaudit import rewrite
-from walkaudit.engine import _fitting
-from walkaudit.model import value_types
-from walkaudit.noise import Noise, NormalSource, noisy_levels
+from walkaudit._execution import engine as engine_mod
+from walkaudit._execution.engine import _fitting
+from walkaudit._graph import passes as rewrite
+from walkaudit._loading.model import value_types
+from walkaudit._noise import Noise, NormalSource, noisy_levels
 
 from .models import cpu_session, mlp, resnet_block
 
@@ -55,12 +55,12 @@ def test_noise_fed_to_the_graph_is_bit_identical_to_noise_applied_on_the_host(ki
 
 def _engine(model, samples: int, batch_size: int, seed: int):
     """An Engine on the CPU over the model's default sites, with random data of the resnet_block's input shape."""
-    loaded = walkaudit.model.load_model(model)
-    sites = walkaudit.sites.select(loaded.proto, loaded.types, walkaudit.sites.Selection(), loaded.class_output.name)
-    engine = engine_mod.Engine(loaded, walkaudit.runtime.Runtime("cpu"), Noise(), NormalSource(0, threads=1), sites,
+    loaded = walkaudit._loading.model.load_model(model)
+    sites = walkaudit._graph.sites.select(loaded.proto, loaded.types, walkaudit._graph.sites.Selection(), loaded.class_output.name)
+    engine = engine_mod.Engine(loaded, walkaudit._execution.runtime.Runtime("cpu"), Noise(), NormalSource(0, threads=1), sites,
                                batch_size=batch_size)
     x = np.random.default_rng(seed).normal(size=(samples, 1, 6, 6)).astype(np.float32)
-    return engine, walkaudit.data.from_arrays(x, None, loaded.inputs), sites
+    return engine, walkaudit._loading.data.from_arrays(x, None, loaded.inputs), sites
 
 
 def _points(report) -> list:
@@ -83,13 +83,13 @@ def test_clean_values_kept_by_the_clean_pass_spare_the_prefixes_and_change_nothi
     x = np.random.default_rng(5).normal(size=(300, 1, 6, 6)).astype(np.float32)
     args = dict(provider="cpu", repeats=1, seed=2, sigmas=(0.2, 1.0, 5.0), batch_size=64, exact=True)
     described = []
-    real_session = walkaudit.runtime.Runtime.session
+    real_session = walkaudit._execution.runtime.Runtime.session
 
     def session(self, proto, what="model"):
         described.append(what)
         return real_session(self, proto, what)
 
-    monkeypatch.setattr(walkaudit.runtime.Runtime, "session", session)
+    monkeypatch.setattr(walkaudit._execution.runtime.Runtime, "session", session)
     kept = walkaudit.audit(model, x, **args)
     prefixes_when_kept = sum(w.startswith("part of the model before") for w in described)
 
@@ -180,7 +180,7 @@ def test_global_mode_gives_the_same_points_with_the_noise_applied_in_the_graph_o
     shape = (240, 16) if build is mlp else (240, 1, 6, 6)
     x = np.random.default_rng(12).normal(size=shape).astype(np.float32)
     args = dict(provider="cpu", repeats=2, seed=5, noise=kind, mode="global", sigmas=(0.05, 0.3, 1.0, 4.0),
-                batch_size=100, selection=walkaudit.sites.Selection(ops=("all",)))
+                batch_size=100, selection=walkaudit._graph.sites.Selection(ops=("all",)))
     made = []
     real = engine_mod.Engine.global_
     monkeypatch.setattr(engine_mod.Engine, "global_", lambda self: made.append(real(self)) or made[-1])

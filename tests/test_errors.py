@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from walkaudit import engine as engine_mod
+from walkaudit._execution import engine as engine_mod
+from walkaudit._execution.runtime import OutOfMemory
 from walkaudit.cli import main
-from walkaudit.runtime import OutOfMemory
 
 try:
     from tests.models import IR, mlp, teacher_labels

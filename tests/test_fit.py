@@ -1,4 +1,4 @@
-"""Tests for walkaudit.fit: σ50 from synthetic accuracy-vs-σ curves.
+"""Tests for walkaudit._analysis.fit: σ50 from synthetic accuracy-vs-σ curves.
 
 Synthetic curves are drawn with numpy's default_rng and a fixed seed given in each test, with binomial sampling of
 the accuracy at `SAMPLES` samples per point; recovery tolerance is 0.05 decades of σ unless a test says otherwise.
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from walkaudit.fit import Midpoint, halfway, logistic, midpoint
+from walkaudit._analysis.fit import Midpoint, halfway, logistic, midpoint
 
 SAMPLES = 1000
 TOL_DECADES = 0.05

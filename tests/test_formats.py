@@ -6,9 +6,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from walkaudit.formats import to_junit, to_markdown
-from walkaudit.formats.junit import MODEL_CASE
-from walkaudit.gate import GateConfig, Threshold, evaluate
+from walkaudit.report.formats import to_junit, to_markdown
+from walkaudit.report.formats.junit import MODEL_CASE
+from walkaudit.report.gate import GateConfig, Threshold, evaluate
 
 try:
     from tests.reports import make_global_report, make_report, make_site

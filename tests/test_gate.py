@@ -7,7 +7,7 @@ import math
 import pytest
 
 from walkaudit.errors import UsageError
-from walkaudit.gate import (
+from walkaudit.report.gate import (
     Drop,
     Failure,
     GateConfig,

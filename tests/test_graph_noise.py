@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import walkaudit
-from walkaudit import rewrite
+from walkaudit._graph import passes as rewrite
+from walkaudit._loading.model import value_types
 from walkaudit.errors import UsageError
-from walkaudit.model import value_types
 
 from .models import cpu_session, mlp, resnet_block
 
@@ -18,7 +18,7 @@ def test_graph_noise_has_the_requested_statistics_per_level(kind):
     """The site is the class output, so the program returns the noisy site itself: [G·N, C]."""
     model = mlp(seed=0)
     types = value_types(model)
-    noise = walkaudit.noise.Noise(kind, ratio=0.25)
+    noise = walkaudit._noise.Noise(kind, ratio=0.25)
     sm, sa = noise.scales(np.ones(1))
     program = rewrite.graph_noise(rewrite.suffix(model, "logits", "logits", types), types, sm is not None,
                                   sa is not None, seed=3)

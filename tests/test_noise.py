@@ -10,11 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from walkaudit import noise as noise_mod
-from walkaudit import rewrite
+from walkaudit import _noise as noise_mod
+from walkaudit._graph import passes as rewrite
+from walkaudit._loading.model import value_types
+from walkaudit._noise import CHUNK, Noise, NormalSource
 from walkaudit.errors import UsageError
-from walkaudit.model import value_types
-from walkaudit.noise import CHUNK, Noise, NormalSource
 
 from .models import mlp, resnet_block
 
@@ -290,7 +290,7 @@ def test_normal_source_is_standard_normal():
 @pytest.mark.parametrize("threads", [1, 3])
 def test_noisy_levels_is_bit_identical_to_terms_then_apply(kind, threads):
     """The engine's level-by-level, threaded computation must give the same bits as the reference formula."""
-    from walkaudit.noise import Noise, NormalSource, apply, noisy_levels
+    from walkaudit._noise import Noise, NormalSource, apply, noisy_levels
 
     rng = np.random.default_rng(9)
     y = rng.normal(size=(7, 2, 3)).astype(np.float32)
@@ -312,7 +312,7 @@ def test_noisy_levels_is_bit_identical_to_terms_then_apply(kind, threads):
 def test_box_muller_fills_every_element_with_standard_normals(size):
     from scipy import stats
 
-    from walkaudit.noise import box_muller
+    from walkaudit._noise import box_muller
 
     out = np.full(size, np.nan, dtype=np.float32)
     box_muller(np.random.default_rng(11), out)

@@ -9,8 +9,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from walkaudit.errors import UsageError
-from walkaudit.gate import GateConfig, Threshold, evaluate
-from walkaudit.plot import MAX_BARS, plot_report
+from walkaudit.report.gate import GateConfig, Threshold, evaluate
+from walkaudit.report.plot import MAX_BARS, plot_report
 
 try:
     from tests.reports import make_global_report, make_report, make_site

@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from walkaudit import graph as g
-from walkaudit import rewrite
+from walkaudit._graph import passes as rewrite
+from walkaudit._graph import queries as g
+from walkaudit._graph.sites import ALL, Selection, candidates, select
+from walkaudit._loading.model import value_types
 from walkaudit.errors import UsageError
-from walkaudit.model import value_types
-from walkaudit.sites import ALL, Selection, candidates, select
 
 from .models import IR, mlp, resnet_block
 
@@ -404,7 +404,7 @@ def test_random_dags_rewrite_cleanly_and_sigma_zero_is_exact(case):
 
 # -- the product's sessions -------------------------------------------------------------------------------------------
 # onnxruntime fuses across values that exposing or rewriting turns into graph outputs or inputs (MatMul+Add -> Gemm,
-# Conv+BatchNormalization, the NCHWc Conv+Add); walkaudit.runtime.EXACT (exact mode) disables those fusions, and these tests check it does.
+# Conv+BatchNormalization, the NCHWc Conv+Add); walkaudit._execution.runtime.EXACT (exact mode) disables those fusions, and these tests check it does.
 
 
 def conv_bn(channels: int = 32) -> onnx.ModelProto:
@@ -429,7 +429,7 @@ def conv_bn(channels: int = 32) -> onnx.ModelProto:
 
 
 def _runtime_session(model):
-    from walkaudit.runtime import Runtime
+    from walkaudit._execution.runtime import Runtime
 
     return Runtime("cpu", exact=True).session(model, "model under test")
 

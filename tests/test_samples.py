@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from walkaudit.cli import main
-from walkaudit.schema import validate_report
+from walkaudit.report.schema import validate_report
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())

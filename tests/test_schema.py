@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 
 from walkaudit.errors import UsageError
-from walkaudit.gate import GateConfig, Threshold, evaluate
-from walkaudit.schema import SCHEMA_ID, check_report_version, load_schema, schema_path, validate_report
+from walkaudit.report.gate import GateConfig, Threshold, evaluate
+from walkaudit.report.schema import (
+    SCHEMA_ID,
+    check_report_version,
+    load_schema,
+    schema_path,
+    validate_report,
+)
 
 try:
     from tests.reports import make_global_report, make_report, make_site

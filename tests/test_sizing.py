@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 import walkaudit
-from walkaudit import engine as engine_mod
-from walkaudit import sizing
-from walkaudit.model import value_types
+from walkaudit._execution import engine as engine_mod
+from walkaudit._execution import sizing
+from walkaudit._loading.model import value_types
 
 from .models import mlp, resnet_block
 
@@ -57,7 +57,7 @@ def test_an_audit_on_a_device_with_little_memory_sizes_its_batches_and_runs_and_
     monkeypatch.setattr(engine_mod.SiteEvaluator, "_choose_group", choose)
     cpu = walkaudit.audit(model, x, batch_size=40, **args)
     cpu_groups, groups[:] = list(groups), []
-    monkeypatch.setattr(walkaudit.runtime.Runtime, "device_memory", lambda self: free)
+    monkeypatch.setattr(walkaudit._execution.runtime.Runtime, "device_memory", lambda self: free)
     device = walkaudit.audit(model, x, **args)
 
     assert device.config["batch_size"] == 40  # sized to the memory
@@ -79,6 +79,6 @@ def test_the_cli_batch_size_default_is_sized_per_provider(tmp_path):
 
 
 def test_the_cpu_provider_has_no_device_memory_budget():
-    runtime = walkaudit.runtime.Runtime("cpu")
+    runtime = walkaudit._execution.runtime.Runtime("cpu")
     runtime.session(mlp())
     assert runtime.provider == "CPUExecutionProvider" and runtime.device_memory() is None

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from walkaudit import fit, sweep
+from walkaudit._analysis import fit, sweep
 from walkaudit.errors import UsageError
-
 
 BATCH = 100  # samples per batch of the stand-in data set
 

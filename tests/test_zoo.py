@@ -21,9 +21,9 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import walkaudit
-from walkaudit import runtime
-from walkaudit.model import load_model
-from walkaudit.sites import Selection, candidates
+from walkaudit._execution import runtime
+from walkaudit._graph.sites import Selection, candidates
+from walkaudit._loading.model import load_model
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = sorted(p.stem for p in LIGHT.glob("*.onnx")) if LIGHT.is_dir() else []

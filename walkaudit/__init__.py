@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .api import AuditConfig, audit  # noqa: E402
-from .errors import WalkauditError  # noqa: E402
-from .report import Report  # noqa: E402
+from walkaudit.api import AuditConfig, audit  # noqa: E402
+from walkaudit.errors import WalkauditError  # noqa: E402
+from walkaudit.report.model import Report  # noqa: E402
 
 __all__ = ["audit", "AuditConfig", "Report", "WalkauditError", "__version__"]

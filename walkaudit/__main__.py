@@ -1,3 +1,3 @@
-from .cli import main
+from walkaudit.cli import main
 
 main()

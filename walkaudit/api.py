@@ -9,15 +9,17 @@ from typing import Protocol
 
 import numpy as np
 
-from . import __version__, data as data_mod, fit, sweep
-from .engine import Engine
-from .sweep import Counts
-from .errors import UsageError
-from .model import load_model
-from .noise import Noise, NormalSource
-from .report import Point, Report, SiteResult
-from .runtime import Runtime
-from .sites import Selection, select, weight_stats
+from walkaudit import __version__
+from walkaudit._analysis import fit, sweep
+from walkaudit._analysis.sweep import Counts
+from walkaudit._execution.engine import Engine
+from walkaudit._execution.runtime import Runtime
+from walkaudit._graph.sites import Selection, select, weight_stats
+from walkaudit._loading import data as data_mod
+from walkaudit._loading.model import load_model
+from walkaudit._noise import Noise, NormalSource
+from walkaudit.errors import UsageError
+from walkaudit.report.model import Point, Report, SiteResult
 
 
 @dataclass(frozen=True)

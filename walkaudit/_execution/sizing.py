@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .model import TensorSpec
+from walkaudit._loading.model import TensorSpec
 
 #: Largest tensor (in elements) one packed run feeds on the CPU.
 CPU_RUN_ELEMENTS = 1 << 22

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import graph as g
-from .errors import UsageError
-from .model import FLOAT_TYPES, TensorSpec
+from walkaudit._graph import queries as g
+from walkaudit._loading.model import FLOAT_TYPES, TensorSpec
+from walkaudit.errors import UsageError
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ALL = "all"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import UsageError, WalkauditError
+from walkaudit import __version__
+from walkaudit.errors import UsageError, WalkauditError
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -114,15 +114,14 @@ def output_options(fn):
 
 
 def _selection(ops, include, exclude, names=()):
-    from .sites import LAYER_OPS, Selection
+    from walkaudit._graph.sites import LAYER_OPS, Selection
 
     op_list = tuple(o.strip() for o in ops.split(",") if o.strip()) if ops else LAYER_OPS
     return Selection(op_list, include, exclude, tuple(names))
 
 
 def _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, baseline):
-    from . import gate
-
+    from walkaudit.report import gate
     config = gate.load_rules(rules_file) if rules_file else gate.GateConfig()
     thresholds = [gate.parse_rule(r) for r in rules]
     if fail_under is not None:
@@ -138,7 +137,7 @@ def _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_a
 
 
 def _read_report(path: str) -> dict:
-    from .schema import check_report_version
+    from walkaudit.report.schema import check_report_version
 
     p = Path(path)
     if not p.is_file():
@@ -176,9 +175,9 @@ def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> No
     """Write the requested files and render the summary (to stderr when stdout carries the JSON)."""
     from rich.console import Console
 
-    from . import render
-    from .formats import to_junit, to_markdown
-    from .report import dumps
+    from walkaudit.report import render
+    from walkaudit.report.formats import to_junit, to_markdown
+    from walkaudit.report.model import dumps
 
     if json_path:
         _write(json_path, dumps(report))
@@ -238,10 +237,10 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                   fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
                   json_path, markdown_path, junit_path, quiet):
     """Audit MODEL: σ50 of every site, a table, a JSON report and a gate verdict."""
-    from . import gate
-    from .api import AuditConfig, audit
-    from .progress import RichProgress
-    from .sweep import parse_sigmas
+    from walkaudit._analysis.sweep import parse_sigmas
+    from walkaudit.api import AuditConfig, audit
+    from walkaudit.cli.progress import RichProgress
+    from walkaudit.report import gate
 
     _check_outputs(json_path, markdown_path, junit_path)
     gate_config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop,
@@ -277,8 +276,8 @@ def inspect(model, ops, include, exclude, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    from .model import load_model
-    from .sites import select
+    from walkaudit._graph.sites import select
+    from walkaudit._loading.model import load_model
 
     loaded = load_model(model)
     sites = select(loaded.proto, loaded.types, _selection(ops, include, exclude), loaded.class_output.name)
@@ -311,8 +310,7 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
     """Compare two reports side by side and gate NEW against OLD with the same rules as the audit."""
     from rich.console import Console
 
-    from . import gate, render
-
+    from walkaudit.report import gate, render
     if baseline:
         raise UsageError("compare takes the baseline as its first argument; drop --baseline")
     _check_outputs(json_path, markdown_path, junit_path)
@@ -339,7 +337,7 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
 @guarded
 def plot(report_path, out):
     """Plot accuracy vs σ per site and σ50 per site from a JSON report."""
-    from .plot import plot_report
+    from walkaudit.report.plot import plot_report
 
     if Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"plot output must end in .png, .svg or .pdf, got {out}")

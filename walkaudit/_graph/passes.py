@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import graph as g
-from .errors import ModelError
-from .model import TensorSpec
+from walkaudit._graph import queries as g
+from walkaudit._loading.model import TensorSpec
+from walkaudit.errors import ModelError
 
 
 def _copy_without_graph(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
+from walkaudit.errors import UsageError
 
 NOISE_MODELS = ("additive", "multiplicative", "combined")
 

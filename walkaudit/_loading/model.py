@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import ModelError
+from walkaudit.errors import ModelError
 
 #: onnx tensor element types that count as floating point (sites, class scores).
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}

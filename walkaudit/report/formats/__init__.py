@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from walkaudit.formats.junit import to_junit
-from walkaudit.formats.markdown import to_markdown
+from walkaudit.report.formats.junit import to_junit
+from walkaudit.report.formats.markdown import to_markdown
 
 __all__ = ["to_junit", "to_markdown"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UsageError
+from walkaudit.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from walkaudit.errors import UsageError
-from walkaudit.schema import check_report_version
+from walkaudit.report.schema import check_report_version
 
 __all__ = [
     "Drop",

@@ -13,7 +13,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from walkaudit.formats.markdown import format_sigma, model_name, site_failures
+from walkaudit.report.formats.markdown import format_sigma, model_name, site_failures
 
 __all__ = ["MODEL_CASE", "to_junit"]
 

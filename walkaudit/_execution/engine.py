@@ -20,15 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import noise as noise_mod
-from . import rewrite, sizing
-from .data import Dataset
-from .errors import UsageError
-from .model import LoadedModel
-from .noise import Noise, NormalSource
-from .runtime import OutOfMemory, Runtime, failure, run, run_options
-from .sites import Site
-from .sweep import Counts
+from walkaudit import _noise as noise_mod
+from walkaudit._analysis.sweep import Counts
+from walkaudit._execution import sizing
+from walkaudit._execution.runtime import OutOfMemory, Runtime, failure, run, run_options
+from walkaudit._graph import passes as rewrite
+from walkaudit._graph.sites import Site
+from walkaudit._loading.data import Dataset
+from walkaudit._loading.model import LoadedModel
+from walkaudit._noise import Noise, NormalSource
+from walkaudit.errors import UsageError
 
 #: Clean values kept per site between σ rounds (bytes).
 CACHE_BYTES = 256 << 20

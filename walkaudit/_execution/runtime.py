@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import ModelError, RuntimeFailure, UsageError
-from .model import copy_fields
+from walkaudit._loading.model import copy_fields
+from walkaudit.errors import ModelError, RuntimeFailure, UsageError
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .model import TensorSpec
+from walkaudit._loading.model import TensorSpec
+from walkaudit.errors import DataError
 
 X_KEYS = ("x", "X", "inputs", "input", "images", "image", "data", "features", "x_val", "x_test")
 Y_KEYS = ("y", "Y", "labels", "label", "targets", "target", "y_val", "y_test")

@@ -1,0 +1,1 @@
+"""Running graphs on onnxruntime: the clean pass and noisy evaluation of work units."""

@@ -1,0 +1,1 @@
+"""Read-only graph queries, site selection and functional graph passes."""

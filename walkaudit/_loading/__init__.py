@@ -1,0 +1,1 @@
+"""Reading the user's model and data (never written)."""
