@@ -46,10 +46,10 @@ import models
 import naive_onnx
 import onnxruntime as ort
 import torch_reference
+from walkaudit._execution.engine import Engine
 
 import walkaudit
 from walkaudit._execution import engine as engine_mod
-from walkaudit._execution.engine import Engine
 from walkaudit._execution.runtime import Runtime
 from walkaudit._graph import passes as rewrite
 from walkaudit._graph.sites import Selection, select

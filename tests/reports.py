@@ -1,12 +1,14 @@
-"""Builders of crafted walkaudit report dicts (schema walkaudit.report/1) for the gate, format, schema and plot tests.
+"""Builders of crafted walkaudit report dicts (schema walkaudit.report/1.1) for the gate, format, schema and plot tests.
 
-Each builder returns a fresh dict that validates against walkaudit/report.schema.json; tests then change the one
-thing they are about.
+Each builder returns a fresh dict that validates against walkaudit/report/report.schema.json; tests then change the
+one thing they are about, and :func:`typed` turns it into a :class:`walkaudit.report.Report`.
 """
 
 from __future__ import annotations
 
 import math
+
+from walkaudit.report.model import Report
 
 CLEAN = 0.9
 CHANCE = 0.1
@@ -20,8 +22,9 @@ def make_points(midpoint: float, *, clean: float = CLEAN, chance: float = CHANCE
     for sigma in sigmas:
         u = math.log10(sigma)
         acc = chance + (clean - chance) / (1.0 + math.exp((u - math.log10(midpoint)) / width))
+        correct = round(acc * 500)
         points.append({"sigma": sigma, "accuracy": acc, "accuracy_std": 0.01, "repeats": 3, "samples": 500,
-                       "nonfinite": 0})
+                       "nonfinite": 0, "per_repeat": {"correct": [correct] * 3, "nonfinite": [0, 0, 0]}})
     return points
 
 
@@ -64,14 +67,14 @@ def make_report(sites: list[dict] | None = None, *, clean_accuracy: float = CLEA
                 noise: str = "additive", mode: str = "walk", ratio: float | None = None,
                 model_path: str = "models/net.onnx", data_sha256: str | None = "ab" * 32, samples: int = 500,
                 partial: bool = False, gate: dict | None = None) -> dict:
-    """A whole report; default sites: conv1 (σ50 0.1), conv2 (0.05), fc (1.0)."""
+    """A whole report; default sites: conv1 (σ50 0.1), conv2 (0.05), fc (1.0). No ``gate`` unless one is given."""
     if sites is None:
         sites = [make_site("conv1", 0.1, index=0), make_site("conv2", 0.05, index=1),
                  make_site("fc", 1.0, index=2, op_type="Gemm")]
     measured = [s for s in sites if s["midpoint"] is not None]
     weakest = min(measured, key=lambda s: s["midpoint"]) if measured else None
-    return {
-        "schema": "walkaudit.report/1",
+    report = {
+        "schema": "walkaudit.report/1.1",
         "tool": {"name": "walkaudit", "version": "0.1.0"},
         "model": {"path": model_path, "sha256": "0" * 64, "opset": 17, "producer": "pytorch",
                   "class_output": "logits", "output_kind": "scores"},
@@ -80,17 +83,33 @@ def make_report(sites: list[dict] | None = None, *, clean_accuracy: float = CLEA
                    "batch_size": 256, "provider_requested": "auto"},
         "runtime": {"provider": "CPUExecutionProvider", "onnxruntime_version": "1.20.0", "elapsed_s": 1.5},
         "clean_accuracy": clean_accuracy,
+        "clean_counts": {"correct": round(clean_accuracy * samples), "samples": samples},
         "chance": chance,
         "num_classes": 10,
         "sites": sites,
         "summary": {"weakest_site": None if weakest is None else weakest["name"],
-                    "min_midpoint": None if weakest is None else weakest["midpoint"]},
-        "gate": gate if gate is not None else {"passed": True, "failures": [], "warnings": []},
+                    "min_midpoint": None if weakest is None else weakest["midpoint"], "sites": len(sites)},
         "partial": partial,
     }
+    if gate is not None:
+        report["gate"] = gate
+    return report
 
 
 def make_global_report(midpoint: float = 0.2) -> dict:
     """A global-mode report: one site named 'global'."""
     site = make_site("global", midpoint, index=None, op_type="global", activation_std=None, with_weight=False)
     return make_report([site], mode="global")
+
+
+def make_degenerate_site(name: str, sigma_max: float = 10.0, *, index: int | None = 0) -> dict:
+    """A site of a model at chance: the fit found no midpoint (censored "above" at the grid's end, ``ok`` false)."""
+    site = make_site(name, sigma_max, index=index, censored="above")
+    site["fit"] = {"method": "censored", "ok": False, "params": {}, "ci_method": None,
+                   "message": "clean accuracy 0.1 is not above chance 0.1: no midpoint"}
+    return site
+
+
+def typed(report: dict) -> Report:
+    """The typed, validated report of a crafted dict."""
+    return Report.from_dict(report)

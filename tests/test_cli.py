@@ -43,7 +43,7 @@ def audit_json(folder, *extra):
 def test_report_has_the_contract_keys_and_a_midpoint_per_site(mlp_files):
     report, result = audit_json(mlp_files, "--quiet")
     assert result.exit_code == 0
-    assert report["schema"] == "walkaudit.report/1"
+    assert report["schema"] == "walkaudit.report/1.1"
     for key in ("tool", "model", "data", "config", "runtime", "clean_accuracy", "chance", "num_classes", "sites",
                 "summary", "gate"):
         assert key in report

@@ -19,8 +19,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from walkaudit._execution import engine as engine_mod
+from walkaudit._execution import strategies
 from walkaudit._execution.runtime import OutOfMemory
+from walkaudit._execution.worker import Worker
 from walkaudit.cli import main
 
 try:
@@ -286,9 +287,20 @@ CASES = [
     # flags
     ("flag-sigmas-empty-string", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", ""], 2, "empty"),
     ("flag-sigmas-comma", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", ","], 2, "empty"),
-    ("flag-sigmas-negative", lambda c: [str(c.good), "--data", str(c.data), "--sigmas=-1,0.1"], 2, "non-negative"),
+    ("flag-sigmas-negative", lambda c: [str(c.good), "--data", str(c.data), "--sigmas=-1,0.1"], 2, "--sigmas must be 0 or"),
     ("flag-sigmas-zero", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "0"], 2, "above 0"),
-    ("flag-sigmas-nan", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "nan,1"], 2, "finite"),
+    ("flag-sigmas-nan", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "nan,1"], 2, "--sigmas must be 0 or"),
+    ("flag-sigmas-overflow", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "1e300"], 2, "1e+30"),
+    ("flag-sigmas-underflow", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "1e-300,1"], 2, "1e-30"),
+    ("flag-sigmas-huge-range", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "1e-3:1e2:100000000"], 2,
+     "at most 10000"),
+    ("flag-seed-negative", lambda c: [str(c.good), "--data", str(c.data), "--seed", "-1"], 2, "--seed must be"),
+    ("flag-seed-negative-graph", lambda c: [str(c.good), "--data", str(c.data), "--seed", "-1", "--noise-source",
+                                            "graph"], 2, "--seed must be"),
+    ("flag-repeats-huge", lambda c: [str(c.good), "--data", str(c.data), "--repeats", "1000000000"], 2,
+     "--repeats must be between 1 and 1000"),
+    ("flag-threads-huge", lambda c: [str(c.good), "--data", str(c.data), "--threads", "5000"], 2,
+     "--threads must be between 1 and 1024"),
     ("flag-sigmas-text", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "small"], 2, "expected a list"),
     ("flag-sigmas-bad-range", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "1:0.1:5"], 2, "range"),
     ("flag-repeats-zero", lambda c: [str(c.good), "--data", str(c.data), "--repeats", "0"], 2, "--repeats"),
@@ -580,15 +592,15 @@ def test_out_of_memory_retries_with_fewer_levels(corpus, monkeypatch):
     calls = {"raised": 0}
 
     def flaky(real):
-        def _run(self, start, values, sigmas, eps):
+        def _run(self, values, sigmas, eps, device=None):
             if len(sigmas) > 1 and np.any(sigmas) and calls["raised"] == 0:  # a packed run, not the σ = 0 probe
                 calls["raised"] += 1
                 raise OutOfMemory("Failed to allocate memory for requested buffer of size 123456789")
-            return real(self, start, values, sigmas, eps)
+            return real(self, values, sigmas, eps, device)
         return _run
 
-    for cls in (engine_mod.SiteEvaluator, engine_mod.SuffixEvaluator):
-        monkeypatch.setattr(cls, "_run", flaky(cls._run))
+    for cls in (strategies.HostApplied, strategies.FedSuffix):
+        monkeypatch.setattr(cls, "run", flaky(cls.run))
     retried = corpus.root / "retried.json"
     result = CliRunner().invoke(main, [*argv, str(retried)])
     assert result.exit_code == 0, result.stderr
@@ -599,26 +611,27 @@ def test_out_of_memory_retries_with_fewer_levels(corpus, monkeypatch):
 
 
 def test_out_of_memory_at_one_level_is_a_runtime_failure(corpus, monkeypatch):
-    def oom(self, start, values, sigmas, eps):
+    def oom(self, values, sigmas, eps, device=None):
         raise OutOfMemory("out of memory running the noisy model: Failed to allocate memory")
 
-    for cls in (engine_mod.SiteEvaluator, engine_mod.SuffixEvaluator):
-        monkeypatch.setattr(cls, "_run", oom)
+    for cls in (strategies.HostApplied, strategies.FedSuffix):
+        monkeypatch.setattr(cls, "run", oom)
     result = CliRunner().invoke(main, [str(corpus.good), "--data", str(corpus.data), *FAST])
     one_error_line(result, 3, "out of memory")
 
 
 def test_interrupt_writes_partial_report(corpus, monkeypatch):
-    real_walk = engine_mod.Engine.walk
+    real_evaluate = Worker.evaluate
     calls = []
 
-    def walk(self, site):
-        calls.append(site.name)
+    def evaluate(self, unit, progress=None):
+        if unit.sites[0] not in calls:
+            calls.append(unit.sites[0])
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_walk(self, site)
+        return real_evaluate(self, unit, progress)
 
-    monkeypatch.setattr(engine_mod.Engine, "walk", walk)
+    monkeypatch.setattr(Worker, "evaluate", evaluate)
     out = corpus.root / "partial.json"
     result = CliRunner().invoke(main, [str(corpus.good), "--data", str(corpus.data), "--sigmas", "0.1,1",
                                        "--repeats", "1", "--provider", "cpu", "--json", str(out)])
@@ -634,7 +647,7 @@ def test_interrupt_during_clean_pass(corpus, monkeypatch):
     def boom(self, *a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine_mod.Engine, "clean_pass", boom)
+    monkeypatch.setattr(Worker, "clean_pass", boom)
     out = corpus.root / "none.json"
     result = CliRunner().invoke(main, [str(corpus.good), "--data", str(corpus.data), *FAST, "--json", str(out)])
     one_error_line(result, 130, "interrupted")

@@ -6,22 +6,36 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from walkaudit.report import Report
 from walkaudit.report.formats import to_junit, to_markdown
 from walkaudit.report.formats.junit import MODEL_CASE
 from walkaudit.report.gate import GateConfig, Threshold, evaluate
 
 try:
-    from tests.reports import make_global_report, make_report, make_site
+    from tests.reports import (
+        make_degenerate_site,
+        make_global_report,
+        make_report,
+        make_site,
+        typed,
+    )
 except ImportError:  # tests/ on sys.path instead of the repository root
-    from reports import make_global_report, make_report, make_site
+    from reports import (
+        make_degenerate_site,
+        make_global_report,
+        make_report,
+        make_site,
+        typed,
+    )
 
 
-def gated(report: dict, config: GateConfig) -> dict:
-    report["gate"] = evaluate(report, config).to_dict()
-    return report
+def gated(report: dict, config: GateConfig) -> Report:
+    """The typed report with the verdict of ``config`` and its rules recorded, as the CLI writes it."""
+    typed_report = typed(report)
+    return typed_report.with_gate(evaluate(typed_report, config), rules=config.to_dict())
 
 
-def failing_report() -> dict:
+def failing_report() -> Report:
     """conv2 (0.05) fails fail-under 0.08 and clean accuracy 0.9 fails min 0.95; conv1 and fc pass."""
     return gated(make_report(), GateConfig(thresholds=(Threshold(None, 0.08, False),), min_clean_accuracy=0.95))
 
@@ -52,7 +66,7 @@ def test_markdown_heading_says_fail_and_lists_failures():
 
 
 def test_markdown_context_line():
-    text = to_markdown(make_report(noise="combined", ratio=0.25))
+    text = to_markdown(typed(make_report(noise="combined", ratio=0.25)))
     context = text.splitlines()[2]
     for fragment in ("Clean accuracy **90.0%**", "chance 10.0%", "noise combined (ratio 0.25)",
                      "CPUExecutionProvider", "500 samples"):
@@ -73,7 +87,7 @@ def test_markdown_marks_censored_sites():
     sites = [make_site("up", 10.0, index=0, censored="above", activation_std=2.0),
              make_site("down", 0.001, index=1, censored="below"),
              make_site("unmeasured", None, index=2)]
-    rows = table_rows(to_markdown(make_report(sites)))
+    rows = table_rows(to_markdown(typed(make_report(sites))))
     assert rows[0][3] == "> 10" and rows[0][4] == "> 5" and rows[0][5] == "—"
     assert rows[1][3] == "< 0.001"
     assert rows[2][3] == "—" and rows[2][-1] == "⚠️"
@@ -81,7 +95,7 @@ def test_markdown_marks_censored_sites():
 
 def test_markdown_escapes_pipes_and_backticks_in_site_names():
     sites = [make_site("a|b", 0.1, index=0), make_site("x`y", 0.2, index=1)]
-    text = to_markdown(make_report(sites))
+    text = to_markdown(typed(make_report(sites)))
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # after the header
     assert "`a\\|b`" in rows[0]
     assert "``x`y``" in rows[1]
@@ -93,7 +107,7 @@ def test_markdown_escapes_pipes_and_backticks_in_site_names():
 def test_markdown_global_mode_and_partial_note():
     report = make_global_report(0.2)
     report["partial"] = True
-    text = to_markdown(report)
+    text = to_markdown(typed(report))
     rows = table_rows(text)
     assert len(rows) == 1 and rows[0][0] == "—" and rows[0][1] == "`global`"
     assert "Partial report" in text
@@ -102,7 +116,7 @@ def test_markdown_global_mode_and_partial_note():
 def test_markdown_warnings_are_folded():
     report = make_report()
     report["gate"] = {"passed": True, "failures": [], "warnings": ["grid <too> narrow"]}
-    text = to_markdown(report)
+    text = to_markdown(typed(report))
     assert "<details><summary>Warnings (1)</summary>" in text
     assert "- grid \\<too\\> narrow" in text
 
@@ -135,7 +149,6 @@ def test_junit_passing_report_has_no_failures_and_no_model_case():
 
 def test_junit_model_case_when_min_clean_accuracy_configured_and_passing():
     report = gated(make_report(), GateConfig(min_clean_accuracy=0.5))
-    report["config"]["gate"] = GateConfig(min_clean_accuracy=0.5).to_dict()
     suite = ET.fromstring(to_junit(report)).find("testsuite")
     model_case = [c for c in suite.findall("testcase") if c.get("name") == MODEL_CASE]
     assert len(model_case) == 1 and model_case[0].find("failure") is None
@@ -144,7 +157,7 @@ def test_junit_model_case_when_min_clean_accuracy_configured_and_passing():
 def test_junit_several_failures_of_one_site_make_one_failure_element():
     report = gated(make_report(), GateConfig(thresholds=(Threshold(None, 0.08, False), Threshold("conv2", 0.5, True))))
     root = ET.fromstring(to_junit(report))
-    conv2 = [c for c in root.iter("testcase") if c.get("name") == "conv2"][0]
+    conv2 = next(c for c in root.iter("testcase") if c.get("name") == "conv2")
     failures = conv2.findall("failure")
     assert len(failures) == 1
     assert failures[0].get("type") == "fail_under,fail_under_relative"
@@ -158,7 +171,7 @@ def test_junit_escapes_names_and_messages():
     text = to_junit(report)
     root = ET.fromstring(text)  # parses: & < > quotes escaped, control character replaced
     case = root.find("testsuite/testcase")
-    assert case.get("name") == 'a<b>&"c\'\ufffd'
+    assert case.get("name") == 'a<b>&"c\'\\x01'
     assert case.get("classname") == "m&m<1>.onnx"
     assert case.find("failure") is not None
 
@@ -166,7 +179,7 @@ def test_junit_escapes_names_and_messages():
 def test_junit_skips_sites_without_midpoint_and_carries_warnings():
     report = make_report([make_site("x", None, index=0), make_site("y", 0.1, index=1)])
     report["gate"] = {"passed": True, "failures": [], "warnings": ["w1", "w2"]}
-    suite = ET.fromstring(to_junit(report)).find("testsuite")
+    suite = ET.fromstring(to_junit(typed(report))).find("testsuite")
     assert suite.get("skipped") == "1"
     assert suite.find("testcase/skipped") is not None
     assert suite.find("system-out").text == "w1\nw2"
@@ -177,7 +190,7 @@ def test_junit_failure_for_unknown_site_goes_to_model_case():
     report["gate"] = {"passed": False, "warnings": [],
                       "failures": [{"rule": "max_drop", "site": "gone", "value": 50.0, "threshold": 20.0,
                                     "message": "σ50 fell"}]}
-    suite = ET.fromstring(to_junit(report)).find("testsuite")
+    suite = ET.fromstring(to_junit(typed(report))).find("testsuite")
     model_case = [c for c in suite.findall("testcase") if c.get("name") == MODEL_CASE]
     assert len(model_case) == 1 and model_case[0].find("failure").get("message") == "σ50 fell"
 
@@ -186,3 +199,57 @@ def test_junit_failure_for_unknown_site_goes_to_model_case():
 def test_renderers_return_strings_ending_in_newline(render):
     out = render(failing_report())
     assert isinstance(out, str) and out.endswith("\n")
+
+
+# --- sites without σ50 and hostile names ------------------------------------------------------------------------------
+
+HOSTILE = ["a\rb", "c\nd", "\x1b[2J\x1b]0;t\x07", "\x9b31m|x", "\u202eevil", "x`|`y"]
+
+
+def test_markdown_site_whose_fit_found_no_midpoint_is_not_a_pass():
+    report = gated(make_report([make_degenerate_site("flat"), make_site("ok", 0.5, index=1)]), GateConfig())
+    rows = table_rows(to_markdown(report))
+    assert rows[0][1] == "`flat`" and rows[0][3] == "—" and rows[0][5] == "—" and rows[0][-1] == "⚠️"
+    assert rows[1][-1] == "✅"
+
+
+def test_markdown_without_a_gate_has_a_plain_heading():
+    text = to_markdown(typed(make_report()))
+    assert text.splitlines()[0] == "## walkaudit: `net.onnx`"
+
+
+def test_markdown_model_at_chance_says_so():
+    report = gated(make_report([make_degenerate_site("a")], clean_accuracy=0.1), GateConfig(min_clean_accuracy=0.0))
+    text = to_markdown(report)
+    assert "failed (1 failure)" in text.splitlines()[0] and "**clean accuracy not above chance**" in text
+    assert "- ❌ model · above\\_chance: clean accuracy 0.1 is not above chance 0.1" in text
+
+
+def test_markdown_hostile_names_keep_one_row_each_and_no_control_characters():
+    sites = [make_site(name, 0.1 * (i + 1), index=i) for i, name in enumerate(HOSTILE)]
+    report = gated(make_report(sites, model_path="m\r\n# injected.onnx"), GateConfig(thresholds=(Threshold(None, 1.0),)))
+    text = to_markdown(report)
+    assert not any(ord(c) < 32 and c != "\n" or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in text)
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(HOSTILE)
+    for row in rows:
+        assert row.replace("\\|", "").count("|") == 8
+    assert "`a\\rb`" in rows[0] and "`\\x1b[2J\\x1b]0;t\\x07`" in rows[2]
+    assert not any(line.startswith("# injected") for line in text.splitlines())
+
+
+def test_junit_hostile_names_are_escaped_and_parse():
+    sites = [make_site(name, 0.1 * (i + 1), index=i) for i, name in enumerate(HOSTILE)]
+    report = gated(make_report(sites), GateConfig(thresholds=(Threshold(None, 1.0),)))
+    text = to_junit(report)
+    assert not any(ord(c) < 32 and c != "\n" or 0x7F <= ord(c) <= 0x9F for c in text)
+    root = ET.fromstring(text)
+    names = [c.get("name") for c in root.iter("testcase")]
+    assert names[:3] == ["a\\rb", "c\\nd", "\\x1b[2J\\x1b]0;t\\x07"]
+    assert all(f.get("message").startswith("site ") for f in root.iter("failure"))
+
+
+def test_junit_skips_a_site_whose_fit_found_no_midpoint():
+    report = gated(make_report([make_degenerate_site("flat")]), GateConfig())
+    case = ET.fromstring(to_junit(report)).find("testsuite/testcase")
+    assert "not above chance" in case.find("skipped").get("message")

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from walkaudit.errors import UsageError
+from walkaudit.report import Report
 from walkaudit.report.gate import (
     Drop,
     Failure,
@@ -21,9 +22,19 @@ from walkaudit.report.gate import (
 )
 
 try:
-    from tests.reports import make_global_report, make_report, make_site
+    from tests import reports
+    from tests.reports import make_degenerate_site, make_site, typed
 except ImportError:  # tests/ on sys.path instead of the repository root
-    from reports import make_global_report, make_report, make_site
+    import reports
+    from reports import make_degenerate_site, make_site, typed
+
+
+def make_report(*args, **kwargs) -> Report:
+    return typed(reports.make_report(*args, **kwargs))
+
+
+def make_global_report(*args, **kwargs) -> Report:
+    return typed(reports.make_global_report(*args, **kwargs))
 
 
 def rules(*thresholds, min_clean_accuracy=None, max_drop=None) -> GateConfig:
@@ -389,8 +400,8 @@ def test_combined_noise_with_other_ratio_is_refused():
     assert check_comparable(make_report(noise="combined", ratio=0.5), make_report(noise="combined", ratio=0.5)) == []
 
 
-def test_check_comparable_works_on_config_stubs_and_warns_on_other_data():
-    assert check_comparable({"config": {"noise": "additive"}}, {"config": {"noise": "additive"}}) == []
+def test_check_comparable_warns_on_other_data():
+    assert check_comparable(make_report(), make_report()) == []
     warnings = check_comparable(make_report(data_sha256="ab" * 32), make_report(data_sha256="cd" * 32))
     assert any("other data" in w for w in warnings)
 
@@ -411,12 +422,10 @@ def test_partial_report_warns():
 
 
 def test_unknown_report_version_is_refused():
-    report = make_report()
+    report = reports.make_report()
     report["schema"] = "walkaudit.report/2"
     with pytest.raises(UsageError, match="newer"):
-        evaluate(report, GateConfig())
-    with pytest.raises(UsageError, match="newer"):
-        evaluate(make_report(), rules(max_drop="20%"), baseline=report)
+        typed(report)
 
 
 def test_result_to_dict_matches_report_gate_shape():
@@ -446,3 +455,70 @@ def test_max_drop_failures_follow_the_new_report_order():
     old = make_report([make_site("a", 1.0, index=0), make_site("b", 1.0, index=1)])
     new = make_report([make_site("renamed", 0.1, index=0), make_site("b", 0.1, index=1)])
     assert failed_sites(evaluate(new, rules(max_drop="20%"), baseline=old)) == ["renamed", "b"]
+
+
+# --- sites without σ50, models at chance, names in messages ---------------------------------------------------------
+
+def test_site_whose_fit_found_no_midpoint_fails_a_threshold():
+    report = make_report([make_degenerate_site("flat", 10.0), make_site("ok", 1.0, index=1)])
+    result = evaluate(report, rules(Threshold(None, 0.1, False)))
+    assert failed_sites(result) == ["flat"]
+    failure = result.failures[0]
+    assert failure.value is None and failure.threshold == 0.1
+    assert failure.message.startswith("site flat: no σ50 (") and "cannot be shown" in failure.message
+
+
+def test_site_whose_fit_found_no_midpoint_is_never_the_weakest_or_robust_against_a_baseline():
+    old = make_report([make_site("a", 0.1, index=0)])
+    new = make_report([make_degenerate_site("a", 10.0)])
+    assert new.weakest is None
+    result = evaluate(new, rules(max_drop="20%"), baseline=old)
+    assert failed_sites(result) == ["a"]
+    assert result.failures[0].rule == "max_drop" and "no σ50 in this report" in result.failures[0].message
+
+
+@pytest.mark.parametrize("config", [
+    rules(Threshold(None, 0.5, False)), rules(min_clean_accuracy=0.0), rules(Threshold("nothing", 1.0, True))])
+def test_clean_accuracy_not_above_chance_fails_any_gate(config):
+    report = make_report([make_degenerate_site("conv1", 10.0)], clean_accuracy=0.0)
+    result = evaluate(report, config)
+    assert not result.passed
+    chance = [f for f in result.failures if f.rule == "above_chance"]
+    assert len(chance) == 1 and chance[0].site is None
+    assert chance[0].message == ("clean accuracy 0 is not above chance 0.1: the model does not classify these data, "
+                                 "so no σ50 means anything")
+
+
+def test_clean_accuracy_not_above_chance_without_rules_passes():
+    assert evaluate(make_report(clean_accuracy=0.1), GateConfig()).passed
+
+
+def test_healthy_to_broken_fails_a_max_drop():
+    broken = make_report([make_degenerate_site("conv1", 10.0, index=0), make_degenerate_site("conv2", 10.0, index=1),
+                          make_degenerate_site("fc", 10.0, index=2)], clean_accuracy=0.0)
+    result = evaluate(broken, rules(max_drop="20%"), baseline=make_report())
+    assert not result.passed and [f.rule for f in result.failures] == ["above_chance"]
+
+
+def test_every_failure_message_names_its_site():
+    old = make_report([make_site("conv1", 1.0, index=0), make_site("conv2", 1.0, index=1)])
+    new = make_report([make_site("conv1", 0.05, index=0), make_site("conv2", 0.01, index=1, censored="below")])
+    result = evaluate(new, rules(Threshold(None, 0.5, False), Threshold(None, 5.0, True), max_drop="20%"),
+                      baseline=old)
+    assert len(result.failures) == 6
+    for failure in result.failures:
+        assert failure.message.startswith(f"site {failure.site}: "), failure.message
+    assert result.failures[0].message == "site conv1: σ50 0.05 < 0.5 (rule *:0.5)"
+
+
+def test_control_characters_in_names_are_escaped_in_messages_and_warnings():
+    name = "evil\x1b[2J\r\n\x9b"
+    old = make_report([make_site(name, 1.0, index=0), make_site("gone\x07", 1.0, index=1)])
+    new = make_report([make_site(name, 0.1, index=0)])
+    result = evaluate(new, rules(Threshold(None, 0.5, False), Threshold("^x\x1b", 0.1, False), max_drop="20%"),
+                      baseline=old)
+    assert failed_sites(result) == [name, name]  # the site field keeps the real name
+    for text in [f.message for f in result.failures] + result.warnings:
+        assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in text), text
+    assert "site evil\\x1b[2J\\r\\n\\x9b: σ50 0.1 < 0.5" in result.failures[0].message
+    assert any("gone\\x07" in w for w in result.warnings) and any("^x\\x1b" in w for w in result.warnings)

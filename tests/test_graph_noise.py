@@ -13,19 +13,29 @@ from walkaudit.errors import UsageError
 from .models import cpu_session, mlp, resnet_block
 
 
+def scales(kind: str, sigma, ratio: float = 0.25) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(σ of the multiplicative term, σ of the additive term) of a noise kind, as the noise models define them
+    (kept here so that these tests of the graph do not depend on the noise module's API)."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if kind == "additive":
+        return None, sigma
+    if kind == "multiplicative":
+        return sigma, None
+    return sigma * (1.0 - ratio), sigma * ratio
+
+
 @pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
 def test_graph_noise_has_the_requested_statistics_per_level(kind):
     """The site is the class output, so the program returns the noisy site itself: [G·N, C]."""
     model = mlp(seed=0)
     types = value_types(model)
-    noise = walkaudit._noise.Noise(kind, ratio=0.25)
-    sm, sa = noise.scales(np.ones(1))
+    sm, sa = scales(kind, np.ones(1))
     program = rewrite.graph_noise(rewrite.suffix(model, "logits", "logits", types), types, sm is not None,
-                                  sa is not None, seed=3)
+                                  sa is not None, seeds=(6, 7))
     y = np.random.default_rng(0).normal(2.0, 1.0, size=(4000, 4)).astype(np.float32)
     sigmas = np.array([0.0, 0.1, 0.5])
     feeds = {program.site: y}
-    m, a = noise.scales(sigmas)
+    m, a = scales(kind, sigmas)
     if program.sigma_mul:
         feeds[program.sigma_mul] = m.astype(np.float32).reshape(-1, 1, 1)
     if program.sigma_add:
@@ -34,7 +44,7 @@ def test_graph_noise_has_the_requested_statistics_per_level(kind):
     assert np.array_equal(out[0], y)  # σ = 0 is bit-identical
     for level, sigma in enumerate(sigmas[1:], start=1):
         diff = (out[level] - y).astype(np.float64)
-        sm_, sa_ = noise.scales(np.array([sigma]))
+        sm_, sa_ = scales(kind, np.array([sigma]))
         var_mul = 0.0 if sm_ is None else float((sm_[0] ** 2 * y.astype(np.float64) ** 2).mean())
         var_add = 0.0 if sa_ is None else float(sa_[0] ** 2)
         want = np.sqrt(var_mul + var_add)
@@ -61,7 +71,7 @@ def test_graph_noise_on_a_residual_block_tiles_the_skip_value():
 def test_audit_with_graph_noise_is_reproducible_and_close_to_host_noise():
     model = resnet_block(seed=2)
     x = np.random.default_rng(2).normal(size=(400, 1, 6, 6)).astype(np.float32)
-    args = dict(provider="cpu", repeats=2, seed=4)
+    args = {"provider": "cpu", "repeats": 2, "seed": 4}
     a = walkaudit.audit(model, x, noise_source="graph", **args).to_dict()
     b = walkaudit.audit(model, x, noise_source="graph", **args).to_dict()
     host = walkaudit.audit(model, x, noise_source="host", **args).to_dict()
@@ -76,3 +86,44 @@ def test_graph_noise_refuses_opsets_without_random_ops():
     model = mlp(opset=22)
     with pytest.raises(UsageError, match="opset 10 to 21"):
         walkaudit.audit(model, np.zeros((8, 16), np.float32), noise_source="graph", provider="cpu")
+
+
+# -- seeds ------------------------------------------------------------------------------------------------------------
+def _seed_attributes(program: rewrite.GraphNoise) -> dict[str, float]:
+    """RandomNormalLike node name -> its seed attribute, as stored in the proto (float32)."""
+    return {n.name: next(a.f for a in n.attribute if a.name == "seed")
+            for n in program.model.graph.node if n.op_type == "RandomNormalLike"}
+
+
+@pytest.mark.parametrize("seeds", [(0, 1), (12345, 54321), (2**24 - 1, 2**24 - 2)])
+def test_graph_seeds_read_back_as_exactly_the_integers_given(seeds):
+    model = mlp(seed=0)
+    types = value_types(model)
+    program = rewrite.graph_noise(rewrite.suffix(model, "h", "logits", types), types, True, True, seeds=seeds)
+    attrs = _seed_attributes(program)
+    assert sorted(attrs) == ["walkaudit/eps_add", "walkaudit/eps_mul"]
+    assert (attrs["walkaudit/eps_mul"], attrs["walkaudit/eps_add"]) == seeds
+    assert all(float(v).is_integer() for v in attrs.values())
+
+
+def test_graph_seed_keeps_its_old_meaning():
+    model = mlp(seed=0)
+    types = value_types(model)
+    program = rewrite.graph_noise(rewrite.suffix(model, "h", "logits", types), types, True, True, seed=21)
+    assert _seed_attributes(program) == {"walkaudit/eps_mul": 42.0, "walkaudit/eps_add": 43.0}
+
+
+@pytest.mark.parametrize("seeds", [(-1, 0), (0, 2**24), (1.0, 2), (True, 3), ("1", 2), (1, 2, 3)])
+def test_graph_seeds_outside_float32_integers_are_refused(seeds):
+    model = mlp(seed=0)
+    types = value_types(model)
+    sfx = rewrite.suffix(model, "h", "logits", types)
+    with pytest.raises(ValueError, match="seed"):
+        rewrite.graph_noise(sfx, types, True, True, seeds=seeds)
+
+
+def test_graph_seed_and_seeds_together_are_refused():
+    model = mlp(seed=0)
+    types = value_types(model)
+    with pytest.raises(ValueError, match="not both"):
+        rewrite.graph_noise(rewrite.suffix(model, "h", "logits", types), types, False, True, seed=1, seeds=(2, 3))

@@ -13,7 +13,7 @@ import pytest
 from walkaudit import _noise as noise_mod
 from walkaudit._graph import passes as rewrite
 from walkaudit._loading.model import value_types
-from walkaudit._noise import CHUNK, Noise, NormalSource
+from walkaudit._noise import CHUNK, NoiseModel, NormalSource, make_noise
 from walkaudit.errors import UsageError
 
 from .models import mlp, resnet_block
@@ -38,7 +38,7 @@ def source():
     src.close()
 
 
-def draw(source: NormalSource, noise: Noise, shape, key=(0,), repeats: int = 1) -> np.ndarray:
+def draw(source: NormalSource, noise: NoiseModel, shape, key=(0,), repeats: int = 1) -> np.ndarray:
     """ε as the engine draws it: [draws, R, N, ...]."""
     return source.normal((noise.draws, repeats, *shape), key)
 
@@ -49,14 +49,14 @@ def activations(seed: int = 7) -> np.ndarray:
     return (rng.uniform(0.5, 2.0, SHAPE) * rng.choice([-1.0, 1.0], SHAPE)).astype(np.float32)
 
 
-def noisy_value(noise: Noise, sigma: float, y: np.ndarray, eps: np.ndarray) -> np.ndarray:
-    mul, add = noise.terms(np.array([sigma]), eps)
+def noisy_value(noise: NoiseModel, sigma: float, y: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    mul, add = noise.factors(np.array([sigma]), eps)
     return noise_mod.apply(y, None if mul is None else mul[0, 0], None if add is None else add[0, 0])
 
 
 # -- the noise models ---------------------------------------------------------------------------------------------------
 def test_additive_noise_has_std_sigma(source):
-    noise, sigma, y = Noise("additive"), 0.3, activations()
+    noise, sigma, y = make_noise("additive"), 0.3, activations()
     out = noisy_value(noise, sigma, y, draw(source, noise, SHAPE))
     assert out.dtype == np.float32 and out.shape == SHAPE
     d = out.astype(np.float64) - y
@@ -68,7 +68,7 @@ def test_additive_noise_has_std_sigma(source):
 
 
 def test_multiplicative_noise_is_y_times_normal_1_sigma(source):
-    noise, sigma, y = Noise("multiplicative"), 0.3, activations()
+    noise, sigma, y = make_noise("multiplicative"), 0.3, activations()
     out = noisy_value(noise, sigma, y, draw(source, noise, SHAPE))
     rel = (out.astype(np.float64) - y) / y
     assert abs(rel.std() / sigma - 1) < STD_TOL
@@ -82,7 +82,7 @@ def test_multiplicative_noise_is_y_times_normal_1_sigma(source):
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.9])
 def test_combined_noise_splits_sigma_by_ratio(source, ratio):
-    noise, sigma, y = Noise("combined", ratio), 0.4, activations()
+    noise, sigma, y = make_noise("combined", ratio), 0.4, activations()
     sm, sa = noise.scales(np.array(sigma))
     assert np.isclose(sm, sigma * (1 - ratio)) and np.isclose(sa, sigma * ratio)
     assert noise.draws == 2
@@ -98,36 +98,36 @@ def test_combined_noise_splits_sigma_by_ratio(source, ratio):
         want = np.sqrt(np.mean((sm * y64[band]) ** 2) + sa**2)
         assert abs(d[band].std() / want - 1) < 2 * STD_TOL
     # the two terms come from independent draws
-    mul, add = noise.terms(np.array([sigma]), eps)
+    mul, add = noise.factors(np.array([sigma]), eps)
     assert abs(np.corrcoef((mul[0, 0] - 1).ravel(), add[0, 0].ravel())[0, 1]) < 0.02  # s.e. 1/sqrt(N) ≈ 0.0028
 
 
 def test_scales_and_missing_terms():
     s = np.array([0.0, 0.5, 2.0])
-    sm, sa = Noise("additive").scales(s)
+    sm, sa = make_noise("additive").scales(s)
     assert sm is None and np.array_equal(sa, s)
-    sm, sa = Noise("multiplicative").scales(s)
+    sm, sa = make_noise("multiplicative").scales(s)
     assert sa is None and np.array_equal(sm, s)
     eps = np.ones((1, 2, 3, 4), np.float32)
-    mul, add = Noise("additive").terms(s, eps)
+    mul, add = make_noise("additive").factors(s, eps)
     assert mul is None and add.shape == (2, 3, 3, 4)
-    mul, add = Noise("multiplicative").terms(s, eps)
+    mul, add = make_noise("multiplicative").factors(s, eps)
     assert add is None and mul.shape == (2, 3, 3, 4)
 
 
 @pytest.mark.parametrize("kind, ratio", [("unknown", 0.5), ("combined", 1.5), ("combined", -0.1)])
 def test_bad_noise_settings_are_usage_errors(kind, ratio):
     with pytest.raises(UsageError):
-        Noise(kind, ratio)
+        make_noise(kind, ratio)
 
 
 # -- σ = 0 and common random numbers ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
 def test_sigma_zero_is_bit_identical(source, kind):
-    noise = Noise(kind, 0.3)
+    noise = make_noise(kind, 0.3)
     y = activations()
     y[0, :8] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38, 3.4e38]  # zeros, specials, subnormal, extremes
-    mul, add = noise.terms(np.array([0.0]), draw(source, noise, SHAPE))
+    mul, add = noise.factors(np.array([0.0]), draw(source, noise, SHAPE))
     if mul is not None:
         assert np.all(mul == 1)
     if add is not None:
@@ -140,10 +140,10 @@ def test_sigma_zero_is_bit_identical(source, kind):
 @pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
 def test_levels_share_one_draw(source, kind):
     """Common random numbers: the terms of level l are the same ε scaled by σ_l, exactly (float32 arithmetic)."""
-    noise = Noise(kind, 0.3)
+    noise = make_noise(kind, 0.3)
     sigmas = np.array([0.0, 0.01, 0.1, 1.0, 3.0])
     eps = draw(source, noise, (16, 8), repeats=3)
-    mul, add = noise.terms(sigmas, eps)
+    mul, add = noise.factors(sigmas, eps)
     sm, sa = noise.scales(sigmas)
     for r in range(3):
         for level in range(len(sigmas)):
@@ -160,7 +160,7 @@ def test_levels_share_one_draw(source, kind):
 @pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
 def test_graph_terms_match_host_apply_at_an_output_site(source, kind):
     """inject at the class output: the graph's Mul/Add give exactly noise.apply(y, mul, add)."""
-    noise = Noise(kind, 0.4)
+    noise = make_noise(kind, 0.4)
     model = mlp(features=16, hidden=32, classes=4)
     types = value_types(model)
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
@@ -168,7 +168,7 @@ def test_graph_terms_match_host_apply_at_an_output_site(source, kind):
     sm, sa = noise.scales(np.ones(1))
     injected, [inj] = rewrite.inject(model, ["logits"], types, has_mul=sm is not None, has_add=sa is not None)
     sigmas = np.array([0.0, 0.2, 1.5])
-    mul, add = noise.terms(sigmas, draw(source, noise, y.shape))
+    mul, add = noise.factors(sigmas, draw(source, noise, y.shape))
     sess = session(injected)
     for level in range(len(sigmas)):
         feeds = {"x": x}
@@ -191,7 +191,7 @@ def test_graph_terms_match_host_apply_at_an_output_site(source, kind):
 def test_walk_and_global_paths_agree(source, build, site, kind):
     """Noise at one site, σ levels packed along the batch: the suffix fed apply(y) (walk) and the whole model fed the
     terms (global) give identical class scores, level by level; σ = 0 gives the clean scores."""
-    noise = Noise(kind, 0.3)
+    noise = make_noise(kind, 0.3)
     model = build()
     types = value_types(model)
     shape = [d if isinstance(d, int) else 6 for d in types["x"].shape]
@@ -204,7 +204,7 @@ def test_walk_and_global_paths_agree(source, build, site, kind):
     y = clean[site]
     sigmas = np.array([0.0, 0.1, 1.0])
     levels = len(sigmas)
-    mul, add = noise.terms(sigmas, draw(source, noise, y.shape, key=(5,)))
+    mul, add = noise.factors(sigmas, draw(source, noise, y.shape, key=(5,)))
     # walk: the host applies the terms and feeds [L·N, ...]
     noisy = noise_mod.apply(y[None], None if mul is None else mul[0], None if add is None else add[0])
     feeds = {site: noisy.reshape(levels * y.shape[0], *y.shape[1:])}
@@ -290,18 +290,18 @@ def test_normal_source_is_standard_normal():
 @pytest.mark.parametrize("threads", [1, 3])
 def test_noisy_levels_is_bit_identical_to_terms_then_apply(kind, threads):
     """The engine's level-by-level, threaded computation must give the same bits as the reference formula."""
-    from walkaudit._noise import Noise, NormalSource, apply, noisy_levels
+    from walkaudit._noise import NormalSource, apply, make_noise
 
     rng = np.random.default_rng(9)
     y = rng.normal(size=(7, 2, 3)).astype(np.float32)
     eps = rng.normal(size=(2, 1, 7, 2, 3)).astype(np.float32)
     sigmas = np.array([0.0, 0.03, 0.7, 5.0])
-    noise = Noise(kind, ratio=0.4)
-    mul, add = noise.terms(sigmas, eps)
+    noise = make_noise(kind, ratio=0.4)
+    mul, add = noise.factors(sigmas, eps)
     want = apply(y[None], None if mul is None else mul[0], None if add is None else add[0])
     source = NormalSource(0, threads)
     try:
-        got = noisy_levels(noise, y, sigmas, eps, source.map)
+        got = noise.host(y, sigmas, eps, source.map)
     finally:
         source.close()
     assert got.tobytes() == want.tobytes()
@@ -326,3 +326,27 @@ def test_box_muller_fills_every_element_with_standard_normals(size):
         assert abs(corr) < 5 / np.sqrt(rest)
         # and so are their squares (a dependence that correlation of the values would miss)
         assert abs(np.corrcoef(out[:rest] ** 2, out[half:] ** 2)[0, 1]) < 5 / np.sqrt(rest)
+
+
+def test_a_samples_eps_does_not_depend_on_how_rows_are_batched():
+    """ε of rows [0, 300) drawn at once equals ε drawn in unaligned pieces (blocks are drawn whole and sliced)."""
+    from walkaudit._units import BLOCK
+
+    src = NormalSource(5, threads=2)
+    whole = src.rows("conv1", 0, 2, range(300), (3, 4))
+    pieces = np.concatenate([src.rows("conv1", 0, 2, range(a, b), (3, 4))
+                             for a, b in ((0, 7), (7, 64), (64, 200), (200, 201), (201, 300))])
+    assert np.array_equal(whole, pieces)
+    assert np.array_equal(whole[BLOCK : 2 * BLOCK], src.normal((BLOCK, 3, 4), (noise_mod.name_key("conv1"), 0, 1, 2)))
+    src.close()
+
+
+def test_eps_keys_separate_sites_terms_repeats_and_seeds():
+    src = NormalSource(5, threads=1)
+    base = src.rows("conv1", 0, 0, range(64), (8,))
+    for other in (src.rows("conv2", 0, 0, range(64), (8,)), src.rows("conv1", 1, 0, range(64), (8,)),
+                  src.rows("conv1", 0, 1, range(64), (8,)), src.rows("conv1", 0, 0, range(64, 128), (8,)),
+                  NormalSource(6, threads=1).rows("conv1", 0, 0, range(64), (8,))):
+        assert not np.any(base == other)  # independent streams: not one equal value out of 512
+    assert noise_mod.name_key("a") != noise_mod.name_key("b") and noise_mod.name_key("a") == noise_mod.name_key("a")
+    src.close()

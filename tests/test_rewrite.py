@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,8 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from walkaudit._graph import passes as rewrite
 from walkaudit._graph import queries as g
+from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import ALL, Selection, candidates, select
-from walkaudit._loading.model import value_types
+from walkaudit._loading.model import prepare_for_runtime, read_model, value_types
 from walkaudit.errors import UsageError
 
 from .models import IR, mlp, resnet_block
@@ -466,3 +469,168 @@ def test_prefix_computes_only_what_is_asked_and_the_same_values():
     full = session(rewrite.expose(model, ["a", "a_relu"], types)).run(["a", "a_relu"], feeds)
     got = session(part).run(["a", "a_relu"], feeds)
     assert all(bits_equal(g, f) for g, f in zip(got, full))
+
+
+# -- the passes' contract: functional ---------------------------------------------------------------------------------
+SAMPLE_MODEL = Path(__file__).resolve().parents[1] / "samples" / "mnist_lenet5.dynamo.onnx"
+
+
+def test_every_pass_leaves_its_input_byte_identical():
+    """expose, suffix, prefix, graph_noise, inject_fed and inject return new models and never modify theirs."""
+    model = read_model(SAMPLE_MODEL)[0]
+    prepare_for_runtime(model)
+    types = value_types(model)
+    sites = [s.name for s in candidates(model, types)]
+    out = model.graph.output[0].name
+    index = GraphIndex(model.graph)
+    before = model.SerializeToString()
+    sfx = rewrite.suffix(model, sites[1], out, types, index=index)
+    passes = {
+        "expose": lambda: rewrite.expose(model, sites, types),
+        "suffix": lambda: rewrite.suffix(model, sites[0], out, types),
+        "prefix": lambda: rewrite.prefix(model, [sites[1], *sfx.frontier], types, index=index),
+        "inject_fed": lambda: rewrite.inject_fed(model, sites, types, True, True),
+        "inject": lambda: rewrite.inject(model, sites, types, True, True),
+    }
+    for name, run in passes.items():
+        run()
+        assert model.SerializeToString() == before, f"{name} modified its input"
+    suffix_before = sfx.model.SerializeToString()
+    for fed in (True, False):
+        rewrite.graph_noise(sfx, types, True, True, seeds=(1, 2), fed=fed)
+        assert sfx.model.SerializeToString() == suffix_before, "graph_noise modified its input"
+
+
+# -- internal names never collide with the model's ---------------------------------------------------------------------
+#: Names the passes would pick for what they add; the hostile model below uses every one of them itself.
+HOSTILE_VALUES = ["h.clean", "h.scaled", "walkaudit.sigma_add", "walkaudit.eps_add", "walkaudit.eps_mul",
+                  "walkaudit.mul.0", "walkaudit.add.0", "walkaudit.mul.1", "walkaudit.add.1", "walkaudit/noisy_add",
+                  "walkaudit/noisy_mul", "walkaudit/factor", "walkaudit/scaled_add", "walkaudit/levels",
+                  "walkaudit/count", "walkaudit/eps_add", "walkaudit/eps_mul", "h.clean/shape", "h.clean/lifted",
+                  "walkaudit.eps_add.0", "walkaudit.eps_mul.0", "walkaudit/sigma_shape", "h.clean/levels",
+                  "walkaudit.mul.0.clean", "walkaudit.one_1"]
+HOSTILE_INITS = ["walkaudit.one", "walkaudit.zero", "walkaudit.minus_one", "walkaudit.end", "walkaudit.unit",
+                 "walkaudit.sigma_shape.0"]
+HOSTILE_NODES = ["walkaudit/fold", "walkaudit/fold/h", "walkaudit/mul/h", "walkaudit/add/h", "walkaudit/noisy_add",
+                 "h.clean/rest", "walkaudit.mul.0/sigma_add"]
+
+
+def hostile() -> onnx.ModelProto:
+    """x [N, 4] (and a second input named walkaudit.sigma_mul) -> MatMul -> h -> a chain of Adds, Muls and Tanhs
+    through values named like walkaudit's internals, with initializers and nodes named so too -> logits [N, 3].
+
+    The initializers hold values other than the ones walkaudit would give its own (1, 0, -1, ...), so a pass that
+    read the model's value instead of its own would change the output."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (4, 3)).astype(np.float32), "w_out")]
+    inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), n) for n in HOSTILE_INITS]
+    node_names = iter(HOSTILE_NODES + [f"n{k}" for k in range(100)])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name=next(node_names))]
+    cur = "h"
+    for k, value in enumerate(HOSTILE_VALUES):
+        if k % 3 == 0:
+            node = helper.make_node("Add", [cur, HOSTILE_INITS[k % len(HOSTILE_INITS)]], [value])
+        elif k % 3 == 1:
+            node = helper.make_node("Mul", [cur, "walkaudit.sigma_mul" if k == 4 else "h"], [value])
+        else:
+            node = helper.make_node("Tanh", [cur], [value])
+        node.name = next(node_names)
+        nodes.append(node)
+        cur = value
+    nodes.append(helper.make_node("MatMul", [cur, "w_out"], ["logits"], name=next(node_names)))
+    graph = helper.make_graph(
+        nodes, "hostile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                           helper.make_tensor_value_info("walkaudit.sigma_mul", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hostile_case():
+    model = hostile()
+    types = value_types(model)
+    rng = np.random.default_rng(3)
+    feeds = {n: rng.normal(size=(5, 4)).astype(np.float32) for n in ("x", "walkaudit.sigma_mul")}
+    sites = [s.name for s in candidates(model, types, (ALL,))]
+    assert {"h", "h.clean", "walkaudit.sigma_add", "walkaudit/noisy_add"} <= set(sites)
+    want = outputs_of(model, feeds)["logits"]
+    return model, types, feeds, sites, want
+
+
+def loads(model: onnx.ModelProto, checker: bool = True) -> None:
+    """The onnx checker (single static assignment) and onnxruntime accept the model. (`graph_noise` gives its σ
+    inputs no shape, which onnxruntime accepts and the checker does not: `checker=False`.)"""
+    if checker:
+        onnx.checker.check_model(model, full_check=True)
+    session(model)
+
+
+def test_expose_suffix_and_prefix_of_a_hostile_model_reproduce_it(hostile_case):
+    model, types, feeds, sites, want = hostile_case
+    index = GraphIndex(model.graph)
+    plans = index.suffix_plans(sites, "logits")
+    clean = clean_values(model, types, [*sites, *(f for _, fr in plans.values() for f in fr)], feeds)
+    exposed = rewrite.expose(model, sites, types)
+    loads(exposed)
+    assert bits_equal(outputs_of(exposed, feeds)["logits"], want)
+    for site in sites:
+        part = rewrite.suffix(model, site, "logits", types, plans[site], index=index)
+        loads(part.model)
+        assert bits_equal(outputs_of(part.model, {n: clean[n] for n in (site, *part.frontier)})["logits"], want)
+        needed = [site, *part.frontier]
+        before = rewrite.prefix(model, needed, types, index=index)
+        loads(before)
+        got = outputs_of(before, {i.name: feeds[i.name] for i in before.graph.input})
+        assert all(bits_equal(got[n], clean[n]) for n in needed if n not in feeds)
+
+
+@pytest.mark.parametrize("fed", [True, False], ids=["fed", "in-graph"])
+def test_graph_noise_on_a_hostile_model_is_exact_at_sigma_zero(hostile_case, fed):
+    model, types, feeds, sites, want = hostile_case
+    index = GraphIndex(model.graph)
+    levels = 3
+    for site in sites:
+        sfx = rewrite.suffix(model, site, "logits", types, index=index)
+        program = rewrite.graph_noise(sfx, types, True, True, seeds=(11, 12), fed=fed)
+        loads(program.model, checker=False)
+        clean = clean_values(model, types, [site, *sfx.frontier], feeds)
+        run = {program.site: clean[site], **{p: clean[f] for p, f in zip(program.frontier, sfx.frontier)}}
+        rank = clean[site].ndim
+        for sigma in (program.sigma_mul, program.sigma_add):
+            run[sigma] = np.zeros((levels, *[1] * (rank + 1)), np.float32)
+        rng = np.random.default_rng(0)
+        for eps in (program.eps_mul, program.eps_add):
+            if eps:
+                run[eps] = rng.normal(size=(1, *clean[site].shape)).astype(np.float32)
+        assert bits_equal(outputs_of(program.model, run)["logits"], np.concatenate([want] * levels)), site
+
+
+def test_inject_fed_on_a_hostile_model_is_exact_at_sigma_zero(hostile_case):
+    model, types, feeds, sites, want = hostile_case
+    levels = 2
+    program = rewrite.inject_fed(model, sites, types, True, True)
+    loads(program.model)
+    clean = clean_values(model, types, sites, feeds)
+    run = {n: np.concatenate([v] * levels) for n, v in feeds.items()}
+    run[program.sigma_mul] = run[program.sigma_add] = np.zeros(levels, np.float32)
+    rng = np.random.default_rng(1)
+    for site, eps_mul, eps_add in program.eps:
+        for eps in (eps_mul, eps_add):
+            run[eps] = rng.normal(size=(1, *clean[site].shape)).astype(np.float32)
+    assert bits_equal(outputs_of(program.model, run)["logits"], np.concatenate([want] * levels))
+
+
+def test_inject_on_a_hostile_model_is_exact_at_sigma_zero(hostile_case):
+    model, types, feeds, sites, want = hostile_case
+    injected, injections = rewrite.inject(model, sites, types, has_mul=True, has_add=True)
+    loads(injected)
+    clean = clean_values(model, types, sites, feeds)
+    run = dict(feeds)
+    for inj in injections:
+        run[inj.mul] = np.ones_like(clean[inj.site])
+        run[inj.add] = np.zeros_like(clean[inj.site])
+    assert len(set(run)) == len(feeds) + 2 * len(sites)  # every term has its own input
+    assert bits_equal(outputs_of(injected, run)["logits"], want)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 import walkaudit
-from walkaudit._execution import engine as engine_mod
 from walkaudit._execution import sizing
+from walkaudit._execution import worker as worker_mod
 from walkaudit._loading.model import value_types
 
 from .models import mlp, resnet_block
@@ -48,19 +48,19 @@ def test_an_audit_on_a_device_with_little_memory_sizes_its_batches_and_runs_and_
     free = int(40 * row / sizing.DEVICE_SHARE)  # room for 40 rows of the whole model
 
     groups = []
-    real = engine_mod.SiteEvaluator._choose_group
+    real = worker_mod._Evaluation._group
 
-    def choose(self, start, values, levels):
-        groups.append(real(self, start, values, levels))
+    def choose(self, values, device, levels):  # records the levels per run each site chose
+        groups.append(real(self, values, device, levels))
         return groups[-1]
 
-    monkeypatch.setattr(engine_mod.SiteEvaluator, "_choose_group", choose)
+    monkeypatch.setattr(worker_mod._Evaluation, "_group", choose)
     cpu = walkaudit.audit(model, x, batch_size=40, **args)
     cpu_groups, groups[:] = list(groups), []
     monkeypatch.setattr(walkaudit._execution.runtime.Runtime, "device_memory", lambda self: free)
     device = walkaudit.audit(model, x, **args)
 
-    assert device.config["batch_size"] == 40  # sized to the memory
+    assert device.config.batch_size == 40  # sized to the memory
     assert cpu_groups == [5, 5, 5]
     # the device holds 40 rows of the whole model: a's suffix (587 values a row) takes one level of 40 rows, b's
     # (299 values a row) two, and the logits' suffix computes nothing

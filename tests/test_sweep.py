@@ -6,9 +6,24 @@ import numpy as np
 import pytest
 
 from walkaudit._analysis import fit, sweep
+from walkaudit._units import Counts
+from walkaudit.config import parse_sigmas
 from walkaudit.errors import UsageError
 
-BATCH = 100  # samples per batch of the stand-in data set
+BATCH = 100  # samples per block of the stand-in data set
+
+
+def serve(evaluate):
+    """Answer a search's requests with a stand-in evaluate(sigmas, blocks) -> (correct, nonfinite, samples)."""
+    return lambda request: Counts(request.sigmas, *evaluate(np.array(request.sigmas), request.blocks))
+
+
+def adaptive(evaluate, half, plan, scale, n_batches=1, clean=1.0):
+    return sweep.drive(sweep.adaptive(half, plan, scale, n_batches, clean), serve(evaluate))
+
+
+def fixed(evaluate, sigmas, n_batches):
+    return sweep.drive(sweep.fixed(sigmas, n_batches), serve(evaluate))
 
 
 def synthetic(sigma50: float, width: float = 0.15, clean: float = 0.98, chance: float = 0.1, floor=None):
@@ -20,22 +35,22 @@ def synthetic(sigma50: float, width: float = 0.15, clean: float = 0.98, chance: 
         calls.append((np.array(sigmas), batches))
         acc = fit.logistic(np.log10(sigmas), clean, lo, np.log10(sigma50), width)
         samples = BATCH * len(batches)
-        correct = np.repeat(np.round(acc * samples)[:, None], 2, axis=1)
-        return correct, np.zeros_like(correct, dtype=int), samples
+        correct = np.repeat(np.round(acc * samples)[:, None], 2, axis=1).astype(np.int64)
+        return correct, np.zeros_like(correct), samples
 
     return evaluate, calls
 
 
 def accuracy(curve):
     sig, levels = curve.sorted()
-    return sig, np.stack([lv.accuracy for lv in levels])
+    return sig, np.stack([sweep.accuracy(lv) for lv in levels])
 
 
 @pytest.mark.parametrize("sigma50", [3e-3, 0.2, 7.0, 300.0])
 def test_adaptive_brackets_and_refines_the_crossing(sigma50):
     evaluate, calls = synthetic(sigma50)
     half = fit.halfway(0.98, 0.1)
-    curve = sweep.adaptive(evaluate, half, sweep.Plan(), scale=1.0, n_batches=8, clean=0.98)
+    curve = adaptive(evaluate, half, sweep.Plan(), scale=1.0, n_batches=8, clean=0.98)
     sig, acc = accuracy(curve)
     means = acc.mean(axis=1)
     # the crossing is inside the grid and at least the refine points sit inside the bracket
@@ -51,14 +66,14 @@ def test_adaptive_brackets_and_refines_the_crossing(sigma50):
 
 def test_adaptive_scales_the_start_to_the_site():
     evaluate, calls = synthetic(50.0)
-    sweep.adaptive(evaluate, 0.54, sweep.Plan(), scale=20.0)
+    adaptive(evaluate, 0.54, sweep.Plan(), scale=20.0)
     assert calls[0][0][0] == pytest.approx(20.0 * 1e-2)  # first coarse level = scale · 10^start
 
 
 def test_adaptive_stops_at_the_bound_when_the_site_never_falls():
     evaluate, calls = synthetic(1e9)
     plan = sweep.Plan()
-    curve = sweep.adaptive(evaluate, 0.54, plan, scale=1.0)
+    curve = adaptive(evaluate, 0.54, plan, scale=1.0)
     sig, acc = accuracy(curve)
     assert sig.max() == pytest.approx(10**plan.highest)
     mid = fit.midpoint(sig, acc, clean=0.98, chance=0.1)
@@ -67,13 +82,13 @@ def test_adaptive_stops_at_the_bound_when_the_site_never_falls():
 
 def test_adaptive_plateau_above_half_extends_to_the_bound_then_stops():
     evaluate, _ = synthetic(1.0, floor=0.6)  # levels off above the halfway line 0.54
-    curve = sweep.adaptive(evaluate, 0.54, sweep.Plan(highest=3.0), scale=1.0)
+    curve = adaptive(evaluate, 0.54, sweep.Plan(highest=3.0), scale=1.0)
     assert max(curve.levels) == pytest.approx(1e3)
 
 
 def test_adaptive_extends_down_when_already_below_half():
     evaluate, _ = synthetic(1e-4)
-    curve = sweep.adaptive(evaluate, 0.54, sweep.Plan(), scale=1.0)
+    curve = adaptive(evaluate, 0.54, sweep.Plan(), scale=1.0)
     sig, acc = accuracy(curve)
     assert sig.min() < 1e-4 < sig.max()
     assert acc.mean(axis=1)[0] > 0.54
@@ -81,14 +96,14 @@ def test_adaptive_extends_down_when_already_below_half():
 
 def test_fixed_grid_evaluates_exactly_the_grid_once():
     evaluate, calls = synthetic(1.0)
-    curve = sweep.fixed(evaluate, (0.1, 1.0, 10.0), n_batches=3)
+    curve = fixed(evaluate, (0.1, 1.0, 10.0), 3)
     assert len(calls) == 1 and sorted(curve.levels) == [0.1, 1.0, 10.0]
     assert calls[0][1] == range(3) and all(lv.samples == 300 for lv in curve.levels.values())
 
 
 def test_clear_levels_keep_their_head_estimate_and_unclear_ones_get_all_data():
     evaluate, calls = synthetic(1.0, width=0.1)
-    curve = sweep.adaptive(evaluate, 0.54, sweep.Plan(), scale=1.0, n_batches=8, clean=0.98)
+    curve = adaptive(evaluate, 0.54, sweep.Plan(), scale=1.0, n_batches=8, clean=0.98)
     assert calls[0][1] == range(2)  # the coarse grid sees a quarter of the batches first
     samples = {s: lv.samples for s, lv in curve.levels.items()}
     assert samples[0.01] == 200 and samples[10.0] == 200  # far from the crossing: the head was enough
@@ -105,13 +120,31 @@ def test_clear_levels_keep_their_head_estimate_and_unclear_ones_get_all_data():
     ("1e-3:1e2:6", (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)),
 ])
 def test_parse_sigmas(text, expected):
-    assert sweep.parse_sigmas(text) == pytest.approx(expected)
+    assert parse_sigmas(text) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("text, phrase", [
-    ("", "empty"), ("-1,2", "non-negative"), ("0", "above 0"), ("a,b", "expected a list"),
-    ("1:0.1:5", "0 < start < stop"), ("nan", "finite"),
+    ("", "empty"), ("-1,2", "must be 0 or between"), ("0", "above 0"), ("a,b", "expected a list"),
+    ("1:0.1:5", "0 < start < stop"), ("nan", "must be 0 or between"), ("1e300", "must be 0 or between"),
+    ("1e-300", "must be 0 or between"), ("1e-3:1e2:100000000", "at most 10000"),
 ])
 def test_parse_sigmas_refuses_bad_grids(text, phrase):
     with pytest.raises(UsageError, match=phrase):
-        sweep.parse_sigmas(text)
+        parse_sigmas(text)
+
+
+def test_a_search_is_a_generator_of_requests_that_any_executor_can_serve():
+    """The search yields requests and is sent counts: serving them in a hand-written loop gives the same curve."""
+    evaluate, _ = synthetic(0.5)
+    search = sweep.adaptive(0.54, sweep.Plan(), 1.0, 8, 0.98)
+    request, served = next(search), []
+    try:
+        while True:
+            assert isinstance(request, sweep.Request) and len(request.blocks) > 0 and request.sigmas
+            served.append(request)
+            request = search.send(serve(evaluate)(request))
+    except StopIteration as done:
+        by_hand = done.value
+    driven = adaptive(evaluate, 0.54, sweep.Plan(), 1.0, 8, 0.98)
+    assert sorted(by_hand.levels) == sorted(driven.levels) and len(served) >= 2
+    assert all(by_hand.levels[s] == driven.levels[s] for s in by_hand.levels)

@@ -1,63 +1,32 @@
-"""audit(model, data, config) -> Report: the orchestration, nothing else."""
+"""The driver: `iter_audit` yields each site's result as it finishes; `audit` drains it into a Report.
+
+load model and data → select sites → a Worker (sessions, clean values) → the clean pass → per site: a search
+(`sweep`) whose requests become WorkUnits the worker turns into Counts → the fit → a SiteResult. The report is
+assembled as the schema's JSON and typed by `Report.from_dict`, so what the API returns is what `--json` writes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
 
 from walkaudit import __version__
 from walkaudit._analysis import fit, sweep
-from walkaudit._analysis.sweep import Counts
-from walkaudit._execution.engine import Engine
 from walkaudit._execution.runtime import Runtime
-from walkaudit._graph.sites import Selection, select, weight_stats
+from walkaudit._execution.worker import Worker
+from walkaudit._graph.sites import Site, select, weight_stats
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.model import load_model
-from walkaudit._noise import Noise, NormalSource
+from walkaudit._noise import NormalSource, make_noise
+from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
+from walkaudit.config import AuditConfig
 from walkaudit.errors import UsageError
-from walkaudit.report.model import Point, Report, SiteResult
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    noise: str = "additive"
-    ratio: float = 0.5
-    mode: str = "walk"  # "walk": one site at a time; "global": every site at once
-    sigmas: tuple[float, ...] | None = None  # None: adaptive search
-    repeats: int = 3
-    seed: int = 0
-    batch_size: int | None = None  # None: 256 on the CPU, sized to the device's free memory on CUDA
-    provider: str = "auto"
-    chance: float | None = None
-    output: str | None = None
-    selection: Selection = field(default_factory=Selection)
-    limit: int | None = None
-    x_key: str | None = None
-    y_key: str | None = None
-    allow_nonfinite: bool = False
-    threads: int | None = None
-    noise_source: str = "auto"  # "host": numpy draws fed in; "graph": RandomNormalLike in the graph; auto: per provider
-    exact: bool = False  # σ = 0 bit-identical to the model in every session (slower conv nets on the CPU)
-
-    def check(self) -> AuditConfig:
-        if self.mode not in ("walk", "global"):
-            raise UsageError(f"mode must be walk or global, got {self.mode!r}")
-        if self.repeats < 1:
-            raise UsageError(f"--repeats must be at least 1, got {self.repeats}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.chance is not None and not 0.0 <= self.chance < 1.0:
-            raise UsageError(f"--chance must be in [0, 1), got {self.chance}")
-        if self.sigmas is not None:
-            sweep.check_sigmas(self.sigmas)
-        if self.noise_source not in ("auto", "host", "graph"):
-            raise UsageError(f"--noise-source must be auto, host or graph, got {self.noise_source!r}")
-        Noise(self.noise, self.ratio)
-        return self
+from walkaudit.report.model import Report, SiteResult
+from walkaudit.report.schema import SCHEMA_ID
 
 
 class Progress(Protocol):
@@ -86,125 +55,185 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
     model: a path or an onnx.ModelProto. Data: numpy arrays `x` (a dict by input name for multi-input models) and
     optional class ids or one-hot `y`, or `data=` a .npz/.npy path. Options override fields of AuditConfig.
     """
+    run = iter_audit(model, x, y, data=data, config=config, progress=progress, **options)
+    for _ in run:
+        pass
+    return run.report()
+
+
+def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig | None = None,
+               progress: Progress | None = None, done: Iterable[dict] = (), **options) -> AuditRun:
+    """An audit to iterate: each iteration yields a finished SiteResult, in site order; `report()` then gives the
+    Report. Sites in `done` (site dicts of an earlier run with the same fingerprint, e.g. from a checkpoint) are
+    yielded as they are, not run again: the report equals an uninterrupted run's, timings aside.
+
+    The model and the data are loaded and checked here; the clean pass runs at the first iteration.
+    """
+    unknown = set(options) - {f.name for f in dataclasses.fields(AuditConfig)}
+    if unknown:
+        raise TypeError(f"audit() got an unexpected keyword argument {sorted(unknown)[0]!r}")
     config = dataclasses.replace(config or AuditConfig(), **options).check()
-    progress = progress or _NoProgress()
-    started = time.perf_counter()
-    loaded = load_model(model, config.output)
-    out = loaded.class_output
-    num_classes = out.num_classes if out.kind == "scores" else None
-    if data is not None:
-        dataset = data_mod.load(data, loaded.inputs, x_key=config.x_key, y_key=config.y_key, limit=config.limit,
-                                num_classes=num_classes, allow_nonfinite=config.allow_nonfinite)
-    elif x is not None:
-        dataset = data_mod.from_arrays(x, y, loaded.inputs, limit=config.limit, num_classes=num_classes,
-                                       allow_nonfinite=config.allow_nonfinite)
-    else:
-        raise UsageError("no data: pass arrays (x, y) or a data file")
-    sites = select(loaded.proto, loaded.types, config.selection, out.name)
-    noise = Noise(config.noise, config.ratio)
-    runtime = Runtime(config.provider, config.threads, config.exact)
-    source = NormalSource(config.seed, config.threads)
-    engine = Engine(loaded, runtime, noise, source, sites, config.batch_size, config.noise_source)
-
-    progress.describe("clean pass")
-    progress.grow(dataset.samples)
-    clean = engine.clean_pass(dataset, dataset.labels, progress.advance, keep=config.mode == "walk")
-    classes = clean.num_classes or _count_classes(clean, dataset.labels)
-    chance = config.chance if config.chance is not None else 1.0 / max(classes, 1)
-    half = fit.halfway(clean.accuracy, chance)
-
-    results, partial = [], False
-    units = [None] if config.mode == "global" else sites
-    try:
-        for site in units:
-            results.append(_audit_unit(engine, site, sites, dataset, clean, config, noise, half, chance, loaded,
-                                       progress))
-    except KeyboardInterrupt:
-        partial = True
-    finally:
-        source.close()
-
-    return Report(
-        tool={"name": "walkaudit", "version": __version__},
-        model={"path": loaded.path, "sha256": loaded.sha256, "opset": loaded.opset, "producer": loaded.producer,
-               "class_output": out.name, "output_kind": out.kind, "batch_size": loaded.batch_size},
-        data={"path": dataset.path, "sha256": dataset.sha256, "samples": dataset.samples,
-              "labels": "given" if dataset.labels is not None else "clean-predictions"},
-        config={"noise": config.noise, "ratio": config.ratio if config.noise == "combined" else None,
-                "mode": config.mode, "sigmas": list(config.sigmas) if config.sigmas else None,
-                "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats, "seed": config.seed,
-                "batch_size": engine.batch_size, "provider_requested": config.provider,
-                "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
-                "exact": config.exact,
-                "sites": {"ops": list(config.selection.ops), "include": config.selection.include,
-                          "exclude": config.selection.exclude, "names": list(config.selection.names)}},
-        runtime={"provider": runtime.provider, "onnxruntime_version": runtime.version,
-                 "elapsed_s": round(time.perf_counter() - started, 3), "evaluations": engine.evaluations,
-                 "noise_source": "graph" if config.mode == "walk" and engine.uses_graph_noise() else "host",
-                 "notes": runtime.notes + engine.notes},
-        clean_accuracy=clean.accuracy, chance=chance, num_classes=classes, sites=results, partial=partial,
-    )
+    return AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done))
 
 
-def _count_classes(clean, labels) -> int:
-    values = clean.predictions if labels is None else np.concatenate([labels, clean.predictions])
-    return int(len(np.unique(values[values >= 0])))
+class AuditRun:
+    """One audit in progress (see `iter_audit`)."""
 
+    def __init__(self, model, x, y, data, config: AuditConfig, progress: Progress, done: list[dict]):
+        self.config, self.progress, self.started = config, progress, time.perf_counter()
+        self.loaded = load_model(model, config.output)
+        out = self.loaded.class_output
+        num_classes = out.num_classes if out.kind == "scores" else None
+        if data is not None:
+            self.dataset = data_mod.load(data, self.loaded.inputs, x_key=config.x_key, y_key=config.y_key,
+                                         limit=config.limit, num_classes=num_classes,
+                                         allow_nonfinite=config.allow_nonfinite)
+        elif x is not None:
+            self.dataset = data_mod.from_arrays(x, y, self.loaded.inputs, limit=config.limit, num_classes=num_classes,
+                                                allow_nonfinite=config.allow_nonfinite)
+        else:
+            raise UsageError("no data: pass arrays (x, y) or a data file")
+        self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name)
+        self.noise = make_noise(config.noise, config.ratio)
+        self.done = {d["name"]: d for d in done}
+        self.results: list[SiteResult] = []
+        self.clean: CleanStats | None = None
+        self._worker: Worker | None = None
+        self._runtime: Runtime | None = None
 
-def _audit_unit(engine: Engine, site, sites, dataset, clean, config: AuditConfig, noise: Noise, half: float,
-                chance: float, loaded, progress: Progress) -> SiteResult:
-    """Sweep and fit one site (or, with site None, every site at once)."""
-    if site is None:
-        evaluator = engine.global_()
-        stds = [clean.activation_std[s.name] for s in sites]
-        scale = float(np.median(stds)) if stds else 1.0
-        progress.describe("global")
-    else:
-        evaluator = engine.walk(site)
-        scale = clean.activation_std[site.name]
-        progress.describe(site.name)
-    if noise.kind == "multiplicative":
-        scale = 1.0
+    @property
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to be resumed: the model, the data and the options that change results."""
+        return {"model_sha256": self.loaded.sha256, "data_sha256": self.dataset.sha256,
+                "config": self.config.fingerprint()}
 
-    n_batches = engine.n_batches(dataset)
+    # -- running ---------------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[SiteResult]:
+        config, progress = self.config, self.progress
+        self._runtime = Runtime(config.provider, config.threads, config.exact)
+        source = NormalSource(config.seed, config.threads)
+        try:
+            self._worker = worker = Worker(self.loaded, self.dataset, runtime=self._runtime, noise=self.noise,
+                                           source=source, sites=self.sites, mode=config.mode,
+                                           batch_size=config.batch_size, noise_source=config.noise_source)
+            progress.describe("clean pass")
+            progress.grow(self.dataset.samples)
+            self.clean = worker.clean_pass(progress.advance, keep=config.mode == "walk" and len(self.done) < len(
+                self.sites))
+            units = [(None, tuple(s.name for s in self.sites))] if config.mode == "global" else [
+                (s, (s.name,)) for s in self.sites]
+            for site, names in units:
+                name = site.name if site else "global"
+                if name in self.done:
+                    result = SiteResult.from_dict(self.done[name])
+                else:
+                    progress.describe(name)
+                    result = SiteResult.from_dict(self._site(worker, site, names), validate=False)  # report() validates
+                self.results.append(result)
+                yield result
+        finally:
+            source.close()
 
-    def evaluate(sigmas, batches: range):
-        rows = min(batches.stop * engine.batch_size, dataset.samples) - batches.start * engine.batch_size
-        progress.grow(len(sigmas) * config.repeats * rows)
-        counts: Counts = evaluator.evaluate(dataset, clean.targets, sigmas, config.repeats, progress.advance,
-                                            batches)
-        return counts.correct, counts.nonfinite, counts.samples
+    @property
+    def chance(self) -> float:
+        classes = self.num_classes
+        return self.config.chance if self.config.chance is not None else 1.0 / max(classes, 1)
 
-    if config.sigmas:
-        curve = sweep.fixed(evaluate, config.sigmas, n_batches)
-    else:
-        curve = sweep.adaptive(evaluate, half, sweep.default_plan(noise.kind), scale, n_batches, clean.accuracy)
-    sig, levels = curve.sorted()
-    acc = np.stack([lv.accuracy for lv in levels])
-    mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=chance,
-                       samples=int(np.median([lv.samples for lv in levels])))
-    points = [Point(float(s), float(lv.accuracy.mean()), float(lv.accuracy.std()), len(lv.correct), lv.samples,
-                    int(lv.nonfinite.sum())) for s, lv in zip(sig, levels)]
-    bad = sum(p.nonfinite for p in points)
-    if bad:
-        engine.notes.append(f"{site.name if site else 'global'}: {bad} noisy passes gave NaN/Inf class scores; "
-                            "counted as misclassified")
-    std = None if site is None else clean.activation_std[site.name]
-    value = mid.value if mid.value is not None and np.isfinite(mid.value) else None
-    if noise.kind == "multiplicative":  # σ already scales the signal: it is its own relative value
-        relative = value
-    else:
-        relative = value / std if value is not None and std else None
-    common = dict(points=points, midpoint=value, midpoint_relative=relative,
-                  ci95=list(mid.ci95) if mid.ci95 else None, censored=mid.censored, fit=_fit_entry(mid))
-    if site is None:
-        return SiteResult(None, "global", None, "global", None, None, None, **common)
-    shape = site.shape if site.shape is not None else ("N", *clean.shapes[site.name][1:])
-    return SiteResult(site.index, site.name, site.node, site.op_type, list(shape), std,
-                      weight_stats(loaded.proto, site), **common)
+    @property
+    def num_classes(self) -> int:
+        return self.loaded.class_output.num_classes or self.clean.width or len(self.clean.classes)
 
+    def _site(self, worker: Worker, site: Site | None, names: tuple[str, ...]) -> dict:
+        """Sweep and fit one site (or, with site None, every site at once): the site's report dict."""
+        config, clean, noise = self.config, self.clean, self.noise
+        stds = [clean.std(n) for n in names]
+        scale = noise.search_scale(float(np.median(stds)) if stds else 1.0)
+        n_blocks = blocks_of(self.dataset.samples)
+        half = fit.halfway(clean.accuracy, self.chance)
+        notes: list[str] = []
 
-def _fit_entry(mid: fit.Midpoint) -> dict:
-    """The report's `fit` object: how σ50 was found (its value, interval and censoring are site keys)."""
-    return {k: v for k, v in mid.to_dict().items() if k not in ("value", "ci95", "censored")}
+        def serve(request: sweep.Request) -> Counts:
+            unit = WorkUnit(worker.key, names, request.sigmas, config.repeats,
+                            (request.blocks.start, request.blocks.stop), config.seed)
+            rows = len(block_rows(request.blocks, self.dataset.samples))
+            self.progress.grow(len(request.sigmas) * config.repeats * rows)
+            counts = worker.evaluate(unit, self.progress.advance)
+            notes.extend(n for n in counts.notes if n not in notes)
+            return counts
 
+        search = (sweep.fixed(config.sigmas, n_blocks) if config.sigmas else
+                  sweep.adaptive(half, noise.plan(), scale, n_blocks, clean.accuracy))
+        curve = sweep.drive(search, serve)
+        return self._site_dict(site, curve, notes)
+
+    def _site_dict(self, site: Site | None, curve: sweep.Curve, notes: list[str]) -> dict:
+        clean, noise = self.clean, self.noise
+        sig, levels = curve.sorted()
+        acc = np.stack([sweep.accuracy(lv) for lv in levels])
+        mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=self.chance,
+                           samples=int(np.median([lv.samples for lv in levels])))
+        points = [{"sigma": float(s), "accuracy": float(a.mean()), "accuracy_std": float(a.std()),
+                   "repeats": int(lv.correct.size), "samples": int(lv.samples), "nonfinite": int(lv.nonfinite.sum()),
+                   "per_repeat": {"correct": lv.correct[0].tolist(), "nonfinite": lv.nonfinite[0].tolist()}}
+                  for s, a, lv in zip(sig, acc, levels)]
+        name = site.name if site else "global"
+        bad = sum(p["nonfinite"] for p in points)
+        if bad:
+            notes = [*notes, f"{name}: {bad} noisy passes gave NaN/Inf class scores; counted as misclassified"]
+        std = None if site is None else clean.std(site.name)
+        value = mid.value if mid.value is not None and np.isfinite(mid.value) else None
+        if noise.relative:  # σ already scales the signal: it is its own relative value
+            relative = value
+        else:
+            relative = value / std if value is not None and std else None
+        body = {"points": points, "midpoint": value, "midpoint_relative": relative,
+                "ci95": list(mid.ci95) if mid.ci95 else None, "censored": mid.censored,
+                "fit": {k: v for k, v in mid.to_dict().items() if k not in ("value", "ci95", "censored")},
+                "notes": notes}
+        if site is None:
+            return {"index": None, "name": "global", "node": None, "op_type": "global", "shape": None,
+                    "activation_std": None, "weight": None, **body}
+        shape = site.shape if site.shape is not None else ("N", *clean.shapes[site.name][1:])
+        return {"index": site.index, "name": site.name, "node": site.node, "op_type": site.op_type,
+                "shape": list(shape), "activation_std": std, "weight": weight_stats(self.loaded.proto, site), **body}
+
+    # -- the report --------------------------------------------------------------------------------------------------
+    def report(self, partial: bool = False) -> Report:
+        """The report of the sites finished so far (all of them unless the iteration was cut short: `partial`)."""
+        if self.clean is None:
+            raise UsageError("the audit was stopped before its clean pass finished: no report")
+        body = self.report_dict(partial)
+        draft = Report(**{k: body[k] for k in ("tool", "model", "data", "config", "runtime", "clean_accuracy",
+                                                 "chance", "num_classes", "partial", "clean_counts")},
+                       sites=tuple(self.results))
+        return Report.from_dict(draft.to_dict())  # validated against the schema, as any report read back
+
+    def report_dict(self, partial: bool = False) -> dict:
+        config, loaded, dataset, out = self.config, self.loaded, self.dataset, self.loaded.class_output
+        sites = [r.to_dict() for r in self.results]  # the typed sites' JSON
+        worker, runtime = self._worker, self._runtime
+        notes = [*runtime.notes, *worker.notes, *(n for s in sites for n in s.get("notes") or [])]
+        evaluations = sum(p["repeats"] * p["samples"] for s in sites for p in s["points"])
+        return {
+            "schema": SCHEMA_ID,
+            "tool": {"name": "walkaudit", "version": __version__},
+            "model": {"path": loaded.path, "sha256": loaded.sha256, "opset": loaded.opset,
+                      "producer": loaded.producer, "class_output": out.name, "output_kind": out.kind,
+                      "batch_size": loaded.batch_size},
+            "data": {"path": dataset.path, "sha256": dataset.sha256, "samples": dataset.samples,
+                     "labels": "given" if dataset.labels is not None else "clean-predictions"},
+            "config": {**self.noise.describe(), "mode": config.mode,
+                       "sigmas": list(config.sigmas) if config.sigmas else None,
+                       "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats,
+                       "seed": config.seed, "batch_size": worker.batch_size, "provider_requested": config.provider,
+                       "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
+                       "exact": config.exact,
+                       "sites": {"ops": list(config.selection.ops), "include": config.selection.include,
+                                 "exclude": config.selection.exclude, "names": list(config.selection.names)}},
+            "runtime": {"provider": runtime.provider, "onnxruntime_version": runtime.version,
+                        "elapsed_s": round(time.perf_counter() - self.started, 3), "evaluations": evaluations,
+                        "noise_source": "graph" if worker.graph_draws else "host", "notes": notes},
+            "clean_accuracy": self.clean.accuracy,
+            "clean_counts": {"correct": self.clean.correct, "samples": self.clean.samples},
+            "chance": self.chance, "num_classes": self.num_classes, "sites": sites, "partial": partial,
+        }

@@ -14,8 +14,6 @@ import onnx
 from walkaudit._loading.model import copy_fields
 from walkaudit.errors import ModelError, RuntimeFailure, UsageError
 
-PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-
 #: Initializers at least this large are handed to onnxruntime as shared OrtValues instead of inside the serialized
 #: model: one host copy serves the clean model and every site's suffix, and no session pays for serializing and
 #: parsing the weights again (1.3 s per session for VGG-19's 570 MB on two cores).
@@ -197,8 +195,11 @@ class Runtime:
             values.append(self._shared[key][1])
         return slim.SerializeToString(), names, values
 
-    def session(self, model: onnx.ModelProto, what: str = "model"):
+    def session(self, model: onnx.ModelProto, what: str = "model", exact: bool = False):
         """An InferenceSession for `model`, raising onnxruntime's reason in one line.
+
+        `exact` turns off the fusions whose result depends on which values are graph outputs, for this session
+        (the runtime's `exact` does it for all of them).
 
         When the user's own model (`what == "model"`) cannot be loaded (unknown op, opset or IR version too new,
         no kernel for its types, invalid graph) that is a bad input: ModelError, exit 2. When a graph walkaudit
@@ -219,7 +220,7 @@ class Runtime:
                 options.add_external_initializers(names, values)
             with _quiet_stderr() as err:
                 session = ort.InferenceSession(data, options, providers=wanted,
-                                               disabled_optimizers=EXACT if self.exact else FUSIONS_OFF)
+                                               disabled_optimizers=EXACT if self.exact or exact else FUSIONS_OFF)
         except Exception as exc:
             code, _ = _parse(exc)
             if what == "model" and code in _MODEL_CODES:
@@ -236,6 +237,15 @@ class Runtime:
                                          (f" ({reason.strip()[:200]})" if reason else ""))
                 self.notes.append("CUDA not available; ran on the CPU")
         return session
+
+    @property
+    def device(self) -> str:
+        """Where sessions keep their values: "cuda" or "cpu"."""
+        return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+
+    def to_device(self, array: np.ndarray):
+        """An OrtValue holding `array` on the sessions' device (a reference to the array itself on the CPU)."""
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def device_memory(self) -> int | None:
         """Free bytes on the CUDA device sessions run on; None on the CPU or where the driver cannot be asked."""
@@ -289,6 +299,23 @@ def run(session, outputs: list[str], feeds: dict[str, np.ndarray], what: str = "
         return session.run(outputs, feeds, run_options())
     except Exception as exc:
         raise failure(exc, what) from None
+
+
+def run_bound(session, device_inputs: dict, host_inputs: dict[str, np.ndarray], output: str,
+              what: str = "model") -> np.ndarray:
+    """Run through IOBinding: `device_inputs` are OrtValues already on the device (kept there between runs), the
+    small `host_inputs` cross once, and only `output` comes back to the host."""
+    io = session.io_binding()
+    for name, value in device_inputs.items():
+        io.bind_ortvalue_input(name, value)
+    for name, array in host_inputs.items():
+        io.bind_cpu_input(name, np.ascontiguousarray(array))
+    io.bind_output(output, "cpu")
+    try:
+        session.run_with_iobinding(io, run_options())
+    except Exception as exc:
+        raise failure(exc, what) from None
+    return io.copy_outputs_to_cpu()[0]
 
 
 def failure(exc: Exception, what: str = "model") -> RuntimeFailure:

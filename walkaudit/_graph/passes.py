@@ -6,26 +6,64 @@
 - `graph_noise`: a suffix that applies the noise for G σ levels itself, from a fed ε or RandomNormalLike (walk mode).
 - `inject_fed`: noise after every site of the whole model from fed ε (global mode, opset ≥ 10).
 - `inject`: Mul/Add nodes after sites whose noise terms are graph inputs (global mode, any opset).
-None needs a random op unless asked (`graph_noise` without `fed`), so opset ≥ 22 models work too. Original output
-names are kept in every pass.
+
+The contract of every pass: it is functional (it returns a new model and never modifies the model it is given),
+original output names are kept, and every name it adds (values, nodes, initializers, graph inputs) is allocated by
+`_Names`, so it never collides with a name the model already uses. The dataclasses returned (`Suffix`, `GraphNoise`,
+`FedNoise`, `Injection`) carry the names callers must feed: callers never spell an internal name themselves.
+None needs a random op unless asked (`graph_noise` without `fed`), so opset ≥ 22 models work too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from walkaudit._graph import queries as g
+from walkaudit._graph.index import (
+    GraphIndex,
+    Plan,
+    index_for,
+    members,
+    names_in_use,
+    node_inputs,
+)
 from walkaudit._loading.model import TensorSpec
 from walkaudit.errors import ModelError
 
 
-def _copy_without_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+class _Names:
+    """Allocates the names a pass adds: the wanted name itself while the model does not use it, else the first free
+    `<wanted>_1`, `<wanted>_2`, ...
+
+    It knows every name of the model (values, nodes, initializers, inputs, outputs, value infos, subgraphs) and every
+    name it has handed out, so a pass can neither shadow a value of the model (onnxruntime: "Duplicate definition")
+    nor give two of its own additions the same name.
+    """
+
+    def __init__(self, graph: onnx.GraphProto):
+        self._used = names_in_use(graph)
+
+    def fresh(self, wanted: str) -> str:
+        name, k = wanted, 0
+        while name in self._used:
+            k += 1
+            name = f"{wanted}_{k}"
+        self._used.add(name)
+        return name
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    return out
+
+
+def _copy_without_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = _copy(model)
     out.graph.Clear()
     return out
 
@@ -42,10 +80,17 @@ def _value_info(name: str, types: dict[str, TensorSpec]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, spec.elem_type, None if spec.shape is None else [None] * len(spec.shape))
 
 
+def _int64_constant(names: _Names, wanted: str, values: list[int]) -> onnx.TensorProto:
+    """An int64 initializer under a fresh name (slice bounds, shapes)."""
+    return onnx.numpy_helper.from_array(np.array(values, np.int64), names.fresh(wanted))
+
+
 def expose(model: onnx.ModelProto, names, types: dict[str, TensorSpec]) -> onnx.ModelProto:
-    """A copy of `model` whose outputs also include `names` (graph inputs and existing outputs are skipped)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    """A copy of `model` whose outputs also include `names` (graph inputs and existing outputs are skipped).
+
+    Functional: returns a new model and never modifies `model`. Adds no names (only outputs of existing values).
+    """
+    out = _copy(model)
     have = {o.name for o in out.graph.output} | {i.name for i in out.graph.input}
     for name in dict.fromkeys(names):
         if name not in have:
@@ -63,61 +108,79 @@ class Suffix:
     frontier: tuple[str, ...]  # clean values the suffix reads besides the site (from the clean pass)
 
 
-def suffix_plan(model: onnx.ModelProto, site: str, output: str) -> tuple[list[int], tuple[str, ...]]:
+def suffix_plan(model: onnx.ModelProto, site: str, output: str, index: GraphIndex | None = None) -> Plan:
     """Which nodes the noise at `site` reaches on its way to `output`, and which clean values they also read.
 
     Nodes: every node that depends on the site and that the output needs, plus the constant-only nodes that feed
     them (Constant, weight transposes, ...). Frontier: values the suffix reads that the site does not reach
     (skip connections from before the site, shape tensors, other branches, graph inputs).
+
+    `index`: the model's `GraphIndex`. Pass it when planning many sites: the index plans each in a few bitwise
+    operations (`GraphIndex.suffix_plans` plans them all); without it one is built for this call.
     """
-    graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    static = g.static_values(graph)
-    keep = g.descendants(graph, site) & g.ancestors(graph, [output])
-    made = {o for i in keep for o in graph.node[i].output}
-    reads = {n for i in keep for n in g.node_inputs(graph.node[i])}
-    keep |= g.ancestors(graph, [n for n in reads - made if n in static and n not in inits])
-    made = {o for i in keep for o in graph.node[i].output}
-    reads = {n for i in keep for n in g.node_inputs(graph.node[i])}
-    return sorted(keep), tuple(sorted(reads - made - inits - {site}))
+    return index_for(model.graph, index).suffix_plan(site, output)
 
 
 def suffix(model: onnx.ModelProto, site: str, output: str, types: dict[str, TensorSpec],
-           plan: tuple[list[int], tuple[str, ...]] | None = None) -> Suffix:
-    """The subgraph from `site` to `output` as a model whose inputs are the site and the frontier (`plan`: what
-    `suffix_plan` gave for them, when the caller has it already)."""
+           plan: Plan | None = None, index: GraphIndex | None = None) -> Suffix:
+    """The subgraph from `site` to `output` as a model whose inputs are the site and the frontier.
+
+    `plan`: what `suffix_plan` gave for them, when the caller has it already; `index`: the model's `GraphIndex`,
+    when the caller has one. Functional: returns a new model and never modifies `model`. Adds no names.
+    """
     graph = model.graph
-    nodes, frontier = plan or suffix_plan(model, site, output)
-    nodes = [graph.node[i] for i in nodes]
-    reads = {n for node in nodes for n in g.node_inputs(node)}
+    if plan is None:
+        plan = index_for(graph, index).suffix_plan(site, output)
+    elif index is not None:
+        index.check(graph)
+    nodes, frontier = plan
+    reads = _reads_of(graph, nodes, index)
     out = _copy_without_graph(model)
     out.graph.name = f"{graph.name or 'graph'}_after_{site}"
-    out.graph.node.extend(nodes)
+    out.graph.node.extend(graph.node[i] for i in nodes)
     out.graph.input.extend(_value_info(n, types) for n in (site, *frontier))
-    out.graph.initializer.extend(i for i in graph.initializer if i.name in reads)
+    out.graph.initializer.extend(_initializers_read(graph, reads, index))
     out.graph.output.extend(o for o in graph.output if o.name == output)
     return Suffix(out, site, frontier)
 
 
-def prefix(model: onnx.ModelProto, outputs, types: dict[str, TensorSpec]) -> onnx.ModelProto:
+def prefix(model: onnx.ModelProto, outputs, types: dict[str, TensorSpec],
+           index: GraphIndex | None = None) -> onnx.ModelProto:
     """The part of the graph that computes `outputs` (and nothing after), with the model's inputs.
 
     A site's clean value and frontier come from this instead of the whole model: the suffix's work is not done
-    twice, and nothing blocks the fusions of the rest of the graph.
+    twice, and nothing blocks the fusions of the rest of the graph. `index`: the model's `GraphIndex`, when the
+    caller has one. Functional: returns a new model and never modifies `model`. Adds no names.
     """
     graph = model.graph
-    inputs = {i.name for i in graph.input}
-    nodes = [graph.node[i] for i in sorted(g.ancestors(graph, outputs))]
-    reads = {n for node in nodes for n in g.node_inputs(node)}
+    index = index_for(graph, index)
+    outputs = list(outputs)
+    nodes = members(index.ancestor_bits(outputs))
+    reads = _reads_of(graph, nodes, index)
     out = _copy_without_graph(model)
     out.graph.name = f"{graph.name or 'graph'}_prefix"
-    out.graph.node.extend(nodes)
-    inits = {i.name for i in graph.initializer}
+    out.graph.node.extend(graph.node[i] for i in nodes)
     # old IR versions list initializers as inputs too: keep only those the prefix still holds
-    out.graph.input.extend(i for i in graph.input if i.name not in inits or i.name in reads)
-    out.graph.initializer.extend(i for i in graph.initializer if i.name in reads)
+    out.graph.input.extend(i for i in graph.input if i.name not in index.initializers or i.name in reads)
+    out.graph.initializer.extend(_initializers_read(graph, reads, index))
+    inputs = set(index.inputs)
     out.graph.output.extend(_value_info(n, types) for n in dict.fromkeys(outputs) if n not in inputs)
     return out
+
+
+def _reads_of(graph: onnx.GraphProto, nodes: list[int], index: GraphIndex | None) -> set[str]:
+    """Every value the given nodes read (subgraph captures included)."""
+    if index is None:
+        return {n for i in nodes for n in node_inputs(graph.node[i])}
+    return {n for i in nodes for n in index.reads[i]}
+
+
+def _initializers_read(graph: onnx.GraphProto, reads: set[str], index: GraphIndex | None) -> list[onnx.TensorProto]:
+    """The initializers named in `reads`, in the graph's order."""
+    if index is None:
+        return [t for t in graph.initializer if t.name in reads]
+    positions = index.initializer_positions
+    return [graph.initializer[k] for k in sorted(positions[n] for n in reads if n in positions)]
 
 
 @dataclass(frozen=True)
@@ -129,65 +192,70 @@ class Injection:
     add: str | None  # graph input holding the additive term
 
 
-def term_names(site: str, index: int, has_mul: bool, has_add: bool) -> Injection:
-    return Injection(
-        site,
-        f"walkaudit.mul.{index}" if has_mul else None,
-        f"walkaudit.add.{index}" if has_add else None,
-    )
-
-
 def inject(
     model: onnx.ModelProto, sites: list[str], types: dict[str, TensorSpec], has_mul: bool, has_add: bool
 ) -> tuple[onnx.ModelProto, list[Injection]]:
     """Insert y' = y · mul + add after each site, with mul and add as new graph inputs.
 
-    The site's producer is made to write `<site>.clean`; the new nodes write the site's own name, so every reader,
-    graph outputs included, sees the noisy value and every output keeps its name.
+    The site's producer is made to write a fresh `<site>.clean`; the new nodes write the site's own name, so every
+    reader, graph outputs included, sees the noisy value and every output keeps its name. The term inputs are named
+    `walkaudit.mul.<k>` and `walkaudit.add.<k>` where free; the `Injection`s say what they are.
+
+    Functional: returns a new model (converted to opset 7 when older) and never modifies `model`.
     """
     out = _at_least_opset(model, _MIN_INJECT_OPSET)
     graph = out.graph
-    made_by = g.producers(graph)
-    injections = [term_names(s, i, has_mul, has_add) for i, s in enumerate(sites)]
+    names = _Names(graph)
+    made_by = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    injections = [Injection(site, names.fresh(f"walkaudit.mul.{k}") if has_mul else None,
+                            names.fresh(f"walkaudit.add.{k}") if has_add else None) for k, site in enumerate(sites)]
     after: dict[int, list[onnx.NodeProto]] = {}
     for inj in injections:
         producer = graph.node[made_by[inj.site]]
-        clean = f"{inj.site}.clean"
+        clean = names.fresh(f"{inj.site}.clean")
         producer.output[list(producer.output).index(inj.site)] = clean
         new, value = [], clean
         if inj.mul:
-            target = inj.site if not inj.add else f"{inj.site}.scaled"
-            new.append(helper.make_node("Mul", [value, inj.mul], [target], name=f"walkaudit/mul/{inj.site}"))
+            target = inj.site if not inj.add else names.fresh(f"{inj.site}.scaled")
+            new.append(helper.make_node("Mul", [value, inj.mul], [target], name=names.fresh(f"walkaudit/mul/{inj.site}")))
             value = target
         if inj.add:
-            new.append(helper.make_node("Add", [value, inj.add], [inj.site], name=f"walkaudit/add/{inj.site}"))
-        after[made_by[inj.site]] = after.get(made_by[inj.site], []) + new
+            new.append(helper.make_node("Add", [value, inj.add], [inj.site], name=names.fresh(f"walkaudit/add/{inj.site}")))
+        after.setdefault(made_by[inj.site], []).extend(new)
         for term in (inj.mul, inj.add):
             if term:
                 graph.input.append(_value_info_like(term, inj.site, types))
-    nodes = []
+    _insert_after(graph, after)
+    return out, injections
+
+
+def _insert_after(graph: onnx.GraphProto, after: dict[int, list[onnx.NodeProto]],
+                  first: Iterable[onnx.NodeProto] = ()) -> None:
+    """Rebuild the node list of `graph` (a pass's own copy): `first`, then each node followed by `after[its index]`."""
+    nodes = list(first)
     for i, node in enumerate(graph.node):
         nodes.append(node)
         nodes.extend(after.get(i, []))
     del graph.node[:]
     graph.node.extend(nodes)
-    return out, injections
 
 
-def _noisy(y: str, mul: tuple[str, str] | None, add: tuple[str, str] | None,
-           prefix: str) -> tuple[list[onnx.NodeProto], str]:
+def _noisy(y: str, mul: tuple[str, str] | None, add: tuple[str, str] | None, prefix: str, names: _Names,
+           unit: str | None) -> tuple[list[onnx.NodeProto], str]:
     """Nodes computing y·(1 + σm·εm) + σa·εa, where `mul` and `add` are (σ, ε) value names or None, and the name of
     the result. The order of operations is the host's (`noise.noisy_levels`), so both give the same numbers. A mul
-    term reads the initializer `walkaudit.unit` (1 in y's type), which the caller provides."""
+    term reads the initializer `unit` (1 in y's type), which the caller provides. Every node and value is named by
+    `names`, from `prefix`."""
     nodes: list[onnx.NodeProto] = []
 
-    def node(op, inputs, name):
+    def node(op, inputs, wanted):
+        name = names.fresh(wanted)
         nodes.append(helper.make_node(op, inputs, [name], name=name))
         return name
 
     out = y
     if mul:
-        factor = node("Add", [node("Mul", list(mul), f"{prefix}/scaled_mul"), "walkaudit.unit"], f"{prefix}/factor")
+        factor = node("Add", [node("Mul", list(mul), f"{prefix}/scaled_mul"), unit], f"{prefix}/factor")
         out = node("Mul", [out, factor], f"{prefix}/noisy_mul")
     if add:
         out = node("Add", [out, node("Mul", list(add), f"{prefix}/scaled_add")], f"{prefix}/noisy_add")
@@ -209,61 +277,64 @@ def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, Tensor
                has_add: bool) -> FedNoise:
     """After each site of a model run on G tiled copies of a batch, y' = y·(1 + σm·ε1) + σa·ε2 per copy.
 
-    The site's producer writes `<site>.clean` [G·N, ...]; it is viewed as [G, N, ...], the noise for the G levels is
-    applied with ε [1, N, ...] broadcast over them (the host's arithmetic, `noise.noisy_levels`, op for op), and the
-    result is folded back to [G·N, ...] under the site's name, so every reader sees the noisy value. Float32 sites of
-    known rank and opset ≥ 10 (Slice with inputs); `inject` serves the rest.
+    The site's producer writes a fresh `<site>.clean` [G·N, ...]; it is viewed as [G, N, ...], the noise for the G
+    levels is applied with ε [1, N, ...] broadcast over them (the host's arithmetic, `noise.noisy_levels`, op for
+    op), and the result is folded back to [G·N, ...] under the site's name, so every reader sees the noisy value.
+    Float32 sites of known rank and opset ≥ 10 (Slice with inputs); `inject` serves the rest. The σ and ε inputs
+    are named in the returned `FedNoise`.
+
+    Functional: returns a new model and never modifies `model`.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _copy(model)
     graph = out.graph
-    made_by = g.producers(graph)
-    sm, sa = ("walkaudit.sigma_mul" if has_mul else None), ("walkaudit.sigma_add" if has_add else None)
-    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (
-        ("walkaudit.zero", [0]), ("walkaudit.one", [1]), ("walkaudit.minus_one", [-1]),
-        ("walkaudit.end", [np.iinfo(np.int64).max]))]
+    names = _Names(graph)
+    made_by = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    sm = names.fresh("walkaudit.sigma_mul") if has_mul else None
+    sa = names.fresh("walkaudit.sigma_add") if has_add else None
+    zero, one = _int64_constant(names, "walkaudit.zero", [0]), _int64_constant(names, "walkaudit.one", [1])
+    minus_one = _int64_constant(names, "walkaudit.minus_one", [-1])
+    end = _int64_constant(names, "walkaudit.end", [np.iinfo(np.int64).max])
+    inits = [zero, one, minus_one, end]
+    unit = None
     if has_mul:
-        inits.append(onnx.numpy_helper.from_array(np.array(1, np.float32), "walkaudit.unit"))
+        unit = onnx.numpy_helper.from_array(np.array(1, np.float32), names.fresh("walkaudit.unit"))
+        inits.append(unit)
     first: list[onnx.NodeProto] = []  # nodes that read graph inputs only: they go first
 
-    def node(into, op, inputs, name, **attrs):
+    def node(into, op, inputs, wanted, **attrs):
+        name = names.fresh(wanted)
         into.append(helper.make_node(op, inputs, [name], name=name, **attrs))
         return name
 
-    levels = node(first, "Slice", [node(first, "Shape", [sm or sa], "walkaudit/sigma_shape"), "walkaudit.zero",
-                                   "walkaudit.one"], "walkaudit/levels")
+    levels = node(first, "Slice", [node(first, "Shape", [sm or sa], "walkaudit/sigma_shape"), zero.name, one.name],
+                  "walkaudit/levels")
     after: dict[int, list[onnx.NodeProto]] = {}
     eps = []
     for i, site in enumerate(sites):
         rank = len(types[site].shape)
-        lifted = onnx.numpy_helper.from_array(np.array([-1] + [1] * rank, np.int64), f"walkaudit.sigma_shape.{i}")
+        lifted = _int64_constant(names, f"walkaudit.sigma_shape.{i}", [-1] + [1] * rank)
         inits.append(lifted)
         producer = graph.node[made_by[site]]
-        clean = f"{site}.clean"
+        clean = names.fresh(f"{site}.clean")
         producer.output[list(producer.output).index(site)] = clean
         new: list[onnx.NodeProto] = []
         shape = node(new, "Shape", [clean], f"{clean}/shape")
-        rest = node(new, "Slice", [shape, "walkaudit.one", "walkaudit.end"], f"{clean}/rest")
-        grid = node(new, "Concat", [levels, "walkaudit.minus_one", rest], f"{clean}/grid", axis=0)
+        rest = node(new, "Slice", [shape, one.name, end.name], f"{clean}/rest")
+        grid = node(new, "Concat", [levels, minus_one.name, rest], f"{clean}/grid", axis=0)
         noisy = node(new, "Reshape", [clean, grid], f"{clean}/levels")
         terms = {}  # term -> (σ reshaped to broadcast over [G, N, ...], fed ε)
         for term, sigma in (("mul", sm), ("add", sa)):
             if sigma:
-                e = f"walkaudit.eps_{term}.{i}"
+                e = names.fresh(f"walkaudit.eps_{term}.{i}")
                 graph.input.append(helper.make_tensor_value_info(e, types[site].elem_type, [None] * (rank + 1)))
                 terms[term] = (node(new, "Reshape", [sigma, lifted.name], f"{clean}/sigma_{term}"), e)
-        applied, noisy = _noisy(noisy, terms.get("mul"), terms.get("add"), clean)
+        applied, noisy = _noisy(noisy, terms.get("mul"), terms.get("add"), clean, names,
+                                 unit.name if unit else None)
         new.extend(applied)
-        new.append(helper.make_node("Reshape", [noisy, shape], [site], name=f"walkaudit/fold/{site}"))
-        names = [terms[t][1] if t in terms else None for t in ("mul", "add")]
+        new.append(helper.make_node("Reshape", [noisy, shape], [site], name=names.fresh(f"walkaudit/fold/{site}")))
         after.setdefault(made_by[site], []).extend(new)
-        eps.append((site, *names))
-    nodes = list(first)
-    for i, n in enumerate(graph.node):
-        nodes.append(n)
-        nodes.extend(after.get(i, []))
-    del graph.node[:]
-    graph.node.extend(nodes)
+        eps.append((site, *(terms[t][1] if t in terms else None for t in ("mul", "add"))))
+    _insert_after(graph, after, first)
     graph.initializer.extend(inits)
     for name in (sm, sa):
         if name:
@@ -279,14 +350,12 @@ def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """A copy of `model`, converted to `opset` of the default domain when it imports an older one."""
     version = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), opset)
     if version >= opset:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        return out
+        return _copy(model)
     from onnx import version_converter
 
     try:
         return version_converter.convert_version(model, opset)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- the converter raises many kinds; each becomes a ModelError
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ModelError(f"cannot add noise nodes to an opset {version} model: converting it to opset {opset} "
                          f"failed ({reason})") from None
@@ -301,6 +370,8 @@ def _value_info_like(name: str, site: str, types: dict[str, TensorSpec]) -> onnx
 GRAPH_NOISE_OPSETS = range(10, 22)
 #: A suffix that applies fed-in noise needs only Slice with inputs (opset 10) and Expand (8): any opset from 10.
 FED_NOISE_MIN_OPSET = 10
+#: RandomNormalLike's seed is a float attribute (float32 in the proto): integers below 2**24 are exact in it.
+SEED_LIMIT = 2**24
 
 
 @dataclass(frozen=True)
@@ -320,89 +391,114 @@ class GraphNoise:
     eps_add: str | None = None
 
 
-def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int = 0,
-                fed: bool = False) -> GraphNoise:
+def graph_seeds(seed: int | None, seeds: tuple[int, int] | None) -> tuple[float, float]:
+    """The RandomNormalLike seed attributes of ε_mul and ε_add.
+
+    `seeds=(seed_mul, seed_add)`: each must be an integer in [0, 2**24), where float32 (the attribute's type) holds
+    it exactly, so two different seeds never collide. `seed` (the older form, unchecked): 2·seed and 2·seed + 1.
+    Raises ValueError when both are given or a seed is out of range.
+    """
+    if seeds is None:
+        base = 0 if seed is None else seed
+        return float(2 * base), float(2 * base + 1)
+    if seed is not None:
+        raise ValueError("give graph_noise seed= or seeds=, not both")
+    if len(seeds) != 2:
+        raise ValueError(f"seeds must be (seed_mul, seed_add), got {seeds!r}")
+    for value in seeds:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"graph seeds must be integers in [0, 2**24) (exact in float32), got {value!r}")
+    return float(seeds[0]), float(seeds[1])
+
+
+def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int | None = None,
+                fed: bool = False, seeds: tuple[int, int] | None = None) -> GraphNoise:
     """Prepend noise to a suffix: y' = y·(1 + σm·ε1) + σa·ε2 for G levels at once.
 
     ε is one array [1, N, ...] per run, broadcast over the G levels (common random numbers); the result
     [G, N, ...] is reshaped to [G·N, ...], and every frontier value is tiled the same way. The arithmetic is the
-    host's (`noise.noisy_levels`), op for op, so both give the same values.
+    host's (`noise.noisy_levels`), op for op, so both give the same values. The suffix's inputs are renamed to fresh
+    `<name>.clean` names and the new σ and ε inputs get fresh names too: the returned `GraphNoise` names them all.
 
     - `fed=False`: RandomNormalLike draws ε (opsets 10–21). With a `seed` attribute the generator is stateful per
-      session: each run draws anew, a new session replays. onnxruntime reads the (float) seed as an integer: ε1
-      and ε2 get seeds 2·seed and 2·seed + 1.
+      session: each run draws anew, a new session replays. `seeds=(seed_mul, seed_add)` are the attributes of ε1
+      and ε2, integers in [0, 2**24) (ValueError otherwise); the older `seed=` gives them 2·seed and 2·seed + 1,
+      which float32 holds exactly only while 2·seed + 1 < 2**24 (`graph_seeds`).
     - `fed=True`: ε is a graph input, drawn by the host (any opset from 10). onnxruntime then does the apply and
       the tiling in its own threads and arena.
+
+    Functional: returns a new model and never modifies `sfx.model`.
     """
+    seed_mul, seed_add = graph_seeds(seed, seeds)
     model, site = sfx.model, sfx.site
     elem = types[site].elem_type
+    names = _Names(model.graph)
     nodes: list[onnx.NodeProto] = []
     inputs: list[onnx.ValueInfoProto] = []
-    inits = [
-        onnx.numpy_helper.from_array(np.array([1], np.int64), "walkaudit.one"),
-        onnx.numpy_helper.from_array(np.array([-1], np.int64), "walkaudit.minus_one"),
-        onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "walkaudit.end"),
-        onnx.numpy_helper.from_array(np.array([0], np.int64), "walkaudit.zero"),
-    ]
+    one, minus_one = _int64_constant(names, "walkaudit.one", [1]), _int64_constant(names, "walkaudit.minus_one", [-1])
+    end = _int64_constant(names, "walkaudit.end", [np.iinfo(np.int64).max])
+    zero = _int64_constant(names, "walkaudit.zero", [0])
+    inits = [one, minus_one, end, zero]
 
-    def node(op, inputs, name, **attrs):
+    def node(op, inputs, wanted, **attrs):
+        name = names.fresh(wanted)
         nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
         return name
 
     def lifted(value: str) -> tuple[str, str]:
         """value [N, ...] as [1, N, ...], and the shape [-1, ...] that folds a [G, N, ...] back to [G·N, ...]."""
         shape = node("Shape", [value], f"{value}/shape")
-        rest = node("Slice", [shape, "walkaudit.one", "walkaudit.end"], f"{value}/rest")
-        folded = node("Concat", ["walkaudit.minus_one", rest], f"{value}/folded", axis=0)
-        lift = node("Concat", ["walkaudit.one", shape], f"{value}/lift", axis=0)
+        rest = node("Slice", [shape, one.name, end.name], f"{value}/rest")
+        folded = node("Concat", [minus_one.name, rest], f"{value}/folded", axis=0)
+        lift = node("Concat", [one.name, shape], f"{value}/lift", axis=0)
         return node("Reshape", [value, lift], f"{value}/lifted"), folded
 
-    def epsilon(term: str, seed_: int) -> str:
+    def epsilon(term: str, seed_: float) -> str:
         if not fed:
-            return node("RandomNormalLike", [y], f"walkaudit/eps_{term}", dtype=elem, seed=float(seed_))
-        name = f"walkaudit.eps_{term}"
+            return node("RandomNormalLike", [y], f"walkaudit/eps_{term}", dtype=elem, seed=seed_)
+        name = names.fresh(f"walkaudit.eps_{term}")
         inputs.append(helper.make_tensor_value_info(name, elem, [None] * (rank + 1)))
         return name
 
     rank = len(types[site].shape) if types[site].shape is not None else None
     if fed and rank is None:
         raise ModelError(f"cannot feed noise to {site}: its rank is unknown")
-    clean = f"{site}.clean"
+    renamed = {site: names.fresh(f"{site}.clean"), **{f: names.fresh(f"{f}.clean") for f in sfx.frontier}}
+    clean = renamed[site]
     y, folded = lifted(clean)
-    sm, sa = ("walkaudit.sigma_mul" if has_mul else None), ("walkaudit.sigma_add" if has_add else None)
-    eps_mul = eps_add = None
+    sm = names.fresh("walkaudit.sigma_mul") if has_mul else None
+    sa = names.fresh("walkaudit.sigma_add") if has_add else None
+    eps_mul = eps_add = unit = None
     if sm:
-        eps_mul = epsilon("mul", 2 * seed)
-        inits.append(onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), "walkaudit.unit"))
+        eps_mul = epsilon("mul", seed_mul)
+        unit = names.fresh("walkaudit.unit")
+        inits.append(onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), unit))
     if sa:
-        eps_add = epsilon("add", 2 * seed + 1)
-    applied, noisy = _noisy(y, (sm, eps_mul) if sm else None, (sa, eps_add) if sa else None, "walkaudit")
+        eps_add = epsilon("add", seed_add)
+    applied, noisy = _noisy(y, (sm, eps_mul) if sm else None, (sa, eps_add) if sa else None, "walkaudit", names, unit)
     nodes.extend(applied)
-    nodes.append(helper.make_node("Reshape", [noisy, folded], [site], name="walkaudit/fold"))
+    nodes.append(helper.make_node("Reshape", [noisy, folded], [site], name=names.fresh("walkaudit/fold")))
     levels = node("Shape", [sm or sa], "walkaudit/levels")
-    count = node("Slice", [levels, "walkaudit.zero", "walkaudit.one"], "walkaudit/count")
+    count = node("Slice", [levels, zero.name, one.name], "walkaudit/count")
     for f in sfx.frontier:
-        f_lifted, f_folded = lifted(f"{f}.clean")
-        shape = node("Shape", [f_lifted], f"{f}.clean/lifted_shape")
-        rest = node("Slice", [shape, "walkaudit.one", "walkaudit.end"], f"{f}.clean/tail")
-        target = node("Concat", [count, rest], f"{f}.clean/target", axis=0)
-        tiled = node("Expand", [f_lifted, target], f"{f}.clean/tiled")
-        nodes.append(helper.make_node("Reshape", [tiled, f_folded], [f], name=f"walkaudit/fold/{f}"))
+        f_clean = renamed[f]
+        f_lifted, f_folded = lifted(f_clean)
+        shape = node("Shape", [f_lifted], f"{f_clean}/lifted_shape")
+        rest = node("Slice", [shape, one.name, end.name], f"{f_clean}/tail")
+        target = node("Concat", [count, rest], f"{f_clean}/target", axis=0)
+        tiled = node("Expand", [f_lifted, target], f"{f_clean}/tiled")
+        nodes.append(helper.make_node("Reshape", [tiled, f_folded], [f], name=names.fresh(f"walkaudit/fold/{f}")))
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _copy(model)
     graph = out.graph
-    renamed = {site: clean, **{f: f"{f}.clean" for f in sfx.frontier}}
     for vi in graph.input:
         vi.name = renamed.get(vi.name, vi.name)
     for name in (sm, sa):
         if name:
             graph.input.append(helper.make_tensor_value_info(name, elem, None))
     graph.input.extend(inputs)
-    body = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + body)
+    _insert_after(graph, {}, nodes)
     graph.initializer.extend(inits)
     if not fed:
         eps_mul = eps_add = None  # internal values, not inputs
-    return GraphNoise(out, clean, tuple(f"{f}.clean" for f in sfx.frontier), sm, sa, eps_mul, eps_add)
+    return GraphNoise(out, clean, tuple(renamed[f] for f in sfx.frontier), sm, sa, eps_mul, eps_add)

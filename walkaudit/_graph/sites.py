@@ -8,6 +8,8 @@ an Add of a constant (MatMul + Add from skl2onnx and the torch exporters), the s
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from walkaudit._graph import queries as g
+from walkaudit._graph.index import GraphIndex, index_for, members
 from walkaudit._loading.model import FLOAT_TYPES, TensorSpec
 from walkaudit.errors import UsageError
 
@@ -48,7 +51,8 @@ class Selection:
     names: tuple[str, ...] = ()  # explicit tensor names; overrides ops
 
 
-def _bias_add(graph: onnx.GraphProto, out: str, readers: dict, static: set[str]) -> onnx.NodeProto | None:
+def _bias_add(graph: onnx.GraphProto, out: str, readers: Mapping[str, Sequence[int]],
+              static: AbstractSet[str]) -> onnx.NodeProto | None:
     """The Add that adds a constant bias to `out`, when it is `out`'s only reader."""
     users = readers.get(out, [])
     if len(users) != 1 or any(o.name == out for o in graph.output):
@@ -60,7 +64,7 @@ def _bias_add(graph: onnx.GraphProto, out: str, readers: dict, static: set[str])
     return node if other in static else None
 
 
-def _weight_of(node: onnx.NodeProto, static: set[str], inits: set[str]) -> str | None:
+def _weight_of(node: onnx.NodeProto, static: AbstractSet[str], inits: AbstractSet[str]) -> str | None:
     if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
         cand = node.input[1:2]
     elif node.op_type == "MatMul":
@@ -70,13 +74,15 @@ def _weight_of(node: onnx.NodeProto, static: set[str], inits: set[str]) -> str |
     return next((n for n in cand if n in inits), None)
 
 
-def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_OPS) -> list[Site]:
-    """Every site of the requested op types (`("all",)`: every float node output), in graph order."""
+def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_OPS,
+               index: GraphIndex | None = None) -> list[Site]:
+    """Every site of the requested op types (`("all",)`: every float node output), in graph order.
+
+    `index`: the model's `GraphIndex`, when the caller has one (else one is built)."""
     graph = model.graph
-    readers = g.consumers(graph)
-    static = g.static_values(graph)
-    inits = {i.name for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    index = index_for(graph, index)
+    readers, static, inits = index.consumers, index.static, index.initializers
+    outputs = set(index.outputs)
     everything = ALL in ops
     sites: list[Site] = []
     seen: set[str] = set()
@@ -103,24 +109,28 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
     return sites
 
 
-def _feeding(model: onnx.ModelProto, sites: list[Site], output: str | None) -> list[Site]:
+def _feeding(model: onnx.ModelProto, sites: list[Site], output: str | None,
+             index: GraphIndex | None = None) -> list[Site]:
     """The sites whose noise can reach `output` (all of them when no output is named)."""
     if output is None:
         return sites
-    upstream = {o for i in g.ancestors(model.graph, [output]) for o in model.graph.node[i].output}
+    index = index_for(model.graph, index)
+    upstream = {o for i in members(index.ancestor_bits([output])) for o in index.writes[i]}
     return [s for s in sites if s.name in upstream]
 
 
 def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection,
-           output: str | None = None) -> list[Site]:
+           output: str | None = None, index: GraphIndex | None = None) -> list[Site]:
     """The sites the user asked for, numbered in graph order; with `output`, only those that feed it.
 
-    Raises UsageError when nothing matches.
+    `index`: the model's `GraphIndex`, when the caller has one (else one is built). Raises UsageError when nothing
+    matches.
     """
     ops = tuple(selection.ops) or LAYER_OPS
+    index = index_for(model.graph, index)
     if selection.names:
-        everything = candidates(model, types, (ALL,))
-        pool = _feeding(model, everything, output)
+        everything = candidates(model, types, (ALL,), index)
+        pool = _feeding(model, everything, output, index)
         by_name = {s.name: s for s in pool}
         missing = [n for n in selection.names if n not in by_name]
         if missing:
@@ -129,7 +139,7 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
             raise UsageError(f"site {missing[0]!r} {why}{_hint(pool)}")
         chosen = [by_name[n] for n in selection.names]
     else:
-        pool = _feeding(model, candidates(model, types, ops), output)
+        pool = _feeding(model, candidates(model, types, ops, index), output, index)
         chosen = pool
         include = _regex(selection.include, "--include")
         exclude = _regex(selection.exclude, "--exclude")

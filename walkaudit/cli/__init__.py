@@ -24,26 +24,45 @@ def _err(message: str) -> None:
 
 
 def guarded(fn):
-    """Turn our errors into one line and an exit code; unexpected ones into exit 3 without a traceback."""
+    """Turn our errors into one line and an exit code; unexpected ones into exit 3 without a traceback.
+
+    Output files are written with `outputs.collecting()` active: one that fails does not stop the others, and the
+    command then ends with exit 2 and one line naming it (instead of its gate verdict). An interrupt that reaches
+    here (no partial report) exits 128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
+    """
+    from walkaudit.cli import outputs, signals
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except WalkauditError as exc:
-            _err(str(exc))
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            _err("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except Exception as exc:  # a bug or an unexpected library failure: still one line
-            if os.environ.get("WALKAUDIT_DEBUG"):
+        with outputs.collecting() as log:
+            failed = log.failed
+            try:
+                result = fn(*args, **kwargs)
+            except WalkauditError as exc:
+                _err(exc.for_cli() if hasattr(exc, "for_cli") else str(exc))  # options: named by their flag
+                sys.exit(exc.exit_code)
+            except KeyboardInterrupt as exc:
+                signum = signals.signum_of(exc)
+                _err(f"interrupted ({signals.signal_name(signum)})"
+                     + (f"; {outputs.failure_message(failed)}" if failed else ""))
+                sys.exit(signals.exit_code(signum))
+            except SystemExit as exc:
+                if failed and exc.code in (None, EXIT_OK, EXIT_GATE):
+                    _err(outputs.failure_message(failed))
+                    sys.exit(EXIT_USAGE)
                 raise
-            _err(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                 "(set WALKAUDIT_DEBUG=1 for a traceback)")
-            sys.exit(EXIT_RUNTIME)
+            except (click.exceptions.Exit, click.ClickException):
+                raise
+            except Exception as exc:  # a bug or an unexpected library failure: still one line
+                if os.environ.get("WALKAUDIT_DEBUG"):
+                    raise
+                _err(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                     "(set WALKAUDIT_DEBUG=1 for a traceback)")
+                sys.exit(EXIT_RUNTIME)
+            if failed:
+                _err(outputs.failure_message(failed))
+                sys.exit(EXIT_USAGE)
+            return result
 
     return wrapper
 
@@ -136,43 +155,49 @@ def _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_a
     return config
 
 
-def _read_report(path: str) -> dict:
-    from walkaudit.report.schema import check_report_version
+def _read_report(path: str):
+    """A report file as a validated walkaudit.report.Report; any problem is one UsageError line (exit 2)."""
+    from walkaudit.report import load_report
 
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"report not found: {path}")
-    try:
-        report = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not a JSON report: {exc}") from None
-    if not isinstance(report, dict):
-        raise UsageError(f"{path} is not a walkaudit report (not a JSON object)")
-    check_report_version(report)
-    return report
+    return load_report(path)
 
 
 def _write(path: str, text: str, append: bool = False) -> None:
-    if path == "-":
-        click.echo(text, nl=False)
-        return
-    try:
-        with open(path, "a" if append else "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    """One output: '-' is stdout, `append` appends in one write call, a file is replaced atomically.
+
+    Inside a `guarded` command a failure is recorded, the other outputs are still written, and the command exits 2
+    naming it; elsewhere it raises a one-line UsageError.
+    """
+    from walkaudit.cli import outputs
+
+    outputs.write(path, text, append=append)
 
 
-def _check_outputs(json_path, markdown_path, junit_path) -> None:
-    """Refuse output flags that cannot all be honoured, before any work is done."""
-    if [json_path, markdown_path, junit_path].count("-") > 1:
-        raise UsageError("only one of --json, --markdown and --junit can write to stdout ('-')")
-    if markdown_path == "auto" and not os.environ.get("GITHUB_STEP_SUMMARY"):
-        raise UsageError("--markdown auto needs the environment variable GITHUB_STEP_SUMMARY")
+# the parameters of a command that name files it reads, and how a refusal calls them
+_INPUT_PARAMS = (("model", "the model"), ("data_path", "the data (--data)"), ("baseline", "the baseline (--baseline)"),
+                 ("rules_file", "the rules file (--rules)"), ("old", "the old report (OLD)"),
+                 ("new", "the new report (NEW)"), ("report_path", "the report (REPORT)"))
 
 
-def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> None:
-    """Write the requested files and render the summary (to stderr when stdout carries the JSON)."""
+def _check_outputs(json_path, markdown_path, junit_path, inputs=None, extra=()) -> None:
+    """Refuse output flags that cannot all be honoured, before any work is done.
+
+    inputs: (description, path) pairs of the files the command reads; by default taken from the running command's
+    parameters (model, --data, --baseline, --rules, compare's OLD and NEW). extra: more (flag, path) outputs, such
+    as --checkpoint. See walkaudit.cli.outputs.check for what is refused.
+    """
+    from walkaudit.cli import outputs
+
+    if inputs is None:
+        ctx = click.get_current_context(silent=True)
+        params = ctx.params if ctx is not None else {}
+        inputs = [(what, params.get(name)) for name, what in _INPUT_PARAMS if params.get(name)]
+    outputs.check(inputs, [("--json", json_path), ("--markdown", markdown_path), ("--junit", junit_path),
+                           *extra])
+
+
+def _emit(report, json_path, markdown_path, junit_path, quiet: bool) -> None:
+    """Write the requested files of a typed Report and render the summary (to stderr when stdout carries a document)."""
     from rich.console import Console
 
     from walkaudit.report import render
@@ -180,7 +205,7 @@ def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> No
     from walkaudit.report.model import dumps
 
     if json_path:
-        _write(json_path, dumps(report))
+        _write(json_path, dumps(report.to_dict()))
     if markdown_path:
         if markdown_path == "auto":
             _write(os.environ["GITHUB_STEP_SUMMARY"], to_markdown(report) + "\n", append=True)
@@ -230,19 +255,26 @@ def _emit(report: dict, json_path, markdown_path, junit_path, quiet: bool) -> No
                                             "onnxruntime's NCHWc conv fusion: slower conv nets on the CPU).")
 @gate_options
 @output_options
+@click.option("--resume", is_flag=True, help="Continue an interrupted or crashed audit from its checkpoint (the same "
+                                             "model, data and settings; refused otherwise).")
+@click.option("--checkpoint", "checkpoint_path", metavar="PATH",
+              help="Where the finished sites are saved while the audit runs [default: <--json PATH>.checkpoint, "
+                   "else .walkaudit/checkpoint-<hash>.json]; deleted once the report is written.")
 @guarded
 def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
                   global_mode, sigmas, repeats, batch_size, seed, chance, provider, threads, noise_source,
                   allow_nonfinite, exact,
                   fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
-                  json_path, markdown_path, junit_path, quiet):
+                  json_path, markdown_path, junit_path, quiet, resume, checkpoint_path):
     """Audit MODEL: σ50 of every site, a table, a JSON report and a gate verdict."""
-    from walkaudit._analysis.sweep import parse_sigmas
-    from walkaudit.api import AuditConfig, audit
+    from walkaudit import api
+    from walkaudit.cli import checkpoint as ckpt
+    from walkaudit.cli import outputs, signals
     from walkaudit.cli.progress import RichProgress
+    from walkaudit.config import AuditConfig, parse_sigmas
     from walkaudit.report import gate
 
-    _check_outputs(json_path, markdown_path, junit_path)
+    _check_outputs(json_path, markdown_path, junit_path, extra=[("--checkpoint", checkpoint_path)])
     gate_config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop,
                                baseline)
     baseline_report = _read_report(baseline) if baseline else None
@@ -253,16 +285,68 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
         limit=limit, x_key=x_key, y_key=y_key, allow_nonfinite=allow_nonfinite, threads=threads,
         noise_source=noise_source, exact=exact,
-    )
-    with RichProgress(disable=quiet) as progress:
-        result = audit(model, data=data_path, config=config, progress=progress)
-    report = result.to_dict()
-    report["config"]["gate"] = gate_config.to_dict()
-    verdict = gate.evaluate(report, gate_config, baseline_report)
-    report["gate"] = verdict.to_dict()
-    _emit(report, json_path, markdown_path, junit_path, quiet)
-    if report.get("partial"):
-        sys.exit(EXIT_INTERRUPTED)
+    ).check()
+
+    def warn(message: str) -> None:
+        if not quiet:
+            click.echo(f"walkaudit: warning: {message}", err=True)
+
+    # The checkpoint: found (and, with --resume, read and checked) before any audit work.
+    cp = None
+    try:
+        fp = ckpt.fingerprint_files(model, data_path, config)
+    except OSError:
+        fp = None  # a model or data file that cannot be read: the audit itself says so, in its own words
+    if fp is not None:
+        path = checkpoint_path or ckpt.default_path(json_path, fp)
+        done = ckpt.load(path, fp) if resume else []
+        if not resume and os.path.isfile(path):
+            warn(f"starting over: the checkpoint {path} of an earlier run is replaced (--resume continues it)")
+        cp = ckpt.Checkpoint(path, fp, done, make_folder=checkpoint_path is None and json_path in (None, "-"))
+
+    partial, signum = False, None
+    with signals.Trap() as trap:
+        with RichProgress(disable=quiet) as progress:
+            run = api.iter_audit(model, data=data_path, config=config, progress=progress,
+                                 done=cp.sites if cp else ())
+            if cp is not None and json.dumps(run.fingerprint, sort_keys=True) != json.dumps(fp, sort_keys=True):
+                raise UsageError("the model or data file changed while the audit started; run it again")
+            try:
+                for site in run:
+                    problem = cp.add(site.to_dict()) if cp else None
+                    if problem:
+                        warn(f"{problem}; the audit goes on without a checkpoint")
+            except KeyboardInterrupt as exc:
+                trap.hold()  # a second Ctrl-C must not cut the partial report short
+                try:
+                    result = run.report(partial=True)
+                except WalkauditError:
+                    raise exc from None  # stopped before the clean pass ended: nothing to report
+                partial, signum = True, signals.signum_of(exc)
+            else:
+                result = run.report(partial=False)
+        verdict = gate.evaluate(result, gate_config, baseline_report)
+        report = result.with_gate(verdict, rules=gate_config.to_dict())
+        _emit(report, json_path, markdown_path, junit_path, quiet)
+    log = outputs.current_log()
+    failed, written = list(log.failed), list(log.written)
+    log.failed.clear()  # said here, not again by guarded
+    if partial:
+        where = ", ".join("stdout" if p == "-" else p for p in written)
+        message = f"interrupted ({signals.signal_name(signum)}); " + (
+            f"partial report written to {where}" if where else
+            "no report written (no --json, --markdown or --junit)" if quiet else "partial results above")
+        if failed:
+            message += f"; {outputs.failure_message(failed)}"
+        if cp is not None and cp.sites and not cp.broken:
+            message += "; rerun with --resume to continue"
+        _err(message)
+        sys.exit(signals.exit_code(signum))
+    if failed:
+        _err(outputs.failure_message(failed))  # the checkpoint stays: --resume writes the report again at once
+        sys.exit(EXIT_USAGE)
+    if cp is not None:
+        cp.remove()
     sys.exit(verdict.exit_code)
 
 
@@ -317,17 +401,15 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
     old_report, new_report = _read_report(old), _read_report(new)
     config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, old)
     verdict = gate.evaluate(new_report, config, old_report)
-    new_report = {**new_report, "gate": verdict.to_dict()}
+    new_report = new_report.with_gate(verdict, rules=config.to_dict())
     if json_path or markdown_path or junit_path:
         _emit(new_report, json_path, markdown_path, junit_path, quiet=True)
     if not quiet:
-        console = Console(stderr=json_path == "-", highlight=False)
+        # stdout carries only the document when one goes there; the table and the verdict then go to stderr
+        console = Console(stderr="-" in (json_path, markdown_path, junit_path), highlight=False)
         console.print(render.compare_table(old_report, new_report))
-        for w in verdict.warnings:
-            console.print(f"warning: {w}", markup=False)
-        for f in new_report["gate"]["failures"]:
-            console.print(f"FAIL: {f['message']}", markup=False)
-        console.print("gate: " + ("passed" if verdict.passed else "FAILED"))
+        for line in render.gate_lines(verdict):
+            console.print(line, markup=False)
     sys.exit(verdict.exit_code)
 
 
@@ -337,9 +419,11 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
 @guarded
 def plot(report_path, out):
     """Plot accuracy vs σ per site and σ50 per site from a JSON report."""
-    from walkaudit.report.plot import plot_report
+    from walkaudit.report.plot import FORMATS, plot_report, save_figure
+    from walkaudit.report.text import printable
 
-    if Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UsageError(f"plot output must end in .png, .svg or .pdf, got {out}")
-    plot_report(_read_report(report_path), out)
-    click.echo(f"wrote {out}", err=True)
+    if Path(out).suffix.lower() not in FORMATS:
+        raise UsageError(f"plot output must end in .png, .svg or .pdf, got {printable(out)}")
+    figure = plot_report(_read_report(report_path))
+    save_figure(figure, out)
+    click.echo(f"wrote {printable(out)}", err=True)

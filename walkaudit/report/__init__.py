@@ -1,5 +1,27 @@
-"""The report: a typed model, its JSON Schema, the gate and the formats."""
+"""The report: a typed model (validated against its JSON Schema), the gate and the formats.
 
-from walkaudit.report.model import Point, Report, SiteResult, dumps
+``load_report(path)`` reads a JSON report file into a :class:`Report`; ``Report.from_dict`` validates a parsed one;
+``Report.to_dict`` / ``dumps`` write it.
+"""
 
-__all__ = ["Point", "Report", "SiteResult", "dumps"]
+from walkaudit.report.model import (
+    CleanCounts,
+    ConfigInfo,
+    DataInfo,
+    Failure,
+    Fit,
+    GateResult,
+    ModelInfo,
+    PerRepeat,
+    Point,
+    Report,
+    RuntimeInfo,
+    SiteResult,
+    ToolInfo,
+    Weight,
+    dumps,
+    load_report,
+)
+
+__all__ = ["CleanCounts", "ConfigInfo", "DataInfo", "Failure", "Fit", "GateResult", "ModelInfo", "PerRepeat", "Point",
+           "Report", "RuntimeInfo", "SiteResult", "ToolInfo", "Weight", "dumps", "load_report"]

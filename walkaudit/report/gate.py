@@ -12,6 +12,12 @@ Rules (combinable; every rule is checked and every failure is reported):
 - **min clean accuracy**: the model's clean accuracy must be at least this fraction.
 - **max drop** (:class:`Drop`, needs a baseline report): no site's σ50 may fall by more than ``"20%"`` of the
   baseline's σ50, or by more than ``"0.3dec"`` decades (a bare number like ``"0.3"`` also means decades).
+- **above chance** (implied by any rule or a baseline): a report whose clean accuracy is not above chance fails,
+  since none of its σ50 means anything; its site rules are then not checked.
+
+A site whose fit found no σ50 at all (``fit.ok`` false with method ``censored``: the midpoint is only the grid's end)
+never counts as robust: a threshold or a max drop on it fails. A site with nothing measured is warned about.
+Messages name the site (with control characters escaped, see :func:`walkaudit.report.text.printable`).
 
 Censoring (a σ50 reported as a bound, see docs/ci.md "Censoring") is handled as intervals: "above" means σ50 lies in
 (bound, ∞), "below" means (0, bound). A rule fails when the interval proves it broken, passes when the interval
@@ -25,12 +31,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from walkaudit.errors import UsageError
-from walkaudit.report.schema import check_report_version
+from walkaudit.report.model import Failure, GateResult, Report, SiteResult
+from walkaudit.report.text import format_sigma, printable
 
 __all__ = [
     "Drop",
@@ -50,6 +57,7 @@ RULE_FAIL_UNDER = "fail_under"
 RULE_FAIL_UNDER_RELATIVE = "fail_under_relative"
 RULE_MIN_CLEAN_ACCURACY = "min_clean_accuracy"
 RULE_MAX_DROP = "max_drop"
+RULE_ABOVE_CHANCE = "above_chance"
 
 _INF = math.inf
 
@@ -82,7 +90,7 @@ class Threshold:
         return self.pattern is None or _compile(self.pattern).search(site_name) is not None
 
     def __str__(self) -> str:
-        return f"{self.pattern or '*'}:{self.value:g}{'rel' if self.relative else ''}"
+        return printable(f"{self.pattern or '*'}:{self.value:g}{'rel' if self.relative else ''}")
 
 
 @dataclass(frozen=True)
@@ -288,84 +296,50 @@ def _compile(pattern: str) -> re.Pattern:
         raise UsageError(f"invalid site pattern {pattern!r}: {exc}") from None
 
 
-# --- results ------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Failure:
-    """One broken rule. ``site`` is None for model-level rules; ``value``/``threshold`` are in the rule's unit
-    (σ, σ/std, accuracy fraction, or the drop in % or decades)."""
-
-    rule: str
-    site: str | None
-    value: float | None
-    threshold: float | None
-    message: str
-
-    def to_dict(self) -> dict:
-        return {k: _json_number(v) if k in ("value", "threshold") else v for k, v in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """Verdict of :func:`evaluate`; ``to_dict()`` is report["gate"], ``exit_code`` is 0 (pass) or 1 (fail)."""
-
-    passed: bool
-    failures: list[Failure] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.passed else 1
-
-    def to_dict(self) -> dict:
-        return {
-            "passed": self.passed,
-            "failures": [f.to_dict() for f in self.failures],
-            "warnings": list(self.warnings),
-        }
-
-
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
-def evaluate(report: dict, config: GateConfig, baseline: dict | None = None) -> GateResult:
+def evaluate(report: Report, config: GateConfig, baseline: Report | None = None) -> GateResult:
     """Apply ``config`` to ``report`` (and, for ``max_drop``, compare with ``baseline``).
 
-    Raises UsageError when a report's schema version is not understood, or when the baseline was made with a
-    different noise model, ratio or mode (see :func:`check_comparable`). Everything else becomes a Failure or a
-    warning.
+    Raises UsageError when the baseline was made with a different noise model, ratio or mode (see
+    :func:`check_comparable`). Everything else becomes a Failure or a warning.
     """
-    check_report_version(report)
     failures: list[Failure] = []
     warnings: list[str] = []
-    if report.get("partial"):
+    if report.partial:
         warnings.append("the report is partial (the audit stopped early): sites not measured were not checked")
+    if baseline is not None:
+        warnings += check_comparable(baseline, report)
 
-    sites = list(report.get("sites") or [])
-    for threshold in config.thresholds:
-        matched = [s for s in sites if threshold.matches(str(s.get("name")))]
+    gated = not config.empty or baseline is not None
+    usable = report.above_chance
+    if gated and not usable:
+        failures.append(Failure(
+            RULE_ABOVE_CHANCE, None, report.clean_accuracy, report.chance,
+            f"clean accuracy {report.clean_accuracy:.4g} is not above chance {report.chance:.4g}: the model does "
+            f"not classify these data, so no σ50 means anything"))
+        if config.thresholds or config.max_drop is not None:
+            warnings.append("site rules not checked: the clean accuracy is not above chance")
+
+    for threshold in config.thresholds if usable else ():
+        matched = [s for s in report.sites if threshold.matches(s.name)]
         if not matched:
             warnings.append(f"rule {threshold}: matches no site")
         for site in matched:
             _check_threshold(site, threshold, failures, warnings)
 
-    if config.min_clean_accuracy is not None:
-        clean = _number(report.get("clean_accuracy"))
-        if clean is None:
-            warnings.append("min clean accuracy: the report has no clean accuracy; not checked")
-        elif clean < config.min_clean_accuracy:
-            failures.append(Failure(
-                RULE_MIN_CLEAN_ACCURACY, None, clean, config.min_clean_accuracy,
-                f"clean accuracy {clean:.4g} < {config.min_clean_accuracy:.4g}"))
+    if config.min_clean_accuracy is not None and report.clean_accuracy < config.min_clean_accuracy:
+        failures.append(Failure(
+            RULE_MIN_CLEAN_ACCURACY, None, report.clean_accuracy, config.min_clean_accuracy,
+            f"clean accuracy {report.clean_accuracy:.4g} < {config.min_clean_accuracy:.4g}"))
 
     if baseline is not None:
-        check_report_version(baseline)
-        warnings += check_comparable(baseline, report)
         if config.max_drop is None:
             warnings.append("a baseline was given but no max drop: the baseline was not compared")
-        else:
+        elif usable:
+            if not baseline.above_chance:
+                warnings.append(f"the baseline's clean accuracy {baseline.clean_accuracy:.4g} is not above its "
+                                f"chance {baseline.chance:.4g}: it has no σ50 to compare with")
             _check_drops(report, baseline, config.max_drop, failures, warnings)
     elif config.max_drop is not None:
         warnings.append(f"max drop {config.max_drop} set but no baseline given: not checked")
@@ -373,52 +347,57 @@ def evaluate(report: dict, config: GateConfig, baseline: dict | None = None) -> 
     return GateResult(passed=not failures, failures=failures, warnings=warnings)
 
 
-def check_comparable(old: dict, new: dict) -> list[str]:
+def check_comparable(old: Report, new: Report) -> list[str]:
     """Refuse (UsageError) σ50 comparisons across noise models, combined-noise ratios or modes: those σ mean different
-    things. Return warnings for softer mismatches (other data, other labels, partial reports).
-
-    Only ``config``, ``data`` and ``partial`` are read, so it also works on ``{"config": {...}}`` stubs, e.g. to
-    check a baseline before running the audit.
-    """
-    old_cfg, new_cfg = old.get("config") or {}, new.get("config") or {}
+    things. Return warnings for softer mismatches (other data, other labels, partial reports)."""
     for key, what in (("noise", "noise model"), ("mode", "mode")):
-        a, b = old_cfg.get(key), new_cfg.get(key)
-        if a is not None and b is not None and a != b:
+        a, b = getattr(old.config, key), getattr(new.config, key)
+        if a != b:
             raise UsageError(f"cannot compare with the baseline: it used {what} {a!r}, this report {b!r}")
-    if old_cfg.get("noise") == "combined" and new_cfg.get("noise") == "combined":
-        a, b = _number(old_cfg.get("ratio")), _number(new_cfg.get("ratio"))
+    if old.config.noise == "combined":
+        a, b = old.config.ratio, new.config.ratio
         if a is not None and b is not None and not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
             raise UsageError(f"cannot compare with the baseline: it used combined noise ratio {a:g}, "
                              f"this report {b:g}")
 
     warnings = []
-    old_data, new_data = old.get("data") or {}, new.get("data") or {}
-    a, b = old_data.get("sha256"), new_data.get("sha256")
-    if a and b and a != b:
+    old_data, new_data = old.data, new.data
+    if old_data.sha256 and new_data.sha256 and old_data.sha256 != new_data.sha256:
         warnings.append("the baseline was measured on other data (data sha256 differs)")
-    elif old_data.get("samples") is not None and new_data.get("samples") is not None \
-            and old_data["samples"] != new_data["samples"]:
-        warnings.append(f"the baseline used {old_data['samples']} samples, this report {new_data['samples']}")
-    a, b = old_data.get("labels"), new_data.get("labels")
-    if a and b and a != b:
-        warnings.append(f"the baseline's labels were {a!r}, this report's {b!r}")
-    if old.get("partial"):
+    elif old_data.samples != new_data.samples:
+        warnings.append(f"the baseline used {old_data.samples} samples, this report {new_data.samples}")
+    if old_data.labels != new_data.labels:
+        warnings.append(f"the baseline's labels were {old_data.labels!r}, this report's {new_data.labels!r}")
+    if old.partial:
         warnings.append("the baseline report is partial: sites it lacks were not compared")
     return warnings
 
 
-def _check_threshold(site: dict, threshold: Threshold, failures: list[Failure], warnings: list[str]) -> None:
-    name = str(site.get("name"))
-    value = _site_value(site, threshold.relative)
+def _no_sigma50(site: SiteResult) -> str:
+    """Why a site has no σ50, for a message."""
+    if site.midpoint is None and not site.points:
+        return "nothing was measured"
+    return printable(site.fit.message or "the fit found no midpoint")
+
+
+def _check_threshold(site: SiteResult, threshold: Threshold, failures: list[Failure], warnings: list[str]) -> None:
+    name = printable(site.name)
     what = "σ50/std" if threshold.relative else "σ50"
-    if value is None:
-        reason = "no activation std" if threshold.relative and _number(site.get("midpoint")) is not None \
-            else "no σ50"
-        warnings.append(f"site {name}: {reason}; rule {threshold} not checked")
-        return
     limit = threshold.value
-    censored = site.get("censored")
-    shown = _shown(value, censored)
+    if site.sigma50 is None:
+        if site.midpoint is None and not site.points:
+            warnings.append(f"site {name}: no σ50 (nothing measured); rule {threshold} not checked")
+        else:
+            failures.append(Failure(threshold.rule, site.name, None, limit,
+                                    f"site {name}: no σ50 ({_no_sigma50(site)}), so {what} >= {limit:g} cannot be "
+                                    f"shown (rule {threshold})"))
+        return
+    value = site.sigma50_relative if threshold.relative else site.sigma50
+    if value is None:
+        warnings.append(f"site {name}: no activation std; rule {threshold} not checked")
+        return
+    censored = site.censored
+    shown = format_sigma(value, censored, digits=4)
     if censored == "above":
         if value < limit:
             warnings.append(f"site {name}: {what} {shown} never fell to halfway in the σ grid, whose top is below "
@@ -426,129 +405,103 @@ def _check_threshold(site: dict, threshold: Threshold, failures: list[Failure], 
         return
     if censored == "below":
         if value <= limit:
-            message = (f"{what} {shown} (already below halfway at the smallest σ tested) is under {limit:g} "
-                       f"(rule {threshold})")
+            message = (f"site {name}: {what} {shown} (already below halfway at the smallest σ tested) is under "
+                       f"{limit:g} (rule {threshold})")
         else:
-            message = (f"{what} {shown}: already below halfway at the smallest σ tested, which is above the "
-                       f"threshold {limit:g}, so σ50 >= {limit:g} cannot be shown (rule {threshold}; "
+            message = (f"site {name}: {what} {shown}: already below halfway at the smallest σ tested, which is above "
+                       f"the threshold {limit:g}, so σ50 >= {limit:g} cannot be shown (rule {threshold}; "
                        f"extend the grid down)")
-        failures.append(Failure(threshold.rule, name, value, limit, message))
+        failures.append(Failure(threshold.rule, site.name, value, limit, message))
         return
     if value < limit:
-        failures.append(Failure(threshold.rule, name, value, limit, f"{what} {value:.4g} < {limit:g} "
-                                                                    f"(rule {threshold})"))
+        failures.append(Failure(threshold.rule, site.name, value, limit,
+                                f"site {name}: {what} {value:.4g} < {limit:g} (rule {threshold})"))
 
 
-def _check_drops(report: dict, baseline: dict, drop: Drop, failures: list[Failure], warnings: list[str]) -> None:
-    for old, new in _match_sites(baseline.get("sites") or [], report.get("sites") or [], warnings):
-        name = str(new.get("name"))
+def _check_drops(report: Report, baseline: Report, drop: Drop, failures: list[Failure], warnings: list[str]) -> None:
+    for old, new in _match_sites(baseline.sites, report.sites, warnings):
+        name = printable(new.name)
         old_iv, new_iv = _interval(old), _interval(new)
-        if old_iv is None or new_iv is None:
-            which = "baseline" if old_iv is None else "new report"
-            warnings.append(f"site {name}: no σ50 in the {which}; max drop not checked")
+        if old_iv is None:
+            warnings.append(f"site {name}: no σ50 in the baseline; max drop not checked")
             continue
-        old_v, new_v = _number(old["midpoint"]), _number(new["midpoint"])
+        old_v = old.sigma50
+        shown_old = format_sigma(old_v, old.censored, digits=4)
+        if new_iv is None:
+            failures.append(Failure(RULE_MAX_DROP, new.name, None, drop.amount,
+                                    f"site {name}: no σ50 in this report ({_no_sigma50(new)}); the baseline's was "
+                                    f"{shown_old}, so a drop of more than {drop} cannot be ruled out"))
+            continue
+        new_v = new.sigma50
         face = drop.measure(old_v, new_v)  # bounds taken at face value
         least = drop.measure(old_iv[0], new_iv[1])  # the most favourable reading
-        shown_old, shown_new = _shown(old_v, old.get("censored")), _shown(new_v, new.get("censored"))
-        change = f"σ50 fell from {shown_old} to {shown_new}"
+        change = f"site {name}: σ50 fell from {shown_old} to {format_sigma(new_v, new.censored, digits=4)}"
         if least > drop.amount:
             amount = _format_drop(face, drop.unit)
-            if old.get("censored") == "above" or new.get("censored") == "below":
+            if old.censored == "above" or new.censored == "below":
                 detail = f"more than {amount}"  # the bounds understate the fall
             elif least == face:
                 detail = amount
             else:
                 detail = f"{amount}, at least {_format_drop(least, drop.unit)} at the ends of the 95% intervals"
-            failures.append(Failure(RULE_MAX_DROP, name, face, drop.amount,
+            failures.append(Failure(RULE_MAX_DROP, new.name, face, drop.amount,
                                     f"{change}: a drop of {detail} (max {drop})"))
         elif face > drop.amount:
-            censored = old.get("censored") or new.get("censored")
+            censored = old.censored or new.censored
             why = "a σ50 is only bounded (censored)" if censored else "within the 95% intervals"
-            warnings.append(f"site {name}: {change}, a drop of {_format_drop(face, drop.unit)} > {drop} at face "
-                            f"value, but not shown: {why}")
+            warnings.append(f"{change}, a drop of {_format_drop(face, drop.unit)} > {drop} at face value, but not "
+                            f"shown: {why}")
 
 
-def _match_sites(old_sites: list[dict], new_sites: list[dict], warnings: list[str]) -> list[tuple[dict, dict]]:
+def _match_sites(old_sites, new_sites, warnings: list[str]) -> list[tuple[SiteResult, SiteResult]]:
     """Pair sites by tensor name; pair the rest by index (same op type) with a warning; warn about the leftovers."""
-    old_by_name: dict[str, dict] = {}
+    old_by_name: dict[str, SiteResult] = {}
     for site in old_sites:
-        old_by_name.setdefault(str(site.get("name")), site)
-    pairs: list[tuple[dict, dict]] = []
+        old_by_name.setdefault(site.name, site)
+    pairs: list[tuple[SiteResult, SiteResult]] = []
     used: set[int] = set()
     unmatched_new = []
     for site in new_sites:
-        old = old_by_name.get(str(site.get("name")))
+        old = old_by_name.get(site.name)
         if old is not None and id(old) not in used:
             pairs.append((old, site))
             used.add(id(old))
         else:
             unmatched_new.append(site)
     old_left = [s for s in old_sites if id(s) not in used]
-    old_by_index = {s.get("index"): s for s in reversed(old_left) if s.get("index") is not None}
+    old_by_index = {s.index: s for s in reversed(old_left) if s.index is not None}
     for site in unmatched_new:
-        old = old_by_index.get(site.get("index")) if site.get("index") is not None else None
-        if old is not None and id(old) not in used and old.get("op_type") == site.get("op_type"):
+        old = old_by_index.get(site.index) if site.index is not None else None
+        if old is not None and id(old) not in used and old.op_type == site.op_type:
             pairs.append((old, site))
             used.add(id(old))
-            warnings.append(f"site {site.get('name')}: not in the baseline by name; compared with baseline site "
-                            f"{old.get('name')} by index {site.get('index')} ({site.get('op_type')})")
+            warnings.append(f"site {printable(site.name)}: not in the baseline by name; compared with baseline site "
+                            f"{printable(old.name)} by index {site.index} ({printable(site.op_type)})")
         else:
-            warnings.append(f"site {site.get('name')}: not in the baseline; not compared")
+            warnings.append(f"site {printable(site.name)}: not in the baseline; not compared")
     for site in old_sites:
         if id(site) not in used:
-            warnings.append(f"baseline site {site.get('name')}: missing from this report")
+            warnings.append(f"baseline site {printable(site.name)}: missing from this report")
     order = {id(site): position for position, site in enumerate(new_sites)}
     return sorted(pairs, key=lambda pair: order[id(pair[1])])
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
-def _number(value: Any) -> float | None:
-    """A finite float, or None (missing, null, NaN, inf, non-numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _json_number(value: Any) -> float | None:
-    return _number(value)
-
-
-def _site_value(site: dict, relative: bool) -> float | None:
-    midpoint = _number(site.get("midpoint"))
-    if not relative:
-        return midpoint
-    rel = _number(site.get("midpoint_relative"))
-    if rel is None and midpoint is not None:
-        std = _number(site.get("activation_std"))
-        if std is not None and std > 0:
-            rel = midpoint / std
-    return rel
-
-
-def _interval(site: dict) -> tuple[float, float] | None:
+def _interval(site: SiteResult) -> tuple[float, float] | None:
     """Where the site's σ50 lies: censoring bounds, else the 95% interval (always containing the estimate)."""
-    value = _number(site.get("midpoint"))
+    value = site.sigma50
     if value is None or value <= 0:
         return None
-    censored = site.get("censored")
-    if censored == "above":
+    if site.censored == "above":
         return value, _INF
-    if censored == "below":
+    if site.censored == "below":
         return 0.0, value
-    ci = site.get("ci95")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        lo, hi = _number(ci[0]), _number(ci[1])
-        if lo is not None and hi is not None and 0 < lo <= hi:
+    if site.ci95 is not None:
+        lo, hi = site.ci95
+        if 0 < lo <= hi:
             return min(lo, value), max(hi, value)
     return value, value
-
-
-def _shown(value: float, censored: str | None) -> str:
-    prefix = {"above": "> ", "below": "< "}.get(censored or "", "")
-    return f"{prefix}{value:.4g}"
 
 
 def _format_drop(value: float, unit: str) -> str:

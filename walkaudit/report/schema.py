@@ -1,8 +1,9 @@
 """The report's JSON Schema and its version check.
 
-The canonical schema is ``walkaudit/report.schema.json`` (shipped in the package); ``docs/report.schema.json`` is an
-identical copy for readers (a test keeps them equal). Reports carry ``"schema": "walkaudit.report/1"``; a minor
-version (``walkaudit.report/1.2``) only adds keys, so any ``1.x`` is accepted by this walkaudit.
+The canonical schema is ``walkaudit/report/report.schema.json`` (shipped in the package); ``docs/report.schema.json``
+is an identical copy for readers (a test keeps them equal). Reports written now carry
+``"schema": "walkaudit.report/1.1"`` (:data:`SCHEMA_VERSION`); a minor version only adds keys, so any ``1.x`` is
+accepted by this walkaudit.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 
 from walkaudit.errors import UsageError
 
-__all__ = ["SCHEMA_ID", "SCHEMA_MAJOR", "check_report_version", "load_schema", "schema_path", "validate_report"]
+__all__ = ["SCHEMA_ID", "SCHEMA_MAJOR", "SCHEMA_VERSION", "check_report_version", "load_schema", "schema_path", "schema_validator",
+           "validate_report"]
 
-SCHEMA_ID = "walkaudit.report/1"
+SCHEMA_ID = "walkaudit.report/1"  # the family this walkaudit reads: any 1.x
 SCHEMA_MAJOR = 1
+SCHEMA_VERSION = "walkaudit.report/1.1"  # what this walkaudit writes
 
 _VERSION_RE = re.compile(r"^walkaudit\.report/(\d+)(?:\.(\d+))?$")
 
@@ -35,6 +38,16 @@ def _schema_text() -> str:
 def load_schema() -> dict:
     """The report JSON Schema (draft 2020-12) as a fresh dict."""
     return json.loads(_schema_text())
+
+
+@lru_cache(maxsize=1)
+def schema_validator():
+    """A ``jsonschema`` Draft 2020-12 validator of the report schema (built once; jsonschema is imported lazily)."""
+    try:
+        import jsonschema
+    except ImportError:
+        raise UsageError("jsonschema is not installed: pip install 'jsonschema>=4'") from None
+    return jsonschema.Draft202012Validator(load_schema())
 
 
 def check_report_version(report: object) -> None:
@@ -57,15 +70,11 @@ def check_report_version(report: object) -> None:
 def validate_report(report: object) -> list[str]:
     """Check ``report`` against the schema; returns one line per problem (empty = valid).
 
-    Needs the optional ``jsonschema`` package (UsageError when missing). The version is checked first, so a report
-    of another major version raises instead of listing a hundred differences.
+    The version is checked first, so a report of another major version raises instead of listing a hundred
+    differences.
     """
     check_report_version(report)
-    try:
-        import jsonschema
-    except ImportError:
-        raise UsageError("jsonschema is not installed: pip install jsonschema") from None
-    validator = jsonschema.Draft202012Validator(load_schema())
+    validator = schema_validator()
     problems = []
     for error in sorted(validator.iter_errors(report), key=lambda e: list(map(str, e.absolute_path))):
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"

@@ -1,0 +1,175 @@
+"""How a unit's noisy graph runs: one class per evaluation path, chosen in one function (`choose`).
+
+Every strategy runs one batch of clean values for G σ levels at once (when the graph takes G tiled copies of the
+batch; else the caller passes one level at a time) and returns the class output [G·N, ...]:
+
+- `FedSuffix`: a walk site's suffix applies the noise itself from host-drawn ε (`passes.graph_noise(fed=True)`), run
+  through IOBinding with the clean values kept on the device. The default, any opset from 10.
+- `DrawnSuffix`: the same suffix drawing ε in the graph (RandomNormalLike, opsets 10–21): ε never leaves the device,
+  but it is drawn anew per run, so it is reproducible only for the same batches in the same order.
+- `HostApplied`: the suffix fed y' computed on the host (`NoiseModel.host`): opsets before 10, sites of unknown rank.
+- `FedGlobal`: the whole model with noise after every site from fed ε (`passes.inject_fed`), global mode.
+- `TermsGlobal`: the whole model with Mul/Add nodes whose factors the host computes (`passes.inject`), global mode
+  on opsets before 10 or sites that are not float32 of known rank.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import onnx
+
+from walkaudit._execution.runtime import Runtime, run, run_bound
+from walkaudit._graph import passes
+from walkaudit._loading.model import LoadedModel
+from walkaudit._noise import NoiseModel
+
+
+def choose(mode: str, opset: int, sites: list, provider: str | None, noise_source: str) -> type[Strategy]:
+    """The evaluation path for a unit. `sites`: the TensorSpecs of its noisy sites."""
+    if mode == "global":
+        fed = opset >= passes.FED_NOISE_MIN_OPSET and all(
+            s.elem_type == onnx.TensorProto.FLOAT and s.shape is not None for s in sites)
+        return FedGlobal if fed else TermsGlobal
+    if graph_draws(opset, provider, noise_source):
+        return DrawnSuffix
+    if opset < passes.FED_NOISE_MIN_OPSET or sites[0].shape is None:
+        return HostApplied
+    return FedSuffix
+
+
+def graph_draws(opset: int, provider: str | None, noise_source: str) -> bool:
+    """ε drawn in the graph where it pays (on CUDA, where the opset has random ops), or where asked for."""
+    if noise_source == "auto":
+        return provider == "CUDAExecutionProvider" and opset in passes.GRAPH_NOISE_OPSETS
+    return noise_source == "graph"
+
+
+class Strategy(ABC):
+    """One way to run a unit's noisy graph over a batch of clean values."""
+
+    reads: tuple[str, ...]  # clean values fed per batch, untiled [N, ...]
+    noisy: tuple[str, ...]  # sites whose ε the host draws, [draws, 1, N, ...] each; () when the graph draws it
+    on_device: tuple[str, ...] = ()  # reads the caller keeps on the device (OrtValues) between runs
+    graph: onnx.ModelProto  # the clean graph it runs (its bytes per row size the runs)
+
+    @abstractmethod
+    def run(self, values: dict[str, np.ndarray], sigmas: np.ndarray, eps: dict[str, np.ndarray],
+            device: dict | None = None) -> np.ndarray:
+        """The class output for the G levels of `sigmas` [G·N, ...]."""
+
+
+def _tile(a: np.ndarray, times: int) -> np.ndarray:
+    return a if times == 1 else np.concatenate([a] * times)
+
+
+class HostApplied(Strategy):
+    """The suffix fed y' for every level, computed by the noise model on the host, and the frontier tiled."""
+
+    def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, suffix: passes.Suffix, map_=map):
+        self.graph = suffix.model
+        self.session = runtime.session(suffix.model, f"part of the model after {suffix.site}")
+        self.site, self.frontier, self.noise, self.map = suffix.site, suffix.frontier, noise, map_
+        self.output = model.class_output.name
+        self.reads, self.noisy = (self.site, *self.frontier), (self.site,)
+
+    def run(self, values, sigmas, eps, device=None):
+        g, y = len(sigmas), values[self.site]
+        feeds = {n: _tile(values[n], g) for n in self.frontier}
+        noisy = self.noise.host(y, sigmas, eps[self.site], self.map)
+        feeds[self.site] = noisy.astype(y.dtype, copy=False).reshape(g * y.shape[0], *y.shape[1:])
+        return run(self.session, [self.output], feeds, "noisy model")[0]
+
+
+class FedSuffix(Strategy):
+    """The suffix applies the noise for G levels and tiles the frontier itself (`passes.graph_noise`); fed the
+    clean values (kept on the device), σ per level and one host-drawn ε per term."""
+
+    drawn_in_graph = False
+
+    def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, suffix: passes.Suffix,
+                 seeds: int = 0):
+        types = model.types
+        self.program = passes.graph_noise(suffix, types, "mul" in noise.terms, "add" in noise.terms, seed=seeds,
+                                          fed=not self.drawn_in_graph)
+        self.graph = suffix.model
+        self.session = runtime.session(self.program.model, f"part of the model after {suffix.site}")
+        self.site, self.frontier, self.noise = suffix.site, suffix.frontier, noise
+        self.output = model.class_output.name
+        self.reads = self.on_device = (self.site, *self.frontier)
+        self.noisy = () if self.drawn_in_graph else (self.site,)
+        self.rank = None if types[self.site].shape is None else len(types[self.site].shape)
+        self.dtype = types[self.site].dtype
+
+    def run(self, values, sigmas, eps, device=None):
+        program = self.program
+        device_inputs = {program.site: device[self.site],
+                         **{name: device[f] for f, name in zip(self.frontier, program.frontier)}}
+        rank = values[self.site].ndim
+        host = {}
+        sm, sa = self.noise.scales(sigmas)
+        for name, scale in ((program.sigma_mul, sm), (program.sigma_add, sa)):
+            if name:
+                host[name] = scale.astype(self.dtype).reshape(-1, *([1] * (rank + 1)))
+        for name, term in ((program.eps_mul, 0), (program.eps_add, -1)):  # ε[0] multiplies, ε[-1] adds
+            if name:
+                host[name] = np.asarray(eps[self.site][term], dtype=self.dtype)
+        return run_bound(self.session, device_inputs, host, self.output, "noisy model")
+
+
+class DrawnSuffix(FedSuffix):
+    """`FedSuffix` with ε drawn by RandomNormalLike inside the graph."""
+
+    drawn_in_graph = True
+
+
+class FedGlobal(Strategy):
+    """The model with noise after every site (`passes.inject_fed`): fed the tiled inputs, σ per level and one ε
+    per site and term; the graph applies the noise."""
+
+    def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, sites: list[str]):
+        self.program = passes.inject_fed(model.proto, sites, model.types, "mul" in noise.terms, "add" in noise.terms)
+        self.graph = model.proto
+        self.session = runtime.session(self.program.model, "model with noise at every site")
+        self.noise, self.output = noise, model.class_output.name
+        self.inputs = tuple(i.name for i in model.inputs)
+        self.reads = (*self.inputs, *sites)  # the sites' clean values give ε its shapes
+        self.noisy = tuple(sites)
+
+    def run(self, values, sigmas, eps, device=None):
+        feeds = {n: _tile(values[n], len(sigmas)) for n in self.inputs}
+        sm, sa = self.noise.scales(sigmas)
+        for name, scale in ((self.program.sigma_mul, sm), (self.program.sigma_add, sa)):
+            if name:
+                feeds[name] = scale.astype(np.float32)
+        for site, eps_mul, eps_add in self.program.eps:  # ε[0] multiplies, ε[-1] adds
+            for name, term in ((eps_mul, 0), (eps_add, -1)):
+                if name:
+                    feeds[name] = eps[site][term]
+        return run(self.session, [self.output], feeds, "noisy model")[0]
+
+
+class TermsGlobal(Strategy):
+    """The model with y' = y·mul + add after every site (`passes.inject`), the factors computed on the host."""
+
+    def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, sites: list[str]):
+        proto, self.injections = passes.inject(model.proto, sites, model.types, "mul" in noise.terms,
+                                               "add" in noise.terms)
+        self.graph = model.proto
+        self.session = runtime.session(proto, "model with noise at every site")
+        self.noise, self.output = noise, model.class_output.name
+        self.inputs = tuple(i.name for i in model.inputs)
+        self.reads = (*self.inputs, *sites)  # the sites' clean values give their shapes
+        self.noisy = tuple(sites)
+
+    def run(self, values, sigmas, eps, device=None):
+        g = len(sigmas)
+        feeds = {n: _tile(values[n], g) for n in self.inputs}
+        for inj in self.injections:
+            y = values[inj.site]
+            mul, add = self.noise.factors(sigmas, eps[inj.site], dtype=y.dtype)
+            for term, arr in ((inj.mul, mul), (inj.add, add)):
+                if term:
+                    feeds[term] = arr.reshape(g * y.shape[0], *y.shape[1:])
+        return run(self.session, [self.output], feeds, "noisy model")[0]

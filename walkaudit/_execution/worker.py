@@ -1,0 +1,384 @@
+"""A worker evaluates work units for one model and one data set, fast.
+
+- `Worker.clean_pass` runs the clean model once over the data: the targets, and `CleanStats` (correct predictions,
+  per-block activation moments). In walk mode it also keeps the clean values the sites read, as far as they fit a
+  memory budget (later sites first), so those sites need no prefix.
+- `Worker.evaluate(unit)` returns the unit's `Counts`. Walk units run only the suffix that the noise reaches, fed
+  the site's clean value and the other clean values it reads (kept by the clean pass, or from the site's prefix,
+  once per batch, cached between σ rounds). Global units run the whole model with noise at every site. How the
+  noisy graph runs is a strategy (`strategies.choose`).
+- Several σ levels go into one run: G copies of the batch, one σ each, where the graph allows it (checked once per
+  site with σ = 0); `sizing` says how many fit. One draw of ε per (batch, repeat) serves every level, drawn in the
+  background while the previous run goes on.
+
+Batches follow a fixed grid of `batch_size` rows (batch k holds rows [k·B, (k+1)·B)); a unit's sample range is cut
+at the grid lines, and ε comes block by block from `NormalSource.rows`, so counts never depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from walkaudit._execution import sizing
+from walkaudit._execution.runtime import OutOfMemory, Runtime, run
+from walkaudit._execution.strategies import (
+    DrawnSuffix,
+    HostApplied,
+    Strategy,
+    choose,
+    graph_draws,
+)
+from walkaudit._graph import passes
+from walkaudit._graph.sites import Site
+from walkaudit._loading.data import Dataset
+from walkaudit._loading.model import LoadedModel
+from walkaudit._noise import NoiseModel, NormalSource
+from walkaudit._units import BLOCK, CleanStats, Counts, WorkUnit, block_rows, moments
+from walkaudit.errors import RuntimeFailure, UsageError
+
+#: Clean values kept per site between σ rounds (bytes), shared with what the clean pass keeps for later sites.
+CACHE_BYTES = 256 << 20
+
+Progress = Callable[[int], None]
+
+
+def predictions(out: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class [N], non-finite mask [N]). A row with NaN/Inf scores predicts no class (-1)."""
+    if kind == "label":
+        pred = out.reshape(-1).astype(np.int64)
+        return pred, np.zeros(pred.shape, dtype=bool)
+    scores = out.reshape(out.shape[0], -1)
+    bad = ~np.isfinite(scores).all(axis=1)
+    pred = np.where(bad, -1, np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1))
+    return pred, bad
+
+
+def graph_seed(seed: int, model: LoadedModel, site: str) -> int:
+    """The integer seed of a site's RandomNormalLike nodes (`passes.graph_noise` uses 2s and 2s + 1): unique per
+    site within an audit, independent of the selection, and exact in the float attribute (below 2²⁴)."""
+    values = [o for node in model.proto.graph.node for o in node.output if o]
+    position = values.index(site) if site in values else len(values)
+    return (seed * (len(values) + 1) + position) % (1 << 23)
+
+
+class Worker:
+    """Serves work units of one model and data set; keeps the sessions, the clean values and the caches."""
+
+    def __init__(self, model: LoadedModel, data: Dataset, *, runtime: Runtime, noise: NoiseModel,
+                 source: NormalSource, sites: list[Site], mode: str = "walk", batch_size: int | None = None,
+                 noise_source: str = "auto", key: str | None = None, strategy: type[Strategy] | None = None,
+                 pack: bool = True, cache_bytes: int = CACHE_BYTES):
+        """`strategy` forces one evaluation path for every unit (tests compare paths with it); `pack` False runs σ
+        levels one at a time; `cache_bytes` bounds the clean values kept and cached."""
+        self.forced, self.pack, self.cache_bytes = strategy, pack, cache_bytes
+        self.model, self.data, self.runtime, self.noise, self.source = model, data, runtime, noise, source
+        self.sites, self.mode, self.noise_source = sites, mode, noise_source
+        self.key = key or model.sha256 or "in-memory model"
+        out = model.class_output.name
+        # the clean pass reads every site (statistics) and, in walk mode, what each site's suffix reads besides it
+        # (its frontier), so that it can keep those values for the walk
+        self._plans = {s.name: passes.suffix_plan(model.proto, s.name, out) for s in sites} if mode == "walk" else {}
+        self._reads = {site: (site, *frontier) for site, (_, frontier) in self._plans.items()}
+        exposed = [*(s.name for s in sites), *(n for names in self._reads.values() for n in names)]
+        # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
+        # are exposed with it (a site's curve is then the same audited alone or among others)
+        self._clean = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
+        self._inputs = {s.name for s in model.inputs}
+        self.device_free = runtime.device_memory()  # None on the CPU
+        self.notes: list[str] = []
+        if batch_size is None:
+            batch_size = (sizing.DEFAULT_BATCH if self.device_free is None else
+                          sizing.device_batch(self.device_free, sizing.row_bytes(model.proto.graph, model.types)))
+        fixed = model.batch_size
+        if fixed is not None and fixed != batch_size:
+            self.notes.append(f"the model has a fixed batch size of {fixed}; evaluating {fixed} samples per run")
+            batch_size = fixed
+        self.batch_size = batch_size
+        if noise_source == "graph" and model.opset not in passes.GRAPH_NOISE_OPSETS:
+            raise UsageError(f"noise_source graph needs opset 10 to 21 (onnxruntime has no random ops at 22+); "
+                             f"the model has opset {model.opset}")
+        self._kept: dict[int, dict[str, np.ndarray]] = {}  # grid batch -> clean values kept by the clean pass
+        self._kept_sites: set[str] = set()  # sites whose values are kept and that no evaluation has taken yet
+        self._targets: np.ndarray | None = None
+        self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
+
+    # -- the clean model -----------------------------------------------------------------------------------------
+    @property
+    def graph_draws(self) -> bool:
+        return self.mode == "walk" and graph_draws(self.model.opset, self.runtime.provider, self.noise_source)
+
+    def grid(self, rows: range) -> Iterator[tuple[int, range]]:
+        """(grid batch k, the rows of `rows` inside it) in order."""
+        b = self.batch_size
+        for k in range(rows.start // b, -(-rows.stop // b)):
+            yield k, range(max(rows.start, k * b), min(rows.stop, (k + 1) * b))
+
+    def feeds(self, k: int) -> tuple[int, dict[str, np.ndarray]]:
+        """(valid rows, model inputs) of grid batch k, padded to the model's fixed batch size when it has one."""
+        start = k * self.batch_size
+        feeds = {name: v[start : start + self.batch_size] for name, v in self.data.inputs.items()}
+        n = len(next(iter(feeds.values())))
+        fixed = self.model.batch_size
+        if fixed is not None and n < fixed:
+            feeds = {name: _pad(v, fixed) for name, v in feeds.items()}
+        return n, feeds
+
+    def clean_values(self, feeds: dict[str, np.ndarray], names, session=None) -> dict[str, np.ndarray]:
+        """Clean values by name for one batch, from `session` (default: the clean model, sites exposed)."""
+        wanted = [n for n in dict.fromkeys(names) if n not in self._inputs]
+        values = dict(zip(wanted, run(session or self._clean, wanted, feeds)))
+        values.update({n: feeds[n] for n in names if n in self._inputs})
+        return values
+
+    def clean_pass(self, progress: Progress | None = None, keep: bool = False) -> CleanStats:
+        """The clean model over all the data: targets (kept for the units), counts and per-block moments. With
+        `keep`, also keep what the walk's sites read, as far as it fits in CACHE_BYTES (`_fitting`)."""
+        out = self.model.class_output
+        names = [s.name for s in self.sites]
+        reads = [n for r in self._reads.values() for n in r] if keep else []
+        n_batches = -(-self.data.samples // self.batch_size)
+        stats, preds, kept = CleanStats(), [], set()
+        for k, rows in self.grid(range(self.data.samples)):
+            n, feeds = self.feeds(k)
+            values = self.clean_values(feeds, [out.name, *names, *reads])
+            if keep and k == 0:
+                self._kept_sites = set(_fitting(self._reads, values, n_batches, self.cache_bytes))
+                kept = {r for site in self._kept_sites for r in self._reads[site]}
+            if kept:
+                self._kept[k] = {r: values[r] for r in kept}
+            pred, _ = predictions(values[out.name], out.kind)
+            preds.append(pred[:n])
+            for name in names:
+                v = values[name]
+                stats.shapes[name] = v.shape
+                per_block = stats.moments.setdefault(name, {})
+                for b in range(rows.start // BLOCK, -(-rows.stop // BLOCK)):
+                    lo, hi = max(rows.start, b * BLOCK) - rows.start, min(rows.stop, (b + 1) * BLOCK) - rows.start
+                    part = moments(v[lo:hi])
+                    old = per_block.get(b)  # a block cut by the grid: its parts add in row order
+                    per_block[b] = part if old is None else (old[0] + part[0], old[1] + part[1], old[2] + part[2])
+            if out.kind == "scores":
+                stats.width = values[out.name].shape[-1]
+            if progress:
+                progress(n)
+        pred = np.concatenate(preds)
+        labels = self.data.labels
+        self._targets = pred if labels is None else labels
+        seen = np.concatenate([pred, self._targets])
+        stats.correct, stats.samples = int((pred == self._targets).sum()), len(pred)
+        stats.classes = frozenset(int(c) for c in np.unique(seen[seen >= 0]))
+        return stats
+
+    # -- noisy evaluation ----------------------------------------------------------------------------------------
+    def evaluate(self, unit: WorkUnit, progress: Progress | None = None) -> Counts:
+        """The unit's counts: correct predictions and non-finite outputs per (σ, repeat) over its samples."""
+        if unit.model != self.key:
+            raise RuntimeFailure(f"a work unit for model {unit.model[:12]} reached a worker of {self.key[:12]}")
+        if unit.seed != self.source.seed:
+            raise RuntimeFailure(f"a work unit with seed {unit.seed} reached a worker drawing with {self.source.seed}")
+        if self._targets is None:
+            self.clean_pass()
+        evaluation = self._evaluations.get(unit.sites)
+        if evaluation is None:
+            evaluation = self._evaluations[unit.sites] = self._evaluation(unit)
+        return evaluation.evaluate(unit, self._targets, progress)
+
+    def strategy(self, sites: tuple[str, ...]) -> type[Strategy]:
+        """The evaluation path units at these sites take (`strategies.choose`)."""
+        return self.forced or choose(self.mode, self.model.opset, [self.model.types[s] for s in sites], self.runtime.provider,
+                      self.noise_source)
+
+    def _evaluation(self, unit: WorkUnit) -> _Evaluation:
+        kind, model = self.strategy(unit.sites), self.model
+        if self.mode == "global":
+            return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), self._clean, {})
+        (site,) = unit.sites
+        suffix = passes.suffix(model.proto, site, model.class_output.name, model.types, self._plans[site])
+        if kind is DrawnSuffix:
+            strategy = kind(self.runtime, model, self.noise, suffix, seeds=graph_seed(unit.seed, model, site))
+        elif kind is HostApplied:
+            strategy = kind(self.runtime, model, self.noise, suffix, self.source.map)
+        else:
+            strategy = kind(self.runtime, model, self.noise, suffix)
+        kept = self._take(site)
+        prefix = self._clean if kept else self.runtime.session(
+            passes.prefix(model.proto, [site, *suffix.frontier], model.types), f"part of the model before {site}",
+            exact=True)
+        return _Evaluation(self, strategy, prefix, kept)
+
+    def _take(self, site: str) -> dict[int, dict[str, np.ndarray]]:
+        """Hand over what the clean pass kept for `site` (grid batch -> values), and forget what no later site
+        reads. Empty when it was not kept."""
+        if site not in self._kept_sites:
+            return {}
+        self._kept_sites.remove(site)
+        taken = {k: {n: values[n] for n in self._reads[site]} for k, values in self._kept.items()}
+        still = {r for s in self._kept_sites for r in self._reads[s]}
+        for values in self._kept.values():
+            for name in [n for n in values if n not in still]:
+                del values[name]
+        return taken
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(v.nbytes for values in self._kept.values() for v in values.values())
+
+
+class _Evaluation:
+    """One site's (or global mode's) noisy graph with its clean-value cache, its device copies and what it learnt
+    about packing: the loop over batches, repeats and σ groups that every strategy shares."""
+
+    def __init__(self, worker: Worker, strategy: Strategy, prefix, kept: dict[int, dict[str, np.ndarray]]):
+        self.worker, self.strategy, self.prefix = worker, strategy, prefix
+        self.cache = dict(kept)  # grid batch -> clean values
+        self.cached = sum(v.nbytes for values in kept.values() for v in values.values())
+        self.on_device: dict[int, dict] = {}
+        self.packable: bool | None = None
+        self.notes: list[str] = []
+        self.row_bytes = sizing.row_bytes(strategy.graph.graph, worker.model.types)
+
+    def _grid_values(self, k: int) -> dict[str, np.ndarray]:
+        """The clean values of grid batch k (all its rows), from the cache or the prefix."""
+        values = self.cache.get(k)
+        if values is None:
+            _, feeds = self.worker.feeds(k)
+            values = self.worker.clean_values(feeds, self.strategy.reads, self.prefix)
+            size = sum(v.nbytes for v in values.values())
+            if self.cached + size + self.worker.kept_bytes <= self.worker.cache_bytes:
+                self.cache[k] = values
+                self.cached += size
+        return values
+
+    def _device(self, k: int, whole: bool, values: dict[str, np.ndarray]) -> dict:
+        """Device copies of the values the strategy binds: kept per grid batch while it is cached (plus the batch
+        before, still running), fresh for a part of a batch."""
+        names = self.strategy.on_device
+        if not names:
+            return {}
+        if not whole:
+            return {n: self.worker.runtime.to_device(values[n]) for n in names}
+        if k not in self.on_device:
+            for old in [j for j in self.on_device if j not in self.cache and j != k - 1]:
+                del self.on_device[old]
+            self.on_device[k] = {n: self.worker.runtime.to_device(values[n]) for n in names}
+        return self.on_device[k]
+
+    def _batches(self, rows: range):
+        """(rows, clean values fed, device copies) per piece of the grid inside `rows`."""
+        worker, fixed = self.worker, self.worker.model.batch_size
+        for k, part in worker.grid(rows):
+            values = self._grid_values(k)
+            first = k * worker.batch_size
+            whole = part.start == first and part.stop == min(first + worker.batch_size, worker.data.samples)
+            if not whole:
+                lo, hi = part.start - first, part.stop - first
+                values = {n: v[lo:hi] for n, v in values.items()}
+                if fixed is not None:
+                    values = {n: _pad(v, fixed) for n, v in values.items()}
+            yield part, values, (lambda k=k, whole=whole, values=values: self._device(k, whole, values))
+
+    def _draw(self, values: dict, rows: range, repeat: int) -> dict[str, np.ndarray]:
+        """ε for each noisy site of a batch and repeat: [draws, 1, rows fed, ...], shared by every σ level; rows
+        padded to a fixed batch get zeros."""
+        source, terms = self.worker.source, self.worker.noise.draws
+        eps = {}
+        for site in self.strategy.noisy:
+            shape = values[site].shape
+            e = np.zeros((terms, 1, *shape), np.float32) if shape[0] > len(rows) else np.empty((terms, 1, *shape),
+                                                                                                np.float32)
+            for t in range(terms):
+                source.rows(site, t, repeat, rows, shape[1:], out=e[t, 0, : len(rows)])
+            eps[site] = e
+        return eps
+
+    def _jobs(self, rows: range, repeats: int):
+        """(rows, values, device, repeat, ε as a future) per batch and repeat; each job's ε is drawn in the
+        background while the job before it runs."""
+        source, pending = self.worker.source, None
+        for part, values, device in self._batches(rows):
+            for r in range(repeats):
+                job = (part, values, device, r, source.later(self._draw, values, part, r))
+                if pending:
+                    yield pending
+                pending = job
+        if pending:
+            yield pending
+
+    def _group(self, values: dict, device, levels: int) -> int:
+        """How many σ levels one run takes: 1 unless a tiled batch reproduces the clean outputs at σ = 0."""
+        strategy = self.strategy
+        if self.packable is None and not self.worker.pack:
+            self.packable = False
+        if self.packable is None:
+            zeros = {n: np.zeros((self.worker.noise.draws, 1, *values[n].shape), np.float32) for n in strategy.noisy}
+            try:
+                got = strategy.run(values, np.zeros(2), zeros, device())
+                want = np.concatenate([strategy.run(values, np.zeros(1), zeros, device())] * 2)
+                ok = got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+            except OutOfMemory:
+                ok = True  # it does take a tiled batch; the run loop halves the levels until one fits
+            except RuntimeFailure:  # onnxruntime refused the tiled shapes
+                ok = False
+            self.packable = ok
+            if not ok:
+                self.notes.append(f"{', '.join(strategy.noisy) or 'site'}: the graph does not take a tiled batch; "
+                                  "σ levels run one at a time")
+        if not self.packable:
+            return 1
+        per_level = sum(values[n].size for n in strategy.reads)
+        rows = len(next(iter(values.values())))
+        return sizing.levels_per_run(levels, rows, per_level, self.row_bytes, self.worker.device_free)
+
+    def evaluate(self, unit: WorkUnit, targets: np.ndarray, progress: Progress | None) -> Counts:
+        sigmas = np.asarray(unit.sigmas, dtype=np.float64)
+        levels, kind = len(sigmas), self.worker.model.class_output.kind
+        counts = Counts.zeros(unit.sigmas, unit.repeats)
+        rows = block_rows(unit.block_range, self.worker.data.samples)
+        samples, group = 0, None
+        for part, values, device, r, drawn in self._jobs(rows, unit.repeats):
+            n = len(part)
+            samples += n if r == 0 else 0
+            target = targets[part.start : part.stop]
+            group = group or self._group(values, device, levels)
+            eps = drawn.result()
+            g0 = 0
+            while g0 < levels:
+                chunk = sigmas[g0 : g0 + group]
+                try:
+                    out = self.strategy.run(values, chunk, eps, device())
+                except OutOfMemory:
+                    if group == 1:
+                        raise
+                    group = max(1, group // 2)
+                    self.notes.append(f"out of memory: fewer σ levels per run ({group})")
+                    continue
+                pred, bad = predictions(out, kind)
+                pred = pred.reshape(len(chunk), -1)[:, :n]
+                bad = bad.reshape(len(chunk), -1)[:, :n]
+                counts.correct[g0 : g0 + len(chunk), r] += (pred == target).sum(axis=1)
+                counts.nonfinite[g0 : g0 + len(chunk), r] += bad.sum(axis=1)
+                if progress:
+                    progress(len(chunk) * n)
+                g0 += len(chunk)
+        return Counts(unit.sigmas, counts.correct, counts.nonfinite, samples, tuple(self.notes))
+
+
+def _pad(v: np.ndarray, rows: int) -> np.ndarray:
+    """v with its last row repeated up to `rows` rows (a model with a fixed batch size)."""
+    return v if len(v) >= rows else np.concatenate([v, np.repeat(v[-1:], rows - len(v), axis=0)])
+
+
+def _fitting(reads: dict[str, tuple[str, ...]], batch: dict[str, np.ndarray], batches: int, budget: int) -> list[str]:
+    """The sites whose reads (site and frontier) over all batches fit in `budget` together, estimated from the first
+    batch; a value read by several sites counts once. Later sites are taken first: their prefixes cost the most to
+    run again, and their values are usually the smallest. Returned in walk order."""
+    chosen, held, total = set(), set(), 0
+    for site, names in reversed(reads.items()):
+        extra = sum(batch[n].nbytes for n in set(names) - held) * batches
+        if total + extra <= budget:
+            chosen.add(site)
+            held |= set(names)
+            total += extra
+    return [site for site in reads if site in chosen]

@@ -1,0 +1,164 @@
+"""The audit's options (`AuditConfig`) and their validation, in one place.
+
+Errors name the API field (`repeats must be at least 1`); the CLI says the same with its flag
+(`--repeats must be at least 1`) through `OptionError.field` and `FLAGS`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+
+from walkaudit._graph.sites import LAYER_OPS, Selection
+from walkaudit.errors import UsageError
+
+#: The CLI flag of each option, for messages.
+FLAGS = {"noise": "--noise", "ratio": "--ratio", "mode": "--global", "sigmas": "--sigmas", "repeats": "--repeats",
+         "seed": "--seed", "batch_size": "--batch-size", "provider": "--provider", "chance": "--chance",
+         "output": "--output", "limit": "--limit", "threads": "--threads", "noise_source": "--noise-source",
+         "selection": "--ops"}
+
+#: Bounds that keep a run finite in time and memory. σ beyond SIGMA_RANGE over- or underflows float32 noise.
+MAX_REPEATS = 1000
+MAX_LEVELS = 10_000
+MAX_THREADS = 1024
+MAX_BATCH = 1 << 20
+SIGMA_RANGE = (1e-30, 1e30)
+MAX_SEED = (1 << 63) - 1
+
+
+class OptionError(UsageError):
+    """An option with a value that cannot work: `field` names it, the message says why."""
+
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"{field_name} {problem}")
+        self.field, self.problem = field_name, problem
+
+    def for_cli(self) -> str:
+        return f"{FLAGS.get(self.field, self.field)} {self.problem}"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How to audit: the noise, the σ levels, the sites and the runtime. Every field has a working default."""
+
+    noise: str = "additive"  # additive | multiplicative | combined
+    ratio: float = 0.5  # combined: σa = σ·r, σm = σ·(1−r)
+    mode: str = "walk"  # "walk": one site at a time; "global": every site at once
+    sigmas: tuple[float, ...] | None = None  # None: adaptive search per site
+    repeats: int = 3  # noise draws per σ
+    seed: int = 0
+    batch_size: int | None = None  # None: 256 on the CPU, sized to the device's free memory on CUDA
+    provider: str = "auto"  # auto | cuda | cpu
+    chance: float | None = None  # None: 1 / classes
+    output: str | None = None  # the class output; None: found automatically
+    selection: Selection = field(default_factory=Selection)
+    limit: int | None = None  # use only the first `limit` samples
+    x_key: str | None = None
+    y_key: str | None = None
+    allow_nonfinite: bool = False
+    threads: int | None = None
+    noise_source: str = "auto"  # "host": numpy draws fed in; "graph": RandomNormalLike in the graph; auto: per provider
+    exact: bool = False  # σ = 0 bit-identical to the model in every session (slower conv nets on the CPU)
+
+    def check(self) -> AuditConfig:
+        """This config, or OptionError naming the first field that cannot work."""
+        _choice("noise", self.noise, ("additive", "multiplicative", "combined"))
+        _choice("mode", self.mode, ("walk", "global"))
+        _choice("provider", self.provider, ("auto", "cuda", "cpu"))
+        _choice("noise_source", self.noise_source, ("auto", "host", "graph"))
+        _number("ratio", self.ratio, 0.0, 1.0)
+        _integer("repeats", self.repeats, 1, MAX_REPEATS)
+        _integer("seed", self.seed, 0, MAX_SEED)
+        for name, top in (("batch_size", MAX_BATCH), ("limit", None), ("threads", MAX_THREADS)):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), 1, top)
+        if self.chance is not None:
+            _number("chance", self.chance, 0.0, 1.0, top_open=True)
+        if self.sigmas is not None:
+            check_sigmas(self.sigmas)
+        if not isinstance(self.selection, Selection):
+            raise OptionError("selection", f"must be a walkaudit Selection, got {type(self.selection).__name__}")
+        return self
+
+    def fingerprint(self) -> dict:
+        """The options that change results (not the batch size, threads or provider): equal fingerprints and equal
+        inputs give equal reports, timings aside."""
+        skip = {"batch_size", "threads", "provider"}
+        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        body["sigmas"] = list(self.sigmas) if self.sigmas is not None else None
+        s = self.selection
+        body["selection"] = {"ops": list(s.ops), "include": s.include, "exclude": s.exclude, "names": list(s.names)}
+        return body
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise OptionError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _integer(name: str, value, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(name, f"must be a whole number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise OptionError(name, f"must be {bound}, got {value}")
+
+
+def _number(name: str, value, low: float, high: float, top_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OptionError(name, f"must be a finite number, got {value!r}")
+    if value < low or value > high or (top_open and value == high):
+        raise OptionError(name, f"must be in [{low:g}, {high:g}{')' if top_open else ']'}, got {value}")
+
+
+def check_sigmas(values) -> tuple[float, ...]:
+    """The σ grid sorted and without duplicates, or OptionError: finite, 0 or within SIGMA_RANGE, at most
+    MAX_LEVELS levels, at least one above 0."""
+    try:
+        values = tuple(sorted(set(float(v) for v in values)))
+    except (TypeError, ValueError):
+        raise OptionError("sigmas", "must be numbers") from None
+    if not values:
+        raise OptionError("sigmas", "is empty")
+    if len(values) > MAX_LEVELS:
+        raise OptionError("sigmas", f"has {len(values)} levels; at most {MAX_LEVELS}")
+    lo, hi = SIGMA_RANGE
+    bad = [v for v in values if not math.isfinite(v) or v < 0 or (v != 0 and not lo <= v <= hi)]
+    if bad:
+        raise OptionError("sigmas", f"must be 0 or between {lo:g} and {hi:g}, got {bad[0]:g}")
+    if not any(v > 0 for v in values):
+        raise OptionError("sigmas", "needs at least one σ above 0")
+    return values
+
+
+_RANGE = re.compile(r"^\s*([^:]+):([^:]+):(\d+)\s*$")
+
+
+def parse_sigmas(text: str) -> tuple[float, ...]:
+    """`0.01,0.1,1` (a list) or `1e-3:1e2:21` (21 log-spaced levels from 1e-3 to 1e2)."""
+    import numpy as np
+
+    m = _RANGE.match(text)
+    try:
+        if m:
+            lo, hi, n = float(m.group(1)), float(m.group(2)), int(m.group(3))
+            if not (0 < lo < hi) or n < 2:
+                raise OptionError("sigmas", f"range {text!r} needs 0 < start < stop and at least 2 levels")
+            if n > MAX_LEVELS:
+                raise OptionError("sigmas", f"range {text!r} has {n} levels; at most {MAX_LEVELS}")
+            values = tuple(float(v) for v in np.logspace(np.log10(lo), np.log10(hi), n))
+        else:
+            values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise OptionError("sigmas", f"{text!r}: expected a list like 0.01,0.1,1 or a range like 1e-3:1e2:21") from None
+    return check_sigmas(values)
+
+
+def selection(ops: str | tuple[str, ...] | None = None, include: str | None = None, exclude: str | None = None,
+              names=()) -> Selection:
+    """A Selection from the CLI's or the API's spelling: ops as "Conv,Gemm", a tuple, or "all"."""
+    if isinstance(ops, str):
+        ops = tuple(o.strip() for o in ops.split(",") if o.strip())
+    return Selection(tuple(ops) if ops else LAYER_OPS, include, exclude, tuple(names))
