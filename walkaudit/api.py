@@ -30,11 +30,17 @@ from walkaudit.report.schema import SCHEMA_ID
 
 
 class Progress(Protocol):
-    """What the core tells a progress display; the CLI implements it with rich."""
+    """What the core tells a progress display; the CLI implements it (`walkaudit.cli.progress`).
 
-    def grow(self, amount: int) -> None: ...  # more work is planned (sample forward passes)
+    Work is counted in sample forward passes. The total of a site is only known once its search ends (the
+    adaptive search plans as it learns), so `grow` announces work as it is planned.
+    """
+
+    def grow(self, amount: int) -> None: ...  # more work is planned
     def advance(self, amount: int) -> None: ...  # work done
-    def describe(self, text: str) -> None: ...
+    def describe(self, text: str) -> None: ...  # what runs now ("clean pass", a site's name)
+    def site_started(self, position: int, total: int, name: str) -> None: ...  # site `position` of `total`, 1-based
+    def site_finished(self, result: SiteResult) -> None: ...  # its result (also for sites resumed from a checkpoint)
 
 
 class _NoProgress:
@@ -45,6 +51,12 @@ class _NoProgress:
         pass
 
     def describe(self, text: str) -> None:
+        pass
+
+    def site_started(self, position: int, total: int, name: str) -> None:
+        pass
+
+    def site_finished(self, result: SiteResult) -> None:
         pass
 
 
@@ -76,6 +88,22 @@ def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditC
     return AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done))
 
 
+def _call(progress, method: str, *args) -> None:
+    """Tell the progress display, if it listens for this (displays written for walkaudit 0.1 do not)."""
+    fn = getattr(progress, method, None)
+    if fn is not None:
+        fn(*args)
+
+
+def _shard(model, sites: list[Site], i: int, n: int) -> list[Site]:
+    """The sites of shard i of n (1-based), balanced by estimated cost; they keep their indices in the full
+    selection, so shard reports merge into the unsharded one."""
+    from walkaudit._analysis.shards import assign
+    from walkaudit._graph.cost import site_costs
+
+    return [sites[p] for p in assign(site_costs(model, sites), n)[i - 1]]
+
+
 class AuditRun:
     """One audit in progress (see `iter_audit`)."""
 
@@ -94,6 +122,8 @@ class AuditRun:
         else:
             raise UsageError("no data: pass arrays (x, y) or a data file")
         self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name)
+        if config.shard is not None:
+            self.sites = _shard(self.loaded, self.sites, *config.shard)
         self.noise = make_noise(config.noise, config.ratio)
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
@@ -122,14 +152,16 @@ class AuditRun:
                 self.sites))
             units = [(None, tuple(s.name for s in self.sites))] if config.mode == "global" else [
                 (s, (s.name,)) for s in self.sites]
-            for site, names in units:
+            for position, (site, names) in enumerate(units, 1):
                 name = site.name if site else "global"
+                _call(progress, "site_started", position, len(units), name)
                 if name in self.done:
                     result = SiteResult.from_dict(self.done[name])
                 else:
                     progress.describe(name)
                     result = SiteResult.from_dict(self._site(worker, site, names), validate=False)  # report() validates
                 self.results.append(result)
+                _call(progress, "site_finished", result)
                 yield result
         finally:
             source.close()
@@ -227,7 +259,7 @@ class AuditRun:
                        "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats,
                        "seed": config.seed, "batch_size": worker.batch_size, "provider_requested": config.provider,
                        "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
-                       "exact": config.exact,
+                       "exact": config.exact, "shard": list(config.shard) if config.shard else None,
                        "sites": {"ops": list(config.selection.ops), "include": config.selection.include,
                                  "exclude": config.selection.exclude, "names": list(config.selection.names)}},
             "runtime": {"provider": runtime.provider, "onnxruntime_version": runtime.version,

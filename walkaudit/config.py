@@ -17,7 +17,7 @@ from walkaudit.errors import UsageError
 FLAGS = {"noise": "--noise", "ratio": "--ratio", "mode": "--global", "sigmas": "--sigmas", "repeats": "--repeats",
          "seed": "--seed", "batch_size": "--batch-size", "provider": "--provider", "chance": "--chance",
          "output": "--output", "limit": "--limit", "threads": "--threads", "noise_source": "--noise-source",
-         "selection": "--ops"}
+         "selection": "--ops", "shard": "--shard"}
 
 #: Bounds that keep a run finite in time and memory. σ beyond SIGMA_RANGE over- or underflows float32 noise.
 MAX_REPEATS = 1000
@@ -61,6 +61,7 @@ class AuditConfig:
     threads: int | None = None
     noise_source: str = "auto"  # "host": numpy draws fed in; "graph": RandomNormalLike in the graph; auto: per provider
     exact: bool = False  # σ = 0 bit-identical to the model in every session (slower conv nets on the CPU)
+    shard: tuple[int, int] | None = None  # (i, n): audit only the i-th of n cost-balanced shares of the sites (1-based)
 
     def check(self) -> AuditConfig:
         """This config, or OptionError naming the first field that cannot work."""
@@ -78,6 +79,11 @@ class AuditConfig:
             _number("chance", self.chance, 0.0, 1.0, top_open=True)
         if self.sigmas is not None:
             check_sigmas(self.sigmas)
+        if self.shard is not None:
+            if not (isinstance(self.shard, tuple) and len(self.shard) == 2):
+                raise OptionError("shard", f"must be (i, n), got {self.shard!r}")
+            _integer("shard", self.shard[1], 1, 10_000)
+            _integer("shard", self.shard[0], 1, self.shard[1])
         if not isinstance(self.selection, Selection):
             raise OptionError("selection", f"must be a walkaudit Selection, got {type(self.selection).__name__}")
         return self
@@ -85,7 +91,7 @@ class AuditConfig:
     def fingerprint(self) -> dict:
         """The options that change results (not the batch size, threads or provider): equal fingerprints and equal
         inputs give equal reports, timings aside."""
-        skip = {"batch_size", "threads", "provider"}
+        skip = {"batch_size", "threads", "provider", "shard"}
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         body["sigmas"] = list(self.sigmas) if self.sigmas is not None else None
         s = self.selection
@@ -154,6 +160,17 @@ def parse_sigmas(text: str) -> tuple[float, ...]:
     except ValueError:
         raise OptionError("sigmas", f"{text!r}: expected a list like 0.01,0.1,1 or a range like 1e-3:1e2:21") from None
     return check_sigmas(values)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (1-based, as Playwright's `--shard`), e.g. `2/4`."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if m is None:
+        raise OptionError("shard", f"{text!r}: expected I/N, e.g. 2/4")
+    shard = (int(m.group(1)), int(m.group(2)))
+    _integer("shard", shard[1], 1, 10_000)
+    _integer("shard", shard[0], 1, shard[1])
+    return shard
 
 
 def selection(ops: str | tuple[str, ...] | None = None, include: str | None = None, exclude: str | None = None,
