@@ -69,17 +69,20 @@ def test_graph_noise_on_a_residual_block_tiles_the_skip_value():
 
 
 def test_audit_with_graph_noise_is_reproducible_and_close_to_host_noise():
+    """Same seed, same report; graph-drawn and host-drawn ε have the same distribution, so midpoints averaged over
+    four seeds agree within 0.1 decades (a single seed's midpoints of a 400-sample site scatter by ±0.1)."""
     model = resnet_block(seed=2)
     x = np.random.default_rng(2).normal(size=(400, 1, 6, 6)).astype(np.float32)
-    args = {"provider": "cpu", "repeats": 2, "seed": 4}
-    a = walkaudit.audit(model, x, noise_source="graph", **args).to_dict()
-    b = walkaudit.audit(model, x, noise_source="graph", **args).to_dict()
-    host = walkaudit.audit(model, x, noise_source="host", **args).to_dict()
-    assert a["runtime"]["noise_source"] == "graph" and host["runtime"]["noise_source"] == "host"
-    assert a["sites"] == b["sites"]
-    for g, h in zip(a["sites"], host["sites"]):
-        # different random numbers, same distribution: midpoints agree within 0.1 decades
-        assert abs(np.log10(g["midpoint"] / h["midpoint"])) < 0.1
+    args = {"provider": "cpu", "repeats": 2}
+    a = walkaudit.audit(model, x, noise_source="graph", seed=4, **args).to_dict()
+    b = walkaudit.audit(model, x, noise_source="graph", seed=4, **args).to_dict()
+    assert a["runtime"]["noise_source"] == "graph" and a["sites"] == b["sites"]
+    mean = {}
+    for source in ("graph", "host"):
+        reports = [walkaudit.audit(model, x, noise_source=source, seed=s, **args).to_dict() for s in range(4)]
+        assert {r["runtime"]["noise_source"] for r in reports} == {source}
+        mean[source] = np.mean([[np.log10(s["midpoint"]) for s in r["sites"]] for r in reports], axis=0)
+    assert np.all(np.abs(mean["graph"] - mean["host"]) < 0.1), mean
 
 
 def test_graph_noise_refuses_opsets_without_random_ops():

@@ -18,6 +18,7 @@ from walkaudit import __version__
 from walkaudit._analysis import fit, sweep
 from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import Worker
+from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site, select, weight_stats
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.model import load_model
@@ -121,7 +122,9 @@ class AuditRun:
                                                 allow_nonfinite=config.allow_nonfinite)
         else:
             raise UsageError("no data: pass arrays (x, y) or a data file")
-        self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name)
+        self.index = GraphIndex(self.loaded.proto.graph)
+        self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name,
+                                        index=self.index)
         if config.shard is not None:
             self.sites = _shard(self.loaded, self.sites, *config.shard)
         self.noise = make_noise(config.noise, config.ratio)
@@ -145,7 +148,8 @@ class AuditRun:
         try:
             self._worker = worker = Worker(self.loaded, self.dataset, runtime=self._runtime, noise=self.noise,
                                            source=source, sites=self.sites, mode=config.mode,
-                                           batch_size=config.batch_size, noise_source=config.noise_source)
+                                           batch_size=config.batch_size, noise_source=config.noise_source,
+                                           index=self.index)
             progress.describe("clean pass")
             progress.grow(self.dataset.samples)
             self.clean = worker.clean_pass(progress.advance, keep=config.mode == "walk" and len(self.done) < len(

@@ -89,9 +89,9 @@ class FedSuffix(Strategy):
     drawn_in_graph = False
 
     def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, suffix: passes.Suffix,
-                 seeds: int = 0):
+                 seeds: tuple[int, int] = (0, 1)):
         types = model.types
-        self.program = passes.graph_noise(suffix, types, "mul" in noise.terms, "add" in noise.terms, seed=seeds,
+        self.program = passes.graph_noise(suffix, types, "mul" in noise.terms, "add" in noise.terms, seeds=seeds,
                                           fed=not self.drawn_in_graph)
         self.graph = suffix.model
         self.session = runtime.session(self.program.model, f"part of the model after {suffix.site}")

@@ -31,6 +31,7 @@ from walkaudit._execution.strategies import (
     graph_draws,
 )
 from walkaudit._graph import passes
+from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site
 from walkaudit._loading.data import Dataset
 from walkaudit._loading.model import LoadedModel
@@ -55,12 +56,13 @@ def predictions(out: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return pred, bad
 
 
-def graph_seed(seed: int, model: LoadedModel, site: str) -> int:
-    """The integer seed of a site's RandomNormalLike nodes (`passes.graph_noise` uses 2s and 2s + 1): unique per
-    site within an audit, independent of the selection, and exact in the float attribute (below 2²⁴)."""
+def graph_seeds(seed: int, model: LoadedModel, site: str) -> tuple[int, int]:
+    """The integer seeds of a site's RandomNormalLike nodes (multiplicative, additive term): unique per site and
+    term within an audit, independent of the selection, and exact in the float attribute (below 2²⁴)."""
     values = [o for node in model.proto.graph.node for o in node.output if o]
     position = values.index(site) if site in values else len(values)
-    return (seed * (len(values) + 1) + position) % (1 << 23)
+    base = (seed * (len(values) + 1) + position) % (1 << 23)
+    return 2 * base, 2 * base + 1
 
 
 class Worker:
@@ -69,7 +71,7 @@ class Worker:
     def __init__(self, model: LoadedModel, data: Dataset, *, runtime: Runtime, noise: NoiseModel,
                  source: NormalSource, sites: list[Site], mode: str = "walk", batch_size: int | None = None,
                  noise_source: str = "auto", key: str | None = None, strategy: type[Strategy] | None = None,
-                 pack: bool = True, cache_bytes: int = CACHE_BYTES):
+                 pack: bool = True, cache_bytes: int = CACHE_BYTES, index: GraphIndex | None = None):
         """`strategy` forces one evaluation path for every unit (tests compare paths with it); `pack` False runs σ
         levels one at a time; `cache_bytes` bounds the clean values kept and cached."""
         self.forced, self.pack, self.cache_bytes = strategy, pack, cache_bytes
@@ -79,7 +81,8 @@ class Worker:
         out = model.class_output.name
         # the clean pass reads every site (statistics) and, in walk mode, what each site's suffix reads besides it
         # (its frontier), so that it can keep those values for the walk
-        self._plans = {s.name: passes.suffix_plan(model.proto, s.name, out) for s in sites} if mode == "walk" else {}
+        self.index = index or GraphIndex(model.proto.graph)  # built once: every plan, prefix and suffix use it
+        self._plans = self.index.suffix_plans([s.name for s in sites], out) if mode == "walk" else {}
         self._reads = {site: (site, *frontier) for site, (_, frontier) in self._plans.items()}
         exposed = [*(s.name for s in sites), *(n for names in self._reads.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
@@ -195,16 +198,18 @@ class Worker:
         if self.mode == "global":
             return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), self._clean, {})
         (site,) = unit.sites
-        suffix = passes.suffix(model.proto, site, model.class_output.name, model.types, self._plans[site])
+        suffix = passes.suffix(model.proto, site, model.class_output.name, model.types, self._plans[site],
+                               index=self.index)
         if kind is DrawnSuffix:
-            strategy = kind(self.runtime, model, self.noise, suffix, seeds=graph_seed(unit.seed, model, site))
+            strategy = kind(self.runtime, model, self.noise, suffix, seeds=graph_seeds(unit.seed, model, site))
         elif kind is HostApplied:
             strategy = kind(self.runtime, model, self.noise, suffix, self.source.map)
         else:
             strategy = kind(self.runtime, model, self.noise, suffix)
         kept = self._take(site)
         prefix = self._clean if kept else self.runtime.session(
-            passes.prefix(model.proto, [site, *suffix.frontier], model.types), f"part of the model before {site}",
+            passes.prefix(model.proto, [site, *suffix.frontier], model.types, index=self.index),
+            f"part of the model before {site}",
             exact=True)
         return _Evaluation(self, strategy, prefix, kept)
 
