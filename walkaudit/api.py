@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from walkaudit import __version__
 from walkaudit._analysis import fit, sweep
+from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import Worker
 from walkaudit._graph.index import GraphIndex
@@ -75,18 +78,22 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
 
 
 def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig | None = None,
-               progress: Progress | None = None, done: Iterable[dict] = (), **options) -> AuditRun:
+               progress: Progress | None = None, done: Iterable[dict] = (),
+               executor: Callable[[AuditRun], Executor] | None = None, **options) -> AuditRun:
     """An audit to iterate: each iteration yields a finished SiteResult, in site order; `report()` then gives the
     Report. Sites in `done` (site dicts of an earlier run with the same fingerprint, e.g. from a checkpoint) are
     yielded as they are, not run again: the report equals an uninterrupted run's, timings aside.
 
-    The model and the data are loaded and checked here; the clean pass runs at the first iteration.
+    The model and the data are loaded and checked here; the clean pass runs at the first iteration. `executor`
+    builds who evaluates the work units from the run (default: this process; see `walkaudit._execution.executors`).
     """
     unknown = set(options) - {f.name for f in dataclasses.fields(AuditConfig)}
     if unknown:
         raise TypeError(f"audit() got an unexpected keyword argument {sorted(unknown)[0]!r}")
     config = dataclasses.replace(config or AuditConfig(), **options).check()
-    return AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done))
+    run = AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done))
+    run.executor = executor
+    return run
 
 
 def _call(progress, method: str, *args) -> None:
@@ -105,8 +112,25 @@ def _shard(model, sites: list[Site], i: int, n: int) -> list[Site]:
     return [sites[p] for p in assign(site_costs(model, sites), n)[i - 1]]
 
 
+@dataclass
+class _Search:
+    """One site's search in flight: its generator, the units of its current request still out, their counts."""
+
+    position: int
+    site: Site | None
+    names: tuple[str, ...]
+    search: sweep.Search
+    notes: list[str] = field(default_factory=list)
+    total: Counts | None = None
+    outstanding: int = 0
+    curve: sweep.Curve | None = None
+
+
 class AuditRun:
     """One audit in progress (see `iter_audit`)."""
+
+    #: builds the executor from the run (default None: in-process); `--ray` sets a Ray one
+    executor: Callable[[AuditRun], Executor] | None = None
 
     def __init__(self, model, x, y, data, config: AuditConfig, progress: Progress, done: list[dict]):
         self.config, self.progress, self.started = config, progress, time.perf_counter()
@@ -145,6 +169,7 @@ class AuditRun:
         config, progress = self.config, self.progress
         self._runtime = Runtime(config.provider, config.threads, config.exact)
         source = NormalSource(config.seed, config.threads)
+        executor = None
         try:
             self._worker = worker = Worker(self.loaded, self.dataset, runtime=self._runtime, noise=self.noise,
                                            source=source, sites=self.sites, mode=config.mode,
@@ -154,21 +179,85 @@ class AuditRun:
             progress.grow(self.dataset.samples)
             self.clean = worker.clean_pass(progress.advance, keep=config.mode == "walk" and len(self.done) < len(
                 self.sites))
+            executor = (self.executor(self) if self.executor else
+                        InProcess(lambda unit: worker.evaluate(unit, progress.advance)))
             units = [(None, tuple(s.name for s in self.sites))] if config.mode == "global" else [
                 (s, (s.name,)) for s in self.sites]
-            for position, (site, names) in enumerate(units, 1):
-                name = site.name if site else "global"
-                _call(progress, "site_started", position, len(units), name)
-                if name in self.done:
-                    result = SiteResult.from_dict(self.done[name])
-                else:
-                    progress.describe(name)
-                    result = SiteResult.from_dict(self._site(worker, site, names), validate=False)  # report() validates
+            for result in self._schedule(executor, units):
                 self.results.append(result)
                 _call(progress, "site_finished", result)
                 yield result
         finally:
+            if executor is not None:
+                executor.close()
             source.close()
+
+    def _schedule(self, executor: Executor, units: list) -> Iterator[SiteResult]:
+        """Run every site's search, `executor.sites_in_flight` at a time, each request cut into units by the
+        executor; yield the sites' results in site order."""
+        queue, active, handles, finished, turn = deque(enumerate(units, 1)), {}, {}, {}, 1
+        while queue or active or finished:
+            while turn in finished:
+                yield finished.pop(turn)
+                turn += 1
+            while queue and len(active) < executor.sites_in_flight:
+                position, (site, names) = queue.popleft()
+                name = site.name if site else "global"
+                _call(self.progress, "site_started", position, len(units), name)
+                if name in self.done:
+                    finished[position] = SiteResult.from_dict(self.done[name])
+                    continue
+                self.progress.describe(name)
+                state = active[position] = _Search(position, site, names, self._search(names))
+                self._step(state, None, executor, handles)
+                if state.curve is not None:
+                    finished[position] = self._result(active.pop(position))
+            if not handles:
+                continue
+            for handle in executor.wait(list(handles)):
+                state = active[handles.pop(handle)]
+                counts = executor.result(handle)
+                state.total = counts if state.total is None else state.total + counts
+                state.outstanding -= 1
+                if state.outstanding == 0:
+                    self._step(state, state.total, executor, handles)
+                    if state.curve is not None:
+                        finished[state.position] = self._result(active.pop(state.position))
+
+    def _search(self, names: tuple[str, ...]) -> sweep.Search:
+        """A site's σ search: the fixed grid, or the adaptive search around its halfway line."""
+        config, clean = self.config, self.clean
+        n_blocks = blocks_of(self.dataset.samples)
+        if config.sigmas:
+            return sweep.fixed(config.sigmas, n_blocks)
+        stds = [clean.std(n) for n in names]
+        scale = self.noise.search_scale(float(np.median(stds)) if stds else 1.0)
+        half = fit.halfway(clean.accuracy, self.chance)
+        return sweep.adaptive(half, self.noise.plan(), scale, n_blocks, clean.accuracy)
+
+    def _step(self, state: _Search, counts: Counts | None, executor: Executor, handles: dict) -> None:
+        """Send a search the counts of its last request (None: start it) and submit its next request's units, or
+        keep its curve when it is done."""
+        if counts is not None:
+            state.notes.extend(n for n in counts.notes if n not in state.notes)
+        try:
+            request = next(state.search) if counts is None else state.search.send(counts)
+        except StopIteration as done:
+            state.curve = done.value
+            return
+        config = self.config
+        unit = WorkUnit(self._worker.key, state.names, request.sigmas, config.repeats,
+                        (request.blocks.start, request.blocks.stop), config.seed)
+        rows = len(block_rows(request.blocks, self.dataset.samples))
+        self.progress.grow(len(request.sigmas) * config.repeats * rows)
+        pieces = executor.split(unit)
+        state.total, state.outstanding = None, len(pieces)
+        for piece in pieces:
+            handles[executor.submit(piece)] = state.position
+
+    def _result(self, state: _Search) -> SiteResult:
+        return SiteResult.from_dict(self._site_dict(state.site, state.curve, state.notes),
+                                    validate=False)  # report() validates the whole report
 
     @property
     def chance(self) -> float:
@@ -178,29 +267,6 @@ class AuditRun:
     @property
     def num_classes(self) -> int:
         return self.loaded.class_output.num_classes or self.clean.width or len(self.clean.classes)
-
-    def _site(self, worker: Worker, site: Site | None, names: tuple[str, ...]) -> dict:
-        """Sweep and fit one site (or, with site None, every site at once): the site's report dict."""
-        config, clean, noise = self.config, self.clean, self.noise
-        stds = [clean.std(n) for n in names]
-        scale = noise.search_scale(float(np.median(stds)) if stds else 1.0)
-        n_blocks = blocks_of(self.dataset.samples)
-        half = fit.halfway(clean.accuracy, self.chance)
-        notes: list[str] = []
-
-        def serve(request: sweep.Request) -> Counts:
-            unit = WorkUnit(worker.key, names, request.sigmas, config.repeats,
-                            (request.blocks.start, request.blocks.stop), config.seed)
-            rows = len(block_rows(request.blocks, self.dataset.samples))
-            self.progress.grow(len(request.sigmas) * config.repeats * rows)
-            counts = worker.evaluate(unit, self.progress.advance)
-            notes.extend(n for n in counts.notes if n not in notes)
-            return counts
-
-        search = (sweep.fixed(config.sigmas, n_blocks) if config.sigmas else
-                  sweep.adaptive(half, noise.plan(), scale, n_blocks, clean.accuracy))
-        curve = sweep.drive(search, serve)
-        return self._site_dict(site, curve, notes)
 
     def _site_dict(self, site: Site | None, curve: sweep.Curve, notes: list[str]) -> dict:
         clean, noise = self.clean, self.noise

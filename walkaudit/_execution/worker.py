@@ -71,7 +71,8 @@ class Worker:
     def __init__(self, model: LoadedModel, data: Dataset, *, runtime: Runtime, noise: NoiseModel,
                  source: NormalSource, sites: list[Site], mode: str = "walk", batch_size: int | None = None,
                  noise_source: str = "auto", key: str | None = None, strategy: type[Strategy] | None = None,
-                 pack: bool = True, cache_bytes: int = CACHE_BYTES, index: GraphIndex | None = None):
+                 pack: bool = True, cache_bytes: int = CACHE_BYTES, index: GraphIndex | None = None,
+                 targets: np.ndarray | None = None):
         """`strategy` forces one evaluation path for every unit (tests compare paths with it); `pack` False runs σ
         levels one at a time; `cache_bytes` bounds the clean values kept and cached."""
         self.forced, self.pack, self.cache_bytes = strategy, pack, cache_bytes
@@ -104,7 +105,7 @@ class Worker:
                              f"the model has opset {model.opset}")
         self._kept: dict[int, dict[str, np.ndarray]] = {}  # grid batch -> clean values kept by the clean pass
         self._kept_sites: set[str] = set()  # sites whose values are kept and that no evaluation has taken yet
-        self._targets: np.ndarray | None = None
+        self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`Recipe`)
         self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
 
     # -- the clean model -----------------------------------------------------------------------------------------
@@ -174,6 +175,13 @@ class Worker:
         stats.classes = frozenset(int(c) for c in np.unique(seen[seen >= 0]))
         return stats
 
+    @property
+    def targets(self) -> np.ndarray:
+        """The class id per sample that counts as correct: the labels, or the clean model's predictions."""
+        if self._targets is None:
+            self.clean_pass()
+        return self._targets
+
     # -- noisy evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, unit: WorkUnit, progress: Progress | None = None) -> Counts:
         """The unit's counts: correct predictions and non-finite outputs per (σ, repeat) over its samples."""
@@ -181,12 +189,11 @@ class Worker:
             raise RuntimeFailure(f"a work unit for model {unit.model[:12]} reached a worker of {self.key[:12]}")
         if unit.seed != self.source.seed:
             raise RuntimeFailure(f"a work unit with seed {unit.seed} reached a worker drawing with {self.source.seed}")
-        if self._targets is None:
-            self.clean_pass()
+        targets = self.targets
         evaluation = self._evaluations.get(unit.sites)
         if evaluation is None:
             evaluation = self._evaluations[unit.sites] = self._evaluation(unit)
-        return evaluation.evaluate(unit, self._targets, progress)
+        return evaluation.evaluate(unit, targets, progress)
 
     def strategy(self, sites: tuple[str, ...]) -> type[Strategy]:
         """The evaluation path units at these sites take (`strategies.choose`)."""

@@ -1,0 +1,59 @@
+"""A Recipe: everything a worker in another process needs to build the same Worker as the driver's, by value.
+
+Workers are built from a recipe, never from a live session: the model's bytes (sent once, through the object store
+of a cluster), where to read the data (a path every worker sees) or the arrays themselves, the audit's options, the
+selected sites and the targets of the clean pass (labels, or the clean model's predictions), so that a worker needs
+no clean pass of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from walkaudit._execution.runtime import Runtime
+from walkaudit._execution.worker import Worker
+from walkaudit._graph.sites import Selection, select
+from walkaudit._loading import data as data_mod
+from walkaudit._loading.model import load_model
+from walkaudit._noise import NormalSource, make_noise
+from walkaudit.config import AuditConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    key: str  # the model's sha256: units name it
+    model: bytes  # the serialized model
+    data: str | None  # a path every worker can read, or None: `arrays`
+    arrays: dict[str, np.ndarray] | None
+    config: AuditConfig
+    sites: tuple[str, ...]
+    targets: np.ndarray  # class id per sample
+    batch_size: int
+
+    @classmethod
+    def of(cls, run) -> Recipe:
+        """The recipe of a driver's AuditRun (after its clean pass)."""
+        worker = run._worker
+        return cls(worker.key, run.loaded.proto.SerializeToString(), run.dataset.path,
+                   None if run.dataset.path else dict(run.dataset.inputs), run.config,
+                   tuple(s.name for s in run.sites), worker.targets, worker.batch_size)
+
+    def build(self, threads: int | None = None, provider: str | None = None) -> Worker:
+        """A Worker equal to the driver's, on `threads` CPU threads and `provider` (default: the config's)."""
+        import onnx
+
+        config = self.config
+        loaded = load_model(onnx.load_from_string(self.model), config.output)
+        if self.data is not None:
+            dataset = data_mod.load(self.data, loaded.inputs, x_key=config.x_key, y_key=config.y_key,
+                                    limit=config.limit, allow_nonfinite=True)
+        else:
+            dataset = data_mod.from_arrays(self.arrays, None, loaded.inputs, allow_nonfinite=True)
+        sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name)
+        runtime = Runtime(provider or config.provider, threads or config.threads, config.exact)
+        return Worker(loaded, dataset, runtime=runtime, noise=make_noise(config.noise, config.ratio),
+                      source=NormalSource(config.seed, threads or config.threads), sites=sites, mode=config.mode,
+                      batch_size=self.batch_size, noise_source=config.noise_source, key=self.key,
+                      targets=self.targets)
