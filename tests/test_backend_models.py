@@ -193,7 +193,12 @@ def reached_outputs(proto: onnx.ModelProto, site: str) -> list[str]:
 
 
 # -- the check --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+#: cases over 60 M parameters (10-15 s each here): marked slow
+HEAVY = {"light/light_vgg19", "light/light_zfnet512", "light/light_bvlc_alexnet"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=pytest.mark.slow if c.id in HEAVY else ())
+                                  for c in CASES])
 def test_sigma_zero_is_bit_identical(case: Case):
     reason, m = examine(case)
     if reason is not None:

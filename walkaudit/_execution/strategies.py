@@ -92,7 +92,7 @@ class FedSuffix(Strategy):
                  seeds: tuple[int, int] = (0, 1)):
         types = model.types
         self.program = passes.graph_noise(suffix, types, "mul" in noise.terms, "add" in noise.terms, seeds=seeds,
-                                          fed=not self.drawn_in_graph)
+                                          fed=not self.drawn_in_graph, noise=noise)
         self.graph = suffix.model
         self.session = runtime.session(self.program.model, f"part of the model after {suffix.site}")
         self.site, self.frontier, self.noise = suffix.site, suffix.frontier, noise
@@ -129,7 +129,8 @@ class FedGlobal(Strategy):
     per site and term; the graph applies the noise."""
 
     def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, sites: list[str]):
-        self.program = passes.inject_fed(model.proto, sites, model.types, "mul" in noise.terms, "add" in noise.terms)
+        self.program = passes.inject_fed(model.proto, sites, model.types, "mul" in noise.terms, "add" in noise.terms,
+                                         noise)
         self.graph = model.proto
         self.session = runtime.session(self.program.model, "model with noise at every site")
         self.noise, self.output = noise, model.class_output.name

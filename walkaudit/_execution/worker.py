@@ -294,14 +294,14 @@ class _Evaluation:
     def _draw(self, values: dict, rows: range, repeat: int) -> dict[str, np.ndarray]:
         """ε for each noisy site of a batch and repeat: [draws, 1, rows fed, ...], shared by every σ level; rows
         padded to a fixed batch get zeros."""
-        source, terms = self.worker.source, self.worker.noise.draws
+        source, noise = self.worker.source, self.worker.noise
         eps = {}
         for site in self.strategy.noisy:
             shape = values[site].shape
-            e = np.zeros((terms, 1, *shape), np.float32) if shape[0] > len(rows) else np.empty((terms, 1, *shape),
-                                                                                                np.float32)
-            for t in range(terms):
-                source.rows(site, t, repeat, rows, shape[1:], out=e[t, 0, : len(rows)])
+            make = np.zeros if shape[0] > len(rows) else np.empty
+            e = make((noise.draws, 1, *shape), np.float32)
+            for term in range(noise.draws):
+                noise.draw(source, site, term, repeat, rows, shape[1:], out=e[term, 0, : len(rows)])
             eps[site] = e
         return eps
 

@@ -241,24 +241,20 @@ def _insert_after(graph: onnx.GraphProto, after: dict[int, list[onnx.NodeProto]]
 
 
 def _noisy(y: str, mul: tuple[str, str] | None, add: tuple[str, str] | None, prefix: str, names: _Names,
-           unit: str | None) -> tuple[list[onnx.NodeProto], str]:
-    """Nodes computing y·(1 + σm·εm) + σa·εa, where `mul` and `add` are (σ, ε) value names or None, and the name of
-    the result. The order of operations is the host's (`noise.noisy_levels`), so both give the same numbers. A mul
-    term reads the initializer `unit` (1 in y's type), which the caller provides. Every node and value is named by
-    `names`, from `prefix`."""
+           unit: str | None, noise=None) -> tuple[list[onnx.NodeProto], str]:
+    """The noise model's nodes (`NoiseModel.graph`; default: the affine Gaussian family's) for y' from `y`, where
+    `mul` and `add` are (σ, ε) value names or None, and the name of the result. A mul term reads the initializer
+    `unit` (1 in y's type), which the caller provides. Every node and value is named by `names`, from `prefix`."""
+    from walkaudit._noise.models import Additive
+
     nodes: list[onnx.NodeProto] = []
 
     def node(op, inputs, wanted):
-        name = names.fresh(wanted)
+        name = names.fresh(f"{prefix}/{wanted}")
         nodes.append(helper.make_node(op, inputs, [name], name=name))
         return name
 
-    out = y
-    if mul:
-        factor = node("Add", [node("Mul", list(mul), f"{prefix}/scaled_mul"), unit], f"{prefix}/factor")
-        out = node("Mul", [out, factor], f"{prefix}/noisy_mul")
-    if add:
-        out = node("Add", [out, node("Mul", list(add), f"{prefix}/scaled_add")], f"{prefix}/noisy_add")
+    out = (noise or Additive()).graph(y, mul, add, unit, node)
     return nodes, out
 
 
@@ -274,11 +270,11 @@ class FedNoise:
 
 
 def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, TensorSpec], has_mul: bool,
-               has_add: bool) -> FedNoise:
+               has_add: bool, noise=None) -> FedNoise:
     """After each site of a model run on G tiled copies of a batch, y' = y·(1 + σm·ε1) + σa·ε2 per copy.
 
     The site's producer writes a fresh `<site>.clean` [G·N, ...]; it is viewed as [G, N, ...], the noise for the G
-    levels is applied with ε [1, N, ...] broadcast over them (the host's arithmetic, `noise.noisy_levels`, op for
+    levels is applied with ε [1, N, ...] broadcast over them (the host's arithmetic, `NoiseModel.host`, op for
     op), and the result is folded back to [G·N, ...] under the site's name, so every reader sees the noisy value.
     Float32 sites of known rank and opset ≥ 10 (Slice with inputs); `inject` serves the rest. The σ and ε inputs
     are named in the returned `FedNoise`.
@@ -329,7 +325,7 @@ def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, Tensor
                 graph.input.append(helper.make_tensor_value_info(e, types[site].elem_type, [None] * (rank + 1)))
                 terms[term] = (node(new, "Reshape", [sigma, lifted.name], f"{clean}/sigma_{term}"), e)
         applied, noisy = _noisy(noisy, terms.get("mul"), terms.get("add"), clean, names,
-                                 unit.name if unit else None)
+                                 unit.name if unit else None, noise)
         new.extend(applied)
         new.append(helper.make_node("Reshape", [noisy, shape], [site], name=names.fresh(f"walkaudit/fold/{site}")))
         after.setdefault(made_by[site], []).extend(new)
@@ -412,12 +408,12 @@ def graph_seeds(seed: int | None, seeds: tuple[int, int] | None) -> tuple[float,
 
 
 def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int | None = None,
-                fed: bool = False, seeds: tuple[int, int] | None = None) -> GraphNoise:
+                fed: bool = False, seeds: tuple[int, int] | None = None, noise=None) -> GraphNoise:
     """Prepend noise to a suffix: y' = y·(1 + σm·ε1) + σa·ε2 for G levels at once.
 
     ε is one array [1, N, ...] per run, broadcast over the G levels (common random numbers); the result
     [G, N, ...] is reshaped to [G·N, ...], and every frontier value is tiled the same way. The arithmetic is the
-    host's (`noise.noisy_levels`), op for op, so both give the same values. The suffix's inputs are renamed to fresh
+    host's (`NoiseModel.host`), op for op, so both give the same values. The suffix's inputs are renamed to fresh
     `<name>.clean` names and the new σ and ε inputs get fresh names too: the returned `GraphNoise` names them all.
 
     - `fed=False`: RandomNormalLike draws ε (opsets 10–21). With a `seed` attribute the generator is stateful per
@@ -426,6 +422,8 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
       which float32 holds exactly only while 2·seed + 1 < 2**24 (`graph_seeds`).
     - `fed=True`: ε is a graph input, drawn by the host (any opset from 10). onnxruntime then does the apply and
       the tiling in its own threads and arena.
+
+    `noise`: the NoiseModel whose nodes apply the noise (`NoiseModel.graph`; default the affine Gaussian family's).
 
     Functional: returns a new model and never modifies `sfx.model`.
     """
@@ -475,7 +473,8 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
         inits.append(onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), unit))
     if sa:
         eps_add = epsilon("add", seed_add)
-    applied, noisy = _noisy(y, (sm, eps_mul) if sm else None, (sa, eps_add) if sa else None, "walkaudit", names, unit)
+    applied, noisy = _noisy(y, (sm, eps_mul) if sm else None, (sa, eps_add) if sa else None, "walkaudit", names, unit,
+                            noise)
     nodes.extend(applied)
     nodes.append(helper.make_node("Reshape", [noisy, folded], [site], name=names.fresh("walkaudit/fold")))
     levels = node("Shape", [sm or sa], "walkaudit/levels")

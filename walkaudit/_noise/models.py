@@ -82,6 +82,25 @@ class NoiseModel(ABC):
         list(map_(level, range(len(out))))
         return out
 
+    def draw(self, source, site: str, term: int, repeat: int, rows: range, shape: tuple[int, ...],
+             out: np.ndarray) -> None:
+        """Fill `out` [len(rows), *shape] with the noise numbers of term `term` at `site` for data rows `rows`:
+        standard normals keyed by (site, term, block, repeat) (`NormalSource.rows`)."""
+        source.rows(site, term, repeat, rows, shape, out=out)
+
+    def graph(self, y: str, mul: tuple[str, str] | None, add: tuple[str, str] | None, unit: str | None,
+              node) -> str:
+        """The graph's nodes for y' = y·(1 + σm·εm) + σa·εa, in the host's order of operations (`host`), so both
+        give the same numbers. `mul`/`add`: (σ, ε) value names or None; `unit`: a value holding 1 in y's type;
+        `node(op, inputs, name) -> output name` adds one node. Returns the name of y'."""
+        out = y
+        if mul:
+            factor = node("Add", [node("Mul", list(mul), "scaled_mul"), unit], "factor")
+            out = node("Mul", [out, factor], "noisy_mul")
+        if add:
+            out = node("Add", [out, node("Mul", list(add), "scaled_add")], "noisy_add")
+        return out
+
     def factors(self, sigmas, eps: np.ndarray, dtype=np.float32) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The (mul, add) factors of y' = y·mul + add for every σ level, for graphs that take them as inputs
         (`walkaudit._graph.passes.inject`, any opset). eps: [draws, R, N, ...]; returns [R, L, N, ...] arrays."""
@@ -157,11 +176,3 @@ def make_noise(kind: str = "additive", ratio: float = 0.5) -> NoiseModel:
         raise UsageError(f"unknown noise model {kind!r} (choose from {', '.join(NOISE_MODELS)})")
     return Combined(ratio) if kind == "combined" else MODELS[kind]()
 
-
-def apply(y: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None) -> np.ndarray:
-    """y' = y · mul + add (with broadcasting), in y's dtype: the reference form the tests check the fast paths
-    against."""
-    out = y * mul if mul is not None else np.array(y, copy=True)
-    if add is not None:
-        out = out + add
-    return out.astype(y.dtype, copy=False)
