@@ -11,13 +11,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from walkaudit._graph.sites import LAYER_OPS, Selection
-from walkaudit.errors import UsageError
-
-#: The CLI flag of each option, for messages.
-FLAGS = {"noise": "--noise", "ratio": "--ratio", "mode": "--global", "sigmas": "--sigmas", "repeats": "--repeats",
-         "seed": "--seed", "batch_size": "--batch-size", "provider": "--provider", "chance": "--chance",
-         "output": "--output", "limit": "--limit", "threads": "--threads", "noise_source": "--noise-source",
-         "selection": "--ops", "shard": "--shard"}
+from walkaudit.errors import UsageError, option
 
 #: Bounds that keep a run finite in time and memory. σ beyond SIGMA_RANGE over- or underflows float32 noise.
 MAX_REPEATS = 1000
@@ -32,11 +26,8 @@ class OptionError(UsageError):
     """An option with a value that cannot work: `field` names it, the message says why."""
 
     def __init__(self, field_name: str, problem: str):
-        super().__init__(f"{field_name} {problem}")
+        super().__init__(f"{option(field_name)} {problem}")
         self.field, self.problem = field_name, problem
-
-    def for_cli(self) -> str:
-        return f"{FLAGS.get(self.field, self.field)} {self.problem}"
 
 
 @dataclass(frozen=True)

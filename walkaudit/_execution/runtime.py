@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from walkaudit._loading.model import copy_fields
-from walkaudit.errors import ModelError, RuntimeFailure, UsageError
+from walkaudit.errors import ModelError, RuntimeFailure, option
 
 #: Initializers at least this large are handed to onnxruntime as shared OrtValues instead of inside the serialized
 #: model: one host copy serves the clean model and every site's suffix, and no session pays for serializing and
@@ -147,10 +147,8 @@ class Runtime:
     _shared: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.requested not in ("auto", "cuda", "cpu"):
-            raise UsageError(f"--provider must be auto, cuda or cpu, got {self.requested!r}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if self.requested not in ("auto", "cuda", "cpu"):  # AuditConfig.check says so first, for users
+            raise ValueError(f"provider must be auto, cuda or cpu, got {self.requested!r}")
         import onnxruntime as ort
 
         self._ort = ort
@@ -233,7 +231,7 @@ class Runtime:
                 err.seek(0)
                 reason = next((ln for ln in err.read().decode(errors="replace").splitlines() if "CUDA" in ln), "")
                 if self.requested == "cuda":
-                    raise RuntimeFailure("--provider cuda: onnxruntime cannot run on CUDA here" +
+                    raise RuntimeFailure(f"{option('provider')} cuda: onnxruntime cannot run on CUDA here" +
                                          (f" ({reason.strip()[:200]})" if reason else ""))
                 self.notes.append("CUDA not available; ran on the CPU")
         return session
@@ -322,7 +320,7 @@ def failure(exc: Exception, what: str = "model") -> RuntimeFailure:
     """onnxruntime's exception as ours: OutOfMemory (the caller may retry smaller) or RuntimeFailure."""
     text = str(exc)
     if "Failed to allocate memory" in text or "bad_alloc" in text or isinstance(exc, MemoryError):
-        return OutOfMemory(f"out of memory running the {what} (try a smaller --batch-size): {_first_line(exc)}")
+        return OutOfMemory(f"out of memory running the {what} (try a smaller {option('batch_size')}): {_first_line(exc)}")
     return RuntimeFailure(f"onnxruntime failed running the {what}: {_first_line(exc)}")
 
 

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from walkaudit._graph import queries as g
 from walkaudit._graph.index import GraphIndex, index_for, members
 from walkaudit._loading.model import FLOAT_TYPES, TensorSpec
-from walkaudit.errors import UsageError
+from walkaudit.errors import UsageError, option
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ALL = "all"
@@ -141,26 +141,26 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
     else:
         pool = _feeding(model, candidates(model, types, ops, index), output, index)
         chosen = pool
-        include = _regex(selection.include, "--include")
-        exclude = _regex(selection.exclude, "--exclude")
+        include = _regex(selection.include, "include")
+        exclude = _regex(selection.exclude, "exclude")
         if include is not None:
             chosen = [s for s in chosen if include.search(s.name) or include.search(s.node)]
         if exclude is not None:
             chosen = [s for s in chosen if not (exclude.search(s.name) or exclude.search(s.node))]
         if not pool:
-            raise UsageError(f"the model has no {'/'.join(ops)} layers with float outputs; try --ops all")
+            raise UsageError(f"the model has no {'/'.join(ops)} layers with float outputs; try {option('ops')} all")
     if not chosen:
         raise UsageError(f"no site matches the selection{_hint(pool)}")
     return [Site(i, s.name, s.node, s.op_type, s.shape, s.weight) for i, s in enumerate(chosen)]
 
 
-def _regex(pattern: str | None, flag: str) -> re.Pattern | None:
+def _regex(pattern: str | None, field: str) -> re.Pattern | None:
     if pattern is None:
         return None
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise UsageError(f"{flag} {pattern!r} is not a valid regular expression: {exc}") from None
+        raise UsageError(f"{option(field)} {pattern!r} is not a valid regular expression: {exc}") from None
 
 
 def _hint(pool: list[Site]) -> str:
