@@ -40,7 +40,7 @@ def _worker(model, x, *, kind="additive", mode="walk", batch_size=50, seed=0, th
 
 def _unit(worker, sites, sigmas=(0.0, 0.2, 1.0, 5.0), blocks=None, repeats=2):
     blocks = blocks or (0, -(-worker.data.samples // BLOCK))
-    return WorkUnit(worker.key, tuple(sites), tuple(sigmas), repeats, blocks, worker.source.seed)
+    return WorkUnit(worker.key, tuple(sites), tuple(sigmas), repeats, blocks, worker.source.seed, mode=worker.mode)
 
 
 def _x(samples: int, seed: int, shape=(1, 6, 6)):
@@ -184,13 +184,13 @@ def test_device_copies_are_kept_only_for_cached_batches(monkeypatch):
     real = strategies.FedSuffix.run
 
     def run(self, values, sigmas, eps, device=None):
-        held.append(len(worker._evaluations[(sites[0].name,)].on_device))
+        held.append(len(worker._evaluations["walk", (sites[0].name,)].on_device))
         return real(self, values, sigmas, eps, device)
 
     monkeypatch.setattr(strategies.FedSuffix, "run", run)
     counts = worker.evaluate(_unit(worker, [sites[0].name], sigmas=(0.0, 1.0)))
     assert counts.samples == 200 and counts.correct[0].tolist() == [200, 200]  # σ = 0 agrees with the clean pass
-    assert len(worker._evaluations[(sites[0].name,)].cache) == 5
+    assert len(worker._evaluations["walk", (sites[0].name,)].cache) == 5
     assert len(held) > 20 and max(held) <= 5 + 2
     worker.source.close()
 
@@ -207,7 +207,7 @@ def test_global_mode_gives_the_same_counts_with_the_noise_applied_in_the_graph_o
         names = [s.name for s in sites]
         counts.append(worker.evaluate(_unit(worker, names, sigmas=(0.05, 0.3, 1.0, 4.0))))
         if path is strategies.FedGlobal:
-            assert len(worker._evaluations[tuple(names)].strategy.program.eps) >= 3  # every float value is a site
+            assert len(worker._evaluations["global", tuple(names)].strategy.program.eps) >= 3  # every float value is a site
         worker.source.close()
     assert counts[0] == counts[1]
     assert counts[0].correct.min() < 240  # the noise does bite
@@ -295,3 +295,21 @@ def test_a_worker_built_from_the_recipe_gives_the_drivers_counts():
     assert remote._kept == {}  # no clean pass of its own
     remote.source.close()
     run._worker.source.close()
+
+
+def test_site_scales_give_each_site_its_own_sigma_in_one_global_unit():
+    """Scale 0 silences a site exactly; scale 2 at σ equals scale 1 at 2σ bit for bit (powers of two are exact)."""
+    x = _x(256, 16)
+    worker, sites = _worker(resnet_block(seed=16), x, mode="global", seed=3, ops=("Conv", "Gemm"))
+    names = tuple(s.name for s in sites)
+    only_last, _ = _worker(resnet_block(seed=16), x, mode="global", seed=3, ops=("Conv", "Gemm"))
+    silenced = worker.evaluate(WorkUnit(worker.key, names, (0.5, 2.0), 2, (0, 4), 3,
+                                        site_scales=(0.0,) * (len(names) - 1) + (1.0,), mode="global"))
+    alone = only_last.evaluate(WorkUnit(worker.key, names[-1:], (0.5, 2.0), 2, (0, 4), 3, mode="global"))
+    assert silenced == alone
+    doubled = worker.evaluate(WorkUnit(worker.key, names, (0.5,), 2, (0, 4), 3, site_scales=(2.0,) * len(names),
+                                       mode="global"))
+    plain = worker.evaluate(WorkUnit(worker.key, names, (1.0,), 2, (0, 4), 3, mode="global"))
+    assert np.array_equal(doubled.correct, plain.correct) and doubled.correct.min() < 256  # the noise bites
+    worker.source.close()
+    only_last.source.close()

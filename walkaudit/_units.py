@@ -35,7 +35,8 @@ def block_rows(blocks: range, samples: int) -> range:
 class WorkUnit:
     """Evaluate `sigmas` × `repeats` with noise at `sites` over the samples of `blocks`.
 
-    A walk unit has one site; a global unit has every selected site, noisy at once with the same σ.
+    A walk unit has one site; a global unit has every selected site, noisy at once with the same σ (times the
+    site's scale, when `site_scales` is given).
     """
 
     model: str  # the model's sha256 (or a name for in-memory models): a worker refuses another model's units
@@ -44,6 +45,10 @@ class WorkUnit:
     repeats: int
     blocks: tuple[int, int]  # [start, stop) in blocks of BLOCK samples
     seed: int
+    #: global units: σ of site i at level l is sigmas[l] · site_scales[i] (None: all 1), so any assignment of noise
+    #: levels to sites is measured at once (multi-execution plans, relative budgets)
+    site_scales: tuple[float, ...] | None = None
+    mode: str = "walk"  # "walk": the noise at one site, the rest clean; "global": at every site of `sites` at once
 
     @property
     def block_range(self) -> range:

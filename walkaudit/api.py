@@ -166,31 +166,58 @@ class AuditRun:
 
     # -- running ---------------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[SiteResult]:
-        config, progress = self.config, self.progress
-        self._runtime = Runtime(config.provider, config.threads, config.exact)
-        source = NormalSource(config.seed, config.threads)
-        executor = None
+        executor = self.start()
         try:
-            self._worker = worker = Worker(self.loaded, self.dataset, runtime=self._runtime, noise=self.noise,
-                                           source=source, sites=self.sites, mode=config.mode,
-                                           batch_size=config.batch_size, noise_source=config.noise_source,
-                                           index=self.index)
-            progress.describe("clean pass")
-            progress.grow(self.dataset.samples)
-            self.clean = worker.clean_pass(progress.advance, keep=config.mode == "walk" and len(self.done) < len(
-                self.sites))
-            executor = (self.executor(self) if self.executor else
-                        InProcess(lambda unit: worker.evaluate(unit, progress.advance)))
-            units = [(None, tuple(s.name for s in self.sites))] if config.mode == "global" else [
+            units = [(None, tuple(s.name for s in self.sites))] if self.config.mode == "global" else [
                 (s, (s.name,)) for s in self.sites]
             for result in self._schedule(executor, units):
                 self.results.append(result)
-                _call(progress, "site_finished", result)
+                _call(self.progress, "site_finished", result)
                 yield result
         finally:
-            if executor is not None:
-                executor.close()
-            source.close()
+            self.close()
+
+    def start(self) -> Executor:
+        """The runtime, the Worker and its clean pass; then the executor that will evaluate the units."""
+        config, progress = self.config, self.progress
+        self._runtime = Runtime(config.provider, config.threads, config.exact)
+        self._source = NormalSource(config.seed, config.threads)
+        self._worker = worker = Worker(self.loaded, self.dataset, runtime=self._runtime, noise=self.noise,
+                                       source=self._source, sites=self.sites, mode=config.mode,
+                                       batch_size=config.batch_size, noise_source=config.noise_source,
+                                       index=self.index)
+        progress.describe("clean pass")
+        progress.grow(self.dataset.samples)
+        keep = config.mode == "walk" and len(self.done) < len(self.sites)
+        self.clean = worker.clean_pass(progress.advance, keep=keep)
+        self._executor = (self.executor(self) if self.executor else
+                          InProcess(lambda unit: worker.evaluate(unit, progress.advance)))
+        return self._executor
+
+    def close(self) -> None:
+        """Stop the executor and the noise threads (the run's results stay)."""
+        if getattr(self, "_executor", None) is not None:
+            self._executor.close()
+            self._executor = None
+        if getattr(self, "_source", None) is not None:
+            self._source.close()
+            self._source = None
+
+    def evaluate_all(self, units: list[WorkUnit]) -> list[Counts]:
+        """Evaluate units through the run's executor (after `start`), each cut as the executor likes; their
+        Counts in the order given."""
+        executor, handles, totals = self._executor, {}, [None] * len(units)
+        for i, unit in enumerate(units):
+            self.progress.grow(len(unit.sigmas) * unit.repeats * len(block_rows(unit.block_range,
+                                                                               self.dataset.samples)))
+            for piece in executor.split(unit):
+                handles[executor.submit(piece)] = i
+        while handles:
+            for handle in executor.wait(list(handles)):
+                i = handles.pop(handle)
+                counts = executor.result(handle)
+                totals[i] = counts if totals[i] is None else totals[i] + counts
+        return totals
 
     def _schedule(self, executor: Executor, units: list) -> Iterator[SiteResult]:
         """Run every site's search, `executor.sites_in_flight` at a time, each request cut into units by the
@@ -247,7 +274,7 @@ class AuditRun:
             return
         config = self.config
         unit = WorkUnit(self._worker.key, state.names, request.sigmas, config.repeats,
-                        (request.blocks.start, request.blocks.stop), config.seed)
+                        (request.blocks.start, request.blocks.stop), config.seed, mode=config.mode)
         rows = len(block_rows(request.blocks, self.dataset.samples))
         self.progress.grow(len(request.sigmas) * config.repeats * rows)
         pieces = executor.split(unit)
@@ -294,10 +321,15 @@ class AuditRun:
                 "notes": notes}
         if site is None:
             return {"index": None, "name": "global", "node": None, "op_type": "global", "shape": None,
-                    "activation_std": None, "weight": None, **body}
+                    "activation_std": None, "weight": None, "macs": None, **body}
+        from walkaudit._graph.cost import site_macs
+
         shape = site.shape if site.shape is not None else ("N", *clean.shapes[site.name][1:])
+        ran = clean.shapes.get(site.name)  # the shape as run fills in what shape inference left unknown
+        macs = site_macs(self.loaded, site, {site.name: ("N", *ran[1:])} if ran else None)
         return {"index": site.index, "name": site.name, "node": site.node, "op_type": site.op_type,
-                "shape": list(shape), "activation_std": std, "weight": weight_stats(self.loaded.proto, site), **body}
+                "shape": list(shape), "activation_std": std, "weight": weight_stats(self.loaded.proto, site),
+                "macs": macs, **body}
 
     # -- the report --------------------------------------------------------------------------------------------------
     def report(self, partial: bool = False) -> Report:

@@ -190,21 +190,23 @@ class Worker:
         if unit.seed != self.source.seed:
             raise RuntimeFailure(f"a work unit with seed {unit.seed} reached a worker drawing with {self.source.seed}")
         targets = self.targets
-        evaluation = self._evaluations.get(unit.sites)
+        evaluation = self._evaluations.get((unit.mode, unit.sites))
         if evaluation is None:
-            evaluation = self._evaluations[unit.sites] = self._evaluation(unit)
+            evaluation = self._evaluations[unit.mode, unit.sites] = self._evaluation(unit)
         return evaluation.evaluate(unit, targets, progress)
 
-    def strategy(self, sites: tuple[str, ...]) -> type[Strategy]:
+    def strategy(self, sites: tuple[str, ...], mode: str = "walk") -> type[Strategy]:
         """The evaluation path units at these sites take (`strategies.choose`)."""
-        return self.forced or choose(self.mode, self.model.opset, [self.model.types[s] for s in sites], self.runtime.provider,
-                      self.noise_source)
+        return self.forced or choose(mode, self.model.opset, [self.model.types[s] for s in sites],
+                                     self.runtime.provider, self.noise_source)
 
     def _evaluation(self, unit: WorkUnit) -> _Evaluation:
-        kind, model = self.strategy(unit.sites), self.model
-        if self.mode == "global":
+        kind, model = self.strategy(unit.sites, unit.mode), self.model
+        if unit.mode == "global":
             return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), self._clean, {})
         (site,) = unit.sites
+        if site not in self._plans:  # a walk unit on a worker built for global mode
+            self._plans[site] = self.index.suffix_plan(site, model.class_output.name)
         suffix = passes.suffix(model.proto, site, model.class_output.name, model.types, self._plans[site],
                                index=self.index)
         if kind is DrawnSuffix:
@@ -249,6 +251,7 @@ class _Evaluation:
         self.on_device: dict[int, dict] = {}
         self.packable: bool | None = None
         self.notes: list[str] = []
+        self.scales: dict[str, float] = {}
         self.row_bytes = sizing.row_bytes(strategy.graph.graph, worker.model.types)
 
     def _grid_values(self, k: int) -> dict[str, np.ndarray]:
@@ -302,6 +305,9 @@ class _Evaluation:
             e = make((noise.draws, 1, *shape), np.float32)
             for term in range(noise.draws):
                 noise.draw(source, site, term, repeat, rows, shape[1:], out=e[term, 0, : len(rows)])
+            scale = self.scales.get(site, 1.0)
+            if scale != 1.0:  # σ·(c·ε) = (σ·c)·ε: a site's own σ without a graph input of its own
+                e *= np.float32(scale)
             eps[site] = e
         return eps
 
@@ -344,6 +350,7 @@ class _Evaluation:
         return sizing.levels_per_run(levels, rows, per_level, self.row_bytes, self.worker.device_free)
 
     def evaluate(self, unit: WorkUnit, targets: np.ndarray, progress: Progress | None) -> Counts:
+        self.scales = dict(zip(unit.sites, unit.site_scales)) if unit.site_scales else {}
         sigmas = np.asarray(unit.sigmas, dtype=np.float64)
         levels, kind = len(sigmas), self.worker.model.class_output.kind
         counts = Counts.zeros(unit.sigmas, unit.repeats)

@@ -1,0 +1,174 @@
+"""`plan`: how many times to repeat each layer so that the network, with every layer noisy, stays within a bound.
+
+If a layer's computation is repeated n times and averaged, its noise falls from σ to σ/√n (the Walking Noise paper's
+tailored multi-execution). For hardware with noise σ at every layer:
+
+1. **Per-layer curves.** For every site alone, the accuracy with noise σᵢ/√n for each candidate n
+   (`plan.CANDIDATES`), on all the data (walk units, one per site).
+2. **Proposal.** Integer nᵢ minimising Σ nᵢ·macsᵢ with Σ dropᵢ(nᵢ) ≤ budget (`_analysis.plan.choose`): the
+   independent-layers model, where the drops of layers noisy at once add up.
+3. **Verification.** The plan measured with every site noisy at once, each at its own σᵢ/√nᵢ (one global unit,
+   `WorkUnit.site_scales`), over several repeats. Noise compounds across layers, so the model can be optimistic: while
+   the measured drop exceeds the bound, the budget is tightened in proportion and the plan proposed again.
+4. **Uniform budget.** The largest σ at which every nᵢ = 1 stays within the bound, from one global unit over a
+   grid of σ.
+
+σ is absolute, or with `relative` in units of each site's clean activation std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from walkaudit._analysis import plan as planner
+from walkaudit._graph.cost import sites_macs
+from walkaudit._units import WorkUnit, blocks_of
+from walkaudit.api import AuditRun, Progress, _NoProgress
+from walkaudit.config import AuditConfig
+from walkaudit.errors import UsageError, option
+
+#: Rounds of verification and tightening before giving up.
+ROUNDS = 4
+#: Repeats of the verification (every site noisy at once).
+VERIFY_REPEATS = 5
+#: The uniform budget's grid: σ·10^(k/8) for k in UNIFORM_GRID.
+UNIFORM_GRID = range(-24, 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The largest accuracy drop allowed: `value` in points of accuracy (0.01 = one point), or with `relative`,
+    a fraction of (clean − chance)."""
+
+    value: float
+    relative: bool = False
+
+    def points(self, clean: float, chance: float) -> float:
+        return self.value * (clean - chance) if self.relative else self.value
+
+    def describe(self) -> str:
+        return f"{self.value * 100:g}%" + ("rel" if self.relative else "")
+
+
+def parse_bound(text: str) -> Bound:
+    """`1%` (points of accuracy), `5%rel` (of clean − chance), or a fraction `0.01`."""
+    raw = text.strip().lower()
+    relative = raw.endswith("rel")
+    raw = raw.removesuffix("rel").strip()
+    try:
+        value = float(raw.removesuffix("%")) / (100 if raw.endswith("%") else 1)
+    except ValueError:
+        raise UsageError(f"{option('max_drop')} {text!r}: expected a drop like 1% or 5%rel") from None
+    if not 0 <= value < 1 or not math.isfinite(value):
+        raise UsageError(f"{option('max_drop')} {text!r}: a drop between 0% and 100%")
+    return Bound(value, relative)
+
+
+def plan(model, x=None, y=None, *, data: str | None = None, sigma: float, max_drop: Bound | str,
+         relative: bool = False, max_repeats: int = 16, config: AuditConfig | None = None,
+         progress: Progress | None = None, executor=None, report: bool = False, **options) -> dict:
+    """The multi-execution plan for noise `sigma` at every site (the report's `plan` object; with `report`, the
+    whole report as JSON, validated, holding it). Raises UsageError for bad options; a plan that cannot meet the
+    bound within `max_repeats` comes back with `"met": false`."""
+    bound = parse_bound(max_drop) if isinstance(max_drop, str) else max_drop
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise UsageError(f"{option('sigma')} must be a positive number, got {sigma}")
+    candidates = tuple(n for n in planner.CANDIDATES if n <= max_repeats)
+    if not candidates:
+        raise UsageError(f"{option('max_repeats')} must be at least 1, got {max_repeats}")
+    config = dataclasses.replace(config or AuditConfig(), mode="walk", sigmas=None, **options).check()
+    run = AuditRun(model, x, y, data, config, progress or _NoProgress(), [])
+    run.executor = executor
+    run.start()
+    try:
+        result = _plan(run, sigma, bound, relative, candidates)
+    finally:
+        run.close()
+    if not report:
+        return result
+    from walkaudit.report.model import Report
+
+    body = run.report_dict()
+    draft = Report(**{k: body[k] for k in ("tool", "model", "data", "config", "runtime", "clean_accuracy",
+                                             "chance", "num_classes", "partial", "clean_counts")}, sites=())
+    return {**Report.from_dict(draft.to_dict()).to_dict(), "plan": result}
+
+
+def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates: tuple[int, ...]) -> dict:
+    clean, config, names = run.clean, run.config, [s.name for s in run.sites]
+    key, blocks = run._worker.key, (0, blocks_of(run.dataset.samples))
+    scale = np.array([clean.std(n) if relative else 1.0 for n in names])
+    macs = [m or 0 for m in sites_macs(run.loaded, run.sites)]
+    if not any(macs):
+        raise UsageError("no site's multiply-accumulates are known (shapes unknown): cannot weigh a plan")
+    limit = bound.points(clean.accuracy, run.chance)
+
+    run.progress.describe("per-site curves")
+    walks = [WorkUnit(key, (n,), tuple(float(sigma * c / math.sqrt(k)) for k in candidates), config.repeats, blocks,
+                      config.seed) for n, c in zip(names, scale)]
+    drops = np.array([clean.accuracy - counts.correct.mean(axis=1) / counts.samples
+                      for counts in run.evaluate_all(walks)])
+
+    budget, rounds, chosen, measured = limit, [], None, None
+    for _ in range(ROUNDS):
+        proposal = planner.choose(drops, macs, budget, candidates)
+        if proposal is None:
+            break
+        run.progress.describe("verifying the plan")
+        measured = _measure(run, names, scale / np.sqrt(proposal), sigma)
+        rounds.append({"budget": budget, "repeats": list(proposal), "measured_drop": measured["drop"]})
+        if measured["drop"] <= limit:
+            chosen = proposal
+            break
+        budget *= min(0.9, limit / measured["drop"]) if measured["drop"] > 0 else 0.9
+    run.progress.describe("uniform budget")
+    uniform = _uniform(run, names, scale, sigma, limit)
+
+    final = chosen or (rounds[-1]["repeats"] if rounds else [candidates[-1]] * len(names))
+    sites = [{"name": n, "repeats": int(k), "sigma": float(sigma * c / math.sqrt(k)), "macs": int(m)}
+             for n, k, c, m in zip(names, final, scale, macs)]
+    return {
+        "sigma": sigma, "relative": relative, "max_drop": bound.value, "max_drop_relative": bound.relative,
+        "max_drop_points": limit, "max_repeats": candidates[-1], "met": chosen is not None, "sites": sites,
+        "cost_ratio": planner.cost_ratio(tuple(final), macs),
+        "predicted_drop": planner.predicted_drop(drops, tuple(final), candidates),
+        "measured_drop": measured["drop"] if measured else None, "ci95": measured["ci95"] if measured else None,
+        "rounds": rounds, "uniform_sigma": uniform, "clean_accuracy": clean.accuracy, "chance": run.chance,
+        "site_drops": {n: dict(zip(map(str, candidates), map(float, planner.monotone(d))))
+                       for n, d in zip(names, drops)},
+    }
+
+
+def _measure(run: AuditRun, names: list[str], scales: np.ndarray, sigma: float) -> dict:
+    """The accuracy drop with every site noisy at once at σ·scaleᵢ, over VERIFY_REPEATS repeats, and its 95 %
+    interval (the spread over repeats and the binomial spread of the samples)."""
+    unit = WorkUnit(run._worker.key, tuple(names), (float(sigma),), VERIFY_REPEATS,
+                    (0, blocks_of(run.dataset.samples)), run.config.seed, site_scales=tuple(map(float, scales)),
+                    mode="global")
+    (counts,) = run.evaluate_all([unit])
+    acc = counts.correct[0] / counts.samples
+    drop = float(run.clean.accuracy - acc.mean())
+    se = math.sqrt(acc.var(ddof=1) / len(acc) + acc.mean() * (1 - acc.mean()) / counts.samples)
+    return {"drop": drop, "ci95": [drop - 1.96 * se, drop + 1.96 * se]}
+
+
+def _uniform(run: AuditRun, names: list[str], scale: np.ndarray, sigma: float, limit: float) -> float | None:
+    """The largest σ (on a grid of 8 a decade around `sigma`) with every site noisy at once, once, whose drop
+    stays within `limit`; interpolated in log σ between the last grid level within and the first beyond."""
+    grid = tuple(float(sigma * 10 ** (k / 8)) for k in UNIFORM_GRID)
+    unit = WorkUnit(run._worker.key, tuple(names), grid, run.config.repeats, (0, blocks_of(run.dataset.samples)),
+                    run.config.seed, site_scales=tuple(map(float, scale)), mode="global")
+    (counts,) = run.evaluate_all([unit])
+    drops = run.clean.accuracy - counts.correct.mean(axis=1) / counts.samples
+    over = np.nonzero(drops > limit)[0]
+    if len(over) == 0:
+        return None  # within the bound over the whole grid: more than grid[-1]
+    first = over[0]
+    if first == 0:
+        return 0.0
+    lo, hi = math.log10(grid[first - 1]), math.log10(grid[first])
+    d0, d1 = drops[first - 1], drops[first]
+    return float(10 ** (lo + (hi - lo) * (limit - d0) / (d1 - d0))) if d1 > d0 else float(grid[first - 1])
