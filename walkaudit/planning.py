@@ -34,8 +34,8 @@ from walkaudit.errors import UsageError, option
 ROUNDS = 4
 #: Repeats of the verification (every site noisy at once).
 VERIFY_REPEATS = 5
-#: The uniform budget's grid: σ·10^(k/8) for k in UNIFORM_GRID.
-UNIFORM_GRID = range(-24, 9)
+#: Levels the uniform budget's search adds inside the bracket of its coarse grid.
+UNIFORM_REFINE = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,19 +156,34 @@ def _measure(run: AuditRun, names: list[str], scales: np.ndarray, sigma: float) 
 
 
 def _uniform(run: AuditRun, names: list[str], scale: np.ndarray, sigma: float, limit: float) -> float | None:
-    """The largest σ (on a grid of 8 a decade around `sigma`) with every site noisy at once, once, whose drop
-    stays within `limit`; interpolated in log σ between the last grid level within and the first beyond."""
-    grid = tuple(float(sigma * 10 ** (k / 8)) for k in UNIFORM_GRID)
-    unit = WorkUnit(run._worker.key, tuple(names), grid, run.config.repeats, (0, blocks_of(run.dataset.samples)),
+    """The largest σ with every site noisy at once, once, whose drop stays within `limit`: a coarse grid of 2 a
+    decade from σ/1000 to 10σ (one repeat), then UNIFORM_REFINE levels inside the bracket (every repeat), then
+    interpolation in log σ between the last level within and the first beyond. None: within the bound up to 10σ."""
+    coarse = tuple(float(sigma * 10 ** (k / 2)) for k in range(-6, 3))
+    levels = _global_drops(run, names, scale, coarse, 1)
+    over = [s for s in coarse if levels[s] > limit]
+    if not over:
+        return None
+    top = over[0]
+    if top == coarse[0]:
+        return 0.0
+    bottom = coarse[coarse.index(top) - 1]
+    inner = tuple(float(v) for v in np.geomspace(bottom, top, UNIFORM_REFINE + 2))
+    levels = _global_drops(run, names, scale, inner, run.config.repeats)
+    beyond = next((s for s in inner if levels[s] > limit), inner[-1])
+    below = inner[max(inner.index(beyond) - 1, 0)]
+    d0, d1 = levels[below], levels[beyond]
+    if d1 <= d0 or below == beyond:
+        return below
+    lo, hi = math.log10(below), math.log10(beyond)
+    return float(10 ** (lo + (hi - lo) * (limit - d0) / (d1 - d0)))
+
+
+def _global_drops(run: AuditRun, names: list[str], scale: np.ndarray, sigmas: tuple[float, ...],
+                  repeats: int) -> dict[float, float]:
+    """The accuracy drop at each σ with every site noisy at once (site i at σ·scaleᵢ)."""
+    unit = WorkUnit(run._worker.key, tuple(names), sigmas, repeats, (0, blocks_of(run.dataset.samples)),
                     run.config.seed, site_scales=tuple(map(float, scale)), mode="global")
     (counts,) = run.evaluate_all([unit])
     drops = run.clean.accuracy - counts.correct.mean(axis=1) / counts.samples
-    over = np.nonzero(drops > limit)[0]
-    if len(over) == 0:
-        return None  # within the bound over the whole grid: more than grid[-1]
-    first = over[0]
-    if first == 0:
-        return 0.0
-    lo, hi = math.log10(grid[first - 1]), math.log10(grid[first])
-    d0, d1 = drops[first - 1], drops[first]
-    return float(10 ** (lo + (hi - lo) * (limit - d0) / (d1 - d0))) if d1 > d0 else float(grid[first - 1])
+    return dict(zip(sigmas, map(float, drops)))
