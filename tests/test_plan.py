@@ -109,3 +109,11 @@ def test_the_plan_command_writes_the_plan_and_gates_its_cost(tmp_path):
     assert dear.exit_code == 1 and "--max-cost" in dear.output
     bad = CliRunner().invoke(main, [*args, "--max-cost", "0.5x"])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1
+
+
+def test_a_bound_no_plan_can_meet_exits_1_and_says_so():
+    result = CliRunner().invoke(main, ["plan", str(SAMPLES / "mnist_mlp_multiplicative.dynamo.onnx"), "--data",
+                                       str(SAMPLES / "mnist_val.npz"), "--sigma", "4", "--max-drop", "1%",
+                                       "--max-repeats", "4", "--provider", "cpu", "-q"])
+    assert result.exit_code == 1, result.stderr
+    assert "no plan with at most 4 repetitions per layer keeps the drop within 1%" in result.output

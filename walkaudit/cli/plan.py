@@ -82,8 +82,10 @@ def plan_command(model, data_path, sigma, max_drop, relative, noise, ratio, max_
     result = report["plan"]
     failures = []
     if not result["met"]:
+        best = ("" if result["measured_drop"] is None else
+                f" (measured drop {result['measured_drop']:.4f} with the last plan tried)")
         failures.append(f"no plan with at most {result['max_repeats']} repetitions per layer keeps the drop within "
-                        f"{bound.describe()} (measured {result['measured_drop']:.4f} at best)")
+                        f"{bound.describe()}{best}")
     elif cost_limit is not None and result["cost_ratio"] > cost_limit:
         failures.append(f"the plan costs {result['cost_ratio']:.2f}x a plain pass, more than --max-cost "
                         f"{cost_limit:g}x")
@@ -100,14 +102,15 @@ def plan_command(model, data_path, sigma, max_drop, relative, noise, ratio, max_
         for s in result["sites"]:
             table.add_row(s["name"], f"{s['macs']:,}", str(s["repeats"]), f"{s['sigma']:.4g}")
         console.print(table)
-        lo, hi = result["ci95"] or (float("nan"), float("nan"))
+        measured = ("not measured" if result["measured_drop"] is None else
+                    "measured {:.4f} [{:.4f}, {:.4f}]".format(result["measured_drop"], *result["ci95"]))
         console.print(f"cost {result['cost_ratio']:.2f}x a plain pass; drop predicted {result['predicted_drop']:.4f}, "
-                      f"measured {result['measured_drop']:.4f} [{lo:.4f}, {hi:.4f}] with every layer noisy "
-                      f"(bound {result['max_drop_points']:.4f})", markup=False)
+                      f"{measured} with every layer noisy (bound {result['max_drop_points']:.4f})", markup=False,
+                      soft_wrap=True)
         uniform = result["uniform_sigma"]
         console.print("uniform budget: every layer once stays within the bound up to σ = "
-                      + ("beyond the grid" if uniform is None else f"{uniform:.4g}"), markup=False)
+                      + ("beyond the grid" if uniform is None else f"{uniform:.4g}"), markup=False, soft_wrap=True)
     for f in failures:
-        console.print(f"FAIL: {f}", markup=False)
+        console.print(f"FAIL: {f}", markup=False, soft_wrap=True)
     console.print("plan: " + ("passed" if not failures else "FAILED"), markup=False)
     sys.exit(1 if failures else 0)
