@@ -137,3 +137,19 @@ def test_import_walkaudit_is_lazy():
     code = "import sys, walkaudit; print(sorted(m for m in ('onnx', 'onnxruntime', 'scipy', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_global_mode_takes_a_sigma_per_site():
+    """Scale 0 silences a site: a global audit of sites a and b with a silenced equals one of b alone."""
+    model = resnet_block(seed=24)
+    x = np.random.default_rng(24).normal(size=(200, 1, 6, 6)).astype(np.float32)
+    args = dict(provider="cpu", seed=2, sigmas=(0.3, 3.0), mode="global")
+    both = walkaudit.audit(model, x, selection=walkaudit.Selection(names=("a", "b")), site_scales=(("a", 0.0),),
+                           **args)
+    alone = walkaudit.audit(model, x, selection=walkaudit.Selection(names=("b",)), **args)
+    assert [p.to_dict() for p in both.sites[0].points] == [p.to_dict() for p in alone.sites[0].points]
+    assert both.config.extra["site_scales"] == {"a": 0.0}
+    with pytest.raises(UsageError, match="^site_scales: 'c' is not a selected site"):
+        walkaudit.audit(model, x, selection=walkaudit.Selection(names=("a", "b")), site_scales=(("c", 2.0),), **args)
+    with pytest.raises(UsageError, match="only applies in global mode"):
+        walkaudit.audit(model, x, site_scales=(("a", 2.0),), provider="cpu")

@@ -28,7 +28,7 @@ from walkaudit._loading.model import load_model
 from walkaudit._noise import NormalSource, make_noise
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
 from walkaudit.config import AuditConfig
-from walkaudit.errors import UsageError
+from walkaudit.errors import UsageError, option
 from walkaudit.report.model import Report, SiteResult
 from walkaudit.report.schema import SCHEMA_ID
 
@@ -151,6 +151,9 @@ class AuditRun:
                                         index=self.index)
         if config.shard is not None:
             self.sites = _shard(self.loaded, self.sites, *config.shard)
+        unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]
+        if unknown:
+            raise UsageError(f"{option('site_scales')}: {unknown[0]!r} is not a selected site")
         self.noise = make_noise(config.noise, config.ratio)
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
@@ -273,8 +276,10 @@ class AuditRun:
             state.curve = done.value
             return
         config = self.config
+        scales = dict(config.site_scales)
         unit = WorkUnit(self._worker.key, state.names, request.sigmas, config.repeats,
-                        (request.blocks.start, request.blocks.stop), config.seed, mode=config.mode)
+                        (request.blocks.start, request.blocks.stop), config.seed, mode=config.mode,
+                        site_scales=tuple(float(scales.get(n, 1.0)) for n in state.names) if scales else None)
         rows = len(block_rows(request.blocks, self.dataset.samples))
         self.progress.grow(len(request.sigmas) * config.repeats * rows)
         pieces = executor.split(unit)
@@ -362,6 +367,7 @@ class AuditRun:
                        "seed": config.seed, "batch_size": worker.batch_size, "provider_requested": config.provider,
                        "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
                        "exact": config.exact, "shard": list(config.shard) if config.shard else None,
+                       "site_scales": dict(config.site_scales) or None,
                        "sites": {"ops": list(config.selection.ops), "include": config.selection.include,
                                  "exclude": config.selection.exclude, "names": list(config.selection.names)}},
             "runtime": {"provider": runtime.provider, "onnxruntime_version": runtime.version,

@@ -53,6 +53,9 @@ class AuditConfig:
     noise_source: str = "auto"  # "host": numpy draws fed in; "graph": RandomNormalLike in the graph; auto: per provider
     exact: bool = False  # σ = 0 bit-identical to the model in every session (slower conv nets on the CPU)
     shard: tuple[int, int] | None = None  # (i, n): audit only the i-th of n cost-balanced shares of the sites (1-based)
+    #: global mode: σ of a site is σ × its scale (sites not named: 1), so any assignment of noise levels to sites is
+    #: measured at once (the paper's global mode generalised)
+    site_scales: tuple[tuple[str, float], ...] = ()
 
     def check(self) -> AuditConfig:
         """This config, or OptionError naming the first field that cannot work."""
@@ -75,6 +78,12 @@ class AuditConfig:
                 raise OptionError("shard", f"must be (i, n), got {self.shard!r}")
             _integer("shard", self.shard[1], 1, 10_000)
             _integer("shard", self.shard[0], 1, self.shard[1])
+        for name, scale in self.site_scales:
+            if not isinstance(name, str):
+                raise OptionError("site_scales", f"names a site by its tensor name, got {name!r}")
+            _number("site_scales", scale, 0.0, SIGMA_RANGE[1])
+        if self.site_scales and self.mode != "global":
+            raise OptionError("site_scales", "only applies in global mode (every site noisy at once)")
         if not isinstance(self.selection, Selection):
             raise OptionError("selection", f"must be a walkaudit Selection, got {type(self.selection).__name__}")
         return self
@@ -85,6 +94,7 @@ class AuditConfig:
         skip = {"batch_size", "threads", "provider", "shard"}
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         body["sigmas"] = list(self.sigmas) if self.sigmas is not None else None
+        body["site_scales"] = [list(pair) for pair in self.site_scales]
         s = self.selection
         body["selection"] = {"ops": list(s.ops), "include": s.include, "exclude": s.exclude, "names": list(s.names)}
         return body
