@@ -36,7 +36,7 @@ def x_data(n=24, shape=(FEATURES,), seed=0, dtype=np.float32):
 
 
 def assert_audited(report, sites=None):
-    assert report.clean_accuracy == 1.0 or report.data["labels"] == "given"
+    assert report.clean_accuracy == 1.0 or report.data.labels == "given"
     assert report.sites, "no sites were audited"
     if sites is not None:
         assert [s.name for s in report.sites] == sites
@@ -105,7 +105,7 @@ def test_bfloat16_weights_float_compute():
     g.node.extend(nodes)
     report = walkaudit.audit(model, x_data(), **FAST)
     assert_audited(report, ["h", "logits"])
-    assert report.sites[0].weight is None or report.sites[0].weight["mean_abs"] > 0
+    assert report.sites[0].weight is None or report.sites[0].weight.mean_abs > 0
 
 
 def test_bfloat16_compute_is_audited_or_refused_clearly(tmp_path):
@@ -205,7 +205,7 @@ def test_multi_input_from_npz(tmp_path):
     np.savez(tmp_path / "d.npz", x_in=x, mask=mask, labels=labels)
     report = walkaudit.audit(str(path), data=str(tmp_path / "d.npz"), **FAST)
     assert_audited(report, ["h", "logits"])
-    assert report.data["labels"] == "given"
+    assert report.data.labels == "given"
     # the same through arrays, a dict by input name
     again = walkaudit.audit(model, {"x_in": x, "mask": mask}, labels, **FAST)
     assert again.clean_accuracy == report.clean_accuracy
@@ -328,8 +328,8 @@ def test_fixed_batch_size(batch, n):
     model = mlp(batch=batch)
     x = x_data(n=n)
     report = walkaudit.audit(model, x, **FAST)
-    assert report.model["batch_size"] == batch
-    assert report.data["samples"] == n
+    assert report.model.batch_size == batch
+    assert report.data.samples == n
     assert_audited(report, ["h", "logits"])
     free = walkaudit.audit(mlp(), x, **FAST)
     assert report.clean_accuracy == free.clean_accuracy

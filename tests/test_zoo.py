@@ -126,10 +126,10 @@ def test_zoo_model_audits_end_to_end(name):
     names = few_sites(model)
     report = walkaudit.audit(model, inputs(), provider="cpu", noise="multiplicative", sigmas=SIGMAS, repeats=1,
                              selection=Selection(names=names))
-    assert report.model["batch_size"] == 1
-    assert report.data["samples"] == 4 and report.data["labels"] == "clean-predictions"
+    assert report.model.batch_size == 1
+    assert report.data.samples == 4 and report.data.labels == "clean-predictions"
     assert report.clean_accuracy == 1.0 and report.num_classes == 1000
-    assert any("fixed batch size of 1" in n for n in report.runtime["notes"])
+    assert any("fixed batch size of 1" in n for n in report.runtime.notes)
     assert [s.name for s in report.sites] == list(names)
     for site in report.sites:
         assert [p.sigma for p in site.points] == list(SIGMAS)
