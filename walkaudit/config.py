@@ -78,6 +78,8 @@ class AuditConfig:
                 raise OptionError("shard", f"must be (i, n), got {self.shard!r}")
             _integer("shard", self.shard[1], 1, 10_000)
             _integer("shard", self.shard[0], 1, self.shard[1])
+            if self.mode == "global":
+                raise OptionError("shard", "splits the sites of a walk; global mode puts noise at every site at once")
         for name, scale in self.site_scales:
             if not isinstance(name, str):
                 raise OptionError("site_scales", f"names a site by its tensor name, got {name!r}")
@@ -91,7 +93,7 @@ class AuditConfig:
     def fingerprint(self) -> dict:
         """The options that change results (not the batch size, threads or provider): equal fingerprints and equal
         inputs give equal reports, timings aside."""
-        skip = {"batch_size", "threads", "provider", "shard"}
+        skip = {"batch_size", "threads", "provider"}  # the shard stays: each shard has a checkpoint of its own
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         body["sigmas"] = list(self.sigmas) if self.sigmas is not None else None
         body["site_scales"] = [list(pair) for pair in self.site_scales]
