@@ -451,11 +451,11 @@ CLICK_USAGE = ("--frobnicate", "pink", "is a directory")
 
 
 def _click_usage(result, phrase: str) -> None:
-    """click's own usage errors print 'Usage:' lines before one 'Error:' line; still exit 2, no traceback."""
+    """click's own usage errors, as every error: one line `walkaudit: error: …`, exit 2, no traceback."""
     assert result.exit_code == 2
     assert "Traceback" not in result.stderr
     assert phrase in result.stderr
-    assert sum(1 for ln in result.stderr.splitlines() if "Error" in ln) == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("walkaudit: error: ")
 
 
 @pytest.mark.parametrize("build, code, phrase", [pytest.param(b, c, p, id=i) for i, b, c, p in CASES])

@@ -142,4 +142,74 @@ def test_missing_matplotlib_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(UsageError) as info:
         plot_report(typed(make_report()))
-    assert str(info.value) == "matplotlib is not installed: pip install 'walkaudit[plot]'"
+    assert str(info.value).startswith("matplotlib is not installed: pip install matplotlib")
+    assert "pip install walkaudit" not in str(info.value)  # walkaudit is not on an index
+
+
+# --- what the figure shows -------------------------------------------------------------------------------------------
+
+def _curve_labels(figure):
+    ax = figure.axes[0]
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_legend_is_in_network_order_and_many_sites_are_distinguishable():
+    pytest.importorskip("matplotlib")
+    names = [f"/encoder/layer.{i}/Conv_output_0" for i in range(14)]
+    sites = [make_site(n, 10 ** (-2 + (i * 7 % 14) / 7), index=i) for i, n in enumerate(names)]
+    figure = plot_report(typed(make_report(sites)))
+    labels = [t for t in _curve_labels(figure) if "layer." in t]
+    order = [int(t.split("layer.")[1].split("/")[0]) for t in labels]
+    assert order == sorted(order) and len(labels) == 12  # the 12 weakest, in network order
+    assert all(t.endswith("Conv_output_0") for t in labels) and len(set(labels)) == len(labels)
+    from walkaudit.report.plot import _styles
+
+    styles = _styles(24)
+    assert len(set(styles)) == 24 and len({c for c, _ in styles[:20]}) == 20
+
+
+def test_plain_tick_labels_floor_threshold_and_one_site():
+    pytest.importorskip("matplotlib")
+    report = typed(make_report([make_site("only", 2.0, index=0)]))
+    report = report.with_gate(evaluate(report, GateConfig(thresholds=(Threshold(None, 0.5, False),))),
+                              rules=GateConfig(thresholds=(Threshold(None, 0.5, False),)).to_dict())
+    figure = plot_report(report)
+    figure.canvas.draw()
+    ax_acc, ax_mid = figure.axes[:2]
+    assert "(1 site;" in ax_acc.get_title()
+    ticks = [t.get_text() for t in ax_mid.get_xticklabels() if t.get_text()]
+    assert ticks and all("10^" not in t and "×" not in t and "$" not in t for t in ticks)
+    assert ax_mid.get_xlim()[0] == pytest.approx(0.1)  # the decade at or below the threshold and the bars
+    assert any("fail under 0.5" in t for t in _curve_labels(figure))
+    assert any(line.get_xdata()[0] == 0.5 for line in ax_mid.get_lines() if line.get_linestyle() == "--")
+
+
+def test_baseline_overlay_and_relative_view():
+    pytest.importorskip("matplotlib")
+    new = typed(make_report([make_site("a", 0.1, index=0, activation_std=2.0),
+                             make_site("b", 0.2, index=1, activation_std=4.0)]))
+    old = typed(make_report([make_site("a", 0.2, index=0, activation_std=2.0),
+                             make_site("b", 0.2, index=1, activation_std=4.0)]))
+    figure = plot_report(new, baseline=old)
+    assert any("baseline" in t for t in _curve_labels(figure))
+    ticks = [ln for ln in figure.axes[1].get_lines() if ln.get_gid() == "baseline"]
+    assert sorted(ln.get_xdata()[0] for ln in ticks) == [0.2, 0.2]
+    relative = plot_report(new, relative=True)
+    assert "activation std" in relative.axes[0].get_xlabel()
+    bars = sorted(p.get_x() + p.get_width() for p in relative.axes[1].patches)
+    assert bars == pytest.approx([0.05, 0.05])
+
+
+def test_plot_command_takes_baseline_and_relative(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from click.testing import CliRunner
+
+    from walkaudit.cli import main
+
+    (tmp_path / "r.json").write_text(json.dumps(make_report()))
+    result = CliRunner().invoke(main, ["plot", str(tmp_path / "r.json"), "-o", str(tmp_path / "c.png"),
+                                       "--baseline", str(tmp_path / "r.json"), "--relative"])
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -74,7 +74,7 @@ class Counts:
         """The counts of two disjoint sample ranges with the same σ levels and repeats: their union's counts."""
         if self.sigmas != other.sigmas or self.correct.shape != other.correct.shape:
             raise ValueError("counts of different σ levels or repeats do not add")
-        notes = tuple(dict.fromkeys(self.notes + other.notes))
+        notes = tuple(sorted(set(self.notes + other.notes)))  # the same whatever order the pieces came back in
         return Counts(self.sigmas, self.correct + other.correct, self.nonfinite + other.nonfinite,
                       self.samples + other.samples, notes)
 

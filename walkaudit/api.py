@@ -136,7 +136,7 @@ class AuditRun:
         self.config, self.progress, self.started = config, progress, time.perf_counter()
         self.loaded = load_model(model, config.output)
         out = self.loaded.class_output
-        num_classes = out.num_classes if out.kind == "scores" else None
+        num_classes = out.num_classes if out.kind != "label" else None
         if data is not None:
             self.dataset = data_mod.load(data, self.loaded.inputs, x_key=config.x_key, y_key=config.y_key,
                                          limit=config.limit, num_classes=num_classes,
@@ -277,12 +277,13 @@ class AuditRun:
             return
         config = self.config
         scales = dict(config.site_scales)
-        unit = WorkUnit(self._worker.key, state.names, request.sigmas, config.repeats,
-                        (request.blocks.start, request.blocks.stop), config.seed, mode=config.mode,
-                        site_scales=tuple(float(scales.get(n, 1.0)) for n in state.names) if scales else None)
-        rows = len(block_rows(request.blocks, self.dataset.samples))
+        units = [WorkUnit(self._worker.key, state.names, request.sigmas, config.repeats, (r.start, r.stop),
+                          config.seed, mode=config.mode,
+                          site_scales=tuple(float(scales.get(n, 1.0)) for n in state.names) if scales else None)
+                 for r in request.blocks]  # one unit per contiguous range of the request's blocks
+        rows = sum(len(block_rows(r, self.dataset.samples)) for r in request.blocks)
         self.progress.grow(len(request.sigmas) * config.repeats * rows)
-        pieces = executor.split(unit)
+        pieces = [piece for unit in units for piece in executor.split(unit)]
         state.total, state.outstanding = None, len(pieces)
         for piece in pieces:
             handles[executor.submit(piece)] = state.position
@@ -305,7 +306,7 @@ class AuditRun:
         sig, levels = curve.sorted()
         acc = np.stack([sweep.accuracy(lv) for lv in levels])
         mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=self.chance,
-                           samples=int(np.median([lv.samples for lv in levels])))
+                           samples=np.array([lv.samples for lv in levels]))
         points = [{"sigma": float(s), "accuracy": float(a.mean()), "accuracy_std": float(a.std()),
                    "repeats": int(lv.correct.size), "samples": int(lv.samples), "nonfinite": int(lv.nonfinite.sum()),
                    "per_repeat": {"correct": lv.correct[0].tolist(), "nonfinite": lv.nonfinite[0].tolist()}}

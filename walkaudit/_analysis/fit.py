@@ -16,16 +16,20 @@ the design notes ("The method", Walking Noise, arXiv 2212.10430):
    fewer than 3 levels, σ50 is the linear interpolation in log σ of the first downward crossing of the halfway line
    (method "interpolation", ok=False).
 
-The 95% interval of a logistic estimate uses the delta method on the fit covariance (``ci_method="fit-covariance"``),
-with the covariance scaled by the observed residual variance, so scatter between repeats and lack of fit both widen it.
-It is symmetric in log σ and may extend past the grid. When the fitted drop (90% -> 10%) is narrower than the grid
-step at the crossing, the covariance says nothing useful and the interval is that grid step
-(``ci_method="grid-bracket"``). It is None when censored, interpolated, or when the covariance is degenerate.
-It describes the scatter of the measured points (noise draws, repeats), not the choice of evaluation set.
+The 95% interval of a logistic estimate is a bootstrap (``ci_method="bootstrap"``): BOOTSTRAP replicates resample
+the R repeats with replacement as whole curves (common random numbers: one noise draw serves every σ of a repeat,
+so its errors are shared across levels; deviations scaled by sqrt(R/(R-1)) to undo the bootstrap's shrinkage),
+redraw each point's count binomially from its accuracy and the level's samples, and refit the chosen model with a
+batched Levenberg-Marquardt started at the fit; the interval is the 2.5-97.5% percentile of the refitted crossings
+in log σ. The generator is seeded from the inputs, so the same data give the same interval. When the fitted drop
+(90% -> 10%) is narrower than the grid step at the crossing, the interval is that grid step
+(``ci_method="grid-bracket"``). It is None when censored, interpolated, or when most refits do not cross the line.
+It describes the noise draws and repeats, not the choice of evaluation set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +46,8 @@ _PLATEAU_MIN_RISE = 0.05  # ... and its floor must sit this fraction of (clean -
 _MAX_CI_HALF_WIDTH = 5.0  # decades; a wider delta-method interval means the covariance is degenerate
 _POOR_FIT_RMS = 0.1  # residual RMS of level means, as a fraction of (clean - chance), that rejects a fit
 _TRANSITION_WIDTH = 2 * math.log(9)  # the logistic falls from 90% to 10% of its drop over this many widths w
+BOOTSTRAP = 400  # bootstrap refits behind a 95% interval
+_BOOT_MIN_VALID = 0.9  # share of refits that must cross the halfway line for an interval
 
 
 @dataclass(frozen=True)
@@ -87,14 +93,15 @@ def halfway(clean: float, chance: float) -> float:
     return chance + (clean - chance) / 2.0
 
 
-def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples: int | None = None) -> Midpoint:
+def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None) -> Midpoint:
     """Estimate σ50 from accuracies ``accuracy`` ([L] or [L, R] repeats) measured at noise levels ``sigmas`` [L].
 
-    ``samples`` (evaluation samples per point) sets how the binomial weights of the fit are smoothed near
-    accuracy 0 and 1 (100 when unknown). Never raises on bad data
-    (too few points, NaNs, flat curves, clean <= chance); raises ValueError only if the shapes do not match.
+    ``samples``: evaluation samples behind each accuracy, one number or one per level [L] (100 when unknown). It
+    sets the binomial weights of the fit and the binomial resampling of the bootstrap interval. Never raises on bad
+    data (too few points, NaNs, flat curves, clean <= chance); raises ValueError only if the shapes do not match.
+    The result is a function of the inputs alone: the bootstrap is seeded from them.
     """
-    u, acc = _clean_inputs(sigmas, accuracy)
+    u, acc, n = _clean_inputs(sigmas, accuracy, samples)
     if u.size == 0:
         return _degenerate(math.nan, "no finite accuracy at any σ > 0")
     sigma_max = float(10 ** u[-1])
@@ -114,7 +121,7 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples: int | No
     if u.size < 3:
         return _interpolation(u_interp, f"only {u.size} σ levels: too few for a logistic fit")
 
-    fit = _choose_fit(u, acc, clean=clean, chance=chance, half=half, u_start=u_interp, samples=samples)
+    fit = _choose_fit(u, acc, clean=clean, chance=chance, half=half, u_start=u_interp, samples=n)
     if isinstance(fit, str):
         return _interpolation(u_interp, fit)
     return fit
@@ -122,17 +129,24 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples: int | No
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 
-def _clean_inputs(sigmas, accuracy) -> tuple[np.ndarray, np.ndarray]:
-    """u = log10 σ sorted ascending and accuracy as [L, R], keeping only σ > 0 levels with some finite accuracy."""
+def _clean_inputs(sigmas, accuracy, samples=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """u = log10 σ sorted ascending, accuracy as [L, R] and samples per level [L], keeping only σ > 0 levels with
+    some finite accuracy."""
     sigmas = np.asarray(sigmas, dtype=float).reshape(-1)
     acc = np.asarray(accuracy, dtype=float)
     if acc.ndim == 1:
         acc = acc[:, None]
     if acc.ndim != 2 or acc.shape[0] != sigmas.size:
         raise ValueError(f"accuracy shape {acc.shape} does not match {sigmas.size} σ levels")
+    n = np.asarray(_DEFAULT_SAMPLES if samples is None else samples, dtype=float).reshape(-1)
+    if n.size == 1:
+        n = np.full(sigmas.size, n[0])
+    if n.size != sigmas.size:
+        raise ValueError(f"{n.size} sample counts do not match {sigmas.size} σ levels")
+    n = np.where(np.isfinite(n) & (n >= 1), n, _DEFAULT_SAMPLES)
     keep = np.isfinite(sigmas) & (sigmas > 0) & np.isfinite(acc).any(axis=1)
     order = np.argsort(sigmas[keep], kind="stable")
-    return np.log10(sigmas[keep][order]), acc[keep][order]
+    return np.log10(sigmas[keep][order]), acc[keep][order], n[keep][order]
 
 
 # --- logistic fits ------------------------------------------------------------------------------------------------
@@ -163,7 +177,7 @@ def _choose_fit(u, acc, *, clean, chance, half, u_start, samples) -> Midpoint | 
     rows, cols = np.nonzero(np.isfinite(acc))
     x, y = u[rows], acc[rows, cols]
     means = np.nanmean(acc, axis=1)
-    weights = _binomial_sd(means, samples or _DEFAULT_SAMPLES)[rows]
+    weights = _binomial_sd(means, samples)[rows]
     span = clean - chance
 
     pinned = _fit(x, y, weights, lo=chance, hi0=clean, m0=u_start, u=u)
@@ -177,10 +191,10 @@ def _choose_fit(u, acc, *, clean, chance, half, u_start, samples) -> Midpoint | 
     if problem := _fit_problem(chosen, u, means, half=half, span=span):
         return problem if note is None else f"{note}, but {problem}"
 
-    u_half, grad = _crossing(chosen, half)
+    u_half = _crossing(chosen, half)[0]
     params = {"hi": chosen.hi, "lo": chosen.lo, "m": chosen.m, "w": chosen.w}
     method = "logistic-free-floor" if chosen.free_floor else "logistic"
-    ci, ci_method, ci_note = _interval(chosen, u_half, grad, u)
+    ci, ci_method, ci_note = _interval(chosen, u_half, u, acc, samples, half=half, clean=clean, chance=chance)
     message = "; ".join(part for part in (note, ci_note) if part) or None
     return Midpoint(float(10**u_half), ci, None, method, True, params, ci_method, message)
 
@@ -197,20 +211,112 @@ def _fit_problem(fit: _Fit, u, means, *, half: float, span: float) -> str | None
     return None
 
 
-def _interval(fit: _Fit, u_half: float, grad: np.ndarray, u: np.ndarray):
-    """95% interval on σ50: delta method in log σ, or the grid step around the crossing for too-steep curves.
-
-    Returns (ci95, ci_method, note).
-    """
+def _interval(fit: _Fit, u_half: float, u: np.ndarray, acc: np.ndarray, samples: np.ndarray, *, half: float,
+              clean: float, chance: float):
+    """95% interval on σ50: a bootstrap percentile interval in log σ, or the grid step around the crossing for
+    too-steep curves. Returns (ci95, ci_method, note)."""
     k = min(max(int(np.searchsorted(u, u_half)), 1), u.size - 1)
     if _TRANSITION_WIDTH * fit.w < u[k] - u[k - 1]:
         return ((float(10 ** u[k - 1]), float(10 ** u[k])), "grid-bracket",
                 "curve steeper than the σ grid resolves: interval is the grid step around the crossing")
-    var = float(grad @ fit.cov @ grad) if np.all(np.isfinite(fit.cov)) else math.inf
-    half_width = _Z95 * math.sqrt(var) if var >= 0 else math.inf
-    if not half_width <= _MAX_CI_HALF_WIDTH:
+    seed = _data_seed(u, acc, samples, clean, chance)
+    crossings = _bootstrap_crossings(fit, u, acc, samples, half=half, rng=np.random.default_rng(seed))
+    if crossings.size < _BOOT_MIN_VALID * BOOTSTRAP:
+        return None, None, "interval unavailable: most bootstrap refits do not cross the halfway line"
+    lo, hi = np.quantile(crossings, [0.025, 0.975])
+    lo, hi = min(float(lo), u_half), max(float(hi), u_half)
+    if not hi - lo <= 2 * _MAX_CI_HALF_WIDTH:
         return None, None, "interval unavailable: the fit does not determine the curve's shape"
-    return (float(10 ** (u_half - half_width)), float(10 ** (u_half + half_width))), "fit-covariance", None
+    return (float(10**lo), float(10**hi)), "bootstrap", None
+
+
+def _data_seed(*parts) -> int:
+    """A seed that is a function of the data alone, so that a report is reproducible."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(np.ascontiguousarray(np.asarray(part, dtype=np.float64)).tobytes())
+        h.update(b"|")
+    return int.from_bytes(h.digest()[:8], "little")
+
+
+def _bootstrap_crossings(fit: _Fit, u, acc, samples, *, half: float, rng: np.random.Generator,
+                         n_boot: int | None = None) -> np.ndarray:
+    """The halfway crossings (u) of `n_boot` refits of `fit`'s model to resampled curves; failed refits dropped.
+
+    Each replicate resamples the R repeats with replacement as whole curves (the same repeats at every level: one
+    noise draw serves every σ of a repeat, so a repeat's errors are shared across its levels), then draws each
+    point's count binomially from its accuracy and the level's samples. The refit starts from the fit itself.
+    """
+    n_boot = BOOTSTRAP if n_boot is None else n_boot
+    levels, repeats = acc.shape
+    means = np.nanmean(acc, axis=1)
+    pick = rng.integers(0, repeats, size=(n_boot, repeats))
+    scale = math.sqrt(repeats / (repeats - 1)) if repeats > 1 else 0.0  # undo the bootstrap's (R - 1)/R shrinkage
+    y = means[None, :, None] + scale * (acc[:, pick].transpose(1, 0, 2) - means[None, :, None])  # [B, L, R]
+    finite = np.isfinite(y)
+    n = samples[None, :, None]
+    y = rng.binomial(np.broadcast_to(n, y.shape).astype(np.int64), np.clip(np.nan_to_num(y), 0, 1)) / n
+    sd = np.broadcast_to(_binomial_sd(means, samples)[None, :, None], y.shape)
+    x = np.broadcast_to(u[None, :, None], y.shape).reshape(n_boot, -1)
+    mask = finite.reshape(n_boot, -1)
+    y, sd = y.reshape(n_boot, -1), sd.reshape(n_boot, -1)
+    params = _lm_batch(np.broadcast_to(fit.params, (n_boot, fit.params.size)).copy(), x, y,
+                       np.where(mask, 1.0 / sd, 0.0), lo=None if fit.free_floor else fit.lo)
+    hi_, m, w = params[:, 0], params[:, -2], 10 ** params[:, -1]
+    lo_ = params[:, 1] if fit.free_floor else np.full(n_boot, fit.lo)
+    with np.errstate(all="ignore"):
+        cross = m + w * (np.log(hi_ - half) - np.log(half - lo_))
+    ok = np.isfinite(cross) & (lo_ < half) & (half < hi_)
+    return cross[ok]
+
+
+def _lm_batch(p: np.ndarray, x: np.ndarray, y: np.ndarray, wt: np.ndarray, *, lo: float | None,
+              iterations: int = 30) -> np.ndarray:
+    """Levenberg-Marquardt on a batch of weighted logistic fits at once: p [B, k] (hi, m, lw) or (hi, lo, m, lw),
+    x, y, wt [B, N] (wt = 1/sd, 0 for missing points). Returns the fitted p; NaN rows where the fit broke down."""
+    free = lo is None
+    lam = np.full(p.shape[0], 1e-3)
+
+    def residuals(q):
+        hi_, m, lw = q[:, 0:1], q[:, -2:-1], q[:, -1:]
+        lo_ = q[:, 1:2] if free else lo
+        w = 10**lw
+        s = special.expit(-(x - m) / w)
+        r = (y - (lo_ + (hi_ - lo_) * s)) * wt
+        return r, s, hi_, lo_, m, w
+
+    r, s, hi_, lo_, m, w = residuals(p)
+    cost = (r * r).sum(axis=1)
+    eye = np.eye(p.shape[1])
+    for _ in range(iterations):
+        ds = s * (1 - s)
+        cols = [s, 1 - s] if free else [s]
+        cols += [(hi_ - lo_) * ds / w, (hi_ - lo_) * ds * (x - m) * math.log(10) / w]
+        jac = np.stack(cols, axis=-1) * wt[..., None]  # d f / d p, weighted: [B, N, k]
+        jac_t = jac.transpose(0, 2, 1)
+        jtj = jac_t @ jac
+        jtr = (jac_t @ r[..., None])[..., 0]
+        damp = jtj + lam[:, None, None] * (jtj * eye + 1e-12 * eye)
+        with np.errstate(all="ignore"):
+            try:
+                step = np.linalg.solve(damp, jtr[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                step = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(damp, jtr)])
+            trial = p + step
+            r_t, s_t, hi_t, lo_t, m_t, w_t = residuals(trial)
+            cost_t = (r_t * r_t).sum(axis=1)
+        better = np.isfinite(cost_t) & (cost_t < cost)
+        p = np.where(better[:, None], trial, p)
+        r, s = np.where(better[:, None], r_t, r), np.where(better[:, None], s_t, s)
+        hi_, m, w = (np.where(better[:, None], a, b) for a, b in ((hi_t, hi_), (m_t, m), (w_t, w)))
+        if free:
+            lo_ = np.where(better[:, None], lo_t, lo_)
+        done = np.abs(cost - cost_t) <= 1e-9 * (1 + cost)
+        cost = np.where(better, cost_t, cost)
+        lam = np.where(better, lam / 3, lam * 4)
+        if np.all(done | (lam > 1e8)):
+            break
+    return np.where(np.all(np.isfinite(p), axis=1, keepdims=True), p, np.nan)
 
 
 def _fit(x, y, weights, *, lo, hi0, m0, u, lo0=None) -> _Fit | None:

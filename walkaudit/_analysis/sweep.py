@@ -4,10 +4,11 @@ Adaptive search (the default), per site:
 1. a coarse log grid (2 points a decade) over a starting range scaled to the site;
 2. extend a decade at a time while the curve has not crossed the halfway line (up) or starts below it (down),
    never past the stated bounds;
-3. levels are first evaluated on the first quarter of the sample blocks; those clearly above or below the halfway line keep
-   that estimate, the others get the rest of the data;
+3. levels are first evaluated on a quarter of the sample blocks spread evenly over the whole data (the *head*: every
+   4th block, so that data sorted by class or by difficulty is still represented); those clearly above or below the
+   halfway line keep that estimate, the others get the remaining blocks;
 4. refine inside the bracket where the mean accuracy crosses the halfway line, on all the data.
-A search is a generator: it yields Requests (σ levels × a range of sample blocks) and is sent back their Counts, so
+A search is a generator: it yields Requests (σ levels × a set of sample blocks) and is sent back their Counts, so
 any executor can serve it (`drive` serves one with a function) and it is tested without onnxruntime.
 """
 
@@ -41,10 +42,44 @@ class Plan:
 
 @dataclass(frozen=True)
 class Request:
-    """Evaluate these σ levels (every repeat) over these sample blocks, and send back their Counts."""
+    """Evaluate these σ levels (every repeat) over these sample blocks, and send back their Counts.
+
+    `blocks` is a tuple of `range`s of block indices (blocks of BLOCK samples): non-empty, in increasing order,
+    disjoint and not adjacent (adjacent ranges are merged), e.g. ``(range(0, 1), range(4, 5), range(8, 9))`` or
+    ``(range(0, 16),)``. The Counts sent back are the sum of the Counts of every range (one WorkUnit per range,
+    ``WorkUnit.blocks = (r.start, r.stop)``): counts of disjoint blocks add up exactly.
+    """
 
     sigmas: tuple[float, ...]
-    blocks: range
+    blocks: tuple[range, ...]
+
+    @property
+    def block_count(self) -> int:
+        """How many blocks the request covers."""
+        return sum(len(r) for r in self.blocks)
+
+
+def as_ranges(blocks) -> tuple[range, ...]:
+    """Block indices (any iterable of ints, or of ranges) as sorted, merged, non-empty ranges."""
+    if isinstance(blocks, range):
+        blocks = (blocks,)
+    index: set[int] = set()
+    for b in blocks:
+        index.update(b if isinstance(b, range) else (int(b),))
+    ranges: list[range] = []
+    for b in sorted(index):
+        if ranges and ranges[-1].stop == b:
+            ranges[-1] = range(ranges[-1].start, b + 1)
+        else:
+            ranges.append(range(b, b + 1))
+    return tuple(ranges)
+
+
+def spread(n_blocks: int, share: float) -> tuple[range, ...]:
+    """ceil(share · n_blocks) blocks (at least one) evenly spread over all `n_blocks` blocks (every 1/share-th
+    block, centred), as ranges."""
+    k = min(n_blocks, max(1, int(np.ceil(n_blocks * share))))
+    return as_ranges(int((i + 0.5) * n_blocks / k) for i in range(k))
 
 
 @dataclass
@@ -78,10 +113,12 @@ def accuracy(level: Counts) -> np.ndarray:
 Search = Generator[Request, Counts, Curve]
 
 
-def _ask(curve: Curve, sigmas, blocks: range) -> Search:
-    """Request `sigmas` over `blocks` (nothing when either is empty) and add the answer to the curve."""
+def _ask(curve: Curve, sigmas, blocks) -> Search:
+    """Request `sigmas` over `blocks` (block indices or ranges; nothing when either is empty) and add the answer to
+    the curve."""
     sigmas = tuple(float(s) for s in np.unique(np.atleast_1d(np.asarray(sigmas, dtype=np.float64))))
-    if sigmas and len(blocks):
+    blocks = as_ranges(blocks)
+    if sigmas and blocks:
         curve.add((yield Request(sigmas, blocks)))
     return curve
 
@@ -114,12 +151,14 @@ def _clear(level: Counts, half: float, margin: float) -> bool:
 def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: float = 1.0) -> Search:
     """Search for the halfway crossing as described in the module docstring.
 
-    Levels are first evaluated on the first quarter of the blocks (`plan.head`); a level whose side of the halfway
-    line is already clear keeps that estimate, the others are completed on the remaining blocks.
+    Levels are first evaluated on a share `plan.head` of the blocks spread over all the data (`spread`); a level
+    whose side of the halfway line is already clear keeps that estimate, the others are completed on the remaining
+    blocks.
     """
     scale = scale if np.isfinite(scale) and scale > 0 else 1.0
     step = 1.0 / plan.per_decade
-    head = range(max(1, int(np.ceil(n_blocks * plan.head))))
+    n_blocks = max(1, n_blocks)
+    head = spread(n_blocks, plan.head)
     curve = Curve()
     yield from _ask(curve, plan.coarse(scale), head)
 
@@ -132,7 +171,8 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
         bottom = max(plan.lowest, bottom - 1.0)
         yield from _ask(curve, scale * 10 ** np.arange(bottom, bottom + 1.0 - step / 2, step), head)
 
-    tail = range(len(head), n_blocks)
+    taken = {b for r in head for b in r}
+    tail = [b for b in range(n_blocks) if b not in taken]
     margin = plan.margin * max(clean - (2 * half - clean), 0.0)  # a fraction of (clean − chance)
     unclear = [s for s, level in curve.levels.items() if not _clear(level, half, margin)]
     yield from _ask(curve, unclear, tail)

@@ -46,12 +46,18 @@ Progress = Callable[[int], None]
 
 
 def predictions(out: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class [N], non-finite mask [N]). A row with NaN/Inf scores predicts no class (-1)."""
+    """(predicted class [N], non-finite mask [N]). A row with NaN/Inf scores predicts no class (-1).
+
+    kind: "scores" (argmax of [N, C, ...]), "label" (class ids [N]), "binary-logit" / "binary-probability" (one
+    number per sample, [N] or [N, 1, ...]: class 1 when above 0, resp. 0.5, else class 0)."""
     if kind == "label":
         pred = out.reshape(-1).astype(np.int64)
         return pred, np.zeros(pred.shape, dtype=bool)
     scores = out.reshape(out.shape[0], -1)
     bad = ~np.isfinite(scores).all(axis=1)
+    if kind in ("binary-logit", "binary-probability"):
+        threshold = 0.0 if kind == "binary-logit" else 0.5
+        return np.where(bad, -1, (scores[:, 0] > threshold).astype(np.int64)), bad
     pred = np.where(bad, -1, np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1))
     return pred, bad
 
@@ -168,6 +174,9 @@ class Worker:
             if progress:
                 progress(n)
         pred = np.concatenate(preds)
+        if len(pred) > 1 and (pred == pred[0]).all():
+            self.notes.append(f"the clean model gives class {pred[0]} for every sample: its accuracy, and how noise "
+                              "changes it, say little about the model (a constant or untrained model?)")
         labels = self.data.labels
         self._targets = pred if labels is None else labels
         seen = np.concatenate([pred, self._targets])

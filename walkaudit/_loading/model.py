@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from walkaudit.errors import ModelError
+from walkaudit.errors import ModelError, option
 
 #: onnx tensor element types that count as floating point (sites, class scores).
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -50,11 +50,68 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ClassOutput:
-    """The output that carries the class decision: scores [N, C] or labels [N]."""
+    """The output that carries the class decision: scores [N, C], labels [N], or one number per sample of a binary
+    classifier ([N] or [N, 1]): a logit (class 1 when > 0) or a probability (class 1 when > 0.5)."""
 
     name: str
-    kind: str  # "scores" | "label"
+    kind: str  # "scores" | "label" | "binary-logit" | "binary-probability"
     num_classes: int | None
+
+
+#: ClassOutput kinds of binary classifiers with one number per sample, and their decision thresholds.
+BINARY_THRESHOLDS = {"binary-logit": 0.0, "binary-probability": 0.5}
+
+#: Ops that only move or relabel values: an output computed from the inputs by these alone is a pass-through.
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "CastLike", "Transpose",
+                 "Expand", "Shape", "Size", "Constant", "ConstantOfShape", "Slice", "Gather", "Concat", "Split"}
+#: Ops whose output counts as the model's own computation when ranking candidate class outputs.
+_LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "QLinearConv", "QLinearMatMul", "Einsum"}
+_SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "CastLike"}
+
+
+class _Graph:
+    """What the choice of a class output needs to know about the main graph: who writes each value, and which
+    values are graph inputs or constants."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.inputs = {i.name for i in graph.input}
+        self.static = {i.name for i in graph.initializer}
+        self._ancestors: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:  # constant-only values (Constant nodes and what only they feed)
+            if all(i in self.static for i in node.input if i):
+                self.static.update(o for o in node.output if o)
+
+    def ancestors(self, name: str) -> list[onnx.NodeProto]:
+        if name in self._ancestors:
+            return self._ancestors[name]
+        seen, stack, nodes = set(), [name], []
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            nodes.append(node)
+            stack.extend(i for i in node.input if i)
+        self._ancestors[name] = nodes
+        return nodes
+
+    def computed(self, name: str) -> bool:
+        """Does the model compute this value from its inputs (not a graph input, a constant or a pass-through)?"""
+        if name in self.inputs or name in self.static or name not in self.producer:
+            return False
+        return any(n.op_type not in _PASS_THROUGH for n in self.ancestors(name))
+
+    def layered(self, name: str) -> bool:
+        """Is a Conv/Gemm/MatMul-like layer or an ai.onnx.ml operator among the value's ancestors?"""
+        return any(n.op_type in _LAYER_OPS or n.domain == "ai.onnx.ml" for n in self.ancestors(name))
+
+    def binary_kind(self, name: str) -> str:
+        """A one-number output read through shape-only ops from a Sigmoid is a probability, else a logit."""
+        node = self.producer.get(name)
+        while node is not None and node.op_type in _SHAPE_ONLY and node.input:
+            node = self.producer.get(node.input[0])
+        return "binary-probability" if node is not None and node.op_type == "Sigmoid" else "binary-logit"
 
 
 @dataclass
@@ -250,36 +307,57 @@ def _regressor_like(spec: TensorSpec) -> bool:
     return len(spec.shape) == 1 or (len(spec.shape) >= 2 and all(d == 1 for d in spec.shape[1:]))
 
 
-def find_class_output(outputs: list[TensorSpec], override: str | None = None) -> ClassOutput:
+def find_class_output(outputs: list[TensorSpec], override: str | None = None,
+                      graph: onnx.GraphProto | None = None) -> ClassOutput:
     """Pick the output that carries the class decision.
 
     Preference: a float output [N, C] with more than one column (logits or probabilities; trailing 1-dimensions
-    of a convolutional head are accepted), then an integer label output [N]. `override` names the output explicitly.
+    of a convolutional head are accepted), then an integer label output [N], then one number per sample read from a
+    Sigmoid (a binary classifier's probability). `override` names the output explicitly; one number per sample
+    is then taken as a binary classifier's logit (threshold 0) or, from a Sigmoid, probability (threshold 0.5).
+    With `graph`, outputs that the model does not compute (a graph input passed through, a constant) are never
+    chosen, and outputs computed by a Conv/Gemm/MatMul layer (or an ai.onnx.ml operator) come first.
     """
+    facts = _Graph(graph) if graph is not None else None
     names = [o.name for o in outputs]
     if override is not None:
         match = [o for o in outputs if o.name == override]
         if not match:
             raise ModelError(f"--output {override!r} is not an output of the model (outputs: {', '.join(names)})")
-        return _as_class_output(match[0], strict=True)
+        if facts is not None and not facts.computed(override):
+            raise ModelError(f"output '{override}' is not computed by the model (a graph input or a constant passed "
+                             "through): no noise can reach it")
+        return _as_class_output(match[0], strict=True, facts=facts)
+    found = "; ".join(f"{o.name}: {o.describe()}" for o in outputs) or "none"
+    if facts is not None:
+        usable = [o for o in outputs if facts.computed(o.name)]
+        if outputs and not usable:
+            raise ModelError(f"no output of the model is computed from its inputs (outputs: {found})")
+        outputs = sorted(usable, key=lambda o: not facts.layered(o.name))  # stable: graph order within each group
     scores = [o for o in outputs if _score_like(o)]
     if scores:
         named = [o for o in scores if any(k in o.name.lower() for k in ("prob", "logit", "score"))]
-        return _as_class_output((named or scores)[0], strict=False)
+        return _as_class_output((named or scores)[0], strict=False, facts=facts)
     labels = [o for o in outputs if o.elem_type in INT_TYPES and o.shape is not None and len(o.shape) == 1]
     if labels:
-        return _as_class_output(labels[0], strict=False)
-    found = "; ".join(f"{o.name}: {o.describe()}" for o in outputs) or "none"
+        return _as_class_output(labels[0], strict=False, facts=facts)
+    if facts is not None:
+        sigmoid = [o for o in outputs if _regressor_like(o) and facts.binary_kind(o.name) == "binary-probability"]
+        if sigmoid:
+            return ClassOutput(sigmoid[0].name, "binary-probability", 2)
     if outputs and all(_regressor_like(o) for o in outputs):
         raise ModelError(f"the model looks like a regressor, not a classifier: one number per sample "
-                         f"(outputs: {found}); walkaudit needs float scores [N, C] or integer labels [N]")
+                         f"(outputs: {found}); for a binary classifier name its logit or probability with "
+                         f"{option('output')}")
     raise ModelError(f"no class output found: need float scores [N, C] or integer labels [N] (outputs: {found})")
 
 
-def _as_class_output(spec: TensorSpec, strict: bool) -> ClassOutput:
+def _as_class_output(spec: TensorSpec, strict: bool, facts: _Graph | None = None) -> ClassOutput:
     if _regressor_like(spec):
+        if strict:  # named by the user: a binary classifier's one number per sample
+            return ClassOutput(spec.name, facts.binary_kind(spec.name) if facts else "binary-logit", 2)
         raise ModelError(f"output '{spec.name}' has one value per sample ({spec.describe()}): a regressor, "
-                         "not a classifier")
+                         f"not a classifier; for a binary classifier name it with {option('output')}")
     if _score_like(spec):
         c = spec.shape[1]
         return ClassOutput(spec.name, "scores", c if isinstance(c, int) else None)
@@ -288,6 +366,26 @@ def _as_class_output(spec: TensorSpec, strict: bool) -> ClassOutput:
     if spec.is_float and spec.shape is None:  # rank unknown: trust the user's choice, the clean pass checks it
         return ClassOutput(spec.name, "scores", None)
     raise ModelError(f"output '{spec.name}' ({spec.describe()}) is neither scores [N, C] nor labels [N]")
+
+
+def _label_scores(proto: onnx.ModelProto, types: dict[str, TensorSpec], label: str) -> ClassOutput | None:
+    """The scores [N, C] written by the same node as the integer `label` output (an ai.onnx.ml classifier writes
+    both): noise cannot reach a label from inside the node that writes it, so the scores are audited instead.
+    None when the node writes no such scores, or its class labels are not 0 .. C-1 (argmax would not be the label)."""
+    node = next((n for n in proto.graph.node if label in n.output), None)
+    if node is None:
+        return None
+    scores = [types[o] for o in node.output if o and o != label and o in types and _score_like(types[o])]
+    if not scores:
+        return None
+    spec = scores[0]
+    c = spec.shape[1] if isinstance(spec.shape[1], int) else None
+    for attr in node.attribute:
+        if attr.name in ("classlabels_int64s", "classlabels_ints"):
+            if list(attr.ints) != list(range(len(attr.ints))):
+                return None
+            c = c or len(attr.ints)
+    return ClassOutput(spec.name, "scores", c)
 
 
 def _output_specs(proto: onnx.ModelProto, types: dict[str, TensorSpec]) -> list[TensorSpec]:
@@ -345,7 +443,9 @@ def load_model(source, output: str | None = None, validate: bool = True) -> Load
     if not inputs:
         raise ModelError("the model has no data inputs")
     outputs = _output_specs(proto, types)
-    class_output = find_class_output(outputs, output)
+    class_output = find_class_output(outputs, output, proto.graph)
+    if class_output.kind == "label" and output is None:
+        class_output = _label_scores(proto, types, class_output.name) or class_output
     if class_output.num_classes is None:
         class_output = ClassOutput(class_output.name, class_output.kind, _ml_class_count(proto))
     return LoadedModel(proto, path, sha, inputs, outputs, types, class_output)

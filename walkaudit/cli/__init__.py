@@ -20,7 +20,11 @@ EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _err(message: str) -> None:
-    click.echo(f"walkaudit: error: {message}", err=True)
+    """The one error line: `walkaudit: error: …`, control characters escaped (a newline in a tensor name or a path
+    never breaks the one-line contract)."""
+    from walkaudit.report.text import printable
+
+    click.echo(f"walkaudit: error: {printable(message)}", err=True)
 
 
 def guarded(fn):
@@ -39,7 +43,7 @@ def guarded(fn):
             try:
                 result = fn(*args, **kwargs)
             except WalkauditError as exc:
-                _err(exc.for_cli() if hasattr(exc, "for_cli") else str(exc))  # options: named by their flag
+                _err(_with_hint(exc.for_cli()))  # options named by their flags
                 sys.exit(exc.exit_code)
             except KeyboardInterrupt as exc:
                 signum = signals.signum_of(exc)
@@ -67,13 +71,57 @@ def guarded(fn):
     return wrapper
 
 
+def _with_hint(message: str) -> str:
+    """An error line with what to do, where walkaudit knows it."""
+    if "cannot run on CUDA" in message and "hint" not in message:
+        return (message + "; for CUDA install onnxruntime-gpu with a matching CUDA and cuDNN (pip uninstall "
+                "onnxruntime; pip install onnxruntime-gpu), or run on the CPU with --provider cpu (or auto)")
+    return message
+
+
 class DefaultGroup(click.Group):
-    """`walkaudit MODEL ...` means `walkaudit audit MODEL ...`."""
+    """`walkaudit MODEL ...` means `walkaudit audit MODEL ...`; a mistyped command (`audti`, `inspct`) is refused
+    with a suggestion; click's own usage errors are one `walkaudit: error:` line (exit 2)."""
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            close = _command_typo(args[0], list(self.commands))
+            if close:
+                raise UsageError(f"unknown command {args[0]!r}: did you mean '{close}'? (no file of that name to "
+                                 "audit either)")
             args = ["audit", *args]
         return super().parse_args(ctx, args)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:  # click's parsing: one line, and where to read more
+            where = exc.ctx.command_path if exc.ctx is not None else "walkaudit"
+            _err(f"{exc.format_message().rstrip('.')}; see '{where} --help'")
+            sys.exit(EXIT_USAGE)
+        except WalkauditError as exc:  # raised while parsing (a mistyped command)
+            _err(exc.for_cli())
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            _err(exc.format_message())
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            _err("aborted")
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _command_typo(word: str, commands: list[str]) -> str | None:
+    """The command `word` is a typo of, or None: only for a bare word (no path separator or suffix) that is no
+    existing file and close to a command name."""
+    import difflib
+
+    if not word or word.startswith("-") or "/" in word or "\\" in word or "." in word or os.path.exists(word):
+        return None
+    close = difflib.get_close_matches(word.lower(), commands, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,6 +139,43 @@ def main():
     """
 
 
+#: the sections of `audit --help`, by parameter name; a parameter not named here is listed under "Other"
+AUDIT_OPTION_GROUPS = {
+    "Data": ("data_path", "x_key", "y_key", "limit", "output", "chance", "allow_nonfinite"),
+    "Sites": ("ops", "include", "exclude", "site_names"),
+    "Noise & sweep": ("noise", "ratio", "global_mode", "sigmas", "repeats", "seed"),
+    "Runtime": ("provider", "threads", "batch_size", "noise_source", "exact", "shard", "ray_address"),
+    "Gate": ("fail_under", "fail_under_relative", "rules", "rules_file", "min_clean_accuracy", "baseline",
+             "max_drop"),
+    "Output": ("json_path", "markdown_path", "junit_path", "html", "output_format", "github", "quiet", "silent"),
+    "Resume": ("resume", "checkpoint_path"),
+}
+
+
+class GroupedCommand(click.Command):
+    """A command whose --help lists its options in sections (`option_groups`: title -> parameter names)."""
+
+    option_groups: dict[str, tuple[str, ...]] = AUDIT_OPTION_GROUPS
+
+    def format_options(self, ctx, formatter):
+        records = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                records[param.name] = record
+        listed = set()
+        for title, names in self.option_groups.items():
+            rows = [records[n] for n in names if n in records]
+            listed.update(names)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = [r for n, r in records.items() if n not in listed]
+        if rest:
+            with formatter.section("Other"):
+                formatter.write_dl(rest)
+
+
 def site_options(fn):
     fn = click.option("--exclude", metavar="REGEX", help="Drop sites whose tensor or node name matches.")(fn)
     fn = click.option("--include", metavar="REGEX", help="Keep only sites whose tensor or node name matches.")(fn)
@@ -100,7 +185,10 @@ def site_options(fn):
     return fn
 
 
-def gate_options(fn):
+def gate_options(fn=None, *, baseline: bool = True):
+    """The gate's flags; compare takes its baseline as an argument (`baseline=False`: no --baseline flag)."""
+    if fn is None:
+        return functools.partial(gate_options, baseline=baseline)
     opts = [
         click.option("--fail-under", type=float, metavar="SIGMA", help="Fail when a site's σ50 is below SIGMA."),
         click.option("--fail-under-relative", type=float, metavar="X",
@@ -112,11 +200,35 @@ def gate_options(fn):
         click.option("--min-clean-accuracy", type=float, metavar="A", help="Fail when clean accuracy is below A."),
         click.option("--baseline", type=click.Path(dir_okay=False), metavar="REPORT",
                      help="A previous JSON report to compare against."),
-        click.option("--max-drop", metavar="DROP", help="Largest allowed σ50 drop vs --baseline: '20%' or '0.3dec'."),
+        click.option("--max-drop", metavar="DROP", help="Largest allowed σ50 drop vs --baseline: '20%' or '0.3dec' "
+                                                        "(a bare number means decades)."),
     ]
+    if not baseline:  # opts[5] is --baseline, opts[6] --max-drop
+        opts[5:7] = [click.option("--max-drop", metavar="DROP",
+                                  help="Largest allowed σ50 drop of NEW vs OLD: '20%' or '0.3dec' (a bare number "
+                                       "means decades).")]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def _store(key: str):
+    """A click callback that keeps an option's value in the context (`_meta`) instead of passing it to the
+    command: the output flags every command shares without every signature naming them."""
+    def callback(ctx, param, value):
+        if value is not None and (value is not False or f"walkaudit.{key}" not in ctx.meta):
+            ctx.meta[f"walkaudit.{key}"] = value
+        return value
+    return callback
+
+
+def _meta(key: str, default=None):
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if f"walkaudit.{key}" in ctx.meta:
+            return ctx.meta[f"walkaudit.{key}"]
+        ctx = ctx.parent
+    return default
 
 
 def output_options(fn):
@@ -125,7 +237,18 @@ def output_options(fn):
         click.option("--markdown", "markdown_path", metavar="PATH",
                      help="Write a Markdown summary ('auto' = append to $GITHUB_STEP_SUMMARY)."),
         click.option("--junit", "junit_path", metavar="PATH", help="Write JUnit XML (one test case per site)."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table."),
+        click.option("--html", metavar="PATH", expose_value=False, callback=_store("html"),
+                     help="Write a self-contained HTML report: table, curves and failures in one file."),
+        click.option("--format", "output_format", type=click.Choice(["text", "github"]), default="text",
+                     show_default=True, expose_value=False, callback=_store("format"),
+                     help="github: also GitHub workflow annotations (::error per gate failure, ::warning per "
+                          "warning)."),
+        click.option("--github", is_flag=True, expose_value=False, callback=_store("github"),
+                     help="The same as --format github."),
+        click.option("-q", "--quiet", is_flag=True, help="Print only gate failures: no progress, no table, no "
+                                                          "warnings."),
+        click.option("-s", "--silent", is_flag=True, expose_value=False, callback=_store("silent"),
+                     help="Print nothing; the exit code tells (an error that stops the run still gets its line)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -135,8 +258,22 @@ def output_options(fn):
 def _selection(ops, include, exclude, names=()):
     from walkaudit._graph.sites import LAYER_OPS, Selection
 
-    op_list = tuple(o.strip() for o in ops.split(",") if o.strip()) if ops else LAYER_OPS
+    op_list = tuple(_op_type(o.strip()) for o in ops.split(",") if o.strip()) if ops else LAYER_OPS
     return Selection(op_list, include, exclude, tuple(names))
+
+
+def _op_type(name: str) -> str:
+    """An op type as ONNX spells it: `conv` -> `Conv`, `matmul` -> `MatMul` (op types are case-sensitive; users
+    rarely type them so). `all` and names ONNX does not know (custom domains) stay as written."""
+    if name.lower() == "all":
+        return name
+    try:
+        import onnx.defs
+
+        known = {schema.name.lower(): schema.name for schema in onnx.defs.get_all_schemas()}
+    except Exception:  # an onnx without its schema registry: leave the name alone
+        return name
+    return known.get(name.lower(), name) if name not in known.values() else name
 
 
 def _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, baseline):
@@ -152,7 +289,43 @@ def _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_a
     config = config.merge(flags)
     if config.max_drop is not None and baseline is None:
         raise UsageError("--max-drop needs --baseline")
+    _check_plausible(config, max_drop)
     return config
+
+
+#: a σ50 that may fall by more than this many decades (a factor of 1000) is hardly gated at all
+_DECADES_IMPLAUSIBLE = 3.0
+
+
+def _check_plausible(config, max_drop_flag: str | None) -> None:
+    """Refuse a gate that can never fail because of a missing unit (`--max-drop 20`: 20 decades, not 20%); warn
+    about other values under which nothing can fail."""
+    import re
+
+    drop = config.max_drop
+    if drop is not None and drop.unit == "dec" and drop.amount >= _DECADES_IMPLAUSIBLE:
+        bare = max_drop_flag is not None and re.fullmatch(r"\s*[-+0-9.eE]+\s*", str(max_drop_flag))
+        if bare:
+            raise UsageError(f"--max-drop {max_drop_flag.strip()} means {drop.amount:g} decades (σ50 may fall by a "
+                             f"factor of 10^{drop.amount:g}): a gate that cannot fail; write '{drop.amount:g}%' for "
+                             f"percent, or '{drop.amount:g}dec' if you mean decades")
+        _warn(f"max drop {drop.amount:g} decades lets σ50 fall by a factor of 10^{drop.amount:g}: the drop rule can "
+              "hardly fail (did you mean percent, e.g. '20%'?)")
+    for t in config.thresholds:
+        if t.value == 0:
+            _warn(f"threshold {t} is 0: every σ50 is ≥ 0, so it can never fail")
+    if config.min_clean_accuracy == 0:
+        _warn("--min-clean-accuracy 0 can never fail (it is a fraction: 0.9 means 90%)")
+
+
+def _warn(message: str) -> None:
+    """A `walkaudit: warning:` line on stderr, unless -q or -s."""
+    from walkaudit.report.text import printable
+
+    ctx = click.get_current_context(silent=True)
+    if (ctx is not None and ctx.params.get("quiet")) or _meta("silent"):
+        return
+    click.echo(f"walkaudit: warning: {printable(message)}", err=True)
 
 
 def _read_report(path: str):
@@ -193,15 +366,20 @@ def _check_outputs(json_path, markdown_path, junit_path, inputs=None, extra=()) 
         params = ctx.params if ctx is not None else {}
         inputs = [(what, params.get(name)) for name, what in _INPUT_PARAMS if params.get(name)]
     outputs.check(inputs, [("--json", json_path), ("--markdown", markdown_path), ("--junit", junit_path),
-                           *extra])
+                           ("--html", _meta("html")), *extra])
 
 
-def _emit(report, json_path, markdown_path, junit_path, quiet: bool) -> None:
-    """Write the requested files of a typed Report and render the summary (to stderr when stdout carries a document)."""
+def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_with=None) -> None:
+    """Write the requested files of a typed Report and print the summary (to stderr when stdout carries a document).
+
+    Default: the table (at a width that crops nothing) and the summary lines. -q: only the gate's failures (and the
+    verdict) when it failed. -s: nothing. `--format github`: GitHub annotations as well (-q: the failures' only).
+    `compare_with`: the baseline report of `compare`, whose table is then the side-by-side one.
+    """
     from rich.console import Console
 
     from walkaudit.report import render
-    from walkaudit.report.formats import to_junit, to_markdown
+    from walkaudit.report.formats import to_github, to_html, to_junit, to_markdown
     from walkaudit.report.model import dumps
 
     if json_path:
@@ -213,15 +391,33 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool) -> None:
             _write(markdown_path, to_markdown(report))
     if junit_path:
         _write(junit_path, to_junit(report))
-    if quiet:
+    html_path = _meta("html")
+    if html_path:
+        _write(html_path, to_html(report, baseline=compare_with))
+    if _meta("silent"):
         return
-    console = Console(stderr=json_path == "-" or markdown_path == "-" or junit_path == "-", highlight=False)
-    console.print(render.site_table(report, bars=console.width >= 100))
-    for line in render.summary_lines(report):
-        console.print(line, markup=False)
+    to_stderr = "-" in (json_path, markdown_path, junit_path, html_path)
+    width = render.output_width(sys.stderr if to_stderr else sys.stdout)  # None: a pipe or a log, no limit
+    console = Console(stderr=to_stderr, highlight=False, width=width or 100_000)
+    github = _meta("format") == "github" or _meta("github")
+    gate = report.gate
+    if quiet:
+        if gate is not None and not gate.passed:
+            render.show(console, [ln for ln in render.gate_lines(gate) if not ln.startswith("warning: ")])
+    else:
+        if compare_with is not None:
+            render.show(console, render.compare_table(compare_with, report, width=width))
+            render.show(console, render.gate_lines(gate) if gate is not None else [])
+        else:
+            render.show(console, render.site_table(report, bars=width is None or width >= 100, width=width))
+            render.show(console, render.summary_lines(report))
+    if github:
+        lines = to_github(report, warnings=not quiet).splitlines()
+        if lines:
+            click.echo("\n".join(lines), err=to_stderr)
 
 
-@main.command("audit")
+@main.command("audit", cls=GroupedCommand, context_settings={"show_default": True})
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               help="Validation data: .npz (inputs and optional labels) or .npy (inputs only).")
@@ -253,6 +449,9 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the inputs.")
 @click.option("--exact", is_flag=True, help="Keep σ = 0 bit-identical to the model in every session (turns off "
                                             "onnxruntime's NCHWc conv fusion: slower conv nets on the CPU).")
+@click.option("--shard", metavar="I/N", help="Audit only shard I of N (1-based) of the selected sites, split by "
+                                             "estimated cost; combine the N reports with 'walkaudit merge' (see "
+                                             "docs/scale.md).")
 @gate_options
 @output_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted or crashed audit from its checkpoint (the same "
@@ -260,13 +459,29 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool) -> None:
 @click.option("--checkpoint", "checkpoint_path", metavar="PATH",
               help="Where the finished sites are saved while the audit runs [default: <--json PATH>.checkpoint, "
                    "else .walkaudit/checkpoint-<hash>.json]; deleted once the report is written.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Evaluate on Ray workers: alone, a local cluster on this machine's cores and GPUs; 'auto', "
+                   "'ray://HOST:10001' or 'HOST:6379' joins a running cluster (the 'ray' extra; see docs/scale.md).")
 @guarded
 def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
                   global_mode, sigmas, repeats, batch_size, seed, chance, provider, threads, noise_source,
-                  allow_nonfinite, exact,
+                  allow_nonfinite, exact, shard,
                   fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
-                  json_path, markdown_path, junit_path, quiet, resume, checkpoint_path):
-    """Audit MODEL: σ50 of every site, a table, a JSON report and a gate verdict."""
+                  json_path, markdown_path, junit_path, quiet, resume, checkpoint_path, ray_address):
+    """Audit MODEL: σ50 of every site, a table, a JSON report and a gate verdict.
+
+    \b
+    Examples:
+      walkaudit model.onnx --data val.npz --json out/report.json
+      walkaudit model.onnx --data val.npz --fail-under 0.05 --baseline base.json --max-drop 20%
+      walkaudit model.onnx --data val.npz --ops Conv,Gemm --noise multiplicative --sigmas 1e-3:1e1:21
+      walkaudit model.onnx --data val.npz --json report.json --markdown auto --format github -q
+      walkaudit model.onnx --data val.npz --json report.json --resume      # after Ctrl-C or a crash
+
+    Exit codes: 0 passed, 1 gate failed, 2 bad usage or input, 3 runtime failure, 130/143/129 interrupted by
+    SIGINT/SIGTERM/SIGHUP (a partial report is written; --resume continues).
+    """
+    quiet = quiet or bool(_meta("silent"))
     from walkaudit import api
     from walkaudit.cli import checkpoint as ckpt
     from walkaudit.cli import outputs, signals
@@ -284,12 +499,14 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
         repeats=repeats, seed=seed, batch_size=batch_size,
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
         limit=limit, x_key=x_key, y_key=y_key, allow_nonfinite=allow_nonfinite, threads=threads,
-        noise_source=noise_source, exact=exact,
+        noise_source=noise_source, exact=exact, shard=_shard_option(shard, global_mode),
     ).check()
 
     def warn(message: str) -> None:
         if not quiet:
             click.echo(f"walkaudit: warning: {message}", err=True)
+
+    _check_npz_labels(data_path, x_key, y_key)
 
     # The checkpoint: found (and, with --resume, read and checked) before any audit work.
     cp = None
@@ -304,11 +521,16 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
             warn(f"starting over: the checkpoint {path} of an earlier run is replaced (--resume continues it)")
         cp = ckpt.Checkpoint(path, fp, done, make_folder=checkpoint_path is None and json_path in (None, "-"))
 
+    executor = None
+    if ray_address is not None:  # connected before any audit work: a request the cluster cannot meet fails here
+        from walkaudit._execution import ray_executor
+
+        executor = ray_executor.connect(None if ray_address == "local" else ray_address, config)
     partial, signum = False, None
     with signals.Trap() as trap:
         with RichProgress(disable=quiet) as progress:
             run = api.iter_audit(model, data=data_path, config=config, progress=progress,
-                                 done=cp.sites if cp else ())
+                                 done=cp.sites if cp else (), executor=executor)
             if cp is not None and json.dumps(run.fingerprint, sort_keys=True) != json.dumps(fp, sort_keys=True):
                 raise UsageError("the model or data file changed while the audit started; run it again")
             try:
@@ -356,74 +578,190 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
 @click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
 @guarded
 def inspect(model, ops, include, exclude, as_json):
-    """List the candidate sites of MODEL: index, tensor, node, op type, shape."""
+    """List the candidate sites of MODEL: index, tensor, node, op type, shape, MACs per sample."""
     from rich.console import Console
-    from rich.table import Table
 
+    from walkaudit._graph.cost import sites_macs
     from walkaudit._graph.sites import select
     from walkaudit._loading.model import load_model
 
     loaded = load_model(model)
     sites = select(loaded.proto, loaded.types, _selection(ops, include, exclude), loaded.class_output.name)
+    macs = sites_macs(loaded, sites)
     if as_json:
         click.echo(json.dumps([{"index": s.index, "name": s.name, "node": s.node, "op_type": s.op_type,
-                                "shape": None if s.shape is None else list(s.shape)} for s in sites], indent=2))
+                                "shape": None if s.shape is None else list(s.shape), "macs": m}
+                               for s, m in zip(sites, macs)], indent=2))
         return
+    from walkaudit.report import render
+    from walkaudit.report.text import printable
+
     out = loaded.class_output
-    table = Table(header_style="bold")
-    for col in ("#", "tensor", "node", "op", "shape"):
-        table.add_column(col, justify="right" if col == "#" else "left")
-    for s in sites:
-        shape = "?" if s.shape is None else "×".join("?" if d is None else str(d) for d in s.shape)
-        table.add_row(str(s.index), s.name, s.node, s.op_type, shape)
-    console = Console(highlight=False)
+    width = render.output_width(sys.stdout)  # None (a pipe, a log): the whole table
+    console = Console(highlight=False, width=width or 100_000)
+    columns = [render.Column("#", "right", "index"), render.Column("tensor", kind="name"),
+               render.Column("node", kind="name"), render.Column("op"), render.Column("shape"),
+               render.Column("MACs", "right", "number")]
+    rows = [[str(s.index), render.Name(printable(s.name)), render.Name(printable(s.node)), printable(s.op_type),
+             "?" if s.shape is None else printable("×".join("?" if d is None else str(d) for d in s.shape)),
+             _count_text(m)] for s, m in zip(sites, macs)]
     # a line of its own, not the table's title: rich wraps a title to the table's width
-    console.print(f"{len(sites)} sites of {Path(model).name} (class output '{out.name}', {out.kind})", markup=False,
-                  soft_wrap=True)
-    console.print(table)
+    console.print(f"{len(sites)} sites of {printable(Path(model).name)} (class output '{printable(out.name)}', "
+                  f"{out.kind})", markup=False, soft_wrap=True)
+    # never cropped: names lose their common prefix (never their end) or the rows become records at narrow widths
+    render.show(console, render.fit(columns, rows, width))
 
 
 @main.command()
 @click.argument("old", type=click.Path(dir_okay=False))
 @click.argument("new", type=click.Path(dir_okay=False))
-@gate_options
+@gate_options(baseline=False)
 @output_options
 @guarded
-def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
+def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop,
             json_path, markdown_path, junit_path, quiet):
-    """Compare two reports side by side and gate NEW against OLD with the same rules as the audit."""
-    from rich.console import Console
+    """Compare two reports side by side and gate NEW against OLD with the same rules as the audit.
 
-    from walkaudit.report import gate, render
-    if baseline:
-        raise UsageError("compare takes the baseline as its first argument; drop --baseline")
+    \b
+      walkaudit compare baseline.json report.json --max-drop 20%
+      walkaudit compare baseline.json report.json --max-drop 20% --markdown auto --format github
+
+    The change column is in percent (as --max-drop '20%'), the decades column in decades (as '0.3dec').
+    Exit codes: 0 passed, 1 gate failed, 2 bad usage or input (e.g. reports that cannot be compared).
+    """
+    from walkaudit.report import gate
+
     _check_outputs(json_path, markdown_path, junit_path)
     old_report, new_report = _read_report(old), _read_report(new)
     config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, old)
     verdict = gate.evaluate(new_report, config, old_report)
     new_report = new_report.with_gate(verdict, rules=config.to_dict())
-    if json_path or markdown_path or junit_path:
-        _emit(new_report, json_path, markdown_path, junit_path, quiet=True)
-    if not quiet:
-        # stdout carries only the document when one goes there; the table and the verdict then go to stderr
-        console = Console(stderr="-" in (json_path, markdown_path, junit_path), highlight=False)
-        console.print(render.compare_table(old_report, new_report))
-        for line in render.gate_lines(verdict):
-            console.print(line, markup=False)
+    if config.max_drop is None:
+        drops = _drops(old_report, new_report)
+        if drops:
+            name, percent = max(drops, key=lambda d: d[1])
+            _warn(f"no --max-drop: σ50 drops are shown, not gated ({len(drops)} site(s) lower, at most "
+                  f"{percent:.0f}% at {name}); add e.g. --max-drop 20%")
+    _emit(new_report, json_path, markdown_path, junit_path, quiet, compare_with=old_report)
     sys.exit(verdict.exit_code)
 
 
 @main.command()
 @click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, metavar="FILE", help="Image file: .png, .svg or .pdf.")
+@click.option("--baseline", metavar="REPORT", type=click.Path(dir_okay=False),
+              help="Overlay a baseline report: its curves dotted, its σ50 as black ticks on the bars.")
+@click.option("--relative", is_flag=True, help="σ / activation std on the x axes instead of σ.")
 @guarded
-def plot(report_path, out):
-    """Plot accuracy vs σ per site and σ50 per site from a JSON report."""
+def plot(report_path, out, baseline, relative):
+    """Plot accuracy vs σ per site and σ50 per site from a JSON report (needs matplotlib).
+
+    \b
+      walkaudit plot report.json -o curves.png
+      walkaudit plot report.json -o curves.svg --baseline baseline.json --relative
+    """
     from walkaudit.report.plot import FORMATS, plot_report, save_figure
     from walkaudit.report.text import printable
 
     if Path(out).suffix.lower() not in FORMATS:
         raise UsageError(f"plot output must end in .png, .svg or .pdf, got {printable(out)}")
-    figure = plot_report(_read_report(report_path))
+    figure = plot_report(_read_report(report_path), baseline=_read_report(baseline) if baseline else None,
+                         relative=relative)
     save_figure(figure, out)
     click.echo(f"wrote {printable(out)}", err=True)
+
+
+#: where the data loader looks for labels without --y-key (walkaudit._loading.data)
+_LABEL_KEYS = ("y", "Y", "labels", "label", "targets", "target")
+_LABEL_LIKE = ("lab", "lbl", "target", "class", "truth", "gt", "ann")
+
+
+def _check_npz_labels(data_path: str, x_key: str | None, y_key: str | None) -> None:
+    """Warn when an .npz holds an array that looks like labels but will not be used as such (no --y-key and none of
+    the names the loader knows): the audit would silently measure agreement with the clean model. Only the member
+    names are read (zipfile), never an array."""
+    import zipfile
+
+    if y_key is not None or not str(data_path).lower().endswith(".npz"):
+        return
+    try:
+        with zipfile.ZipFile(data_path) as archive:
+            keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # the loader says what is wrong with the file
+    if any(k in _LABEL_KEYS for k in keys):
+        return
+    unused = [k for k in keys if k != x_key]
+    likely = [k for k in unused if k.lower() in ("y", "t") or any(w in k.lower() for w in _LABEL_LIKE)]
+    if likely:
+        names = ", ".join(repr(k) for k in likely)
+        _warn(f"{data_path} has no labels under {', '.join(_LABEL_KEYS)}, so accuracy means agreement with the clean "
+              f"model; {names} look{'s' if len(likely) == 1 else ''} like labels: pass --y-key {likely[0]} to use "
+              "them")
+
+
+def _drops(old, new) -> list[tuple[str, float]]:
+    """(site, drop in %) of every site whose σ50 is lower in `new` than in `old` (matched by name)."""
+    before = {s.name: s.sigma50 for s in old.sites}
+    return [(s.name, (before[s.name] - s.sigma50) / before[s.name] * 100) for s in new.sites
+            if before.get(s.name) and s.sigma50 and s.sigma50 < before[s.name]]
+
+
+def _shard_option(text: str | None, global_mode: bool) -> tuple[int, int] | None:
+    """--shard I/N as (i, n); refused with --global (every site at once: nothing to split)."""
+    if text is None:
+        return None
+    from walkaudit.config import parse_shard
+
+    shard = parse_shard(text)
+    if global_mode:
+        raise UsageError("--shard splits the sites of a walk; --global puts noise at every site at once and cannot "
+                         "be sharded")
+    return shard
+
+
+def _count_text(value: int | None) -> str:
+    """A count for a table: 840, 117.6k, 3.699G; '?' when unknown."""
+    if value is None:
+        return "?"
+    for unit, scale in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if value >= scale:
+            return f"{value / scale:.4g}{unit}"
+    return str(value)
+
+
+@main.command("merge")
+@click.argument("shard_paths", metavar="SHARD.json...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", metavar="PATH", help="Write the merged JSON report (as --json; '-' = stdout).")
+@gate_options
+@output_options
+@guarded
+def merge_command(shard_paths, out, fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline,
+                  max_drop, json_path, markdown_path, junit_path, quiet):
+    """Combine the N reports of 'walkaudit MODEL --data D --shard I/N' into the unsharded audit's report and gate it
+    like an audit (exit 0 passed, 1 gate failed, 2 the reports are not the N shards of one audit).
+
+    \b
+      walkaudit merge shard-*.json -o report.json --fail-under 0.05
+    """
+    from walkaudit.report import gate
+    from walkaudit.report.merge import merge
+
+    if out is not None and json_path is not None:
+        raise UsageError("-o and --json both name the merged JSON report; give one of them")
+    inputs = [("a shard report (SHARD)", p) for p in shard_paths]
+    inputs += [(what, p) for what, p in (("the baseline (--baseline)", baseline), ("the rules file (--rules)",
+                                                                                   rules_file)) if p]
+    _check_outputs(json_path, markdown_path, junit_path, inputs=inputs, extra=[("-o", out)])
+    json_path = json_path if json_path is not None else out
+    gate_config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop,
+                               baseline)
+    baseline_report = _read_report(baseline) if baseline else None
+    merged = merge([_read_report(p) for p in shard_paths], names=list(shard_paths))
+    verdict = gate.evaluate(merged, gate_config, baseline_report)
+    report = merged.with_gate(verdict, rules=gate_config.to_dict())
+    _emit(report, json_path, markdown_path, junit_path, quiet)
+    sys.exit(verdict.exit_code)
+
+
+from walkaudit.cli import plan as _plan  # noqa: E402,F401  (registers `walkaudit plan`)

@@ -1,7 +1,7 @@
 """Figure of a report: accuracy-vs-σ curves and σ50 per site; :func:`save_figure` writes it to .png, .svg or .pdf.
 
-matplotlib is optional (``pip install 'walkaudit[plot]'``) and imported only when a plot is made. The figure is drawn
-on a ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so no global backend state changes.
+matplotlib is optional (``pip install matplotlib``, or ``pip install ".[plot]"`` in a checkout) and imported only
+when a plot is made. The figure is drawn on a ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so no global backend state changes.
 Every text taken from the report is escaped (control characters, and ``$`` so matplotlib never reads mathtext), and
 matplotlib's warnings (a glyph missing from the font) stay inside.
 
@@ -37,7 +37,8 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise UsageError("matplotlib is not installed: pip install 'walkaudit[plot]'") from None
+        raise UsageError("matplotlib is not installed: pip install matplotlib (or install walkaudit with its plot "
+                         "extra: pip install \".[plot]\" in a checkout)") from None
     return np, Figure, FigureCanvasAgg
 
 
@@ -49,12 +50,17 @@ def check_path(path: str | Path) -> str:
     return suffix[1:]
 
 
-def plot_report(report: Report):
-    """Draw ``report``: returns a ``matplotlib.figure.Figure`` (Agg canvas). UsageError when matplotlib is missing."""
+def plot_report(report: Report, baseline: Report | None = None, relative: bool = False):
+    """Draw ``report``: returns a ``matplotlib.figure.Figure`` (Agg canvas). UsageError when matplotlib is missing.
+
+    ``baseline``: another report whose curves (dashed) and σ50 (black ticks on the bars) are drawn over this one's,
+    matched by site name. ``relative``: σ / activation std on the x axes instead of σ (sites without an activation
+    std are left out of that view).
+    """
     np, Figure, FigureCanvasAgg = _matplotlib()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _draw(report, np, Figure, FigureCanvasAgg)
+        return _draw(report, np, Figure, FigureCanvasAgg, baseline=baseline, relative=relative)
 
 
 def save_figure(figure, path: str | Path) -> None:
@@ -79,65 +85,127 @@ def save_figure(figure, path: str | Path) -> None:
             os.unlink(tmp)
 
 
-def _draw(report: Report, np, Figure, FigureCanvasAgg):
-    sites = list(report.sites)
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _scale(site: SiteResult, relative: bool) -> float | None:
+    """What σ is divided by on the x axis: 1, or in the relative view σ50 / (σ50 / std) as the report has them (the
+    activation std; 1 for multiplicative noise, whose σ is already relative). None: the site is not drawn."""
+    if not relative:
+        return 1.0
+    if site.sigma50 and site.sigma50_relative:
+        return site.sigma50 / site.sigma50_relative
+    return site.activation_std or None
+
+
+def _thresholds(report: Report, relative: bool) -> list[float]:
+    """The values of the gate's rules that hold for every site (``--fail-under`` / ``--fail-under-relative``)."""
+    rules = report.config.gate_rules or {}
+    return sorted({float(t["value"]) for t in rules.get("thresholds") or []
+                   if t.get("pattern") in (None, "", "*") and bool(t.get("relative")) == relative
+                   and t.get("value") is not None and float(t["value"]) > 0})
+
+
+def _plain_ticks(axis) -> None:
+    """Tick labels as plain numbers (``2``, ``0.01``), not ``2×10⁰``."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None = None, relative: bool = False):
+    from walkaudit.report.render import short_names
+
+    sites = [s for s in report.sites if _scale(s, relative) is not None]
     failing = {f.site for f in report.gate.failures if f.site is not None} if report.gate is not None else set()
     clean, chance = report.clean_accuracy, report.chance
+    base = {s.name: s for s in baseline.sites} if baseline is not None else {}
+    unit = "σ / activation std" if relative else "σ"
 
-    curves = sorted(sites, key=_weakness)[:MAX_CURVES]
+    weakest = sorted(sites, key=_weakness)[:MAX_CURVES]
+    curves = [s for s in sites if any(s is w for w in weakest)]  # network order: the legend reads like the graph
     bars = sites if len(sites) <= MAX_BARS else sorted(sites, key=_weakness)[:MAX_BARS]
     bars = [s for s in sites if any(s is b for b in bars)]  # keep graph order
+    labels = dict(zip((id(s) for s in sites), short_names([printable(s.name) for s in sites], 36)))
     height_bars = max(2.5, 0.25 * len(bars) + 1.0)
     fig = Figure(figsize=(9.0, 4.5 + height_bars), layout="constrained")
     FigureCanvasAgg(fig)
     ax_acc, ax_mid = fig.subplots(2, 1, gridspec_kw={"height_ratios": [4.5, height_bars]})
     config = report.config
-    fig.suptitle(_label(f"walkaudit: {report.model.file_name} · {config.noise} noise · {config.mode}", 200))
+    title = f"walkaudit: {report.model.file_name} · {config.noise} noise · {config.mode}"
+    if baseline is not None:
+        title += f" · vs {baseline.model.file_name}"
+    fig.suptitle(_label(title, 200))
+    thresholds = _thresholds(report, relative)
 
     # --- panel 1: accuracy vs σ --------------------------------------------------------------------------------
-    colors = _colors(len(curves))
+    styles = _styles(len(curves))
     half = chance + (clean - chance) / 2.0 if report.above_chance else None
     sigma_all: list[float] = []
-    for color, site in zip(colors, curves, strict=True):
+    for (color, dash), site in zip(styles, curves, strict=True):
+        scale = _scale(site, relative)
         points = sorted((p for p in site.points if p.sigma > 0), key=lambda p: p.sigma)
-        label = _label(site.name)
+        label = _label(labels[id(site)], 40)
         if points:
-            sig = [p.sigma for p in points]
+            sig = [p.sigma / scale for p in points]
             sigma_all += sig
             ax_acc.errorbar(sig, [p.accuracy for p in points], yerr=[p.accuracy_std for p in points], fmt="o",
                             ms=3, color=color, capsize=2, lw=0.8, label=label)
             label = None
             curve = _logistic(site, np)
             if curve is not None:
-                u = np.linspace(math.log10(min(sig)), math.log10(max(sig)), 200)
-                ax_acc.plot(10.0 ** u, curve(u), "-", color=color, lw=1.2)
+                u = np.linspace(math.log10(min(p.sigma for p in points)), math.log10(max(p.sigma for p in points)),
+                                200)
+                ax_acc.plot(10.0 ** u / scale, curve(u), ls=dash, color=color, lw=1.2)
+        old = base.get(site.name)
+        if old is not None:
+            old_points = sorted((p for p in old.points if p.sigma > 0), key=lambda p: p.sigma)
+            old_scale = _scale(old, relative) or scale
+            if old_points:
+                ax_acc.plot([p.sigma / old_scale for p in old_points], [p.accuracy for p in old_points], ls=":",
+                            color=color, lw=1.0, alpha=0.7)
         mid = site.sigma50
         if mid is not None and mid > 0 and half is not None:
             marker = {"above": ">", "below": "<"}.get(site.censored or "", "D")
-            ax_acc.plot([mid], [half], marker=marker, ms=7, color=color, mec="black", mew=0.6, ls="none",
+            ax_acc.plot([mid / scale], [half], marker=marker, ms=7, color=color, mec="black", mew=0.6, ls="none",
                         label=label)
     if half is not None:
         ax_acc.axhline(half, color="0.3", ls="--", lw=0.9, label=f"halfway {half:.3f}")
     ax_acc.axhline(chance, color="0.6", ls=":", lw=0.9, label=f"chance {chance:.3f}")
     ax_acc.axhline(clean, color="0.6", ls="-.", lw=0.9, label=f"clean {clean:.3f}")
+    for value in thresholds:
+        ax_acc.axvline(value, color="tab:red", ls="--", lw=1.0, label=f"fail under {value:g}")
+    if baseline is not None:
+        ax_acc.plot([], [], ls=":", color="0.3", label=f"baseline ({_label(baseline.model.file_name, 40)})")
     if sigma_all or any(s.sigma50 for s in curves):
         ax_acc.set_xscale("log")
-    ax_acc.set_xlabel("σ (noise level)")
+        _plain_ticks(ax_acc.xaxis)
+    ax_acc.set_xlabel(f"{unit} (noise level)")
     ax_acc.set_ylabel("accuracy")
-    shown = f"{len(curves)} weakest of {len(sites)} sites" if len(sites) > len(curves) else f"{len(sites)} sites"
-    title = f"accuracy vs σ ({shown}; ◆ σ50, ▶/◀ censored)"
+    shown = (f"{len(curves)} weakest of {len(sites)} sites" if len(sites) > len(curves)
+             else _plural(len(sites), "site"))
+    title = f"accuracy vs {unit} ({shown}; ◆ σ50, ▶/◀ censored)"
     if not report.above_chance:
         title += "; clean accuracy not above chance: no σ50"
     ax_acc.set_title(title, fontsize=10)
     ax_acc.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
     # --- panel 2: σ50 per site -----------------------------------------------------------------------------------
-    values = [s.sigma50 for s in bars]
+    values = [None if s.sigma50 is None else (s.sigma50_relative if relative else s.sigma50) for s in bars]
     positive = [v for v in values if v is not None and v > 0]
     if positive:
-        left = min(positive + [lo for lo in (_ci_low(s) for s in bars) if lo]) / 3.0
+        lows = [lo / (_scale(s, relative) or 1.0) for s in bars if (lo := _ci_low(s))]
+        olds = [o for o in (_old_value(base.get(s.name), relative) for s in bars) if o]
+        # the floor: the decade at or below everything drawn, so bar lengths compare on a log axis
+        left = 10.0 ** math.floor(math.log10(min(positive + lows + olds + thresholds)))
         y = np.arange(len(bars))
         for row, (site, value) in enumerate(zip(bars, values, strict=True)):
+            old_value = _old_value(base.get(site.name), relative)
+            if old_value:
+                ax_mid.plot([old_value], [row], marker="|", ms=14, mew=2, color="black", ls="none",
+                            gid="baseline")
             if value is None or value <= 0:
                 ax_mid.text(left, row, "  no σ50", va="center", fontsize=7, color="0.4")
                 continue
@@ -148,19 +216,33 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg):
             if censored in ("above", "below"):
                 ax_mid.plot([value], [row], marker=">" if censored == "above" else "<", color=color, ms=7)
             if site.ci95 is not None and censored is None:
-                lo, hi = min(site.ci95[0], value), max(site.ci95[1], value)
+                scale = _scale(site, relative) if relative else 1.0
+                lo, hi = min(site.ci95[0] / scale, value), max(site.ci95[1] / scale, value)
                 ax_mid.errorbar([value], [row], xerr=[[value - lo], [hi - value]], fmt="none", ecolor="black",
                                 lw=0.8, capsize=2)
+        for value in thresholds:
+            ax_mid.axvline(value, color="tab:red", ls="--", lw=1.0)
         ax_mid.set_xscale("log")
-        ax_mid.set_yticks(y, [_label(s.name, 40) for s in bars], fontsize=7 if len(bars) > 30 else 8)
+        ax_mid.set_xlim(left=left)
+        _plain_ticks(ax_mid.xaxis)
+        ax_mid.set_yticks(y, [_label(labels[id(s)], 40) for s in bars], fontsize=7 if len(bars) > 30 else 8)
         ax_mid.invert_yaxis()
     else:
         ax_mid.text(0.5, 0.5, "no σ50 measured", ha="center", va="center", transform=ax_mid.transAxes)
         ax_mid.set_yticks([])
-    ax_mid.set_xlabel("σ50 (log)")
+    ax_mid.set_xlabel(f"σ50{' / activation std' if relative else ''} (log)")
     more = f" ({len(bars)} weakest of {len(sites)})" if len(bars) < len(sites) else ""
-    ax_mid.set_title(f"σ50 per site{more}; hatched = censored, red = gate failure", fontsize=10)
+    extra = "; | baseline" if baseline is not None else ""
+    extra += "; dashed red = --fail-under" if thresholds else ""
+    ax_mid.set_title(f"σ50 per site{more}; hatched = censored, red = gate failure{extra}", fontsize=10)
     return fig
+
+
+def _old_value(site: SiteResult | None, relative: bool) -> float | None:
+    if site is None or site.sigma50 is None:
+        return None
+    value = site.sigma50_relative if relative else site.sigma50
+    return value if value and value > 0 else None
 
 
 def _weakness(site: SiteResult) -> tuple[float, int]:
@@ -190,13 +272,23 @@ def _logistic(site: SiteResult, np):
     return curve
 
 
-def _colors(count: int) -> list:
+#: 20 hues (tab20's dark and light shades, darks first) and, past them, line styles: 80 distinct curves
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _styles(count: int) -> list[tuple]:
+    """(colour, line style) for ``count`` curves: tab10's hues first, then tab20's light ones, then the same hues
+    with other line styles; neighbours in network order never share a colour."""
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis" if count > 10 else "tab10"]
-    if count > 10:
-        return [cmap(i / max(count - 1, 1)) for i in range(count)]
-    return [cmap(i) for i in range(count)]
+    tab20 = colormaps["tab20"]
+    hues = [tab20(2 * i) for i in range(10)] + [tab20(2 * i + 1) for i in range(10)]
+    return [(hues[i % len(hues)], _LINESTYLES[(i // len(hues)) % len(_LINESTYLES)]) for i in range(count)]
+
+
+def _colors(count: int) -> list:
+    """The colours of :func:`_styles`."""
+    return [color for color, _ in _styles(count)]
 
 
 def _label(name: str, limit: int = 32) -> str:

@@ -1,21 +1,32 @@
-"""Terminal rendering of a typed report with rich (tables, bars, summary lines). Returns renderables; never prints.
+"""Terminal rendering of a typed report with rich (tables, bars, summary lines). Returns renderables; never prints
+(:func:`show` prints one).
 
 Everything taken from a report (tensor, node and file names, op types, notes, messages) goes through
 :func:`walkaudit.report.text.printable` and into :class:`rich.text.Text`, so neither terminal escapes nor rich markup
 in a name can reach the terminal.
+
+No layout ever crops a number or the end of a name: a table is only used at a width it fits in whole (columns are
+never shrunk by rich); narrower, names lose their common prefix and leading path segments (``…/features.3/Conv``),
+and narrower still every site becomes a record of two lines that the terminal may wrap but nothing cuts.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
+from dataclasses import dataclass
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from walkaudit.report.model import GateResult, Report, SiteResult
 from walkaudit.report.text import format_sigma, printable
 
-__all__ = ["compare_table", "gate_lines", "site_table", "summary_lines"]
+__all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "output_width", "shorten",
+           "short_names", "show", "site_table", "summary_lines"]
 
 BAR_WIDTH = 10
 #: marks after a site name: how its σ50 was found (the legend is printed under the table)
@@ -32,6 +43,194 @@ def _bar(value: float | None, lo: float, hi: float, censored: str | None) -> Tex
     return Text("█" * n + ("▸" if censored == "above" else ""), style=style)
 
 
+# --- layout -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Column:
+    """A table column. ``kind``: ``name`` (may be shortened, never at its end), ``number`` (never cut), ``bar``
+    (dropped first when space is short), ``index`` or ``text``."""
+
+    header: str
+    justify: str = "left"
+    kind: str = "text"
+
+
+@dataclass(frozen=True)
+class Name:
+    """A name cell: the printable name, a mark after it (kept when the name is shortened) and a style."""
+
+    text: str
+    mark: str = ""
+    style: str = ""
+
+
+class Lines(list):
+    """A layout of plain lines (records); :func:`show` prints each with soft wrapping, so nothing is cropped."""
+
+
+#: the shortest a shortened name may be before records are used instead
+MIN_NAME = 16
+
+
+def shorten(name: str, limit: int) -> str:
+    """``name`` in at most ``limit`` characters, keeping its end: whole leading path segments go first
+    (``…/features.3/Conv_output_0``), then characters (``…put_0``)."""
+    if len(name) <= limit:
+        return name
+    parts = name.split("/")
+    for k in range(1, len(parts)):
+        tail = "…/" + "/".join(parts[k:])
+        if len(tail) <= limit and parts[k:] != [""]:
+            return tail
+    return "…" + name[len(name) - max(limit - 1, 1):]
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest common prefix of ``names`` that ends at a separator (``/``, ``.``, ``_``, ``:``) and leaves every
+    name something after it."""
+    if len(names) < 2:
+        return ""
+    prefix = os.path.commonprefix(names)
+    cut = max(prefix.rfind(c) for c in "/._:") + 1
+    prefix = prefix[:cut]
+    return prefix if len(prefix) > 2 and all(len(n) > len(prefix) for n in names) else ""
+
+
+def short_names(names: list[str], limit: int) -> list[str]:
+    """Each name in at most ``limit`` characters where possible and all still distinct: the common prefix becomes
+    ``…``, then :func:`shorten`; names that would collide keep more of their text (at worst all of it)."""
+    prefix = _common_prefix([n for n in names if len(n) > limit]) if any(len(n) > limit for n in names) else ""
+    out = []
+    for n in names:
+        if len(n) <= limit:
+            out.append(n)
+        elif prefix and n.startswith(prefix) and len(n) - len(prefix) + 1 <= limit:
+            out.append("…" + n[len(prefix):])
+        else:
+            out.append(shorten(n, limit))
+    # distinct: grow the colliding ones until they differ (at worst: whole)
+    limits = [limit] * len(names)
+    for _ in range(256):
+        seen: dict[str, list[int]] = {}
+        for i, short in enumerate(out):
+            seen.setdefault(short, []).append(i)
+        clashes = [i for idx in seen.values() if len({names[k] for k in idx}) > 1 for i in idx if out[i] != names[i]]
+        if not clashes:
+            break
+        for i in clashes:
+            limits[i] += 2
+            out[i] = shorten(names[i], limits[i])
+    return out
+
+
+def _cell(value) -> Text:
+    if isinstance(value, Name):
+        return Text(value.text + value.mark, style=value.style)
+    return value if isinstance(value, Text) else Text(str(value))
+
+
+def _table(columns: list[Column], rows: list[list], title: str | None, caption: str | None) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold", caption=caption, caption_justify="left")
+    for col in columns:
+        table.add_column(col.header, justify=col.justify, no_wrap=True)
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+def _natural_width(table: Table) -> int:
+    console = Console(width=100_000, file=io.StringIO(), color_system=None)
+    return Measurement.get(console, console.options, table).maximum
+
+
+def fit(columns: list[Column], rows: list[list], width: int | None, title: str | None = None,
+        caption: str | None = None) -> Table | Lines:
+    """The widest layout of ``rows`` that fits ``width`` (None: no limit) without cropping anything: the table;
+    without ``bar`` columns; with ``name`` columns shortened (common prefix elided, the end kept, all distinct); else
+    :class:`Lines`, one record per row: the index, names and texts, then ``header value`` for every number."""
+    table = _table(columns, rows, title, caption)
+    if width is None or _natural_width(table) <= width:
+        return table
+    keep = [i for i, c in enumerate(columns) if c.kind != "bar"]
+    columns, rows = [columns[i] for i in keep], [[r[i] for i in keep] for r in rows]
+    table = _table(columns, rows, title, caption)
+    natural = _natural_width(table)
+    if natural <= width:
+        return table
+    name_cols = [i for i, c in enumerate(columns) if c.kind == "name"]
+    if name_cols and rows:
+        longest = {i: max(len(r[i].text) + len(r[i].mark) if isinstance(r[i], Name) else len(str(r[i]))
+                          for r in rows) for i in name_cols}
+        excess = natural - width
+        for limit in range(max(longest.values()), MIN_NAME - 1, -2):
+            if sum(max(0, longest[i] - limit) for i in name_cols) < excess:
+                continue
+            short_rows = [list(r) for r in rows]
+            for i in name_cols:
+                cells = [r[i] for r in rows]
+                marks = max((len(c.mark) for c in cells if isinstance(c, Name)), default=0)
+                shortened = short_names([c.text if isinstance(c, Name) else str(c) for c in cells], limit - marks)
+                for r, c, short in zip(short_rows, cells, shortened):
+                    r[i] = Name(short, c.mark, c.style) if isinstance(c, Name) else short
+            table = _table(columns, short_rows, title, caption)
+            if _natural_width(table) <= width:
+                return table
+    return _records(columns, rows, title, caption)
+
+
+def _records(columns: list[Column], rows: list[list], title: str | None, caption: str | None) -> Lines:
+    lines = Lines()
+    if title:
+        lines.append(title)
+    for row in rows:
+        head, numbers = [], []
+        for col, value in zip(columns, row):
+            text = _cell(value).plain
+            if not text:
+                continue
+            if col.kind == "number":
+                numbers.append(f"{col.header} {text}")
+            elif col.kind == "index":
+                head.append(f"#{text}")
+            else:
+                head.append(text)
+        lines.append("  ".join(head))
+        if numbers:
+            lines.append("    " + "  ".join(numbers))
+    if caption:
+        lines.append(caption)
+    return lines
+
+
+def output_width(stream) -> int | None:
+    """The width a table printed to ``stream`` may take: the terminal's when ``stream`` is one, ``$COLUMNS`` when
+    set, else None (no limit: a CI log or a pipe gets the whole table)."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if tty:
+        try:
+            return os.get_terminal_size(stream.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            return 80
+    return None
+
+
+def show(console: Console, item) -> None:
+    """Print a layout: a table as it is (it fits), :class:`Lines` and strings one line each, never cropped."""
+    if isinstance(item, (list, tuple)):
+        for line in item:
+            console.print(line, markup=False, soft_wrap=True, highlight=False)
+    elif isinstance(item, str):
+        console.print(item, markup=False, soft_wrap=True, highlight=False)
+    else:
+        console.print(item)
+
+
 def _failing(gate: GateResult | None) -> set[str]:
     return {f.site for f in gate.failures if f.site is not None} if gate is not None else set()
 
@@ -40,35 +239,36 @@ def _sigma(site: SiteResult, relative: bool = False) -> str:
     return format_sigma(site.sigma50_relative if relative else site.sigma50, site.censored)
 
 
-def site_table(report: Report, bars: bool = True) -> Table:
-    """One row per site: index, tensor, op, shape, σ50, σ50/std, 95% interval, mean |W| and (``bars``) a log bar."""
+def site_table(report: Report, bars: bool = True, width: int | None = None) -> Table | Lines:
+    """One row per site: index, tensor, op, shape, σ50, σ50/std, 95% interval, mean |W| and (``bars``) a log bar.
+
+    ``width`` None: the full table, as wide as it needs. A width: the widest layout that fits it without cropping a
+    number or the end of a name (:func:`fit`): the full table, then without the bars, then with the names' common
+    prefix elided, then one record of two lines per site.
+    """
     failing = _failing(report.gate)
     logs = [math.log10(s.sigma50) for s in report.sites if s.sigma50 and s.sigma50 > 0]
     lo, hi = (min(logs) - 0.3, max(logs)) if logs else (0.0, 1.0)
-    table = Table(title="Midpoint noise level σ50 per site", title_justify="left", header_style="bold",
-                  caption="ᶠ curve levels off above chance (free floor fit)  ⁱ interpolated  >/< censored at the grid",
-                  caption_justify="left")
-    for col, just in (("#", "right"), ("site", "left"), ("op", "left"), ("shape", "left"), ("σ50", "right"),
-                      ("σ50/std", "right"), ("95% CI", "right"), ("|W|", "right"), ("", "left"))[: 9 if bars else 8]:
-        if col == "site":
-            table.add_column(col, justify=just, min_width=14, overflow="fold")
-        else:
-            table.add_column(col, justify=just, no_wrap=True)
+    columns = [Column("#", "right", "index"), Column("site", kind="name"), Column("op"), Column("shape"),
+               Column("σ50", "right", "number"), Column("σ50/std", "right", "number"),
+               Column("95% CI", "right", "number"), Column("|W|", "right", "number")]
+    if bars:
+        columns.append(Column("", kind="bar"))
+    rows = []
     for s in report.sites:
-        name = Text(printable(s.name) + _FIT_MARK.get(s.fit.method, ""),
-                    style="bold red" if s.name in failing else "")
-        table.add_row(
+        rows.append([
             "" if s.index is None else str(s.index),
-            name,
-            Text(printable(s.op_type)),
-            "" if s.shape is None else Text(printable("×".join("?" if d is None else str(d) for d in s.shape))),
+            Name(printable(s.name), _FIT_MARK.get(s.fit.method, ""), "bold red" if s.name in failing else ""),
+            printable(s.op_type),
+            "" if s.shape is None else printable("×".join("?" if d is None else str(d) for d in s.shape)),
             _sigma(s),
             _sigma(s, relative=True),
             f"{s.ci95[0]:.3g}–{s.ci95[1]:.3g}" if s.ci95 and s.sigma50 is not None else "",
             f"{s.weight.mean_abs:.3g}" if s.weight is not None else "",
             *([_bar(s.sigma50, lo, hi, s.censored)] if bars else []),
-        )
-    return table
+        ])
+    return fit(columns, rows, width, title="Midpoint noise level σ50 per site",
+               caption="ᶠ curve levels off above chance (free floor fit)  ⁱ interpolated  >/< censored at the grid")
 
 
 def summary_lines(report: Report) -> list[str]:
@@ -105,23 +305,26 @@ def gate_lines(gate: GateResult) -> list[str]:
     return lines
 
 
-def compare_table(old: Report, new: Report) -> Table:
-    """Two reports side by side, matched by site name; the change in decades where both have a σ50."""
-    table = Table(title="σ50: baseline vs new", title_justify="left", header_style="bold")
-    for col in ("site", "op", "baseline σ50", "new σ50", "change"):
-        table.add_column(col, justify="left" if col in ("site", "op") else "right")
+def compare_table(old: Report, new: Report, width: int | None = None) -> Table | Lines:
+    """Two reports side by side, matched by site name; the change in percent and in decades where both have a σ50
+    (the gate's --max-drop speaks either: '20%' or '0.3dec')."""
     old_by_name: dict[str, SiteResult] = {}
     for s in old.sites:
         old_by_name.setdefault(s.name, s)
     failing = _failing(new.gate)
+    columns = [Column("site", kind="name"), Column("op"), Column("baseline σ50", "right", "number"),
+               Column("new σ50", "right", "number"), Column("change", "right", "number"),
+               Column("decades", "right", "number")]
+    rows = []
     for s in new.sites:
         o = old_by_name.get(s.name)
-        change = ""
+        percent = decades = ""
         if o is not None and o.sigma50 and s.sigma50:
-            change = f"{math.log10(s.sigma50 / o.sigma50):+.2f} dec"
+            percent = f"{(s.sigma50 - o.sigma50) / o.sigma50 * 100:+.1f}%"
+            decades = f"{math.log10(s.sigma50 / o.sigma50):+.2f}"
         elif o is not None and (o.sigma50 is None or s.sigma50 is None):
-            change = "n/a"
-        table.add_row(Text(printable(s.name), style="bold red" if s.name in failing else ""),
-                      Text(printable(s.op_type)), _sigma(o) if o else "—", _sigma(s), change)
-    table.caption = f"clean accuracy {old.clean_accuracy:.4f} → {new.clean_accuracy:.4f}"
-    return table
+            percent = "n/a"
+        rows.append([Name(printable(s.name), "", "bold red" if s.name in failing else ""), printable(s.op_type),
+                     _sigma(o) if o else "—", _sigma(s), percent, decades])
+    return fit(columns, rows, width, title="σ50: baseline vs new",
+               caption=f"clean accuracy {old.clean_accuracy:.4f} → {new.clean_accuracy:.4f}")

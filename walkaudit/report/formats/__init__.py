@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from walkaudit.report.formats.github import to_github
+from walkaudit.report.formats.html import to_html
 from walkaudit.report.formats.junit import to_junit
 from walkaudit.report.formats.markdown import to_markdown
 
-__all__ = ["to_junit", "to_markdown"]
+__all__ = ["to_github", "to_html", "to_junit", "to_markdown"]
