@@ -226,7 +226,8 @@ CASES = [
     ("external-too-short", lambda c: [_short_external(c), "--data", str(c.data)], 2, "external data"),
     # data files
     ("data-missing", lambda c: [str(c.good), "--data", str(c.root / "nope.npz")], 2, "data file not found"),
-    ("data-directory", lambda c: [str(c.good), "--data", str(c.path("dd/x").parent)], 2, "is a directory"),
+    ("data-directory", lambda c: [str(c.good), "--data", str(c.path("dd/x").parent)], 2,
+     "is a directory without .npz or .npy files"),
     ("data-csv", lambda c: [str(c.good), "--data", c.write("data.csv", "1,2,3\n")], 2, "must be .npz or .npy"),
     ("data-text-npz", lambda c: [str(c.good), "--data", c.write("text.npz", "hello\n")], 2, "not a .npz file"),
     ("data-text-npy", lambda c: [str(c.good), "--data", c.write("text.npy", "hello\n")], 2, "not a .npy file"),

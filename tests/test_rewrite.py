@@ -295,10 +295,12 @@ def test_select_errors_name_the_sites():
         select(model, types, Selection(names=("missing",)))
     assert "'missing'" in str(err.value) and "a, a_relu, b, res, res_relu" in str(err.value)
     assert "…" in str(err.value)  # more than five candidates
-    with pytest.raises(UsageError, match="--include"):
+    with pytest.raises(UsageError, match="^include '\\('") as err:  # the API names the field
         select(model, types, Selection(include="("))
-    with pytest.raises(UsageError, match="try --ops all"):
+    assert err.value.for_cli().startswith("--include '('")  # the CLI its flag
+    with pytest.raises(UsageError, match="try ops all") as err:
         select(model, types, Selection(ops=("LSTM",)))
+    assert "try --ops all" in err.value.for_cli()
 
 
 # -- property: random small DAGs ---------------------------------------------------------------------------------------

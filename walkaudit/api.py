@@ -191,7 +191,9 @@ class AuditRun:
                                        index=self.index)
         progress.describe("clean pass")
         progress.grow(self.dataset.samples)
-        keep = config.mode == "walk" and len(self.done) < len(self.sites)
+        # the clean values a walk's sites read are kept for an in-process walk only (other executors' workers
+        # compute their own)
+        keep = config.mode == "walk" and len(self.done) < len(self.sites) and self.executor is None
         self.clean = worker.clean_pass(progress.advance, keep=keep)
         self._executor = (self.executor(self) if self.executor else
                           InProcess(lambda unit: worker.evaluate(unit, progress.advance)))
@@ -200,6 +202,7 @@ class AuditRun:
     def close(self) -> None:
         """Stop the executor and the noise threads (the run's results stay)."""
         if getattr(self, "_executor", None) is not None:
+            self._executor_note = getattr(self._executor, "note", None)
             self._executor.close()
             self._executor = None
         if getattr(self, "_source", None) is not None:
@@ -352,7 +355,9 @@ class AuditRun:
         config, loaded, dataset, out = self.config, self.loaded, self.dataset, self.loaded.class_output
         sites = [r.to_dict() for r in self.results]  # the typed sites' JSON
         worker, runtime = self._worker, self._runtime
-        notes = [*runtime.notes, *worker.notes, *(n for s in sites for n in s.get("notes") or [])]
+        executor_note = getattr(getattr(self, "_executor", None), "note", None) or getattr(self, "_executor_note", None)
+        notes = [*runtime.notes, *worker.notes, *([executor_note] if executor_note else []),
+                 *(n for s in sites for n in s.get("notes") or [])]
         evaluations = sum(p["repeats"] * p["samples"] for s in sites for p in s["points"])
         return {
             "schema": SCHEMA_ID,

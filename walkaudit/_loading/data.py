@@ -1,18 +1,33 @@
-"""Load validation data safely and check it against the model's inputs.
+"""Load validation data safely and check it against the model's inputs, in memory bounded by the batch.
 
-.npz files hold inputs and (optionally) labels; .npy files hold the inputs of a single-input model. Files are read
-with allow_pickle=False: object arrays are refused, never unpickled.
+.npz files hold inputs and (optionally) labels; .npy files hold the inputs of a single-input model; a folder holds
+.npz shards (read as one data set, in name order) or one .npy file per array (x.npy, y.npy). Files are never
+unpickled: object arrays are refused from their headers.
+
+Inputs read from files are `Column`s, not arrays: only the headers are read when loading, and a slice
+`column[start:stop]` reads just those rows (memory-mapped from an .npy file or an uncompressed .npz member, a window
+at a time; a compressed member is decompressed once, when first used, to an anonymous temporary file). Every check
+(finiteness, casts, integer ranges) and the sha256 stream over the data a few MB at a time. Labels are small and
+are read into memory.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import mmap
+import os
+import struct
+import tempfile
+import threading
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npy_format
 
 from walkaudit._loading.model import TensorSpec
 from walkaudit.errors import DataError
@@ -20,12 +35,16 @@ from walkaudit.errors import DataError
 X_KEYS = ("x", "X", "inputs", "input", "images", "image", "data", "features", "x_val", "x_test")
 Y_KEYS = ("y", "Y", "labels", "label", "targets", "target", "y_val", "y_test")
 
+#: bytes per step when hashing, checking, decompressing and copying
+CHUNK = 4 << 20
+
 
 @dataclass
 class Dataset:
-    """Model inputs by name ([N, ...] each) and class ids (or None: agreement with the clean model)."""
+    """Model inputs by name ([N, ...] each: numpy arrays or `Column`s, both sliced as `a[start:stop]`) and class ids
+    (or None: agreement with the clean model)."""
 
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray | Column]
     labels: np.ndarray | None
     path: str | None = None
     sha256: str | None = None
@@ -35,10 +54,256 @@ class Dataset:
         return len(next(iter(self.inputs.values())))
 
     def batches(self, size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(start, inputs) for consecutive slices of at most `size` samples (views, no copies)."""
+        """(start, inputs) for consecutive slices of at most `size` samples (views of in-memory arrays)."""
         for start in range(0, self.samples, size):
             yield start, {k: v[start : start + size] for k, v in self.inputs.items()}
 
+
+# --- where the bytes are ---------------------------------------------------------------------------------------------
+
+def _map(fd: int, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
+    """`count` items of `dtype` at `offset` of an open file, memory-mapped read-only (only that window)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    m = mmap.mmap(fd, offset - start + count * dtype.itemsize, access=mmap.ACCESS_READ, offset=start)
+    return np.frombuffer(m, dtype, count, offset=offset - start)  # the array keeps the map alive
+
+
+class _Spill:
+    """An anonymous temporary file that compressed members are decompressed into, each at its own offset."""
+
+    def __init__(self):
+        self._file = None
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> int:
+        with self._lock:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="walkaudit-")
+            offset, self._end = self._end, self._end + nbytes
+            os.ftruncate(self._file.fileno(), self._end)
+            return offset
+
+    @property
+    def fd(self) -> int:
+        return self._file.fileno()
+
+
+class _Raw:
+    """An array stored raw at `offset` of a file (an .npy file, a stored .npz member) or of a spill."""
+
+    def __init__(self, name: str, source: Path | _Spill, offset: int, shape: tuple, dtype: np.dtype, fortran: bool):
+        self.name, self.source, self.offset = name, source, offset
+        self.shape, self.dtype, self.fortran = shape, dtype, fortran
+        self.row_items = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self._whole = None
+
+    def _mapped(self, offset: int, count: int) -> np.ndarray:
+        if isinstance(self.source, _Spill):
+            return _map(self.source.fd, offset, self.dtype, count)
+        try:
+            with open(self.source, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < self.offset + self.nbytes:  # a map past the end would die of SIGBUS on first touch
+                    raise DataError(f"{self.name} changed while walkaudit read it (now {size} bytes)")
+                return _map(f.fileno(), offset, self.dtype, count)
+        except OSError as exc:
+            raise DataError(f"cannot read {self.name}: {exc.strerror or exc}") from None
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        tail = self.shape[1:]
+        if b <= a or self.row_items == 0:
+            return np.empty((max(b - a, 0), *tail), self.dtype)
+        if self.fortran:  # rows are not contiguous: map the whole array once
+            if self._whole is None:
+                flat = self._mapped(self.offset, self.nbytes // self.dtype.itemsize)
+                self._whole = flat.reshape(self.shape, order="F")
+            return np.ascontiguousarray(self._whole[a:b])
+        offset = self.offset + a * self.row_items * self.dtype.itemsize
+        return self._mapped(offset, (b - a) * self.row_items).reshape((b - a, *tail))
+
+
+class _Deflated:
+    """A compressed .npz member: decompressed once, when first read, into the spill file (and mapped from there)."""
+
+    def __init__(self, name: str, zpath: Path, member: str, header: int, shape: tuple, dtype: np.dtype,
+                 fortran: bool, spill: _Spill):
+        self.name, self.zpath, self.member, self.header = name, zpath, member, header
+        self.shape, self.dtype, self.fortran, self.spill = shape, dtype, fortran, spill
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self._raw: _Raw | None = None
+        self._lock = threading.Lock()
+
+    def _stream(self, write) -> None:
+        """Decompress the member's array bytes through `write(done, chunk)`; the CRC is checked at the end."""
+        try:
+            with zipfile.ZipFile(self.zpath) as z, z.open(self.member) as s:
+                skip = self.header
+                while skip:
+                    got = s.read(min(skip, CHUNK))
+                    if not got:
+                        break
+                    skip -= len(got)
+                done = 0
+                while done < self.nbytes:
+                    chunk = s.read(min(CHUNK, self.nbytes - done))
+                    if not chunk:
+                        raise DataError(f"{self.name} is not a readable .npz file: the member ends after {done} of "
+                                        f"its {self.nbytes} bytes of array data")
+                    write(done, chunk)
+                    done += len(chunk)
+                if s.read(1):
+                    raise DataError(f"{self.name} is not a readable .npz file: the member holds more bytes than "
+                                    "its header says")
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError) as exc:
+            raise DataError(f"{self.name} is not a readable .npz file: {type(exc).__name__}: {_line(exc)}") from None
+
+    def prepare(self) -> None:
+        with self._lock:
+            if self._raw is None:
+                offset = self.spill.reserve(self.nbytes)
+                self._stream(lambda done, chunk: os.pwrite(self.spill.fd, chunk, offset + done))
+                self._raw = _Raw(self.name, self.spill, offset, self.shape, self.dtype, self.fortran)
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        if self._raw is None and a == 0 and (not self.shape or b >= self.shape[0]) and self.nbytes <= 16 * CHUNK:
+            out = np.empty(self.nbytes, np.uint8)  # read whole (labels): no spill
+            self._stream(lambda done, chunk: out.__setitem__(slice(done, done + len(chunk)),
+                                                             np.frombuffer(chunk, np.uint8)))
+            order = "F" if self.fortran else "C"
+            return np.ascontiguousarray(out.view(self.dtype).reshape(self.shape, order=order))
+        self.prepare()
+        return self._raw.rows(a, b)
+
+
+class _InMemory:
+    """An array already in memory (a 0-d archive member, for one)."""
+
+    def __init__(self, name: str, array: np.ndarray):
+        self.name, self.array, self.shape, self.dtype = name, array, array.shape, array.dtype
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        return self.array[a:b]
+
+
+def _as_array(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+class Column:
+    """One input's samples [N, ...] over one or more parts (files, archive members), read a slice at a time.
+
+    Behaves like a read-only array for what walkaudit needs: `len`, `shape`, `dtype`, `ndim`, `size`, `nbytes`,
+    `column[start:stop]` (a C-contiguous numpy array of `dtype`: the stored values, cast when the model takes another
+    type) and `np.asarray(column)` (everything, in memory). Pickled, it travels as the array it holds.
+    """
+
+    def __init__(self, parts, dtype: np.dtype | None = None, stop: int | None = None):
+        self._parts = tuple(parts)
+        first = self._parts[0]
+        self.raw_dtype = first.dtype
+        self.dtype = np.dtype(dtype) if dtype is not None else first.dtype
+        if not first.shape:  # a 0-d member: no samples (refused by the checks)
+            self._starts, self.shape = [0, 0], ()
+            return
+        self._starts = [0]
+        for p in self._parts:
+            self._starts.append(self._starts[-1] + p.shape[0])
+        n = self._starts[-1] if stop is None else min(stop, self._starts[-1])
+        self.shape = (n, *first.shape[1:])
+
+    @property
+    def files(self) -> list[str]:
+        return [p.name for p in self._parts]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d column")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Column({_describe(self)} from {len(self._parts)} part(s))"
+
+    def head(self, n: int) -> Column:
+        return Column(self._parts, self.dtype, min(n, len(self)))
+
+    def cast(self, dtype: np.dtype) -> Column:
+        return Column(self._parts, dtype, len(self))
+
+    def prepare(self) -> None:
+        """Decompress what is compressed now (to the spill file), so that reading errors come up front."""
+        for p in self._parts:
+            if isinstance(p, _Deflated):
+                p.prepare()
+
+    def rows(self, a: int, b: int, cast: bool = True) -> np.ndarray:
+        """Rows [a, b) (0 <= a <= b <= len), as stored (cast=False) or as `dtype`."""
+        tail = self.shape[1:]
+        if b <= a:
+            return np.empty((0, *tail), self.dtype if cast else self.raw_dtype)
+        i = bisect.bisect_right(self._starts, a) - 1
+        pieces = []
+        while a < b:
+            lo, hi = self._starts[i], self._starts[i + 1]
+            pieces.append(self._parts[i].rows(a - lo, min(b, hi) - lo))
+            a = max(a, min(b, hi))
+            i += 1
+        out = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if cast and out.dtype != self.dtype:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = out.astype(self.dtype)
+        return out
+
+    def chunks(self, cast: bool = False) -> Iterator[np.ndarray]:
+        """The rows a few MB at a time, as stored (default) or cast."""
+        yield from _row_chunks(len(self), self.raw_dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)),
+                               lambda a, b: self.rows(a, b, cast))
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            head, rest = (key[0], key[1:]) if key else (slice(None), ())
+            out = self[head]
+            return out[(slice(None), *rest)] if isinstance(head, slice) else out[rest]
+        if isinstance(key, slice):
+            r = range(len(self))[key]
+            if not r:
+                return self.rows(0, 0)
+            lo, hi = min(r[0], r[-1]), max(r[0], r[-1]) + 1
+            out = self.rows(lo, hi)
+            return out if r.step == 1 else out[r.start - lo :: r.step]
+        if isinstance(key, (int, np.integer)):
+            i = range(len(self))[key]
+            return self.rows(i, i + 1)[0]
+        raise TypeError(f"a data column is read by slices or single indices, not {type(key).__name__}")
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.rows(0, len(self)) if self.shape else np.empty((), self.dtype)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __reduce__(self):
+        return _as_array, (np.asarray(self),)
+
+
+def _row_chunks(n: int, row_bytes: int, read) -> Iterator[np.ndarray]:
+    step = max(1, CHUNK // max(1, row_bytes))
+    for a in range(0, n, step):
+        yield read(a, min(n, a + step))
+
+
+# --- reading files and folders ---------------------------------------------------------------------------------------
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
@@ -57,40 +322,198 @@ def _kind_of(path: Path) -> str:
     return "other"
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Arrays by key ('' for an .npy file). Never unpickles: allow_pickle=False everywhere."""
+def _header(f) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran order, dtype) from an .npy header (ValueError when it is not one). Never unpickles."""
+    version = npy_format.read_magic(f)
+    if version == (1, 0):
+        return npy_format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return npy_format.read_array_header_2_0(f)
+    try:  # 3.0: utf-8 field names
+        from numpy.lib._format_impl import _read_array_header
+    except ImportError:  # numpy < 2
+        from numpy.lib.format import _read_array_header
+    return _read_array_header(f, version)
+
+
+def _refuse_objects(name: str, dtype: np.dtype) -> None:
+    if dtype.hasobject:
+        raise DataError(f"{name} holds pickled object arrays; walkaudit refuses to load them")
+
+
+def _npy_part(path: Path, name: str) -> _Raw:
+    try:
+        with open(path, "rb") as f:
+            shape, fortran, dtype = _header(f)
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except ValueError as exc:
+        raise DataError(f"{name} is not a readable .npy file: {_line(exc)}") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{name} is not a readable .npy file: {type(exc).__name__}: {_line(exc)}") from None
+    _refuse_objects(name, dtype)
+    part = _Raw(name, path, offset, tuple(shape), dtype, fortran)
+    if size - offset < part.nbytes:
+        raise DataError(f"{name} is not a readable .npy file: it holds {size - offset} bytes of array data, its "
+                        f"header promises {part.nbytes}")
+    return part
+
+
+def _npz_parts(path: Path, name: str, spill: _Spill) -> dict[str, _Raw | _Deflated | _InMemory]:
+    """Every member's header (its array is read only when used): stored members are mapped in place."""
+    parts = {}
+    try:
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for info in z.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if info.is_dir():
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise DataError(f"{name}: member {key!r} of the archive is not a numpy array")
+                if info.flag_bits & 0x1:
+                    raise DataError(f"{name}: member {key!r} of the archive is encrypted")
+                try:
+                    if info.compress_type == zipfile.ZIP_STORED:
+                        f.seek(info.header_offset)
+                        local = f.read(30)
+                        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                            raise zipfile.BadZipFile(f"bad local header for member {key!r}")
+                        start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
+                        f.seek(start)
+                        shape, fortran, dtype = _header(f)
+                        header = f.tell() - start
+                    else:
+                        with z.open(info) as s:
+                            shape, fortran, dtype = _header(s)
+                            header = s.tell()
+                except ValueError:  # not the .npy magic or header: numpy's own reader gives such members as bytes
+                    raise DataError(f"{name}: member {key!r} of the archive is not a numpy array") from None
+                member = f"{name}:{key}"
+                _refuse_objects(name, dtype)
+                shape = tuple(shape)
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if header + nbytes > info.file_size:
+                    raise DataError(f"{name} is not a readable .npz file: member {key!r} holds {info.file_size - header}"
+                                    f" bytes of array data, its header promises {nbytes}")
+                if info.compress_type == zipfile.ZIP_STORED:
+                    if start + header + nbytes > size:
+                        raise DataError(f"{name} is not a readable .npz file: member {key!r} is truncated")
+                    part = _Raw(member, path, start + header, shape, dtype, fortran)
+                else:
+                    part = _Deflated(member, path, info.filename, header, shape, dtype, fortran, spill)
+                parts[key] = part if shape else _InMemory(member, np.array(part.rows(0, 1).reshape(())))
+    except DataError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError, NotImplementedError) as exc:
+        raise DataError(f"{name} is not a readable .npz file: {type(exc).__name__}: {_line(exc)}") from None
+    return parts
+
+
+def _file_parts(path: Path, name: str, spill: _Spill, suffix: str | None = None) -> dict[str, object]:
+    """The parts of one file by key ('' for an .npy file), from headers only. Never unpickles."""
+    suffix = suffix or path.suffix.lower()
+    try:
+        kind = _kind_of(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {name}: {exc.strerror}") from None
+    if kind == "pickle":
+        raise DataError(f"{name} holds pickled data; walkaudit refuses to load it (save arrays with "
+                        "numpy.savez instead)")
+    if kind == "other":
+        raise DataError(f"{name} is not a {suffix} file: it starts with neither the .npy nor the .npz "
+                        "(zip) signature")
+    if kind == "npy":
+        part = _npy_part(path, name)
+        if not part.shape:
+            return {"": _InMemory(name, np.array(part.rows(0, 1).reshape(())))}
+        return {"": part}
+    return _npz_parts(path, name, spill)
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The data files of a folder, in the order they are read and hashed: its .npz and .npy files, by name (hidden
+    files, other files and subfolders are ignored)."""
+    return sorted((p for p in folder.iterdir()
+                   if p.suffix.lower() in (".npz", ".npy") and not p.name.startswith(".") and p.is_file()),
+                  key=lambda p: p.name)
+
+
+def _folder_columns(folder: Path, spill: _Spill) -> dict[str, Column]:
+    try:
+        files = data_files(folder)
+    except OSError as exc:
+        raise DataError(f"cannot read the data folder {folder}: {exc.strerror or exc}") from None
+    if not files:
+        raise DataError(f"data path {folder} is a directory without .npz or .npy files (a data folder holds .npz "
+                        "shards such as part-0000.npz, or one .npy file per array such as x.npy and y.npy)")
+    here = folder.name or str(folder)
+    npz = [p for p in files if p.suffix.lower() == ".npz"]
+    if npz and len(npz) != len(files):
+        raise DataError(f"data folder {here} mixes .npz and .npy files: use .npz shards (part-0000.npz, ...) or "
+                        "one .npy file per array (x.npy, y.npy)")
+    if not npz:  # one array per file, named by the file
+        columns = {}
+        for p in files:
+            part = _file_parts(p, f"{here}/{p.name}", spill)
+            if "" not in part:
+                raise DataError(f"{here}/{p.name} is not a .npy file: it is an .npz archive (a data folder holds "
+                                ".npz shards or .npy arrays, not both)")
+            columns[p.stem] = Column([part[""]])
+        return columns
+    shards = [(f"{here}/{p.name}", _file_parts(p, f"{here}/{p.name}", spill, ".npz")) for p in npz]
+    first_name, first = shards[0]
+    if "" in first:
+        raise DataError(f"{first_name} is not a .npz file: it holds a single .npy array")
+    keys = list(first)
+    for name, parts in shards[1:]:
+        if "" in parts:
+            raise DataError(f"{name} is not a .npz file: it holds a single .npy array")
+        if set(parts) != set(keys):
+            raise DataError(f"{name} holds keys {', '.join(parts) or 'none'}; {first_name} holds "
+                            f"{', '.join(keys) or 'none'} (every shard needs the same keys)")
+    columns = {}
+    for key in keys:
+        ref = first[key]
+        for name, parts in shards[1:]:
+            p = parts[key]
+            if not ref.shape or not p.shape:
+                raise DataError(f"{name if not p.shape else first_name}: {key!r} is a scalar; shards hold arrays "
+                                "[N, ...]")
+            if p.dtype != ref.dtype or p.shape[1:] != ref.shape[1:]:
+                raise DataError(f"{name}: {key!r} is {_describe(p)}, but {first_name} has {_describe(ref)} (shards "
+                                "must agree in dtype and in every dimension but the first)")
+        columns[key] = Column([parts[key] for _, parts in shards])
+    return columns
+
+
+def _read_columns(path: Path, spill: _Spill) -> dict[str, Column]:
+    """Columns by key ('' for an .npy file), from headers only."""
     if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        return _folder_columns(path, spill)
     if not path.is_file():
         raise DataError(f"data path is not a file: {path}")
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".npy"):
         raise DataError(f"data file must be .npz or .npy, got {path.name}")
-    try:
-        kind = _kind_of(path)
-    except OSError as exc:
-        raise DataError(f"cannot read {path.name}: {exc.strerror}") from None
-    if kind == "pickle":
-        raise DataError(f"{path.name} holds pickled data; walkaudit refuses to load it (save arrays with "
-                        "numpy.savez instead)")
-    if kind == "other":
-        raise DataError(f"{path.name} is not a {suffix} file: it starts with neither the .npy nor the .npz "
-                        "(zip) signature")
-    try:
-        if kind == "npy":
-            return {"": np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
-            raise DataError(f"{path.name} holds pickled object arrays; walkaudit refuses to load them") from None
-        raise DataError(f"{path.name} is not a readable {suffix} file: {_line(exc)}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError, MemoryError) as exc:
-        raise DataError(f"{path.name} is not a readable {suffix} file: {type(exc).__name__}: {_line(exc)}") from None
-    odd = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
-    if odd:
-        raise DataError(f"{path.name}: member {odd[0]!r} of the archive is not a numpy array")
-    return arrays
+    return {k: Column([p]) for k, p in _file_parts(path, path.name, spill).items()}
+
+
+def sha256_of(path) -> str:
+    """The data's sha256, streamed: a file's bytes; for a folder, each data file's name, size and bytes in name order
+    (so two copies of the same data hash alike, wherever they are). OSError when unreadable."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = data_files(path) if path.is_dir() else [path]
+    for p in files:
+        with open(p, "rb") as f:
+            if path.is_dir():
+                h.update(f"{p.name}\0{os.fstat(f.fileno()).st_size}\0".encode())
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _line(exc: BaseException) -> str:
@@ -98,7 +521,7 @@ def _line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
-def _pick(arrays: dict[str, np.ndarray], wanted: str | None, choices: tuple[str, ...], what: str,
+def _pick(arrays: dict, wanted: str | None, choices: tuple[str, ...], what: str,
           all_keys: str | None = None) -> str | None:
     if wanted is not None:
         if wanted not in arrays:
@@ -118,7 +541,7 @@ def load(
     num_classes: int | None = None,
     allow_nonfinite: bool = False,
 ) -> Dataset:
-    """Read a .npz/.npy file into a checked Dataset.
+    """Read a .npz/.npy file or a folder of them into a checked Dataset (inputs as `Column`s, read when sliced).
 
     Inputs: a single-input model reads --x-key, else the array named like its input, else a usual name (x, images,
     ...), else the one array that is not the labels. A multi-input model reads one array per input, named like the
@@ -126,7 +549,7 @@ def load(
     agreement with the clean model's predictions.
     """
     path = Path(path)
-    arrays = _read_arrays(path)
+    arrays = _read_columns(path, _Spill())
     keys = ", ".join(arrays) or "none"
     if "" in arrays:  # .npy: inputs only
         if len(model_inputs) != 1:
@@ -158,9 +581,13 @@ def load(
     rest = {k: v for k, v in arrays.items() if k not in used}
     y_name = None if "" in arrays else _pick(rest, y_key, Y_KEYS, "label", all_keys=keys)
     labels = arrays[y_name] if y_name is not None else None
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return from_arrays(inputs, labels, model_inputs, limit=limit, num_classes=num_classes,
-                       allow_nonfinite=allow_nonfinite, path=str(path), sha256=sha)
+    dataset = from_arrays(inputs, labels, model_inputs, limit=limit, num_classes=num_classes,
+                          allow_nonfinite=allow_nonfinite, path=str(path))
+    try:
+        dataset.sha256 = sha256_of(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+    return dataset
 
 
 def from_arrays(
@@ -174,26 +601,35 @@ def from_arrays(
     path: str | None = None,
     sha256: str | None = None,
 ) -> Dataset:
-    """Check arrays against the model's inputs (shape, dtype, finiteness) and the labels against the classes."""
+    """Check arrays (or `Column`s) against the model's inputs (shape, dtype, finiteness) and the labels against the
+    classes. Arrays come back cast to the model's types; Columns come back as Columns that cast when sliced. With
+    `limit`, only the first `limit` samples are used (and checked)."""
     if not isinstance(inputs, dict):
         if len(model_inputs) != 1:
             names = ", ".join(s.name for s in model_inputs)
             raise DataError(f"the model has {len(model_inputs)} inputs ({names}): pass a dict of arrays by name")
         inputs = {model_inputs[0].name: inputs}
-    checked = {}
+    formed = {}
     for spec in model_inputs:
         if spec.name not in inputs:
             raise DataError(f"no data for model input {spec.name!r}")
-        checked[spec.name] = _check_input(np.asarray(inputs[spec.name]), spec, allow_nonfinite)
-    counts = {len(a) for a in checked.values()}
+        a = inputs[spec.name]
+        a = a if isinstance(a, Column) else np.asarray(a)
+        formed[spec.name] = (a, _check_form(a, spec))
+    counts = {len(a) for a, _ in formed.values()}
     if len(counts) != 1:
         raise DataError(f"inputs have different numbers of samples: {sorted(counts)}")
     n = counts.pop()
     if limit is not None:
         if limit < 1:
             raise DataError(f"--limit must be at least 1, got {limit}")
-        checked = {k: v[:limit] for k, v in checked.items()}
         n = min(n, limit)
+    checked = {}
+    for spec in model_inputs:
+        a, target = formed[spec.name]
+        if len(a) > n:
+            a = a.head(n) if isinstance(a, Column) else a[:n]
+        checked[spec.name] = _convert(a, spec, target, allow_nonfinite)
     if labels is not None:
         labels = to_class_ids(np.asarray(labels), num_classes)
         if limit is not None:
@@ -203,7 +639,7 @@ def from_arrays(
     return Dataset(checked, labels, path, sha256)
 
 
-def _describe(a: np.ndarray) -> str:
+def _describe(a) -> str:
     return f"{a.dtype} [{', '.join(map(str, a.shape))}]"
 
 
@@ -212,11 +648,12 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8", "float4"))
 
 
-def _check_input(a: np.ndarray, spec: TensorSpec, allow_nonfinite: bool) -> np.ndarray:
+def _check_form(a, spec: TensorSpec) -> np.dtype:
+    """The type the model takes, after checking the data's shape and dtype kind against it (values aside)."""
     want = spec.describe()
     if a.dtype == object:
         raise DataError(f"input {spec.name!r}: object arrays are not accepted (expected {want})")
-    if a.size == 0 or a.ndim == 0:
+    if a.ndim == 0 or a.size == 0:
         raise DataError(f"input {spec.name!r} is empty: expected {want}, found {_describe(a)}")
     if spec.shape is not None:
         dims = spec.shape[1:]
@@ -234,21 +671,50 @@ def _check_input(a: np.ndarray, spec: TensorSpec, allow_nonfinite: bool) -> np.n
         if not same_kind:
             hint = " (convert and scale it to float yourself)" if _is_float(target) and a.dtype.kind in "iub" else ""
             raise DataError(f"input {spec.name!r}: expected {want}, found {_describe(a)}{hint}")
-        if not allow_nonfinite and _is_float(a.dtype) and not np.isfinite(a).all():
-            bad = int((~np.isfinite(a)).sum())
-            raise DataError(f"input {spec.name!r} holds {bad} NaN/Inf values (use --allow-nonfinite to accept them)")
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = a.astype(target)
-        if _is_float(target) and not allow_nonfinite and not np.isfinite(cast).all():
-            bad = int((~np.isfinite(cast)).sum())
-            raise DataError(f"input {spec.name!r}: {bad} values overflow {target.name} when cast from {a.dtype} "
-                            f"(largest |value| {float(np.abs(a).max()):.3g})")
-        if target.kind in "iu" and not np.array_equal(cast, a):
-            raise DataError(f"input {spec.name!r}: values do not fit {target.name} (found {a.dtype})")
-        a = cast
-    if _is_float(a.dtype) and not allow_nonfinite and not np.isfinite(a).all():
-        bad = int((~np.isfinite(a)).sum())
+    return target
+
+
+def _nonfinite(c: np.ndarray) -> int:
+    return int(c.size - np.count_nonzero(np.isfinite(c)))
+
+
+def _convert(a, spec: TensorSpec, target: np.dtype, allow_nonfinite: bool):
+    """Check the values a few MB at a time (NaN/Inf, overflow when cast, integers that do not fit); then the array
+    cast to `target` (C-contiguous), or the Column that casts when sliced."""
+    source = a.dtype
+    if isinstance(a, Column):
+        chunks = a.chunks()
+    else:
+        chunks = _row_chunks(len(a), a[:1].nbytes, lambda lo, hi: a[lo:hi])
+    bad, overflow, top, misfit = 0, 0, 0.0, False
+    check_float = _is_float(target) and not allow_nonfinite
+    if check_float or (source != target and target.kind in "iu"):
+        for c in chunks:
+            if source == target:
+                bad += _nonfinite(c)
+            elif _is_float(target):
+                if _is_float(source):
+                    bad += _nonfinite(c)
+                if not bad:
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        overflow += _nonfinite(c.astype(target))
+                    top = max(top, float(np.abs(c).max()))
+            elif not np.array_equal(c.astype(target), c):
+                misfit = True
+                break
+    if bad:
         raise DataError(f"input {spec.name!r} holds {bad} NaN/Inf values (use --allow-nonfinite to accept them)")
+    if overflow:
+        raise DataError(f"input {spec.name!r}: {overflow} values overflow {target.name} when cast from {source} "
+                        f"(largest |value| {top:.3g})")
+    if misfit:
+        raise DataError(f"input {spec.name!r}: values do not fit {target.name} (found {source})")
+    if isinstance(a, Column):
+        a.prepare()
+        return a if source == target else a.cast(target)
+    if source != target:
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = a.astype(target)
     return np.ascontiguousarray(a)
 
 

@@ -419,8 +419,9 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
 
 @main.command("audit", cls=GroupedCommand, context_settings={"show_default": True})
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="Validation data: .npz (inputs and optional labels) or .npy (inputs only).")
+@click.option("--data", "data_path", required=True, type=click.Path(), metavar="FILE|DIR",
+              help="Validation data: .npz (inputs and optional labels), .npy (inputs only), or a folder of .npz "
+                   "shards or of one .npy per array (docs/data.md).")
 @click.option("--x-key", metavar="KEY", help="Array holding the inputs in the .npz [default: auto].")
 @click.option("--y-key", metavar="KEY", help="Array holding the labels in the .npz [default: auto].")
 @click.option("--limit", type=int, metavar="N", help="Use only the first N samples.")

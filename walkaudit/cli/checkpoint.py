@@ -52,7 +52,9 @@ def fingerprint(model_sha256: str, data_sha256: str | None, config) -> dict:
 
 def fingerprint_files(model_path, data_path, config) -> dict:
     """The fingerprint of an audit of these files, known before the audit loads them (OSError: unreadable)."""
-    return fingerprint(sha256_file(model_path), sha256_file(data_path), config)
+    from walkaudit._loading.data import sha256_of
+
+    return fingerprint(sha256_file(model_path), sha256_of(data_path), config)
 
 
 def digest(fp: dict) -> str:

@@ -1,0 +1,207 @@
+"""The Ray executor: the same report as in process (API and `--ray`), a killed worker changes nothing, requests the
+cluster can never meet fail at once, progress adds up. One local Ray cluster (2 CPUs, no GPUs) serves the session;
+the tests that need it are skipped where ray is not installed (the `test` extra installs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from walkaudit import api
+from walkaudit._execution import ray_executor
+from walkaudit._execution.ray_executor import _cut, check_workers, plan
+from walkaudit.cli import main
+from walkaudit.config import AuditConfig
+from walkaudit.errors import RuntimeFailure, UsageError
+
+from .models import mlp, resnet_block, teacher_labels
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the whole session (started on first use, stopped at the end)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray")
+    model = mlp(seed=1)
+    x = np.random.default_rng(2).normal(size=(700, 16)).astype(np.float32)
+    onnx.save(model, folder / "mlp.onnx")
+    np.savez(folder / "val.npz", x=x, y=teacher_labels(model, x))
+    res = resnet_block(seed=3)
+    xr = np.random.default_rng(4).normal(size=(1500, 1, 6, 6)).astype(np.float32)
+    onnx.save(res, folder / "res.onnx")
+    np.savez(folder / "res.npz", x=xr)
+    return folder
+
+
+def _plain(report) -> dict:
+    body = report.to_dict()
+    body.pop("runtime")  # timings and where it ran
+    return body
+
+
+class Recorder:
+    """A progress display that adds up what it is told; `on_advance` runs at each advance (the kill test)."""
+
+    def __init__(self, on_advance=None):
+        self.grown = self.advanced = 0
+        self.on_advance = on_advance
+
+    def grow(self, amount):
+        self.grown += amount
+
+    def advance(self, amount):
+        self.advanced += amount
+        if self.on_advance:
+            self.on_advance()
+
+    def describe(self, text):
+        pass
+
+    def site_started(self, position, total, name):
+        pass
+
+    def site_finished(self, result):
+        pass
+
+
+def _factory(made: list, **options):
+    def factory(run):
+        made.append(ray_executor.connect(None, run.config, **options)(run))
+        return made[-1]
+
+    return factory
+
+
+# -- pure: no cluster --------------------------------------------------------------------------------------------------
+def test_pieces_are_disjoint_cover_the_range_and_follow_the_batch_grid():
+    for start, stop, pieces, align in [(0, 16, 4, 4), (3, 40, 5, 4), (0, 5, 9, 4), (7, 8, 3, 1), (0, 100, 7, 1)]:
+        cut = _cut(start, stop, pieces, align)
+        assert cut[0][0] == start and cut[-1][1] == stop
+        assert all(a < b for a, b in cut) and all(b == c for (_, b), (c, _) in zip(cut, cut[1:]))
+        assert len(cut) == min(pieces, stop - start)
+    assert _cut(0, 16, 4, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert all(b % 4 == 0 for _, b in _cut(3, 40, 5, 4)[:-1])
+
+
+def test_plan_one_actor_per_gpu_else_per_group_of_cores():
+    assert plan([{"CPU": 16, "GPU": 8}], "auto", None) == ray_executor.Plan(8, 2.0, 1, 2, "cuda")
+    assert plan([{"CPU": 16, "GPU": 8}], "cpu", 4).actors == 4
+    assert plan([{"CPU": 2}, {"CPU": 5}], "auto", None) == ray_executor.Plan(3, 2.0, 0, 2, "cpu")
+    assert plan([{"CPU": 2}], "auto", 1, workers=2).actors == 2
+
+
+@pytest.mark.parametrize("nodes, provider, threads, phrase", [
+    ([{"CPU": 8}], "cuda", None, "has no GPUs"),
+    ([{"CPU": 2}], "auto", 4, "no node of the Ray cluster has 4 CPUs"),
+    ([{"CPU": 16, "GPU": 8}], "cuda", 4, "2 CPUs per GPU"),
+])
+def test_requests_the_cluster_can_never_meet_are_refused(nodes, provider, threads, phrase):
+    with pytest.raises(UsageError, match=phrase):
+        plan(nodes, provider, threads)
+
+
+def test_workers_that_differ_are_refused():
+    info = {"onnxruntime": "1.31.1", "walkaudit": "0.2.0", "provider": "CPUExecutionProvider", "error": None}
+    check_workers([info, dict(info)], "1.31.1")
+    for change in ({"onnxruntime": "1.30.0"}, {"provider": "CUDAExecutionProvider"}, {"walkaudit": "0.1.0"}):
+        with pytest.raises(RuntimeFailure, match="different"):
+            check_workers([info, {**info, **change}], "1.31.1")
+    with pytest.raises(RuntimeFailure, match="this process runs 1.20.0"):
+        check_workers([info], "1.20.0")
+    with pytest.raises(RuntimeFailure, match="could not build the audit: no data"):
+        check_workers([{**info, "error": "no data"}], None)
+
+
+def test_without_ray_the_flag_says_how_to_install_it(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(UsageError, match=r'pip install "walkaudit\[ray\]".*pip install "\.\[ray\]"'):
+        ray_executor.connect(None, AuditConfig())
+    result = CliRunner().invoke(main, [str(files / "mlp.onnx"), "--data", str(files / "val.npz"), "-q", "--ray"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "pip install" in result.stderr
+
+
+# -- on the session's cluster -------------------------------------------------------------------------------------------
+def test_api_report_equals_the_in_process_one_and_progress_adds_up(ray_cluster, files):
+    options = dict(data=str(files / "val.npz"), provider="cpu", seed=5, threads=1)
+    want = api.audit(str(files / "mlp.onnx"), **options)
+    made, progress = [], Recorder()
+    got = api.audit(str(files / "mlp.onnx"), executor=_factory(made, piece_seconds=0.002), progress=progress,
+                    **options)
+    assert _plain(got) == _plain(want)
+    assert progress.advanced == progress.grown > 0
+    stats = made[0].stats()
+    assert stats["actors"] == 2 and made[0].actors == []  # two actors of one thread; closed
+    assert stats["pieces"] > len(want.sites)  # requests were cut
+    assert all(i["threads"] == 1 for i in made[0].info)
+
+
+def test_global_mode_on_ray_equals_in_process(ray_cluster, files):
+    options = dict(data=str(files / "val.npz"), provider="cpu", mode="global", sigmas=(0.1, 0.5, 2.0), threads=1)
+    want = api.audit(str(files / "mlp.onnx"), **options)
+    got = api.audit(str(files / "mlp.onnx"), executor=_factory([], piece_seconds=0.001), **options)
+    assert _plain(got) == _plain(want)
+
+
+def test_cli_ray_report_equals_the_in_process_one(ray_cluster, files):
+    def run(*extra):
+        result = CliRunner().invoke(main, [str(files / "res.onnx"), "--data", str(files / "res.npz"), "--json", "-",
+                                           "-q", "--provider", "cpu", "--threads", "1", "--repeats", "2", *extra])
+        assert result.exit_code in (0, 1), result.stderr
+        body = json.loads(result.stdout)
+        body.pop("runtime")
+        return body
+
+    assert run("--ray") == run()
+    assert ray_cluster.is_initialized()  # a cluster it did not start is left running
+
+
+def test_a_killed_worker_changes_nothing(ray_cluster, files):
+    options = dict(data=str(files / "res.npz"), provider="cpu", sigmas=tuple(np.geomspace(0.01, 10, 12)),
+                   repeats=2, threads=1)
+    want = api.audit(str(files / "res.onnx"), **options)
+    made, killed = [], []
+
+    def kill():
+        ex = made[0] if made else None
+        if killed or ex is None or ex.pieces < 2:
+            return
+        victim = max(ex.alive, key=lambda a: ex.queued[a])
+        pid = ex.info[victim]["pid"]  # (asking the actor would wait behind its queued pieces)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    got = api.audit(str(files / "res.onnx"), executor=_factory(made, workers=2, piece_seconds=0.002),
+                    progress=Recorder(kill), **options)
+    assert killed
+    assert made[0].resent >= 1
+    assert _plain(got) == _plain(want)
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--provider", "cuda"], "--provider cuda: the Ray cluster has no GPUs"),
+    (["--threads", "64"], "no node of the Ray cluster has 64 CPUs"),
+    (["--noise-source", "graph"], "--noise-source graph cannot run on Ray"),
+])
+def test_cli_refuses_at_once_in_one_line(ray_cluster, files, flags, phrase):
+    result = CliRunner().invoke(main, [str(files / "mlp.onnx"), "--data", str(files / "val.npz"), "-q", *flags,
+                                       "--ray"])
+    assert result.exit_code == 2, result.output
+    assert phrase in result.stderr and result.stderr.strip().count("\n") == 0

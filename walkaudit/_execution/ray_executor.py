@@ -1,0 +1,530 @@
+"""`RayExecutor`: work units evaluated by Ray actors (`--ray`, the `ray` extra).
+
+- Each actor holds one `Worker`, built once from the run's `Recipe`. The recipe (the model's bytes, the data arrays,
+  the targets) is `ray.put` once; every actor gets the reference and reads the arrays zero-copy from its node's object
+  store. The driver keeps the reference for as long as the executor lives, so that a restarted actor can rebuild.
+- One actor per GPU (`num_gpus=1`, provider cuda) when the cluster has GPUs and the provider allows them; otherwise
+  one per group of CPU cores (`--threads`, default `CPUS_PER_WORKER`), with onnxruntime's and the noise's threads set
+  to the cores it was given (Ray's OMP_NUM_THREADS=1 does not bind onnxruntime).
+- `split` cuts a request into pieces over disjoint block ranges of about `PIECE_SECONDS` each, from the cost per
+  sample × σ level × repeat measured on finished pieces (per site; other sites' median before a site's first piece),
+  on the data grid's batch boundaries where it can. A site's pieces go to the same actor (its clean values are cached
+  there) unless another actor would finish them sooner.
+- Faults: a piece whose actor died is sent again to another actor, and the dead one replaced (`MAX_RESTARTS`); a request
+  the cluster can never meet fails at `connect`, before the clean pass; actors that disagree on the onnxruntime or
+  walkaudit version or on the provider are refused.
+- Counts of disjoint block ranges add up exactly and ε depends on (seed, site, block, repeat) only, so the report
+  equals the in-process one, timings and runtime fields aside. Graph-drawn ε (`--noise-source graph`) is drawn
+  anew by each session, so it is refused here and `auto` draws on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+from walkaudit._units import BLOCK, Counts, WorkUnit, block_rows
+from walkaudit.errors import RuntimeFailure, UsageError, WalkauditError
+
+INSTALL = 'Ray is not installed: pip install "walkaudit[ray]" (from a checkout: pip install ".[ray]")'
+
+#: Seconds of work a piece aims at: long against the ~1-3 ms a call costs, short enough to balance the actors.
+PIECE_SECONDS = 0.3
+#: CPU cores per actor on a cluster without GPUs, when --threads does not say.
+CPUS_PER_WORKER = 2
+#: How often a dead actor is replaced, and how often a piece is sent before the audit gives up.
+MAX_RESTARTS = 3
+MAX_ATTEMPTS = 4
+#: Seconds to wait for the actors to start and build their workers.
+START_TIMEOUT = 300.0
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(INSTALL) from None
+    return ray
+
+
+# -- the actor ---------------------------------------------------------------------------------------------------------
+class _Host:
+    """A Ray actor's body: one Worker built from the recipe; evaluates units and says how long they took.
+
+    Started at `connect` (the imports take a second or more) while the driver loads the model and runs its clean
+    pass; `setup` then builds the worker from the recipe."""
+
+    def __init__(self, threads: int, provider: str):
+        import onnxruntime
+
+        from walkaudit import __version__
+        from walkaudit._execution import recipe, worker  # noqa: F401  (imported now, while the driver works)
+
+        self.threads, self.provider = threads, provider
+        self.error, self.worker = "not set up", None
+        self.info = {"onnxruntime": onnxruntime.__version__, "walkaudit": __version__, "provider": None,
+                     "threads": threads, "pid": os.getpid(), "error": None}
+
+    def setup(self, recipe: list) -> dict:
+        """Build the worker from [a reference to the recipe] (nested: the actor reads it from the object store
+        itself, zero-copy) and describe this actor."""
+        import ray
+
+        self.error = None
+        try:
+            self.worker = ray.get(recipe[0]).build(threads=self.threads, provider=self.provider)
+            self.info["provider"] = self.worker.runtime.provider
+        except WalkauditError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # a worker that cannot be built is reported by the driver, in one line
+            self.error = f"{type(exc).__name__}: {exc}"
+        self.info["error"] = self.error
+        return self.info
+
+    def describe(self) -> dict:
+        return self.info
+
+    def usage(self) -> float:
+        """CPU seconds this actor's process used, its start included."""
+        return time.process_time()
+
+    def evaluate(self, units: list[WorkUnit]) -> tuple[list[Counts], float, bool]:
+        """(counts per unit, seconds, whether these sites' first units ran here: sessions built, prefixes run)."""
+        if self.worker is None:
+            raise RuntimeFailure(f"a Ray worker could not be built: {self.error}")
+        fresh = units[0].sites not in self.worker._evaluations
+        t = time.perf_counter()
+        counts = [self.worker.evaluate(unit) for unit in units]
+        return counts, time.perf_counter() - t, fresh
+
+
+# -- connecting ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What each actor asks of the cluster, and how many there are."""
+
+    actors: int
+    cpus: float  # num_cpus per actor
+    gpus: int  # num_gpus per actor (0 or 1)
+    threads: int  # onnxruntime and noise threads per actor
+    provider: str  # "cuda" or "cpu"
+
+
+def _nodes(ray) -> list[dict]:
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def plan(nodes: list[dict], provider: str, threads: int | None, workers: int | None = None) -> Plan:
+    """The actors for a cluster whose nodes have these resources (pure: tested without Ray).
+
+    GPUs, when the provider allows them: one actor per GPU, with the node's CPUs shared among its GPUs. Else one
+    actor per `threads` (default CPUS_PER_WORKER, at most a node's CPUs) cores. UsageError when it can never be met.
+    """
+    gpus = [(int(n.get("GPU", 0)), int(n.get("CPU", 0))) for n in nodes]
+    cpus = [int(n.get("CPU", 0)) for n in nodes]
+    if provider == "cuda" and not any(g for g, _ in gpus):
+        raise UsageError("--provider cuda: the Ray cluster has no GPUs")
+    if provider != "cpu" and any(g for g, _ in gpus):
+        share = min(c // g for g, c in gpus if g)
+        actors = sum(g for g, _ in gpus)
+        if threads is not None and threads > share:
+            raise UsageError(f"--threads {threads}: the Ray cluster has {share} CPUs per GPU")
+        use = threads or max(share, 1)
+        actors = min(actors, workers) if workers else actors
+        return Plan(actors, float(use if share >= 1 else 0), 1, use, "cuda")
+    biggest = max(cpus, default=0)
+    if biggest < 1:
+        raise UsageError("the Ray cluster has no CPUs to run workers on")
+    if threads is not None and threads > biggest:
+        raise UsageError(f"--threads {threads}: no node of the Ray cluster has {threads} CPUs (the largest has "
+                         f"{biggest})")
+    use = threads or min(CPUS_PER_WORKER, biggest)
+    actors = sum(c // use for c in cpus)
+    if workers is not None:
+        if workers > actors:
+            raise UsageError(f"{workers} Ray workers of {use} CPUs do not fit the cluster's CPUs ({sum(cpus)})")
+        actors = workers
+    return Plan(actors, float(use), 0, use, "cpu")
+
+
+class Ray:
+    """A connection to a Ray cluster, made at once so that a request it can never meet fails before any work;
+    called with an AuditRun (after its clean pass) it gives the run's RayExecutor (`iter_audit(executor=...)`).
+
+    address None: the cluster this process already joined, else a new local one (shut down at `close`);
+    "auto", "ray://host:10001" or "host:6379": an existing cluster (left running).
+    """
+
+    def __init__(self, address: str | None = None, config=None, *, workers: int | None = None,
+                 threads: int | None = None, piece_seconds: float = PIECE_SECONDS, init: dict | None = None):
+        """`workers`: how many actors (default: as many as fit); `threads`: CPU cores per actor (default: the
+        config's threads, else CPUS_PER_WORKER, or a GPU's share of its node); `init`: more ray.init options."""
+        ray = _ray()
+        provider = getattr(config, "provider", "auto")
+        threads = threads or getattr(config, "threads", None)
+        if getattr(config, "noise_source", "auto") == "graph":
+            raise UsageError("--noise-source graph cannot run on Ray: RandomNormalLike draws anew in each worker's "
+                             "session, so the report would depend on where units ran; use host draws")
+        self.owner = False
+        if not ray.is_initialized():
+            options = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False,
+                       **(init or {})}
+            try:
+                if address is None:
+                    ray.init(**options)
+                    self.owner = True
+                else:
+                    ray.init(address=address, **{k: v for k, v in options.items() if k != "include_dashboard"})
+            except WalkauditError:
+                raise
+            except Exception as exc:
+                where = "a local Ray cluster" if address is None else f"the Ray cluster at {address}"
+                raise RuntimeFailure(f"cannot start or join {where}: {_first_line(exc)}") from None
+        self.ray, self.warm = ray, []
+        try:
+            self.plan = plan(_nodes(ray), provider, threads, workers)
+        except UsageError:
+            self.close()
+            raise
+        self.piece_seconds = piece_seconds
+        p = self.plan
+        # a dead actor is replaced by the driver (`RayExecutor._settle`), not restarted by Ray: Ray would run the
+        # pieces it held again out of order, and pieces are sent again from the driver anyway
+        self.remote = ray.remote(num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0)(_Host)
+        self.warm = [self.start() for _ in range(p.actors)]  # they import while the driver runs its clean pass
+
+    def start(self):
+        """A new actor (it sets up when its `setup` call arrives; calls sent meanwhile wait)."""
+        return self.remote.remote(self.plan.threads, self.plan.provider)
+
+    def __call__(self, run) -> RayExecutor:
+        return RayExecutor(run, self)
+
+    def close(self) -> None:
+        for actor in self.warm:  # never handed to an executor
+            _kill(self.ray, actor)
+        self.warm = []
+        if self.owner and self.ray.is_initialized():
+            self.ray.shutdown()
+        self.owner = False
+
+
+def connect(address: str | None = None, config=None, **options) -> Ray:
+    """`Ray(address, config)`: the executor factory for `iter_audit(executor=...)`."""
+    return Ray(address, config, **options)
+
+
+def check_workers(infos: list[dict], version: str | None) -> None:
+    """Refuse actors that could not build their worker, or that differ in onnxruntime or walkaudit version or in
+    provider (among themselves, or in onnxruntime version from this process's `version`): RuntimeFailure."""
+    errors = [i["error"] for i in infos if i.get("error")]
+    if errors:
+        raise RuntimeFailure(f"a Ray worker could not build the audit: {errors[0]}")
+    for key, what in (("onnxruntime", "onnxruntime versions"), ("walkaudit", "walkaudit versions"),
+                      ("provider", "providers")):
+        seen = sorted({str(i[key]) for i in infos})
+        if len(seen) > 1:
+            raise RuntimeFailure(f"the Ray workers run different {what} ({', '.join(seen)}); the report would "
+                                 "depend on where units ran")
+    if version is not None and infos and infos[0]["onnxruntime"] != version:
+        raise RuntimeFailure(f"the Ray workers run onnxruntime {infos[0]['onnxruntime']} but this process runs "
+                             f"{version}; install the same version everywhere")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# -- the executor ----------------------------------------------------------------------------------------------------
+class _Piece:
+    """A handle: one unit, evaluated in a call (alone or with other small units of the same site and σ levels)."""
+
+    __slots__ = ("unit", "call", "counts")
+
+    def __init__(self, unit: WorkUnit):
+        self.unit, self.call, self.counts = unit, None, None
+
+
+class _Call:
+    """One actor call: its units' pieces, where it runs now, how often it was sent, its estimated cost."""
+
+    __slots__ = ("pieces", "cost", "ref", "actor", "handle", "attempts", "sent")
+
+    def __init__(self, pieces: list[_Piece], cost: float):
+        self.pieces, self.cost = pieces, cost
+        for piece in pieces:
+            piece.call = self
+        self.ref = self.actor = self.handle = None
+        self.attempts, self.sent = 0, 0.0
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self.pieces[0].unit.sites
+
+
+class RayExecutor:
+    """Evaluates work units on Ray actors, each with its own Worker (see the module's docstring)."""
+
+    def __init__(self, run, cluster: Ray | None = None):
+        from walkaudit._execution.recipe import Recipe
+
+        self.cluster = cluster or Ray(None, run.config)
+        ray = self.ray = self.cluster.ray
+        self.progress = run.progress
+        self.samples = run.dataset.samples
+        batch = run._worker.batch_size
+        self.align = batch // BLOCK if batch % BLOCK == 0 else 1  # blocks per batch of the data grid
+        self.piece_seconds = self.cluster.piece_seconds
+        p = self.cluster.plan
+        recipe = Recipe.of(run)
+        config = recipe.config
+        if config.noise_source == "auto":  # graph-drawn ε would differ per worker: draw on the host
+            config = dataclasses.replace(config, noise_source="host")
+        # the arrays travel through the object store (zero-copy on each node); no path has to exist on the workers
+        recipe = dataclasses.replace(recipe, data=None, arrays=dict(run.dataset.inputs), config=config)
+        self.recipe = ray.put(recipe)  # kept: an actor that replaces a dead one is built from it
+        self._setups: list = []
+        warm, self.cluster.warm = self.cluster.warm, []
+        self.actors = [self._new(actor) for actor in warm + [None] * (p.actors - len(warm))]
+        self.alive = list(range(len(self.actors)))
+        self.failures = [0] * len(self.actors)
+        self.load = [0.0] * len(self.actors)  # estimated seconds queued per actor
+        self.queued = [0] * len(self.actors)  # pieces queued per actor
+        self.home: dict[tuple[str, ...], int] = {}
+        self.rates: dict[tuple[str, ...], float] = {}  # seconds per sample × level × repeat, per site
+        self.cold: set[tuple[str, ...]] = set()  # sites whose rate comes from a first piece only
+        self.resent = 0  # calls sent again
+        self.pieces = self.calls = 0
+        self.buffer: list[_Piece] = []  # submitted, not sent yet
+        self.busy = 0.0  # seconds the actors spent evaluating
+        self.latency: list[float] = []  # seconds from send to result, minus the actor's own (queueing included)
+        self.sites_in_flight = 2 * len(self.actors)
+        started = time.perf_counter()
+        self.info = self._start(run)
+        self.start_s = time.perf_counter() - started  # the actors' start, after `ray.put` and their creation
+        self.cpu_s: float | None = None  # CPU seconds of the actors, measured at `close`
+
+    @property
+    def note(self) -> str:
+        """For the report: where the units ran (the report's runtime fields describe the driver)."""
+        providers = sorted({info.get("provider", "?") for info in self.info})
+        return f"work units evaluated on {len(self.actors)} Ray workers ({', '.join(providers)})"
+
+    def _new(self, actor=None):
+        """An actor (new unless given) set up with the recipe: its worker builds while calls sent to it wait."""
+        actor = actor or self.cluster.start()
+        self._setups.append(actor.setup.remote([self.recipe]))
+        return actor
+
+    def _start(self, run) -> list[dict]:
+        """Wait for every actor to build its worker; refuse failures and mixed versions or providers."""
+        ray = self.ray
+        try:
+            infos = ray.get(self._setups, timeout=START_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise RuntimeFailure(f"the Ray workers did not start within {START_TIMEOUT:.0f} s (are the cluster's "
+                                 "resources taken by other jobs?)") from None
+        except Exception as exc:
+            self.close()
+            raise RuntimeFailure(f"a Ray worker failed to start: {_first_line(exc)}") from None
+        try:
+            check_workers(infos, run._runtime.version if run._runtime is not None else None)
+        except RuntimeFailure:
+            self.close()
+            raise
+        return infos
+
+    # -- cutting -------------------------------------------------------------------------------------------------
+    def _rate(self, names: tuple[str, ...]) -> float | None:
+        rate = self.rates.get(names)
+        if rate is None and self.rates:
+            known = sorted(self.rates.values())
+            rate = known[len(known) // 2]
+        return rate
+
+    def _work(self, unit: WorkUnit) -> int:
+        """Sample forward passes under noise the unit stands for."""
+        return len(unit.sigmas) * unit.repeats * len(block_rows(unit.block_range, self.samples))
+
+    def split(self, unit: WorkUnit) -> list[WorkUnit]:
+        start, stop = unit.blocks
+        blocks = stop - start
+        rate = self._rate(unit.sites)
+        if rate is None:  # nothing measured yet: one piece per actor, so that every one has work
+            pieces = len(self.alive)
+        else:
+            pieces = math.ceil(rate * self._work(unit) / self.piece_seconds)
+        pieces = max(1, min(pieces, blocks))
+        return [dataclasses.replace(unit, blocks=b) for b in _cut(start, stop, pieces, self.align)]
+
+    # -- sending -------------------------------------------------------------------------------------------------
+    def _choose(self, call: _Call) -> int:
+        """The site's actor, unless another one would finish the call sooner (its cache is then cold)."""
+        home = self.home.get(call.sites)
+        if home not in self.alive:
+            home = None
+        best = min(self.alive, key=lambda a: (self.load[a], self.queued[a]))
+        if home is None:
+            self.home[call.sites] = best
+            return best
+        if self.load[home] - self.load[best] > call.cost or (call.cost == 0 and
+                                                              self.queued[home] - self.queued[best] > 1):
+            return best
+        return home
+
+    def _send(self, call: _Call, avoid: int | None = None) -> None:
+        if not self.alive:
+            raise RuntimeFailure("every Ray worker died; the audit cannot go on")
+        if avoid is None:
+            a = self._choose(call)
+        else:
+            a = min([b for b in self.alive if b != avoid] or self.alive, key=lambda b: (self.load[b], self.queued[b]))
+        call.actor, call.attempts, call.sent = a, call.attempts + 1, time.perf_counter()
+        self.load[a] += call.cost
+        self.queued[a] += 1
+        call.handle = self.actors[a]
+        call.ref = call.handle.evaluate.remote([p.unit for p in call.pieces])
+
+    def submit(self, unit: WorkUnit) -> _Piece:
+        """Queue the unit; `wait` sends the queued units, small ones of a site and σ levels together."""
+        piece = _Piece(unit)
+        self.buffer.append(piece)
+        return piece
+
+    def _flush(self) -> None:
+        """Send the queued units: each group of one site and σ levels in calls of about `piece_seconds` (one per
+        actor before anything was measured), in block order."""
+        groups: dict[tuple, list[_Piece]] = {}
+        for piece in self.buffer:
+            groups.setdefault(dataclasses.replace(piece.unit, blocks=(0, 0)), []).append(piece)
+        self.buffer = []
+        for pieces in groups.values():
+            pieces.sort(key=lambda p: p.unit.blocks)
+            rate = self._rate(pieces[0].unit.sites)
+            costs = [rate * self._work(p.unit) if rate is not None else 0.0 for p in pieces]
+            budget = (self.piece_seconds if rate is not None else
+                      max(1, math.ceil(len(pieces) / max(len(self.alive), 1))))  # seconds, or units per call
+            call, spent = [], 0.0
+            for piece, cost in zip(pieces, costs):
+                size = cost if rate is not None else 1
+                if call and spent + size > budget:
+                    self._send(_Call(call, spent if rate is not None else 0.0))
+                    call, spent = [], 0.0
+                call.append(piece)
+                spent += size
+            if call:
+                self._send(_Call(call, spent if rate is not None else 0.0))
+
+    def _settle(self, call: _Call) -> bool:
+        """Collect a finished call's counts (True), or send it again when its actor died (False)."""
+        ray, a = self.ray, call.actor
+        self.load[a] = max(0.0, self.load[a] - call.cost)
+        self.queued[a] -= 1
+        try:
+            counts, seconds, fresh = ray.get(call.ref)
+        except ray.exceptions.RayTaskError as exc:  # the evaluation raised: the same error here
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, WalkauditError):
+                raise cause from None
+            raise RuntimeFailure(f"a Ray worker failed: {_first_line(cause or exc)}") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
+                ray.exceptions.OutOfMemoryError) as exc:
+            if self.actors[a] is call.handle and not isinstance(exc, ray.exceptions.ActorUnavailableError):
+                self.failures[a] += 1  # the first of its calls to tell: replace it (once per death)
+                if self.failures[a] > MAX_RESTARTS:
+                    if a in self.alive:
+                        self.alive.remove(a)
+                else:
+                    self.actors[a] = self._new()
+            if call.attempts >= MAX_ATTEMPTS:
+                raise RuntimeFailure(f"a work unit failed on {call.attempts} Ray workers in turn: "
+                                     f"{_first_line(exc)}") from None
+            self.resent += 1
+            self._send(call, avoid=a)
+            return False
+        self.pieces += len(call.pieces)
+        self.calls += 1
+        self.busy += seconds
+        self.latency.append(time.perf_counter() - call.sent - seconds)
+        work, names = sum(c.evaluations for c in counts), call.sites
+        if work:  # a first call (sessions built) only stands in until a warm one is measured
+            rate, old = seconds / work, self.rates.get(names)
+            if old is None or (names in self.cold and not fresh):
+                self.rates[names] = rate
+                (self.cold.add if fresh else self.cold.discard)(names)
+            elif not fresh:
+                self.rates[names] = 0.5 * (old + rate)
+        for piece, c in zip(call.pieces, counts):
+            piece.counts = c
+        call.ref = None
+        self.progress.advance(work)
+        return True
+
+    def wait(self, handles: list) -> list:
+        ray = self.ray
+        if self.buffer:
+            self._flush()
+        done = [h for h in handles if h.counts is not None]
+        while not done:
+            calls = {h.call.ref: h.call for h in handles if h.counts is None}
+            ready, _ = ray.wait(list(calls), num_returns=1)
+            more, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
+            for ref in dict.fromkeys([*ready, *more]):
+                self._settle(calls[ref])
+            done = [h for h in handles if h.counts is not None]
+        return done
+
+    def result(self, handle: _Piece) -> Counts:
+        return handle.counts
+
+    def stats(self) -> dict:
+        """What the run cost: pieces, pieces sent again, seconds the actors worked, the wait per piece beyond it."""
+        trips = sorted(self.latency)
+        return {"actors": len(self.failures), "threads": self.cluster.plan.threads, "pieces": self.pieces,
+                "calls": self.calls, "resent": self.resent, "busy_s": self.busy, "start_s": self.start_s, "cpu_s": self.cpu_s,
+                "latency_ms_median": 1e3 * trips[len(trips) // 2] if trips else None,
+                "rates": {",".join(k): v for k, v in self.rates.items()}}
+
+    def close(self) -> None:
+        ray = self.ray
+        try:
+            if self.actors:
+                self.cpu_s = sum(ray.get([a.usage.remote() for a in self.actors], timeout=5))
+        except Exception:  # a dead actor, a cluster gone: the figure is only for benchmarks
+            pass
+        for actor in getattr(self, "actors", []):
+            _kill(ray, actor)
+        self.actors, self.alive = [], []
+        self.recipe = None
+        self.cluster.close()
+
+
+def _kill(ray, actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # gone already
+        pass
+
+
+def _cut(start: int, stop: int, pieces: int, align: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into `pieces` near-equal block ranges, at multiples of `align` blocks where there are
+    enough of them (a piece then covers whole batches of the data grid), else at any block."""
+    if pieces <= 1:
+        return [(start, stop)]
+    aligned = [b for b in range(start + 1, stop) if b % align == 0]
+    pool = aligned if len(aligned) >= pieces - 1 else list(range(start + 1, stop))
+    cuts, last = [], start
+    for i in range(1, pieces):
+        want = start + (stop - start) * i / pieces
+        options = [b for b in pool if b > last]
+        if not options:
+            break
+        best = min(options, key=lambda b: abs(b - want))
+        cuts.append(best)
+        last = best
+    bounds = [start, *cuts, stop]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
