@@ -22,7 +22,7 @@ from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import Worker
 from walkaudit._graph.index import GraphIndex
-from walkaudit._graph.sites import Site, select, weight_stats
+from walkaudit._graph.sites import Site, left_out, select, weight_stats
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.model import load_model
 from walkaudit._noise import NormalSource, make_noise
@@ -149,6 +149,7 @@ class AuditRun:
         self.index = GraphIndex(self.loaded.proto.graph)
         self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name,
                                         index=self.index)
+        self.notes = [n for n in [left_out(self.loaded.proto, config.selection)] if n]
         if config.shard is not None:
             self.sites = _shard(self.loaded, self.sites, *config.shard)
         unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]
@@ -356,7 +357,7 @@ class AuditRun:
         sites = [r.to_dict() for r in self.results]  # the typed sites' JSON
         worker, runtime = self._worker, self._runtime
         executor_note = getattr(getattr(self, "_executor", None), "note", None) or getattr(self, "_executor_note", None)
-        notes = [*runtime.notes, *worker.notes, *([executor_note] if executor_note else []),
+        notes = [*self.notes, *runtime.notes, *worker.notes, *([executor_note] if executor_note else []),
                  *(n for s in sites for n in s.get("notes") or [])]
         evaluations = sum(p["repeats"] * p["samples"] for s in sites for p in s["points"])
         return {

@@ -113,6 +113,7 @@ class Worker:
         self._kept_sites: set[str] = set()  # sites whose values are kept and that no evaluation has taken yet
         self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`Recipe`)
         self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
+        self._axes: dict[str, int | str] = {}  # site -> its batch axis from the inferred shape, or "size"
 
     # -- the clean model -----------------------------------------------------------------------------------------
     @property
@@ -183,6 +184,29 @@ class Worker:
         stats.correct, stats.samples = int((pred == self._targets).sum()), len(pred)
         stats.classes = frozenset(int(c) for c in np.unique(seen[seen >= 0]))
         return stats
+
+    def batch_axis(self, site: str, shape: tuple, rows: int) -> int | None:
+        """The axis of a site's value that holds the samples: where its inferred shape carries the inputs' batch
+        dimension (LSTM outputs are [T, D, N, H]), else the first axis of `rows` entries, else None (a value shared
+        by all samples, such as a positional embedding [1, T, D])."""
+        if site not in self._axes:
+            spec = self.model.types.get(site)
+            symbol = self.model.inputs[0].shape[0] if self.model.inputs and self.model.inputs[0].shape else None
+            axes = [a for a, d in enumerate(spec.shape or ()) if d == symbol] if spec and isinstance(symbol, str) else []
+            self._axes[site] = axes[0] if len(axes) == 1 else "size"
+            if self._axes[site] == 1 or self._axes[site] not in (0, "size"):
+                self.notes.append(f"{site}: samples run along axis {self._axes[site]}; the noise is drawn per sample "
+                                  "along it")
+        axis = self._axes[site]
+        if axis != "size":
+            return axis if axis < len(shape) and shape[axis] == rows else self._by_size(site, shape, rows)
+        return self._by_size(site, shape, rows)
+
+    def _by_size(self, site: str, shape: tuple, rows: int) -> int | None:
+        axis = 0 if shape and shape[0] == rows else next((a for a, d in enumerate(shape) if d == rows), None)
+        if axis is None and f"{site}: no batch axis" not in " ".join(self.notes):
+            self.notes.append(f"{site}: no batch axis; one noise draw is shared by every sample of a batch")
+        return axis
 
     @property
     def targets(self) -> np.ndarray:
@@ -304,16 +328,26 @@ class _Evaluation:
             yield part, values, (lambda k=k, whole=whole, values=values: self._device(k, whole, values))
 
     def _draw(self, values: dict, rows: range, repeat: int) -> dict[str, np.ndarray]:
-        """ε for each noisy site of a batch and repeat: [draws, 1, rows fed, ...], shared by every σ level; rows
-        padded to a fixed batch get zeros."""
+        """ε for each noisy site of a batch and repeat: [draws, 1, *site shape], shared by every σ level, drawn
+        per sample along the site's batch axis (`Worker.batch_axis`); rows padded to a fixed batch get zeros. A
+        site without a batch axis gets one draw for the whole batch, keyed by the batch's first block."""
         source, noise = self.worker.source, self.worker.noise
         eps = {}
         for site in self.strategy.noisy:
             shape = values[site].shape
-            make = np.zeros if shape[0] > len(rows) else np.empty
-            e = make((noise.draws, 1, *shape), np.float32)
+            fed = self.worker.model.batch_size or len(rows)  # rows in the run (a fixed batch is padded)
+            axis = self.worker.batch_axis(site, shape, fed)
+            e = np.zeros((noise.draws, 1, *shape), np.float32)
             for term in range(noise.draws):
-                noise.draw(source, site, term, repeat, rows, shape[1:], out=e[term, 0, : len(rows)])
+                if axis == 0:  # the common case: straight into place
+                    noise.draw(source, site, term, repeat, rows, shape[1:], out=e[term, 0, : len(rows)])
+                elif axis is None:
+                    noise.draw(source, site, term, repeat, range(rows.start, rows.start + 1), shape,
+                               out=e[term, :1])
+                else:
+                    moved = np.zeros((shape[axis], *shape[:axis], *shape[axis + 1 :]), np.float32)
+                    noise.draw(source, site, term, repeat, rows, moved.shape[1:], out=moved[: len(rows)])
+                    e[term, 0] = np.moveaxis(moved, 0, axis)
             scale = self.scales.get(site, 1.0)
             if scale != 1.0:  # σ·(c·ε) = (σ·c)·ε: a site's own σ without a graph input of its own
                 e *= np.float32(scale)

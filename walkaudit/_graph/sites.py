@@ -21,7 +21,10 @@ from walkaudit._graph.index import GraphIndex, index_for, members
 from walkaudit._loading.model import FLOAT_TYPES, TensorSpec
 from walkaudit.errors import UsageError, option
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+#: ops that compute much of a model but are not default sites: `left_out` names them in a note
+HEAVY_OPS = ("Einsum", "Attention", "MultiHeadAttention", "FusedMatMul", "FusedConv", "FusedGemm", "MatMulInteger",
+             "ConvInteger", "QLinearConv", "QLinearMatMul", "Scan", "Loop")
 ALL = "all"
 
 
@@ -179,3 +182,20 @@ def weight_stats(model: onnx.ModelProto, site: Site) -> dict | None:
         return None
     w = numpy_helper.to_array(init).astype(np.float64)
     return {"name": site.weight, "mean_abs": float(np.abs(w).mean()), "l2": float(np.linalg.norm(w))}
+
+
+def left_out(model: onnx.ModelProto, selection: Selection) -> str | None:
+    """A note naming the compute-heavy op types of the model that the selection's op types leave out, and how to
+    include them; None when there are none (or sites were named, or `all` taken)."""
+    if selection.names or ALL in selection.ops:
+        return None
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in HEAVY_OPS and node.op_type not in selection.ops:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if not counts:
+        return None
+    listed = ", ".join(f"{n} {op}" for op, n in counts.items())
+    ops = ",".join([*selection.ops, *counts])
+    return f"not audited: {listed} node(s) (not default sites); include them with --ops {ops} or --ops all"
+

@@ -181,7 +181,7 @@ def site_options(fn):
     fn = click.option("--include", metavar="REGEX", help="Keep only sites whose tensor or node name matches.")(fn)
     fn = click.option("--ops", metavar="OPS", default=None,
                       help="Comma-separated op types whose outputs are sites, or 'all' for every float node output "
-                           "[default: Conv,ConvTranspose,Gemm,MatMul with their bias Add].")(fn)
+                           "[default: Conv,ConvTranspose,Gemm,MatMul with their bias Add, and LSTM,GRU,RNN].")(fn)
     return fn
 
 

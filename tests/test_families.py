@@ -1,0 +1,62 @@
+"""Model families beyond CNNs and MLPs: recurrent layers are default sites, sites whose samples run along another
+axis than the first get per-sample noise, and compute-heavy ops left out are named in a note."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+import walkaudit
+
+T, I, H, C = 5, 3, 4, 2
+
+
+def lstm_classifier(seed: int = 0) -> onnx.ModelProto:
+    """x [N, T, I] → Transpose → LSTM (Y_h [1, N, H]) → Squeeze → MatMul → logits [N, C], as a batch-first torch
+    LSTM classifier exports."""
+    rng = np.random.default_rng(seed)
+    inits = [nh.from_array(rng.normal(0, .5, (1, 4 * H, I)).astype(np.float32), "W"),
+             nh.from_array(rng.normal(0, .5, (1, 4 * H, H)).astype(np.float32), "R"),
+             nh.from_array(rng.normal(0, 1, (H, C)).astype(np.float32), "Wfc"),
+             nh.from_array(np.array([0], np.int64), "axis0")]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             helper.make_node("LSTM", ["xt", "W", "R"], ["Y", "Y_h"], hidden_size=H),
+             helper.make_node("Squeeze", ["Y_h", "axis0"], ["h"]),
+             helper.make_node("MatMul", ["h", "Wfc"], ["logits"])]
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", T, I])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", C])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _x(n: int = 300, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, T, I)).astype(np.float32)
+
+
+def test_recurrent_layers_are_default_sites_with_noise_drawn_per_sample_along_their_batch_axis():
+    report = walkaudit.audit(lstm_classifier(), _x(), provider="cpu", sigmas=(0.005, 0.5, 5.0), repeats=2)
+    assert [(s.name, s.op_type) for s in report.sites] == [("Y_h", "LSTM"), ("logits", "MatMul")]
+    assert list(report.sites[0].shape) == [1, "N", H]
+    assert any("Y_h: samples run along axis 1" in n for n in report.runtime.notes)
+    accuracy = [p.accuracy for p in report.sites[0].points]
+    assert accuracy[0] > 0.95 and accuracy[-1] < accuracy[0] - 0.2  # clean at small σ, the noise bites at large σ
+
+
+def test_a_recurrent_sites_curve_does_not_depend_on_the_batch_size():
+    """ε comes per sample along axis 1, keyed by the sample's block, as for batch-first sites."""
+    reports = [walkaudit.audit(lstm_classifier(), _x(), provider="cpu", sigmas=(0.3, 3.0), batch_size=b).sites[0]
+               for b in (64, 256)]
+    assert reports[0].to_dict() == reports[1].to_dict()
+
+
+def test_compute_heavy_ops_that_are_not_default_sites_are_named_in_a_note():
+    model = lstm_classifier()
+    graph = model.graph
+    graph.node[-1].output[0] = "pre"
+    graph.node.append(helper.make_node("Einsum", ["pre"], ["logits"], equation="nc->nc"))
+    report = walkaudit.audit(model, _x(100), provider="cpu", sigmas=(0.1, 1.0), repeats=1)
+    note = next(n for n in report.runtime.notes if n.startswith("not audited"))
+    assert "1 Einsum" in note and "--ops Conv,ConvTranspose,Gemm,MatMul,LSTM,GRU,RNN,Einsum" in note
