@@ -60,3 +60,35 @@ def test_compute_heavy_ops_that_are_not_default_sites_are_named_in_a_note():
     report = walkaudit.audit(model, _x(100), provider="cpu", sigmas=(0.1, 1.0), repeats=1)
     note = next(n for n in report.runtime.notes if n.startswith("not audited"))
     assert "1 Einsum" in note and "--ops Conv,ConvTranspose,Gemm,MatMul,LSTM,GRU,RNN,Einsum" in note
+
+
+def _two_outputs() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A digits-style classifier that also returns its hidden embedding first: relu [N, 32], then logits [N, 10]."""
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.normal(0, 0.3, (16, 32)).astype(np.float32), rng.normal(0, 0.3, (32, 10)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["pre"]), helper.make_node("Relu", ["pre"], ["relu"]),
+             helper.make_node("MatMul", ["relu", "w2"], ["linear_1"])]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("relu", TensorProto.FLOAT, ["N", 32]),
+                               helper.make_tensor_value_info("linear_1", TensorProto.FLOAT, ["N", 10])],
+                              [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    y = (np.maximum(x @ w1, 0) @ w2).argmax(axis=1)
+    return model, x, y
+
+
+def test_of_two_score_outputs_the_one_the_labels_agree_with_is_the_class_output():
+    model, x, y = _two_outputs()
+    report = walkaudit.audit(model, x, y, provider="cpu", sigmas=(0.1, 1.0), repeats=1)
+    assert report.model.class_output == "linear_1" and report.clean_accuracy == 1.0
+
+
+def test_of_two_score_outputs_without_labels_the_audit_is_refused_naming_them():
+    import pytest
+
+    model, x, _ = _two_outputs()
+    with pytest.raises(walkaudit.WalkauditError, match="several outputs could be the class scores.*relu.*linear_1"):
+        walkaudit.audit(model, x, provider="cpu")
+    assert walkaudit.audit(model, x, provider="cpu", output="linear_1", sigmas=(0.1,)).model.class_output == "linear_1"

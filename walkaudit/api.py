@@ -24,6 +24,7 @@ from walkaudit._execution.worker import Worker
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site, left_out, select, weight_stats
 from walkaudit._loading import data as data_mod
+from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
 from walkaudit._noise import NormalSource, make_noise
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
@@ -135,8 +136,9 @@ class AuditRun:
     def __init__(self, model, x, y, data, config: AuditConfig, progress: Progress, done: list[dict]):
         self.config, self.progress, self.started = config, progress, time.perf_counter()
         self.loaded = load_model(model, config.output)
+        rivals = [] if config.output is not None else class_candidates(self.loaded)
         out = self.loaded.class_output
-        num_classes = out.num_classes if out.kind != "label" else None
+        num_classes = out.num_classes if out.kind != "label" and len(rivals) < 2 else None
         if data is not None:
             self.dataset = data_mod.load(data, self.loaded.inputs, x_key=config.x_key, y_key=config.y_key,
                                          limit=config.limit, num_classes=num_classes,
@@ -146,6 +148,9 @@ class AuditRun:
                                                 allow_nonfinite=config.allow_nonfinite)
         else:
             raise UsageError("no data: pass arrays (x, y) or a data file")
+        if len(rivals) >= 2:
+            self.loaded.class_output = choose_class_output(self.loaded, rivals, self.dataset, config.provider)
+        out = self.loaded.class_output
         self.index = GraphIndex(self.loaded.proto.graph)
         self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name,
                                         index=self.index)
