@@ -148,6 +148,7 @@ def test_refusals_are_one_line_with_exit_2(tmp_path):
 
 def test_a_model_that_gives_one_class_for_every_sample_is_noted():
     import walkaudit
+
     from .models import mlp
 
     model = mlp(seed=1)
@@ -159,3 +160,17 @@ def test_a_model_that_gives_one_class_for_every_sample_is_noted():
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     report = walkaudit.audit(model, x, np.arange(64) % 4, provider="cpu", sigmas=(0.1, 1.0), repeats=1)
     assert any("gives class 0 for every sample" in n for n in report.runtime.notes)
+
+
+def test_a_failing_shape_inference_is_said_in_the_report(monkeypatch):
+    import walkaudit
+
+    from .models import mlp
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("[ShapeInferenceError] made up for the test")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", fail)
+    x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
+    report = walkaudit.audit(mlp(seed=2), x, provider="cpu", sigmas=(0.1,), repeats=1)
+    assert any(n.startswith("ONNX shape inference failed") and "made up" in n for n in report.runtime.notes)

@@ -154,7 +154,7 @@ class AuditRun:
         self.index = GraphIndex(self.loaded.proto.graph)
         self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name,
                                         index=self.index)
-        self.notes = [n for n in [left_out(self.loaded.proto, config.selection)] if n]
+        self.notes = [*self.loaded.notes, *(n for n in [left_out(self.loaded.proto, config.selection)] if n)]
         if config.shard is not None:
             self.sites = _shard(self.loaded, self.sites, *config.shard)
         unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]

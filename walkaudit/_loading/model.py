@@ -125,6 +125,7 @@ class LoadedModel:
     outputs: list[TensorSpec]
     types: dict[str, TensorSpec] = field(repr=False)
     class_output: ClassOutput = None  # type: ignore[assignment]
+    notes: list[str] = field(default_factory=list)  # what loading could not do (the report's runtime notes)
 
     @property
     def opset(self) -> int:
@@ -261,13 +262,17 @@ def skeleton(proto: onnx.ModelProto, limit: int = SKELETON_BYTES) -> onnx.ModelP
     return out
 
 
-def value_types(proto: onnx.ModelProto, bare: onnx.ModelProto | None = None) -> dict[str, TensorSpec]:
+def value_types(proto: onnx.ModelProto, bare: onnx.ModelProto | None = None,
+                notes: list[str] | None = None) -> dict[str, TensorSpec]:
     """Type and shape of every value of the main graph that shape inference can tell. `bare`: its skeleton."""
     bare = skeleton(proto) if bare is None else bare
     try:
         inferred = onnx.shape_inference.infer_shapes(bare, data_prop=True)
-    except Exception:  # inference gives up on some graphs; the declared types still serve
+    except Exception as exc:  # inference gives up on some graphs; the declared types still serve
         inferred = bare
+        if notes is not None:
+            notes.append(f"ONNX shape inference failed ({_first_line(exc)[:160]}); values without declared "
+                         "types cannot be sites")
     g = inferred.graph
     specs: dict[str, TensorSpec] = {}
     for vi in [*g.input, *g.value_info, *g.output]:
@@ -425,6 +430,7 @@ def prepare_for_runtime(proto: onnx.ModelProto) -> onnx.ModelProto:
 def load_model(source, output: str | None = None, validate: bool = True) -> LoadedModel:
     """Read, check and describe a classifier. Raises ModelError with one clear line."""
     proto, path, sha = read_model(source)
+    notes: list[str] = []
     bare = skeleton(proto)  # no weights: checking and inference stay fast and work past 2 GB
     if validate:
         try:
@@ -434,11 +440,11 @@ def load_model(source, output: str | None = None, validate: bool = True) -> Load
             # the checker refuses models newer than it knows; onnxruntime will say more
             if "opset" not in msg.lower() and "ir_version" not in msg.lower():
                 raise ModelError(f"{path or 'model'} fails the ONNX checker: {msg}") from None
-        except Exception:
-            pass  # a checker that cannot take the model at all: onnxruntime decides
+        except Exception as exc:  # a checker that cannot take the model at all: onnxruntime decides
+            notes.append(f"the ONNX checker could not check the model ({_first_line(exc)[:160]})")
     prepare_for_runtime(proto)
     prepare_for_runtime(bare)
-    types = value_types(proto, bare)
+    types = value_types(proto, bare, notes)
     inputs = data_inputs(proto)
     if not inputs:
         raise ModelError("the model has no data inputs")
@@ -448,4 +454,4 @@ def load_model(source, output: str | None = None, validate: bool = True) -> Load
         class_output = _label_scores(proto, types, class_output.name) or class_output
     if class_output.num_classes is None:
         class_output = ClassOutput(class_output.name, class_output.kind, _ml_class_count(proto))
-    return LoadedModel(proto, path, sha, inputs, outputs, types, class_output)
+    return LoadedModel(proto, path, sha, inputs, outputs, types, class_output, notes)
