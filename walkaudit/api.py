@@ -272,7 +272,8 @@ class AuditRun:
         stds = [clean.std(n) for n in names]
         scale = self.noise.search_scale(float(np.median(stds)) if stds else 1.0)
         half = fit.halfway(clean.accuracy, self.chance)
-        return sweep.adaptive(half, self.noise.plan(), scale, n_blocks, clean.accuracy)
+        targets = tuple(clean.accuracy - d.points(clean.accuracy, self.chance) for d in config.drops)
+        return sweep.adaptive(half, self.noise.plan(), scale, n_blocks, clean.accuracy, targets)
 
     def _step(self, state: _Search, counts: Counts | None, executor: Executor, handles: dict) -> None:
         """Send a search the counts of its last request (None: start it) and submit its next request's units, or
@@ -330,10 +331,14 @@ class AuditRun:
             relative = value
         else:
             relative = value / std if value is not None and std else None
+        samples = np.array([lv.samples for lv in levels])
+        tolerances = [{**fit.tolerance(sig, acc, clean=clean.accuracy, drop=d.points(clean.accuracy, self.chance),
+                                       samples=samples).to_dict(), "of": d.describe()}
+                      for d in self.config.drops]
         body = {"points": points, "midpoint": value, "midpoint_relative": relative,
                 "ci95": list(mid.ci95) if mid.ci95 else None, "censored": mid.censored,
                 "fit": {k: v for k, v in mid.to_dict().items() if k not in ("value", "ci95", "censored")},
-                "notes": notes}
+                "notes": notes, **({"tolerance": tolerances} if tolerances else {})}
         if site is None:
             return {"index": None, "name": "global", "node": None, "op_type": "global", "shape": None,
                     "activation_std": None, "weight": None, "macs": None, **body}

@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from walkaudit._analysis.drops import Bound, parse_bound  # noqa: F401  (re-exported)
 from walkaudit._graph.sites import LAYER_OPS, Selection
 from walkaudit.errors import UsageError, option
 
@@ -56,6 +57,8 @@ class AuditConfig:
     #: global mode: σ of a site is σ × its scale (sites not named: 1), so any assignment of noise levels to sites is
     #: measured at once (the paper's global mode generalised)
     site_scales: tuple[tuple[str, float], ...] = ()
+    #: tolerances: per site, the σ at which accuracy falls by each of these drops (`parse_bound`: "1%", "5%rel")
+    drops: tuple[Bound, ...] = ()
 
     def check(self) -> AuditConfig:
         """This config, or OptionError naming the first field that cannot work."""
@@ -86,6 +89,8 @@ class AuditConfig:
             _number("site_scales", scale, 0.0, SIGMA_RANGE[1])
         if self.site_scales and self.mode != "global":
             raise OptionError("site_scales", "only applies in global mode (every site noisy at once)")
+        if not all(isinstance(d, Bound) for d in self.drops):
+            raise OptionError("drops", "must be drops parsed by walkaudit.config.parse_bound, e.g. parse_bound('1%')")
         if not isinstance(self.selection, Selection):
             raise OptionError("selection", f"must be a walkaudit Selection, got {type(self.selection).__name__}")
         return self
@@ -97,6 +102,7 @@ class AuditConfig:
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         body["sigmas"] = list(self.sigmas) if self.sigmas is not None else None
         body["site_scales"] = [list(pair) for pair in self.site_scales]
+        body["drops"] = [d.describe() for d in self.drops]
         s = self.selection
         body["selection"] = {"ops": list(s.ops), "include": s.include, "exclude": s.exclude, "names": list(s.names)}
         return body

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 #: The CLI flag of each AuditConfig field whose flag is not simply `--field-name`.
-FLAGS = {"mode": "--global", "selection": "--ops", "ops": "--ops", "names": "--site"}
+FLAGS = {"mode": "--global", "selection": "--ops", "ops": "--ops", "names": "--site", "drops": "--drop"}
 
 _MARK = "\x1f"
 _OPTION = re.compile(f"{_MARK}([a-z_]+){_MARK}")

@@ -27,7 +27,7 @@ from walkaudit._analysis import plan as planner
 from walkaudit._graph.cost import sites_macs
 from walkaudit._units import WorkUnit, blocks_of
 from walkaudit.api import AuditRun, Progress, _NoProgress
-from walkaudit.config import AuditConfig
+from walkaudit.config import AuditConfig, Bound, parse_bound
 from walkaudit.errors import UsageError, option
 
 #: Rounds of verification and tightening before giving up.
@@ -36,35 +36,6 @@ ROUNDS = 4
 VERIFY_REPEATS = 5
 #: Levels the uniform budget's search adds inside the bracket of its coarse grid.
 UNIFORM_REFINE = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class Bound:
-    """The largest accuracy drop allowed: `value` in points of accuracy (0.01 = one point), or with `relative`,
-    a fraction of (clean − chance)."""
-
-    value: float
-    relative: bool = False
-
-    def points(self, clean: float, chance: float) -> float:
-        return self.value * (clean - chance) if self.relative else self.value
-
-    def describe(self) -> str:
-        return f"{self.value * 100:g}%" + ("rel" if self.relative else "")
-
-
-def parse_bound(text: str) -> Bound:
-    """`1%` (points of accuracy), `5%rel` (of clean − chance), or a fraction `0.01`."""
-    raw = text.strip().lower()
-    relative = raw.endswith("rel")
-    raw = raw.removesuffix("rel").strip()
-    try:
-        value = float(raw.removesuffix("%")) / (100 if raw.endswith("%") else 1)
-    except ValueError:
-        raise UsageError(f"{option('max_drop')} {text!r}: expected a drop like 1% or 5%rel") from None
-    if not 0 <= value < 1 or not math.isfinite(value):
-        raise UsageError(f"{option('max_drop')} {text!r}: a drop between 0% and 100%")
-    return Bound(value, relative)
 
 
 def plan(model, x=None, y=None, *, data: str | None = None, sigma: float, max_drop: Bound | str,

@@ -395,3 +395,58 @@ def _degenerate(value: float, reason: str) -> Midpoint:
 def _json_float(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The σ at which a site's accuracy has fallen by `drop` (points of accuracy) from clean: its value (the grid's
+    bound when censored), a 95 % interval and the censoring ("below": already that low at the smallest σ tested,
+    "above": never that low in the grid)."""
+
+    drop: float
+    sigma: float | None
+    ci95: tuple[float, float] | None
+    censored: str | None
+
+    def to_dict(self) -> dict:
+        return {"drop": self.drop, "sigma": _json_float(self.sigma) if self.sigma is not None else None,
+                "ci95": list(self.ci95) if self.ci95 else None, "censored": self.censored}
+
+
+def tolerance(sigmas, accuracy, *, clean: float, drop: float, samples=None) -> Tolerance:
+    """The σ where the mean accuracy first falls to clean − `drop`, interpolated in log σ on the curve made
+    non-increasing (running minimum), with a bootstrap interval (repeats resampled as whole curves, counts redrawn
+    binomially, as for σ50). No fit: near the top the curve's shape is the data's, not a logistic's."""
+    u, acc, samples = _clean_inputs(sigmas, accuracy, samples)
+    target = clean - drop
+    means = np.nanmean(acc, axis=1)
+    value, censored = _first_fall(u, means, target)
+    if censored:
+        return Tolerance(drop, float(10**value), None, censored)
+    rng = np.random.default_rng(_data_seed(u, acc, samples, clean, drop))
+    levels, repeats = acc.shape
+    pick = rng.integers(0, repeats, size=(BOOTSTRAP, repeats))
+    scale = math.sqrt(repeats / (repeats - 1)) if repeats > 1 else 0.0
+    y = means[None, :, None] + scale * (acc[:, pick].transpose(1, 0, 2) - means[None, :, None])  # [B, L, R]
+    n = samples[None, :, None]
+    y = rng.binomial(np.broadcast_to(n, y.shape).astype(np.int64), np.clip(np.nan_to_num(y), 0, 1)) / n
+    falls = [_first_fall(u, curve, target) for curve in y.mean(axis=2)]
+    crossed = np.array([v for v, c in falls if c is None])
+    ci = None
+    if crossed.size >= _BOOT_MIN_VALID * BOOTSTRAP:
+        lo, hi = np.quantile(crossed, [0.025, 0.975])
+        ci = (float(10 ** min(lo, value)), float(10 ** max(hi, value)))
+    return Tolerance(drop, float(10**value), ci, None)
+
+
+def _first_fall(u: np.ndarray, means: np.ndarray, target: float) -> tuple[float, str | None]:
+    """(log σ, censoring) of the first fall of the running minimum of `means` to `target`."""
+    envelope = np.minimum.accumulate(means)
+    below = np.nonzero(envelope <= target)[0]
+    if below.size == 0:
+        return float(u[-1]), "above"
+    k = int(below[0])
+    if k == 0:
+        return float(u[0]), "below"
+    a, b = envelope[k - 1], envelope[k]
+    return float(u[k - 1] + (u[k] - u[k - 1]) * (a - target) / (a - b)), None

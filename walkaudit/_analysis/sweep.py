@@ -148,12 +148,14 @@ def _clear(level: Counts, half: float, margin: float) -> bool:
     return abs(acc - half) > max(4 * se, margin)
 
 
-def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: float = 1.0) -> Search:
+def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: float = 1.0,
+             targets: tuple[float, ...] = ()) -> Search:
     """Search for the halfway crossing as described in the module docstring.
 
     Levels are first evaluated on a share `plan.head` of the blocks spread over all the data (`spread`); a level
     whose side of the halfway line is already clear keeps that estimate, the others are completed on the remaining
-    blocks.
+    blocks. `targets`: more accuracy lines to bracket and refine the same way (clean − a tolerated drop, near the
+    top of the curve): the grid then also starts where accuracy is above the highest of them.
     """
     scale = scale if np.isfinite(scale) and scale > 0 else 1.0
     step = 1.0 / plan.per_decade
@@ -166,22 +168,24 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
     while curve.mean(max(curve.levels)) > half and top < plan.highest:
         top = min(plan.highest, top + 1.0)
         yield from _ask(curve, scale * 10 ** np.arange(top - 1.0 + step, top + step / 2, step), head)
-    bottom = plan.start
-    while curve.mean(min(curve.levels)) <= half and bottom > plan.lowest:
+    bottom, highest = plan.start, max((half, *targets))
+    while curve.mean(min(curve.levels)) <= highest and bottom > plan.lowest:
         bottom = max(plan.lowest, bottom - 1.0)
         yield from _ask(curve, scale * 10 ** np.arange(bottom, bottom + 1.0 - step / 2, step), head)
 
     taken = {b for r in head for b in r}
     tail = [b for b in range(n_blocks) if b not in taken]
     margin = plan.margin * max(clean - (2 * half - clean), 0.0)  # a fraction of (clean − chance)
-    unclear = [s for s, level in curve.levels.items() if not _clear(level, half, margin)]
+    unclear = [s for s, level in curve.levels.items()
+               if not _clear(level, half, margin) or any(not _clear(level, t, 0.0) for t in targets)]
     yield from _ask(curve, unclear, tail)
 
-    sig = sorted(curve.levels)
-    means = [curve.mean(s) for s in sig]
-    for a, b, ma, mb in zip(sig, sig[1:], means, means[1:]):
-        if ma > half >= mb:  # the first crossing
-            inner = np.logspace(np.log10(a), np.log10(b), plan.refine + 2)[1:-1]
-            yield from _ask(curve, inner, range(n_blocks))
-            break
+    for line in (half, *targets):
+        sig = sorted(curve.levels)
+        means = [curve.mean(s) for s in sig]
+        for a, b, ma, mb in zip(sig, sig[1:], means, means[1:]):
+            if ma > line >= mb:  # the first crossing
+                inner = np.logspace(np.log10(a), np.log10(b), plan.refine + 2)[1:-1]
+                yield from _ask(curve, [s for s in inner if s not in curve.levels], range(n_blocks))
+                break
     return curve

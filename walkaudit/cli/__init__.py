@@ -143,7 +143,7 @@ def main():
 AUDIT_OPTION_GROUPS = {
     "Data": ("data_path", "x_key", "y_key", "limit", "output", "chance", "allow_nonfinite"),
     "Sites": ("ops", "include", "exclude", "site_names"),
-    "Noise & sweep": ("noise", "ratio", "global_mode", "sigmas", "repeats", "seed"),
+    "Noise & sweep": ("noise", "ratio", "global_mode", "sigmas", "repeats", "drops", "seed"),
     "Runtime": ("provider", "threads", "batch_size", "noise_source", "exact", "shard", "ray_address"),
     "Gate": ("fail_under", "fail_under_relative", "rules", "rules_file", "min_clean_accuracy", "baseline",
              "max_drop"),
@@ -410,6 +410,9 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
             render.show(console, render.gate_lines(gate) if gate is not None else [])
         else:
             render.show(console, render.site_table(report, bars=width is None or width >= 100, width=width))
+            tolerances = render.tolerance_table(report, width=width)
+            if tolerances is not None:
+                render.show(console, tolerances)
             render.show(console, render.summary_lines(report))
     if github:
         lines = to_github(report, warnings=not quiet).splitlines()
@@ -437,6 +440,9 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
 @click.option("--sigmas", metavar="LIST|A:B:N",
               help="Fixed σ grid: '0.01,0.1,1' or '1e-3:1e2:21' (log). Default: adaptive search per site.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Noise draws per σ.")
+@click.option("--drop", "drops", multiple=True, metavar="DROP",
+              help="Also report per site the σ at which accuracy falls by DROP: '1%' (points) or '5%rel' (of clean "
+                   "− chance). Repeatable; gate it with --rule 'REGEX:SIGMA@1%'.")
 @click.option("--batch-size", type=int, default=None,
               help="Samples per batch [default: 256 on the CPU; sized to the free device memory on CUDA].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (same seed, same report).")
@@ -465,7 +471,7 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
                    "'ray://HOST:10001' or 'HOST:6379' joins a running cluster (the 'ray' extra; see docs/scale.md).")
 @guarded
 def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
-                  global_mode, sigmas, repeats, batch_size, seed, chance, provider, threads, noise_source,
+                  global_mode, sigmas, repeats, drops, batch_size, seed, chance, provider, threads, noise_source,
                   allow_nonfinite, exact, shard,
                   fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
                   json_path, markdown_path, junit_path, quiet, resume, checkpoint_path, ray_address):
@@ -487,7 +493,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
     from walkaudit.cli import checkpoint as ckpt
     from walkaudit.cli import outputs, signals
     from walkaudit.cli.progress import RichProgress
-    from walkaudit.config import AuditConfig, parse_sigmas
+    from walkaudit.config import AuditConfig, parse_bound, parse_sigmas
     from walkaudit.report import gate
 
     _check_outputs(json_path, markdown_path, junit_path, extra=[("--checkpoint", checkpoint_path)])
@@ -501,6 +507,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
         limit=limit, x_key=x_key, y_key=y_key, allow_nonfinite=allow_nonfinite, threads=threads,
         noise_source=noise_source, exact=exact, shard=_shard_option(shard, global_mode),
+        drops=tuple(parse_bound(d, "drops") for d in drops),
     ).check()
 
     def warn(message: str) -> None:

@@ -75,6 +75,7 @@ class Threshold:
     pattern: str | None
     value: float
     relative: bool = False
+    drop: str | None = None  # "1%", "5%rel": the rule is on the site's tolerance at that drop (--drop), not σ50
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -90,7 +91,8 @@ class Threshold:
         return self.pattern is None or _compile(self.pattern).search(site_name) is not None
 
     def __str__(self) -> str:
-        return printable(f"{self.pattern or '*'}:{self.value:g}{'rel' if self.relative else ''}")
+        at = f"@{self.drop}" if self.drop else ""
+        return printable(f"{self.pattern or '*'}:{self.value:g}{'rel' if self.relative else ''}{at}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ class GateConfig:
     def to_dict(self) -> dict:
         """JSON-ready description (e.g. for report["config"]["gate"])."""
         return {
-            "thresholds": [{"pattern": t.pattern, "value": t.value, "relative": t.relative} for t in self.thresholds],
+            "thresholds": [{"pattern": t.pattern, "value": t.value, "relative": t.relative,
+                            **({"drop": t.drop} if t.drop else {})} for t in self.thresholds],
             "min_clean_accuracy": self.min_clean_accuracy,
             "max_drop": None if self.max_drop is None else str(self.max_drop),
         }
@@ -186,7 +189,13 @@ def parse_rule(text: str, *, relative: bool = False) -> Threshold:
     ``"0.05"``, ``":0.05"`` and ``"*:0.05"`` apply to every site. A value suffix ``rel`` (``"conv.*:0.5rel"``) or
     ``relative=True`` makes it a relative threshold (σ50 / activation std).
     """
-    pattern, sep, value_text = str(text).rpartition(":")
+    text, at, drop_text = str(text).rpartition("@") if "@" in str(text) else (str(text), "", "")
+    drop = None
+    if at:
+        from walkaudit._analysis.drops import parse_bound
+
+        drop = parse_bound(drop_text, "drops").describe()
+    pattern, sep, value_text = text.rpartition(":")
     if not sep:
         pattern = ""
     match = _VALUE_RE.match(value_text)
@@ -197,6 +206,7 @@ def parse_rule(text: str, *, relative: bool = False) -> Threshold:
         pattern=None if pattern in ("", "*") else pattern,
         value=float(match.group(1)),
         relative=relative or match.group(2) == "rel",
+        drop=drop,
     )
 
 
@@ -381,6 +391,9 @@ def _no_sigma50(site: SiteResult) -> str:
 
 
 def _check_threshold(site: SiteResult, threshold: Threshold, failures: list[Failure], warnings: list[str]) -> None:
+    if threshold.drop is not None:
+        _check_tolerance(site, threshold, failures, warnings)
+        return
     name = printable(site.name)
     what = "σ50/std" if threshold.relative else "σ50"
     limit = threshold.value
@@ -508,3 +521,31 @@ def _format_drop(value: float, unit: str) -> str:
     if value == _INF:
         return "∞ decades" if unit == "dec" else "100%"
     return f"{value:.3g}%" if unit == "%" else f"{value:.3g} decades"
+
+
+def _check_tolerance(site: SiteResult, threshold: Threshold, failures: list[Failure], warnings: list[str]) -> None:
+    """A rule on the σ at which the site's accuracy falls by `threshold.drop` (the site's `tolerance` entries)."""
+    name, limit = printable(site.name), threshold.value
+    entry = next((t for t in site.extra.get("tolerance") or [] if t.get("of") == threshold.drop), None)
+    if entry is None:
+        warnings.append(f"site {name}: no tolerance at a {threshold.drop} drop (audit with --drop "
+                        f"{threshold.drop}); rule {threshold} not checked")
+        return
+    value = entry.get("sigma")
+    if threshold.relative:
+        std = site.activation_std
+        value = value / std if value is not None and std else None
+    what = f"σ at a {threshold.drop} drop" + ("/std" if threshold.relative else "")
+    if value is None:
+        failures.append(Failure(threshold.rule, site.name, None, limit,
+                                f"site {name}: no {what}, so >= {limit:g} cannot be shown (rule {threshold})"))
+        return
+    if entry.get("censored") == "above":
+        if value < limit:
+            warnings.append(f"site {name}: accuracy never fell by {threshold.drop} in the σ grid, whose top is below "
+                            f"{limit:g}; passed without proof (rule {threshold})")
+        return
+    if entry.get("censored") == "below" or value < limit:
+        failures.append(Failure(threshold.rule, site.name, value, limit,
+                                f"site {name}: {what} {value:.4g} < {limit:g} (rule {threshold})"))
+

@@ -302,6 +302,11 @@ class SiteResult(_Section):
         }
 
     @property
+    def tolerance(self) -> list[dict]:
+        """Per requested drop (`--drop`): ``{drop, of, sigma, ci95, censored}``; empty when none was asked for."""
+        return list(self.extra.get("tolerance") or [])
+
+    @property
     def sigma50(self) -> float | None:
         """σ50 (or its censoring bound) when there is one; None when nothing was measured or the fit found no
         midpoint (then ``midpoint`` is at most the grid's end and proves nothing)."""

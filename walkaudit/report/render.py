@@ -271,6 +271,20 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
                caption="ᶠ curve levels off above chance (free floor fit)  ⁱ interpolated  >/< censored at the grid")
 
 
+def tolerance_table(report: Report, width: int | None = None) -> Table | Lines | None:
+    """Per site, the σ at which accuracy falls by each requested drop (`--drop`); None when none was asked for."""
+    drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
+    if not drops:
+        return None
+    columns = [Column("site", kind="name"), *(Column(f"σ @ {d} drop", "right", "number") for d in drops)]
+    rows = []
+    for s in report.sites:
+        by = {t["of"]: t for t in s.tolerance}
+        rows.append([Name(printable(s.name), "", ""),
+                     *(format_sigma(by[d]["sigma"], by[d]["censored"]) if d in by else "" for d in drops)])
+    return fit(columns, rows, width, title="Tolerated noise: σ at which accuracy falls by each drop")
+
+
 def summary_lines(report: Report) -> list[str]:
     """The lines under the table (plain text, printable; print them with ``markup=False``)."""
     cfg, rt = report.config, report.runtime

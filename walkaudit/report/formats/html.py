@@ -81,6 +81,16 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
         cls = ' class="fail"' if s.name in failing else ""
         out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     out.append("</table>")
+    drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
+    if drops:
+        out += ["<h2>Tolerated noise: σ at which accuracy falls by each drop</h2>", "<table>",
+                "<tr><th>site</th>" + "".join(f"<th>σ @ {_e(d)}</th>" for d in drops) + "</tr>"]
+        for s in report.sites:
+            by = {t["of"]: t for t in s.tolerance}
+            cells = [f'<td class="n">{_e(format_sigma(by[d]["sigma"], by[d]["censored"]))}</td>' if d in by else
+                     "<td></td>" for d in drops]
+            out.append(f"<tr><td>{_e(printable(s.name))}</td>" + "".join(cells) + "</tr>")
+        out.append("</table>")
     out += ["<h2>Accuracy against σ</h2>", curves_svg(report)]
     if gate is not None and gate.failures:
         out += [f"<h2>Failures ({len(gate.failures)})</h2>", "<ul>"]

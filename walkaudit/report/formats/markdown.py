@@ -44,6 +44,16 @@ def to_markdown(report: Report) -> str:
     if not report.sites:
         lines.append("| — | *no sites* | | | | | |")
 
+    drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
+    if drops:
+        lines += ["", "### Tolerated noise (σ at which accuracy falls by each drop)", "",
+                  "| Site | " + " | ".join(f"σ @ {_text(d)}" for d in drops) + " |",
+                  "|:-----|" + "----:|" * len(drops)]
+        for site in report.sites:
+            by = {t["of"]: t for t in site.tolerance}
+            cells = [format_sigma(by[d]["sigma"], by[d]["censored"]) if d in by else "—" for d in drops]
+            lines.append("| " + _code(site.name, table=True) + " | " + " | ".join(cells) + " |")
+
     failures = gate.failures if gate is not None else []
     if failures:
         lines += ["", f"### Failures ({len(failures)})", ""]
