@@ -1,22 +1,30 @@
-"""Where the time of one walkaudit audit goes: wraps engine and API functions with timers for the length of one call.
+"""Where the time of one walkaudit audit goes: wraps worker, strategy and API functions with timers for the length of
+one call.
 
 Exclusive times (a function's time minus the wrapped functions it calls), so the parts add up to the whole:
 
+    loading       load_model (checker, shape inference) and the data
+    graph index   GraphIndex, built once per audit (site selection, suffix plans, prefixes, suffixes)
     sessions      creating onnxruntime sessions (serialising the rewritten models, graph optimisation)
-    clean pass    the clean model over the data once: "model" is onnxruntime running it (every site exposed as
-                  an output), "statistics" the numpy work on its outputs (predictions, activation std per site)
-    cache fill    per site, the prefix sessions computing the values its suffix reads (site + frontier), for the
-                  sites whose values the clean pass could not keep
-    noise draw    NormalSource.normal: ε ~ N(0, 1), one draw per (site, batch, repeat). The engine draws the next
-                  job's ε on a background thread while the current one runs; that time is reported apart
-                  ("noise draw (background)") and overlaps the rest, so it is not part of the total
-    noise apply   SiteEvaluator._feeds: σ·ε for every level, y + σ·ε, tiling the frontier (numpy, host; only where
-                  the host computes the noisy value: models before opset 10, and global mode)
-    suffix runs   onnxruntime running the noisy suffixes. Since the noise is applied in the graph (σ·ε, y + σ·ε and
-                  the frontier tiling run inside onnxruntime), they include the apply: "suffix runs (noise in the
-                  graph)". With noise_source="graph" the suffix also draws ε, so "noise draw" folds in too.
-    fit           the curve fits
-    other         the rest (argmax and counting, the API, Python)
+    clean pass    Worker.clean_pass: "model" is onnxruntime running the clean model (Worker.clean_values, every site
+                  exposed, an exact session), "statistics" the numpy work on its outputs (predictions, per-block
+                  moments per site) and keeping the values the walk reads
+    cache fill    Worker.clean_values called from a site's evaluation: its prefix session computing the values its
+                  suffix reads (site + frontier), for the sites whose values the clean pass could not keep
+    packing check _Evaluation._group: the σ = 0 run that checks once per site that a tiled batch gives the same
+                  outputs (its strategy runs count here)
+    noise draw    NormalSource.rows: ε ~ N(0, 1) block by block, keyed by (site, term, block, repeat). The worker
+                  draws the next job's ε on a background thread while the current one runs; that time is reported
+                  apart ("noise draw (background)") and overlaps the rest, so it is not part of the total
+    noise apply   NoiseModel.host / NoiseModel.factors: y + σ·ε on the host (HostApplied: models before opset 10;
+                  TermsGlobal) -- zero where the graph applies the noise
+    suffix runs   FedSuffix.run / DrawnSuffix.run / HostApplied.run: onnxruntime running the noisy suffixes. With
+                  the noise applied in the graph (σ·ε, y + σ·ε and the frontier tiling run inside onnxruntime) they
+                  include the apply: "suffix runs (noise in the graph)"
+    global runs   FedGlobal.run / TermsGlobal.run: the whole model with noise at every site (global mode)
+    fit           the curve fits (fit.midpoint)
+    report        the report's JSON Schema validation (report.model._check_document)
+    other         the rest (argmax and counting, the sweep, the API, Python)
 
 Monkeypatching is confined to the `profiled` context manager; walkaudit's files are not touched.
 """
@@ -28,11 +36,12 @@ import threading
 import time
 from collections import defaultdict
 
-from walkaudit import _noise as noise
 from walkaudit import api
 from walkaudit._analysis import fit
-from walkaudit._execution import engine as engine_mod
-from walkaudit._execution import runtime
+from walkaudit._execution import runtime, strategies, worker
+from walkaudit._graph import index as index_mod
+from walkaudit._noise import NoiseModel, NormalSource
+from walkaudit.report import model as report_model
 
 
 class Profiler:
@@ -72,36 +81,59 @@ class Profiler:
         return wrapper
 
 
-def _run_label(stack) -> str:
-    names = [s[0] for s in stack]
-    if "clean pass: statistics" in names:
-        return "clean pass: model"
-    if "cache fill" in names:
-        return "cache fill"
-    return "suffix runs"
+def _in(stack, label) -> bool:
+    return any(s[0] == label for s in stack)
+
+
+def _values_label(stack) -> str:
+    return "clean pass: model" if _in(stack, "clean pass: statistics") else "cache fill"
+
+
+def _suffix_label(stack) -> str:
+    return "packing check" if _in(stack, "packing check") else "suffix runs (noise in the graph)"
+
+
+def _host_label(stack) -> str:
+    return "packing check" if _in(stack, "packing check") else "suffix runs (noise applied on the host)"
+
+
+def _global_label(stack) -> str:
+    return "packing check" if _in(stack, "packing check") else "global runs"
+
+
+WANTED = [  # (owner, attribute, label or label(stack))
+    (api, "load_model", "loading"),
+    (index_mod.GraphIndex, "__init__", "graph index"),
+    (runtime.Runtime, "session", "sessions"),
+    (worker.Worker, "clean_pass", "clean pass: statistics"),
+    (worker.Worker, "clean_values", _values_label),
+    (worker._Evaluation, "_group", "packing check"),
+    (NormalSource, "rows", "noise draw"),
+    (NoiseModel, "host", "noise apply"),
+    (NoiseModel, "factors", "noise apply"),
+    (strategies.FedSuffix, "run", _suffix_label),  # DrawnSuffix inherits it
+    (strategies.HostApplied, "run", _host_label),
+    (strategies.FedGlobal, "run", _global_label),
+    (strategies.TermsGlobal, "run", _global_label),
+    (fit, "midpoint", "fit"),
+    (report_model, "_check_document", "report"),
+]
 
 
 @contextlib.contextmanager
 def profiled():
     """Yields a Profiler whose `exclusive` dict fills while walkaudit.audit runs inside the block."""
     prof = Profiler()
-    cache_or_clean = lambda st: ("clean pass: model" if any(s[0] == "clean pass: statistics" for s in st)
-                                 else "cache fill")
-    wanted = [
-        (runtime.Runtime, "session", "sessions"),
-        (engine_mod.Engine, "clean_pass", "clean pass: statistics"),
-        (engine_mod.Engine, "clean_values", cache_or_clean),
-        (engine_mod, "run", _run_label),
-        (noise.NormalSource, "normal", "noise draw"),
-        (engine_mod.SiteEvaluator, "_feeds", "noise apply"),
-        (engine_mod.SuffixEvaluator, "_run", "suffix runs (noise in the graph)"),
-        (fit, "midpoint", "fit"),
-    ]
-    # whatever the engine no longer has is skipped (its time lands in "other")
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in wanted if obj is not None and hasattr(obj, name)]
-    labels = {(id(obj), name): label for obj, name, label in wanted}
-    for obj, name, old in saved:
-        setattr(obj, name, prof.wrap(labels[(id(obj), name)], old))
+    # whatever walkaudit no longer has is skipped (its time lands in "other"); on classes only attributes the class
+    # itself defines are wrapped (a subclass that inherits a method is timed through its base's)
+    saved = []
+    for obj, name, label in WANTED:
+        own = vars(obj) if isinstance(obj, type) else None
+        if (own is not None and name not in own) or not hasattr(obj, name):
+            continue
+        old = own[name] if own is not None else getattr(obj, name)
+        saved.append((obj, name, old))
+        setattr(obj, name, prof.wrap(label, old))
     started = time.perf_counter()
     try:
         yield prof

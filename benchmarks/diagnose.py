@@ -11,8 +11,10 @@
    prefix sessions do).
 3. Normal numbers: walkaudit's NormalSource (1 and 2 threads), its Box–Muller transform and numpy's ziggurat on one
    thread, torch.randn, onnxruntime's RandomNormalLike.
-4. Applying the noise for the stem (K = 8 levels of 256 rows): in the graph from a fed ε (what the engine does)
-   against numpy on the host (its fallback for models before opset 10).
+4. Applying the noise for the stem (K = 8 levels of 256 rows): in the graph from a fed ε (what FedSuffix does)
+   against numpy on the host (NoiseModel.host: HostApplied, the path for models before opset 10).
+5. The clean model as the worker runs it: exact (NCHWc off: how the clean pass and the prefixes run since the
+   units-of-work core) against walkaudit's default session options, with every site and frontier exposed.
 Medians of 5 timed calls after one warm-up call.
 """
 
@@ -37,12 +39,12 @@ sys.path.insert(0, str(HERE))
 
 import models
 
-from walkaudit import _noise as noise_mod
 from walkaudit._execution import runtime as wa_runtime
 from walkaudit._graph import passes as rewrite
+from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Selection, select
 from walkaudit._loading.model import load_model
-from walkaudit._noise import Noise, NormalSource, box_muller
+from walkaudit._noise import NormalSource, box_muller, make_noise
 
 THREADS = 2
 
@@ -85,7 +87,8 @@ def main() -> None:
     print("   whole model: " + ", ".join(f"{k} {timed(lambda d=d: session(loaded.proto, d).run(None, {'x': x}) and None):.0f}"
                                          for k, d in sets.items()))
     names = [s.name for s in sites]
-    needed = names + [f for s in names for f in rewrite.suffix_plan(loaded.proto, s, "logits")[1]]
+    index = GraphIndex(loaded.proto.graph)
+    needed = names + [f for s in names for f in index.suffix_plan(s, "logits")[1]]
     exposed = session(rewrite.expose(loaded.proto, needed, loaded.types))
     outputs = [o.name for o in exposed.get_outputs()]
     values = dict(zip(outputs, exposed.run(outputs, {"x": x})))
@@ -137,7 +140,7 @@ def main() -> None:
     print(f"   onnxruntime RandomNormalLike: {count / timed(lambda: rnl.run(None, {'y': y})) / 1e3:.0f}")
 
     print("\n4. applying the noise for the stem, K = 8 levels of 256 rows (ms)")
-    noise = Noise("additive")
+    noise = make_noise("additive")
     site_value = np.ascontiguousarray(values[stem][:256])
     eps = NormalSource(0, 1).normal((1, 1, *site_value.shape), (0,))
     sigmas = np.logspace(-1, 1, 8)
@@ -151,13 +154,21 @@ def main() -> None:
              program.sigma_add: sigmas.astype(np.float32).reshape(-1, 1, 1, 1, 1)}
     source = NormalSource(0, THREADS)
 
-    def on_host():  # the fallback path (models before opset 10): numpy, level by level on the noise threads
-        return noise_mod.noisy_levels(noise, site_value, sigmas, eps, source.map)
+    def on_host():  # HostApplied (models before opset 10): numpy, level by level on the noise threads
+        return noise.host(site_value, sigmas, eps, source.map)
 
     assert np.array_equal(prologue.run([stem], feeds)[0], on_host().reshape(8 * 256, *site_value.shape[1:]))
-    print(f"   in the graph (rewrite.graph_noise, fed ε; the default): {timed(lambda: prologue.run([stem], feeds)):.0f}; "
-          f"on the host (noise.noisy_levels, {THREADS} threads): {timed(on_host):.0f}")
+    print(f"   in the graph (passes.graph_noise, fed ε; the default): {timed(lambda: prologue.run([stem], feeds)):.0f}; "
+          f"on the host (NoiseModel.host, {THREADS} threads): {timed(on_host):.0f}")
     source.close()
+
+    print("\n5. the clean model with every site and frontier exposed, as the clean pass runs it (ms per run of 256 rows)")
+    runtime = wa_runtime.Runtime("cpu", THREADS)
+    proto = rewrite.expose(loaded.proto, needed, loaded.types)
+    wanted = [o.name for o in session(proto).get_outputs()]
+    for label, exact in (("exact=True (the clean pass and prefixes now)", True), ("walkaudit default (NCHWc on)", False)):
+        sess = runtime.session(proto, "clean model", exact=exact)
+        print(f"   {label}: {timed(lambda sess=sess: sess.run(wanted, {'x': xb})):.1f}")
 
 
 if __name__ == "__main__":

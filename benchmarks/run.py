@@ -11,6 +11,8 @@ Figures (see docs/performance.md):
             --graph walkaudit with noise_source="graph"; then a time breakdown of one audit (default and exact)
   clean     per site: walkaudit's noisy evaluation of K σ levels vs onnxruntime running the same suffix clean on the
             same packed batch (plain session, and one with walkaudit's session options), and vs the whole model
+  global    global mode (the same σ at every site at once): walkaudit mode="global" vs torch with every hook on, same
+            grid and repeats as the walk, plus a time breakdown of one global audit
   adaptive  default adaptive search vs a fixed 8-points-a-decade grid over the same range: midpoints and evaluations
   memory    peak RSS of an audit at 1k, 10k and 20k samples, each in its own process
 
@@ -46,16 +48,17 @@ import models
 import naive_onnx
 import onnxruntime as ort
 import torch_reference
-from walkaudit._execution.engine import Engine
 
 import walkaudit
-from walkaudit._execution import engine as engine_mod
+from walkaudit._execution import worker as worker_mod
 from walkaudit._execution.runtime import Runtime
-from walkaudit._graph import passes as rewrite
+from walkaudit._execution.worker import Worker
+from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Selection, select
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.model import load_model
-from walkaudit._noise import Noise, NormalSource
+from walkaudit._noise import NormalSource, make_noise
+from walkaudit._units import WorkUnit, blocks_of
 
 
 @dataclass
@@ -151,7 +154,7 @@ def bench_walk(bench: models.Bench, sizes: Sizes, repeats: int) -> dict:
                                                              exact=method == "walkaudit-exact")
                 acc[method] = np.array([[p.accuracy for p in by_name[s].points] for s in sites])
                 if method == "walkaudit":
-                    evaluations, noise_source = runtime["evaluations"], runtime.get("noise_source")
+                    evaluations, noise_source = runtime["evaluations"], getattr(runtime, "noise_source", None)
             elif method == "torch":
                 a, _, t[method] = torch_reference.walk(bench.torch_model, modules, bench.x, bench.y, sigmas, repeats,
                                                        batch=sizes.ref_batch, seed=run)
@@ -204,6 +207,43 @@ def bench_walk(bench: models.Bench, sizes: Sizes, repeats: int) -> dict:
                         if any(m in r["seconds"] for r in rows)}}
 
 
+# -- global: every site noisy at once ------------------------------------------------------------------------------
+def bench_global(bench: models.Bench, sizes: Sizes, repeats: int) -> dict:
+    sigmas = np.logspace(*WALK_SIGMAS, sizes.levels)
+    onnx_sites(bench)  # the same sites on both sides
+    modules = bench.site_modules()
+    rows = []
+    for run in range(sizes.runs):
+        order = ["walkaudit", "torch"] if run % 2 == 0 else ["torch", "walkaudit"]
+        t, acc = {}, {}
+        for method in order:
+            if method == "walkaudit":
+                started = time.perf_counter()
+                report = walkaudit.audit(str(bench.onnx_path), bench.x, bench.y, sigmas=tuple(sigmas),
+                                         repeats=repeats, threads=THREADS, provider="cpu", noise="additive",
+                                         mode="global")
+                t[method] = time.perf_counter() - started
+                acc[method] = np.array([p.accuracy for p in report.sites[0].points])
+            else:
+                a, t[method] = torch_reference.global_walk(bench.torch_model, modules, bench.x, bench.y, sigmas,
+                                                           repeats, batch=sizes.ref_batch, seed=run)
+                acc[method] = a.mean(axis=1)
+        row = {"order": order, "seconds": t, "torch_ratio": t["torch"] / t["walkaudit"],
+               "acc_gap_torch": float(np.abs(acc["torch"] - acc["walkaudit"]).mean()),
+               "load_average": os.getloadavg()[0]}
+        rows.append(row)
+        log(f"  global {bench.name} run {run + 1}: " + ", ".join(f"{m} {t[m]:.2f}s" for m in order) +
+            f"  torch/walkaudit {row['torch_ratio']:.2f}x  mean |Δacc| vs torch {row['acc_gap_torch']:.3f}")
+    parts = breakdown.audit_breakdown(str(bench.onnx_path), bench.x, bench.y, sigmas=tuple(sigmas), repeats=repeats,
+                                      threads=THREADS, provider="cpu", noise="additive", mode="global")
+    log(f"  global {bench.name} breakdown: " + ", ".join(f"{k} {v:.2f}s" for k, v in
+                                                         sorted(parts.items(), key=lambda kv: -kv[1])))
+    return {"model": bench.name, "samples": len(bench.x), "levels": len(sigmas), "repeats": repeats, "runs": rows,
+            "breakdown": parts, "torch_ratio": median(r["torch_ratio"] for r in rows),
+            "seconds": {m: median(r["seconds"][m] for r in rows) for m in ("walkaudit", "torch")},
+            "acc_gap_torch": median(r["acc_gap_torch"] for r in rows)}
+
+
 # -- clean: noisy evaluation of K levels vs the same suffix run clean on the same packed batch ---------------------
 class Timer:
     """Wraps a callable and adds up the seconds spent in it."""
@@ -232,33 +272,41 @@ def bench_clean(bench: models.Bench, sizes: Sizes) -> dict:
     packed rows: the suffix in a plain onnxruntime session (the figure), the suffix in a session made by walkaudit's
     Runtime (same options as the noisy run: isolates the cost of the noise), and the whole model (plain session)."""
     loaded = load_model(str(bench.onnx_path))
-    sites = select(loaded.proto, loaded.types, Selection())
+    index = GraphIndex(loaded.proto.graph)
+    out = loaded.class_output.name
+    sites = select(loaded.proto, loaded.types, Selection(), out, index=index)
     runtime = Runtime("cpu", THREADS)
     source = NormalSource(0, THREADS)
-    noise = Noise("additive")
-    engine = Engine(loaded, runtime, noise, source, sites, 256)
     dataset = data_mod.from_arrays(bench.x, bench.y, loaded.inputs)
-    clean = engine.clean_pass(dataset, dataset.labels)
-    out = loaded.class_output.name
+    worker = Worker(loaded, dataset, runtime=runtime, noise=make_noise("additive"), source=source, sites=sites,
+                    index=index)
+    worker.clean_pass(keep=True)
     full = ort_session(loaded.proto)
     k = sizes.clean_levels
-    sigmas = np.logspace(-1, 1, k)
+    sigmas = tuple(float(s) for s in np.logspace(-1, 1, k))
     kinds = ("noisy", "suffix", "suffix_wa", "full")
     per_site = []
     try:
         for site in sites:
-            ev = engine.walk(site)
-            ev.evaluate(dataset, clean.targets, sigmas, 1)  # warm-up: fills the clean-value cache, picks the packing
-            if not _all_cached(ev, engine, dataset):
-                raise SystemExit(f"{bench.name}: the clean values of {site.name} are not all cached; shrink the data")
-            suffix = rewrite.suffix(loaded.proto, site.name, out, loaded.types)
-            sessions = {"suffix": ort_session(suffix.model), "suffix_wa": runtime.session(suffix.model, "suffix"),
+            unit = WorkUnit(worker.key, (site.name,), sigmas, 1, (0, blocks_of(dataset.samples)), source.seed)
+            worker.evaluate(unit)  # warm-up: fills the clean-value cache, picks the packing
+            ev = next(e for key, e in worker._evaluations.items() if key in (unit.sites, (unit.mode, unit.sites)))
+            grid = list(worker.grid(range(dataset.samples)))
+            uncached = len(grid) - len(ev.cache)
+            if uncached:  # the noisy side then also runs the site's prefix for those batches, every pass
+                log(f"  clean {bench.name} {site.name}: {uncached} of {len(grid)} batches not cached (cache budget "
+                    "shared with the values kept for later sites); its noisy time includes their prefix runs")
+            strategy = ev.strategy
+            suffix_model = strategy.graph  # the clean suffix (FedSuffix: passes.suffix(...).model)
+            sessions = {"suffix": ort_session(suffix_model), "suffix_wa": runtime.session(suffix_model, "suffix"),
                         "full": full}
             packs, full_packs, rows = [], [], 0
-            names = [site.name, *suffix.frontier]
-            for _, _, feeds in engine._batches(dataset):
-                values = engine.clean_values(feeds, names, ev.prefix)
-                group = ev._choose_group(0, values, k)  # the engine's own packing of σ levels into one run
+            names = list(strategy.reads)
+            for kb, part in grid:
+                values = ev._grid_values(kb)
+                _, feeds = worker.feeds(kb)
+                # the worker's own packing of σ levels into one run
+                group = ev._group(values, lambda kb=kb, values=values, ev=ev: ev._device(kb, True, values), k)
                 for g0 in range(0, k, group):
                     g = min(group, k - g0)
                     packs.append({n: np.concatenate([values[n]] * g) for n in names})
@@ -272,25 +320,25 @@ def bench_clean(bench: models.Bench, sizes: Sizes) -> dict:
                 for kind in kinds[rep % 4:] + kinds[: rep % 4]:
                     t = time.perf_counter()
                     if kind == "noisy":
-                        ev.evaluate(dataset, clean.targets, sigmas, 1)
+                        worker.evaluate(unit)
                     else:
                         for feeds in inputs[kind]:
                             sessions[kind].run([out], feeds)
                     times[kind].append(time.perf_counter() - t)
             # one more noisy pass, instrumented, to say where the time goes
-            draw, run_t = Timer(source.normal), Timer(ev._run)  # _run: applying the noise and the suffix run
-            source.normal, ev._run = draw, run_t
+            draw, run_t = Timer(source.rows), Timer(strategy.run)  # run: applying the noise and the suffix run
+            source.rows, strategy.run = draw, run_t
             t = time.perf_counter()
             try:
-                ev.evaluate(dataset, clean.targets, sigmas, 1)
+                worker.evaluate(unit)
             finally:
-                del source.normal, ev._run
+                del source.rows, strategy.run
             total = time.perf_counter() - t
             # ε is drawn in the background while the previous run goes on: "draw" overlaps the others and is not
             # part of the sum; "rest" is waiting for ε plus argmax and counting
             split = {"apply+run": run_t.seconds, "rest": total - run_t.seconds, "draw (background)": draw.seconds}
             med = {kind: median(v) for kind, v in times.items()}
-            row = {"site": site.name, "rows": rows, "runs_per_pass": len(packs), "seconds": med,
+            row = {"site": site.name, "rows": rows, "uncached_batches": uncached, "runs_per_pass": len(packs), "seconds": med,
                    "ratio": median(n / c for n, c in zip(times["noisy"], times["suffix"])),
                    "ratio_same_options": median(n / c for n, c in zip(times["noisy"], times["suffix_wa"])),
                    "full_over_suffix": median(f / c for f, c in zip(times["full"], times["suffix"])),
@@ -316,14 +364,6 @@ def bench_clean(bench: models.Bench, sizes: Sizes) -> dict:
             "ratio_median": median(r["ratio"] for r in per_site),
             "ratio_max": max(r["ratio"] for r in per_site),
             "seconds": {kind: total(kind) for kind in kinds}}
-
-
-def _all_cached(ev, engine, dataset) -> bool:
-    """Does the evaluator hold every batch's clean values (so its timing is the noisy suffix alone)?"""
-    cache = getattr(ev, "_cache", None)
-    if isinstance(cache, dict):
-        return len(cache) == engine.n_batches(dataset)
-    return cache is not None
 
 
 # -- adaptive: default search vs a fixed fine grid over the same range -------------------------------------------
@@ -353,7 +393,7 @@ def bench_adaptive(bench: models.Bench, sizes: Sizes, samples: int) -> dict:
         rows.append({"site": name, "adaptive_points": len(sig), "fine_points": len(grid),
                      "decades": [float(lo), float(hi)], "adaptive_midpoint": a.midpoint, "fine_midpoint": f.midpoint,
                      "adaptive_censored": a.censored, "fine_censored": f.censored,
-                     "adaptive_method": a.fit.get("method"), "fine_method": f.fit.get("method"),
+                     "adaptive_method": a.fit.method, "fine_method": f.fit.method,
                      "gap_decades": gap, "censoring_agrees": agree,
                      "evaluations": [ad.runtime["evaluations"], fine.runtime["evaluations"]],
                      "seconds": [t_ad, t_fine]})
@@ -373,8 +413,7 @@ def bench_adaptive(bench: models.Bench, sizes: Sizes, samples: int) -> dict:
 
 
 # -- memory: peak RSS at two data sizes, each audit in its own process ---------------------------------------------
-def bench_memory(folder: Path, sizes: Sizes) -> dict:
-    bench_path = folder / "resnet8.onnx"
+def bench_memory(folder: Path, sizes: Sizes, bench_path: Path) -> dict:
     loaded = load_model(str(bench_path))
     names = [s.name for s in select(loaded.proto, loaded.types, Selection())]
     chosen = [names[0], names[-1]]  # the largest activation (the stem's output) and the logits
@@ -398,7 +437,7 @@ def bench_memory(folder: Path, sizes: Sizes) -> dict:
     return {"model": "ResNet-8", "sites": chosen, "rows": rows,
             "overhead_ratio": rows[-1]["overhead_mib"] / rows[0]["overhead_mib"],
             "data_ratio": rows[-1]["samples"] / rows[0]["samples"],
-            "cache_bytes_mib": engine_mod.CACHE_BYTES / 2**20}
+            "cache_bytes_mib": worker_mod.CACHE_BYTES / 2**20}
 
 
 # -- table ---------------------------------------------------------------------------------------------------------
@@ -441,6 +480,12 @@ def table(results: dict) -> str:
         naive = [r["naive_ratio"] for r in w["runs"] if "naive_ratio" in r]
         row("walk: naive ORT loop / walkaudit", w["model"], "(reference)", f"{w['naive_ratio']:.2f}x",
             f"runs {min(naive):.2f}–{max(naive):.2f}x; {w['seconds']['naive']:.1f}s", "")
+    for g in results.get("global", []):
+        runs = [r["torch_ratio"] for r in g["runs"]]
+        row("global mode: torch hooks / walkaudit", g["model"], "(reference)", f"{g['torch_ratio']:.2f}x",
+            f"every site noisy at once, {g['levels']} σ × {g['repeats']} rep, {g['samples']} samples; runs "
+            f"{min(runs):.2f}–{max(runs):.2f}x; {g['seconds']['torch']:.2f}s vs {g['seconds']['walkaudit']:.2f}s; "
+            f"mean |Δacc| {g['acc_gap_torch']:.3f}", "")
     for c in results.get("clean", []):
         worst = max(c["sites"], key=lambda s: s["ratio"])
         row("noisy eval / clean suffix (plain onnxruntime session)", c["model"], "≤ 1.3x",
@@ -474,13 +519,27 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cached_bench(folder: Path, name: str, make) -> models.Bench:
+    """A network built once into `folder` (--models) and loaded from there afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.bench.pt"
+    if path.exists() and models.Bench.__dataclass_fields__.keys() == vars(bench := torch.load(
+            path, weights_only=False)).keys() and Path(bench.onnx_path).exists():
+        return bench
+    bench = make()
+    torch.save(bench, path)
+    return bench
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
-    parser.add_argument("--only", default="walk,clean,adaptive,memory", help="comma-separated figures to run")
+    parser.add_argument("--only", default="walk,global,clean,adaptive,memory", help="comma-separated figures to run")
     parser.add_argument("--runs", type=int, help="runs per walk figure (median over them)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--graph", action="store_true", help='also time walkaudit with noise_source="graph"')
+    parser.add_argument("--models", type=Path, help="keep the built networks here and reuse them on the next run "
+                        "(built at the full sizes; --quick slices them)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     sizes.graph = args.graph
@@ -496,8 +555,14 @@ def main() -> None:
         folder = Path(tmp)
         t = time.perf_counter()
         samples = max(sizes.lenet_samples, sizes.adaptive_samples)
-        lenet = models.lenet5(folder, samples)
-        resnet = models.resnet8(folder, max(sizes.resnet_samples, sizes.adaptive_resnet_samples))
+        resnet_samples = max(sizes.resnet_samples, sizes.adaptive_resnet_samples)
+        if args.models:
+            samples = resnet_samples = max(FULL.lenet_samples, FULL.adaptive_samples, FULL.resnet_samples)
+            lenet = cached_bench(args.models, "lenet5", lambda: models.lenet5(args.models, samples))
+            resnet = cached_bench(args.models, "resnet8", lambda: models.resnet8(args.models, resnet_samples))
+        else:
+            lenet = models.lenet5(folder, samples)
+            resnet = models.resnet8(folder, resnet_samples)
         for b in (lenet, resnet):
             log(f"built {b.name}: training accuracy {b.train_accuracy:.3f}, "
                 f"max |torch − onnxruntime| logits {models.check_same(b):.1e}")
@@ -511,6 +576,8 @@ def main() -> None:
                     (sized(resnet, sizes.resnet_samples), sizes.resnet_repeats)]
         if "walk" in only:
             results["walk"] = [bench_walk(b, sizes, r) for b, r in walk_set]
+        if "global" in only:
+            results["global"] = [bench_global(b, sizes, r) for b, r in walk_set]
         if "clean" in only:
             results["clean"] = [bench_clean(b, sizes) for b, _ in walk_set]
         if "adaptive" in only:
@@ -520,7 +587,7 @@ def main() -> None:
                     n = sizes.adaptive_samples if b is lenet else sizes.adaptive_resnet_samples
                     results["adaptive"].append(bench_adaptive(b, sizes, n))
         if "memory" in only:
-            results["memory"] = bench_memory(folder, sizes)
+            results["memory"] = bench_memory(folder, sizes, Path(resnet.onnx_path))
     results["seconds"] = time.perf_counter() - started
     results["machine"]["load_average_end"] = os.getloadavg()
     print(table(results))

@@ -55,3 +55,33 @@ def walk(model: torch.nn.Module, modules: list[torch.nn.Module], x: np.ndarray, 
             finally:
                 handle.remove()
     return acc, clean.numpy(), time.perf_counter() - started
+
+
+def global_walk(model: torch.nn.Module, modules: list[torch.nn.Module], x: np.ndarray, y: np.ndarray | None, sigmas,
+                repeats: int, batch: int = 1000, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Global mode: the same σ at every hooked module at once, one full forward pass per (σ, repeat).
+    Accuracy [levels, repeats] and seconds (the clean pass for the targets included)."""
+    torch.manual_seed(seed)
+    model.eval()
+    started = time.perf_counter()
+    hooks = [AdditiveNoise() for _ in modules]
+    handles = [m.register_forward_hook(h) for m, h in zip(modules, hooks)]
+    try:
+        with torch.inference_mode():
+            xs = [torch.from_numpy(x[i : i + batch]) for i in range(0, len(x), batch)]
+            clean = torch.cat([model(xb).argmax(1) for xb in xs])
+            target = clean if y is None else torch.from_numpy(y)
+            targets = [target[i : i + batch] for i in range(0, len(x), batch)]
+            acc = np.zeros((len(sigmas), repeats))
+            for l, sigma in enumerate(sigmas):
+                for h in hooks:
+                    h.sigma = float(sigma)
+                for r in range(repeats):
+                    correct = 0
+                    for xb, tb in zip(xs, targets):
+                        correct += int((model(xb).argmax(1) == tb).sum())
+                    acc[l, r] = correct / len(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return acc, time.perf_counter() - started
