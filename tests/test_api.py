@@ -153,3 +153,20 @@ def test_global_mode_takes_a_sigma_per_site():
         walkaudit.audit(model, x, selection=walkaudit.Selection(names=("a", "b")), site_scales=(("c", 2.0),), **args)
     with pytest.raises(UsageError, match="only applies in global mode"):
         walkaudit.audit(model, x, site_scales=(("a", 2.0),), provider="cpu")
+
+
+def test_selection_shorthands_and_typed_options():
+    """ops/include/exclude/sites build the Selection; the options are typed for type checkers (AuditOptions)."""
+    import typing
+
+    from walkaudit.config import AuditOptions
+
+    model = mlp(seed=5)
+    x = np.random.default_rng(5).normal(size=(64, 16)).astype(np.float32)
+    args = dict(provider="cpu", sigmas=(0.1, 1.0), repeats=1)
+    assert [s.name for s in walkaudit.audit(model, x, ops="all", **args).sites] == ["h_mm", "h", "h_relu", "logits"]
+    assert [s.name for s in walkaudit.audit(model, x, sites=("logits",), **args).sites] == ["logits"]
+    with pytest.raises(UsageError, match="given twice"):
+        walkaudit.audit(model, x, ops="all", selection=walkaudit.Selection(), **args)
+    hints = typing.get_type_hints(AuditOptions)
+    assert hints["repeats"] is int and set(hints) >= {"ops", "sites", "drops", "site_scales"}

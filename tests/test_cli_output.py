@@ -350,3 +350,18 @@ def test_cli_writes_the_html_report(tmp_path):
     assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "conv2" in page and "baseline σ50" in page
+
+
+def test_a_reader_that_closes_stdout_early_gives_exit_141_and_one_line():
+    """`walkaudit inspect … | head -1`: not exit 1 (which means "gate failed") but 141, as a shell reports SIGPIPE."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parent.parent / "samples" / "mnist_lenet5.legacy.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "walkaudit", "inspect", str(model), "--ops", "all"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before the first line: every write fails, whatever the timing
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read().decode().splitlines() == [
+        "walkaudit: error: output cut short: stdout was closed before everything was written (broken pipe)"]

@@ -7,12 +7,18 @@ assembled as the schema's JSON and typed by `Report.from_dict`, so what the API 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from typing_extensions import (
+        Unpack,  # typing.Unpack from Python 3.11; annotations only
+    )
+
+    from walkaudit.config import AuditOptions
 
 import numpy as np
 
@@ -28,7 +34,7 @@ from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
 from walkaudit._noise import NormalSource, make_noise
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
-from walkaudit.config import AuditConfig
+from walkaudit.config import AuditConfig, with_options
 from walkaudit.errors import UsageError, option
 from walkaudit.report.model import Report, SiteResult
 from walkaudit.report.schema import SCHEMA_ID
@@ -66,7 +72,7 @@ class _NoProgress:
 
 
 def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig | None = None,
-          progress: Progress | None = None, **options) -> Report:
+          progress: Progress | None = None, **options: Unpack[AuditOptions]) -> Report:
     """Audit a classifier: per site, accuracy under noise and the midpoint noise level σ50.
 
     model: a path or an onnx.ModelProto. Data: numpy arrays `x` (a dict by input name for multi-input models) and
@@ -80,7 +86,8 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
 
 def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig | None = None,
                progress: Progress | None = None, done: Iterable[dict] = (),
-               executor: Callable[[AuditRun], Executor] | None = None, **options) -> AuditRun:
+               executor: Callable[[AuditRun], Executor] | None = None,
+               **options: Unpack[AuditOptions]) -> AuditRun:
     """An audit to iterate: each iteration yields a finished SiteResult, in site order; `report()` then gives the
     Report. Sites in `done` (site dicts of an earlier run with the same fingerprint, e.g. from a checkpoint) are
     yielded as they are, not run again: the report equals an uninterrupted run's, timings aside.
@@ -88,10 +95,7 @@ def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditC
     The model and the data are loaded and checked here; the clean pass runs at the first iteration. `executor`
     builds who evaluates the work units from the run (default: this process; see `walkaudit._execution.executors`).
     """
-    unknown = set(options) - {f.name for f in dataclasses.fields(AuditConfig)}
-    if unknown:
-        raise TypeError(f"audit() got an unexpected keyword argument {sorted(unknown)[0]!r}")
-    config = dataclasses.replace(config or AuditConfig(), **options).check()
+    config = with_options(config or AuditConfig(), options)
     run = AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done))
     run.executor = executor
     return run

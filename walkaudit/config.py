@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
+from typing import TypedDict
 
 from walkaudit._analysis.drops import Bound, parse_bound  # noqa: F401  (re-exported)
 from walkaudit._graph.sites import LAYER_OPS, Selection
@@ -188,3 +189,59 @@ def selection(ops: str | tuple[str, ...] | None = None, include: str | None = No
     if isinstance(ops, str):
         ops = tuple(o.strip() for o in ops.split(",") if o.strip())
     return Selection(tuple(ops) if ops else LAYER_OPS, include, exclude, tuple(names))
+
+
+class AuditOptions(TypedDict, total=False):
+    """The keyword options of `walkaudit.audit` / `iter_audit`: AuditConfig's fields, and `ops`, `include`,
+    `exclude`, `sites` as a shorthand for `selection` (ops="all" or ("Conv", "Gemm"); sites: tensor names)."""
+
+    noise: str
+    ratio: float
+    mode: str
+    sigmas: tuple[float, ...] | None
+    repeats: int
+    seed: int
+    batch_size: int | None
+    provider: str
+    chance: float | None
+    output: str | None
+    selection: Selection
+    limit: int | None
+    x_key: str | None
+    y_key: str | None
+    allow_nonfinite: bool
+    threads: int | None
+    noise_source: str
+    exact: bool
+    shard: tuple[int, int] | None
+    site_scales: tuple[tuple[str, float], ...]
+    drops: tuple[Bound, ...]
+    ops: str | tuple[str, ...]
+    include: str | None
+    exclude: str | None
+    sites: tuple[str, ...]
+
+
+#: the AuditOptions that are not AuditConfig fields but build its `selection`
+SELECTION_KEYS = ("ops", "include", "exclude", "sites")
+
+
+def with_options(config: AuditConfig, options: dict) -> AuditConfig:
+    """`config` with keyword options applied (the selection shorthand included), checked; TypeError for an unknown
+    keyword, as Python gives for any function."""
+    names = {f.name for f in fields(AuditConfig)}
+    unknown = sorted(set(options) - names - set(SELECTION_KEYS))
+    if unknown:
+        raise TypeError(f"audit() got an unexpected keyword argument {unknown[0]!r}")
+    picked = {k: options[k] for k in SELECTION_KEYS if k in options}
+    rest = {k: v for k, v in options.items() if k not in SELECTION_KEYS}
+    if picked:
+        if "selection" in rest:
+            raise OptionError("selection", "is given twice: as selection= and as ops/include/exclude/sites")
+        base = config.selection
+        rest["selection"] = selection(picked.get("ops", base.ops), picked.get("include", base.include),
+                                      picked.get("exclude", base.exclude), picked.get("sites", base.names))
+    import dataclasses
+
+    return dataclasses.replace(config, **rest).check()
+

@@ -27,6 +27,31 @@ def _err(message: str) -> None:
     click.echo(f"walkaudit: error: {printable(message)}", err=True)
 
 
+#: exit code when stdout is closed before the output is written (128 + SIGPIPE, as a shell reports it)
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_closed() -> None:
+    """Say once that the output was cut, keep Python from failing again on the closed pipe at exit, exit 141."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    _err("output cut short: stdout was closed before everything was written (broken pipe)")
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
+def _pipes_raise() -> None:
+    """rich ends the process with exit 1 on a closed stdout (which means "gate failed" here); make it raise
+    BrokenPipeError instead, which `guarded` turns into exit 141."""
+    from rich.console import Console
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError("stdout closed")
+
+    Console.on_broken_pipe = on_broken_pipe
+
+
 def guarded(fn):
     """Turn our errors into one line and an exit code; unexpected ones into exit 3 without a traceback.
 
@@ -41,6 +66,7 @@ def guarded(fn):
         with outputs.collecting() as log:
             failed = log.failed
             try:
+                _pipes_raise()
                 result = fn(*args, **kwargs)
             except WalkauditError as exc:
                 _err(_with_hint(exc.for_cli()))  # options named by their flags
@@ -57,6 +83,8 @@ def guarded(fn):
                 raise
             except (click.exceptions.Exit, click.ClickException):
                 raise
+            except BrokenPipeError:  # the reader closed stdout (`| head`): the output was cut short
+                _stdout_closed()
             except Exception as exc:  # a bug or an unexpected library failure: still one line
                 if os.environ.get("WALKAUDIT_DEBUG"):
                     raise
