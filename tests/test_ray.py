@@ -205,3 +205,23 @@ def test_cli_refuses_at_once_in_one_line(ray_cluster, files, flags, phrase):
                                        "--ray"])
     assert result.exit_code == 2, result.output
     assert phrase in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_workers_read_the_data_from_its_path_when_they_see_the_drivers_files(ray_cluster, files):
+    """A local cluster shares the driver's files: the recipe carries the path (workers memory-map their own sample
+    ranges), not the arrays; told otherwise, the arrays travel through the object store. Same report either way."""
+    options = dict(data=str(files / "val.npz"), provider="cpu", seed=3, threads=1, sigmas=(0.1, 1.0), repeats=1)
+    reports, recipes = [], []
+    for shared in (None, False):
+        made, factory = [], _factory([], shared_files=shared)
+
+        def keep(run, factory=factory, made=made):
+            made.append(factory(run))
+            recipes.append(ray_cluster.get(made[-1].recipe))  # while the executor holds it
+            return made[-1]
+
+        reports.append(api.audit(str(files / "mlp.onnx"), executor=keep, **options))
+    via_path, via_arrays = recipes
+    assert via_path.data == str(files / "val.npz") and via_path.arrays is None
+    assert via_arrays.data is None and set(via_arrays.arrays) == {"x"}
+    assert _plain(reports[0]) == _plain(reports[1])

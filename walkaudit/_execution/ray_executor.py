@@ -25,6 +25,8 @@ import math
 import os
 import time
 
+import numpy as np
+
 from walkaudit._units import BLOCK, Counts, WorkUnit, block_rows
 from walkaudit.errors import RuntimeFailure, UsageError, WalkauditError
 
@@ -112,6 +114,15 @@ class Plan:
     provider: str  # "cuda" or "cpu"
 
 
+def _local(ray) -> bool:
+    """Whether every alive node of the cluster is this machine."""
+    try:
+        here = ray.util.get_node_ip_address()
+        return all(n.get("NodeManagerAddress") == here for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # an older or remote client API: assume the files are not shared
+        return False
+
+
 def _nodes(ray) -> list[dict]:
     return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
 
@@ -158,7 +169,8 @@ class Ray:
     """
 
     def __init__(self, address: str | None = None, config=None, *, workers: int | None = None,
-                 threads: int | None = None, piece_seconds: float = PIECE_SECONDS, init: dict | None = None):
+                 threads: int | None = None, piece_seconds: float = PIECE_SECONDS, init: dict | None = None,
+                 shared_files: bool | None = None):
         """`workers`: how many actors (default: as many as fit); `threads`: CPU cores per actor (default: the
         config's threads, else CPUS_PER_WORKER, or a GPU's share of its node); `init`: more ray.init options."""
         ray = _ray()
@@ -189,6 +201,9 @@ class Ray:
             self.close()
             raise
         self.piece_seconds = piece_seconds
+        #: do the workers see the driver's files? (a local cluster does; a multi-node one when told so): then they
+        #: read the data from its path, each its own sample ranges, instead of receiving the arrays
+        self.shared_files = shared_files if shared_files is not None else _local(ray)
         p = self.plan
         # a dead actor is replaced by the driver (`RayExecutor._settle`), not restarted by Ray: Ray would run the
         # pieces it held again out of order, and pieces are sent again from the driver anyway
@@ -283,8 +298,12 @@ class RayExecutor:
         config = recipe.config
         if config.noise_source == "auto":  # graph-drawn ε would differ per worker: draw on the host
             config = dataclasses.replace(config, noise_source="host")
-        # the arrays travel through the object store (zero-copy on each node); no path has to exist on the workers
-        recipe = dataclasses.replace(recipe, data=None, arrays=dict(run.dataset.inputs), config=config)
+        # workers read their own sample ranges from the data's path (memory-mapped, never the whole set through the
+        # driver) when it is visible to them; in-memory arrays travel through the object store (zero-copy per node)
+        if recipe.data is not None and not self.cluster.shared_files:
+            recipe = dataclasses.replace(recipe, data=None, arrays={k: np.asarray(v) for k, v in
+                                                                    run.dataset.inputs.items()})
+        recipe = dataclasses.replace(recipe, config=config)
         self.recipe = ray.put(recipe)  # kept: an actor that replaces a dead one is built from it
         self._setups: list = []
         warm, self.cluster.warm = self.cluster.warm, []

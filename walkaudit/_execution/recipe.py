@@ -8,6 +8,7 @@ no clean pass of its own.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from walkaudit.config import AuditConfig
 class Recipe:
     key: str  # the model's sha256: units name it
     model: bytes  # the serialized model
-    data: str | None  # a path every worker can read, or None: `arrays`
+    data: str | None  # an absolute path every worker can read (memory-mapped there), or None: `arrays`
     arrays: dict[str, np.ndarray] | None
     config: AuditConfig
     sites: tuple[str, ...]
@@ -36,8 +37,9 @@ class Recipe:
     def of(cls, run) -> Recipe:
         """The recipe of a driver's AuditRun (after its clean pass)."""
         worker = run._worker
-        return cls(worker.key, run.loaded.proto.SerializeToString(), run.dataset.path,
-                   None if run.dataset.path else dict(run.dataset.inputs), run.config,
+        path = os.path.abspath(run.dataset.path) if run.dataset.path else None
+        return cls(worker.key, run.loaded.proto.SerializeToString(), path,
+                   None if path else dict(run.dataset.inputs), run.config,
                    tuple(s.name for s in run.sites), worker.targets, worker.batch_size)
 
     def build(self, threads: int | None = None, provider: str | None = None) -> Worker:
@@ -48,7 +50,7 @@ class Recipe:
         loaded = load_model(onnx.load_from_string(self.model), config.output)
         if self.data is not None:
             dataset = data_mod.load(self.data, loaded.inputs, x_key=config.x_key, y_key=config.y_key,
-                                    limit=config.limit, allow_nonfinite=True)
+                                    limit=config.limit, allow_nonfinite=True, digest=False)
         else:
             dataset = data_mod.from_arrays(self.arrays, None, loaded.inputs, allow_nonfinite=True)
         sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name)

@@ -540,6 +540,7 @@ def load(
     limit: int | None = None,
     num_classes: int | None = None,
     allow_nonfinite: bool = False,
+    digest: bool = True,
 ) -> Dataset:
     """Read a .npz/.npy file or a folder of them into a checked Dataset (inputs as `Column`s, read when sliced).
 
@@ -584,7 +585,7 @@ def load(
     dataset = from_arrays(inputs, labels, model_inputs, limit=limit, num_classes=num_classes,
                           allow_nonfinite=allow_nonfinite, path=str(path))
     try:
-        dataset.sha256 = sha256_of(path)
+        dataset.sha256 = sha256_of(path) if digest else None  # workers built from a recipe know it already
     except OSError as exc:
         raise DataError(f"cannot read {path.name}: {exc.strerror or exc}") from None
     return dataset
