@@ -174,3 +174,28 @@ def test_a_failing_shape_inference_is_said_in_the_report(monkeypatch):
     x = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
     report = walkaudit.audit(mlp(seed=2), x, provider="cpu", sigmas=(0.1,), repeats=1)
     assert any(n.startswith("ONNX shape inference failed") and "made up" in n for n in report.runtime.notes)
+
+
+def test_onnxruntimes_logreg_iris_audits_its_probabilities_with_ops_all(tmp_path):
+    """onnxruntime's own ai.onnx.ml classifier (label and scores from one node, then Normalizer and ZipMap), its
+    input's batch freed: `--ops all` audits the scores the label comes from, noise at the class output itself."""
+    import os
+
+    import onnxruntime
+
+    path = os.path.join(os.path.dirname(onnxruntime.__file__), "datasets", "logreg_iris.onnx")
+    if not os.path.exists(path):
+        pytest.skip("this onnxruntime build ships no datasets/logreg_iris.onnx")
+    model = onnx.load(path)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    x = np.random.default_rng(0).normal([5.0, 3.0], 1.0, size=(60, 2)).astype(np.float32)
+    result = CliRunner().invoke(main, [*save(tmp_path, model, x, "logreg"), "--ops", "all", "--provider", "cpu",
+                                       "--sigmas", "0.01,1,100", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code in (0, 1), result.stderr
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["model"]["class_output"] == "probability_tensor"
+    assert [s["name"] for s in report["sites"]] == ["probability_tensor"]
+    accuracy = [p["accuracy"] for p in report["sites"][0]["points"]]
+    assert accuracy[0] == 1.0 and accuracy[-1] < 0.9

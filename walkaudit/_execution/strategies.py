@@ -69,7 +69,9 @@ class HostApplied(Strategy):
 
     def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, suffix: passes.Suffix, map_=map):
         self.graph = suffix.model
-        self.session = runtime.session(suffix.model, f"part of the model after {suffix.site}")
+        # a site that is the class output itself has nothing after it: the noisy value is the output
+        self.session = None if not suffix.model.graph.node else runtime.session(
+            suffix.model, f"part of the model after {suffix.site}")
         self.site, self.frontier, self.noise, self.map = suffix.site, suffix.frontier, noise, map_
         self.output = model.class_output.name
         self.reads, self.noisy = (self.site, *self.frontier), (self.site,)
@@ -79,6 +81,8 @@ class HostApplied(Strategy):
         feeds = {n: _tile(values[n], g) for n in self.frontier}
         noisy = self.noise.host(y, sigmas, eps[self.site], self.map)
         feeds[self.site] = noisy.astype(y.dtype, copy=False).reshape(g * y.shape[0], *y.shape[1:])
+        if self.session is None:
+            return feeds[self.site]
         return run(self.session, [self.output], feeds, "noisy model")[0]
 
 
