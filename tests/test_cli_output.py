@@ -365,3 +365,10 @@ def test_a_reader_that_closes_stdout_early_gives_exit_141_and_one_line():
     assert proc.wait(timeout=60) == 141
     assert proc.stderr.read().decode().splitlines() == [
         "walkaudit: error: output cut short: stdout was closed before everything was written (broken pipe)"]
+
+
+def test_shapes_show_unknown_dimensions_as_a_question_mark():
+    from walkaudit.report.text import shape_text
+
+    assert shape_text(("batch", "unk__1", 32)) == "batch×?×32" and shape_text((None, 4)) == "?×4"
+    assert shape_text(None) == "?"

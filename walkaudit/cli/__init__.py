@@ -630,7 +630,7 @@ def inspect(model, ops, include, exclude, as_json):
                                for s, m in zip(sites, macs)], indent=2))
         return
     from walkaudit.report import render
-    from walkaudit.report.text import printable
+    from walkaudit.report.text import printable, shape_text
 
     out = loaded.class_output
     width = render.output_width(sys.stdout)  # None (a pipe, a log): the whole table
@@ -639,7 +639,7 @@ def inspect(model, ops, include, exclude, as_json):
                render.Column("node", kind="name"), render.Column("op"), render.Column("shape"),
                render.Column("MACs", "right", "number")]
     rows = [[str(s.index), render.Name(printable(s.name)), render.Name(printable(s.node)), printable(s.op_type),
-             "?" if s.shape is None else printable("×".join("?" if d is None else str(d) for d in s.shape)),
+             shape_text(s.shape),
              _count_text(m)] for s, m in zip(sites, macs)]
     # a line of its own, not the table's title: rich wraps a title to the table's width
     console.print(f"{len(sites)} sites of {printable(Path(model).name)} (class output '{printable(out.name)}', "

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from walkaudit.report.model import GateResult, Report, SiteResult
-from walkaudit.report.text import format_sigma, printable
+from walkaudit.report.text import format_sigma, printable, shape_text
 
 __all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "output_width", "shorten",
            "short_names", "show", "site_table", "summary_lines"]
@@ -260,7 +260,7 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
             "" if s.index is None else str(s.index),
             Name(printable(s.name), _FIT_MARK.get(s.fit.method, ""), "bold red" if s.name in failing else ""),
             printable(s.op_type),
-            "" if s.shape is None else printable("×".join("?" if d is None else str(d) for d in s.shape)),
+            "" if s.shape is None else shape_text(s.shape),
             _sigma(s),
             _sigma(s, relative=True),
             f"{s.ci95[0]:.3g}–{s.ci95[1]:.3g}" if s.ci95 and s.sigma50 is not None else "",

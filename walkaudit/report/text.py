@@ -51,3 +51,17 @@ def format_sigma(value: Any, censored: str | None = None, digits: int = 3) -> st
         return "—"
     prefix = {"above": "> ", "below": "< "}.get(censored or "", "")
     return f"{prefix}{number:.{digits}g}"
+
+
+def dim_text(d) -> str:
+    """One dimension of a shape as people read it: `?` for an unknown one, including the `unk__N` names that
+    exporters and shape inference invent for them."""
+    if d is None or (isinstance(d, str) and d.startswith("unk__")):
+        return "?"
+    return str(d)
+
+
+def shape_text(shape) -> str:
+    """A shape as `N×3×32×32` (printable), `?` when unknown."""
+    return "?" if shape is None else printable("×".join(dim_text(d) for d in shape))
+
