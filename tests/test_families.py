@@ -92,3 +92,16 @@ def test_of_two_score_outputs_without_labels_the_audit_is_refused_naming_them():
     with pytest.raises(walkaudit.WalkauditError, match="several outputs could be the class scores.*relu.*linear_1"):
         walkaudit.audit(model, x, provider="cpu")
     assert walkaudit.audit(model, x, provider="cpu", output="linear_1", sigmas=(0.1,)).model.class_output == "linear_1"
+
+
+def test_outputs_without_an_inferred_type_are_named_in_a_note():
+    """After an op shape inference does not know (a contrib op), later layers have no type: say so."""
+    from walkaudit._graph.sites import Selection, untyped
+    from walkaudit._loading.model import load_model
+
+    model = lstm_classifier()
+    loaded = load_model(model)
+    types = {k: v for k, v in loaded.types.items() if k != "logits"}  # as if inference stopped before the head
+    note = untyped(loaded.proto, types, Selection())
+    assert note.startswith("1 output(s) of the selected ops have no inferred type") and "'logits'" in note
+    assert untyped(loaded.proto, loaded.types, Selection()) is None

@@ -28,7 +28,7 @@ from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import Worker
 from walkaudit._graph.index import GraphIndex
-from walkaudit._graph.sites import Site, left_out, select, weight_stats
+from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
@@ -158,7 +158,9 @@ class AuditRun:
         self.index = GraphIndex(self.loaded.proto.graph)
         self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name,
                                         index=self.index)
-        self.notes = [*self.loaded.notes, *(n for n in [left_out(self.loaded.proto, config.selection)] if n)]
+        self.notes = [*self.loaded.notes, *(n for n in [left_out(self.loaded.proto, config.selection),
+                                                         untyped(self.loaded.proto, self.loaded.types,
+                                                                 config.selection)] if n)]
         if config.shard is not None:
             self.sites = _shard(self.loaded, self.sites, *config.shard)
         unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]

@@ -320,7 +320,9 @@ def failure(exc: Exception, what: str = "model") -> RuntimeFailure:
     """onnxruntime's exception as ours: OutOfMemory (the caller may retry smaller) or RuntimeFailure."""
     text = str(exc)
     if "Failed to allocate memory" in text or "bad_alloc" in text or isinstance(exc, MemoryError):
-        return OutOfMemory(f"out of memory running the {what} (try a smaller {option('batch_size')}): {_first_line(exc)}")
+        return OutOfMemory(f"out of memory running the {what} ({_first_line(exc)}); if the memory grows with the "
+                           f"batch, a smaller {option('batch_size')} helps; a tensor the model makes at a fixed size "
+                           "(ConstantOfShape, Expand) needs that much whatever the batch")
     return RuntimeFailure(f"onnxruntime failed running the {what}: {_first_line(exc)}")
 
 

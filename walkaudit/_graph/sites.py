@@ -199,3 +199,17 @@ def left_out(model: onnx.ModelProto, selection: Selection) -> str | None:
     ops = ",".join([*selection.ops, *counts])
     return f"not audited: {listed} node(s) (not default sites); include them with --ops {ops} or --ops all"
 
+
+def untyped(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection) -> str | None:
+    """A note naming the outputs of the selected op types that have no inferred type (after a contrib or custom op,
+    shape inference knows nothing): they cannot be sites, and should not vanish without a word."""
+    if ALL in selection.ops or selection.names:  # with every value a candidate, untyped ones are expected
+        return None
+    missing = [out for node in model.graph.node if node.op_type in selection.ops and node.domain in ("", "ai.onnx")
+               for out in node.output if out and out not in types]
+    if not missing:
+        return None
+    shown = ", ".join(repr(m) for m in missing[:3]) + (", …" if len(missing) > 3 else "")
+    return (f"{len(missing)} output(s) of the selected ops have no inferred type and cannot be sites ({shown}); "
+            "shape inference stops at ops it does not know (contrib or custom ops)")
+
