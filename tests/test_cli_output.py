@@ -20,10 +20,7 @@ from walkaudit.report import render
 from walkaudit.report.formats import to_github, to_html
 from walkaudit.report.text import format_sigma
 
-try:
-    from tests.reports import make_report, make_site, typed
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from reports import make_report, make_site, typed
+from .reports import make_report, make_site, typed
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 LEGACY = SAMPLES / "mnist_lenet5.legacy.onnx"

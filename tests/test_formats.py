@@ -11,16 +11,7 @@ from walkaudit.report.formats import to_junit, to_markdown
 from walkaudit.report.formats.junit import MODEL_CASE
 from walkaudit.report.gate import GateConfig, Threshold, evaluate
 
-try:
-    from tests.reports import (
-        make_degenerate_site,
-        make_global_report,
-        make_report,
-        make_site,
-        typed,
-    )
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from reports import (
+from .reports import (
         make_degenerate_site,
         make_global_report,
         make_report,

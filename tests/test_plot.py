@@ -13,16 +13,7 @@ from walkaudit.report import Report
 from walkaudit.report.gate import GateConfig, Threshold, evaluate
 from walkaudit.report.plot import MAX_BARS, plot_report, save_figure
 
-try:
-    from tests.reports import (
-        make_degenerate_site,
-        make_global_report,
-        make_report,
-        make_site,
-        typed,
-    )
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from reports import (
+from .reports import (
         make_degenerate_site,
         make_global_report,
         make_report,

@@ -27,16 +27,7 @@ from walkaudit.report.gate import GateConfig, Threshold, evaluate
 from walkaudit.report.schema import SCHEMA_VERSION, validate_report
 from walkaudit.report.text import finite, format_sigma, printable
 
-try:
-    from tests.reports import (
-        make_degenerate_site,
-        make_global_report,
-        make_report,
-        make_site,
-        typed,
-    )
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from reports import (
+from .reports import (
         make_degenerate_site,
         make_global_report,
         make_report,

@@ -19,10 +19,7 @@ from walkaudit.report.schema import (
     validate_report,
 )
 
-try:
-    from tests.reports import make_global_report, make_report, make_site
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from reports import make_global_report, make_report, make_site
+from .reports import make_global_report, make_report, make_site
 
 jsonschema = pytest.importorskip("jsonschema")
 
