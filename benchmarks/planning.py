@@ -16,20 +16,19 @@ and checks that both give the same plans for the sites the old way reached. With
 
 from __future__ import annotations
 
+import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from walkaudit._graph.index import GraphIndex, node_inputs
+from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Selection, select
 from walkaudit._loading.model import prepare_for_runtime, read_model, value_types
 
 OLD_BUDGET_S = 60.0
-RANDOM = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
 def synthetic(blocks: int = 1000, width: int = 8) -> onnx.ModelProto:
@@ -63,56 +62,13 @@ def synthetic(blocks: int = 1000, width: int = 8) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-# -- the old way: suffix_plan before GraphIndex (the same code as tests/test_graph_index.py's reference) ------------
-def old_static_values(graph):
-    inputs = {i.name for i in graph.input} - {i.name for i in graph.initializer}
-    static = {i.name for i in graph.initializer}
-    for node in graph.node:
-        reads = node_inputs(node)
-        if not any(n in inputs or n not in static for n in reads) and node.op_type not in RANDOM:
-            static.update(o for o in node.output if o)
-    return static
-
-
-def old_descendants(graph, start):
-    table: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node_inputs(node):
-            table.setdefault(name, []).append(i)
-    seen: set[int] = set()
-    queue = deque(table.get(start, []))
-    while queue:
-        i = queue.popleft()
-        if i not in seen:
-            seen.add(i)
-            for out in graph.node[i].output:
-                queue.extend(table.get(out, []))
-    return seen
-
-
-def old_ancestors(graph, targets):
-    made_by = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    seen: set[int] = set()
-    queue = deque(made_by[t] for t in targets if t in made_by)
-    while queue:
-        i = queue.popleft()
-        if i not in seen:
-            seen.add(i)
-            queue.extend(made_by[n] for n in node_inputs(graph.node[i]) if n in made_by)
-    return seen
+# -- the old way: suffix_plan before GraphIndex, re-deriving every lookup per site: the reference the tests keep --
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.test_graph_index import ref_suffix_plan  # noqa: E402  (the one copy of the old code)
 
 
 def old_suffix_plan(model, site, output):
-    graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    static = old_static_values(graph)
-    keep = old_descendants(graph, site) & old_ancestors(graph, [output])
-    made = {o for i in keep for o in graph.node[i].output}
-    reads = {n for i in keep for n in node_inputs(graph.node[i])}
-    keep |= old_ancestors(graph, [n for n in reads - made if n in static and n not in inits])
-    made = {o for i in keep for o in graph.node[i].output}
-    reads = {n for i in keep for n in node_inputs(graph.node[i])}
-    return sorted(keep), tuple(sorted(reads - made - inits - {site}))
+    return ref_suffix_plan(model.graph, site, output)
 
 
 # -- the measurement ------------------------------------------------------------------------------------------------

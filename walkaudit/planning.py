@@ -58,14 +58,7 @@ def plan(model, x=None, y=None, *, data: str | None = None, sigma: float, max_dr
         result = _plan(run, sigma, bound, relative, candidates)
     finally:
         run.close()
-    if not report:
-        return result
-    from walkaudit.report.model import Report
-
-    body = run.report_dict()
-    draft = Report(**{k: body[k] for k in ("tool", "model", "data", "config", "runtime", "clean_accuracy",
-                                             "chance", "num_classes", "partial", "clean_counts")}, sites=())
-    return {**Report.from_dict(draft.to_dict()).to_dict(), "plan": result}
+    return {**run.report().to_dict(), "plan": result} if report else result  # the run walked no site
 
 
 def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates: tuple[int, ...]) -> dict:
@@ -116,10 +109,7 @@ def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates:
 def _measure(run: AuditRun, names: list[str], scales: np.ndarray, sigma: float) -> dict:
     """The accuracy drop with every site noisy at once at σ·scaleᵢ, over VERIFY_REPEATS repeats, and its 95 %
     interval (the spread over repeats and the binomial spread of the samples)."""
-    unit = WorkUnit(run._worker.key, tuple(names), (float(sigma),), VERIFY_REPEATS,
-                    (0, blocks_of(run.dataset.samples)), run.config.seed, site_scales=tuple(map(float, scales)),
-                    mode="global")
-    (counts,) = run.evaluate_all([unit])
+    counts = _global(run, names, scales, (float(sigma),), VERIFY_REPEATS)
     acc = counts.correct[0] / counts.samples
     drop = float(run.clean.accuracy - acc.mean())
     se = math.sqrt(acc.var(ddof=1) / len(acc) + acc.mean() * (1 - acc.mean()) / counts.samples)
@@ -153,8 +143,13 @@ def _uniform(run: AuditRun, names: list[str], scale: np.ndarray, sigma: float, l
 def _global_drops(run: AuditRun, names: list[str], scale: np.ndarray, sigmas: tuple[float, ...],
                   repeats: int) -> dict[float, float]:
     """The accuracy drop at each σ with every site noisy at once (site i at σ·scaleᵢ)."""
-    unit = WorkUnit(run._worker.key, tuple(names), sigmas, repeats, (0, blocks_of(run.dataset.samples)),
-                    run.config.seed, site_scales=tuple(map(float, scale)), mode="global")
-    (counts,) = run.evaluate_all([unit])
+    counts = _global(run, names, scale, sigmas, repeats)
     drops = run.clean.accuracy - counts.correct.mean(axis=1) / counts.samples
     return dict(zip(sigmas, map(float, drops)))
+
+
+def _global(run: AuditRun, names: list[str], scales: np.ndarray, sigmas: tuple[float, ...], repeats: int):
+    """The Counts of one global unit over all the data: every site noisy at once, site i at σ·scaleᵢ."""
+    unit = WorkUnit(run._worker.key, tuple(names), sigmas, repeats, (0, blocks_of(run.dataset.samples)),
+                    run.config.seed, site_scales=tuple(map(float, scales)), mode="global")
+    return run.evaluate_all([unit])[0]

@@ -204,8 +204,9 @@ class Worker:
 
     def _by_size(self, site: str, shape: tuple, rows: int) -> int | None:
         axis = 0 if shape and shape[0] == rows else next((a for a, d in enumerate(shape) if d == rows), None)
-        if axis is None and f"{site}: no batch axis" not in " ".join(self.notes):
-            self.notes.append(f"{site}: no batch axis; one noise draw is shared by every sample of a batch")
+        note = f"{site}: no batch axis; one noise draw is shared by every sample of a batch"
+        if axis is None and note not in self.notes:
+            self.notes.append(note)
         return axis
 
     @property
