@@ -256,6 +256,22 @@ def test_resume_of_another_audit_is_refused(files, monkeypatch, change, phrase):
     assert snapshot(files) == before
 
 
+def test_the_data_is_hashed_once_and_the_report_has_its_sha256(files, monkeypatch):
+    """The CLI hashes the data for the checkpoint's fingerprint before loading it, and hands the hash to the audit:
+    the file is not read a second time to hash it."""
+    import hashlib
+
+    from walkaudit._loading import data
+
+    real, hashed = data.sha256_of, []
+    monkeypatch.setattr(data, "sha256_of", lambda path: hashed.append(str(path)) or real(path))
+    result = audit(files, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert hashed == [str(files / "d.npz")]
+    want = hashlib.sha256((files / "d.npz").read_bytes()).hexdigest()
+    assert json.loads(result.stdout)["data"]["sha256"] == want
+
+
 def test_batch_size_and_threads_may_change_on_resume(files, monkeypatch):
     with monkeypatch.context() as m:
         stop_after_first_site(m)

@@ -162,7 +162,8 @@ def test_progress_off_a_terminal_prints_one_line_per_site_and_only_moves_forward
     assert seen == sorted(seen) and seen[-1] == 3.0
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("walkaudit: clean pass done")
-    assert re.match(r"walkaudit: site 1/2 a: σ50 0\.156 \(\d+\.\d s\)$", lines[1]), lines
+    assert re.match(r"walkaudit: site 1/2 a: σ50 0\.156 \(\d+\.\d s; [\d.]+[kM]? samples/s, ETA \d+ s\)$",
+                    lines[1]), lines
     assert lines[2].startswith("walkaudit: site 2/2 b: σ50 0.156") and len(lines) == 3
     assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
 

@@ -260,7 +260,8 @@ def test_multi_output_override_errors():
     with pytest.raises(ModelError, match=r"not an output of the model \(outputs: embedding, logits, probs, label\)"):
         load_model(multi_output_mlp(), output="scores")
     with pytest.raises(ModelError, match="neither scores"):
-        find_class_output([TensorSpec("h3", TensorProto.FLOAT, ("N", 4, 5))], "h3")
+        find_class_output([TensorSpec("h4", TensorProto.FLOAT, ("N", 4, 5, 6))], "h4")
+    assert find_class_output([TensorSpec("h3", TensorProto.FLOAT, ("N", 4, 5))], "h3").per_token  # a class per token
     # one logit named with --output is a binary classifier (threshold 0), not a regressor
     assert find_class_output([TensorSpec("value", TensorProto.FLOAT, ("N", 1))], "value").kind == "binary-logit"
 

@@ -4,8 +4,11 @@ the tests that need it are skipped where ray is not installed (the `test` extra 
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
+import re
 import signal
 import sys
 
@@ -16,8 +19,11 @@ from click.testing import CliRunner
 
 from walkaudit import api
 from walkaudit._execution import ray_executor
-from walkaudit._execution.ray_executor import _cut, check_workers, plan
+from walkaudit._execution.ray_executor import _cut, check_workers, plan, slices
+from walkaudit._execution.recipe import Recipe
+from walkaudit._units import BLOCK, UNSCORED
 from walkaudit.cli import main
+from walkaudit.cli.progress import RichProgress
 from walkaudit.config import AuditConfig
 from walkaudit.errors import RuntimeFailure, UsageError
 
@@ -48,6 +54,11 @@ def files(tmp_path_factory):
     onnx.save(res, folder / "res.onnx")
     np.savez(folder / "res.npz", x=xr)
     return folder
+
+
+def _stats(clean) -> tuple:
+    """Everything CleanStats holds (moments per site and block: floats compared exactly)."""
+    return clean.correct, clean.samples, clean.moments, clean.shapes, clean.width, clean.classes
 
 
 def _plain(report) -> dict:
@@ -100,6 +111,71 @@ def test_pieces_are_disjoint_cover_the_range_and_follow_the_batch_grid():
     assert all(b % 4 == 0 for _, b in _cut(3, 40, 5, 4)[:-1])
 
 
+def test_slices_are_whole_batches_on_block_bounds_and_cover_the_samples():
+    for samples, batch, actors in [(1000, 256, 2), (700, 256, 2), (1500, 256, 4), (5000, 100, 3), (100, 256, 2),
+                                   (64 * 7, 64, 8)]:
+        cut = slices(samples, batch, actors)
+        assert cut[0].start == 0 and cut[-1].stop == samples and len(cut) <= actors
+        assert all(a.stop == b.start for a, b in zip(cut, cut[1:])) and all(len(s) > 0 for s in cut)
+        assert all(s.start % batch == 0 and s.start % BLOCK == 0 for s in cut)
+    assert slices(1000, 256, 2) == [range(0, 512), range(512, 1000)]
+    assert slices(5000, 100, 3) == [range(0, 1600), range(1600, 3200), range(3200, 5000)]  # lcm(100, 64) rows
+    assert slices(100, 256, 2) == [range(0, 100)]  # one batch: one actor
+
+
+def test_clean_passes_over_slices_add_up_to_the_whole_pass(files):
+    """What each Ray actor runs (`Worker.clean_pass(rows=...)` from a recipe without targets): the CleanStats of the
+    slices, added, are the whole pass's bit for bit; each slice's targets are the whole pass's on its rows and
+    UNSCORED elsewhere; each keeps the clean values of its own batches only."""
+    run = api.iter_audit(str(files / "res.onnx"), data=str(files / "res.npz"), provider="cpu", threads=1,
+                         batch_size=128)
+    run.start()
+    whole = run._worker
+    recipe = dataclasses.replace(Recipe.of(run), targets=None)
+    parts, total = slices(run.dataset.samples, 128, 3), None
+    assert len(parts) == 3
+    for rows in parts:
+        worker = recipe.build(threads=1)
+        stats = worker.clean_pass(keep=True, rows=rows)
+        total = stats if total is None else total + stats
+        assert np.array_equal(worker.targets[rows.start : rows.stop], whole.targets[rows.start : rows.stop])
+        assert (np.delete(worker.targets, np.s_[rows.start : rows.stop]) == UNSCORED).all()
+        assert set(worker._kept) == {k for k, _ in worker.grid(rows)} and worker._kept_sites == whole._kept_sites
+        worker.source.close()
+    assert _stats(total) == _stats(run.clean)
+    with pytest.raises(ValueError, match="whole batches"):
+        recipe.build(threads=1).clean_pass(rows=range(64, 700))
+    run.close()
+
+
+def test_progress_shows_samples_per_second_and_an_eta():
+    """The driver's display: samples per second over the last RATE_WINDOW seconds, and the ETA from the sites done,
+    in the plain line of each site (a fake clock: no timing)."""
+    now, out = [0.0], io.StringIO()
+    with RichProgress(stream=out, clock=lambda: now[0]) as p:
+        p.describe("clean pass")
+        p.grow(1000)
+        now[0] = 2.0
+        p.advance(1000)
+        p.site_started(1, 2, "a")
+        p.grow(4000)
+        now[0] = 6.0
+        p.advance(4000)
+        p.site_finished(type("R", (), {"name": "a", "sigma50": 0.5, "censored": None})())
+        now[0] = 30.0
+        p.advance(100)  # 24 s later: the window has moved past the first 5000
+        assert round(p.rate(), 2) == round(100 / 24, 2)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "walkaudit: clean pass done (2.0 s; 500 samples/s)"
+    assert lines[1] == "walkaudit: site 1/2 a: σ50 0.5 (4.0 s; 833 samples/s, ETA 4 s)"
+    now[0] = 0.0
+    with RichProgress(stream=io.StringIO(), live=True, clock=lambda: now[0]) as live:  # a terminal: the bar
+        live.grow(3000)
+        now[0] = 2.0
+        live.advance(3000)
+        assert live._bar.tasks[0].fields["rate"] == "1.5k samples/s"
+
+
 def test_plan_one_actor_per_gpu_else_per_group_of_cores():
     assert plan([{"CPU": 16, "GPU": 8}], "auto", None) == ray_executor.Plan(8, 2.0, 1, 2, "cuda")
     assert plan([{"CPU": 16, "GPU": 8}], "cpu", 4).actors == 4
@@ -140,12 +216,21 @@ def test_without_ray_the_flag_says_how_to_install_it(files, monkeypatch):
 
 # -- on the session's cluster -------------------------------------------------------------------------------------------
 def test_api_report_equals_the_in_process_one_and_progress_adds_up(ray_cluster, files):
+    """The actors run the clean pass, each over its slice: their CleanStats add up to the in-process pass's, and
+    the driver runs none of its own."""
     options = dict(data=str(files / "val.npz"), provider="cpu", seed=5, threads=1)
-    want = api.audit(str(files / "mlp.onnx"), **options)
+    want_run = api.iter_audit(str(files / "mlp.onnx"), **options)
+    list(want_run)
+    want = want_run.report()
     made, progress = [], Recorder()
-    got = api.audit(str(files / "mlp.onnx"), executor=_factory(made, piece_seconds=0.002), progress=progress,
-                    **options)
+    got_run = api.iter_audit(str(files / "mlp.onnx"), executor=_factory(made, piece_seconds=0.002),
+                             progress=progress, **options)
+    list(got_run)
+    got = got_run.report()
     assert _plain(got) == _plain(want)
+    assert _stats(got_run.clean) == _stats(want_run.clean)
+    assert got_run._worker._targets is None and got_run._worker._kept == {}  # no clean pass on the driver
+    assert made[0].slices == [range(0, 256), range(256, 700)]
     assert progress.advanced == progress.grown > 0
     stats = made[0].stats()
     assert stats["actors"] == 2 and made[0].actors == []  # two actors of one thread; closed
@@ -156,8 +241,13 @@ def test_api_report_equals_the_in_process_one_and_progress_adds_up(ray_cluster, 
 def test_global_mode_on_ray_equals_in_process(ray_cluster, files):
     options = dict(data=str(files / "val.npz"), provider="cpu", mode="global", sigmas=(0.1, 0.5, 2.0), threads=1)
     want = api.audit(str(files / "mlp.onnx"), **options)
-    got = api.audit(str(files / "mlp.onnx"), executor=_factory([], piece_seconds=0.001), **options)
+    out = io.StringIO()
+    with RichProgress(stream=out) as progress:  # the display of a CI log, fed by the actors' work
+        got = api.audit(str(files / "mlp.onnx"), executor=_factory([], piece_seconds=0.001), progress=progress,
+                        **options)
     assert _plain(got) == _plain(want)
+    assert re.fullmatch(r"walkaudit: site 1/1 global: σ50 \S+ \(\d+\.\d s; [\d.]+[kM]? samples/s, ETA 0 s\)",
+                        out.getvalue().splitlines()[-1]), out.getvalue()
 
 
 def test_cli_ray_report_equals_the_in_process_one(ray_cluster, files):

@@ -285,6 +285,9 @@ def test_merge_cli_refusals_are_one_line_with_exit_2(runs, tmp_path):
 
 
 def test_merged_notes_are_the_runs_then_each_sites(runs, pair):
+    for shard in pair:
+        for site in shard["sites"]:
+            site["notes"] = []
     pair[0]["runtime"]["notes"] = ["run note"]
     pair[1]["sites"][0]["notes"] = ["site note"]
     pair[1]["runtime"]["notes"] = ["run note", "another run note", "site note"]

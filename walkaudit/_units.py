@@ -20,6 +20,10 @@ import numpy as np
 #: Samples per block: the unit of sample ranges and of ε keys.
 BLOCK = 64
 
+#: The target of a position that is not scored (per-token outputs: the ignore label, or a zero of the attention
+#: mask). No prediction equals it (predictions are class ids, or -1 for NaN/Inf scores).
+UNSCORED = -(1 << 62)
+
 
 def blocks_of(samples: int) -> int:
     """How many blocks `samples` samples make (the last one may be short)."""
@@ -57,7 +61,10 @@ class WorkUnit:
 
 @dataclass(frozen=True, eq=False)
 class Counts:
-    """Correct predictions and noisy passes with NaN/Inf class scores per (σ, repeat), over `samples` samples."""
+    """Correct predictions and noisy passes with NaN/Inf class scores per (σ, repeat), over `samples` samples.
+
+    For a per-token class output ([N, T, C]) everything counts scored positions (tokens) instead: `samples` is the
+    number of scored tokens in the unit's blocks, `correct` and `nonfinite` count tokens; they add up the same way."""
 
     sigmas: tuple[float, ...]
     correct: np.ndarray  # [levels, repeats] int64
@@ -95,7 +102,8 @@ class Counts:
 @dataclass(eq=False)
 class CleanStats:
     """The clean model over some sample blocks: correct predictions, and per site and block the moments (count,
-    sum, sum of squares, over finite values) of the site's activation. Merge passes over disjoint blocks with `+`."""
+    sum, sum of squares, over finite values) of the site's activation. Merge passes over disjoint blocks with `+`.
+    For a per-token class output, `correct` and `samples` count scored tokens (see `Counts`)."""
 
     correct: int = 0
     samples: int = 0

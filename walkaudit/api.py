@@ -86,7 +86,7 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
 
 def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig | None = None,
                progress: Progress | None = None, done: Iterable[dict] = (),
-               executor: Callable[[AuditRun], Executor] | None = None,
+               executor: Callable[[AuditRun], Executor] | None = None, data_sha256: str | None = None,
                **options: Unpack[AuditOptions]) -> AuditRun:
     """An audit to iterate: each iteration yields a finished SiteResult, in site order; `report()` then gives the
     Report. Sites in `done` (site dicts of an earlier run with the same fingerprint, e.g. from a checkpoint) are
@@ -94,9 +94,11 @@ def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditC
 
     The model and the data are loaded and checked here; the clean pass runs at the first iteration. `executor`
     builds who evaluates the work units from the run (default: this process; see `walkaudit._execution.executors`).
+    `data_sha256`: the data file's sha256 when the caller already has it (the CLI hashes it for the checkpoint
+    before loading): it is then not read a second time to hash it.
     """
     config = with_options(config or AuditConfig(), options)
-    run = AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done))
+    run = AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done), data_sha256=data_sha256)
     run.executor = executor
     return run
 
@@ -137,19 +139,24 @@ class AuditRun:
     #: builds the executor from the run (default None: in-process); `--ray` sets a Ray one
     executor: Callable[[AuditRun], Executor] | None = None
 
-    def __init__(self, model, x, y, data, config: AuditConfig, progress: Progress, done: list[dict]):
+    def __init__(self, model, x, y, data, config: AuditConfig, progress: Progress, done: list[dict],
+                 data_sha256: str | None = None):
         self.config, self.progress, self.started = config, progress, time.perf_counter()
         self.loaded = load_model(model, config.output)
         rivals = [] if config.output is not None else class_candidates(self.loaded)
         out = self.loaded.class_output
         num_classes = out.num_classes if out.kind != "label" and len(rivals) < 2 else None
+        tokens = {"per_token": out.per_token, "ignore_label": config.ignore_label, "mask": config.mask}
         if data is not None:
             self.dataset = data_mod.load(data, self.loaded.inputs, x_key=config.x_key, y_key=config.y_key,
                                          limit=config.limit, num_classes=num_classes,
-                                         allow_nonfinite=config.allow_nonfinite)
+                                         allow_nonfinite=config.allow_nonfinite, **tokens,
+                                         digest=data_sha256 is None)
+            if data_sha256 is not None:  # hashed by the caller already
+                self.dataset.sha256 = data_sha256
         elif x is not None:
             self.dataset = data_mod.from_arrays(x, y, self.loaded.inputs, limit=config.limit, num_classes=num_classes,
-                                                allow_nonfinite=config.allow_nonfinite)
+                                                allow_nonfinite=config.allow_nonfinite, **tokens)
         else:
             raise UsageError("no data: pass arrays (x, y) or a data file")
         if len(rivals) >= 2:
@@ -193,7 +200,8 @@ class AuditRun:
             self.close()
 
     def start(self) -> Executor:
-        """The runtime, the Worker and its clean pass; then the executor that will evaluate the units."""
+        """The runtime, the Worker, the executor that will evaluate the units, and the clean pass (by the executor:
+        in this process, or over its workers, each its own slice of the data)."""
         config, progress = self.config, self.progress
         self._runtime = Runtime(config.provider, config.threads, config.exact)
         self._source = NormalSource(config.seed, config.threads)
@@ -203,12 +211,15 @@ class AuditRun:
                                        index=self.index)
         progress.describe("clean pass")
         progress.grow(self.dataset.samples)
-        # the clean values a walk's sites read are kept for an in-process walk only (other executors' workers
-        # compute their own)
-        keep = config.mode == "walk" and len(self.done) < len(self.sites) and self.executor is None
-        self.clean = worker.clean_pass(progress.advance, keep=keep)
+        # a walk keeps the clean values its sites read (where the units run: each worker those of its own rows)
+        keep = config.mode == "walk" and len(self.done) < len(self.sites)
         self._executor = (self.executor(self) if self.executor else
-                          InProcess(lambda unit: worker.evaluate(unit, progress.advance)))
+                          InProcess(lambda unit: worker.evaluate(unit, progress.advance), worker.clean_pass))
+        try:
+            self.clean = self._executor.clean_pass(progress.advance, keep)
+        except BaseException:
+            self.close()
+            raise
         return self._executor
 
     def close(self) -> None:
@@ -331,6 +342,8 @@ class AuditRun:
         bad = sum(p["nonfinite"] for p in points)
         if bad:
             notes = [*notes, f"{name}: {bad} noisy passes gave NaN/Inf class scores; counted as misclassified"]
+        if mid.note:  # the curve had not settled at the largest σ
+            notes = [*notes, f"{name}: {mid.note}"]
         std = None if site is None else clean.std(site.name)
         value = mid.value if mid.value is not None and np.isfinite(mid.value) else None
         if noise.relative:  # σ already scales the signal: it is its own relative value
@@ -383,7 +396,10 @@ class AuditRun:
                       "producer": loaded.producer, "class_output": out.name, "output_kind": out.kind,
                       "batch_size": loaded.batch_size},
             "data": {"path": dataset.path, "sha256": dataset.sha256, "samples": dataset.samples,
-                     "labels": "given" if dataset.labels is not None else "clean-predictions"},
+                     "labels": "given" if dataset.labels is not None else "clean-predictions",
+                     # a per-token output: accuracy, the clean counts and each point's samples count scored tokens
+                     **({"scored": "tokens", "scored_tokens": self.clean.samples, "ignore_label": config.ignore_label,
+                         "mask": dataset.mask} if out.per_token else {})},
             "config": {**self.noise.describe(), "mode": config.mode,
                        "sigmas": list(config.sigmas) if config.sigmas else None,
                        "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats,

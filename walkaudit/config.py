@@ -22,6 +22,7 @@ MAX_THREADS = 1024
 MAX_BATCH = 1 << 20
 SIGMA_RANGE = (1e-30, 1e30)
 MAX_SEED = (1 << 63) - 1
+MAX_LABEL = 1 << 61  # |ignore_label|: far from the internal mark of unscored positions (`_units.UNSCORED`)
 
 
 class OptionError(UsageError):
@@ -60,6 +61,10 @@ class AuditConfig:
     site_scales: tuple[tuple[str, float], ...] = ()
     #: tolerances: per site, the σ at which accuracy falls by each of these drops (`parse_bound`: "1%", "5%rel")
     drops: tuple[Bound, ...] = ()
+    #: per-token class outputs ([N, T, C]): the label of a position that is not scored (Hugging Face's -100), and
+    #: the model input read as the attention mask (None: `attention_mask` if the model takes one)
+    ignore_label: int = -100
+    mask: str | None = None
 
     def check(self) -> AuditConfig:
         """This config, or OptionError naming the first field that cannot work."""
@@ -94,6 +99,9 @@ class AuditConfig:
             raise OptionError("drops", "must be drops parsed by walkaudit.config.parse_bound, e.g. parse_bound('1%')")
         if not isinstance(self.selection, Selection):
             raise OptionError("selection", f"must be a walkaudit Selection, got {type(self.selection).__name__}")
+        _integer("ignore_label", self.ignore_label, -MAX_LABEL, MAX_LABEL)
+        if self.mask is not None and (not isinstance(self.mask, str) or not self.mask):
+            raise OptionError("mask", f"must name a model input, got {self.mask!r}")
         return self
 
     def fingerprint(self) -> dict:
@@ -216,6 +224,8 @@ class AuditOptions(TypedDict, total=False):
     shard: tuple[int, int] | None
     site_scales: tuple[tuple[str, float], ...]
     drops: tuple[Bound, ...]
+    ignore_label: int
+    mask: str | None
     ops: str | tuple[str, ...]
     include: str | None
     exclude: str | None

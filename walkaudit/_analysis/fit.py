@@ -10,8 +10,17 @@ the design notes ("The method", Walking Noise, arXiv 2212.10430):
 3. Logistic fit in u = log10 σ with the lower asymptote pinned at chance, hi free, width w = 10**lw
    (``scipy.optimize.curve_fit``, Levenberg-Marquardt, every repeat a point, binomial-shaped weights).
    σ50 is where the fitted curve crosses the halfway line (not exactly m, since hi is free).
-4. Plateau check: curves that level off above chance are refitted with a free lower asymptote; that fit is kept
-   ("logistic-free-floor") when it is significantly better (F-test, p < 0.01) and its floor is clearly above chance.
+4. Plateau check (`top`, binomial standard errors from samples × repeats): the top of the curve is *at chance*
+   when the accuracy at the largest σ is within 2 standard errors of chance; it is *flat* when its last levels (at
+   least 3, spanning at least a decade) show no trend (the weighted least-squares slope across them is within 2
+   standard errors of 0) and no scatter beyond their noise (χ² about their pooled mean, p >= 0.01); a flat top is a
+   *plateau* when its pooled accuracy is more than 2 standard errors and 5 % of (clean - chance) above chance
+   (otherwise it is at chance). Only a plateau gets a free lower asymptote, never above the accuracy measured at
+   the largest σ (a free fit that puts it higher is redone with the floor there: a logistic is symmetric in log σ,
+   and a slowly flattening tail pulls its floor above the data). That fit is kept ("logistic-free-floor") when it
+   also fits significantly better (F-test, p < 0.01). A top neither at chance nor flat ("unsettled") keeps the
+   floor pinned at chance, and `Midpoint.note` says so. The adaptive search (`sweep.adaptive`) extends σ by the
+   same criterion.
 5. Fallback: when the fit fails, crosses outside the grid, or leaves large residuals (a jagged curve), or there are
    fewer than 3 levels, σ50 is the linear interpolation in log σ of the first downward crossing of the halfway line
    (method "interpolation", ok=False).
@@ -32,17 +41,21 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import optimize, special, stats
 
-__all__ = ["Midpoint", "logistic", "halfway", "midpoint"]
+__all__ = ["Midpoint", "Top", "logistic", "halfway", "midpoint", "top"]
 
 _DEFAULT_SAMPLES = 100  # smoothing of the binomial weights when the sample count is unknown
 _Z95 = 1.959963984540054
 _PLATEAU_P = 0.01  # F-test level for preferring a free lower asymptote
 _PLATEAU_MIN_RISE = 0.05  # ... and its floor must sit this fraction of (clean - chance) above chance
+_TOP_Z = 2.0  # standard errors: "at chance", "no trend" and "above chance" at the top of a curve
+_TOP_SCATTER_P = 0.01  # χ² level at which the top levels disagree with their pooled mean (not flat)
+_TOP_DECADES = 1.0  # the top levels judged flat or not span at least this many decades ...
+_TOP_LEVELS = 3  # ... and are at least this many
 _MAX_CI_HALF_WIDTH = 5.0  # decades; a wider delta-method interval means the covariance is degenerate
 _POOR_FIT_RMS = 0.1  # residual RMS of level means, as a fraction of (clean - chance), that rejects a fit
 _TRANSITION_WIDTH = 2 * math.log(9)  # the logistic falls from 90% to 10% of its drop over this many widths w
@@ -57,7 +70,8 @@ class Midpoint:
     ``value`` is σ50, or the grid bound when censored (σmax for "above", σmin for "below"); it is NaN only when no
     usable point with σ > 0 was given (``to_dict`` writes NaN as None). ``ok`` is True when the intended estimate was
     obtained: a logistic fit, or a clean censoring; fallbacks and degenerate inputs set it False and say why in
-    ``message``.
+    ``message``. ``note``: a finding for the site's notes (the curve had not settled at the largest σ), also part
+    of ``message``; not in ``to_dict``.
     """
 
     value: float
@@ -68,6 +82,7 @@ class Midpoint:
     params: dict[str, float] = field(default_factory=dict)
     ci_method: str | None = None
     message: str | None = None
+    note: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict; NaN and infinities become None."""
@@ -91,6 +106,62 @@ def logistic(u, hi, lo, m, w):
 def halfway(clean: float, chance: float) -> float:
     """The accuracy halfway between clean and chance."""
     return chance + (clean - chance) / 2.0
+
+
+@dataclass(frozen=True)
+class Top:
+    """What the top of a curve (its largest σ levels) shows about the curve's floor; see `top`.
+
+    ``kind``: "chance" (at chance, or levelled off within noise or 5 % of (clean - chance) of it), "plateau"
+    (levelled off clearly above chance, at ``level``) or "unsettled" (neither: still falling, or jagged, or too few
+    levels to tell). ``level``: the pooled accuracy of the last levels (for "unsettled" and a top at chance within
+    its noise, the accuracy at the largest σ).
+    """
+
+    kind: str
+    level: float
+
+
+def top(u, means, trials, *, clean: float, chance: float) -> Top:
+    """Has the curve reached chance or levelled off at its largest σ? The criterion of the module docstring (4.):
+    at chance, a plateau (flat above chance), or unsettled.
+
+    ``u``: log10 σ ascending [L]; ``means``: mean accuracy per level [L]; ``trials``: the predictions behind each
+    mean (samples × repeats) [L]. Accuracies are treated as binomial. Pure: the adaptive search stops extending σ
+    by this, and the fit fits a free floor only on a "plateau".
+    """
+    u, means = np.asarray(u, dtype=float), np.asarray(means, dtype=float)
+    trials = np.maximum(np.asarray(trials, dtype=float), 1.0)
+    if means.size == 0:
+        return Top("unsettled", math.nan)
+    if means[-1] - chance <= _TOP_Z * _binomial_se(means[-1:], trials[-1:])[0]:
+        return Top("chance", float(means[-1]))
+    unsettled = Top("unsettled", float(means[-1]))
+    spans = u[-1] - u[::-1]  # decades from the largest σ down to each level
+    enough = np.nonzero((spans >= _TOP_DECADES - 1e-9) & (np.arange(u.size) >= _TOP_LEVELS - 1))[0]
+    if enough.size == 0:
+        return unsettled
+    k = int(enough[0]) + 1  # the last k levels: at least _TOP_LEVELS, spanning at least _TOP_DECADES
+    x, y, n = u[-k:], means[-k:], trials[-k:]
+    pooled = float(np.sum(n * y) / np.sum(n))
+    sd = _binomial_se(np.full(k, pooled), n)
+    wt = 1.0 / sd**2
+    xc = x - np.sum(wt * x) / np.sum(wt)
+    slope = float(np.sum(wt * xc * y) / np.sum(wt * xc * xc))
+    slope_se = float(1.0 / math.sqrt(np.sum(wt * xc * xc)))
+    scatter = float(np.sum(((y - pooled) / sd) ** 2))
+    if abs(slope) > _TOP_Z * slope_se or stats.chi2.sf(scatter, k - 1) < _TOP_SCATTER_P:
+        return unsettled
+    pooled_se = float(_binomial_se(np.array([pooled]), n.max(keepdims=True))[0])  # the levels share their samples
+    if pooled - chance <= max(_TOP_Z * pooled_se, _PLATEAU_MIN_RISE * (clean - chance)):
+        return Top("chance", pooled)
+    return Top("plateau", pooled)
+
+
+def _binomial_se(means: np.ndarray, trials: np.ndarray) -> np.ndarray:
+    """Standard error of accuracies from `trials` predictions each (at least that of one success in `trials`)."""
+    p = np.clip(means, 0.0, 1.0)
+    return np.sqrt(np.maximum(p * (1 - p), 1.0 / trials) / trials)
 
 
 def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None) -> Midpoint:
@@ -121,9 +192,16 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None) -> 
     if u.size < 3:
         return _interpolation(u_interp, f"only {u.size} σ levels: too few for a logistic fit")
 
-    fit = _choose_fit(u, acc, clean=clean, chance=chance, half=half, u_start=u_interp, samples=n)
+    shown = top(u, means, n * np.isfinite(acc).sum(axis=1), clean=clean, chance=chance)
+    unsettled = None if shown.kind != "unsettled" else (
+        f"accuracy has neither reached chance nor levelled off by σ = {10 ** u[-1]:.3g} ({means[-1]:.3g} there, "
+        f"chance {chance:.3g}): lower asymptote pinned at chance")
+    fit = _choose_fit(u, acc, clean=clean, chance=chance, half=half, u_start=u_interp, samples=n, shown=shown)
     if isinstance(fit, str):
-        return _interpolation(u_interp, fit)
+        return _interpolation(u_interp, fit if unsettled is None else f"{unsettled}; {fit}", unsettled)
+    if unsettled is not None:
+        message = "; ".join(part for part in (unsettled, fit.message) if part)
+        return replace(fit, message=message, note=unsettled)
     return fit
 
 
@@ -172,8 +250,9 @@ class _Fit:
         return float(10 ** self.params[-1])
 
 
-def _choose_fit(u, acc, *, clean, chance, half, u_start, samples) -> Midpoint | str:
-    """Fit pinned-floor and free-floor logistics, pick one, check it; a string says why no fit is usable."""
+def _choose_fit(u, acc, *, clean, chance, half, u_start, samples, shown: Top) -> Midpoint | str:
+    """Fit the pinned-floor logistic and, when the top of the curve shows a plateau, the free-floor one; pick one,
+    check it. A string says why no fit is usable."""
     rows, cols = np.nonzero(np.isfinite(acc))
     x, y = u[rows], acc[rows, cols]
     means = np.nanmean(acc, axis=1)
@@ -181,11 +260,16 @@ def _choose_fit(u, acc, *, clean, chance, half, u_start, samples) -> Midpoint | 
     span = clean - chance
 
     pinned = _fit(x, y, weights, lo=chance, hi0=clean, m0=u_start, u=u)
-    free = _fit(x, y, weights, lo=None, hi0=clean, m0=u_start, u=u, lo0=max(chance, float(means[-1])))
     chosen, note = pinned, None
-    if free is not None and _is_plateau(pinned, free, n=x.size, chance=chance, span=span):
-        chosen = free
-        note = f"curve levels off above chance at {free.lo:.3g}: lower asymptote fitted"
+    if shown.kind == "plateau":
+        free = _fit(x, y, weights, lo=None, hi0=clean, m0=u_start, u=u, lo0=shown.level)
+        found = f"({means[-1]:.3g} measured at σ = {10 ** u[-1]:.3g}): lower asymptote fitted"
+        if free is not None and free.lo > means[-1]:  # never a floor above the data: set it at the data instead
+            free = _fit(x, y, weights, lo=float(means[-1]), hi0=clean, m0=u_start, u=u)
+            found = (f"as measured at σ = {10 ** u[-1]:.3g}: lower asymptote set there (a free fit put it "
+                     "higher)")
+        if free is not None and _is_plateau(pinned, free, n=x.size, chance=chance, span=span):
+            chosen, note = free, f"curve levels off above chance at {free.lo:.3g} {found}"
     if chosen is None:
         return "logistic fit did not converge"
     if problem := _fit_problem(chosen, u, means, half=half, span=span):
@@ -193,7 +277,7 @@ def _choose_fit(u, acc, *, clean, chance, half, u_start, samples) -> Midpoint | 
 
     u_half = _crossing(chosen, half)[0]
     params = {"hi": chosen.hi, "lo": chosen.lo, "m": chosen.m, "w": chosen.w}
-    method = "logistic-free-floor" if chosen.free_floor else "logistic"
+    method = "logistic" if chosen is pinned else "logistic-free-floor"
     ci, ci_method, ci_note = _interval(chosen, u_half, u, acc, samples, half=half, clean=clean, chance=chance)
     message = "; ".join(part for part in (note, ci_note) if part) or None
     return Midpoint(float(10**u_half), ci, None, method, True, params, ci_method, message)
@@ -383,9 +467,9 @@ def _interpolated_crossing(u: np.ndarray, means: np.ndarray, half: float) -> flo
     return float(u[k - 1] + (a - half) / (a - b) * (u[k] - u[k - 1]))
 
 
-def _interpolation(u_half: float, reason: str) -> Midpoint:
+def _interpolation(u_half: float, reason: str, note: str | None = None) -> Midpoint:
     return Midpoint(float(10**u_half), None, None, "interpolation", False, {}, None,
-                    f"{reason}; σ50 interpolated at the first crossing of the halfway line")
+                    f"{reason}; σ50 interpolated at the first crossing of the halfway line", note)
 
 
 def _degenerate(value: float, reason: str) -> Midpoint:

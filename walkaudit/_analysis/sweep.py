@@ -3,10 +3,14 @@
 Adaptive search (the default), per site:
 1. a coarse log grid (2 points a decade) over a starting range scaled to the site;
 2. extend a decade at a time while the curve has not crossed the halfway line (up) or starts below it (down),
-   never past the stated bounds;
+   never past the stated bounds. Upward also while the top of the curve has not settled (`fit.top`, the fit's own
+   criterion): until the accuracy at the largest σ is at chance within 2 standard errors, or the last levels (at
+   least 3, spanning at least a decade) are flat (a weighted slope within 2 standard errors of 0, no scatter beyond
+   their binomial noise), so that the fit can tell a plateau from a curve still falling;
 3. levels are first evaluated on a quarter of the sample blocks spread evenly over the whole data (the *head*: every
    4th block, so that data sorted by class or by difficulty is still represented); those clearly above or below the
-   halfway line keep that estimate, the others get the remaining blocks;
+   halfway line keep that estimate, the others get the remaining blocks. If the remaining blocks move the top back
+   above the halfway line or unsettle it, step 2 goes on from there (new levels again on the head first);
 4. refine inside the bracket where the mean accuracy crosses the halfway line, on all the data.
 A search is a generator: it yields Requests (σ levels × a set of sample blocks) and is sent back their Counts, so
 any executor can serve it (`drive` serves one with a function) and it is tested without onnxruntime.
@@ -103,6 +107,17 @@ class Curve:
     def mean(self, sigma: float) -> float:
         return float(np.mean(accuracy(self.levels[sigma])))
 
+    def settled(self, clean: float, chance: float) -> bool:
+        """Has the top of the curve reached chance or levelled off (`fit.top`)?"""
+        from walkaudit._analysis.fit import (
+            top as top_of,  # here: fit loads scipy, which workers need not import
+        )
+
+        sig, levels = self.sorted()
+        means = [float(np.mean(accuracy(lv))) for lv in levels]
+        trials = [lv.samples * lv.correct.size for lv in levels]
+        return top_of(np.log10(sig), means, trials, clean=clean, chance=chance).kind != "unsettled"
+
 
 def accuracy(level: Counts) -> np.ndarray:
     """Accuracy per repeat of a one-level Counts."""
@@ -164,21 +179,31 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
     curve = Curve()
     yield from _ask(curve, plan.coarse(scale), head)
 
-    top = plan.stop
-    while curve.mean(max(curve.levels)) > half and top < plan.highest:
-        top = min(plan.highest, top + 1.0)
-        yield from _ask(curve, scale * 10 ** np.arange(top - 1.0 + step, top + step / 2, step), head)
-    bottom, highest = plan.start, max((half, *targets))
-    while curve.mean(min(curve.levels)) <= highest and bottom > plan.lowest:
-        bottom = max(plan.lowest, bottom - 1.0)
-        yield from _ask(curve, scale * 10 ** np.arange(bottom, bottom + 1.0 - step / 2, step), head)
+    chance = 2 * half - clean
+
+    def rising() -> bool:
+        """Does the top of the curve still call for a larger σ (above the halfway line, or not settled)?"""
+        return curve.mean(max(curve.levels)) > half or (clean > chance and not curve.settled(clean, chance))
 
     taken = {b for r in head for b in r}
     tail = [b for b in range(n_blocks) if b not in taken]
-    margin = plan.margin * max(clean - (2 * half - clean), 0.0)  # a fraction of (clean − chance)
-    unclear = [s for s, level in curve.levels.items()
-               if not _clear(level, half, margin) or any(not _clear(level, t, 0.0) for t in targets)]
-    yield from _ask(curve, unclear, tail)
+    margin = plan.margin * max(clean - chance, 0.0)  # a fraction of (clean − chance)
+    top, decided = plan.stop, set()
+    while True:
+        while top < plan.highest and rising():
+            top = min(plan.highest, top + 1.0)
+            yield from _ask(curve, scale * 10 ** np.arange(top - 1.0 + step, top + step / 2, step), head)
+        if not decided:  # the first pass
+            bottom, highest = plan.start, max((half, *targets))
+            while curve.mean(min(curve.levels)) <= highest and bottom > plan.lowest:
+                bottom = max(plan.lowest, bottom - 1.0)
+                yield from _ask(curve, scale * 10 ** np.arange(bottom, bottom + 1.0 - step / 2, step), head)
+        unclear = [s for s, level in curve.levels.items() if s not in decided
+                   and (not _clear(level, half, margin) or any(not _clear(level, t, 0.0) for t in targets))]
+        decided.update(curve.levels)
+        yield from _ask(curve, unclear, tail)
+        if top >= plan.highest or not rising():  # the remaining blocks can move the top: then extend again
+            break
 
     for line in (half, *targets):
         sig = sorted(curve.levels)

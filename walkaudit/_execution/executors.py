@@ -1,9 +1,11 @@
-"""Executors: who evaluates the work units. The driver (`walkaudit.api`) only submits units and waits for Counts.
+"""Executors: who runs the clean pass and evaluates the work units. The driver (`walkaudit.api`) only asks for the
+clean pass's CleanStats, submits units and waits for Counts.
 
-- `InProcess` (the default): the driver's own Worker evaluates each unit as it is submitted; one site at a time,
-  nothing to start or configure.
+- `InProcess` (the default): the driver's own Worker runs the clean pass and evaluates each unit as it is
+  submitted; one site at a time, nothing to start or configure.
 - `walkaudit._execution.ray_executor.RayExecutor` (`--ray`, the `ray` extra): Ray actors, each with its own Worker
-  built from a `Recipe`; several sites' searches in flight so that no actor waits for one site's next round.
+  built from a `Recipe`, each running the clean pass over its own slice of the data and serving that slice's units;
+  several sites' searches in flight so that no actor waits for one site's next round.
 
 An executor may cut a unit into several over smaller block ranges (`split`); counts of disjoint ranges add up
 exactly, so the report does not depend on how units were cut or where they ran.
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from walkaudit._units import Counts, WorkUnit
+from walkaudit._units import CleanStats, Counts, WorkUnit
 
 
 class Executor(Protocol):
@@ -22,6 +24,10 @@ class Executor(Protocol):
 
     #: how many sites' searches the driver keeps going at once
     sites_in_flight: int
+
+    def clean_pass(self, progress: Callable[[int], None], keep: bool) -> CleanStats:
+        """The clean pass over all the data (`Worker.clean_pass`), its samples told to `progress` as they are done;
+        `keep`: the workers keep the clean values the walk's sites read."""
 
     def split(self, unit: WorkUnit) -> list[WorkUnit]:
         """The unit cut into pieces over disjoint block ranges (or the unit itself)."""
@@ -48,12 +54,16 @@ class _Done:
 
 
 class InProcess:
-    """Evaluates each unit at once, in this process, with the driver's Worker."""
+    """Runs the clean pass and evaluates each unit at once, in this process, with the driver's Worker."""
 
     sites_in_flight = 1
 
-    def __init__(self, evaluate: Callable[[WorkUnit], Counts]):
-        self._evaluate = evaluate
+    def __init__(self, evaluate: Callable[[WorkUnit], Counts],
+                 clean_pass: Callable[..., CleanStats] | None = None):
+        self._evaluate, self._clean_pass = evaluate, clean_pass
+
+    def clean_pass(self, progress: Callable[[int], None], keep: bool) -> CleanStats:
+        return self._clean_pass(progress, keep=keep)
 
     def split(self, unit: WorkUnit) -> list[WorkUnit]:
         return [unit]

@@ -1,18 +1,22 @@
-"""`RayExecutor`: work units evaluated by Ray actors (`--ray`, the `ray` extra).
+"""`RayExecutor`: the clean pass and the work units run by Ray actors (`--ray`, the `ray` extra).
 
-- Each actor holds one `Worker`, built once from the run's `Recipe`. The recipe (the model's bytes, the data arrays,
-  the targets) is `ray.put` once; every actor gets the reference and reads the arrays zero-copy from its node's object
-  store. The driver keeps the reference for as long as the executor lives, so that a restarted actor can rebuild.
+- Each actor holds one `Worker`, built once from the run's `Recipe`. The recipe (the model's bytes, the data's path
+  or its arrays) is `ray.put` once; every actor gets the reference and reads its rows from the path (memory-mapped)
+  or the arrays zero-copy from its node's object store. The driver keeps the reference for as long as the executor
+  lives, so that a replacement actor can rebuild.
 - One actor per GPU (`num_gpus=1`, provider cuda) when the cluster has GPUs and the provider allows them; otherwise
   one per group of CPU cores (`--threads`, default `CPUS_PER_WORKER`), with onnxruntime's and the noise's threads set
   to the cores it was given (Ray's OMP_NUM_THREADS=1 does not bind onnxruntime).
-- `split` cuts a request into pieces over disjoint block ranges of about `PIECE_SECONDS` each, from the cost per
+- Each actor owns a contiguous slice of the samples (`slices`: whole batches of the data grid, near-equal). It runs
+  the clean pass over its slice (keeping the clean values the walk's sites read, as the in-process worker does for
+  all the data) and serves the units of its slice only; the driver adds the actors' CleanStats (exact: per block)
+  and runs the model on no sample itself. An actor's work is then what the in-process worker does for those rows.
+- `split` cuts a request at the slices' bounds, then into pieces of about `PIECE_SECONDS` each, from the cost per
   sample × σ level × repeat measured on finished pieces (per site; other sites' median before a site's first piece),
-  on the data grid's batch boundaries where it can. A site's pieces go to the same actor (its clean values are cached
-  there) unless another actor would finish them sooner.
-- Faults: a piece whose actor died is sent again to another actor, and the dead one replaced (`MAX_RESTARTS`); a request
-  the cluster can never meet fails at `connect`, before the clean pass; actors that disagree on the onnxruntime or
-  walkaudit version or on the provider are refused.
+  on the data grid's batch boundaries where it can; each piece goes to the actor that owns its rows.
+- Faults: an actor that died is replaced (`MAX_RESTARTS` per slice): the new one runs the clean pass over the slice
+  again, then gets the pieces the dead one held. A request the cluster can never meet fails at `connect`, before
+  any work; actors that disagree on the onnxruntime or walkaudit version or on the provider are refused.
 - Counts of disjoint block ranges add up exactly and ε depends on (seed, site, block, repeat) only, so the report
   equals the in-process one, timings and runtime fields aside. Graph-drawn ε (`--noise-source graph`) is drawn
   anew by each session, so it is refused here and `auto` draws on the host.
@@ -20,6 +24,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -27,7 +32,7 @@ import time
 
 import numpy as np
 
-from walkaudit._units import BLOCK, Counts, WorkUnit, block_rows
+from walkaudit._units import BLOCK, CleanStats, Counts, WorkUnit, block_rows
 from walkaudit.errors import RuntimeFailure, UsageError, WalkauditError
 
 INSTALL = 'Ray is not installed: pip install "walkaudit[ray]" (from a checkout: pip install ".[ray]")'
@@ -59,24 +64,27 @@ class _Host:
     pass; `setup` then builds the worker from the recipe."""
 
     def __init__(self, threads: int, provider: str):
+        began = time.perf_counter()
         import onnxruntime
 
         from walkaudit import __version__
         from walkaudit._execution import recipe, worker  # noqa: F401  (imported now, while the driver works)
 
         self.threads, self.provider = threads, provider
-        self.error, self.worker = "not set up", None
+        self.error, self.worker, self.rows = "not set up", None, None
         self.info = {"onnxruntime": onnxruntime.__version__, "walkaudit": __version__, "provider": None,
-                     "threads": threads, "pid": os.getpid(), "error": None}
+                     "threads": threads, "pid": os.getpid(), "error": None,
+                     "import_s": time.perf_counter() - began, "build_s": None}
 
     def setup(self, recipe: list) -> dict:
         """Build the worker from [a reference to the recipe] (nested: the actor reads it from the object store
         itself, zero-copy) and describe this actor."""
         import ray
 
-        self.error = None
+        self.error, began = None, time.perf_counter()
         try:
             self.worker = ray.get(recipe[0]).build(threads=self.threads, provider=self.provider)
+            self.info["build_s"] = time.perf_counter() - began
             self.info["provider"] = self.worker.runtime.provider
         except WalkauditError as exc:
             self.error = str(exc)
@@ -92,11 +100,28 @@ class _Host:
         """CPU seconds this actor's process used, its start included."""
         return time.process_time()
 
+    def clean(self, start: int, stop: int, keep: bool) -> tuple:
+        """The clean pass over rows [start, stop) (whole batches of the grid), which this actor then serves:
+        (CleanStats, the worker's notes, seconds)."""
+        if self.worker is None:
+            raise RuntimeFailure(f"a Ray worker could not be built: {self.error}")
+        t = time.perf_counter()
+        stats = self.worker.clean_pass(keep=keep, rows=range(start, stop))
+        self.rows = range(start, stop)
+        return stats, list(self.worker.notes), time.perf_counter() - t
+
     def evaluate(self, units: list[WorkUnit]) -> tuple[list[Counts], float, bool]:
         """(counts per unit, seconds, whether these sites' first units ran here: sessions built, prefixes run)."""
         if self.worker is None:
             raise RuntimeFailure(f"a Ray worker could not be built: {self.error}")
-        fresh = units[0].sites not in self.worker._evaluations
+        if self.rows is None:
+            raise RuntimeFailure("a Ray worker got work units before its clean pass")
+        for unit in units:
+            rows = block_rows(unit.block_range, self.worker.data.samples)
+            if rows.start < self.rows.start or rows.stop > self.rows.stop:
+                raise RuntimeFailure(f"a work unit for blocks {unit.blocks} reached the Ray worker of rows "
+                                     f"{self.rows.start}-{self.rows.stop}")
+        fresh = (units[0].mode, units[0].sites) not in self.worker._evaluations
         t = time.perf_counter()
         counts = [self.worker.evaluate(unit) for unit in units]
         return counts, time.perf_counter() - t, fresh
@@ -162,7 +187,7 @@ def plan(nodes: list[dict], provider: str, threads: int | None, workers: int | N
 
 class Ray:
     """A connection to a Ray cluster, made at once so that a request it can never meet fails before any work;
-    called with an AuditRun (after its clean pass) it gives the run's RayExecutor (`iter_audit(executor=...)`).
+    called with an AuditRun (its model and data loaded) it gives the run's RayExecutor (`iter_audit(executor=...)`).
 
     address None: the cluster this process already joined, else a new local one (shut down at `close`);
     "auto", "ray://host:10001" or "host:6379": an existing cluster (left running).
@@ -208,7 +233,7 @@ class Ray:
         # a dead actor is replaced by the driver (`RayExecutor._settle`), not restarted by Ray: Ray would run the
         # pieces it held again out of order, and pieces are sent again from the driver anyway
         self.remote = ray.remote(num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0)(_Host)
-        self.warm = [self.start() for _ in range(p.actors)]  # they import while the driver runs its clean pass
+        self.warm = [self.start() for _ in range(p.actors)]  # they import while the driver loads the model and data
 
     def start(self):
         """A new actor (it sets up when its `setup` call arrives; calls sent meanwhile wait)."""
@@ -248,6 +273,24 @@ def check_workers(infos: list[dict], version: str | None) -> None:
                              f"{version}; install the same version everywhere")
 
 
+def slices(samples: int, batch: int, actors: int) -> list[range]:
+    """The rows of each actor: at most `actors` contiguous, near-equal slices of whole batches of the data grid that
+    start on a block (multiples of lcm(batch, BLOCK) rows), covering every sample (pure)."""
+    grain = math.lcm(batch, BLOCK)
+    grains = max(1, -(-samples // grain))
+    n = max(1, min(actors, grains))
+    bounds = [min(samples, grain * (i * grains // n)) for i in range(n)] + [samples]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _cause(exc) -> BaseException:
+    """What to raise for a call that raised on an actor: its walkaudit error as it is, else a RuntimeFailure."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, WalkauditError):
+        return cause
+    return RuntimeFailure(f"a Ray worker failed: {_first_line(cause or exc)}")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -281,19 +324,26 @@ class _Call:
 
 
 class RayExecutor:
-    """Evaluates work units on Ray actors, each with its own Worker (see the module's docstring)."""
+    """Runs the clean pass and evaluates work units on Ray actors, each with its own Worker and its own slice of the
+    samples (see the module's docstring)."""
 
     def __init__(self, run, cluster: Ray | None = None):
         from walkaudit._execution.recipe import Recipe
 
         self.cluster = cluster or Ray(None, run.config)
         ray = self.ray = self.cluster.ray
+        self._dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                      ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError)  # what an actor's death raises
         self.progress = run.progress
         self.samples = run.dataset.samples
         batch = run._worker.batch_size
         self.align = batch // BLOCK if batch % BLOCK == 0 else 1  # blocks per batch of the data grid
         self.piece_seconds = self.cluster.piece_seconds
+        self.notes = run._worker.notes  # the driver's: the notes every actor's clean pass gave are added to them
         p = self.cluster.plan
+        #: each actor's rows: whole batches of the grid (so its clean values are the in-process run's, bit for bit)
+        self.slices = slices(self.samples, batch, p.actors)
+        self.starts = [s.start // BLOCK for s in self.slices]  # each slice's first block
         recipe = Recipe.of(run)
         config = recipe.config
         if config.noise_source == "auto":  # graph-drawn ε would differ per worker: draw on the host
@@ -306,19 +356,24 @@ class RayExecutor:
         recipe = dataclasses.replace(recipe, config=config)
         self.recipe = ray.put(recipe)  # kept: an actor that replaces a dead one is built from it
         self._setups: list = []
+        self.keep: bool | None = None  # the clean pass's `keep`, once it was asked for
+        self.cleaning: list = []  # per slice: the reference to its actor's clean pass
         warm, self.cluster.warm = self.cluster.warm, []
-        self.actors = [self._new(actor) for actor in warm + [None] * (p.actors - len(warm))]
+        for actor in warm[len(self.slices):]:  # more actors than slices (little data): not needed
+            _kill(ray, actor)
+        warm = warm[: len(self.slices)]
+        self.actors = [self._new(actor) for actor in warm + [None] * (len(self.slices) - len(warm))]
         self.alive = list(range(len(self.actors)))
         self.failures = [0] * len(self.actors)
         self.load = [0.0] * len(self.actors)  # estimated seconds queued per actor
-        self.queued = [0] * len(self.actors)  # pieces queued per actor
-        self.home: dict[tuple[str, ...], int] = {}
+        self.queued = [0] * len(self.actors)  # calls queued per actor
         self.rates: dict[tuple[str, ...], float] = {}  # seconds per sample × level × repeat, per site
         self.cold: set[tuple[str, ...]] = set()  # sites whose rate comes from a first piece only
         self.resent = 0  # calls sent again
         self.pieces = self.calls = 0
         self.buffer: list[_Piece] = []  # submitted, not sent yet
         self.busy = 0.0  # seconds the actors spent evaluating
+        self.clean_s = 0.0  # seconds the actors spent on the clean pass (the slowest one's)
         self.latency: list[float] = []  # seconds from send to result, minus the actor's own (queueing included)
         self.sites_in_flight = 2 * len(self.actors)
         started = time.perf_counter()
@@ -332,10 +387,14 @@ class RayExecutor:
         providers = sorted({info.get("provider", "?") for info in self.info})
         return f"work units evaluated on {len(self.actors)} Ray workers ({', '.join(providers)})"
 
-    def _new(self, actor=None):
-        """An actor (new unless given) set up with the recipe: its worker builds while calls sent to it wait."""
+    def _new(self, actor=None, slot: int | None = None):
+        """An actor (new unless given) set up with the recipe: its worker builds while calls sent to it wait. One
+        that replaces the actor of `slot` after the clean pass also runs the clean pass over that slice again."""
         actor = actor or self.cluster.start()
         self._setups.append(actor.setup.remote([self.recipe]))
+        if slot is not None and self.keep is not None:
+            rows = self.slices[slot]
+            self.cleaning[slot] = actor.clean.remote(rows.start, rows.stop, self.keep)
         return actor
 
     def _start(self, run) -> list[dict]:
@@ -357,6 +416,36 @@ class RayExecutor:
             raise
         return infos
 
+    # -- the clean pass ----------------------------------------------------------------------------------------------
+    def clean_pass(self, progress, keep: bool) -> CleanStats:
+        """Each actor's clean pass over its slice, at once; their CleanStats added in slice order (the in-process
+        pass's, bit for bit). The notes every slice gave (a constant model's) join the driver's."""
+        ray = self.ray
+        self.keep = keep
+        self.cleaning = [actor.clean.remote(rows.start, rows.stop, keep)
+                         for actor, rows in zip(self.actors, self.slices)]
+        results: list = [None] * len(self.slices)
+        while any(r is None for r in results):
+            pending = {self.cleaning[a]: a for a, r in enumerate(results) if r is None}
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                a = pending[ref]
+                try:
+                    results[a] = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    raise _cause(exc) from None
+                except self._dead as exc:
+                    self._died(a, exc)  # a new actor runs this slice's clean pass again
+                    continue
+                progress(len(self.slices[a]))
+        self.clean_s = max(seconds for _, _, seconds in results)
+        stats = results[0][0]
+        for other, _, _ in results[1:]:
+            stats = stats + other
+        common = [n for n in results[0][1] if all(n in notes for _, notes, _ in results[1:])]
+        self.notes.extend(n for n in common if n not in self.notes)
+        return stats
+
     # -- cutting -------------------------------------------------------------------------------------------------
     def _rate(self, names: tuple[str, ...]) -> float | None:
         rate = self.rates.get(names)
@@ -369,39 +458,29 @@ class RayExecutor:
         """Sample forward passes under noise the unit stands for."""
         return len(unit.sigmas) * unit.repeats * len(block_rows(unit.block_range, self.samples))
 
+    def owner(self, blocks: tuple[int, int]) -> int:
+        """The slice (and actor) that holds a block range cut at the slices' bounds."""
+        return bisect.bisect_right(self.starts, blocks[0]) - 1
+
     def split(self, unit: WorkUnit) -> list[WorkUnit]:
+        """The unit cut at the slices' bounds, each part into pieces of about `piece_seconds` (once measured)."""
         start, stop = unit.blocks
-        blocks = stop - start
         rate = self._rate(unit.sites)
-        if rate is None:  # nothing measured yet: one piece per actor, so that every one has work
-            pieces = len(self.alive)
-        else:
-            pieces = math.ceil(rate * self._work(unit) / self.piece_seconds)
-        pieces = max(1, min(pieces, blocks))
-        return [dataclasses.replace(unit, blocks=b) for b in _cut(start, stop, pieces, self.align)]
+        bounds = [*self.starts[1:], math.inf]
+        out = []
+        for first, end in zip(self.starts, bounds):
+            lo, hi = max(start, first), min(stop, end)
+            if lo >= hi:
+                continue
+            part = dataclasses.replace(unit, blocks=(lo, hi))
+            pieces = 1 if rate is None else math.ceil(rate * self._work(part) / self.piece_seconds)
+            pieces = max(1, min(pieces, hi - lo))
+            out += [dataclasses.replace(unit, blocks=b) for b in _cut(lo, hi, pieces, self.align)]
+        return out or [unit]
 
     # -- sending -------------------------------------------------------------------------------------------------
-    def _choose(self, call: _Call) -> int:
-        """The site's actor, unless another one would finish the call sooner (its cache is then cold)."""
-        home = self.home.get(call.sites)
-        if home not in self.alive:
-            home = None
-        best = min(self.alive, key=lambda a: (self.load[a], self.queued[a]))
-        if home is None:
-            self.home[call.sites] = best
-            return best
-        if self.load[home] - self.load[best] > call.cost or (call.cost == 0 and
-                                                              self.queued[home] - self.queued[best] > 1):
-            return best
-        return home
-
-    def _send(self, call: _Call, avoid: int | None = None) -> None:
-        if not self.alive:
-            raise RuntimeFailure("every Ray worker died; the audit cannot go on")
-        if avoid is None:
-            a = self._choose(call)
-        else:
-            a = min([b for b in self.alive if b != avoid] or self.alive, key=lambda b: (self.load[b], self.queued[b]))
+    def _send(self, call: _Call) -> None:
+        a = self.owner(call.pieces[0].unit.blocks)
         call.actor, call.attempts, call.sent = a, call.attempts + 1, time.perf_counter()
         self.load[a] += call.cost
         self.queued[a] += 1
@@ -409,34 +488,40 @@ class RayExecutor:
         call.ref = call.handle.evaluate.remote([p.unit for p in call.pieces])
 
     def submit(self, unit: WorkUnit) -> _Piece:
-        """Queue the unit; `wait` sends the queued units, small ones of a site and σ levels together."""
+        """Queue the unit; `wait` sends the queued units, small ones of a site, σ levels and actor together."""
         piece = _Piece(unit)
         self.buffer.append(piece)
         return piece
 
     def _flush(self) -> None:
-        """Send the queued units: each group of one site and σ levels in calls of about `piece_seconds` (one per
-        actor before anything was measured), in block order."""
+        """Send the queued units: each group of one site, σ levels and actor in calls of about `piece_seconds`
+        (one call before anything was measured), in block order."""
         groups: dict[tuple, list[_Piece]] = {}
         for piece in self.buffer:
-            groups.setdefault(dataclasses.replace(piece.unit, blocks=(0, 0)), []).append(piece)
+            key = (dataclasses.replace(piece.unit, blocks=(0, 0)), self.owner(piece.unit.blocks))
+            groups.setdefault(key, []).append(piece)
         self.buffer = []
         for pieces in groups.values():
             pieces.sort(key=lambda p: p.unit.blocks)
             rate = self._rate(pieces[0].unit.sites)
             costs = [rate * self._work(p.unit) if rate is not None else 0.0 for p in pieces]
-            budget = (self.piece_seconds if rate is not None else
-                      max(1, math.ceil(len(pieces) / max(len(self.alive), 1))))  # seconds, or units per call
             call, spent = [], 0.0
             for piece, cost in zip(pieces, costs):
-                size = cost if rate is not None else 1
-                if call and spent + size > budget:
-                    self._send(_Call(call, spent if rate is not None else 0.0))
+                if call and rate is not None and spent + cost > self.piece_seconds:
+                    self._send(_Call(call, spent))
                     call, spent = [], 0.0
                 call.append(piece)
-                spent += size
+                spent += cost
             if call:
-                self._send(_Call(call, spent if rate is not None else 0.0))
+                self._send(_Call(call, spent))
+
+    def _died(self, a: int, exc: BaseException) -> None:
+        """The actor of slice `a` died (as a call of `self.actors[a]` told): replace it, its clean pass again."""
+        self.failures[a] += 1
+        if self.failures[a] > MAX_RESTARTS:
+            raise RuntimeFailure(f"the Ray worker of samples {self.slices[a].start}-{self.slices[a].stop} died "
+                                 f"{self.failures[a]} times: {_first_line(exc)}")
+        self.actors[a] = self._new(slot=a)
 
     def _settle(self, call: _Call) -> bool:
         """Collect a finished call's counts (True), or send it again when its actor died (False)."""
@@ -446,24 +531,15 @@ class RayExecutor:
         try:
             counts, seconds, fresh = ray.get(call.ref)
         except ray.exceptions.RayTaskError as exc:  # the evaluation raised: the same error here
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, WalkauditError):
-                raise cause from None
-            raise RuntimeFailure(f"a Ray worker failed: {_first_line(cause or exc)}") from None
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
-                ray.exceptions.OutOfMemoryError) as exc:
+            raise _cause(exc) from None
+        except self._dead as exc:
             if self.actors[a] is call.handle and not isinstance(exc, ray.exceptions.ActorUnavailableError):
-                self.failures[a] += 1  # the first of its calls to tell: replace it (once per death)
-                if self.failures[a] > MAX_RESTARTS:
-                    if a in self.alive:
-                        self.alive.remove(a)
-                else:
-                    self.actors[a] = self._new()
+                self._died(a, exc)  # the first of its calls to tell: replace it (once per death)
             if call.attempts >= MAX_ATTEMPTS:
                 raise RuntimeFailure(f"a work unit failed on {call.attempts} Ray workers in turn: "
                                      f"{_first_line(exc)}") from None
             self.resent += 1
-            self._send(call, avoid=a)
+            self._send(call)  # to the actor of its slice: the new one
             return False
         self.pieces += len(call.pieces)
         self.calls += 1
@@ -504,7 +580,8 @@ class RayExecutor:
         """What the run cost: pieces, pieces sent again, seconds the actors worked, the wait per piece beyond it."""
         trips = sorted(self.latency)
         return {"actors": len(self.failures), "threads": self.cluster.plan.threads, "pieces": self.pieces,
-                "calls": self.calls, "resent": self.resent, "busy_s": self.busy, "start_s": self.start_s, "cpu_s": self.cpu_s,
+                "calls": self.calls, "resent": self.resent, "busy_s": self.busy, "start_s": self.start_s,
+                "clean_s": self.clean_s, "cpu_s": self.cpu_s, "slices": [(s.start, s.stop) for s in self.slices],
                 "latency_ms_median": 1e3 * trips[len(trips) // 2] if trips else None,
                 "rates": {",".join(k): v for k, v in self.rates.items()}}
 

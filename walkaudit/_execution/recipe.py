@@ -2,8 +2,9 @@
 
 Workers are built from a recipe, never from a live session: the model's bytes (sent once, through the object store
 of a cluster), where to read the data (a path every worker sees) or the arrays themselves, the audit's options, the
-selected sites and the targets of the clean pass (labels, or the clean model's predictions), so that a worker needs
-no clean pass of its own.
+selected sites and, when the driver ran the clean pass, its targets (labels, or the clean model's predictions), so
+that the worker needs no clean pass of its own. Without them a worker runs the clean pass itself, over the rows it
+serves (`Worker.clean_pass(rows=...)`).
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ class Recipe:
     arrays: dict[str, np.ndarray] | None
     config: AuditConfig
     sites: tuple[str, ...]
-    targets: np.ndarray  # class id per sample
+    targets: np.ndarray | None  # class id per sample from the driver's clean pass; None: the worker runs its own
     batch_size: int
 
     @classmethod
     def of(cls, run) -> Recipe:
-        """The recipe of a driver's AuditRun (after its clean pass)."""
+        """The recipe of a driver's AuditRun (with the targets when its clean pass has run)."""
         worker = run._worker
         path = os.path.abspath(run.dataset.path) if run.dataset.path else None
         return cls(worker.key, run.loaded.proto.SerializeToString(), path,
                    None if path else dict(run.dataset.inputs), run.config,
-                   tuple(s.name for s in run.sites), worker.targets, worker.batch_size)
+                   tuple(s.name for s in run.sites), worker._targets, worker.batch_size)
 
     def build(self, threads: int | None = None, provider: str | None = None) -> Worker:
         """A Worker equal to the driver's, on `threads` CPU threads and `provider` (default: the config's)."""
@@ -50,7 +51,9 @@ class Recipe:
         loaded = load_model(onnx.load_from_string(self.model), config.output)
         if self.data is not None:
             dataset = data_mod.load(self.data, loaded.inputs, x_key=config.x_key, y_key=config.y_key,
-                                    limit=config.limit, allow_nonfinite=True, digest=False)
+                                    limit=config.limit, allow_nonfinite=True, digest=False,
+                                    per_token=loaded.class_output.per_token, ignore_label=config.ignore_label,
+                                    mask=config.mask)
         else:
             dataset = data_mod.from_arrays(self.arrays, None, loaded.inputs, allow_nonfinite=True)
         sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name)

@@ -96,7 +96,9 @@ class FedSuffix(Strategy):
                  seeds: tuple[int, int] = (0, 1)):
         types = model.types
         self.program = passes.graph_noise(suffix, types, "mul" in noise.terms, "add" in noise.terms, seeds=seeds,
-                                          fed=not self.drawn_in_graph, noise=noise)
+                                          fed=not self.drawn_in_graph, noise=noise,
+                                          axis=passes.sample_axis(types[suffix.site],
+                                                                  passes.batch_dimension(model.inputs)))
         self.graph = suffix.model
         self.session = runtime.session(self.program.model, f"part of the model after {suffix.site}")
         self.site, self.frontier, self.noise = suffix.site, suffix.frontier, noise

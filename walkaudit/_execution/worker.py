@@ -17,6 +17,7 @@ at the grid lines, and ε comes block by block from `NormalSource.rows`, so coun
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -34,22 +35,36 @@ from walkaudit._graph import passes
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site
 from walkaudit._loading.data import Dataset
-from walkaudit._loading.model import LoadedModel
+from walkaudit._loading.model import ClassOutput, LoadedModel
 from walkaudit._noise import NoiseModel, NormalSource
-from walkaudit._units import BLOCK, CleanStats, Counts, WorkUnit, block_rows, moments
-from walkaudit.errors import RuntimeFailure, UsageError
+from walkaudit._units import (
+    BLOCK,
+    UNSCORED,
+    CleanStats,
+    Counts,
+    WorkUnit,
+    block_rows,
+    moments,
+)
+from walkaudit.errors import DataError, RuntimeFailure, UsageError
 
 #: Clean values kept per site between σ rounds (bytes), shared with what the clean pass keeps for later sites.
 CACHE_BYTES = 256 << 20
+#: Samples the σ = 0 packing check runs on (`_Evaluation._probe`).
+PROBE_ROWS = 8
 
 Progress = Callable[[int], None]
 
 
-def predictions(out: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def predictions(out: np.ndarray, kind: str, per_token: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class [N], non-finite mask [N]). A row with NaN/Inf scores predicts no class (-1).
 
     kind: "scores" (argmax of [N, C, ...]), "label" (class ids [N]), "binary-logit" / "binary-probability" (one
-    number per sample, [N] or [N, 1, ...]: class 1 when above 0, resp. 0.5, else class 0)."""
+    number per sample, [N] or [N, 1, ...]: class 1 when above 0, resp. 0.5, else class 0). `per_token`: scores
+    [N, T, C], a class per position: both come back [N, T]."""
+    if per_token:
+        bad = ~np.isfinite(out).all(axis=-1)
+        return np.where(bad, -1, np.argmax(np.nan_to_num(out, nan=-np.inf), axis=-1)), bad
     if kind == "label":
         pred = out.reshape(-1).astype(np.int64)
         return pred, np.zeros(pred.shape, dtype=bool)
@@ -89,7 +104,8 @@ class Worker:
         # the clean pass reads every site (statistics) and, in walk mode, what each site's suffix reads besides it
         # (its frontier), so that it can keep those values for the walk
         self.index = index or GraphIndex(model.proto.graph)  # built once: every plan, prefix and suffix use it
-        self._plans = self.index.suffix_plans([s.name for s in sites], out) if mode == "walk" else {}
+        self._plans = {site: self._per_sample(site, plan) for site, plan in
+                       self.index.suffix_plans([s.name for s in sites], out).items()} if mode == "walk" else {}
         self._reads = {site: (site, *frontier) for site, (_, frontier) in self._plans.items()}
         exposed = [*(s.name for s in sites), *(n for names in self._reads.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
@@ -143,46 +159,59 @@ class Worker:
         values.update({n: feeds[n] for n in names if n in self._inputs})
         return values
 
-    def clean_pass(self, progress: Progress | None = None, keep: bool = False) -> CleanStats:
+    def clean_pass(self, progress: Progress | None = None, keep: bool = False,
+                   rows: range | None = None) -> CleanStats:
         """The clean model over all the data: targets (kept for the units), counts and per-block moments. With
-        `keep`, also keep what the walk's sites read, as far as it fits in CACHE_BYTES (`_fitting`)."""
+        `keep`, also keep what the walk's sites read, as far as it fits in CACHE_BYTES (`_fitting`). `rows`: only
+        these (whole batches of the grid; a worker that serves only their units): the targets of the other rows
+        are UNSCORED, and the CleanStats of workers over disjoint rows add up to the whole pass's."""
         out = self.model.class_output
         names = [s.name for s in self.sites]
         reads = [n for r in self._reads.values() for n in r] if keep else []
-        n_batches = -(-self.data.samples // self.batch_size)
+        whole = range(self.data.samples)
+        rows = whole if rows is None else rows
+        if rows.start % self.batch_size or (rows.stop % self.batch_size and rows.stop != whole.stop):
+            raise ValueError(f"clean_pass: rows {rows} are not whole batches of {self.batch_size}")
+        n_batches = -(-len(rows) // self.batch_size)
         stats, preds, kept = CleanStats(), [], set()
-        for k, rows in self.grid(range(self.data.samples)):
+        for k, part in self.grid(rows):
             n, feeds = self.feeds(k)
             values = self.clean_values(feeds, [out.name, *names, *reads])
-            if keep and k == 0:
+            if keep and part.start == rows.start:
                 self._kept_sites = set(_fitting(self._reads, values, n_batches, self.cache_bytes))
                 kept = {r for site in self._kept_sites for r in self._reads[site]}
             if kept:
                 self._kept[k] = {r: values[r] for r in kept}
-            pred, _ = predictions(values[out.name], out.kind)
+            pred, _ = predictions(values[out.name], out.kind, out.per_token)
             preds.append(pred[:n])
             for name in names:
                 v = values[name]
                 stats.shapes[name] = v.shape
                 per_block = stats.moments.setdefault(name, {})
-                for b in range(rows.start // BLOCK, -(-rows.stop // BLOCK)):
-                    lo, hi = max(rows.start, b * BLOCK) - rows.start, min(rows.stop, (b + 1) * BLOCK) - rows.start
-                    part = moments(v[lo:hi])
+                for b in range(part.start // BLOCK, -(-part.stop // BLOCK)):
+                    lo, hi = max(part.start, b * BLOCK) - part.start, min(part.stop, (b + 1) * BLOCK) - part.start
+                    m = moments(v[lo:hi])
                     old = per_block.get(b)  # a block cut by the grid: its parts add in row order
-                    per_block[b] = part if old is None else (old[0] + part[0], old[1] + part[1], old[2] + part[2])
+                    per_block[b] = m if old is None else (old[0] + m[0], old[1] + m[1], old[2] + m[2])
             if out.kind == "scores":
                 stats.width = values[out.name].shape[-1]
             if progress:
                 progress(n)
         pred = np.concatenate(preds)
-        if len(pred) > 1 and (pred == pred[0]).all():
-            self.notes.append(f"the clean model gives class {pred[0]} for every sample: its accuracy, and how noise "
-                              "changes it, say little about the model (a constant or untrained model?)")
-        labels = self.data.labels
-        self._targets = pred if labels is None else labels
-        seen = np.concatenate([pred, self._targets])
-        stats.correct, stats.samples = int((pred == self._targets).sum()), len(pred)
+        self._targets = targets_of(pred, _rows_of(self.data, rows), out)
+        scored = self._targets != UNSCORED
+        decided = pred[scored]
+        if len(decided) > 1 and (decided == decided[0]).all():
+            every = "scored token" if out.per_token else "sample"
+            self.notes.append(f"the clean model gives class {decided[0]} for every {every}: its accuracy, and how "
+                              "noise changes it, say little about the model (a constant or untrained model?)")
+        seen = np.concatenate([decided, self._targets[scored]])
+        stats.correct, stats.samples = int((pred == self._targets).sum()), int(scored.sum())
         stats.classes = frozenset(int(c) for c in np.unique(seen[seen >= 0]))
+        if rows != whole:  # targets by absolute row; the other rows are other workers'
+            placed = np.full((len(whole), *self._targets.shape[1:]), UNSCORED, np.int64)
+            placed[rows.start : rows.stop] = self._targets
+            self._targets = placed
         return stats
 
     def batch_axis(self, site: str, shape: tuple, rows: int) -> int | None:
@@ -211,7 +240,8 @@ class Worker:
 
     @property
     def targets(self) -> np.ndarray:
-        """The class id per sample that counts as correct: the labels, or the clean model's predictions."""
+        """The class id per sample that counts as correct: the labels, or the clean model's predictions ([N, T]
+        for a per-token output, UNSCORED where a position is not scored; `targets_of`)."""
         if self._targets is None:
             self.clean_pass()
         return self._targets
@@ -240,7 +270,7 @@ class Worker:
             return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), self._clean, {})
         (site,) = unit.sites
         if site not in self._plans:  # a walk unit on a worker built for global mode
-            self._plans[site] = self.index.suffix_plan(site, model.class_output.name)
+            self._plans[site] = self._per_sample(site, self.index.suffix_plan(site, model.class_output.name))
         suffix = passes.suffix(model.proto, site, model.class_output.name, model.types, self._plans[site],
                                index=self.index)
         if kind is DrawnSuffix:
@@ -255,6 +285,11 @@ class Worker:
             f"part of the model before {site}",
             exact=True)
         return _Evaluation(self, strategy, prefix, kept)
+
+    def _per_sample(self, site: str, plan):
+        """The suffix plan fed by rows: values that describe the batch as a whole (shape vectors) are recomputed in
+        the suffix (`passes.per_sample`), so that it takes G tiled copies of a batch, or part of one."""
+        return passes.per_sample(plan, site, self.index, self.model.types, passes.batch_dimension(self.model.inputs))
 
     def _take(self, site: str) -> dict[int, dict[str, np.ndarray]]:
         """Hand over what the clean pass kept for `site` (grid batch -> values), and forget what no later site
@@ -314,18 +349,32 @@ class _Evaluation:
             self.on_device[k] = {n: self.worker.runtime.to_device(values[n]) for n in names}
         return self.on_device[k]
 
+    def _part(self, k: int, values: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+        """The clean values of rows [lo, hi) of grid batch k: sliced along each value's batch axis (LSTM and
+        sequence-first attention values hold the samples along axis 1); a value whose samples cannot be sliced out
+        ([T·N, D] after a sequence-first attention's flattening) is computed anew for those rows by the prefix.
+        Padded to the batch size of a model that fixes it."""
+        worker, fixed = self.worker, self.worker.model.batch_size
+        if fixed is not None:
+            return {n: _pad(v[lo:hi], fixed) for n, v in values.items()}
+        fed = min(worker.batch_size, worker.data.samples - k * worker.batch_size)  # rows of the whole batch
+        axes = {n: worker.batch_axis(n, v.shape, fed) for n, v in values.items()}
+        part = {n: _rows(v, lo, hi, axes[n]) for n, v in values.items() if axes[n] is not None}
+        again = [n for n in values if axes[n] is None]
+        if again:
+            _, feeds = worker.feeds(k)
+            part.update(worker.clean_values({n: v[lo:hi] for n, v in feeds.items()}, again, self.prefix))
+        return part
+
     def _batches(self, rows: range):
         """(rows, clean values fed, device copies) per piece of the grid inside `rows`."""
-        worker, fixed = self.worker, self.worker.model.batch_size
+        worker = self.worker
         for k, part in worker.grid(rows):
             values = self._grid_values(k)
             first = k * worker.batch_size
             whole = part.start == first and part.stop == min(first + worker.batch_size, worker.data.samples)
             if not whole:
-                lo, hi = part.start - first, part.stop - first
-                values = {n: v[lo:hi] for n, v in values.items()}
-                if fixed is not None:
-                    values = {n: _pad(v, fixed) for n, v in values.items()}
+                values = self._part(k, values, part.start - first, part.stop - first)
             yield part, values, (lambda k=k, whole=whole, values=values: self._device(k, whole, values))
 
     def _draw(self, values: dict, rows: range, repeat: int) -> dict[str, np.ndarray]:
@@ -368,16 +417,30 @@ class _Evaluation:
         if pending:
             yield pending
 
+    def _probe(self, values: dict, device) -> tuple[dict, Callable[[], dict]]:
+        """The rows the σ = 0 packing check runs on: the first PROBE_ROWS samples where every value read holds the
+        samples along axis 0 (by its inferred shape), with device copies of their own; else the whole batch. Whether
+        a graph takes G tiled copies does not depend on how many rows a copy has, and the check then costs a few
+        rows instead of three runs of a batch (a quarter of a short transformer walk)."""
+        model = self.worker.model
+        batch = passes.batch_dimension(model.inputs)
+        specs = [model.types.get(n) for n in self.strategy.reads]
+        if not isinstance(batch, str) or any(s is None or not s.shape or s.shape[0] != batch for s in specs):
+            return values, device
+        small = {n: v[:PROBE_ROWS] for n, v in values.items()}
+        return small, lambda: {n: self.worker.runtime.to_device(small[n]) for n in self.strategy.on_device}
+
     def _group(self, values: dict, device, levels: int) -> int:
         """How many σ levels one run takes: 1 unless a tiled batch reproduces the clean outputs at σ = 0."""
         strategy = self.strategy
         if self.packable is None and not self.worker.pack:
             self.packable = False
         if self.packable is None:
-            zeros = {n: np.zeros((self.worker.noise.draws, 1, *values[n].shape), np.float32) for n in strategy.noisy}
+            rows, on_device = self._probe(values, device)
+            zeros = {n: np.zeros((self.worker.noise.draws, 1, *rows[n].shape), np.float32) for n in strategy.noisy}
             try:
-                got = strategy.run(values, np.zeros(2), zeros, device())
-                want = np.concatenate([strategy.run(values, np.zeros(1), zeros, device())] * 2)
+                got = strategy.run(rows, np.zeros(2), zeros, on_device())
+                want = np.concatenate([strategy.run(rows, np.zeros(1), zeros, on_device())] * 2)
                 ok = got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
             except OutOfMemory:
                 ok = True  # it does take a tiled batch; the run loop halves the levels until one fits
@@ -396,36 +459,68 @@ class _Evaluation:
     def evaluate(self, unit: WorkUnit, targets: np.ndarray, progress: Progress | None) -> Counts:
         self.scales = dict(zip(unit.sites, unit.site_scales)) if unit.site_scales else {}
         sigmas = np.asarray(unit.sigmas, dtype=np.float64)
-        levels, kind = len(sigmas), self.worker.model.class_output.kind
+        levels, out = len(sigmas), self.worker.model.class_output
         counts = Counts.zeros(unit.sigmas, unit.repeats)
         rows = block_rows(unit.block_range, self.worker.data.samples)
         samples, group = 0, None
         for part, values, device, r, drawn in self._jobs(rows, unit.repeats):
             n = len(part)
-            samples += n if r == 0 else 0
             target = targets[part.start : part.stop]
+            scored = target != UNSCORED  # every sample, or a per-token output's scored positions
+            samples += int(scored.sum()) if r == 0 else 0
             group = group or self._group(values, device, levels)
             eps = drawn.result()
             g0 = 0
             while g0 < levels:
                 chunk = sigmas[g0 : g0 + group]
                 try:
-                    out = self.strategy.run(values, chunk, eps, device())
+                    scores = self.strategy.run(values, chunk, eps, device())
                 except OutOfMemory:
                     if group == 1:
                         raise
                     group = max(1, group // 2)
                     self.notes.append(f"out of memory: fewer σ levels per run ({group})")
                     continue
-                pred, bad = predictions(out, kind)
-                pred = pred.reshape(len(chunk), -1)[:, :n]
-                bad = bad.reshape(len(chunk), -1)[:, :n]
-                counts.correct[g0 : g0 + len(chunk), r] += (pred == target).sum(axis=1)
-                counts.nonfinite[g0 : g0 + len(chunk), r] += bad.sum(axis=1)
+                pred, bad = predictions(scores, out.kind, out.per_token)
+                pred = pred.reshape(len(chunk), -1, *pred.shape[1:])[:, :n]  # [levels, n] or [levels, n, T]
+                bad = bad.reshape(len(chunk), -1, *bad.shape[1:])[:, :n]
+                axes = tuple(range(1, pred.ndim))
+                counts.correct[g0 : g0 + len(chunk), r] += (pred == target).sum(axis=axes)
+                counts.nonfinite[g0 : g0 + len(chunk), r] += (bad & scored).sum(axis=axes)
                 if progress:
                     progress(len(chunk) * n)
                 g0 += len(chunk)
         return Counts(unit.sigmas, counts.correct, counts.nonfinite, samples, tuple(self.notes))
+
+
+def targets_of(pred: np.ndarray, data: Dataset, out: ClassOutput) -> np.ndarray:
+    """What counts as correct per sample: the labels, or the clean predictions `pred`. For a per-token output, per
+    position [N, T], UNSCORED where the label is the ignore label or the mask is 0 (`Dataset.scored`); DataError
+    when the labels or the mask cover another number of positions than the output."""
+    labels, scored = data.labels, data.scored
+    if not out.per_token:
+        return pred if labels is None else labels
+    for what, a in (("labels", labels), (f"mask {data.mask!r}", scored)):
+        if a is not None and a.shape[1:] != pred.shape[1:]:
+            raise DataError(f"the class output {out.name!r} gives {pred.shape[1]} positions per sample but the {what} "
+                            f"{'have' if what == 'labels' else 'has'} {a.shape[1]} ([N, {a.shape[1]}]): they must "
+                            "have the same length")
+    if labels is not None:
+        return labels
+    return pred if scored is None else np.where(scored, pred, UNSCORED)
+
+
+def _rows_of(data: Dataset, rows: range) -> Dataset:
+    """The data's labels and scored positions of `rows` only (for `targets_of`; the inputs are not sliced)."""
+    if rows == range(data.samples):
+        return data
+    return dataclasses.replace(data, labels=None if data.labels is None else data.labels[rows.start : rows.stop],
+                               scored=None if data.scored is None else data.scored[rows.start : rows.stop])
+
+
+def _rows(v: np.ndarray, lo: int, hi: int, axis: int) -> np.ndarray:
+    """Rows [lo, hi) of a clean value along its batch axis."""
+    return v[(slice(None),) * axis + (slice(lo, hi),)]
 
 
 def _pad(v: np.ndarray, rows: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 - `expose`: make intermediate values graph outputs (the clean pass reads sites and what suffixes need).
 - `suffix`: the part of the graph that noise at one site reaches, with that site as an input.
+- `per_sample`: a suffix plan whose frontier holds the samples along axis 0 (shape arithmetic recomputed inside).
 - `prefix`: the part of the graph that computes given values, and nothing after.
 - `graph_noise`: a suffix that applies the noise for G σ levels itself, from a fed ε or RandomNormalLike (walk mode).
 - `inject_fed`: noise after every site of the whole model from fed ε (global mode, opset ≥ 10).
@@ -24,6 +25,7 @@ import onnx
 from onnx import helper
 
 from walkaudit._graph.index import (
+    RANDOM_OPS,
     GraphIndex,
     Plan,
     index_for,
@@ -119,6 +121,55 @@ def suffix_plan(model: onnx.ModelProto, site: str, output: str, index: GraphInde
     operations (`GraphIndex.suffix_plans` plans them all); without it one is built for this call.
     """
     return index_for(model.graph, index).suffix_plan(site, output)
+
+
+def per_sample(plan: Plan, site: str, index: GraphIndex, types: dict[str, TensorSpec], batch) -> Plan:
+    """`plan` with a frontier of per-sample values only: what describes the batch as a whole is recomputed inside.
+
+    A suffix is fed its frontier by rows: G copies stacked along axis 0 when σ levels are packed, a slice of the
+    rows for part of a batch. That is right for values that hold the samples along axis 0 ([N, ...] where N is the
+    model's batch dimension `batch`) and wrong for the others, above all the shape arithmetic that exporters put
+    before a Reshape: Shape(x), Gather, Concat, ... give an int64 vector that holds N as a *number* (the heads of
+    attention are split with Reshape(q, Concat(Shape(x)[:2], [H, D/H]))). Tiled, such a vector is G times longer;
+    sliced, it is cut; either way the Reshape fails or reads the wrong rows. Rewriting those numbers would need to
+    know which entry is N (or N·H, or N·T). Instead their nodes join the suffix, back to values that do hold the
+    samples (or graph inputs, or constants): the arithmetic then runs on the tiled batch and says G·N, as the model
+    itself would for a batch of G·N samples. The same goes for any value whose inferred dimension 0 is not `batch`
+    ([1, T, D] positional terms, [T, N, D] sequence-first tensors): recomputed from its per-sample ancestors, it is
+    what the model computes for the tiled batch. Where shape inference lost the batch symbol of a per-sample value,
+    recomputing it costs time, not correctness. Values of unknown shape stay in the frontier (nothing says they
+    are not per sample); the σ = 0 check before packing guards what this cannot see.
+
+    `batch`: the model's batch dimension (the symbol at dimension 0 of its inputs); the plan is returned unchanged
+    when it is not a symbol (a fixed batch, or unknown). Pure: builds a new plan from the index's facts.
+    """
+    if not isinstance(batch, str):
+        return plan
+    nodes, frontier = plan
+    keep = set(nodes)
+    made = {o for i in keep for o in index.writes[i]}
+    todo, seen = list(frontier), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name in made:
+            continue
+        seen.add(name)
+        spec, producer = types.get(name), index.producers.get(name)
+        if (producer is None or spec is None or spec.shape is None or spec.shape[:1] == (batch,)
+                or index.graph.node[producer].op_type in RANDOM_OPS):
+            continue  # per sample (or a graph input, of unknown shape, or drawn anew per run): fed by rows
+        keep.add(producer)
+        made.update(index.writes[producer])
+        for read in index.reads[producer]:
+            if read in index.static:
+                keep.update(members(index.ancestor_bits([read])))  # constant-only nodes feeding it (none for weights)
+            else:
+                todo.append(read)
+    if len(keep) == len(nodes):
+        return plan
+    made = {o for i in keep for o in index.writes[i]}
+    reads = {n for i in keep for n in index.reads[i]}
+    return sorted(keep), tuple(sorted(reads - made - index.static - {site}))
 
 
 def suffix(model: onnx.ModelProto, site: str, output: str, types: dict[str, TensorSpec],
@@ -407,8 +458,23 @@ def graph_seeds(seed: int | None, seeds: tuple[int, int] | None) -> tuple[float,
     return float(seeds[0]), float(seeds[1])
 
 
+def batch_dimension(inputs: list[TensorSpec]):
+    """Dimension 0 of the model's first input: its batch dimension (a symbol when dynamic), or None."""
+    return inputs[0].shape[0] if inputs and inputs[0].shape else None
+
+
+def sample_axis(spec: TensorSpec | None, batch) -> int:
+    """The axis of a value that holds the samples: where its inferred shape has the batch dimension `batch` (the
+    symbol at dimension 0 of the model's inputs) once, else 0. Sequence-first attention (torch's
+    MultiheadAttention) and LSTM outputs hold them along axis 1."""
+    if spec is None or spec.shape is None or not isinstance(batch, str):
+        return 0
+    axes = [a for a, d in enumerate(spec.shape) if d == batch]
+    return axes[0] if len(axes) == 1 else 0
+
+
 def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int | None = None,
-                fed: bool = False, seeds: tuple[int, int] | None = None, noise=None) -> GraphNoise:
+                fed: bool = False, seeds: tuple[int, int] | None = None, noise=None, axis: int = 0) -> GraphNoise:
     """Prepend noise to a suffix: y' = y·(1 + σm·ε1) + σa·ε2 for G levels at once.
 
     ε is one array [1, N, ...] per run, broadcast over the G levels (common random numbers); the result
@@ -424,6 +490,8 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
       the tiling in its own threads and arena.
 
     `noise`: the NoiseModel whose nodes apply the noise (`NoiseModel.graph`; default the affine Gaussian family's).
+    `axis`: the site's batch axis (`sample_axis`); the G levels are folded into it, level-major ([T, G·N, D] for a
+    sequence-first site), as the frontier, which holds the samples along axis 0 (`per_sample`), is tiled.
 
     Functional: returns a new model and never modifies `sfx.model`.
     """
@@ -476,6 +544,18 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     applied, noisy = _noisy(y, (sm, eps_mul) if sm else None, (sa, eps_add) if sa else None, "walkaudit", names, unit,
                             noise)
     nodes.extend(applied)
+    if axis:  # [G, ..., N, ...] -> [..., G, N, ...] -> [..., G·N, ...]
+        shape = node("Shape", [clean], f"{clean}/shape_at_axis")
+        levels_first = node("Concat", [minus_one.name, shape], f"{clean}/levels_first", axis=0)
+        noisy = node("Reshape", [noisy, levels_first], "walkaudit/levels")  # σ may carry more unit axes than y
+        order = [*range(1, axis + 1), 0, *range(axis + 1, rank + 1)]
+        noisy = node("Transpose", [noisy], "walkaudit/levels_to_batch_axis", perm=order)
+        before, after = _int64_constant(names, "walkaudit.axis", [axis]), _int64_constant(names, "walkaudit.after",
+                                                                                          [axis + 1])
+        inits.extend([before, after])
+        folded = node("Concat", [node("Slice", [shape, zero.name, before.name], f"{clean}/before_axis"), minus_one.name,
+                                 node("Slice", [shape, after.name, end.name], f"{clean}/after_axis")],
+                      f"{clean}/folded_at_axis", axis=0)
     nodes.append(helper.make_node("Reshape", [noisy, folded], [site], name=names.fresh("walkaudit/fold")))
     levels = node("Shape", [sm or sa], "walkaudit/levels")
     count = node("Slice", [levels, zero.name, one.name], "walkaudit/count")

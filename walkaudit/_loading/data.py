@@ -30,10 +30,15 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from walkaudit._loading.model import TensorSpec
-from walkaudit.errors import DataError
+from walkaudit._units import UNSCORED
+from walkaudit.errors import DataError, UsageError, option
 
 X_KEYS = ("x", "X", "inputs", "input", "images", "image", "data", "features", "x_val", "x_test")
 Y_KEYS = ("y", "Y", "labels", "label", "targets", "target", "y_val", "y_test")
+#: The model input read as the attention mask of a per-token output unless one is named.
+MASK_INPUT = "attention_mask"
+#: The label of a position that is not scored, unless another is named (Hugging Face's).
+IGNORE_LABEL = -100
 
 #: bytes per step when hashing, checking, decompressing and copying
 CHUNK = 4 << 20
@@ -42,12 +47,18 @@ CHUNK = 4 << 20
 @dataclass
 class Dataset:
     """Model inputs by name ([N, ...] each: numpy arrays or `Column`s, both sliced as `a[start:stop]`) and class ids
-    (or None: agreement with the clean model)."""
+    (or None: agreement with the clean model).
+
+    For a per-token class output the labels are [N, T], UNSCORED where a position is not scored (the ignore label,
+    or a zero of the attention mask), and `scored` [N, T] marks the scored positions (None: every position, when
+    there are neither labels nor a mask)."""
 
     inputs: dict[str, np.ndarray | Column]
     labels: np.ndarray | None
     path: str | None = None
     sha256: str | None = None
+    scored: np.ndarray | None = None
+    mask: str | None = None  # the model input read as the attention mask
 
     @property
     def samples(self) -> int:
@@ -541,13 +552,16 @@ def load(
     num_classes: int | None = None,
     allow_nonfinite: bool = False,
     digest: bool = True,
+    per_token: bool = False,
+    ignore_label: int = IGNORE_LABEL,
+    mask: str | None = None,
 ) -> Dataset:
     """Read a .npz/.npy file or a folder of them into a checked Dataset (inputs as `Column`s, read when sliced).
 
     Inputs: a single-input model reads --x-key, else the array named like its input, else a usual name (x, images,
     ...), else the one array that is not the labels. A multi-input model reads one array per input, named like the
     input. Labels: --y-key, else a usual name (y, labels, ...) among the arrays not used as inputs; none means
-    agreement with the clean model's predictions.
+    agreement with the clean model's predictions. `per_token`, `ignore_label`, `mask`: see `from_arrays`.
     """
     path = Path(path)
     arrays = _read_columns(path, _Spill())
@@ -583,7 +597,8 @@ def load(
     y_name = None if "" in arrays else _pick(rest, y_key, Y_KEYS, "label", all_keys=keys)
     labels = arrays[y_name] if y_name is not None else None
     dataset = from_arrays(inputs, labels, model_inputs, limit=limit, num_classes=num_classes,
-                          allow_nonfinite=allow_nonfinite, path=str(path))
+                          allow_nonfinite=allow_nonfinite, path=str(path), per_token=per_token,
+                          ignore_label=ignore_label, mask=mask)
     try:
         dataset.sha256 = sha256_of(path) if digest else None  # workers built from a recipe know it already
     except OSError as exc:
@@ -601,10 +616,17 @@ def from_arrays(
     allow_nonfinite: bool = False,
     path: str | None = None,
     sha256: str | None = None,
+    per_token: bool = False,
+    ignore_label: int = IGNORE_LABEL,
+    mask: str | None = None,
 ) -> Dataset:
     """Check arrays (or `Column`s) against the model's inputs (shape, dtype, finiteness) and the labels against the
     classes. Arrays come back cast to the model's types; Columns come back as Columns that cast when sliced. With
-    `limit`, only the first `limit` samples are used (and checked)."""
+    `limit`, only the first `limit` samples are used (and checked).
+
+    `per_token`: the class output gives a class per position ([N, T, C]); labels are then class ids [N, T] where
+    `ignore_label` marks a position that is not scored, and the model input `mask` (default: an input named
+    `attention_mask`, if the model has one) leaves out the positions where it is 0."""
     if not isinstance(inputs, dict):
         if len(model_inputs) != 1:
             names = ", ".join(s.name for s in model_inputs)
@@ -631,13 +653,49 @@ def from_arrays(
         if len(a) > n:
             a = a.head(n) if isinstance(a, Column) else a[:n]
         checked[spec.name] = _convert(a, spec, target, allow_nonfinite)
+    mask = mask_input(model_inputs, mask, per_token)
     if labels is not None:
-        labels = to_class_ids(np.asarray(labels), num_classes)
+        labels = np.asarray(labels)
+        labels = to_token_ids(labels, num_classes, ignore_label) if per_token else to_class_ids(labels, num_classes)
         if limit is not None:
             labels = labels[:limit]
         if len(labels) != n:
             raise DataError(f"labels have {len(labels)} entries but the inputs have {n} samples")
-    return Dataset(checked, labels, path, sha256)
+    scored = None if mask is None else scored_positions(checked[mask], mask, labels)
+    if per_token and labels is not None:
+        if scored is not None:
+            labels = np.where(scored, labels, UNSCORED)
+        scored = labels != UNSCORED
+    if scored is not None and not scored.any():
+        why = [*([f"every label is the ignore label {ignore_label}"] if labels is not None else []),
+               *([f"the mask {mask!r} is 0 everywhere"] if mask is not None else [])]
+        raise DataError(f"no position is scored ({' or '.join(why)})")
+    return Dataset(checked, labels, path, sha256, scored, mask)
+
+
+def mask_input(model_inputs: list[TensorSpec], name: str | None, per_token: bool) -> str | None:
+    """The model input read as the attention mask of a per-token output: `name`, else `attention_mask` if the model
+    takes one, else none. A mask means nothing to a class output per sample."""
+    names = [s.name for s in model_inputs]
+    if name is None:
+        return MASK_INPUT if per_token and MASK_INPUT in names else None
+    if not per_token:
+        raise UsageError(f"{option('mask')} {name!r}: a mask applies to a class output per token ([N, T, C]); the "
+                         "class output gives one class per sample")
+    if name not in names:
+        raise UsageError(f"{option('mask')} {name!r} is not an input of the model (inputs: {', '.join(names)})")
+    return name
+
+
+def scored_positions(column, name: str, labels: np.ndarray | None) -> np.ndarray:
+    """The positions [N, T] where the mask input is non-zero; its shape must match the labels'."""
+    values = np.asarray(column)
+    if values.ndim != 2:
+        raise DataError(f"mask {name!r} must be [N, T] (one entry per position), found {_describe(values)}")
+    if labels is not None and labels.shape != values.shape:
+        raise DataError(f"mask {name!r} is [{', '.join(map(str, values.shape))}] but the labels are "
+                        f"[{', '.join(map(str, labels.shape))}]: they must have the same shape")
+    return values != 0
 
 
 def _describe(a) -> str:
@@ -719,6 +777,37 @@ def _convert(a, spec: TensorSpec, target: np.dtype, allow_nonfinite: bool):
     return np.ascontiguousarray(a)
 
 
+def _whole_ids(labels: np.ndarray) -> np.ndarray:
+    """Non-empty labels of whole numbers as int64 (floats holding whole numbers are accepted)."""
+    if labels.size == 0:
+        raise DataError("labels are empty")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or not (labels == np.round(labels)).all():
+            raise DataError("labels must be whole class ids; found fractional or NaN values")
+    elif labels.dtype.kind not in "iub":
+        raise DataError(f"labels must be integer class ids, found dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def to_token_ids(labels: np.ndarray, num_classes: int | None, ignore_label: int = IGNORE_LABEL) -> np.ndarray:
+    """Class ids per position [N, T], UNSCORED where the label is `ignore_label`; checks range and wholeness."""
+    if labels.dtype == object:
+        raise DataError("labels: object arrays are not accepted")
+    if labels.ndim != 2:
+        found = f"[{', '.join(map(str, labels.shape))}]"
+        raise DataError(f"the class output gives a class per position ([N, T, C]): labels must be class ids per "
+                        f"position [N, T] ({ignore_label} where not scored), found {found}")
+    ids = _whole_ids(labels)
+    ignored = ids == ignore_label
+    kept = ids[~ignored]
+    top = num_classes - 1 if num_classes else None
+    if kept.size and (kept.min() < 0 or (top is not None and kept.max() > top)):
+        classes = f"the model has {num_classes} classes" if num_classes else "class ids start at 0"
+        raise DataError(f"labels out of range: found {kept.min()}..{kept.max()} besides the ignore label "
+                        f"{ignore_label}; {classes}")
+    return np.where(ignored, UNSCORED, ids)
+
+
 def to_class_ids(labels: np.ndarray, num_classes: int | None) -> np.ndarray:
     """Class ids [N] from ids or one-hot [N, C]; checks range and one-hotness."""
     if labels.dtype == object:
@@ -734,14 +823,7 @@ def to_class_ids(labels: np.ndarray, num_classes: int | None) -> np.ndarray:
         labels = labels[:, 0]
     if labels.ndim != 1:
         raise DataError(f"labels must be class ids [N] or one-hot [N, C], found shape {list(labels.shape)}")
-    if labels.size == 0:
-        raise DataError("labels are empty")
-    if labels.dtype.kind == "f":
-        if not np.isfinite(labels).all() or not (labels == np.round(labels)).all():
-            raise DataError("labels must be whole class ids; found fractional or NaN values")
-    elif labels.dtype.kind not in "iub":
-        raise DataError(f"labels must be integer class ids, found dtype {labels.dtype}")
-    ids = labels.astype(np.int64)
+    ids = _whole_ids(labels)
     top = num_classes - 1 if num_classes else None
     if ids.min() < 0 or (top is not None and ids.max() > top):
         raise DataError(f"labels out of range: found {ids.min()}..{ids.max()}, the model has {num_classes} classes")

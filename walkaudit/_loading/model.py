@@ -51,11 +51,13 @@ class TensorSpec:
 @dataclass(frozen=True)
 class ClassOutput:
     """The output that carries the class decision: scores [N, C], labels [N], or one number per sample of a binary
-    classifier ([N] or [N, 1]): a logit (class 1 when > 0) or a probability (class 1 when > 0.5)."""
+    classifier ([N] or [N, 1]): a logit (class 1 when > 0) or a probability (class 1 when > 0.5). `per_token`:
+    scores [N, T, C], a class per position (a tagger, a language model's next token), C last."""
 
     name: str
     kind: str  # "scores" | "label" | "binary-logit" | "binary-probability"
     num_classes: int | None
+    per_token: bool = False
 
 
 #: ClassOutput kinds of binary classifiers with one number per sample, and their decision thresholds.
@@ -305,6 +307,12 @@ def _score_like(spec: TensorSpec) -> bool:
     return all(d == 1 for d in spec.shape[2:])
 
 
+def _token_like(spec: TensorSpec) -> bool:
+    """Float [N, T, C], C last and known to be > 1 or unknown: class scores per position."""
+    return (spec.is_float and spec.shape is not None and len(spec.shape) == 3 and spec.shape[2] != 1
+            and not _score_like(spec))
+
+
 def _regressor_like(spec: TensorSpec) -> bool:
     """Float [N], [N, 1] or [N, 1, 1, ...]: one number per sample."""
     if not spec.is_float or spec.shape is None:
@@ -317,8 +325,9 @@ def find_class_output(outputs: list[TensorSpec], override: str | None = None,
     """Pick the output that carries the class decision.
 
     Preference: a float output [N, C] with more than one column (logits or probabilities; trailing 1-dimensions
-    of a convolutional head are accepted), then an integer label output [N], then one number per sample read from a
-    Sigmoid (a binary classifier's probability). `override` names the output explicitly; one number per sample
+    of a convolutional head are accepted), then an integer label output [N], then float scores per position
+    [N, T, C] (a tagger or a language model: a class per token), then one number per sample read from a Sigmoid (a
+    binary classifier's probability). `override` names the output explicitly; one number per sample
     is then taken as a binary classifier's logit (threshold 0) or, from a Sigmoid, probability (threshold 0.5).
     With `graph`, outputs that the model does not compute (a graph input passed through, a constant) are never
     chosen, and outputs computed by a Conv/Gemm/MatMul layer (or an ai.onnx.ml operator) come first.
@@ -346,6 +355,10 @@ def find_class_output(outputs: list[TensorSpec], override: str | None = None,
     labels = [o for o in outputs if o.elem_type in INT_TYPES and o.shape is not None and len(o.shape) == 1]
     if labels:
         return _as_class_output(labels[0], strict=False, facts=facts)
+    tokens = [o for o in outputs if _token_like(o)]
+    if tokens:
+        named = [o for o in tokens if any(k in o.name.lower() for k in ("prob", "logit", "score"))]
+        return _as_class_output((named or tokens)[0], strict=False, facts=facts)
     if facts is not None:
         sigmoid = [o for o in outputs if _regressor_like(o) and facts.binary_kind(o.name) == "binary-probability"]
         if sigmoid:
@@ -354,7 +367,8 @@ def find_class_output(outputs: list[TensorSpec], override: str | None = None,
         raise ModelError(f"the model looks like a regressor, not a classifier: one number per sample "
                          f"(outputs: {found}); for a binary classifier name its logit or probability with "
                          f"{option('output')}")
-    raise ModelError(f"no class output found: need float scores [N, C] or integer labels [N] (outputs: {found})")
+    raise ModelError(f"no class output found: need float scores [N, C], scores per token [N, T, C] or integer "
+                     f"labels [N] (outputs: {found})")
 
 
 def _as_class_output(spec: TensorSpec, strict: bool, facts: _Graph | None = None) -> ClassOutput:
@@ -368,9 +382,13 @@ def _as_class_output(spec: TensorSpec, strict: bool, facts: _Graph | None = None
         return ClassOutput(spec.name, "scores", c if isinstance(c, int) else None)
     if spec.elem_type in INT_TYPES and spec.shape is not None and len(spec.shape) == 1:
         return ClassOutput(spec.name, "label", None)
+    if _token_like(spec):
+        c = spec.shape[2]
+        return ClassOutput(spec.name, "scores", c if isinstance(c, int) else None, per_token=True)
     if spec.is_float and spec.shape is None:  # rank unknown: trust the user's choice, the clean pass checks it
         return ClassOutput(spec.name, "scores", None)
-    raise ModelError(f"output '{spec.name}' ({spec.describe()}) is neither scores [N, C] nor labels [N]")
+    raise ModelError(f"output '{spec.name}' ({spec.describe()}) is neither scores [N, C], scores per token "
+                     "[N, T, C] (classes last) nor labels [N]")
 
 
 def _label_scores(proto: onnx.ModelProto, types: dict[str, TensorSpec], label: str) -> ClassOutput | None:
@@ -452,6 +470,6 @@ def load_model(source, output: str | None = None, validate: bool = True) -> Load
     class_output = find_class_output(outputs, output, proto.graph)
     if class_output.kind == "label" and output is None:
         class_output = _label_scores(proto, types, class_output.name) or class_output
-    if class_output.num_classes is None:
+    if class_output.num_classes is None and not class_output.per_token:
         class_output = ClassOutput(class_output.name, class_output.kind, _ml_class_count(proto))
     return LoadedModel(proto, path, sha, inputs, outputs, types, class_output, notes)

@@ -169,7 +169,7 @@ def main():
 
 #: the sections of `audit --help`, by parameter name; a parameter not named here is listed under "Other"
 AUDIT_OPTION_GROUPS = {
-    "Data": ("data_path", "x_key", "y_key", "limit", "output", "chance", "allow_nonfinite"),
+    "Data": ("data_path", "x_key", "y_key", "limit", "output", "chance", "ignore_label", "mask", "allow_nonfinite"),
     "Sites": ("ops", "include", "exclude", "site_names"),
     "Noise & sweep": ("noise", "ratio", "global_mode", "sigmas", "repeats", "drops", "seed"),
     "Runtime": ("provider", "threads", "batch_size", "noise_source", "exact", "shard", "ray_address"),
@@ -475,6 +475,11 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
               help="Samples per batch [default: 256 on the CPU; sized to the free device memory on CUDA].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (same seed, same report).")
 @click.option("--chance", type=float, help="Chance accuracy [default: 1/classes].")
+@click.option("--ignore-label", type=int, default=-100, show_default=True, metavar="ID",
+              help="Per-token outputs [N, T, C]: the label of a position that is not scored.")
+@click.option("--mask", metavar="INPUT", help="Per-token outputs: the model input read as the attention mask "
+                                              "(positions where it is 0 are not scored) [default: attention_mask, "
+                                              "if the model takes it].")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="onnxruntime provider; auto uses CUDA only where a session really runs on it.")
 @click.option("--threads", type=int, help="CPU threads for onnxruntime and noise [default: all].")
@@ -499,7 +504,8 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
                    "'ray://HOST:10001' or 'HOST:6379' joins a running cluster (the 'ray' extra; see docs/scale.md).")
 @guarded
 def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
-                  global_mode, sigmas, repeats, drops, batch_size, seed, chance, provider, threads, noise_source,
+                  global_mode, sigmas, repeats, drops, batch_size, seed, chance, ignore_label, mask, provider, threads,
+                  noise_source,
                   allow_nonfinite, exact, shard,
                   fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline, max_drop,
                   json_path, markdown_path, junit_path, quiet, resume, checkpoint_path, ray_address):
@@ -535,7 +541,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
         limit=limit, x_key=x_key, y_key=y_key, allow_nonfinite=allow_nonfinite, threads=threads,
         noise_source=noise_source, exact=exact, shard=_shard_option(shard, global_mode),
-        drops=tuple(parse_bound(d, "drops") for d in drops),
+        drops=tuple(parse_bound(d, "drops") for d in drops), ignore_label=ignore_label, mask=mask,
     ).check()
 
     def warn(message: str) -> None:
@@ -566,7 +572,8 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
     with signals.Trap() as trap:
         with RichProgress(disable=quiet) as progress:
             run = api.iter_audit(model, data=data_path, config=config, progress=progress,
-                                 done=cp.sites if cp else (), executor=executor)
+                                 done=cp.sites if cp else (), executor=executor,
+                                 data_sha256=fp["data_sha256"] if fp else None)  # hashed once, above
             if cp is not None and json.dumps(run.fingerprint, sort_keys=True) != json.dumps(fp, sort_keys=True):
                 raise UsageError("the model or data file changed while the audit started; run it again")
             try:
@@ -643,7 +650,7 @@ def inspect(model, ops, include, exclude, as_json):
              _count_text(m)] for s, m in zip(sites, macs)]
     # a line of its own, not the table's title: rich wraps a title to the table's width
     console.print(f"{len(sites)} sites of {printable(Path(model).name)} (class output '{printable(out.name)}', "
-                  f"{out.kind})", markup=False, soft_wrap=True)
+                  f"{out.kind}{' per token' if out.per_token else ''})", markup=False, soft_wrap=True)
     # never cropped: names lose their common prefix (never their end) or the rows become records at narrow widths
     render.show(console, render.fit(columns, rows, width))
 

@@ -111,6 +111,18 @@ class DataInfo(_Section):
     labels: str
     extra: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def scored(self) -> str:
+        """What accuracy counts: ``samples``, or ``tokens`` (the scored positions of a per-token class output)."""
+        return self.extra.get("scored", "samples")
+
+    @property
+    def counted(self) -> str:
+        """What accuracy is measured over, in words: '1000 samples' or '5120 scored tokens in 1000 sequences'."""
+        if self.scored == "tokens":
+            return f"{self.extra.get('scored_tokens')} scored tokens in {self.samples} sequences"
+        return f"{self.samples} samples"
+
 
 @dataclass(frozen=True)
 class ConfigInfo(_Section):

@@ -291,8 +291,8 @@ def summary_lines(report: Report) -> list[str]:
     labels = "labels" if report.data.labels == "given" else "agreement with clean predictions (no labels)"
     noise = cfg.noise + (f" (ratio {cfg.ratio})" if cfg.ratio is not None else "")
     lines = [
-        (f"clean accuracy {report.clean_accuracy:.4f} ({labels}), chance {report.chance:.4f}, "
-         f"{report.data.samples} samples"),
+        (f"clean {'token ' if report.data.scored == 'tokens' else ''}accuracy {report.clean_accuracy:.4f} "
+         f"({labels}), chance {report.chance:.4f}, {report.data.counted}"),
         (f"noise {noise}, mode {cfg.mode}, {cfg.repeats} repeats, seed {cfg.seed}; "
          f"{printable(rt.provider)}, {rt.elapsed_s:.1f} s"),
     ]

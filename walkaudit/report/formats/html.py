@@ -51,7 +51,7 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
         f"<title>walkaudit: {_e(report.model.file_name)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
         f"<h1>walkaudit: {_e(report.model.file_name)}{verdict}</h1>",
         f"<p>clean accuracy {report.clean_accuracy:.4f} ({_e(labels)}), chance {report.chance:.4f}, "
-        f"{report.data.samples} samples; noise {_e(cfg.noise)}, mode {_e(cfg.mode)}, {cfg.repeats} repeats, seed "
+        f"{_e(report.data.counted)}; noise {_e(cfg.noise)}, mode {_e(cfg.mode)}, {cfg.repeats} repeats, seed "
         f"{cfg.seed}; {_e(report.runtime.provider)}, {report.runtime.elapsed_s:.1f} s"
         + ("; <strong>partial report</strong>" if report.partial else "") + "</p>",
     ]

@@ -99,14 +99,15 @@ def _heading(report: Report, gate: GateResult | None) -> str:
 
 def _context(report: Report) -> str:
     config, runtime = report.config, report.runtime
-    parts = [f"Clean accuracy **{report.clean_accuracy * 100:.1f}%**", f"chance {report.chance * 100:.1f}%"]
+    what = "token accuracy" if report.data.scored == "tokens" else "accuracy"
+    parts = [f"Clean {what} **{report.clean_accuracy * 100:.1f}%**", f"chance {report.chance * 100:.1f}%"]
     noise = config.noise
     if noise == "combined" and config.ratio is not None:
         noise += f" (ratio {config.ratio:g})"
     parts.append(f"noise {_text(noise)}")
     parts.append(f"mode {_text(config.mode)}")
     parts.append(f"provider {_text(runtime.provider)}")
-    parts.append(f"{report.data.samples} samples")
+    parts.append(report.data.counted)
     weakest = report.weakest
     if weakest is not None:
         parts.append(f"weakest {_code(weakest.name)} (σ50 {format_sigma(weakest.sigma50, weakest.censored)})")
