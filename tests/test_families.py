@@ -3,8 +3,11 @@ axis than the first get per-sample noise, and compute-heavy ops left out are nam
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
@@ -105,3 +108,53 @@ def test_outputs_without_an_inferred_type_are_named_in_a_note():
     note = untyped(loaded.proto, types, Selection())
     assert note.startswith("1 output(s) of the selected ops have no inferred type") and "'logits'" in note
     assert untyped(loaded.proto, loaded.types, Selection()) is None
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+FOLDED = [("digits_tokens_transformer.dynamo.onnx", "linear_1"),
+          ("digits_tokens_transformer.legacy.onnx", "/encoder/layers.0/self_attn/Gemm_output_0")]
+
+
+def _token_data() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    with np.load(SAMPLES / "digits_tokens_val.npz") as f:
+        return {n: f[n] for n in ("input_ids", "attention_mask")}, f["labels"]
+
+
+@pytest.mark.parametrize(("name", "site"), FOLDED)
+def test_a_site_that_folds_tokens_and_samples_into_one_axis_gets_noise_per_sample(name, site):
+    """nn.MultiheadAttention's output projection runs on [T·N, D] (token-major): no axis holds the samples, but
+    each sample's rows are found from the clean values, so its noise is keyed by the sample and the curve does not
+    depend on the batch size."""
+    x, y = _token_data()
+    reports = [walkaudit.audit(SAMPLES / name, x, y, sites=[site], provider="cpu",
+                               sigmas=(0.1, 1.0, 10.0), repeats=1, seed=4, batch_size=b) for b in (64, 100)]
+    bodies = []
+    for report in reports:
+        body = report.to_dict()
+        body["runtime"].pop("elapsed_s")
+        body["config"].pop("batch_size")
+        bodies.append(body)
+    assert bodies[0] == bodies[1]
+    notes = [*bodies[0]["runtime"]["notes"], *bodies[0]["sites"][0].get("notes", [])]
+    assert not any("no batch axis" in n for n in notes), notes
+    accuracy = [p["accuracy"] for p in bodies[0]["sites"][0]["points"]]
+    assert accuracy[0] > accuracy[-1]  # the noise reaches the output
+
+
+def test_the_fold_of_a_token_major_value_is_told_from_the_clean_values():
+    from walkaudit._execution.runtime import Runtime
+    from walkaudit._execution.worker import Worker
+    from walkaudit._graph.sites import Selection, select
+    from walkaudit._loading.data import from_arrays
+    from walkaudit._loading.model import load_model
+    from walkaudit._noise import NormalSource, make_noise
+
+    model = load_model(SAMPLES / "digits_tokens_transformer.dynamo.onnx")
+    x, y = _token_data()
+    sites = [s for s in select(model.proto, model.types, Selection(), model.class_output.name)
+             if s.name in ("linear_1", "linear_2")]
+    data = from_arrays(x, y, model.inputs, num_classes=10)
+    worker = Worker(model, data, runtime=Runtime("cpu"), noise=make_noise("additive", 0.5),
+                    source=NormalSource(0, threads=1), sites=sites, batch_size=64)
+    assert worker.fold("linear_1", (64 * 64, 32), 64) == "sample-minor"  # row t·N + n
+    assert worker.fold("linear_2", (64, 64, 64), 64) is None  # samples on axis 0: nothing folded

@@ -109,9 +109,8 @@ class Curve:
 
     def settled(self, clean: float, chance: float) -> bool:
         """Has the top of the curve reached chance or levelled off (`fit.top`)?"""
-        from walkaudit._analysis.fit import (
-            top as top_of,  # here: fit loads scipy, which workers need not import
-        )
+        # imported here: fit loads scipy, which the workers (and `import walkaudit`) need not import
+        from walkaudit._analysis.fit import top as top_of
 
         sig, levels = self.sorted()
         means = [float(np.mean(accuracy(lv))) for lv in levels]

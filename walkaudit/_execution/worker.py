@@ -130,6 +130,7 @@ class Worker:
         self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`Recipe`)
         self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
         self._axes: dict[str, int | str] = {}  # site -> its batch axis from the inferred shape, or "size"
+        self._folds: dict[str, str | None] = {}  # site -> how its first axis folds the samples (`fold`)
 
     # -- the clean model -----------------------------------------------------------------------------------------
     @property
@@ -232,11 +233,31 @@ class Worker:
         return self._by_size(site, shape, rows)
 
     def _by_size(self, site: str, shape: tuple, rows: int) -> int | None:
-        axis = 0 if shape and shape[0] == rows else next((a for a, d in enumerate(shape) if d == rows), None)
-        note = f"{site}: no batch axis; one noise draw is shared by every sample of a batch"
-        if axis is None and note not in self.notes:
-            self.notes.append(note)
-        return axis
+        return 0 if shape and shape[0] == rows else next((a for a, d in enumerate(shape) if d == rows), None)
+
+    def fold(self, site: str, shape: tuple, rows: int) -> str | None:
+        """How a value without a batch axis holds the samples when its first axis folds them with another axis
+        ([T·N, D] after a sequence-first attention flattens its tokens, [N·T, D] after a batch-first one):
+        "sample-major" (row n·T + t) or "sample-minor" (row t·N + n). Told apart once per site from the clean
+        values of sample 0 alone and of samples 0 and 1; None when neither layout matches (a value shared by all
+        samples, such as a positional embedding) or both do."""
+        if (not shape or shape[0] <= rows or shape[0] % rows or self.model.batch_size is not None
+                or self.data.samples < 2):
+            return None
+        if site not in self._folds:
+            _, feeds = self.feeds(0)
+            one, two = ({n: v[:k] for n, v in feeds.items()} for k in (1, 2))
+            try:
+                a, b = self.clean_values(one, [site])[site], self.clean_values(two, [site])[site]
+            except RuntimeFailure:
+                a = b = np.zeros(0)
+            layouts = []
+            if b.shape == (2 * a.shape[0], *a.shape[1:]) and a.size:
+                same = lambda x: np.allclose(x, a, rtol=1e-5, atol=1e-6, equal_nan=True)  # noqa: E731
+                layouts = [name for name, rows_of_0 in (("sample-major", b[: len(a)]), ("sample-minor", b[::2]))
+                           if same(rows_of_0)]
+            self._folds[site] = layouts[0] if len(layouts) == 1 else None
+        return self._folds[site]
 
     @property
     def targets(self) -> np.ndarray:
@@ -379,18 +400,28 @@ class _Evaluation:
 
     def _draw(self, values: dict, rows: range, repeat: int) -> dict[str, np.ndarray]:
         """ε for each noisy site of a batch and repeat: [draws, 1, *site shape], shared by every σ level, drawn
-        per sample along the site's batch axis (`Worker.batch_axis`); rows padded to a fixed batch get zeros. A
-        site without a batch axis gets one draw for the whole batch, keyed by the batch's first block."""
+        per sample along the site's batch axis (`Worker.batch_axis`), or per sample's rows of a first axis that
+        folds the samples with another (`Worker.fold`); rows padded to a fixed batch get zeros. A site with neither
+        gets one draw for the whole batch, keyed by the batch's first block, and a note."""
         source, noise = self.worker.source, self.worker.noise
         eps = {}
         for site in self.strategy.noisy:
             shape = values[site].shape
             fed = self.worker.model.batch_size or len(rows)  # rows in the run (a fixed batch is padded)
             axis = self.worker.batch_axis(site, shape, fed)
+            fold = self.worker.fold(site, shape, fed) if axis is None else None
+            if axis is None and fold is None:
+                note = f"{site}: no batch axis; one noise draw is shared by every sample of a batch"
+                if note not in self.worker.notes:
+                    self.worker.notes.append(note)
             e = np.zeros((noise.draws, 1, *shape), np.float32)
             for term in range(noise.draws):
                 if axis == 0:  # the common case: straight into place
                     noise.draw(source, site, term, repeat, rows, shape[1:], out=e[term, 0, : len(rows)])
+                elif fold:  # each sample's rows [shape[0] / N, ...], laid out as the value folds them
+                    per = np.zeros((fed, shape[0] // fed, *shape[1:]), np.float32)
+                    noise.draw(source, site, term, repeat, rows, per.shape[1:], out=per[: len(rows)])
+                    e[term, 0] = (per if fold == "sample-major" else per.swapaxes(0, 1)).reshape(shape)
                 elif axis is None:
                     noise.draw(source, site, term, repeat, range(rows.start, rows.start + 1), shape,
                                out=e[term, :1])
