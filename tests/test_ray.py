@@ -315,3 +315,17 @@ def test_workers_read_the_data_from_its_path_when_they_see_the_drivers_files(ray
     assert via_path.data == str(files / "val.npz") and via_path.arrays is None
     assert via_arrays.data is None and set(via_arrays.arrays) == {"x"}
     assert _plain(reports[0]) == _plain(reports[1])
+
+
+def test_workers_sent_the_arrays_count_against_the_labels_not_the_clean_predictions(ray_cluster, files):
+    """Data that travels through the object store (in-memory arrays, or files the workers do not see) carries its
+    labels: the workers, which run the clean pass themselves, score against them, as the in-process run does."""
+    model = mlp(seed=1)
+    x = np.random.default_rng(5).normal(size=(300, 16)).astype(np.float32)
+    y = teacher_labels(model, x)
+    y[::3] = (y[::3] + 1) % 4  # a third of the labels disagree with the model
+    options = dict(provider="cpu", seed=3, threads=1, sigmas=(0.1, 1.0), repeats=1)
+    alone = api.audit(model, x, y, **options)
+    on_ray = api.audit(model, x, y, executor=_factory([], shared_files=False), **options)
+    assert alone.clean_accuracy < 0.7  # the labels are not the clean predictions
+    assert _plain(on_ray) == _plain(alone)

@@ -30,8 +30,6 @@ import math
 import os
 import time
 
-import numpy as np
-
 from walkaudit._units import BLOCK, CleanStats, Counts, WorkUnit, block_rows
 from walkaudit.errors import RuntimeFailure, UsageError, WalkauditError
 
@@ -351,8 +349,7 @@ class RayExecutor:
         # workers read their own sample ranges from the data's path (memory-mapped, never the whole set through the
         # driver) when it is visible to them; in-memory arrays travel through the object store (zero-copy per node)
         if recipe.data is not None and not self.cluster.shared_files:
-            recipe = dataclasses.replace(recipe, data=None, arrays={k: np.asarray(v) for k, v in
-                                                                    run.dataset.inputs.items()})
+            recipe = recipe.with_arrays(run.dataset)
         recipe = dataclasses.replace(recipe, config=config)
         self.recipe = ray.put(recipe)  # kept: an actor that replaces a dead one is built from it
         self._setups: list = []

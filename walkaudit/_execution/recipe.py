@@ -9,6 +9,7 @@ serves (`Worker.clean_pass(rows=...)`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import Worker
 from walkaudit._graph.sites import Selection, select
 from walkaudit._loading import data as data_mod
+from walkaudit._loading.data import Dataset
 from walkaudit._loading.model import load_model
 from walkaudit._noise import NormalSource, make_noise
 from walkaudit.config import AuditConfig
@@ -33,15 +35,23 @@ class Recipe:
     sites: tuple[str, ...]
     targets: np.ndarray | None  # class id per sample from the driver's clean pass; None: the worker runs its own
     batch_size: int
+    #: with `arrays`: the data's labels and scored positions as the driver loaded them (`Dataset.labels`, `.scored`)
+    labels: np.ndarray | None = None
+    scored: np.ndarray | None = None
 
     @classmethod
     def of(cls, run) -> Recipe:
         """The recipe of a driver's AuditRun (with the targets when its clean pass has run)."""
         worker = run._worker
         path = os.path.abspath(run.dataset.path) if run.dataset.path else None
-        return cls(worker.key, run.loaded.proto.SerializeToString(), path,
-                   None if path else dict(run.dataset.inputs), run.config,
-                   tuple(s.name for s in run.sites), worker._targets, worker.batch_size)
+        recipe = cls(worker.key, run.loaded.proto.SerializeToString(), path, None, run.config,
+                     tuple(s.name for s in run.sites), worker._targets, worker.batch_size)
+        return recipe if path else recipe.with_arrays(run.dataset)
+
+    def with_arrays(self, dataset: Dataset) -> Recipe:
+        """This recipe carrying the data itself (inputs, labels, scored positions) instead of its path."""
+        return dataclasses.replace(self, data=None, arrays={k: np.asarray(v) for k, v in dataset.inputs.items()},
+                                   labels=dataset.labels, scored=dataset.scored)
 
     def build(self, threads: int | None = None, provider: str | None = None) -> Worker:
         """A Worker equal to the driver's, on `threads` CPU threads and `provider` (default: the config's)."""
@@ -55,7 +65,8 @@ class Recipe:
                                     per_token=loaded.class_output.per_token, ignore_label=config.ignore_label,
                                     mask=config.mask)
         else:
-            dataset = data_mod.from_arrays(self.arrays, None, loaded.inputs, allow_nonfinite=True)
+            dataset = dataclasses.replace(data_mod.from_arrays(self.arrays, None, loaded.inputs, allow_nonfinite=True),
+                                          labels=self.labels, scored=self.scored)
         sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name)
         runtime = Runtime(provider or config.provider, threads or config.threads, config.exact)
         return Worker(loaded, dataset, runtime=runtime, noise=make_noise(config.noise, config.ratio),

@@ -220,10 +220,8 @@ class Worker:
         dimension (LSTM outputs are [T, D, N, H]), else the first axis of `rows` entries, else None (a value shared
         by all samples, such as a positional embedding [1, T, D])."""
         if site not in self._axes:
-            spec = self.model.types.get(site)
-            symbol = self.model.inputs[0].shape[0] if self.model.inputs and self.model.inputs[0].shape else None
-            axes = [a for a, d in enumerate(spec.shape or ()) if d == symbol] if spec and isinstance(symbol, str) else []
-            self._axes[site] = axes[0] if len(axes) == 1 else "size"
+            axis = passes.symbol_axis(self.model.types.get(site), passes.batch_dimension(self.model.inputs))
+            self._axes[site] = "size" if axis is None else axis
             if self._axes[site] == 1 or self._axes[site] not in (0, "size"):
                 self.notes.append(f"{site}: samples run along axis {self._axes[site]}; the noise is drawn per sample "
                                   "along it")

@@ -463,14 +463,20 @@ def batch_dimension(inputs: list[TensorSpec]):
     return inputs[0].shape[0] if inputs and inputs[0].shape else None
 
 
-def sample_axis(spec: TensorSpec | None, batch) -> int:
-    """The axis of a value that holds the samples: where its inferred shape has the batch dimension `batch` (the
-    symbol at dimension 0 of the model's inputs) once, else 0. Sequence-first attention (torch's
-    MultiheadAttention) and LSTM outputs hold them along axis 1."""
+def symbol_axis(spec: TensorSpec | None, batch) -> int | None:
+    """The axis where a value's inferred shape has the batch dimension `batch` (the symbol at dimension 0 of the
+    model's inputs), when it has it exactly once; else None. Sequence-first attention (torch's MultiheadAttention)
+    and LSTM outputs hold the samples along axis 1."""
     if spec is None or spec.shape is None or not isinstance(batch, str):
-        return 0
+        return None
     axes = [a for a, d in enumerate(spec.shape) if d == batch]
-    return axes[0] if len(axes) == 1 else 0
+    return axes[0] if len(axes) == 1 else None
+
+
+def sample_axis(spec: TensorSpec | None, batch) -> int:
+    """The axis of a value that holds the samples (`symbol_axis`), else 0."""
+    axis = symbol_axis(spec, batch)
+    return 0 if axis is None else axis
 
 
 def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int | None = None,
