@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from walkaudit._loading.model import ClassOutput, LoadedModel, _score_like, _token_like
+from walkaudit._loading.model import (
+    ClassOutput,
+    LoadedModel,
+    _score_like,
+    _token_like,
+    named_like_scores,
+)
 from walkaudit._units import UNSCORED
 from walkaudit.errors import ModelError, option
 
@@ -24,17 +30,13 @@ EVIDENCE_SAMPLES = 512
 MARGIN = 0.2
 
 
-#: Output names that say which output holds the class scores: the model's own choice stands.
-NAMED = ("prob", "logit", "score")
-
-
 def class_candidates(model: LoadedModel) -> list:
     """The outputs that look like class scores ([N, C], C > 1; [N, T, C] for a per-token class output), in the
-    model's order, when the choice among them is open: none when one is named like scores (`NAMED`) or the model
+    model's order, when the choice among them is open: none when one is named like scores (`model.SCORE_NAMES`) or the model
     has only one."""
     like = _token_like if model.class_output.per_token else _score_like
     scores = [o for o in model.outputs if like(o)]
-    if any(k in o.name.lower() for o in scores for k in NAMED):
+    if any(named_like_scores(o) for o in scores):
         return []
     return scores
 

@@ -60,6 +60,9 @@ class ClassOutput:
     per_token: bool = False
 
 
+#: Parts of an output's name that tell class scores among several candidates ("logits", "probabilities", ...).
+SCORE_NAMES = ("prob", "logit", "score")
+
 #: ClassOutput kinds of binary classifiers with one number per sample, and their decision thresholds.
 BINARY_THRESHOLDS = {"binary-logit": 0.0, "binary-probability": 0.5}
 
@@ -313,6 +316,16 @@ def _token_like(spec: TensorSpec) -> bool:
             and not _score_like(spec))
 
 
+def named_like_scores(spec: TensorSpec) -> bool:
+    """Is the output named like class scores (`SCORE_NAMES`)?"""
+    return any(k in spec.name.lower() for k in SCORE_NAMES)
+
+
+def _named_first(candidates: list[TensorSpec]) -> TensorSpec:
+    """The first candidate named like class scores, else the first."""
+    return next((o for o in candidates if named_like_scores(o)), candidates[0])
+
+
 def _regressor_like(spec: TensorSpec) -> bool:
     """Float [N], [N, 1] or [N, 1, 1, ...]: one number per sample."""
     if not spec.is_float or spec.shape is None:
@@ -350,15 +363,13 @@ def find_class_output(outputs: list[TensorSpec], override: str | None = None,
         outputs = sorted(usable, key=lambda o: not facts.layered(o.name))  # stable: graph order within each group
     scores = [o for o in outputs if _score_like(o)]
     if scores:
-        named = [o for o in scores if any(k in o.name.lower() for k in ("prob", "logit", "score"))]
-        return _as_class_output((named or scores)[0], strict=False, facts=facts)
+        return _as_class_output(_named_first(scores), strict=False, facts=facts)
     labels = [o for o in outputs if o.elem_type in INT_TYPES and o.shape is not None and len(o.shape) == 1]
     if labels:
         return _as_class_output(labels[0], strict=False, facts=facts)
     tokens = [o for o in outputs if _token_like(o)]
     if tokens:
-        named = [o for o in tokens if any(k in o.name.lower() for k in ("prob", "logit", "score"))]
-        return _as_class_output((named or tokens)[0], strict=False, facts=facts)
+        return _as_class_output(_named_first(tokens), strict=False, facts=facts)
     if facts is not None:
         sigmoid = [o for o in outputs if _regressor_like(o) and facts.binary_kind(o.name) == "binary-probability"]
         if sigmoid:
