@@ -781,6 +781,73 @@ def build_two_output_mlp():
     return TwoOutputMLP()
 
 
+# ---- [CLS]-reading BERT classifier (added after the four above). Its constants and builder sit below every other
+# model's forward: the dynamo exporter records make.py line numbers in its stack-trace metadata, so anything inserted
+# higher up would change the bytes of the existing dynamo samples.
+FAMILY_EPOCHS["cls"] = 40
+FAMILY_FILES["cls"] = ("digits_tokens_cls.dynamo.onnx", "digits_tokens_cls.legacy.onnx")
+FAMILY_NOTES.update({
+    "digits_tokens_cls.dynamo.onnx": (
+        "Hugging Face BERT's attention written out: q/k/v/o Linear (MatMul+Add), heads split by Reshape + Transpose, "
+        "scores MatMul / sqrt(8) + the additive mask (1 - attention_mask) * -10000, Softmax, context MatMul, "
+        "Transpose + Reshape, post-LN GELU FFN; dynamic batch AND sequence axes; the head reads position 0 only "
+        "(h[:, 0]: a Gather on axis 1 of [N,T,32]), Gemm to 10 logits"),
+    "digits_tokens_cls.legacy.onnx": (
+        "same weights as the dynamo file; names like '/layers.0/att/q/MatMul'; h[:, 0] is a Gather(axis=1) of index "
+        "0; dynamic batch and sequence axes"),
+})
+
+
+def build_cls_bert():
+    """Hugging Face BERT's encoder as benchmarks/transformer.py writes it: token + learned position embeddings
+    (nn.Embedding over torch.arange(T)), per layer q/k/v/o Linear, heads split by view + transpose, scores
+    q·kᵀ/sqrt(head_dim) + (1 - mask) * -10000, softmax, context merged by transpose + reshape, post-LN residuals with
+    a GELU FFN; the head is a Linear on position 0's hidden state h[:, 0] (the [CLS] read), not a pool."""
+    import math
+
+    import torch
+    from torch import nn
+
+    d, head_dim = FAMILY_D, FAMILY_D // FAMILY_HEADS
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x, mask):
+            input_shape = x.shape[:-1]
+            q, k, v = (f(x).view((*input_shape, -1, head_dim)).transpose(1, 2) for f in (self.q, self.k, self.v))
+            probs = (q @ k.transpose(-1, -2) / math.sqrt(head_dim) + mask).softmax(-1)
+            return self.o((probs @ v).transpose(1, 2).reshape(*input_shape, -1))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.norm1, self.norm2 = SelfAttention(), nn.LayerNorm(d), nn.LayerNorm(d)
+            self.ffn1, self.ffn2 = nn.Linear(d, FAMILY_FF), nn.Linear(FAMILY_FF, d)
+
+        def forward(self, x, mask):
+            x = self.norm1(x + self.att(x, mask))
+            return self.norm2(x + self.ffn2(nn.functional.gelu(self.ffn1(x))))
+
+    class ClsBert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(FAMILY_VOCAB, d), nn.Embedding(FAMILY_T, d)
+            self.layers = nn.ModuleList(Layer() for _ in range(FAMILY_LAYERS))
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.tokens(input_ids) + self.positions(torch.arange(input_ids.shape[1]).unsqueeze(0))
+            mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * -10000.0
+            for layer in self.layers:
+                h = layer(h, mask)
+            return self.head(h[:, 0])
+
+    return ClsBert()
+
+
 def train_family(model_fn, inputs: tuple, target: np.ndarray, epochs: int, pick=None):
     """Adam, cross-entropy (ignore_index=-100), fixed seeds, one thread. `pick` selects the logits from a model
     returning several outputs. Per-token logits [N,T,V] are scored per position."""
@@ -816,8 +883,10 @@ def family_forward(model, inputs: tuple) -> list[np.ndarray]:
     return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
 
-def export_family(model, path: Path, exporter: str, inputs: dict, output_names: list[str] | None) -> None:
-    """Export with a dynamic batch on every input. output_names=None keeps the dynamo exporter's own names."""
+def export_family(model, path: Path, exporter: str, inputs: dict, output_names: list[str] | None,
+                  seq: bool = False) -> None:
+    """Export with a dynamic batch on every input (seq=True: and a dynamic sequence axis 1, at most FAMILY_T).
+    output_names=None keeps the dynamo exporter's own names."""
     import torch
 
     model.eval()
@@ -826,11 +895,12 @@ def export_family(model, path: Path, exporter: str, inputs: dict, output_names: 
     try:
         if exporter == "dynamo":
             batch = torch.export.Dim("batch")
+            axes = {0: batch, 1: torch.export.Dim("seq", min=2, max=FAMILY_T)} if seq else {0: batch}
             with contextlib.redirect_stdout(io.StringIO()):
                 torch.onnx.export(
                     model, example, str(path), dynamo=True, external_data=False, opset_version=DYNAMO_OPSET,
                     input_names=list(inputs), output_names=output_names,
-                    dynamic_shapes={name: {0: batch} for name in inputs},
+                    dynamic_shapes={name: axes for name in inputs},
                 )
             _clean_metadata(path)
         elif exporter == "legacy":
@@ -839,7 +909,8 @@ def export_family(model, path: Path, exporter: str, inputs: dict, output_names: 
                 torch.onnx.export(
                     model, example, str(path), dynamo=False, opset_version=LEGACY_OPSET,
                     input_names=list(inputs), output_names=output_names,
-                    dynamic_axes={name: {0: "batch"} for name in [*inputs, *output_names]},
+                    dynamic_axes={**{name: {0: "batch"} for name in output_names},
+                                  **{name: {0: "batch", 1: "seq"} if seq else {0: "batch"} for name in inputs}},
                 )
         else:
             raise ValueError(exporter)
@@ -1045,6 +1116,40 @@ def make_families(dtrain, dval, out_dir: Path) -> tuple[dict, list]:
         exporter="dynamo", family="two outputs (embedding first, logits second)",
         embedding_output=emb_name,
         embedding_argmax_accuracy=round(float(np.mean(ref[0].argmax(1) == dval[1])), 4)))
+
+    # ---- 5. BERT-style classifier reading position 0 ([CLS]) ----
+    t1 = time.time()
+    model = train_family(build_cls_bert, (train_ids, train_mask), dtrain[1], FAMILY_EPOCHS["cls"])
+    log.info("trained digits_tokens_cls in %.1fs", time.time() - t1)
+    ref = family_forward(model, (val_ids, val_mask))
+    short = FAMILY_T - 1  # every validation sequence is at most 63 long: the last column is padding everywhere
+    assert not val_mask[:, short:].any()
+    for name, exporter in zip(FAMILY_FILES["cls"], ("dynamo", "legacy")):
+        path = out_dir / name
+        export_family(model, path, exporter, feeds, ["logits"], seq=True)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        unmasked = sess.run(None, {"input_ids": val_ids, "attention_mask": np.ones_like(val_mask)})[0]
+        change = float(np.max(np.abs(unmasked - ref[0])))
+        assert change > 1e-2, f"{path}: the attention mask does not change the logits"
+        cut = sess.run(None, {"input_ids": val_ids[:, :short], "attention_mask": val_mask[:, :short]})[0]
+        seq_diff = float(np.max(np.abs(cut - ref[0])))
+        assert seq_diff < 1e-3, f"{path}: a shorter sequence axis changes the logits by {seq_diff}"
+        models.append(family_entry(
+            path, "digits_tokens_val.npz", feeds, dval[1], ref, "logits",
+            {name: f"{what}; sequence axis dynamic (2..{FAMILY_T})" for name, what in token_inputs.items()},
+            {"logits": "float [N,10] class scores, from position 0's hidden state only"},
+            {**base, "epochs": FAMILY_EPOCHS["cls"],
+             "architecture": (f"Embedding({FAMILY_VOCAB},{FAMILY_D}) + Embedding({FAMILY_T},{FAMILY_D}) of "
+                              f"arange(T), {FAMILY_LAYERS} x Hugging Face BERT layer written out (q/k/v/o Linear, "
+                              f"{FAMILY_HEADS} heads of {FAMILY_D // FAMILY_HEADS}, additive mask (1 - "
+                              f"attention_mask) * -10000, post-LN, GELU FFN {FAMILY_FF}), Linear {FAMILY_D}-10 on "
+                              "h[:, 0] (the [CLS] position; no pool)")},
+            exporter=exporter, family="transformer (BERT-style [CLS] classifier)", cls_position=0,
+            mask_check={"what": "attention_mask set to all ones (padding attended)",
+                        "max_abs_logit_change": float(f"{change:.3g}"),
+                        "accuracy_all_ones_mask": round(float(np.mean(unmasked.argmax(1) == dval[1])), 4)},
+            seq_check={"what": f"sequence axis cut to {short} (drops only padding)",
+                       "max_abs_logit_change": float(f"{seq_diff:.3g}")}))
     return data, models
 
 

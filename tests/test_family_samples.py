@@ -1,6 +1,7 @@
 """The model-family samples of issue #13 (samples/make.py --only families rebuilds them): a BERT-style token
-transformer with int64 inputs and an attention mask, an LSTM classifier, a per-token language model and a two-output
-model whose first output is an embedding. Real exporters, real data; no torch needed here."""
+transformer with int64 inputs and an attention mask, a BERT-style classifier that reads position 0 ([CLS]), an LSTM
+classifier, a per-token language model and a two-output model whose first output is an embedding. Real exporters,
+real data; no torch needed here."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())
 FAMILY = {m["file"]: m for m in MANIFEST["family_models"]}
 TRANSFORMERS = ["digits_tokens_transformer.dynamo.onnx", "digits_tokens_transformer.legacy.onnx"]
+CLS = ["digits_tokens_cls.dynamo.onnx", "digits_tokens_cls.legacy.onnx"]
 LSTMS = ["digits_rows_lstm.dynamo.onnx", "digits_rows_lstm.legacy.onnx"]
 LM = "digits_pixel_lm.dynamo.onnx"
 TWO_OUTPUT = "digits_two_output.dynamo.onnx"
@@ -44,7 +46,7 @@ def run(name: str, feeds: dict, output: str | None = None) -> np.ndarray:
 
 
 def test_the_manifest_lists_every_family_sample_and_its_data():
-    assert sorted(FAMILY) == sorted([*TRANSFORMERS, *LSTMS, LM, TWO_OUTPUT])
+    assert sorted(FAMILY) == sorted([*TRANSFORMERS, *CLS, *LSTMS, LM, TWO_OUTPUT])
     for entry in FAMILY.values():
         assert entry["data"] in MANIFEST["data"], entry["file"]
 
@@ -86,7 +88,7 @@ def test_every_input_has_a_dynamic_batch(name):
         np.testing.assert_allclose(part, whole[:batch], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", TRANSFORMERS)
+@pytest.mark.parametrize("name", [*TRANSFORMERS, *CLS])
 def test_the_transformer_honours_its_attention_mask(name):
     """Masked positions are ignored (other pad ids there change nothing) and the mask matters (all ones changes the
     logits)."""
@@ -124,6 +126,66 @@ def test_the_transformer_audits_with_its_attention_sites(name):
         assert site.midpoint is not None and np.isfinite(site.midpoint), site.name
         assert site.censored is None or (op == "MatMul" and dims == (64, 64) and site.censored == "above"), site.name
         assert site.points[0].accuracy > site.points[-1].accuracy, site.name
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of an initializer or Constant node output, else None."""
+    for init in graph.initializer:
+        if init.name == name:
+            return onnx.numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and name in node.output:
+            (attr,) = node.attribute
+            value = onnx.helper.get_attribute_value(attr)
+            return onnx.numpy_helper.to_array(value) if attr.name == "value" else np.array(value)
+    return None
+
+
+@pytest.mark.parametrize("name", CLS)
+def test_the_cls_classifier_reads_position_0_only(name):
+    """Walking up from the class output through the head (Gemm, or MatMul and Add, on non-constant inputs), the first
+    Gather or Slice reads index 0 along axis 1 of a [batch, seq, 32] value: the [CLS] read h[:, 0]."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(SAMPLES / name)))
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.value_info, *graph.input, *graph.output]}
+    value, steps = FAMILY[name]["class_output"], 0
+    while producer[value].op_type not in ("Gather", "Slice"):
+        node = producer[value]
+        assert node.op_type in ("Gemm", "MatMul", "Add", "Squeeze", "Reshape"), (value, node.op_type)
+        (value,) = [i for i in node.input if i and _constant(graph, i) is None]
+        steps += 1
+        assert steps < 6, value
+    read = producer[value]
+    data = read.input[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in read.attribute}
+    if read.op_type == "Gather":
+        assert attrs.get("axis", 0) == 1
+        assert _constant(graph, read.input[1]).tolist() in (0, [0])
+    else:  # Slice(data, starts, ends, axes)
+        assert _constant(graph, read.input[1]).tolist() == [0] and _constant(graph, read.input[2]).tolist() == [1]
+        assert _constant(graph, read.input[3]).tolist() == [1]
+    shape = shapes[data]
+    assert len(shape) == 3 and shape[2] == 32, shape
+    assert all(isinstance(d, str) for d in shape[:2]), shape  # batch and sequence axes are symbolic
+    assert producer[data].op_type == "LayerNormalization"  # the last encoder layer's output
+    assert shapes[FAMILY[name]["class_output"]][1] == 10
+
+
+@pytest.mark.parametrize("name", CLS)
+def test_the_cls_classifier_has_a_dynamic_sequence_axis(name):
+    """Both inputs have a symbolic sequence axis; dropping the last column (padding in every validation sequence)
+    leaves the logits unchanged, and a shorter prefix runs."""
+    feeds, _ = feeds_and_labels(FAMILY[name], limit=60)
+    graph = onnx.load(str(SAMPLES / name), load_external_data=False).graph
+    for inp in graph.input:
+        assert inp.type.tensor_type.shape.dim[1].dim_param, inp.name
+    assert not feeds["attention_mask"][:, -1].any()
+    whole = run(name, feeds)
+    cut = run(name, {k: v[:, :-1] for k, v in feeds.items()})
+    np.testing.assert_allclose(cut, whole, rtol=1e-4, atol=1e-4)
+    assert run(name, {k: v[:, :16] for k, v in feeds.items()}).shape == whole.shape
 
 
 @pytest.mark.parametrize("name", LSTMS)

@@ -31,7 +31,7 @@ from walkaudit._execution.strategies import (
     choose,
     graph_draws,
 )
-from walkaudit._graph import passes
+from walkaudit._graph import passes, positions
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site
 from walkaudit._loading.data import Dataset
@@ -292,6 +292,9 @@ class Worker:
             self._plans[site] = self._per_sample(site, self.index.suffix_plan(site, model.class_output.name))
         suffix = passes.suffix(model.proto, site, model.class_output.name, model.types, self._plans[site],
                                index=self.index)
+        if not self.runtime.exact:  # the tail on the positions the output reads: equal up to rounding
+            suffix = dataclasses.replace(suffix, model=positions.keep_read_positions(
+                suffix.model, model.types, passes.batch_dimension(model.inputs)))
         if kind is DrawnSuffix:
             strategy = kind(self.runtime, model, self.noise, suffix, seeds=graph_seeds(unit.seed, model, site))
         elif kind is HostApplied:
