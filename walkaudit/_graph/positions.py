@@ -84,11 +84,12 @@ def _shape(graph: onnx.GraphProto, types: dict[str, TensorSpec], name: str) -> t
 
 def _kept(node: onnx.NodeProto, graph, types, batch) -> tuple[int, int, int] | None:
     """(axis, start, end) of the positions a Gather of one index, or a Slice of one axis with step 1, reads from a
-    value with a known shape, along an axis that is not the batch's and not of size 1; else None."""
+    value of known shape and rank ≥ 2 (a shape vector is not a sequence), along an axis that is not the batch's
+    and not of size 1; else None."""
     if node.op_type not in ("Gather", "Slice") or not node.input:
         return None
     shape = _shape(graph, types, node.input[0])
-    if not shape:
+    if not shape or len(shape) < 2:
         return None
     if node.op_type == "Gather":
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
