@@ -6,13 +6,17 @@
     python benchmarks/transformer.py --quick         # smoke run: 300 samples, 4 σ, one run
     python benchmarks/transformer.py --samples 500 --levels 6 --models /tmp/wa-models   # reuse the trained model
     python benchmarks/transformer.py --runs 5 --json transformer.json
+    python benchmarks/transformer.py --seq 64 --width 128 --samples 200   # longer sequences, a wider model
 
-The model: token and position embeddings, two encoder layers written as Hugging Face's current BERT writes them
+The model (by default T = 32 tokens, d = 64, 4 heads, FFN 128; `--seq`, `--width`, `--layers`): token and position
+embeddings, two encoder layers written as Hugging Face's current BERT writes them
 (heads split by `view((*x.shape[:-1], -1, d))`, merged by `reshape(*x.shape[:-1], -1)`, an additive mask
 [N, 1, 1, T] from `attention_mask`), a [CLS] head; int64 `input_ids` and `attention_mask` with dynamic batch and
 sequence length, exported with the legacy exporter (and the dynamo one where onnxscript is installed, `--dynamo`).
 The two attention matmuls (q·kᵀ, probs·v) are tiny modules so that the torch hooks land on every tensor that
-walkaudit's default sites are: 8 sites a layer, 17 in all.
+walkaudit's default sites are: 8 sites a layer, 17 in all (two layers). The head reads position 0 ([CLS]), so
+walkaudit runs the last layer's tail on that position only (`positions.keep_read_positions`); the hooks, like the
+paper's code, run the whole model.
 
 Both methods walk the same sites, the same fixed grid (`run.WALK_SIGMAS`), repeats and data; the torch reference is
 `torch_reference.walk` (one full forward pass per site, σ and repeat, batch `--ref-batch`), given the two inputs
@@ -48,7 +52,14 @@ from walkaudit._execution import worker as worker_mod  # noqa: E402
 from walkaudit._graph.sites import Selection, select  # noqa: E402
 from walkaudit._loading.model import load_model  # noqa: E402
 
-VOCAB, T, D, HEADS, FFN, LAYERS, CLASSES = 200, 32, 64, 4, 128, 2, 4
+VOCAB, T, D, HEADS, FFN, LAYERS, CLASSES = 200, 32, 64, 4, 128, 2, 4  # the defaults; --seq, --width, --layers
+
+
+def configure(seq: int, width: int, layers: int) -> str:
+    """Set the model's sequence length, width (FFN = 2·width) and depth; the tag that names its cached files."""
+    global T, D, FFN, LAYERS
+    T, D, FFN, LAYERS = seq, width, 2 * width, layers
+    return "" if (seq, width, layers) == (32, 64, 2) else f".t{seq}d{width}l{layers}"
 
 
 class MatMul(nn.Module):
@@ -103,10 +114,10 @@ class Bert(nn.Module):
 
 
 def synthetic_text(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask, labels): padded sequences of 8–32 tokens; the class is which of four token groups
+    """(input_ids, attention_mask, labels): padded sequences of T/4 to T tokens (8–32 by default); the class is which of four token groups
     occurs most often, so that the model must attend over the whole sequence."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(8, T + 1, samples)
+    lengths = rng.integers(T // 4, T + 1, samples)
     mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int64)
     ids = rng.integers(1, VOCAB, (samples, T)) * mask
     ids[:, 0] = 1  # [CLS]
@@ -114,7 +125,7 @@ def synthetic_text(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.
     return ids, mask, groups.argmax(1).astype(np.int64)
 
 
-def build(folder: Path, samples: int, dynamo: bool) -> run.models.Bench:
+def build(folder: Path, samples: int, dynamo: bool, tag: str = "") -> run.models.Bench:
     """Train the model briefly (seeded), export it into `folder`; the Bench holds the evaluation data as one
     [N, 2, T] array (input_ids, attention_mask), which the torch model splits (`Bert.forward`)."""
     torch.manual_seed(0)
@@ -131,7 +142,7 @@ def build(folder: Path, samples: int, dynamo: bool) -> run.models.Bench:
     model.eval()
     example = (torch.from_numpy(ids[:4]), torch.from_numpy(mask[:4]))
     names = ["input_ids", "attention_mask"]
-    path = folder / f"bert.{'dynamo' if dynamo else 'legacy'}.onnx"
+    path = folder / f"bert.{'dynamo' if dynamo else 'legacy'}{tag}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
@@ -212,11 +223,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ref-batch", type=int, default=1000, help="batch of the torch reference")
     parser.add_argument("--dynamo", action="store_true", help="export with the dynamo exporter (needs onnxscript)")
+    parser.add_argument("--seq", type=int, default=32, help="tokens per sequence (lengths drawn from T/4 to T)")
+    parser.add_argument("--width", type=int, default=64, help="hidden size d (4 heads, FFN 2·d)")
+    parser.add_argument("--layers", type=int, default=2, help="encoder layers")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--models", type=Path, help="keep the built network here and reuse it on the next run")
     args = parser.parse_args()
     if args.quick:
         args.samples, args.levels, args.runs = 300, 4, 1
+    tag = configure(args.seq, args.width, args.layers)
     torch.set_num_threads(run.THREADS)
     torch.set_num_interop_threads(1)
     import tempfile
@@ -225,10 +240,10 @@ def main() -> None:
         t0 = time.perf_counter()
         exporter = "dynamo" if args.dynamo else "legacy"
         if args.models:
-            bench = run.cached_bench(args.models, f"bert.{exporter}.{args.samples}",
-                                     lambda: build(args.models, args.samples, args.dynamo))
+            bench = run.cached_bench(args.models, f"bert.{exporter}.{args.samples}{tag}",
+                                     lambda: build(args.models, args.samples, args.dynamo, tag))
         else:
-            bench = build(Path(tmp), args.samples, args.dynamo)
+            bench = build(Path(tmp), args.samples, args.dynamo, tag)
         model, path, y = bench.torch_model, Path(bench.onnx_path), bench.y
         ids, mask = bench.x[:, 0], bench.x[:, 1]
         with torch.inference_mode():
@@ -269,7 +284,8 @@ def main() -> None:
     seconds = {m: run.median(r["seconds"][m] for r in rows) for m in methods}
     print(f"| figure | model | target | measured (median of {len(rows)}) | detail | met |")
     print("|---|---|---|---|---|---|")
-    print(f"| walk: torch hooks / walkaudit | BERT-style ({path.name.split('.')[1]}) | ≥ 4x | {ratio:.2f}x | "
+    print(f"| walk: torch hooks / walkaudit | BERT-style ({path.name.split('.')[1]}; T = {T}, d = {D}, {LAYERS} layers)"
+          f" | ≥ 4x | {ratio:.2f}x | "
           f"{len(sites)} sites × {len(sigmas)} σ × {args.repeats} rep, {len(y)} samples; runs "
           f"{min(r['torch_ratio'] for r in rows):.2f}–{max(r['torch_ratio'] for r in rows):.2f}x; "
           f"{seconds['torch']:.1f}s vs {seconds['walkaudit']:.1f}s | {'yes' if ratio >= 4 else 'NO'} |")

@@ -68,6 +68,26 @@ def test_graph_noise_on_a_residual_block_tiles_the_skip_value():
     assert np.array_equal(out, np.concatenate([clean[0]] * 3))
 
 
+def test_graph_noise_for_one_level_reads_the_skip_value_as_fed_and_gives_the_same_numbers():
+    """tile=False: no copy of the frontier per run (no Expand), and for one level the tiled program's output."""
+    model = resnet_block(seed=1)
+    types = value_types(model)
+    sfx = rewrite.suffix(model, "b", "logits", types)
+    x = np.random.default_rng(1).normal(size=(5, 1, 6, 6)).astype(np.float32)
+    clean = cpu_session(rewrite.expose(model, ["a", "b"], types)).run(["a", "b"], {"x": x})
+    eps = np.random.default_rng(2).normal(size=(1, *clean[1].shape)).astype(np.float32)
+    outs = []
+    for tile in (True, False):
+        program = rewrite.graph_noise(sfx, types, False, True, fed=True, tile=tile)
+        assert any(n.op_type == "Expand" for n in program.model.graph.node) is tile
+        assert (program.frontier == sfx.frontier) is not tile  # untiled: the frontier keeps its names
+        outs.append(cpu_session(program.model).run(["logits"], {
+            program.site: clean[1], program.frontier[0]: clean[0], program.eps_add: eps,
+            program.sigma_add: np.full((1, 1, 1, 1, 1), 0.3, np.float32)})[0])
+    assert np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], cpu_session(model).run(["logits"], {"x": x})[0])  # the noise is there
+
+
 def test_audit_with_graph_noise_is_reproducible_and_close_to_host_noise():
     """Same seed, same report; graph-drawn and host-drawn ε have the same distribution, so midpoints averaged over
     four seeds agree within 0.1 decades (a single seed's midpoints of a 400-sample site scatter by ±0.1)."""

@@ -164,6 +164,30 @@ def test_every_attention_site_packs_and_gives_the_unpacked_counts():
     assert any(c.correct[-1].sum() < c.correct[0].sum() for c in counts[True])
 
 
+def test_a_site_whose_frontier_is_too_large_to_copy_per_level_runs_levels_singly_without_copies(monkeypatch):
+    """Above `CPU_TILE_ELEMENTS` of frontier per level, levels run one at a time from a program that reads the
+    frontier as fed (no Expand); the counts are those of packed runs, bit for bit."""
+    from walkaudit._execution import sizing
+
+    model, inputs = attention_classifier(seed=1), tokens(250, seed=2)
+    counts = {}
+    for limit in (sizing.CPU_TILE_ELEMENTS, 0):
+        monkeypatch.setattr(sizing, "CPU_TILE_ELEMENTS", limit)
+        worker, sites = _worker(model, inputs, pack=True)
+        counts[limit] = _walk(worker, sites, (0, 4))
+        singly = {s for (_, (s,)), e in worker._evaluations.items() if e.single is not None}
+        with_frontier = {s for (_, (s,)), e in worker._evaluations.items() if e.strategy.frontier}
+        if limit:
+            assert singly == set()
+        else:
+            assert singly == with_frontier and len(singly) >= 6
+            for e in worker._evaluations.values():
+                if e.single is not None:
+                    assert not any(n.op_type == "Expand" for n in e.single.program.model.graph.node)
+        worker.source.close()
+    assert counts[0] == counts[sizing.CPU_TILE_ELEMENTS]
+
+
 def test_counts_do_not_depend_on_the_batch_size():
     """Shape vectors recomputed per run: batches of 100, 64 and 7 give the same counts (packed)."""
     model, inputs = attention_classifier(seed=3), tokens(200, seed=4)

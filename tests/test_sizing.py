@@ -21,6 +21,13 @@ def test_row_bytes_counts_every_computed_value_per_row():
     assert sizing.row_bytes(block.graph, value_types(block)) == (5 * 144 + 4 + 4 + 3) * 4
 
 
+def test_on_the_cpu_levels_are_packed_only_where_the_copied_frontier_is_small():
+    small, large = sizing.CPU_TILE_ELEMENTS, sizing.CPU_TILE_ELEMENTS + 1
+    assert sizing.levels_per_run(8, 256, 1000, 999, None, tiled_elements=small) == 8
+    assert sizing.levels_per_run(8, 256, 1000, 999, None, tiled_elements=large) == 1
+    assert sizing.levels_per_run(8, 256, 1000, 10, 1 << 30, tiled_elements=large) == 8  # a device packs anyway
+
+
 def test_device_batch_takes_a_share_of_the_free_memory_within_bounds():
     mib = 1 << 20
     assert sizing.device_batch(1024 * mib, mib) == int(1024 * sizing.DEVICE_SHARE)

@@ -93,12 +93,14 @@ class FedSuffix(Strategy):
     drawn_in_graph = False
 
     def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, suffix: passes.Suffix,
-                 seeds: tuple[int, int] = (0, 1)):
+                 seeds: tuple[int, int] = (0, 1), tile: bool = True):
         types = model.types
         self.program = passes.graph_noise(suffix, types, "mul" in noise.terms, "add" in noise.terms, seeds=seeds,
                                           fed=not self.drawn_in_graph, noise=noise,
                                           axis=passes.sample_axis(types[suffix.site],
-                                                                  passes.batch_dimension(model.inputs)))
+                                                                  passes.batch_dimension(model.inputs)), tile=tile)
+        self._made = (runtime, model, noise, suffix, seeds)
+        self.tiles = tile
         self.graph = suffix.model
         self.session = runtime.session(self.program.model, f"part of the model after {suffix.site}")
         self.site, self.frontier, self.noise = suffix.site, suffix.frontier, noise
@@ -107,6 +109,13 @@ class FedSuffix(Strategy):
         self.noisy = () if self.drawn_in_graph else (self.site,)
         self.rank = None if types[self.site].shape is None else len(types[self.site].shape)
         self.dtype = types[self.site].dtype
+
+    def one_level(self) -> FedSuffix:
+        """This strategy for runs of one σ level: the frontier is not tiled (copied) per run. Not for ε drawn in
+        the graph: a second session would replay the first one's random stream."""
+        if self.drawn_in_graph or not self.tiles:
+            return self
+        return type(self)(*self._made, tile=False)
 
     def run(self, values, sigmas, eps, device=None):
         program = self.program

@@ -341,6 +341,7 @@ class _Evaluation:
         self.cached = sum(v.nbytes for values in kept.values() for v in values.values())
         self.on_device: dict[int, dict] = {}
         self.packable: bool | None = None
+        self.single: Strategy | None = None  # the strategy for one level per run, once needed
         self.notes: list[str] = []
         self.scales: dict[str, float] = {}
         self.row_bytes = sizing.row_bytes(strategy.graph.graph, worker.model.types)
@@ -462,6 +463,13 @@ class _Evaluation:
         small = {n: v[:PROBE_ROWS] for n, v in values.items()}
         return small, lambda: {n: self.worker.runtime.to_device(small[n]) for n in self.strategy.on_device}
 
+    def _one_level(self) -> Strategy:
+        """The strategy for runs of one σ level (`FedSuffix.one_level`: the frontier not copied per run), made
+        the first time a unit runs its levels one at a time."""
+        if self.single is None:
+            self.single = getattr(self.strategy, "one_level", lambda: self.strategy)()
+        return self.single
+
     def _group(self, values: dict, device, levels: int) -> int:
         """How many σ levels one run takes: 1 unless a tiled batch reproduces the clean outputs at σ = 0."""
         strategy = self.strategy
@@ -485,8 +493,9 @@ class _Evaluation:
         if not self.packable:
             return 1
         per_level = sum(values[n].size for n in strategy.reads)
+        tiled = sum(values[n].size for n in strategy.reads if n not in strategy.noisy)
         rows = len(next(iter(values.values())))
-        return sizing.levels_per_run(levels, rows, per_level, self.row_bytes, self.worker.device_free)
+        return sizing.levels_per_run(levels, rows, per_level, self.row_bytes, self.worker.device_free, tiled)
 
     def evaluate(self, unit: WorkUnit, targets: np.ndarray, progress: Progress | None) -> Counts:
         self.scales = dict(zip(unit.sites, unit.site_scales)) if unit.site_scales else {}
@@ -506,7 +515,7 @@ class _Evaluation:
             while g0 < levels:
                 chunk = sigmas[g0 : g0 + group]
                 try:
-                    scores = self.strategy.run(values, chunk, eps, device())
+                    scores = (self._one_level() if group == 1 else self.strategy).run(values, chunk, eps, device())
                 except OutOfMemory:
                     if group == 1:
                         raise

@@ -480,7 +480,8 @@ def sample_axis(spec: TensorSpec | None, batch) -> int:
 
 
 def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_add: bool, seed: int | None = None,
-                fed: bool = False, seeds: tuple[int, int] | None = None, noise=None, axis: int = 0) -> GraphNoise:
+                fed: bool = False, seeds: tuple[int, int] | None = None, noise=None, axis: int = 0,
+                tile: bool = True) -> GraphNoise:
     """Prepend noise to a suffix: y' = y·(1 + σm·ε1) + σa·ε2 for G levels at once.
 
     ε is one array [1, N, ...] per run, broadcast over the G levels (common random numbers); the result
@@ -498,6 +499,8 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     `noise`: the NoiseModel whose nodes apply the noise (`NoiseModel.graph`; default the affine Gaussian family's).
     `axis`: the site's batch axis (`sample_axis`); the G levels are folded into it, level-major ([T, G·N, D] for a
     sequence-first site), as the frontier, which holds the samples along axis 0 (`per_sample`), is tiled.
+    `tile=False`: one level per run (G = 1), the frontier read as it is fed: no copy of it per run (onnxruntime's
+    Expand copies even to the same shape), the same numbers.
 
     Functional: returns a new model and never modifies `sfx.model`.
     """
@@ -535,7 +538,7 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     rank = len(types[site].shape) if types[site].shape is not None else None
     if fed and rank is None:
         raise ModelError(f"cannot feed noise to {site}: its rank is unknown")
-    renamed = {site: names.fresh(f"{site}.clean"), **{f: names.fresh(f"{f}.clean") for f in sfx.frontier}}
+    renamed = {site: names.fresh(f"{site}.clean"), **{f: names.fresh(f"{f}.clean") for f in sfx.frontier if tile}}
     clean = renamed[site]
     y, folded = lifted(clean)
     sm = names.fresh("walkaudit.sigma_mul") if has_mul else None
@@ -563,9 +566,10 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
                                  node("Slice", [shape, after.name, end.name], f"{clean}/after_axis")],
                       f"{clean}/folded_at_axis", axis=0)
     nodes.append(helper.make_node("Reshape", [noisy, folded], [site], name=names.fresh("walkaudit/fold")))
-    levels = node("Shape", [sm or sa], "walkaudit/levels")
-    count = node("Slice", [levels, zero.name, one.name], "walkaudit/count")
-    for f in sfx.frontier:
+    if tile:
+        levels = node("Shape", [sm or sa], "walkaudit/levels")
+        count = node("Slice", [levels, zero.name, one.name], "walkaudit/count")
+    for f in sfx.frontier if tile else ():
         f_clean = renamed[f]
         f_lifted, f_folded = lifted(f_clean)
         shape = node("Shape", [f_lifted], f"{f_clean}/lifted_shape")
@@ -586,4 +590,4 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     graph.initializer.extend(inits)
     if not fed:
         eps_mul = eps_add = None  # internal values, not inputs
-    return GraphNoise(out, clean, tuple(renamed[f] for f in sfx.frontier), sm, sa, eps_mul, eps_add)
+    return GraphNoise(out, clean, tuple(renamed.get(f, f) for f in sfx.frontier), sm, sa, eps_mul, eps_add)
