@@ -184,6 +184,8 @@ def test_a_site_whose_frontier_is_too_large_to_copy_per_level_runs_levels_singly
             for e in worker._evaluations.values():
                 if e.single is not None:
                     assert not any(n.op_type == "Expand" for n in e.single.program.model.graph.node)
+                    assert e.strategy._session is None  # the tiled program never ran, so it never had a session
+                    assert e.packable is None  # nor was the σ = 0 packing check run for it
         worker.source.close()
     assert counts[0] == counts[sizing.CPU_TILE_ELEMENTS]
 

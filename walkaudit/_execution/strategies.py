@@ -102,13 +102,19 @@ class FedSuffix(Strategy):
         self._made = (runtime, model, noise, suffix, seeds)
         self.tiles = tile
         self.graph = suffix.model
-        self.session = runtime.session(self.program.model, f"part of the model after {suffix.site}")
+        self._session = None  # made at the first run: a program used only for its one-level twin never needs one
         self.site, self.frontier, self.noise = suffix.site, suffix.frontier, noise
         self.output = model.class_output.name
         self.reads = self.on_device = (self.site, *self.frontier)
         self.noisy = () if self.drawn_in_graph else (self.site,)
         self.rank = None if types[self.site].shape is None else len(types[self.site].shape)
         self.dtype = types[self.site].dtype
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = self._made[0].session(self.program.model, f"part of the model after {self.site}")
+        return self._session
 
     def one_level(self) -> FedSuffix:
         """This strategy for runs of one σ level: the frontier is not tiled (copied) per run. Not for ε drawn in

@@ -471,7 +471,17 @@ class _Evaluation:
         return self.single
 
     def _group(self, values: dict, device, levels: int) -> int:
-        """How many σ levels one run takes: 1 unless a tiled batch reproduces the clean outputs at σ = 0."""
+        """How many σ levels one run takes: as many as `sizing` allows, where a tiled batch reproduces the clean
+        outputs at σ = 0 (checked once, and only where more than one level would fit)."""
+        strategy = self.strategy
+        per_level = sum(values[n].size for n in strategy.reads)
+        tiled = sum(values[n].size for n in strategy.reads if n not in strategy.noisy)
+        rows = len(next(iter(values.values())))
+        fit = sizing.levels_per_run(levels, rows, per_level, self.row_bytes, self.worker.device_free, tiled)
+        return fit if fit > 1 and self._packs(values, device) else 1
+
+    def _packs(self, values: dict, device) -> bool:
+        """Whether the graph takes G tiled copies of a batch: the σ = 0 check, run once."""
         strategy = self.strategy
         if self.packable is None and not self.worker.pack:
             self.packable = False
@@ -490,12 +500,7 @@ class _Evaluation:
             if not ok:
                 self.notes.append(f"{', '.join(strategy.noisy) or 'site'}: the graph does not take a tiled batch; "
                                   "σ levels run one at a time")
-        if not self.packable:
-            return 1
-        per_level = sum(values[n].size for n in strategy.reads)
-        tiled = sum(values[n].size for n in strategy.reads if n not in strategy.noisy)
-        rows = len(next(iter(values.values())))
-        return sizing.levels_per_run(levels, rows, per_level, self.row_bytes, self.worker.device_free, tiled)
+        return self.packable
 
     def evaluate(self, unit: WorkUnit, targets: np.ndarray, progress: Progress | None) -> Counts:
         self.scales = dict(zip(unit.sites, unit.site_scales)) if unit.site_scales else {}
