@@ -128,10 +128,10 @@ def test_exact_sessions_keep_the_whole_tail(cls_model, monkeypatch):
 N, T, D = "batch", "seq", 4
 
 
-def graph(nodes, inputs, output, inits=(), output_shape=None) -> onnx.ModelProto:
+def graph(nodes, inputs, output, inits=(), output_shape=None, opset: int = 17) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
                           list(inits))
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = IR
     return onnx.shape_inference.infer_shapes(model)
 
@@ -273,3 +273,11 @@ def test_sequence_first_values_keep_their_position_on_axis_0():
                   [x], "y", [W, i64("zero", 0)])
     out = check(model, pruned=True)
     assert [m.input[0] for m in out.graph.node if m.op_type == "Slice"] == ["x"]
+
+
+def test_models_before_opset_10_are_left_as_they_are():
+    """Slice takes starts and ends as attributes before opset 10; the pass writes the input form."""
+    n = helper.make_node
+    model = graph([n("MatMul", ["x", "w"], ["h"]), n("Relu", ["h"], ["r"]), n("Gather", ["r", "zero"], ["y"], axis=1)],
+                  [X], "y", [W, i64("zero", 0)], opset=9)
+    check(model, pruned=False)

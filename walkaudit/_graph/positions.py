@@ -44,17 +44,20 @@ _UNKNOWN = "unknown"  # an input axis that may or may not be the output's (`_bro
 
 def keep_read_positions(model: onnx.ModelProto, types: dict[str, TensorSpec], batch) -> onnx.ModelProto:
     """`model` whose tail computes only the positions its output reads (see the module's doc), or `model` itself
-    when no node reads one position of a sequence, or no op before it can run on that position alone.
+    when no node reads one position of a sequence, or no op before it can run on that position alone (or the opset
+    is older than 10).
 
     `types`: the inferred shapes of the values (the model's, by name); `batch`: the model's batch dimension, which
     is never a position axis.
     """
-    graph = model.graph
+    graph, opset = model.graph, _opset(model)
+    if opset < 10:  # Slice takes its starts and ends as inputs from opset 10
+        return model
     for seed, node in enumerate(graph.node):
         kept = _kept(node, graph, types, batch)
         if kept is None:
             continue
-        region = _region(graph, seed, kept[0], types, _opset(model))
+        region = _region(graph, seed, kept[0], types, opset)
         if region:
             return _rewrite(model, seed, kept, region)
     return model
