@@ -89,3 +89,18 @@ def test_the_cpu_provider_has_no_device_memory_budget():
     runtime = walkaudit._execution.runtime.Runtime("cpu")
     runtime.session(mlp())
     assert runtime.provider == "CPUExecutionProvider" and runtime.device_memory() is None
+
+
+def test_global_mode_still_packs_levels_when_its_inputs_are_large(monkeypatch):
+    """The frontier rule is about suffixes: global mode tiles the model's inputs, whatever their size, as before."""
+    from walkaudit._execution import strategies
+
+    model, rng = mlp(seed=1, features=4096), np.random.default_rng(0)
+    x = rng.normal(size=(128, 4096)).astype(np.float32)  # 524,288 input values per level > CPU_TILE_ELEMENTS
+    assert x.size > sizing.CPU_TILE_ELEMENTS
+    levels = []
+    real = strategies.FedGlobal.run
+    monkeypatch.setattr(strategies.FedGlobal, "run", lambda self, v, s, *a, **k: levels.append(len(s)) or real(
+        self, v, s, *a, **k))
+    walkaudit.audit(model, x, sigmas=(0.1, 0.3, 1.0, 3.0), repeats=1, mode="global", provider="cpu")
+    assert max(levels) == 4

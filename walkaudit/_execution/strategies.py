@@ -52,6 +52,7 @@ class Strategy(ABC):
     reads: tuple[str, ...]  # clean values fed per batch, untiled [N, ...]
     noisy: tuple[str, ...]  # sites whose ε the host draws, [draws, 1, N, ...] each; () when the graph draws it
     on_device: tuple[str, ...] = ()  # reads the caller keeps on the device (OrtValues) between runs
+    frontier: tuple[str, ...] = ()  # reads a suffix copies for every σ level it packs (global mode: none counted)
     graph: onnx.ModelProto  # the clean graph it runs (its bytes per row size the runs)
 
     @abstractmethod

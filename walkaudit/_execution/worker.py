@@ -475,7 +475,7 @@ class _Evaluation:
         outputs at σ = 0 (checked once, and only where more than one level would fit)."""
         strategy = self.strategy
         per_level = sum(values[n].size for n in strategy.reads)
-        tiled = sum(values[n].size for n in strategy.reads if n not in strategy.noisy)
+        tiled = sum(values[n].size for n in strategy.frontier)
         rows = len(next(iter(values.values())))
         fit = sizing.levels_per_run(levels, rows, per_level, self.row_bytes, self.worker.device_free, tiled)
         return fit if fit > 1 and self._packs(values, device) else 1
