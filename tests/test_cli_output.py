@@ -370,3 +370,35 @@ def test_shapes_show_unknown_dimensions_as_a_question_mark():
 
     assert shape_text(("batch", "unk__1", 32)) == "batch×?×32" and shape_text((None, 4)) == "?×4"
     assert shape_text(None) == "?"
+
+
+def _rendered(report, width: int, bars: bool = True) -> list[str]:
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None).print(render.site_table(report, bars=bars, width=width))
+    return [line.rstrip() for line in out.getvalue().splitlines()]
+
+
+def test_the_legend_explains_only_the_marks_the_table_uses():
+    plain = typed(make_report([make_site("a", 0.5), make_site("b", 1.2, index=1)]))
+    assert render.legend(plain) is None
+    assert not any("censored" in line or "free floor" in line for line in _rendered(plain, 120))
+    censored = typed(make_report([make_site("a", 0.5), make_site("b", None, index=1, censored="above")]))
+    assert render.legend(censored) == ">/< censored at the grid"
+    floor = make_site("c", 0.8, index=2)
+    floor["fit"]["method"] = "logistic-free-floor"
+    both = typed(make_report([make_site("a", 0.5), make_site("b", None, index=1, censored="above"), floor]))
+    assert render.legend(both) == "ᶠ curve levels off above chance (free floor fit)  >/< censored at the grid"
+
+
+def test_a_legend_wider_than_the_table_goes_one_entry_per_line_unbroken():
+    floor = make_site("c", 0.8, index=2)
+    floor["fit"]["method"] = "logistic-free-floor"
+    report = typed(make_report([make_site("a", 0.5, with_weight=False), make_site("b", None, index=1,
+                                                                              censored="above"), floor]))
+    lines = _rendered(report, 200, bars=False)
+    table_width = max(len(line) for line in lines if line.startswith(("┏", "└")))
+    assert table_width < len(render.legend(report))  # the case: the legend does not fit under the table
+    assert "ᶠ curve levels off above chance (free floor fit)" in lines
+    assert ">/< censored at the grid" in lines

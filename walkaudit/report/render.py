@@ -25,7 +25,7 @@ from rich.text import Text
 from walkaudit.report.model import GateResult, Report, SiteResult
 from walkaudit.report.text import format_sigma, printable, shape_text
 
-__all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "output_width", "shorten",
+__all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "legend", "output_width", "shorten",
            "short_names", "show", "site_table", "summary_lines"]
 
 BAR_WIDTH = 10
@@ -130,11 +130,16 @@ def _cell(value) -> Text:
 
 
 def _table(columns: list[Column], rows: list[list], title: str | None, caption: str | None) -> Table:
-    table = Table(title=title, title_justify="left", header_style="bold", caption=caption, caption_justify="left")
+    """The table; a caption wider than it goes one entry (separated by two spaces) per line, never broken inside
+    an entry."""
+    table = Table(title=title, title_justify="left", header_style="bold", caption_justify="left")
     for col in columns:
         table.add_column(col.header, justify=col.justify, no_wrap=True)
     for row in rows:
         table.add_row(*(_cell(v) for v in row))
+    if caption:
+        lines = caption if len(caption) <= _natural_width(table) else caption.replace("  ", "\n")
+        table.caption = Text(lines, no_wrap=True, overflow="ignore")
     return table
 
 
@@ -267,8 +272,20 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
             f"{s.weight.mean_abs:.3g}" if s.weight is not None else "",
             *([_bar(s.sigma50, lo, hi, s.censored)] if bars else []),
         ])
-    return fit(columns, rows, width, title="Midpoint noise level σ50 per site",
-               caption="ᶠ curve levels off above chance (free floor fit)  ⁱ interpolated  >/< censored at the grid")
+    return fit(columns, rows, width, title="Midpoint noise level σ50 per site", caption=legend(report))
+
+
+#: what each mark of the site table means, in the order the legend lists them
+_LEGEND = (("ᶠ", "curve levels off above chance (free floor fit)"), ("ⁱ", "interpolated"),
+           (">/<", "censored at the grid"))
+
+
+def legend(report: Report) -> str | None:
+    """The marks the site table uses, explained (entries separated by two spaces); None when it uses none."""
+    methods = {s.fit.method for s in report.sites}
+    used = {"ᶠ": "logistic-free-floor" in methods, "ⁱ": "interpolation" in methods,
+            ">/<": any(s.censored for s in report.sites)}
+    return "  ".join(f"{mark} {text}" for mark, text in _LEGEND if used[mark]) or None
 
 
 def tolerance_table(report: Report, width: int | None = None) -> Table | Lines | None:
