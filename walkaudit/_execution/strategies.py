@@ -100,7 +100,7 @@ class FedSuffix(Strategy):
                                           fed=not self.drawn_in_graph, noise=noise,
                                           axis=passes.sample_axis(types[suffix.site],
                                                                   passes.batch_dimension(model.inputs)), tile=tile)
-        self._made = (runtime, model, noise, suffix, seeds)
+        self._runtime, self._made = runtime, (model, noise, suffix, seeds)
         self.tiles = tile
         self.graph = suffix.model
         self._session = None  # made at the first run: a program used only for its one-level twin never needs one
@@ -114,7 +114,7 @@ class FedSuffix(Strategy):
     @property
     def session(self):
         if self._session is None:
-            self._session = self._made[0].session(self.program.model, f"part of the model after {self.site}")
+            self._session = self._runtime.session(self.program.model, f"part of the model after {self.site}")
         return self._session
 
     def one_level(self) -> FedSuffix:
@@ -122,7 +122,7 @@ class FedSuffix(Strategy):
         the graph: a second session would replay the first one's random stream."""
         if self.drawn_in_graph or not self.tiles:
             return self
-        return type(self)(*self._made, tile=False)
+        return type(self)(self._runtime, *self._made, tile=False)
 
     def run(self, values, sigmas, eps, device=None):
         program = self.program

@@ -53,8 +53,8 @@ def keep_read_positions(model: onnx.ModelProto, types: dict[str, TensorSpec], ba
     graph, opset = model.graph, _opset(model)
     if opset < 10:  # Slice takes its starts and ends as inputs from opset 10
         return model
-    for seed, node in enumerate(graph.node):
-        kept = _kept(node, graph, types, batch)
+    for seed in reversed(range(len(graph.node))):  # the read nearest the output first: the class token's
+        kept = _kept(graph.node[seed], graph, types, batch)
         if kept is None:
             continue
         region = _region(graph, seed, kept[0], types, opset)
