@@ -488,7 +488,8 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
                    "uses the graph on CUDA.")
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the inputs.")
 @click.option("--exact", is_flag=True, help="Keep σ = 0 bit-identical to the model in every session (turns off "
-                                            "onnxruntime's NCHWc conv fusion: slower conv nets on the CPU).")
+                                            "onnxruntime's NCHWc conv fusion, and running a [CLS] classifier's last "
+                                            "layer on one position: slower on the CPU).")
 @click.option("--shard", metavar="I/N", help="Audit only shard I of N (1-based) of the selected sites, split by "
                                              "estimated cost; combine the N reports with 'walkaudit merge' (see "
                                              "docs/scale.md).")
