@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import walkaudit
+from walkaudit._graph.positions import constant_value
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())
@@ -128,19 +129,6 @@ def test_the_transformer_audits_with_its_attention_sites(name):
         assert site.points[0].accuracy > site.points[-1].accuracy, site.name
 
 
-def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    """The value of an initializer or Constant node output, else None."""
-    for init in graph.initializer:
-        if init.name == name:
-            return onnx.numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and name in node.output:
-            (attr,) = node.attribute
-            value = onnx.helper.get_attribute_value(attr)
-            return onnx.numpy_helper.to_array(value) if attr.name == "value" else np.array(value)
-    return None
-
-
 @pytest.mark.parametrize("name", CLS)
 def test_the_cls_classifier_reads_position_0_only(name):
     """Walking up from the class output through the head (Gemm, or MatMul and Add, on non-constant inputs), the first
@@ -154,7 +142,7 @@ def test_the_cls_classifier_reads_position_0_only(name):
     while producer[value].op_type not in ("Gather", "Slice"):
         node = producer[value]
         assert node.op_type in ("Gemm", "MatMul", "Add", "Squeeze", "Reshape"), (value, node.op_type)
-        (value,) = [i for i in node.input if i and _constant(graph, i) is None]
+        (value,) = [i for i in node.input if i and constant_value(graph, i) is None]
         steps += 1
         assert steps < 6, value
     read = producer[value]
@@ -162,10 +150,10 @@ def test_the_cls_classifier_reads_position_0_only(name):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in read.attribute}
     if read.op_type == "Gather":
         assert attrs.get("axis", 0) == 1
-        assert _constant(graph, read.input[1]).tolist() in (0, [0])
+        assert constant_value(graph, read.input[1]).tolist() in (0, [0])
     else:  # Slice(data, starts, ends, axes)
-        assert _constant(graph, read.input[1]).tolist() == [0] and _constant(graph, read.input[2]).tolist() == [1]
-        assert _constant(graph, read.input[3]).tolist() == [1]
+        starts, ends, axes = (constant_value(graph, n).tolist() for n in read.input[1:4])
+        assert (starts, ends, axes) == ([0], [1], [1])
     shape = shapes[data]
     assert len(shape) == 3 and shape[2] == 32, shape
     assert all(isinstance(d, str) for d in shape[:2]), shape  # batch and sequence axes are symbolic

@@ -60,6 +60,10 @@ class Strategy(ABC):
             device: dict | None = None) -> np.ndarray:
         """The class output for the G levels of `sigmas` [G·N, ...]."""
 
+    def one_level(self) -> Strategy:
+        """This strategy for runs of one σ level (itself, unless a cheaper graph serves them)."""
+        return self
+
 
 def _tile(a: np.ndarray, times: int) -> np.ndarray:
     return a if times == 1 else np.concatenate([a] * times)
@@ -121,7 +125,7 @@ class FedSuffix(Strategy):
         """This strategy for runs of one σ level: the frontier is not tiled (copied) per run. Not for ε drawn in
         the graph: a second session would replay the first one's random stream."""
         if self.drawn_in_graph or not self.tiles:
-            return self
+            return super().one_level()
         return type(self)(self._runtime, *self._made, tile=False)
 
     def run(self, values, sigmas, eps, device=None):

@@ -467,7 +467,7 @@ class _Evaluation:
         """The strategy for runs of one σ level (`FedSuffix.one_level`: the frontier not copied per run), made
         the first time a unit runs its levels one at a time."""
         if self.single is None:
-            self.single = getattr(self.strategy, "one_level", lambda: self.strategy)()
+            self.single = self.strategy.one_level()
         return self.single
 
     def _group(self, values: dict, device, levels: int) -> int:

@@ -67,13 +67,16 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output (any of its value attributes), else None."""
     for t in graph.initializer:
         if t.name == name:
             return numpy_helper.to_array(t)
     for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            return next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.output[0] == name and len(node.attribute) == 1:
+            (attr,) = node.attribute
+            value = helper.get_attribute_value(attr)
+            return numpy_helper.to_array(value) if attr.type == onnx.AttributeProto.TENSOR else np.array(value)
     return None
 
 
@@ -96,13 +99,13 @@ def _kept(node: onnx.NodeProto, graph, types, batch) -> tuple[int, int, int] | N
         return None
     if node.op_type == "Gather":
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        index = _constant(graph, node.input[1])
+        index = constant_value(graph, node.input[1])
         if index is None or index.size != 1 or index.ndim > 1:
             return None
         start = int(index.reshape(()))
         end = _END if start == -1 else start + 1
     else:
-        parts = [_constant(graph, n) if n else None for n in node.input[1:5]]
+        parts = [constant_value(graph, n) if n else None for n in node.input[1:5]]
         if len(node.input) < 3 or any(p is None for p in parts[:2]):
             return None
         starts, ends, axes, steps = (*parts, None, None)[:4]
@@ -234,7 +237,7 @@ def _rewrite(model: onnx.ModelProto, seed: int, kept: tuple[int, int, int], regi
                 node.input[1] = add("Concat", [lead, rest], f"{y}/kept_target", axis=0)
         elif i == seed:
             if node.op_type == "Gather":  # the same index shape, now 0: the first of the kept positions
-                index = numpy_helper.from_array(np.zeros(_constant(graph, node.input[1]).shape, np.int64),
+                index = numpy_helper.from_array(np.zeros(constant_value(graph, node.input[1]).shape, np.int64),
                                                 names.fresh("walkaudit.kept_index"))
                 inits[index.name] = index
                 node.input[1] = index.name
