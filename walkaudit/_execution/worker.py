@@ -86,6 +86,34 @@ def graph_seeds(seed: int, model: LoadedModel, site: str) -> tuple[int, int]:
     return 2 * base, 2 * base + 1
 
 
+def batch_size_for(model: LoadedModel, requested: int | None, runtime: Runtime) -> tuple[int, str | None]:
+    """Rows per batch of the data grid, and a note when the model's fixed batch overrides the request: the
+    request, else on a device a batch sized to its free memory, else `sizing.DEFAULT_BATCH`."""
+    if requested is None:
+        free = None
+        if runtime.requested != "cpu" and model.batch_size is None:
+            learn_provider(runtime)
+            free = runtime.device_memory()
+        requested = (sizing.DEFAULT_BATCH if free is None else
+                     sizing.device_batch(free, sizing.row_bytes(model.proto.graph, model.types)))
+    fixed = model.batch_size
+    if fixed is not None and fixed != requested:
+        return fixed, f"the model has a fixed batch size of {fixed}; evaluating {fixed} samples per run"
+    return requested, None
+
+
+def learn_provider(runtime: Runtime) -> None:
+    """Make the runtime find out which provider its sessions run on (a one-node session), where it does not know."""
+    if runtime.provider is not None:
+        return
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    runtime.session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), "probe")
+
+
 class Worker:
     """Serves work units of one model and data set; keeps the sessions, the clean values and the caches."""
 
@@ -114,14 +142,8 @@ class Worker:
         self._inputs = {s.name for s in model.inputs}
         self.device_free = runtime.device_memory()  # None on the CPU
         self.notes: list[str] = []
-        if batch_size is None:
-            batch_size = (sizing.DEFAULT_BATCH if self.device_free is None else
-                          sizing.device_batch(self.device_free, sizing.row_bytes(model.proto.graph, model.types)))
-        fixed = model.batch_size
-        if fixed is not None and fixed != batch_size:
-            self.notes.append(f"the model has a fixed batch size of {fixed}; evaluating {fixed} samples per run")
-            batch_size = fixed
-        self.batch_size = batch_size
+        self.batch_size, note = batch_size_for(model, batch_size, runtime)
+        self.notes.extend([note] if note else [])
         if noise_source == "graph" and model.opset not in passes.GRAPH_NOISE_OPSETS:
             raise UsageError(f"noise_source graph needs opset 10 to 21 (onnxruntime has no random ops at 22+); "
                              f"the model has opset {model.opset}")
