@@ -29,18 +29,6 @@ from walkaudit.errors import RuntimeFailure, UsageError
 from .models import mlp, resnet_block, teacher_labels
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster for the whole session (started on first use, stopped at the end)."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ray")
@@ -123,8 +111,8 @@ def test_slices_are_whole_batches_on_block_bounds_and_cover_the_samples():
 
 
 def test_clean_passes_over_slices_add_up_to_the_whole_pass(files):
-    """What each Ray actor runs (`Worker.clean_pass(rows=...)` from a resolved audit without targets): the CleanStats of the
-    slices, added, are the whole pass's bit for bit; each slice's targets are the whole pass's on its rows and
+    """What each Ray actor runs (`Worker.clean_pass(rows=...)` from a resolved audit without targets): the CleanStats of
+    the slices, added, are the whole pass's bit for bit; each slice's targets are the whole pass's on its rows and
     UNSCORED elsewhere; each keeps the clean values of its own batches only."""
     run = api.iter_audit(str(files / "res.onnx"), data=str(files / "res.npz"), provider="cpu", threads=1,
                          batch_size=128)

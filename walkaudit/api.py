@@ -172,6 +172,7 @@ class AuditRun:
         self.notes = [*self.loaded.notes, *(n for n in [left_out(self.loaded.proto, config.selection),
                                                          untyped(self.loaded.proto, self.loaded.types,
                                                                  config.selection)] if n)]
+        self.selected = self.sites  # the whole selection: a shard's clean pass exposes it all
         if config.shard is not None:
             self.sites = _shard(self.loaded, self.sites, *config.shard)
         unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]
@@ -214,8 +215,9 @@ class AuditRun:
         batch, note = resolved_mod.batch_size_for(self.loaded, config.batch_size, runtime)
         resolved_mod.learn_provider(runtime)  # the report's provider, also where no session runs here
         self.notes.extend([note] if note else [])
-        self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, config, batch,
-                                                        self._num_classes)
+        self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, self.selected, config,
+                                                        batch, self._num_classes)
+        self.notes.extend(resolved_mod.axis_notes(resolved.axes))
         progress.describe("clean pass")
         progress.grow(self.dataset.samples)
         # a walk keeps the clean values its sites read (where the units run: each worker those of its own rows)
@@ -419,7 +421,8 @@ class AuditRun:
             "config": {**self.noise.describe(), "mode": config.mode,
                        "sigmas": list(config.sigmas) if config.sigmas else None,
                        "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats,
-                       "seed": config.seed, "batch_size": self.resolved.batch_size, "provider_requested": config.provider,
+                       "seed": config.seed, "batch_size": self.resolved.batch_size,
+                       "provider_requested": config.provider,
                        "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
                        "exact": config.exact, "shard": list(config.shard) if config.shard else None,
                        "site_scales": dict(config.site_scales) or None,

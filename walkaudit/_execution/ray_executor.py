@@ -3,8 +3,8 @@
 - Each actor holds one `Worker`, built once from the driver's `ResolvedAudit` (`resolved.py`: the model's bytes,
   the class output, the data's path or its arrays with the resolved labels, the sites, the batch size, ...), never
   from the user's options. It is `ray.put` once; every actor gets the reference and reads its rows from the path
-  (memory-mapped) or the arrays zero-copy from its node's object store. The driver keeps the reference for as long as the executor
-  lives, so that a replacement actor can rebuild.
+  (memory-mapped) or the arrays zero-copy from its node's object store. The driver keeps the reference for as long
+  as the executor lives, so that a replacement actor can rebuild.
 - One actor per GPU (`num_gpus=1`, provider cuda) when the cluster has GPUs and the provider allows them; otherwise
   one per group of CPU cores (`--threads`, default `CPUS_PER_WORKER`), with onnxruntime's and the noise's threads set
   to the cores it was given (Ray's OMP_NUM_THREADS=1 does not bind onnxruntime).
@@ -387,8 +387,8 @@ class RayExecutor:
         return f"work units evaluated on {len(self.actors)} Ray workers ({', '.join(providers)})"
 
     def _new(self, actor=None, slot: int | None = None):
-        """An actor (new unless given) set up with the resolved audit: its worker builds while calls sent to it wait. One
-        that replaces the actor of `slot` after the clean pass also runs the clean pass over that slice again."""
+        """An actor (new unless given) set up with the resolved audit: its worker builds while calls sent to it wait.
+        One that replaces the actor of `slot` after the clean pass also runs the clean pass over that slice again."""
         actor = actor or self.cluster.start()
         self._setups.append(actor.setup.remote([self.audit]))
         if slot is not None and self.keep is not None:

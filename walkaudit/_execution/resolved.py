@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from walkaudit._execution.runtime import Runtime
-from walkaudit._execution.worker import Worker, batch_size_for, learn_provider  # noqa: F401  (for the driver)
+from walkaudit._execution.worker import (  # noqa: F401  (for the driver)
+    Worker,
+    axis_notes,
+    batch_size_for,
+    learn_provider,
+    site_axes,
+)
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Selection, select
 from walkaudit._loading import data as data_mod
@@ -60,6 +66,10 @@ class ResolvedAudit:
     class_output: ClassOutput  # name, kind, classes, per token: resolved from the model and, among rivals, the data
     data: ResolvedData
     sites: tuple[str, ...]  # the selected sites' tensor names, in site order (this shard's, when sharded)
+    exposed: tuple[str, ...]  # the whole selection's (before sharding): the values the clean pass exposes
+    #: per site of the selection, its batch axis by its inferred shape (`worker.site_axes`; the report's notes on
+    #: them are the same in every shard)
+    axes: tuple[tuple[str, int | None], ...]
     mode: str  # walk | global
     noise: str  # the noise model's name
     ratio: float  # its combined-noise ratio
@@ -102,7 +112,7 @@ class ResolvedAudit:
         return Worker(loaded, data, runtime=runtime, noise=make_noise(self.noise, self.ratio),
                       source=NormalSource(self.seed, threads), sites=sites, mode=self.mode,
                       batch_size=self.batch_size, noise_source=self.noise_source, key=self.key,
-                      index=index, targets=self.targets, **knobs)
+                      index=index, targets=self.targets, exposed=self.exposed, axes=dict(self.axes), **knobs)
 
     def loaded(self, model: LoadedModel | None = None) -> LoadedModel:
         """The model, with this audit's class output (never chosen again)."""
@@ -134,15 +144,16 @@ class ResolvedAudit:
         return dataclasses.replace(dataset, labels=d.labels, scored=d.scored, mask=d.mask)
 
 
-def resolve(loaded: LoadedModel, dataset: Dataset, sites, config, batch_size: int,
+def resolve(loaded: LoadedModel, dataset: Dataset, sites, selected, config, batch_size: int,
             num_classes: int | None) -> ResolvedAudit:
     """The resolved audit of a driver's choices: its loaded model (class output chosen), its data (read against
-    `num_classes`), its selected sites, its options and its batch size (`batch_size`)."""
+    `num_classes`), its sites (this shard's) among the `selected` ones, its options and its batch size."""
     path = os.path.abspath(dataset.path) if dataset.path else None
-    data = ResolvedData(dataset.samples, path, None if path else {k: np.asarray(v) for k, v in dataset.inputs.items()},
-                        config.x_key, config.y_key, config.limit, num_classes, dataset.labels, dataset.scored, dataset.mask,
-                        config.ignore_label)
-    return ResolvedAudit(loaded.sha256 or "in-memory model", loaded.path, tuple(loaded.inputs), loaded.class_output, data,
-                         tuple(s.name for s in sites), config.mode, config.noise, config.ratio, config.seed,
-                         config.repeats, config.sigmas, config.site_scales, batch_size, config.exact,
+    arrays = None if path else {k: np.asarray(v) for k, v in dataset.inputs.items()}
+    data = ResolvedData(dataset.samples, path, arrays, config.x_key, config.y_key, config.limit, num_classes,
+                        dataset.labels, dataset.scored, dataset.mask, config.ignore_label)
+    return ResolvedAudit(loaded.sha256 or "in-memory model", loaded.path, tuple(loaded.inputs), loaded.class_output,
+                         data, tuple(s.name for s in sites), tuple(s.name for s in selected),
+                         site_axes(loaded, [s.name for s in selected]), config.mode, config.noise, config.ratio,
+                         config.seed, config.repeats, config.sigmas, config.site_scales, batch_size, config.exact,
                          config.noise_source, config.provider, config.threads)

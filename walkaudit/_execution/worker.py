@@ -18,6 +18,7 @@ at the grid lines, and ε comes block by block from `NormalSource.rows`, so coun
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -31,7 +32,7 @@ from walkaudit._execution.strategies import (
     choose,
     graph_draws,
 )
-from walkaudit._graph import passes, positions
+from walkaudit._graph import dependence, passes, positions
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site
 from walkaudit._loading.data import Dataset
@@ -75,6 +76,19 @@ def predictions(out: np.ndarray, kind: str, per_token: bool = False) -> tuple[np
         return np.where(bad, -1, (scores[:, 0] > threshold).astype(np.int64)), bad
     pred = np.where(bad, -1, np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1))
     return pred, bad
+
+
+def site_axes(model: LoadedModel, sites) -> tuple[tuple[str, int | None], ...]:
+    """Each site's batch axis by its inferred shape (where it carries the inputs' batch symbol; None: told by size
+    when the values are seen, `Worker.batch_axis`)."""
+    batch = passes.batch_dimension(model.inputs)
+    return tuple((s, passes.symbol_axis(model.types.get(s), batch)) for s in sites)
+
+
+def axis_notes(axes) -> list[str]:
+    """The report's notes on sites whose samples run along another axis than the first."""
+    return [f"{site}: samples run along axis {axis}; the noise is drawn per sample along it"
+            for site, axis in axes if axis not in (None, 0)]
 
 
 def graph_seeds(seed: int, model: LoadedModel, site: str) -> tuple[int, int]:
@@ -121,9 +135,14 @@ class Worker:
                  source: NormalSource, sites: list[Site], mode: str = "walk", batch_size: int | None = None,
                  noise_source: str = "auto", key: str | None = None, strategy: type[Strategy] | None = None,
                  pack: bool = True, cache_bytes: int = CACHE_BYTES, index: GraphIndex | None = None,
-                 targets: np.ndarray | None = None):
+                 targets: np.ndarray | None = None, exposed: tuple[str, ...] | None = None,
+                 axes: dict[str, int | None] | None = None):
         """`strategy` forces one evaluation path for every unit (tests compare paths with it); `pack` False runs σ
-        levels one at a time; `cache_bytes` bounds the clean values kept and cached."""
+        levels one at a time; `cache_bytes` bounds the clean values kept and cached. `exposed`: the sites whose
+        values (and, walking, their suffixes' reads) the clean model exposes (default: `sites`); a shard exposes the
+        whole selection's, so that its clean values are the unsharded run's bit for bit (onnxruntime's fusions
+        depend on which values are graph outputs, even in exact sessions). `axes`: the sites' batch axes as the
+        driver resolved them (`site_axes`)."""
         self.forced, self.pack, self.cache_bytes = strategy, pack, cache_bytes
         self.model, self.data, self.runtime, self.noise, self.source = model, data, runtime, noise, source
         self.sites, self.mode, self.noise_source = sites, mode, noise_source
@@ -135,7 +154,12 @@ class Worker:
         self._plans = {site: self._per_sample(site, plan) for site, plan in
                        self.index.suffix_plans([s.name for s in sites], out).items()} if mode == "walk" else {}
         self._reads = {site: (site, *frontier) for site, (_, frontier) in self._plans.items()}
-        exposed = [*(s.name for s in sites), *(n for names in self._reads.values() for n in names)]
+        shown = self._reads
+        if exposed is not None and mode == "walk" and set(exposed) != set(self._reads):
+            shown = {site: (site, *self._per_sample(site, plan)[1]) for site, plan in
+                     self.index.suffix_plans(exposed, out).items()}
+        exposed = [*(exposed if exposed is not None else (s.name for s in sites)),
+                   *(n for names in shown.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
         # are exposed with it (a site's curve is then the same audited alone or among others)
         self._clean = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
@@ -151,7 +175,8 @@ class Worker:
         self._kept_sites: set[str] = set()  # sites whose values are kept and that no evaluation has taken yet
         self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`Recipe`)
         self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
-        self._axes: dict[str, int | str] = {}  # site -> its batch axis from the inferred shape, or "size"
+        #: value -> its batch axis from the inferred shape, or "size" (told by size when seen)
+        self._axes: dict[str, int | str] = {n: "size" if a is None else a for n, a in (axes or {}).items()}
         self._folds: dict[str, str | None] = {}  # site -> how its first axis folds the samples (`fold`)
 
     # -- the clean model -----------------------------------------------------------------------------------------
@@ -244,9 +269,6 @@ class Worker:
         if site not in self._axes:
             axis = passes.symbol_axis(self.model.types.get(site), passes.batch_dimension(self.model.inputs))
             self._axes[site] = "size" if axis is None else axis
-            if self._axes[site] == 1 or self._axes[site] not in (0, "size"):
-                self.notes.append(f"{site}: samples run along axis {self._axes[site]}; the noise is drawn per sample "
-                                  "along it")
         axis = self._axes[site]
         if axis != "size":
             return axis if axis < len(shape) and shape[axis] == rows else self._by_size(site, shape, rows)
@@ -333,7 +355,13 @@ class Worker:
     def _per_sample(self, site: str, plan):
         """The suffix plan fed by rows: values that describe the batch as a whole (shape vectors) are recomputed in
         the suffix (`passes.per_sample`), so that it takes G tiled copies of a batch, or part of one."""
-        return passes.per_sample(plan, site, self.index, self.model.types, passes.batch_dimension(self.model.inputs))
+        return passes.per_sample(plan, site, self.index, self.model.types, passes.batch_dimension(self.model.inputs),
+                                 kinds=self._kinds)
+
+    @functools.cached_property
+    def _kinds(self) -> dict[str, str]:
+        """What every value depends on (per sample, the batch's shape, constant; `dependence.classify`), once."""
+        return dependence.classify(self.index, self.model.types, passes.batch_dimension(self.model.inputs))
 
     def _take(self, site: str) -> dict[int, dict[str, np.ndarray]]:
         """Hand over what the clean pass kept for `site` (grid batch -> values), and forget what no later site
