@@ -397,6 +397,19 @@ def _check_outputs(json_path, markdown_path, junit_path, inputs=None, extra=()) 
                            ("--html", _meta("html")), *extra])
 
 
+def _readable(text: str) -> str:
+    """A JSON report walkaudit can read back: refused (one line, nothing written) when it is larger than the
+    reader's limit (walkaudit.report.model.MAX_REPORT_BYTES)."""
+    from walkaudit.report import model
+
+    size = len(text.encode("utf-8"))
+    if size > model.MAX_REPORT_BYTES:
+        raise UsageError(f"the JSON report would be {size / 2**20:.0f} MiB, more than the "
+                         f"{model.MAX_REPORT_BYTES // 2**20} MiB walkaudit reads back; nothing written (fewer sites "
+                         "per report: --include/--exclude, or a coarser --sigmas grid)")
+    return text
+
+
 def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_with=None) -> None:
     """Write the requested files of a typed Report and print the summary (to stderr when stdout carries a document).
 
@@ -411,7 +424,7 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
     from walkaudit.report.model import dumps
 
     if json_path:
-        _write(json_path, dumps(report.to_dict()))
+        _write(json_path, _readable(dumps(report.to_dict())))
     if markdown_path:
         if markdown_path == "auto":
             _write(os.environ["GITHUB_STEP_SUMMARY"], to_markdown(report) + "\n", append=True)
@@ -559,8 +572,15 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
         fp = None  # a model or data file that cannot be read: the audit itself says so, in its own words
     if fp is not None:
         path = checkpoint_path or ckpt.default_path(json_path, fp)
-        done = ckpt.load(path, fp) if resume else []
-        if not resume and os.path.isfile(path):
+        written = [(flag, o.path) for flag, value in (("--json", json_path), ("--markdown", markdown_path),
+                                                      ("--junit", junit_path), ("--html", _meta("html")))
+                   for o in [outputs.resolve(flag, value)] if o is not None]
+        exists = ckpt.check_path(path, written, inputs=[("the model", model), ("the data (--data)", data_path)])
+        ckpt.clean_stale(path)  # the temporary of a write killed with -9
+        if resume and not exists:  # e.g. killed before the first site finished: nothing saved yet
+            warn(f"--resume: no checkpoint at {path} yet; starting from the beginning")
+        done = ckpt.load(path, fp) if resume and exists else []
+        if not resume and exists:
             warn(f"starting over: the checkpoint {path} of an earlier run is replaced (--resume continues it)")
         cp = ckpt.Checkpoint(path, fp, done, make_folder=checkpoint_path is None and json_path in (None, "-"))
 
@@ -577,6 +597,9 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                                  data_sha256=fp["data_sha256"] if fp else None)  # hashed once, above
             if cp is not None and json.dumps(run.fingerprint, sort_keys=True) != json.dumps(fp, sort_keys=True):
                 raise UsageError("the model or data file changed while the audit started; run it again")
+            if cp is not None and cp.sites:
+                ckpt.check_against(cp.sites, run.sites, None if run.loaded.class_output.per_token
+                                   else run.dataset.samples)
             try:
                 for site in run:
                     problem = cp.add(site.to_dict()) if cp else None
