@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 
 from walkaudit.cli.outputs import write_atomic
 from walkaudit.errors import UsageError
@@ -107,36 +106,16 @@ def difference(saved: dict, current: dict) -> str | None:
 
 def _read(path: str, what: str) -> str | None:
     """The text of the checkpoint file at `path`, None when there is none, with the checks a report gets when it
-    is read: never through a symlink, a regular file only (a FIFO would block, /dev/zero never ends), at most
-    MAX_REPORT_BYTES, UTF-8. `what` starts each one-line refusal (e.g. '--resume: ')."""
-    from walkaudit.report.model import MAX_REPORT_BYTES
+    is read (walkaudit.report.model.read_limited: a regular file of at most MAX_REPORT_BYTES) and never through a
+    symlink. `what` starts each one-line refusal (e.g. '--resume: ')."""
+    from walkaudit.report.model import read_limited
 
     try:
-        info = os.lstat(path)
+        raw = read_limited(path, "checkpoint", links=False)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise UsageError(f"{what}cannot read the checkpoint {path}: {exc.strerror or exc}") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise UsageError(f"{what}the checkpoint {path} is a symbolic link: walkaudit never reads or writes a checkpoint "
-                         "through one; remove the link or give another --checkpoint")
-    if stat.S_ISDIR(info.st_mode):
-        raise UsageError(f"{what}{path} is a directory, not a checkpoint")
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{what}{path} is not a regular file (a device, FIFO or socket), not a checkpoint")
-    if info.st_size > MAX_REPORT_BYTES:
-        raise UsageError(f"{what}{path} is {info.st_size / 2**20:.0f} MiB, more than the {MAX_REPORT_BYTES // 2**20} "
-                         "MiB a checkpoint can be")
-    try:  # O_NOFOLLOW and O_NONBLOCK: a file swapped for a link or a FIFO since lstat neither follows nor blocks
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise UsageError(f"{what}{path} is not a regular file, not a checkpoint")
-            raw = f.read(MAX_REPORT_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"{what}cannot read the checkpoint {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_REPORT_BYTES:
-        raise UsageError(f"{what}{path} is more than the {MAX_REPORT_BYTES // 2**20} MiB a checkpoint can be")
+    except UsageError as exc:
+        raise UsageError(f"{what}{exc}; remove it or give another --checkpoint") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

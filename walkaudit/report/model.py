@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import stat
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -519,25 +520,10 @@ def load_report(path: str | Path) -> Report:
     not a regular file, larger than :data:`MAX_REPORT_BYTES`, not UTF-8, not JSON, ``NaN``/``Infinity`` literals or
     numbers out of float range, nesting too deep, another major version, anything the schema refuses."""
     shown = printable(path)
-    p = Path(path)
     try:
-        info = p.stat()
+        raw = read_limited(path, "report")
     except FileNotFoundError:
         raise UsageError(f"report not found: {shown}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read report {shown}: {printable(exc.strerror or exc)}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"report {shown} is not a regular file")
-    if info.st_size > MAX_REPORT_BYTES:
-        raise UsageError(f"report {shown} is {info.st_size / 2**20:.0f} MiB, more than the "
-                         f"{MAX_REPORT_BYTES // 2**20} MiB a walkaudit report can be")
-    try:
-        with p.open("rb") as fh:
-            raw = fh.read(MAX_REPORT_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read report {shown}: {printable(exc.strerror or exc)}") from None
-    if len(raw) > MAX_REPORT_BYTES:
-        raise UsageError(f"report {shown} is more than the {MAX_REPORT_BYTES // 2**20} MiB a report can be")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -556,6 +542,41 @@ def load_report(path: str | Path) -> Report:
         raise UsageError(f"{shown}: {exc}") from None
     except RecursionError:
         raise UsageError(f"{shown} is not a walkaudit report: JSON nested too deeply") from None
+
+
+def read_limited(path: str | Path, what: str, *, links: bool = True) -> bytes:
+    """The bytes of a file walkaudit reads back (a report, a checkpoint), refused with one UsageError line naming
+    it as `what` when it is not a regular file (a FIFO would block, /dev/zero never ends) or larger than
+    :data:`MAX_REPORT_BYTES`; `links=False` also refuses a symlink. FileNotFoundError passes through."""
+    shown = printable(path)
+    try:
+        info = os.stat(path) if links else os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {shown}: {printable(exc.strerror or exc)}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UsageError(f"{what} {shown} is a symbolic link: walkaudit never reads or writes a {what} through one")
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{what} {shown} is not a regular file (a directory)")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{what} {shown} is not a regular file (a device, FIFO or socket)")
+    if info.st_size > MAX_REPORT_BYTES:
+        raise UsageError(f"{what} {shown} is {info.st_size / 2**20:.0f} MiB, more than the "
+                         f"{MAX_REPORT_BYTES // 2**20} MiB a walkaudit {what} can be")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if links else getattr(os, "O_NOFOLLOW", 0))
+    try:  # O_NONBLOCK (and O_NOFOLLOW): a file swapped for a FIFO (or a link) since the stat neither blocks nor follows
+        with os.fdopen(os.open(path, flags), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise UsageError(f"{what} {shown} is not a regular file (a device, FIFO or socket)")
+            raw = fh.read(MAX_REPORT_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {shown}: {printable(exc.strerror or exc)}") from None
+    if len(raw) > MAX_REPORT_BYTES:
+        raise UsageError(f"{what} {shown} is more than the {MAX_REPORT_BYTES // 2**20} MiB a walkaudit {what} can be")
+    return raw
 
 
 # --- validation -------------------------------------------------------------------------------------------------
