@@ -597,6 +597,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                                  data_sha256=fp["data_sha256"] if fp else None)  # hashed once, above
             if cp is not None and json.dumps(run.fingerprint, sort_keys=True) != json.dumps(fp, sort_keys=True):
                 raise UsageError("the model or data file changed while the audit started; run it again")
+            _warn_range(run, warn)
             if cp is not None and cp.sites:
                 ckpt.check_against(cp.sites, run.sites, None if run.loaded.class_output.per_token
                                    else run.dataset.samples)
@@ -741,6 +742,16 @@ def plot(report_path, out, baseline, relative):
 #: where the data loader looks for labels without --y-key (walkaudit._loading.data)
 _LABEL_KEYS = ("y", "Y", "labels", "label", "targets", "target")
 _LABEL_LIKE = ("lab", "lbl", "target", "class", "truth", "gt", "ann")
+
+
+def _warn_range(run, warn) -> None:
+    """Warn when the data looks unnormalised (walkaudit._loading.data.range_warning: whole-number floats above 50)."""
+    from walkaudit._loading.data import range_warning
+
+    dataset = getattr(run, "dataset", None)
+    message = range_warning(dataset) if dataset is not None else None
+    if message:
+        warn(message)
 
 
 def _check_npz_labels(data_path: str, x_key: str | None, y_key: str | None) -> None:
