@@ -278,6 +278,24 @@ def test_compare_shows_percent_and_warns_without_max_drop(tmp_path):
     assert gated.exit_code == 1 and "no --max-drop" not in gated.stderr
 
 
+def test_every_warning_goes_to_stderr_with_the_one_prefix(tmp_path):
+    base = make_report(data_sha256="cd" * 32)  # other data: the gate warns
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b.json").write_text(json.dumps(make_report()))
+    for flags in ([], ["--max-drop", "20%"], ["--fail-under", "0.001"]):
+        result = invoke("compare", tmp_path / "a.json", tmp_path / "b.json", *flags, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.stderr
+        assert "warning" not in result.stdout.lower(), result.stdout
+        assert "gate: passed" in result.stdout
+        warnings = result.stderr.splitlines()
+        assert warnings and all(ln.startswith("walkaudit: warning: ") for ln in warnings), result.stderr
+        assert any("data" in ln for ln in warnings), result.stderr
+        # the table compared OLD with NEW: no line may say the baseline was not compared
+        assert "not compared" not in result.stderr
+    quiet = invoke("compare", tmp_path / "a.json", tmp_path / "b.json", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+
+
 # --- GitHub annotations and HTML -------------------------------------------------------------------------------------
 
 HOSTILE = ["conv\n::add-mask::secret", "a%0Ab", "x,y:z", "\x1b[2Jname", "<script>alert(1)</script>"]

@@ -397,6 +397,11 @@ def _check_outputs(json_path, markdown_path, junit_path, inputs=None, extra=()) 
                            ("--html", _meta("html")), *extra])
 
 
+def _no_warnings(lines: list[str]) -> list[str]:
+    """The rendered lines without the gate's `warning: ` lines, which go to stderr as `walkaudit: warning: …`."""
+    return [ln for ln in lines if not (isinstance(ln, str) and ln.startswith("warning: "))]
+
+
 def _readable(text: str) -> str:
     """A JSON report walkaudit can read back: refused (one line, nothing written) when it is larger than the
     reader's limit (walkaudit.report.model.MAX_REPORT_BYTES)."""
@@ -444,17 +449,19 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
     gate = report.gate
     if quiet:
         if gate is not None and not gate.passed:
-            render.show(console, [ln for ln in render.gate_lines(gate) if not ln.startswith("warning: ")])
+            render.show(console, _no_warnings(render.gate_lines(gate)))
     else:
         if compare_with is not None:
             render.show(console, render.compare_table(compare_with, report, width=width))
-            render.show(console, render.gate_lines(gate) if gate is not None else [])
+            render.show(console, _no_warnings(render.gate_lines(gate)) if gate is not None else [])
         else:
             render.show(console, render.site_table(report, bars=width is None or width >= 100, width=width))
             tolerances = render.tolerance_table(report, width=width)
             if tolerances is not None:
                 render.show(console, tolerances)
-            render.show(console, render.summary_lines(report))
+            render.show(console, _no_warnings(render.summary_lines(report)))
+        for warning in gate.warnings if gate is not None else ():
+            _warn(warning)  # every warning: stderr, one prefix (the table and verdict stay on stdout)
     if github:
         lines = to_github(report, warnings=not quiet).splitlines()
         if lines:
@@ -703,6 +710,8 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
     old_report, new_report = _read_report(old), _read_report(new)
     config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, old)
     verdict = gate.evaluate(new_report, config, old_report)
+    if config.max_drop is None:  # compare shows OLD beside NEW: it was compared, only drops are not gated (said below)
+        verdict.warnings = [w for w in verdict.warnings if "the baseline was not compared" not in w]
     new_report = new_report.with_gate(verdict, rules=config.to_dict())
     if config.max_drop is None:
         drops = _drops(old_report, new_report)
