@@ -175,13 +175,46 @@ def test_progress_on_a_terminal_shows_site_k_of_n():
         p.grow(10)
         p.advance(10)
         p.site_started(1, 3, "conv")
-        assert p.current == "site 1/3 conv"
+        p.describe("conv")  # the core names the site it starts: "site k/N" stays
+        assert p._bar.tasks[0].description == "site 1/3 conv"
         p.grow(10)
         p.advance(5)
         task = p._bar.tasks[0]
         assert task.total == 4 and 1.0 <= task.completed < 2.0
         p.site_finished(_Site("conv", 0.1))
     assert "walkaudit: site" not in out.getvalue()  # no plain lines under the live bar
+
+
+@pytest.mark.parametrize("width", [80, 100, 60])
+def test_the_live_line_cuts_a_long_name_at_its_start_never_the_counts(width):
+    """`/encoder/layers.0/self_attn/MatMul_1_output_0 ━━ 18% 3.1k samples/s 0… ETA 0:0…` was the line at 80
+    columns: now 'site k/N', the name's end and every count fit."""
+    from rich.console import Console
+
+    from walkaudit.cli.progress import live_description
+
+    name = "/encoder/layers.0/self_attn/MatMul_1_output_0"
+    clock = iter(range(0, 10_000)).__next__
+    out = io.StringIO()
+    with RichProgress(stream=out, live=True, clock=lambda: float(clock())) as p:
+        p._bar.console.width = width
+        p.describe("clean pass")
+        p.grow(10)
+        p.advance(10)
+        p.site_started(7, 12, name)
+        p.describe(name)
+        p.grow(1000)
+        p.advance(300_000 // 1000)
+        description = p._bar.tasks[0].description
+        shown = io.StringIO()
+        Console(file=shown, width=width, color_system=None).print(p._bar.make_tasks_table(p._bar.tasks))
+    line = shown.getvalue().rstrip("\n")
+    kept = description.removeprefix("site 7/12").removeprefix(" …")
+    assert description.startswith("site 7/12") and name.endswith(kept), description
+    assert len(kept) >= 11 or width < 70, description  # narrower: 'site k/N' and the counts only
+    assert description == live_description("site 7/12", name, width)
+    assert len(line) <= width and "…" not in line.replace(description, ""), line
+    assert "samples/s" in line and "ETA" in line and line.count(":") >= 4, line  # elapsed and remaining whole
 
 
 def test_quiet_has_no_progress_lines():
