@@ -393,6 +393,23 @@ def test_html_report_parses_and_names_every_site(tmp_path):
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
 
 
+def test_html_shows_unknown_dims_as_question_marks_and_names_break_only_between_parts():
+    import re
+
+    long = "/encoder/layers.0/self_attention_block/MatMul_1_output_0"
+    site = make_site(long, 0.5, index=0)
+    site["shape"] = ["batch", "unk__16", 64]
+    page = to_html(typed(make_report([site, make_site("fc", 1.0, index=1)])))
+    assert "unk__16" not in page and "batch×?×64" in page
+    assert "break-all" not in page  # a narrow window broke names every few characters
+    cell = re.search(r'<td class="name">(.*?)</td>', page).group(1)
+    assert cell.replace("<wbr>", "") == long
+    pieces = cell.split("<wbr>")
+    assert all(p[-1] in "/._:-" for p in pieces[:-1]) and max(map(len, pieces)) > 4
+    legend = [t for t in re.findall(r"<text [^>]*>([^<]*)</text>", page) if t.startswith("…")]
+    assert legend and all(long.endswith(t[1:]) and long[-len(t[1:]) - 1] in "/._:-" for t in legend), legend
+
+
 def test_cli_writes_the_html_report(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(make_report()))
     result = invoke("compare", tmp_path / "r.json", tmp_path / "r.json", "--html", tmp_path / "r.html", "-s")

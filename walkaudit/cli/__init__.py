@@ -515,6 +515,7 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
             render.show(console, render.site_table(report, bars=width is None or width >= 100, width=width))
             tolerances = render.tolerance_table(report, width=width)
             if tolerances is not None:
+                render.show(console, [render.TOLERANCE_TITLE])
                 render.show(console, tolerances)
             render.show(console, _no_warnings(render.summary_lines(report)))
         for warning in gate.warnings if gate is not None else ():
