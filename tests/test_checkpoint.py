@@ -288,6 +288,11 @@ def _user_files(root: Path) -> dict[str, bytes]:
     (lambda r: (r / "z.json").symlink_to("/dev/zero"), ["--checkpoint", "z.json", "--resume"],
      "is not a regular file"),
     (lambda r: None, ["--checkpoint", "/dev/zero", "--resume"], "is not a regular file"),
+    # at the default path (<--json>.checkpoint), where no output check looks: a FIFO hung --resume, /dev/zero
+    # was read until memory ran out
+    (lambda r: os.mkfifo(r / "out.json.checkpoint"), ["--json", "out.json", "--resume"], "is not a regular file"),
+    (lambda r: (r / "out.json.checkpoint").symlink_to("/dev/zero"), ["--json", "out.json", "--resume"],
+     "is a symbolic link"),
 ])
 def test_a_checkpoint_path_that_is_not_walkaudits_is_refused(files, monkeypatch, setup, flags, phrase):
     setup(files)
