@@ -11,6 +11,13 @@ otherwise it refuses with one line that names what differs.
 
 Where: `--checkpoint PATH`; else `<--json PATH>.checkpoint` when --json is a file; else
 `.walkaudit/checkpoint-<12 hex>.json` in the current folder (12 hex digits of the fingerprint's sha256).
+
+Only walkaudit's own file is ever replaced or deleted there (`check_path`, before any work): a symlink, anything but
+a regular file, an existing file that is not a checkpoint, or a path that is also an output or an input is refused
+with one line; a checkpoint is read with the checks a report gets (a regular file, at most MAX_REPORT_BYTES) and
+never written through a symlink. The temporaries of a write killed with -9 are deleted at the next start
+(`clean_stale`). `load` checks every saved site as a report's site (schema and numbers), `check_against` the
+sites against the audit about to run (selected, same index, no more samples than the data).
 """
 
 from __future__ import annotations

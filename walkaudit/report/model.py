@@ -439,8 +439,10 @@ class Report:
         """Validate ``data`` (a parsed JSON report of schema 1.x) and build the typed report.
 
         Raises UsageError with one line naming the JSON path and the problem: another major version, a wrong type
-        anywhere, a missing key, a non-finite number, nesting deeper than :data:`MAX_DEPTH`, per-repeat counts that
-        do not match ``repeats``.
+        anywhere, a missing key, a non-finite number, nesting deeper than :data:`MAX_DEPTH`, numbers that disagree
+        with each other (per-repeat counts not one per repeat or above ``samples``, an ``accuracy`` or
+        ``clean_accuracy`` its counts do not give, a point with more samples than the clean pass, ``evaluations``
+        other than the points' repeats × samples, a shard outside 1..N, a site index or name twice).
         """
         check_report_version(data)
         _check_document(data, "")
