@@ -38,8 +38,12 @@ from .reports import (
 
 def odd_floats_report() -> dict:
     """Floats whose last bit matters, subnormals and big exponents: the round trip must keep every bit."""
-    report = make_report()
-    report["clean_accuracy"] = 0.1 + 0.2
+    report = make_report(samples=10)
+    report["clean_accuracy"] = 0.1 + 0.2  # 3 of 10 samples, within float rounding
+    report["clean_counts"] = {"correct": 3, "samples": 10}
+    for site in report["sites"]:
+        for point in site["points"]:
+            point.update(samples=10, accuracy=0.3, per_repeat={"correct": [3] * 3, "nonfinite": [0] * 3})
     report["sites"][0]["midpoint"] = 5e-324
     report["sites"][0]["ci95"] = [2.2250738585072014e-308, 1.7976931348623157e308]
     report["sites"][1]["activation_std"] = struct.unpack("<d", struct.pack("<Q", 0x3FB999999999999B))[0]

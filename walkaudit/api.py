@@ -97,6 +97,8 @@ def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditC
     `data_sha256`: the data file's sha256 when the caller already has it (the CLI hashes it for the checkpoint
     before loading): it is then not read a second time to hash it.
     """
+    if data is not None and (x is not None or y is not None):
+        raise UsageError("give the data either as arrays (x, y) or as a file (data=...), not both")
     config = with_options(config or AuditConfig(), options)
     run = AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done), data_sha256=data_sha256)
     run.executor = executor
