@@ -97,8 +97,7 @@ class Curve:
         for sigma in counts.sigmas:
             level = counts.level(sigma)
             old = self.levels.get(sigma)
-            self.levels[sigma] = level if old is None else Counts(
-                (sigma,), old.correct + level.correct, old.nonfinite + level.nonfinite, old.samples + level.samples)
+            self.levels[sigma] = level if old is None else old + level
 
     def sorted(self) -> tuple[np.ndarray, list[Counts]]:
         sig = np.array(sorted(self.levels))
