@@ -46,10 +46,13 @@ def test_logistic_and_halfway():
 def test_recovers_known_midpoint(seed, width, sigma50):
     acc = sample_curve(seed, sigma50=sigma50, width=width)
     result = midpoint(GRID, acc, clean=0.95, chance=0.1, samples=SAMPLES)
-    assert result.method == "logistic" and result.ok and result.censored is None
+    assert result.ok and result.censored is None
     assert decades(result.value, sigma50) < TOL_DECADES
-    assert result.params["lo"] == 0.1  # pinned at chance
-    assert result.params["w"] == pytest.approx(width, rel=0.3)
+    if result.estimator == "logistic":
+        assert result.method == "logistic" and result.params["lo"] == 0.1  # pinned at chance
+        assert result.params["w"] == pytest.approx(width, rel=0.3)
+    else:  # the residual test rejects a true logistic at its level (5 %): the monotone fit stands in
+        assert result.estimator == "isotonic" and "residuals beyond binomial noise" in result.message
 
 
 def test_ci95_covers_truth_and_is_ordered():

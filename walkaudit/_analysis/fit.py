@@ -62,7 +62,7 @@ _TRANSITION_WIDTH = 2 * math.log(9)  # the logistic falls from 90% to 10% of its
 BOOTSTRAP = 200  # bootstrap refits behind a 95% interval (400 moved bounds by ≤ 1 % at twice the cost)
 _BOOT_MIN_VALID = 0.9  # share of refits that must cross the halfway line for an interval
 BRACKET_Z = 2.0  # standard errors from the halfway line that put a level's side of it beyond doubt
-RESIDUAL_P = 0.001  # a logistic whose residuals are this improbable under binomial noise gives way to the isotonic fit
+RESIDUAL_P = 0.05  # a logistic whose residuals are this improbable under binomial noise gives way to the isotonic fit
 
 
 @dataclass(frozen=True)
@@ -222,8 +222,8 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None,
     bracket = _evidence(u, iso, trials, half)
     fit = _choose_fit(u, acc, clean=clean, chance=chance, half=half, u_start=_interpolated_crossing(u, means, half),
                       samples=n, shown=shown)
-    if not isinstance(fit, str):
-        fit = _misfit(fit, u, means, acc, trials, bracket) or fit
+    if not isinstance(fit, str) and (problem := _misfit(fit, u, means, acc, trials, bracket)):
+        fit = problem if not fit.message else f"{fit.message}, but {problem}"
     if isinstance(fit, str):
         result = _isotonic_midpoint(u, acc, n, half=half, clean=clean, chance=chance, reason=fit)
     else:
@@ -529,9 +529,20 @@ def _misfit(fit: Midpoint, u, means, acc, trials, bracket: tuple[int, int]) -> s
     u_half = math.log10(fit.value)
     a, b = u[bracket[0]], u[bracket[1]]
     if not a - 1e-12 <= u_half <= b + 1e-12:
-        return (f"the logistic crosses the halfway line at σ = {fit.value:.3g}, outside the points' bracket "
-                f"{10 ** a:.3g}-{10 ** b:.3g}")
+        return (f"the logistic crosses the halfway line at σ = {fit.value:.3g}, outside the levels around it that "
+                f"are clearly on their side of the line ({10 ** a:.3g}-{10 ** b:.3g})")
     return None
+
+
+def _evidence(u, curve, trials, half: float) -> tuple[int, int]:
+    """The levels around the crossing of a non-increasing ``curve`` that are clearly on their side of ``half``: the
+    last one before it more than BRACKET_Z binomial standard errors above, the first one after it as far below (the
+    grid's ends when none is). A crossing outside them contradicts the points."""
+    i, k = _bracket(u, curve, half)
+    far = BRACKET_Z * _binomial_se(curve, trials)
+    above = np.nonzero(curve[: i + 1] - half > far[: i + 1])[0]
+    below = np.nonzero(half - curve[k:] > far[k:])[0]
+    return (int(above[-1]) if above.size else 0), (k + int(below[0]) if below.size else u.size - 1)
 
 
 def _evidence(u, curve, trials, half: float) -> tuple[int, int]:
