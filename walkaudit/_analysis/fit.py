@@ -21,19 +21,27 @@ the design notes ("The method", Walking Noise, arXiv 2212.10430):
    also fits significantly better (F-test, p < 0.01). A top neither at chance nor flat ("unsettled") keeps the
    floor pinned at chance, and `Midpoint.note` says so. The adaptive search (`sweep.adaptive`) extends σ by the
    same criterion.
-5. Fallback: when the fit fails, crosses outside the grid, or leaves large residuals (a jagged curve), or there are
-   fewer than 3 levels, σ50 is the linear interpolation in log σ of the first downward crossing of the halfway line
-   (method "interpolation", ok=False).
+5. The points decide: the logistic stands (``Midpoint.estimator`` "logistic") only when its residuals are within
+   binomial noise (χ² of the level means about the fit, each against the larger of the binomial variance of the
+   fitted accuracy and the variance of its repeats' mean, on levels - parameters degrees of freedom: rejected at
+   p < RESIDUAL_P) and its crossing lies between the levels clearly on either side of the halfway line (BRACKET_Z
+   standard errors). Otherwise, and when the fit fails, crosses outside the grid or leaves large residuals, σ50 is
+   the crossing of the isotonic (non-increasing) fit of the level means, linear in log σ between the levels around
+   it ("isotonic", method "isotonic"). Fewer than 3 levels: the linear interpolation in log σ of the first crossing
+   ("interpolated", method "interpolation", ok=False). A clean accuracy within its binomial 95 % interval of chance
+   (`at_chance`, with ``clean_samples``) gives no σ50 at all (NaN, "none").
 
 The 95% interval of a logistic estimate is a bootstrap (``ci_method="bootstrap"``): BOOTSTRAP replicates resample
 the R repeats with replacement as whole curves (common random numbers: one noise draw serves every σ of a repeat,
 so its errors are shared across levels; deviations scaled by sqrt(R/(R-1)) to undo the bootstrap's shrinkage),
 redraw each point's count binomially from its accuracy and the level's samples, and refit the chosen model with a
 batched Levenberg-Marquardt started at the fit; the interval is the 2.5-97.5% percentile of the refitted crossings
-in log σ. The generator is seeded from the inputs, so the same data give the same interval. When the fitted drop
-(90% -> 10%) is narrower than the grid step at the crossing, the interval is that grid step
-(``ci_method="grid-bracket"``). It is None when censored, interpolated, or when most refits do not cross the line.
-It describes the noise draws and repeats, not the choice of evaluation set.
+in log σ. An isotonic estimate's interval comes from the same replicates, each refitted monotonically: from the
+2.5 % quantile of the lower ends of the levels around their crossings to the 97.5 % quantile of the upper ends. The
+generator is seeded from the inputs, so the same data give the same interval. When the fitted drop (90% -> 10%) is
+narrower than the grid step at the crossing, the interval is that grid step (``ci_method="grid-bracket"``). It is
+None when censored, interpolated, or when the replicates do not cross the halfway line inside the grid. It
+describes the noise draws and repeats, not the choice of evaluation set.
 """
 
 from __future__ import annotations
@@ -597,7 +605,8 @@ def _isotonic_midpoint(u, acc, samples, *, half: float, clean: float, chance: fl
         else:
             i, k = _bracket(u, _isotonic(curve, trials), half)
             lows[b], highs[b] = u[i], u[k]
-    lo, hi = float(np.quantile(lows, 0.025)), float(np.quantile(highs, 0.975))
+    # grid levels, not values between them (and no inf - inf where replicates leave the grid)
+    lo, hi = float(np.quantile(lows, 0.025, method="lower")), float(np.quantile(highs, 0.975, method="higher"))
     message = f"{reason}: σ50 from the monotone (isotonic) fit of the points"
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return Midpoint(float(10**u_half), None, None, "isotonic", True, {}, None,
