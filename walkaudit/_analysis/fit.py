@@ -232,10 +232,8 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None,
                       samples=n, shown=shown)
     if not isinstance(fit, str) and (problem := _misfit(fit, u, means, acc, trials, bracket)):
         fit = problem if not fit.message else f"{fit.message}, but {problem}"
-    if isinstance(fit, str):
-        result = _isotonic_midpoint(u, acc, n, half=half, clean=clean, chance=chance, reason=fit)
-    else:
-        result = fit
+    result = _isotonic_midpoint(u, acc, n, half=half, clean=clean, chance=chance, reason=fit) \
+        if isinstance(fit, str) else fit
     if unsettled is not None:
         message = "; ".join(part for part in (unsettled, result.message) if part)
         return replace(result, message=message, note=unsettled)
@@ -247,17 +245,22 @@ def at_chance(clean: float, chance: float, samples: int | None) -> bool:
     chance? Then nothing separates the model from guessing, and no σ50 means anything."""
     if samples is None or samples < 1 or not 0.0 <= chance <= 1.0:
         return False
+    _, low, high = _clean_interval(clean, samples)
+    return bool(low <= chance <= high)
+
+
+def _clean_interval(clean: float, samples: int) -> tuple[int, float, float]:
+    """(correct, low, high): the clean count and its Clopper-Pearson 95 % interval."""
     k = int(round(min(max(clean, 0.0), 1.0) * samples))
     ci = stats.binomtest(k, int(samples)).proportion_ci(0.95)
-    return bool(ci.low <= chance <= ci.high)
+    return k, float(ci.low), float(ci.high)
 
 
 def _no_midpoint(clean: float, chance: float, samples: int) -> Midpoint:
-    k = int(round(clean * samples))
-    ci = stats.binomtest(k, int(samples)).proportion_ci(0.95)
+    k, low, high = _clean_interval(clean, samples)
     return Midpoint(math.nan, None, None, "censored", False, {}, None,
-                    f"clean accuracy {clean:.3g} ({k} of {samples}, 95 % interval {ci.low:.3g}-{ci.high:.3g}) is "
-                    f"within its interval of chance {chance:.3g}: no σ50")
+                    f"clean accuracy {clean:.3g} ({k} of {samples}, 95 % interval {low:.3g}-{high:.3g}) is within "
+                    f"its interval of chance {chance:.3g}: no σ50")
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
