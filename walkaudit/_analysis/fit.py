@@ -225,7 +225,7 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None,
     shown = top(u, means, trials, clean=clean, chance=chance)
     unsettled = None if shown.kind != "unsettled" else (
         f"accuracy has neither reached chance nor levelled off by σ = {10 ** u[-1]:.3g} ({means[-1]:.3g} there, "
-        f"chance {chance:.3g}): lower asymptote pinned at chance")
+        f"chance {chance:.3g})")
     iso = _isotonic(means, trials)
     bracket = _evidence(u, iso, trials, half)
     fit = _choose_fit(u, acc, clean=clean, chance=chance, half=half, u_start=_interpolated_crossing(u, means, half),
@@ -235,6 +235,8 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None,
     result = _isotonic_midpoint(u, acc, n, half=half, clean=clean, chance=chance, reason=fit) \
         if isinstance(fit, str) else fit
     if unsettled is not None:
+        if result.estimator == "logistic":
+            unsettled += ": lower asymptote pinned at chance"
         message = "; ".join(part for part in (unsettled, result.message) if part)
         return replace(result, message=message, note=unsettled)
     return result
