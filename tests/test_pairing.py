@@ -105,7 +105,8 @@ def test_effective_samples_match_the_paired_variance():
     assert eff > 1.5 * n
     assert sweep.effective_samples(level, 0.85, 0.1) == n  # a subset (its clean accuracy is not the whole's)
     assert sweep.effective_samples(Counts((1.0,), level.correct, level.nonfinite, n), right / n, 0.1) == n
-    untouched = Counts((1.0,), np.array([[right]]), np.zeros((1, 1), np.int64), n, (), right, np.zeros((1, 1), np.int64))
+    none = np.zeros((1, 1), np.int64)
+    untouched = Counts((1.0,), np.array([[right]]), none, n, (), right, none)
     assert sweep.effective_samples(untouched, right / n, 0.1) == sweep.MAX_PAIRED_GAIN * n
 
 

@@ -379,7 +379,8 @@ _POINT_CASES = [
     ("per_repeat", {"correct": [1, 2, 3.0], "nonfinite": [0, 0, 0], "more": 1}),
     ("more", "anything"),
     # the pairing with the clean pass (optional): clean_correct and per_repeat.lost are counts
-    ("clean_correct", 5), ("clean_correct", -1), ("clean_correct", 2.5), ("clean_correct", "5"), ("clean_correct", None),
+    ("clean_correct", 5), ("clean_correct", -1), ("clean_correct", 2.5), ("clean_correct", "5"),
+    ("clean_correct", None),
     ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, 1, 2]}),
     ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, -1, 2]}),
     ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, 1.5, 2]}),

@@ -240,7 +240,8 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
                 bottom = max(plan.lowest, bottom - 1.0)
                 yield from _ask(curve, scale * 10 ** np.arange(bottom, bottom + 1.0 - step / 2, step), head)
         unclear = [s for s, level in curve.levels.items() if s not in decided
-                   and (not _clear(level, half, margin, curve) or any(not _clear(level, t, 0.0, curve) for t in targets))]
+                   and (not _clear(level, half, margin, curve)
+                        or any(not _clear(level, t, 0.0, curve) for t in targets))]
         decided.update(curve.levels)
         yield from _ask(curve, unclear, tail)
         if top >= plan.highest or not rising():  # the remaining blocks can move the top: then extend again

@@ -94,8 +94,9 @@ class Worker:
                  noise_source: str = "auto", key: str | None = None, strategy: type[Strategy] | None = None,
                  pack: bool = True, cache_bytes: int = CACHE_BYTES, index: GraphIndex | None = None,
                  targets: np.ndarray | None = None, clean_ok: np.ndarray | None = None):
-        """`targets`, `clean_ok`: a driver's clean pass (`Recipe`); `strategy` forces one evaluation path for every unit (tests compare paths with it); `pack` False runs σ
-        levels one at a time; `cache_bytes` bounds the clean values kept and cached."""
+        """`targets`, `clean_ok`: a driver's clean pass (`Recipe`); `strategy` forces one evaluation path for every
+        unit (tests compare paths with it); `pack` False runs σ levels one at a time; `cache_bytes` bounds the clean
+        values kept and cached."""
         self.forced, self.pack, self.cache_bytes = strategy, pack, cache_bytes
         self.model, self.data, self.runtime, self.noise, self.source = model, data, runtime, noise, source
         self.sites, self.mode, self.noise_source = sites, mode, noise_source

@@ -203,8 +203,9 @@ class CleanCounts(_Section):
 
 @dataclass(frozen=True)
 class Fit(_Section):
-    """How σ50 was found: ``method`` (logistic, logistic-free-floor, isotonic, interpolation, censored), whether the intended
-    estimate was obtained (``ok``), the logistic ``params`` (hi, lo, m, w) and a ``message``."""
+    """How σ50 was found: ``method`` (logistic, logistic-free-floor, isotonic, interpolation, censored; ``estimator``
+    says it in one word), whether the intended estimate was obtained (``ok``), the logistic ``params`` (hi, lo, m, w)
+    and a ``message``."""
 
     method: str
     ok: bool
