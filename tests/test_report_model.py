@@ -382,6 +382,13 @@ _POINT_CASES = [
     ("per_repeat", {"correct": [1, True, 3], "nonfinite": [0, 0, 0]}),
     ("per_repeat", {"correct": [1, 2, 3.0], "nonfinite": [0, 0, 0], "more": 1}),
     ("more", "anything"),
+    # the pairing with the clean pass (optional): clean_correct and per_repeat.lost are counts
+    ("clean_correct", 5), ("clean_correct", -1), ("clean_correct", 2.5), ("clean_correct", "5"),
+    ("clean_correct", None),
+    ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, 1, 2]}),
+    ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, -1, 2]}),
+    ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, 1.5, 2]}),
+    ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": 3}),
 ]
 
 
@@ -406,3 +413,24 @@ def test_the_hand_written_point_check_agrees_with_the_schema(key, value):
         report["sites"][0]["points"][0] = point
         with pytest.raises(UsageError, match=r"^sites\[0\]\.points\[0\]"):
             Report.from_dict(report)
+
+
+def test_reports_without_the_pairing_or_the_estimator_still_read():
+    """Reports written before points carried clean_correct / per_repeat.lost and fits their estimator read as
+    before; the estimator is then named from the method."""
+    data = make_report()
+    report = Report.from_dict(data)
+    point = report.sites[0].points[0]
+    assert point.clean_correct is None and point.per_repeat.lost is None
+    assert report.sites[0].fit.estimator == "logistic"
+    data["sites"][0]["fit"]["method"] = "interpolation"
+    assert Report.from_dict(data).sites[0].fit.estimator == "interpolated"
+    data["sites"][0]["fit"]["estimator"] = "isotonic"
+    data["sites"][0]["points"][0].update(clean_correct=7)
+    data["sites"][0]["points"][0]["per_repeat"]["lost"] = [1, 0, 2]
+    again = Report.from_dict(Report.from_dict(data).to_dict())
+    assert again.sites[0].fit.estimator == "isotonic"
+    assert again.sites[0].points[0].clean_correct == 7 and again.sites[0].points[0].per_repeat.lost == (1, 0, 2)
+    data["sites"][0]["fit"]["estimator"] = "guess"
+    with pytest.raises(UsageError, match="estimator"):
+        Report.from_dict(data)

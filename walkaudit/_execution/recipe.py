@@ -38,6 +38,7 @@ class Recipe:
     #: with `arrays`: the data's labels and scored positions as the driver loaded them (`Dataset.labels`, `.scored`)
     labels: np.ndarray | None = None
     scored: np.ndarray | None = None
+    clean_ok: np.ndarray | None = None  # with `targets`: the clean model right per sample (pairs noisy with clean)
 
     @classmethod
     def of(cls, run) -> Recipe:
@@ -45,7 +46,8 @@ class Recipe:
         worker = run._worker
         path = os.path.abspath(run.dataset.path) if run.dataset.path else None
         recipe = cls(worker.key, run.loaded.proto.SerializeToString(), path, None, run.config,
-                     tuple(s.name for s in run.sites), worker._targets, worker.batch_size)
+                     tuple(s.name for s in run.sites), worker._targets, worker.batch_size,
+                     clean_ok=worker._clean_ok)
         return recipe if path else recipe.with_arrays(run.dataset)
 
     def with_arrays(self, dataset: Dataset) -> Recipe:
@@ -72,4 +74,4 @@ class Recipe:
         return Worker(loaded, dataset, runtime=runtime, noise=make_noise(config.noise, config.ratio),
                       source=NormalSource(config.seed, threads or config.threads), sites=sites, mode=config.mode,
                       batch_size=self.batch_size, noise_source=config.noise_source, key=self.key,
-                      targets=self.targets)
+                      targets=self.targets, clean_ok=self.clean_ok if self.targets is not None else None)

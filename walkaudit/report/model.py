@@ -185,6 +185,13 @@ class PerRepeat(_Section):
     nonfinite: tuple[int, ...]
     extra: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def lost(self) -> tuple[int, ...] | None:
+        """Per draw, the samples the clean model got right and the noisy one wrong (with ``Point.clean_correct``;
+        None in reports without the pairing)."""
+        lost = self.extra.get("lost")
+        return None if lost is None else tuple(lost)
+
 
 @dataclass(frozen=True)
 class CleanCounts(_Section):
@@ -197,8 +204,9 @@ class CleanCounts(_Section):
 
 @dataclass(frozen=True)
 class Fit(_Section):
-    """How σ50 was found: ``method`` (logistic, logistic-free-floor, interpolation, censored), whether the intended
-    estimate was obtained (``ok``), the logistic ``params`` (hi, lo, m, w) and a ``message``."""
+    """How σ50 was found: ``method`` (logistic, logistic-free-floor, isotonic, interpolation, censored; ``estimator``
+    says it in one word), whether the intended estimate was obtained (``ok``), the logistic ``params`` (hi, lo, m, w)
+    and a ``message``."""
 
     method: str
     ok: bool
@@ -206,6 +214,15 @@ class Fit(_Section):
     ci_method: str | None
     message: str | None
     extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def estimator(self) -> str:
+        """What σ50 comes from: logistic, isotonic, interpolated, censored or none (``fit.estimator``; read from the
+        method in reports that predate it)."""
+        given = self.extra.get("estimator")
+        if given is not None:
+            return given
+        return {"logistic-free-floor": "logistic", "interpolation": "interpolated"}.get(self.method, self.method)
 
     @property
     def found_midpoint(self) -> bool:
@@ -246,6 +263,12 @@ class Point(_Section):
                    int(data["samples"]), int(data["nonfinite"]),
                    None if per_repeat is None else PerRepeat.from_dict(per_repeat),
                    _extra(data, (*cls._keys(),)))
+
+    @property
+    def clean_correct(self) -> int | None:
+        """Of the samples behind this point, those the clean model classified correctly (None in reports without
+        the pairing): ``accuracy`` is read relative to their clean accuracy (docs/method.md, "Paired accuracies")."""
+        return self.extra.get("clean_correct")
 
     def to_dict(self) -> dict:
         body = {"sigma": self.sigma, "accuracy": self.accuracy, "accuracy_std": self.accuracy_std,
@@ -746,6 +769,8 @@ def _check_point(point: Any, where: str) -> None:
             raise UsageError(f"{where}.{key}: {_short(value)} is below the minimum 0")
         if key == "accuracy" and value > 1:
             raise UsageError(f"{where}.{key}: {_short(value)} is above the maximum 1")
+    if "clean_correct" in point:
+        _check_count(point["clean_correct"], f"{where}.clean_correct")
     per_repeat = point.get("per_repeat")
     if "per_repeat" not in point:
         return
@@ -753,20 +778,27 @@ def _check_point(point: Any, where: str) -> None:
     if not isinstance(per_repeat, dict):
         got = _short(per_repeat) if isinstance(per_repeat, list) else f"{_json_type(per_repeat)} {_short(per_repeat)}"
         raise UsageError(f"{here}: expected object, got {got}")
-    for key in ("correct", "nonfinite"):
+    for key in ("correct", "nonfinite", "lost"):
         if key not in per_repeat:
+            if key == "lost":  # optional: the pairing with the clean pass
+                continue
             raise UsageError(f"{here}.{key}: missing (a required key)")
         values = per_repeat[key]
         if not isinstance(values, list):
             got = _short(values) if isinstance(values, dict) else f"{_json_type(values)} {_short(values)}"
             raise UsageError(f"{here}.{key}: expected array, got {got}")
         for k, value in enumerate(values):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    (isinstance(value, float) and not value.is_integer()):
-                got = _short(value) if isinstance(value, (dict, list)) else f"{_json_type(value)} {_short(value)}"
-                raise UsageError(f"{here}.{key}[{k}]: expected integer, got {got}")
-            if value < 0:
-                raise UsageError(f"{here}.{key}[{k}]: {_short(value)} is below the minimum 0")
+            _check_count(value, f"{here}.{key}[{k}]")
+
+
+def _check_count(value: Any, where: str) -> None:
+    """A non-negative integer (a float with an integer value passes, as JSON Schema's integer allows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not value.is_integer()):
+        got = _short(value) if isinstance(value, (dict, list)) else f"{_json_type(value)} {_short(value)}"
+        raise UsageError(f"{where}: expected integer, got {got}")
+    if value < 0:
+        raise UsageError(f"{where}: {_short(value)} is below the minimum 0")
 
 
 def _check_values(data: Any, prefix: str) -> None:
