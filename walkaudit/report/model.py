@@ -654,7 +654,7 @@ def _check_document(data: Any, prefix: str, schema: dict | None = None) -> None:
 
 #: the per-repeat count lists of a point (``per_repeat.KEY``), each entry at most ``samples``: one line per count
 #: field. ``correct`` gives ``accuracy``; a key named in :data:`_POINT_TOTALS` is summed into a field of the point.
-_PER_REPEAT_COUNTS = ("correct", "nonfinite")
+_PER_REPEAT_COUNTS = ("correct", "nonfinite", "lost")
 #: per-repeat counts whose sum over the repeats is a field of the point: per_repeat key -> point key
 _POINT_TOTALS = {"nonfinite": "nonfinite"}
 #: how far a stored accuracy may be from its counts (float rounding of mean(correct / samples), nothing more)
@@ -684,7 +684,13 @@ def _check_counts(point: dict, where: str) -> None:
     for key, total in _POINT_TOTALS.items():
         if sum(per_repeat[key]) != point[total]:
             raise UsageError(f"{where}.{total}: {point[total]}, but {here}.{key} adds up to {sum(per_repeat[key])}")
-    if repeats and samples:
+    clean_correct = point.get("clean_correct")
+    if clean_correct is not None:
+        if clean_correct > samples:
+            raise UsageError(f"{where}.clean_correct: {clean_correct} is more than samples ({samples})")
+        if any(v > clean_correct for v in per_repeat.get("lost") or ()):
+            raise UsageError(f"{here}.lost: a count is larger than clean_correct ({clean_correct})")
+    if repeats and samples and clean_correct is None:  # a paired point is checked with the report's clean accuracy
         counted = sum(per_repeat["correct"]) / (repeats * samples)
         if abs(counted - point["accuracy"]) > ACCURACY_TOLERANCE:
             raise UsageError(f"{where}.accuracy: {_short(point['accuracy'])}, but {here}.correct gives "
@@ -712,6 +718,7 @@ def _check_report_numbers(data: dict) -> None:
                 raise UsageError(f"sites[{i}].points[{j}].samples: {point['samples']}, more than the "
                                  f"{most} the clean pass counted")
             evaluations += point["repeats"] * point["samples"]
+            _check_paired_accuracy(point, data, f"sites[{i}].points[{j}]")
         for key, seen in (("index", indices), ("name", names)):
             value = site[key]
             if value is not None and value in seen:
@@ -727,6 +734,28 @@ def _check_report_numbers(data: dict) -> None:
                                                                    for v in shard) and 1 <= shard[0] <= shard[1]):
             raise UsageError(f"config.shard: {_short(shard) if not isinstance(shard, list) else shard} is not a "
                              "shard I/N with 1 ≤ I ≤ N")
+
+
+def _check_paired_accuracy(point: dict, data: dict, where: str) -> None:
+    """A point paired with the clean pass states its counts read against the clean accuracy of the samples it
+    evaluated (`sweep.accuracy`): its accuracy must be what its counts give that way."""
+    per_repeat = point.get("per_repeat")
+    if point.get("clean_correct") is None or not per_repeat or not point["repeats"] or not point["samples"]:
+        return
+    import numpy as np
+
+    from walkaudit._analysis.sweep import accuracy
+    from walkaudit._units import Counts
+
+    correct = np.array([per_repeat["correct"]], np.int64)
+    lost = np.array([per_repeat.get("lost") or [0] * point["repeats"]], np.int64)
+    level = Counts((point["sigma"],), correct, np.zeros_like(correct), point["samples"],
+                   clean_correct=point["clean_correct"], lost=lost)
+    counted = float(np.mean(accuracy(level, data["clean_accuracy"], data["chance"])))
+    if abs(counted - point["accuracy"]) > ACCURACY_TOLERANCE:
+        raise UsageError(f"{where}.accuracy: {_short(point['accuracy'])}, but its counts give {counted:.6g} "
+                         f"({sum(per_repeat['correct'])} of {point['repeats']} × {point['samples']}, "
+                         f"{point['clean_correct']} right without noise)")
 
 
 def _points_checked(data: Any, prefix: str, top: bool) -> Any:
