@@ -23,7 +23,7 @@ def make_points(midpoint: float, *, clean: float = CLEAN, chance: float = CHANCE
         u = math.log10(sigma)
         acc = chance + (clean - chance) / (1.0 + math.exp((u - math.log10(midpoint)) / width))
         correct = round(acc * 500)
-        points.append({"sigma": sigma, "accuracy": acc, "accuracy_std": 0.01, "repeats": 3, "samples": 500,
+        points.append({"sigma": sigma, "accuracy": correct / 500, "accuracy_std": 0.01, "repeats": 3, "samples": 500,
                        "nonfinite": 0, "per_repeat": {"correct": [correct] * 3, "nonfinite": [0, 0, 0]}})
     return points
 
@@ -83,7 +83,9 @@ def make_report(sites: list[dict] | None = None, *, clean_accuracy: float = CLEA
                    "batch_size": 256, "provider_requested": "auto"},
         "runtime": {"provider": "CPUExecutionProvider", "onnxruntime_version": "1.20.0", "elapsed_s": 1.5},
         "clean_accuracy": clean_accuracy,
-        "clean_counts": {"correct": round(clean_accuracy * samples), "samples": samples},
+        # the counts when clean_accuracy is a whole number of samples (a report's numbers agree with each other)
+        **({"clean_counts": {"correct": round(clean_accuracy * samples), "samples": samples}}
+           if round(clean_accuracy * samples) == clean_accuracy * samples else {}),
         "chance": chance,
         "num_classes": 10,
         "sites": sites,

@@ -46,6 +46,16 @@ def test_unknown_option_and_bad_values_are_usage_errors():
         walkaudit.audit(model)
 
 
+def test_arrays_and_a_data_file_together_are_refused(tmp_path, monkeypatch):
+    model = mlp()
+    x = np.zeros((4, 16), np.float32)
+    np.savez(tmp_path / "val.npz", x=x, y=np.zeros(4, np.int64))
+    monkeypatch.setattr(walkaudit.api, "AuditRun", lambda *a, **k: pytest.fail("the audit ran"))
+    for args in ((x, None), (x, np.zeros(4, np.int64)), (None, np.zeros(4, np.int64))):
+        with pytest.raises(UsageError, match=r"either as arrays \(x, y\) or as a file \(data=...\), not both"):
+            walkaudit.audit(model, *args, data=str(tmp_path / "val.npz"))
+
+
 def test_batch_size_does_not_change_clean_accuracy_or_site_statistics():
     model = resnet_block(seed=6)
     x = np.random.default_rng(4).normal(size=(100, 1, 6, 6)).astype(np.float32)

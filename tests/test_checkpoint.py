@@ -23,6 +23,7 @@ from walkaudit.config import AuditConfig
 from walkaudit.errors import UsageError
 
 from .models import mlp, teacher_labels
+from .reports import make_site
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--sigmas", "0.1,1", "--repeats", "1", "--provider", "cpu", "-q"]
@@ -66,7 +67,28 @@ def saved(tmp_path, fp=FP, sites=None) -> str:
 
 
 def test_load_returns_the_finished_sites(tmp_path):
-    assert [s["name"] for s in ckpt.load(saved(tmp_path), FP)] == ["h", "logits"]
+    sites = [make_site("h", 0.1, index=0), make_site("logits", 1.0, index=1)]
+    assert [s["name"] for s in ckpt.load(saved(tmp_path, sites=sites), FP)] == ["h", "logits"]
+
+
+def _tampered(change):
+    site = make_site("h", 0.1, index=0)
+    change(site)
+    return site
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (lambda s: s["points"][0]["per_repeat"].update(correct=[500] * 3), "correct gives 1 (1500 of 3 × 500)"),
+    (lambda s: s["points"][0].update(samples=100), "a count is larger than samples"),
+    (lambda s: s["points"][0].update(nonfinite=7), "nonfinite: 7, but"),
+    (lambda s: s["points"][0]["per_repeat"].update(correct=[50] * 4), "4 entries, but repeats is 3"),
+    (lambda s: s.update(index=-1), "below the minimum"),
+])
+def test_load_refuses_tampered_numbers(tmp_path, change, phrase):
+    path = saved(tmp_path, sites=[_tampered(change)])
+    with pytest.raises(UsageError) as info:
+        ckpt.load(path, FP)
+    assert "corrupt checkpoint" in str(info.value) and phrase in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("other, message", [
@@ -227,12 +249,87 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_resume_without_a_checkpoint_is_refused(files, monkeypatch):
-    before = snapshot(files)
+def test_resume_without_a_checkpoint_is_a_fresh_start_with_a_note(files):
+    """Killed before the first site finished, nothing was saved: --resume starts from the beginning (docs/scale.md
+    says to resubmit with --resume), with one warning line."""
+    result = CliRunner().invoke(main, [str(files / "m.onnx"), "--data", str(files / "d.npz"), *FAST[:-1], "--json",
+                                       str(files / "r.json"), "--resume"])
+    assert result.exit_code == 0, result.stderr
+    assert [ln for ln in result.stderr.splitlines() if "warning" in ln] == [
+        f"walkaudit: warning: --resume: no checkpoint at {files / 'r.json.checkpoint'} yet; starting from the "
+        "beginning"]
+    assert json.loads((files / "r.json").read_text())["partial"] is False
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(files):
+    stale = files / ".r.json.checkpoint.abcd_123.tmp"
+    stale.write_text('{"format": "walkaudit.checkpoint/1", "si')
+    other = files / ".other.json.abcd_123.tmp"  # another file's: left alone
+    other.write_text("x")
+    assert audit(files, "--json", str(files / "r.json")).exit_code == 0
+    assert not stale.exists() and other.exists()
+
+
+def _user_files(root: Path) -> dict[str, bytes]:
+    return {name: (root / name).read_bytes() for name in ("m.onnx", "d.npz")}
+
+
+@pytest.mark.parametrize("setup, flags, phrase", [
+    # a symlink at the default checkpoint path, to the user's model
+    (lambda r: (r / "out.json.checkpoint").symlink_to(r / "m.onnx"), ["--json", "out.json"], "is a symbolic link"),
+    (lambda r: (r / "c.json").symlink_to(r / "m.onnx"), ["--checkpoint", "c.json"], "would overwrite the model"),
+    (lambda r: (r / "notes.txt").write_text("my notes\n"), ["--checkpoint", "notes.txt"],
+     "notes.txt is not a walkaudit checkpoint"),
+    (lambda r: (r / "notes.txt").write_text("my notes\n"), ["--checkpoint", "notes.txt", "--resume"],
+     "notes.txt is not a walkaudit checkpoint"),
+    (lambda r: None, ["--json", "a.json", "--markdown", "a.json.checkpoint"],
+     "--markdown a.json.checkpoint is the checkpoint of this audit"),
+    (lambda r: os.mkfifo(r / "fifo"), ["--checkpoint", "fifo", "--resume"], "is not a regular file"),
+    (lambda r: (r / "z.json").symlink_to("/dev/zero"), ["--checkpoint", "z.json", "--resume"],
+     "is not a regular file"),
+    (lambda r: None, ["--checkpoint", "/dev/zero", "--resume"], "is not a regular file"),
+    # at the default path (<--json>.checkpoint), where no output check looks: a FIFO hung --resume, /dev/zero
+    # was read until memory ran out
+    (lambda r: os.mkfifo(r / "out.json.checkpoint"), ["--json", "out.json", "--resume"], "is not a regular file"),
+    (lambda r: (r / "out.json.checkpoint").symlink_to("/dev/zero"), ["--json", "out.json", "--resume"],
+     "is a symbolic link"),
+])
+def test_a_checkpoint_path_that_is_not_walkaudits_is_refused(files, monkeypatch, setup, flags, phrase):
+    setup(files)
+    before, links = _user_files(files), {p.name: os.readlink(p) for p in files.iterdir() if p.is_symlink()}
     no_audit(monkeypatch)
-    one_line(audit(files, "--json", str(files / "r.json"), "--resume"), 2,
-             f"--resume: no checkpoint at {files / 'r.json.checkpoint'}")
-    assert snapshot(files) == before
+    one_line(audit(files, *flags), 2, phrase)
+    assert _user_files(files) == before
+    assert {p.name: os.readlink(p) for p in files.iterdir() if p.is_symlink()} == links
+    if (files / "notes.txt").exists():
+        assert (files / "notes.txt").read_text() == "my notes\n"
+
+
+def test_a_checkpoint_is_never_written_through_a_symlink(tmp_path):
+    target = tmp_path / "mine.txt"
+    target.write_text("mine\n")
+    (tmp_path / "c.json").symlink_to(target)
+    c = ckpt.Checkpoint(str(tmp_path / "c.json"), FP)
+    problem = c.add({"name": "h", "points": []})
+    assert problem and "symbolic link" in problem
+    assert target.read_text() == "mine\n"
+
+
+def test_resumed_sites_are_checked_against_the_audit(files, monkeypatch):
+    with monkeypatch.context() as m:
+        stop_after_first_site(m)
+        assert audit(files, "--json", str(files / "r.json")).exit_code == 130
+    path = files / "r.json.checkpoint"
+    body = json.loads(path.read_text())
+    body["sites"][0]["index"] = 99
+    path.write_text(json.dumps(body))
+    one_line(audit(files, "--json", str(files / "r.json"), "--resume"), 2, "index 99; it is 0 in this audit")
+    body["sites"][0]["index"] = 0
+    for point in body["sites"][0]["points"]:  # 100x the samples, the counts scaled alike: consistent, but not this data
+        point["samples"] *= 100
+        point["per_repeat"]["correct"] = [c * 100 for c in point["per_repeat"]["correct"]]
+    path.write_text(json.dumps(body))
+    one_line(audit(files, "--json", str(files / "r.json"), "--resume"), 2, "counts 4000 samples; the data has 40")
 
 
 @pytest.mark.parametrize("change, phrase", [

@@ -223,3 +223,32 @@ def test_conflicting_outputs_are_refused_before_any_work(mlp_files, monkeypatch,
     monkeypatch.setattr(walkaudit.api, "audit", lambda *a, **k: pytest.fail("audit ran"))
     result = invoke(mlp_files / "mlp.onnx", "--data", mlp_files / "val.npz", *flags)
     assert result.exit_code == 2 and phrase in result.stderr
+
+
+# --- inputs that look unnormalised ------------------------------------------------------------------------------------
+
+SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "samples"
+
+
+def test_range_warning_does_not_fire_on_the_samples():
+    from walkaudit._loading.data import Dataset, range_warning
+
+    for path in sorted(SAMPLES.glob("*_val.npz")):
+        with np.load(path) as f:
+            assert range_warning(Dataset({k: f[k] for k in f.files}, None)) is None, path.name
+
+
+def test_images_as_0_to_255_floats_get_a_warning(tmp_path):
+    with np.load(SAMPLES / "mnist_val.npz") as f:
+        x, y = f["x"][:64], f["y"][:64]
+    raw = np.round((x * 0.3081 + 0.1307) * 255).astype(np.float32)  # undo the normalisation: pixels 0..255
+    np.savez(tmp_path / "raw.npz", x=raw, y=y)
+    np.savez(tmp_path / "scaled.npz", x=x, y=y)
+    fast = ["--sigmas", "0.1,1", "--repeats", "1", "--provider", "cpu"]
+    for data, warned in (("raw.npz", True), ("scaled.npz", False)):
+        result = invoke(SAMPLES / "mnist_mlp.dynamo.onnx", "--data", tmp_path / data, *fast)
+        assert result.exit_code == 0, result.stderr
+        lines = [ln for ln in result.stderr.splitlines() if "raw pixel values?" in ln]
+        assert len(lines) == int(warned), result.stderr
+        if warned:
+            assert lines[0].startswith("walkaudit: warning: input 'x' holds whole numbers 0..255")

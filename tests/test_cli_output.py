@@ -175,13 +175,46 @@ def test_progress_on_a_terminal_shows_site_k_of_n():
         p.grow(10)
         p.advance(10)
         p.site_started(1, 3, "conv")
-        assert p.current == "site 1/3 conv"
+        p.describe("conv")  # the core names the site it starts: "site k/N" stays
+        assert p._bar.tasks[0].description == "site 1/3 conv"
         p.grow(10)
         p.advance(5)
         task = p._bar.tasks[0]
         assert task.total == 4 and 1.0 <= task.completed < 2.0
         p.site_finished(_Site("conv", 0.1))
     assert "walkaudit: site" not in out.getvalue()  # no plain lines under the live bar
+
+
+@pytest.mark.parametrize("width", [80, 100, 60])
+def test_the_live_line_cuts_a_long_name_at_its_start_never_the_counts(width):
+    """`/encoder/layers.0/self_attn/MatMul_1_output_0 ━━ 18% 3.1k samples/s 0… ETA 0:0…` was the line at 80
+    columns: now 'site k/N', the name's end and every count fit."""
+    from rich.console import Console
+
+    from walkaudit.cli.progress import live_description
+
+    name = "/encoder/layers.0/self_attn/MatMul_1_output_0"
+    clock = iter(range(0, 10_000)).__next__
+    out = io.StringIO()
+    with RichProgress(stream=out, live=True, clock=lambda: float(clock())) as p:
+        p._bar.console.width = width
+        p.describe("clean pass")
+        p.grow(10)
+        p.advance(10)
+        p.site_started(7, 12, name)
+        p.describe(name)
+        p.grow(1000)
+        p.advance(300_000 // 1000)
+        description = p._bar.tasks[0].description
+        shown = io.StringIO()
+        Console(file=shown, width=width, color_system=None).print(p._bar.make_tasks_table(p._bar.tasks))
+    line = shown.getvalue().rstrip("\n")
+    kept = description.removeprefix("site 7/12").removeprefix(" …")
+    assert description.startswith("site 7/12") and name.endswith(kept), description
+    assert len(kept) >= 11 or width < 70, description  # narrower: 'site k/N' and the counts only
+    assert description == live_description("site 7/12", name, width)
+    assert len(line) <= width and "…" not in line.replace(description, ""), line
+    assert "samples/s" in line and "ETA" in line and line.count(":") >= 4, line  # elapsed and remaining whole
 
 
 def test_quiet_has_no_progress_lines():
@@ -278,6 +311,24 @@ def test_compare_shows_percent_and_warns_without_max_drop(tmp_path):
     assert gated.exit_code == 1 and "no --max-drop" not in gated.stderr
 
 
+def test_every_warning_goes_to_stderr_with_the_one_prefix(tmp_path):
+    base = make_report(data_sha256="cd" * 32)  # other data: the gate warns
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b.json").write_text(json.dumps(make_report()))
+    for flags in ([], ["--max-drop", "20%"], ["--fail-under", "0.001"]):
+        result = invoke("compare", tmp_path / "a.json", tmp_path / "b.json", *flags, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.stderr
+        assert "warning" not in result.stdout.lower(), result.stdout
+        assert "gate: passed" in result.stdout
+        warnings = result.stderr.splitlines()
+        assert warnings and all(ln.startswith("walkaudit: warning: ") for ln in warnings), result.stderr
+        assert any("data" in ln for ln in warnings), result.stderr
+        # the table compared OLD with NEW: no line may say the baseline was not compared
+        assert "not compared" not in result.stderr
+    quiet = invoke("compare", tmp_path / "a.json", tmp_path / "b.json", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+
+
 # --- GitHub annotations and HTML -------------------------------------------------------------------------------------
 
 HOSTILE = ["conv\n::add-mask::secret", "a%0Ab", "x,y:z", "\x1b[2Jname", "<script>alert(1)</script>"]
@@ -340,6 +391,23 @@ def test_html_report_parses_and_names_every_site(tmp_path):
 
         assert printable(site.name) in text
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
+
+
+def test_html_shows_unknown_dims_as_question_marks_and_names_break_only_between_parts():
+    import re
+
+    long = "/encoder/layers.0/self_attention_block/MatMul_1_output_0"
+    site = make_site(long, 0.5, index=0)
+    site["shape"] = ["batch", "unk__16", 64]
+    page = to_html(typed(make_report([site, make_site("fc", 1.0, index=1)])))
+    assert "unk__16" not in page and "batch×?×64" in page
+    assert "break-all" not in page  # a narrow window broke names every few characters
+    cell = re.search(r'<td class="name">(.*?)</td>', page).group(1)
+    assert cell.replace("<wbr>", "") == long
+    pieces = cell.split("<wbr>")
+    assert all(p[-1] in "/._:-" for p in pieces[:-1]) and max(map(len, pieces)) > 4
+    legend = [t for t in re.findall(r"<text [^>]*>([^<]*)</text>", page) if t.startswith("…")]
+    assert legend and all(long.endswith(t[1:]) and long[-len(t[1:]) - 1] in "/._:-" for t in legend), legend
 
 
 def test_cli_writes_the_html_report(tmp_path):

@@ -173,7 +173,34 @@ def one_hot(y, classes=CLASSES):
 
 # Each case: (id, builder(corpus) -> argv, exit code, key phrase of the one stderr line).
 M = "model"
+def _torch_zip(c: Corpus) -> str:
+    """What torch.save writes since PyTorch 1.6: a zip holding NAME/data.pkl (built without torch)."""
+    import zipfile
+
+    p = c.path("net.pt")
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("net/data.pkl", b"\x80\x02}q\x00.")
+        z.writestr("net/version", "3\n")
+    return str(p)
+
+
+def _nhwc(c: Corpus) -> list[str]:
+    """The LeNet sample (input [N, 1, 28, 28]) fed its images channels last: [N, 28, 28, 1]."""
+    samples = Path(__file__).resolve().parents[1] / "samples"
+    with np.load(samples / "mnist_val.npz") as f:
+        x, y = f["x"][:8], f["y"][:8]
+    return [str(samples / "mnist_lenet5.dynamo.onnx"), "--data", c.npz("nhwc.npz", x=x.transpose(0, 2, 3, 1), y=y)]
+
+
 CASES = [
+    # a file that is not ONNX: say what it is and what to do
+    ("model-pytorch-zip", lambda c: [_torch_zip(c), "--data", str(c.data)], 2,
+     "looks like a PyTorch file (torch.save): export it with torch.onnx.export"),
+    ("model-pytorch-pickle", lambda c: [c.write("net.pth", b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03"),
+                                        "--data", str(c.data)], 2, "export it with torch.onnx.export"),
+    ("model-is-a-report", lambda c: [c.write("report.json", '{"schema": "walkaudit.report/1.1"}'), "--data",
+                                     str(c.data)], 2, "looks like a JSON document"),
+    ("data-nhwc", _nhwc, 2, "looks channels-last (NHWC): transpose it to NCHW"),
     # model files
     ("model-missing", lambda c: [str(c.root / "nope.onnx"), "--data", str(c.data)], 2, "model file not found"),
     ("model-directory", lambda c: [str(c.path("adir/x").parent), "--data", str(c.data)], 2, "is a directory"),

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 
+from scipy import optimize
+
 from walkaudit._analysis.fit import Midpoint, halfway, logistic, midpoint
 
 SAMPLES = 1000
@@ -44,10 +46,13 @@ def test_logistic_and_halfway():
 def test_recovers_known_midpoint(seed, width, sigma50):
     acc = sample_curve(seed, sigma50=sigma50, width=width)
     result = midpoint(GRID, acc, clean=0.95, chance=0.1, samples=SAMPLES)
-    assert result.method == "logistic" and result.ok and result.censored is None
+    assert result.ok and result.censored is None
     assert decades(result.value, sigma50) < TOL_DECADES
-    assert result.params["lo"] == 0.1  # pinned at chance
-    assert result.params["w"] == pytest.approx(width, rel=0.3)
+    if result.estimator == "logistic":
+        assert result.method == "logistic" and result.params["lo"] == 0.1  # pinned at chance
+        assert result.params["w"] == pytest.approx(width, rel=0.3)
+    else:  # the residual test rejects a true logistic at its level (5 %): the monotone fit stands in
+        assert result.estimator == "isotonic" and "residuals beyond binomial noise" in result.message
 
 
 def test_ci95_covers_truth_and_is_ordered():
@@ -106,16 +111,19 @@ def test_curve_reaching_chance_keeps_pinned_floor():
     assert midpoint(GRID, acc, clean=0.95, chance=0.1).method == "logistic"
 
 
-def test_jagged_curve_falls_back_to_interpolation():
+def test_jagged_curve_falls_back_to_the_monotone_fit():
+    """A curve no logistic follows: σ50 comes from the isotonic fit of the points, with a bootstrap interval that
+    holds the grid step where that fit crosses the halfway line."""
     sigmas = 10 ** np.arange(-2.0, 1.01, 0.25)
     acc = np.array([0.95, 0.9, 0.3, 0.92, 0.2, 0.9, 0.15, 0.85, 0.1, 0.8, 0.1, 0.75, 0.1])
     result = midpoint(sigmas, acc, clean=0.95, chance=0.1)
-    assert result.method == "interpolation" and not result.ok
-    assert "poor" in result.message and "interpolated" in result.message
-    # first crossing of 0.525 lies between σ = 10**-1.75 (0.9) and 10**-1.5 (0.3)
-    expected_u = -1.75 + (0.9 - 0.525) / (0.9 - 0.3) * 0.25
+    assert result.method == "isotonic" and result.estimator == "isotonic" and result.ok
+    assert "poor" in result.message and "isotonic" in result.message
+    iso = optimize.isotonic_regression(acc, increasing=False).x  # equal weights: one repeat of 100 samples each
+    k = int(np.argmax(iso < 0.525))
+    expected_u = np.log10(sigmas[k - 1]) + (iso[k - 1] - 0.525) / (iso[k - 1] - iso[k]) * 0.25
     assert math.log10(result.value) == pytest.approx(expected_u, abs=1e-9)
-    assert result.ci95 is None and result.params == {}
+    assert result.ci95[0] <= sigmas[k - 1] and result.ci95[1] >= sigmas[k] and result.params == {}
 
 
 def test_two_points_interpolate():
@@ -188,7 +196,8 @@ def test_degenerate_inputs_do_not_raise(sigmas, acc, clean, censored, value, ok)
 def test_to_dict_is_json_ready():
     result = midpoint(GRID, sample_curve(13, sigma50=1.0, width=0.3), clean=0.95, chance=0.1)
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
-    assert set(data) == {"value", "ci95", "censored", "method", "ok", "params", "ci_method", "message"}
+    assert set(data) == {"value", "ci95", "censored", "method", "estimator", "ok", "params", "ci_method",
+                         "message"}
     assert data["value"] == pytest.approx(result.value) and data["ci95"] == pytest.approx(list(result.ci95))
     assert set(data["params"]) == {"hi", "lo", "m", "w"}
 

@@ -137,9 +137,10 @@ def test_search_finds_a_true_plateau_and_the_fit_frees_the_floor(seed):
     curve = lambda u: fit.logistic(u, 0.98, 0.5, 0.0, 0.15)  # noqa: E731
     sig, acc, samples, mid = search(curve, seed, clean=0.98, chance=0.1, n_blocks=40)
     assert shown(sig, acc, samples, clean=0.98, chance=0.1).kind == "plateau"
-    assert mid.method == "logistic-free-floor" and "levels off" in mid.message
-    assert mid.params["lo"] == pytest.approx(0.5, abs=0.02) and mid.params["lo"] <= acc[-1].mean()
-    assert abs(math.log10(mid.value) - 0.15 * math.log(11)) < 0.03
+    assert "levels off" in mid.message and abs(math.log10(mid.value) - 0.15 * math.log(11)) < 0.03
+    if mid.estimator == "logistic":  # else its residuals failed the test (at its 5 % level): the isotonic fit stands
+        assert mid.method == "logistic-free-floor"
+        assert mid.params["lo"] == pytest.approx(0.5, abs=0.02) and mid.params["lo"] <= acc[-1].mean()
 
 
 def test_search_adds_nothing_when_the_coarse_grid_already_reaches_chance():

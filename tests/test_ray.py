@@ -316,3 +316,30 @@ def test_workers_sent_the_arrays_count_against_the_labels_not_the_clean_predicti
     on_ray = api.audit(model, x, y, executor=_factory([], shared_files=False), **options)
     assert alone.clean_accuracy < 0.7  # the labels are not the clean predictions
     assert _plain(on_ray) == _plain(alone)
+
+
+# --- joining a cluster that is not there ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("address, port", [("127.0.0.1:{port}", "{port}"), ("ray://127.0.0.1:{port}", "{port}")])
+def test_a_cluster_that_does_not_answer_is_one_line_and_exit_3(tmp_path, monkeypatch, address, port):
+    """Nothing listens there: one line at once (no minutes of Ray's retries, no raw Ray logs, no Python warning)."""
+    import socket
+    import time
+
+    monkeypatch.setattr(ray_executor, "_ray", lambda: pytest.fail("Ray was started"))
+    with socket.socket() as closed:  # a port bound but not listening: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        free = closed.getsockname()[1]
+        model = mlp()
+        onnx.save(model, tmp_path / "m.onnx")
+        x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+        np.savez(tmp_path / "d.npz", x=x, y=teacher_labels(model, x))
+        started = time.monotonic()
+        result = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--ray",
+                                           address.format(port=free), "--sigmas", "0.1", "--repeats", "1"])
+    assert time.monotonic() - started < ray_executor.CONNECT_TIMEOUT_S
+    assert result.exit_code == 3, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"walkaudit: error: cannot join the Ray cluster at {address.format(port=free)}: 127.0.0.1:{free} does not "
+        "answer"), result.stderr

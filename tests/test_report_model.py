@@ -38,8 +38,12 @@ from .reports import (
 
 def odd_floats_report() -> dict:
     """Floats whose last bit matters, subnormals and big exponents: the round trip must keep every bit."""
-    report = make_report()
-    report["clean_accuracy"] = 0.1 + 0.2
+    report = make_report(samples=10)
+    report["clean_accuracy"] = 0.1 + 0.2  # 3 of 10 samples, within float rounding
+    report["clean_counts"] = {"correct": 3, "samples": 10}
+    for site in report["sites"]:
+        for point in site["points"]:
+            point.update(samples=10, accuracy=0.3, per_repeat={"correct": [3] * 3, "nonfinite": [0] * 3})
     report["sites"][0]["midpoint"] = 5e-324
     report["sites"][0]["ci95"] = [2.2250738585072014e-308, 1.7976931348623157e308]
     report["sites"][1]["activation_std"] = struct.unpack("<d", struct.pack("<Q", 0x3FB999999999999B))[0]
@@ -378,6 +382,13 @@ _POINT_CASES = [
     ("per_repeat", {"correct": [1, True, 3], "nonfinite": [0, 0, 0]}),
     ("per_repeat", {"correct": [1, 2, 3.0], "nonfinite": [0, 0, 0], "more": 1}),
     ("more", "anything"),
+    # the pairing with the clean pass (optional): clean_correct and per_repeat.lost are counts
+    ("clean_correct", 5), ("clean_correct", -1), ("clean_correct", 2.5), ("clean_correct", "5"),
+    ("clean_correct", None),
+    ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, 1, 2]}),
+    ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, -1, 2]}),
+    ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": [0, 1.5, 2]}),
+    ("per_repeat", {"correct": [1, 2, 3], "nonfinite": [0, 0, 0], "lost": 3}),
 ]
 
 
@@ -402,3 +413,24 @@ def test_the_hand_written_point_check_agrees_with_the_schema(key, value):
         report["sites"][0]["points"][0] = point
         with pytest.raises(UsageError, match=r"^sites\[0\]\.points\[0\]"):
             Report.from_dict(report)
+
+
+def test_reports_without_the_pairing_or_the_estimator_still_read():
+    """Reports written before points carried clean_correct / per_repeat.lost and fits their estimator read as
+    before; the estimator is then named from the method."""
+    data = make_report()
+    report = Report.from_dict(data)
+    point = report.sites[0].points[0]
+    assert point.clean_correct is None and point.per_repeat.lost is None
+    assert report.sites[0].fit.estimator == "logistic"
+    data["sites"][0]["fit"]["method"] = "interpolation"
+    assert Report.from_dict(data).sites[0].fit.estimator == "interpolated"
+    data["sites"][0]["fit"]["estimator"] = "isotonic"
+    data["sites"][0]["points"][0].update(clean_correct=7)
+    data["sites"][0]["points"][0]["per_repeat"]["lost"] = [1, 0, 2]
+    again = Report.from_dict(Report.from_dict(data).to_dict())
+    assert again.sites[0].fit.estimator == "isotonic"
+    assert again.sites[0].points[0].clean_correct == 7 and again.sites[0].points[0].per_repeat.lost == (1, 0, 2)
+    data["sites"][0]["fit"]["estimator"] = "guess"
+    with pytest.raises(UsageError, match="estimator"):
+        Report.from_dict(data)

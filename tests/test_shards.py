@@ -223,6 +223,15 @@ def test_merge_function_gives_the_full_report(runs, pair):
     assert _without_timing(merged.to_dict()) == expected
 
 
+def _unpaired(report: dict) -> dict:
+    """The report without the points' pairing with the clean pass (as written before it existed)."""
+    for site in report["sites"]:
+        for point in site["points"]:
+            point.pop("clean_correct", None)
+            point["per_repeat"].pop("lost", None)
+    return report
+
+
 @pytest.mark.parametrize(("change", "phrase"), [
     (lambda r: r["model"].update(sha256="0" * 64), "shards are of different models: sha256"),
     (lambda r: r["data"].update(sha256="f" * 64), "shards are of different data"),
@@ -234,7 +243,10 @@ def test_merge_function_gives_the_full_report(runs, pair):
     (lambda r: r["runtime"].update(provider="CUDAExecutionProvider"), "ran on different providers"),
     (lambda r: r["config"].update(shard=[2, 3]), "shards of different N: s1.json is shard 1/2, s2.json is shard 2/3"),
     (lambda r: r["config"].update(shard=[1, 2]), "shard 1/2 is given twice (s1.json and s2.json)"),
-    (lambda r: r.update(clean_accuracy=0.5), "disagree on the clean pass (clean accuracy)"),
+    (lambda r: _unpaired(r).update(clean_accuracy=0.5, clean_counts={"correct": 500, "samples": 1000}),
+     "disagree on the clean pass (clean accuracy)"),
+    (lambda r: r.update(clean_accuracy=0.5, clean_counts={"correct": 500, "samples": 1000}),
+     "but its counts give"),  # paired points read against the clean accuracy: the report contradicts itself
     (lambda r: r.update(partial=True), "s2.json is a partial report"),
     (lambda r: r["config"].update(shard=None), "s2.json is not a shard report"),
 ])
@@ -259,12 +271,56 @@ def test_merge_refuses_missing_and_overlapping_shards(runs, pair):
     _refused(quarter[:1], "shards 2/3, 3/3 are missing (2 of 3)")
     _refused([pair[0], pair[0]], "shard 1/2 is given twice")
     pair[1]["sites"].append(copy.deepcopy(pair[0]["sites"][0]))  # a site in two shards
+    pair[1]["runtime"].pop("evaluations")  # (a count the reader checks against the points)
     _refused(pair, "shards overlap: s1.json and s2.json both hold site 0")
     pair[1]["sites"] = [s for s in pair[1]["sites"] if s["index"] == 2]  # site 1 in no shard: the indices jump
     message = _refused(pair, "is in none of the shards")
     assert message.startswith("site 1 is in none of the shards (the indices jump from 0 to 2)")
     with pytest.raises(UsageError, match="no shard reports"):
         merge([])
+
+
+def _all_correct(report):
+    point = report["sites"][0]["points"][0]
+    point["per_repeat"]["correct"] = [point["samples"]] * point["repeats"]
+
+
+def _hundredfold(report):
+    """Every count of the first site's points 100x, consistent with itself, not with the data."""
+    for point in report["sites"][0]["points"]:
+        point["samples"] *= 100
+        point["per_repeat"]["correct"] = [c * 100 for c in point["per_repeat"]["correct"]]
+    report["runtime"].pop("evaluations")
+
+
+@pytest.mark.parametrize(("change", "phrase"), [
+    (lambda r: r["config"].update(shard=[4, 3]), "config.shard: [4, 3] is not a shard I/N with 1 ≤ I ≤ N"),
+    (lambda r: r["config"].update(shard=[0, 2]), "config.shard[0]: 0 is below the minimum 1"),
+    (_all_correct, "sites[0].points[0].accuracy:"),
+    (lambda r: r["sites"][0]["points"][0].update(samples=100), "a count is larger than samples"),
+    (_hundredfold, "sites[0].points[0].samples: 100000, more than the 1000 the clean pass counted"),
+    (lambda r: r["runtime"].update(evaluations=3473712), "runtime.evaluations: 3473712, but the points add up to"),
+    (lambda r: r["sites"][1].update(index=r["sites"][0]["index"]), "sites[1].index:"),
+])
+def test_merge_refuses_tampered_numbers(runs, tmp_path, pair, change, phrase):
+    change(pair[1])
+    (tmp_path / "s2.json").write_text(json.dumps(pair[1]))
+    result = invoke("merge", runs[0] / "s1of2.json", tmp_path / "s2.json", "-o", tmp_path / "out.json")
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert phrase in result.stderr, result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_merge_never_writes_a_report_its_reader_refuses(runs, tmp_path, monkeypatch):
+    from walkaudit.report import model
+
+    folder, _ = runs
+    size = len((folder / "full.json").read_bytes())
+    monkeypatch.setattr(model, "MAX_REPORT_BYTES", size - 1)  # the shards fit, the merged report does not
+    result = invoke("merge", folder / "s1of2.json", folder / "s2of2.json", "-o", tmp_path / "out.json")
+    assert result.exit_code == 2, result.output
+    assert "more than the" in result.stderr and "walkaudit reads back; nothing written" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "out.json").exists()
 
 
 def test_merge_cli_refusals_are_one_line_with_exit_2(runs, tmp_path):

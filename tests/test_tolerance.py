@@ -59,3 +59,27 @@ def test_a_rule_on_a_tolerance_gates_it():
     failed = CliRunner().invoke(main, [*ARGS, "--drop", "1%", "--rule", "linear.*:100@1%", "-q"])
     assert passed.exit_code == 0 and failed.exit_code == 1
     assert "site linear: σ at a 1% drop" in failed.output
+
+
+@pytest.mark.parametrize("width", [60, 100, None])
+def test_the_drop_table_title_is_one_line_and_cells_show_the_json_interval(report, width):
+    import io
+
+    from rich.console import Console
+
+    from walkaudit.report import render
+    from walkaudit.report.model import Report
+
+    body, terminal, _, _ = report
+    assert render.TOLERANCE_TITLE in terminal.splitlines()  # a line of its own, whole
+    out = io.StringIO()
+    render.show(Console(file=out, width=width or 10_000, color_system=None),
+                render.tolerance_table(Report.from_dict(body), width=width))
+    shown = out.getvalue()
+    assert "Tolerated" not in shown and "falls by" not in shown  # no title wrapped to the table's width
+    for site in body["sites"]:
+        for entry in site["tolerance"]:
+            lo, hi = entry["ci95"]
+            assert f"({lo:.3g}–{hi:.3g})" in shown.replace("\n", "") or f"{lo:.3g}" in shown, entry
+    assert render.tolerance_cell({"sigma": 0.5, "ci95": [0.4, 0.6], "censored": None}) == "0.5 (0.4–0.6)"
+    assert render.tolerance_cell({"sigma": 10.0, "ci95": None, "censored": "above"}).startswith(">")

@@ -1,7 +1,7 @@
 """The units of work and what they return: the vocabulary shared by the sweep, the executors and the driver.
 
 - `WorkUnit`: a frozen, picklable request (model, site or sites, σ levels, repeats, a range of sample blocks,
-  seed). Any executor evaluates it the same way: in this process, or elsewhere from the same recipe.
+  seed). Any executor evaluates it the same way: in this process, or elsewhere from the same resolved audit.
 - `Counts`: what a unit returns, integers only (correct predictions and non-finite outputs per σ and repeat, and the
   samples seen), so counts of disjoint sample ranges add up exactly, in any order.
 - `CleanStats`: what the clean pass returns, per sample block, so that passes over disjoint ranges merge into the
@@ -63,6 +63,10 @@ class WorkUnit:
 class Counts:
     """Correct predictions and noisy passes with NaN/Inf class scores per (σ, repeat), over `samples` samples.
 
+    Paired with the clean pass (`clean_correct` and `lost` given; None when the worker had no clean predictions):
+    `clean_correct` of the evaluated samples were right without noise, and per (σ, repeat) `lost` of those were
+    wrong with it (the discordant pairs of McNemar's test: `lost` and `gained`).
+
     For a per-token class output ([N, T, C]) everything counts scored positions (tokens) instead: `samples` is the
     number of scored tokens in the unit's blocks, `correct` and `nonfinite` count tokens; they add up the same way."""
 
@@ -71,27 +75,47 @@ class Counts:
     nonfinite: np.ndarray  # [levels, repeats] int64
     samples: int
     notes: tuple[str, ...] = ()  # what the executor had to do differently (one σ level per run, ...)
+    clean_correct: int | None = None  # evaluated samples the clean model got right
+    lost: np.ndarray | None = None  # [levels, repeats] int64: of those, wrong under noise
 
     @classmethod
     def zeros(cls, sigmas, repeats: int) -> Counts:
         shape = (len(sigmas), repeats)
         return cls(tuple(sigmas), np.zeros(shape, np.int64), np.zeros(shape, np.int64), 0)
 
+    @property
+    def paired(self) -> bool:
+        """Whether these counts carry the pairing with the clean pass."""
+        return self.clean_correct is not None and self.lost is not None
+
+    @property
+    def gained(self) -> np.ndarray | None:
+        """[levels, repeats]: evaluated samples the clean model got wrong and the noisy one right."""
+        return self.correct - self.clean_correct + self.lost if self.paired else None
+
     def __add__(self, other: Counts) -> Counts:
-        """The counts of two disjoint sample ranges with the same σ levels and repeats: their union's counts."""
+        """The counts of two disjoint sample ranges with the same σ levels and repeats: their union's counts (paired
+        only when both are)."""
         if self.sigmas != other.sigmas or self.correct.shape != other.correct.shape:
             raise ValueError("counts of different σ levels or repeats do not add")
         notes = tuple(sorted(set(self.notes + other.notes)))  # the same whatever order the pieces came back in
+        paired = self.paired and other.paired
         return Counts(self.sigmas, self.correct + other.correct, self.nonfinite + other.nonfinite,
-                      self.samples + other.samples, notes)
+                      self.samples + other.samples, notes,
+                      self.clean_correct + other.clean_correct if paired else None,
+                      self.lost + other.lost if paired else None)
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Counts) and self.sigmas == other.sigmas and self.samples == other.samples
-                and np.array_equal(self.correct, other.correct) and np.array_equal(self.nonfinite, other.nonfinite))
+                and np.array_equal(self.correct, other.correct) and np.array_equal(self.nonfinite, other.nonfinite)
+                and self.clean_correct == other.clean_correct
+                and (self.lost is None) == (other.lost is None)
+                and (self.lost is None or np.array_equal(self.lost, other.lost)))
 
     def level(self, sigma: float) -> Counts:
         i = self.sigmas.index(sigma)
-        return Counts((sigma,), self.correct[i : i + 1], self.nonfinite[i : i + 1], self.samples)
+        return Counts((sigma,), self.correct[i : i + 1], self.nonfinite[i : i + 1], self.samples, (),
+                      self.clean_correct, None if self.lost is None else self.lost[i : i + 1])
 
     @property
     def evaluations(self) -> int:

@@ -100,6 +100,8 @@ def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditC
     `data_sha256`: the data file's sha256 when the caller already has it (the CLI hashes it for the checkpoint
     before loading): it is then not read a second time to hash it.
     """
+    if data is not None and (x is not None or y is not None):
+        raise UsageError("give the data either as arrays (x, y) or as a file (data=...), not both")
     config = with_options(config or AuditConfig(), options)
     run = AuditRun(model, x, y, data, config, progress or _NoProgress(), list(done), data_sha256=data_sha256)
     run.executor = executor
@@ -347,14 +349,20 @@ class AuditRun:
     def _site_dict(self, site: Site | None, curve: sweep.Curve, notes: list[str]) -> dict:
         clean, noise = self.clean, self.noise
         sig, levels = curve.sorted()
-        acc = np.stack([sweep.accuracy(lv) for lv in levels])
-        mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=self.chance,
-                           samples=np.array([lv.samples for lv in levels]))
+        # paired with the clean pass: each level's accuracy relative to the clean accuracy of its own samples
+        acc = np.stack([sweep.accuracy(lv, clean.accuracy, self.chance) for lv in levels])
+        effective = np.array([sweep.effective_samples(lv, clean.accuracy, self.chance) for lv in levels])
+        mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=self.chance, samples=effective,
+                           clean_samples=clean.samples)
         points = [{"sigma": float(s), "accuracy": float(a.mean()), "accuracy_std": float(a.std()),
                    "repeats": int(lv.correct.size), "samples": int(lv.samples), "nonfinite": int(lv.nonfinite.sum()),
-                   "per_repeat": {"correct": lv.correct[0].tolist(), "nonfinite": lv.nonfinite[0].tolist()}}
+                   **({"clean_correct": int(lv.clean_correct)} if lv.paired else {}),
+                   "per_repeat": {"correct": lv.correct[0].tolist(), "nonfinite": lv.nonfinite[0].tolist(),
+                                  **({"lost": lv.lost[0].tolist()} if lv.paired else {})}}
                   for s, a, lv in zip(sig, acc, levels)]
         name = site.name if site else "global"
+        if mid.estimator == "none":  # nothing to measure: the site is flagged with the fit's one line
+            notes = [*notes, f"{name}: {mid.message}"]
         bad = sum(p["nonfinite"] for p in points)
         if bad:
             notes = [*notes, f"{name}: {bad} noisy passes gave NaN/Inf class scores; counted as misclassified"]
@@ -366,9 +374,8 @@ class AuditRun:
             relative = value
         else:
             relative = value / std if value is not None and std else None
-        samples = np.array([lv.samples for lv in levels])
         tolerances = [{**fit.tolerance(sig, acc, clean=clean.accuracy, drop=d.points(clean.accuracy, self.chance),
-                                       samples=samples).to_dict(), "of": d.describe()}
+                                       samples=effective).to_dict(), "of": d.describe()}
                       for d in self.config.drops]
         body = {"points": points, "midpoint": value, "midpoint_relative": relative,
                 "ci95": list(mid.ci95) if mid.ci95 else None, "censored": mid.censored,

@@ -21,19 +21,27 @@ the design notes ("The method", Walking Noise, arXiv 2212.10430):
    also fits significantly better (F-test, p < 0.01). A top neither at chance nor flat ("unsettled") keeps the
    floor pinned at chance, and `Midpoint.note` says so. The adaptive search (`sweep.adaptive`) extends σ by the
    same criterion.
-5. Fallback: when the fit fails, crosses outside the grid, or leaves large residuals (a jagged curve), or there are
-   fewer than 3 levels, σ50 is the linear interpolation in log σ of the first downward crossing of the halfway line
-   (method "interpolation", ok=False).
+5. The points decide: the logistic stands (``Midpoint.estimator`` "logistic") only when its residuals are within
+   binomial noise (χ² of the level means about the fit, each against the larger of the binomial variance of the
+   fitted accuracy and the variance of its repeats' mean, on levels - parameters degrees of freedom: rejected at
+   p < RESIDUAL_P) and its crossing lies between the levels clearly on either side of the halfway line (BRACKET_Z
+   standard errors). Otherwise, and when the fit fails, crosses outside the grid or leaves large residuals, σ50 is
+   the crossing of the isotonic (non-increasing) fit of the level means, linear in log σ between the levels around
+   it ("isotonic", method "isotonic"). Fewer than 3 levels: the linear interpolation in log σ of the first crossing
+   ("interpolated", method "interpolation", ok=False). A clean accuracy within its binomial 95 % interval of chance
+   (`at_chance`, with ``clean_samples``) gives no σ50 at all (NaN, "none").
 
 The 95% interval of a logistic estimate is a bootstrap (``ci_method="bootstrap"``): BOOTSTRAP replicates resample
 the R repeats with replacement as whole curves (common random numbers: one noise draw serves every σ of a repeat,
 so its errors are shared across levels; deviations scaled by sqrt(R/(R-1)) to undo the bootstrap's shrinkage),
 redraw each point's count binomially from its accuracy and the level's samples, and refit the chosen model with a
 batched Levenberg-Marquardt started at the fit; the interval is the 2.5-97.5% percentile of the refitted crossings
-in log σ. The generator is seeded from the inputs, so the same data give the same interval. When the fitted drop
-(90% -> 10%) is narrower than the grid step at the crossing, the interval is that grid step
-(``ci_method="grid-bracket"``). It is None when censored, interpolated, or when most refits do not cross the line.
-It describes the noise draws and repeats, not the choice of evaluation set.
+in log σ. An isotonic estimate's interval comes from the same replicates, each refitted monotonically: from the
+2.5 % quantile of the lower ends of the levels around their crossings to the 97.5 % quantile of the upper ends. The
+generator is seeded from the inputs, so the same data give the same interval. When the fitted drop (90% -> 10%) is
+narrower than the grid step at the crossing, the interval is that grid step (``ci_method="grid-bracket"``). It is
+None when censored, interpolated, or when the replicates do not cross the halfway line inside the grid. It
+describes the noise draws and repeats, not the choice of evaluation set.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ _POOR_FIT_RMS = 0.1  # residual RMS of level means, as a fraction of (clean - ch
 _TRANSITION_WIDTH = 2 * math.log(9)  # the logistic falls from 90% to 10% of its drop over this many widths w
 BOOTSTRAP = 200  # bootstrap refits behind a 95% interval (400 moved bounds by ≤ 1 % at twice the cost)
 _BOOT_MIN_VALID = 0.9  # share of refits that must cross the halfway line for an interval
+BRACKET_Z = 2.0  # standard errors from the halfway line that put a level's side of it beyond doubt
+RESIDUAL_P = 0.05  # a logistic whose residuals are this improbable under binomial noise gives way to the isotonic fit
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,17 @@ class Midpoint:
     message: str | None = None
     note: str | None = None
 
+    @property
+    def estimator(self) -> str:
+        """What σ50 comes from: "logistic" (the fitted curve's crossing, inside the points' bracket), "isotonic"
+        (the monotone fit of the points), "interpolated" (the points themselves, too few for either), "censored"
+        (a grid bound) or "none" (no midpoint: nothing to measure)."""
+        if self.method.startswith("logistic"):
+            return "logistic"
+        if self.method == "censored":
+            return "censored" if math.isfinite(self.value) else "none"
+        return {"interpolation": "interpolated"}.get(self.method, self.method)
+
     def to_dict(self) -> dict:
         """JSON-ready dict; NaN and infinities become None."""
         return {
@@ -91,6 +112,7 @@ class Midpoint:
             "ci95": None if self.ci95 is None else [_json_float(v) for v in self.ci95],
             "censored": self.censored,
             "method": self.method,
+            "estimator": self.estimator,
             "ok": self.ok,
             "params": {k: _json_float(v) for k, v in self.params.items()},
             "ci_method": self.ci_method,
@@ -164,20 +186,27 @@ def _binomial_se(means: np.ndarray, trials: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(p * (1 - p), 1.0 / trials) / trials)
 
 
-def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None) -> Midpoint:
+def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None,
+             clean_samples: int | None = None) -> Midpoint:
     """Estimate σ50 from accuracies ``accuracy`` ([L] or [L, R] repeats) measured at noise levels ``sigmas`` [L].
 
-    ``samples``: evaluation samples behind each accuracy, one number or one per level [L] (100 when unknown). It
-    sets the binomial weights of the fit and the binomial resampling of the bootstrap interval. Never raises on bad
-    data (too few points, NaNs, flat curves, clean <= chance); raises ValueError only if the shapes do not match.
-    The result is a function of the inputs alone: the bootstrap is seeded from them.
+    ``samples``: evaluation samples behind each accuracy, one number or one per level [L] (100 when unknown); with
+    paired counts, the effective samples (`sweep.effective_samples`). It sets the binomial weights of the fit, the
+    residual test and the binomial resampling of the bootstrap interval. ``clean_samples``: the samples behind
+    ``clean``; with it, a clean accuracy whose binomial 95 % interval holds chance gives no midpoint (NaN). Never
+    raises on bad data (too few points, NaNs, flat curves, clean <= chance); raises ValueError only if the shapes
+    do not match. The result is a function of the inputs alone: the bootstrap is seeded from them.
     """
     u, acc, n = _clean_inputs(sigmas, accuracy, samples)
+    if not (np.isfinite(clean) and np.isfinite(chance)) or clean <= chance:
+        if u.size == 0:
+            return _degenerate(math.nan, "no finite accuracy at any σ > 0")
+        return _degenerate(float(10 ** u[-1]), f"clean accuracy {clean} is not above chance {chance}: no midpoint")
+    if at_chance(clean, chance, clean_samples):
+        return _no_midpoint(clean, chance, clean_samples)
     if u.size == 0:
         return _degenerate(math.nan, "no finite accuracy at any σ > 0")
     sigma_max = float(10 ** u[-1])
-    if not (np.isfinite(clean) and np.isfinite(chance)) or clean <= chance:
-        return _degenerate(sigma_max, f"clean accuracy {clean} is not above chance {chance}: no midpoint")
 
     half = halfway(clean, chance)
     means = np.nanmean(acc, axis=1)
@@ -188,21 +217,52 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None) -> 
         return Midpoint(sigma_max, None, "above", "censored", True, {}, None,
                         "accuracy never falls below the halfway line inside the grid")
 
-    u_interp = _interpolated_crossing(u, means, half)
     if u.size < 3:
-        return _interpolation(u_interp, f"only {u.size} σ levels: too few for a logistic fit")
+        return _interpolation(_interpolated_crossing(u, means, half),
+                              f"only {u.size} σ levels: too few for a logistic fit")
 
-    shown = top(u, means, n * np.isfinite(acc).sum(axis=1), clean=clean, chance=chance)
+    trials = n * np.isfinite(acc).sum(axis=1)
+    shown = top(u, means, trials, clean=clean, chance=chance)
     unsettled = None if shown.kind != "unsettled" else (
         f"accuracy has neither reached chance nor levelled off by σ = {10 ** u[-1]:.3g} ({means[-1]:.3g} there, "
-        f"chance {chance:.3g}): lower asymptote pinned at chance")
-    fit = _choose_fit(u, acc, clean=clean, chance=chance, half=half, u_start=u_interp, samples=n, shown=shown)
-    if isinstance(fit, str):
-        return _interpolation(u_interp, fit if unsettled is None else f"{unsettled}; {fit}", unsettled)
+        f"chance {chance:.3g})")
+    iso = _isotonic(means, trials)
+    bracket = _evidence(u, iso, trials, half)
+    fit = _choose_fit(u, acc, clean=clean, chance=chance, half=half, u_start=_interpolated_crossing(u, means, half),
+                      samples=n, shown=shown)
+    if not isinstance(fit, str) and (problem := _misfit(fit, u, means, acc, trials, bracket)):
+        fit = problem if not fit.message else f"{fit.message}, but {problem}"
+    result = _isotonic_midpoint(u, acc, n, half=half, clean=clean, chance=chance, reason=fit) \
+        if isinstance(fit, str) else fit
     if unsettled is not None:
-        message = "; ".join(part for part in (unsettled, fit.message) if part)
-        return replace(fit, message=message, note=unsettled)
-    return fit
+        if result.estimator == "logistic":
+            unsettled += ": lower asymptote pinned at chance"
+        message = "; ".join(part for part in (unsettled, result.message) if part)
+        return replace(result, message=message, note=unsettled)
+    return result
+
+
+def at_chance(clean: float, chance: float, samples: int | None) -> bool:
+    """Is a clean accuracy measured on `samples` samples within its binomial (Clopper-Pearson) 95 % interval of
+    chance? Then nothing separates the model from guessing, and no σ50 means anything."""
+    if samples is None or samples < 1 or not 0.0 <= chance <= 1.0:
+        return False
+    _, low, high = _clean_interval(clean, samples)
+    return bool(low <= chance <= high)
+
+
+def _clean_interval(clean: float, samples: int) -> tuple[int, float, float]:
+    """(correct, low, high): the clean count and its Clopper-Pearson 95 % interval."""
+    k = int(round(min(max(clean, 0.0), 1.0) * samples))
+    ci = stats.binomtest(k, int(samples)).proportion_ci(0.95)
+    return k, float(ci.low), float(ci.high)
+
+
+def _no_midpoint(clean: float, chance: float, samples: int) -> Midpoint:
+    k, low, high = _clean_interval(clean, samples)
+    return Midpoint(math.nan, None, None, "censored", False, {}, None,
+                    f"clean accuracy {clean:.3g} ({k} of {samples}, 95 % interval {low:.3g}-{high:.3g}) is within "
+                    f"its interval of chance {chance:.3g}: no σ50")
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
@@ -456,6 +516,123 @@ def _binomial_sd(means: np.ndarray, samples: int) -> np.ndarray:
     """Binomial standard deviation of an accuracy from ``samples`` samples (smoothed away from 0 and 1)."""
     p = (np.clip(means, 0, 1) * samples + 1) / (samples + 2)
     return np.sqrt(p * (1 - p) / samples)
+
+
+# --- the points themselves: residual test, monotone fit ------------------------------------------------------------
+
+def _misfit(fit: Midpoint, u, means, acc, trials, bracket: tuple[int, int]) -> str | None:
+    """Why a logistic estimate must not stand (its residuals exceed binomial noise, or its crossing leaves the
+    bracket where the monotone fit of the points crosses the halfway line), or None.
+
+    The test: χ² = Σ (mean - fitted)² / var over the levels, var the larger of the binomial variance of the fitted
+    accuracy over the level's trials and the variance of the repeats' mean; the fit is rejected when
+    P(χ²[levels - parameters] >= χ²) < RESIDUAL_P."""
+    hi, lo, m, w = (fit.params[k] for k in ("hi", "lo", "m", "w"))
+    fitted = logistic(u, hi, lo, m, w)
+    var = _binomial_se(fitted, trials) ** 2
+    repeats = np.isfinite(acc).sum(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one repeat: no spread
+        spread = np.where(repeats > 1, np.nanvar(acc, axis=1, ddof=1) / np.maximum(repeats, 1), 0.0)
+    chi2 = float(np.sum((means - fitted) ** 2 / np.maximum(var, spread)))
+    dof = u.size - (4 if fit.method == "logistic-free-floor" else 3)
+    if dof > 0 and (p := float(stats.chi2.sf(chi2, dof))) < RESIDUAL_P:
+        return (f"the logistic leaves residuals beyond binomial noise (χ² {chi2:.3g} on {dof} degrees of freedom, "
+                f"p = {p:.2g})")
+    u_half = math.log10(fit.value)
+    a, b = u[bracket[0]], u[bracket[1]]
+    if not a - 1e-12 <= u_half <= b + 1e-12:
+        return (f"the logistic crosses the halfway line at σ = {fit.value:.3g}, outside the levels around it that "
+                f"are clearly on their side of the line ({10 ** a:.3g}-{10 ** b:.3g})")
+    return None
+
+
+def _evidence(u, curve, trials, half: float) -> tuple[int, int]:
+    """The levels around the crossing of a non-increasing ``curve`` that are clearly on their side of ``half``: the
+    last one before it more than BRACKET_Z binomial standard errors above, the first one after it as far below (the
+    grid's ends when none is). A crossing outside them contradicts the points."""
+    i, k = _bracket(u, curve, half)
+    far = BRACKET_Z * _binomial_se(curve, trials)
+    above = np.nonzero(curve[: i + 1] - half > far[: i + 1])[0]
+    below = np.nonzero(half - curve[k:] > far[k:])[0]
+    return (int(above[-1]) if above.size else 0), (k + int(below[0]) if below.size else u.size - 1)
+
+
+def _evidence(u, curve, trials, half: float) -> tuple[int, int]:
+    """The levels around the crossing of a non-increasing ``curve`` that are clearly on their side of ``half``: the
+    last one before it more than BRACKET_Z binomial standard errors above, the first one after it as far below (the
+    grid's ends when none is): a crossing outside them contradicts the points."""
+    i, k = _bracket(u, curve, half)
+    far = BRACKET_Z * _binomial_se(curve, trials)
+    above = np.nonzero(curve[: i + 1] - half > far[: i + 1])[0]
+    below = np.nonzero(half - curve[k:] > far[k:])[0]
+    return (int(above[-1]) if above.size else 0), (k + int(below[0]) if below.size else u.size - 1)
+
+
+def _isotonic(means: np.ndarray, trials: np.ndarray) -> np.ndarray:
+    """The non-increasing fit of the level means, weighted by their trials (pool adjacent violators)."""
+    means = np.asarray(means, dtype=float)
+    return optimize.isotonic_regression(means, weights=np.maximum(np.asarray(trials, dtype=float), 1.0),
+                                        increasing=False).x
+
+
+def _bracket(u: np.ndarray, curve: np.ndarray, half: float) -> tuple[int, int]:
+    """(k - 1, k): the levels around the first fall of a non-increasing ``curve`` below ``half`` (curve[0] > half >
+    curve[-1] is assumed; a level exactly at ``half`` counts as above)."""
+    k = max(int(np.argmax(curve < half)), 1)
+    return k - 1, k
+
+
+def _crossing_of(u: np.ndarray, curve: np.ndarray, half: float) -> float:
+    """u where a non-increasing ``curve`` falls through ``half``, linear in log σ between its bracketing levels."""
+    i, k = _bracket(u, curve, half)
+    a, b = curve[i], curve[k]
+    return float(u[i] + (a - half) / (a - b) * (u[k] - u[i])) if a > b else float(u[i])
+
+
+def _isotonic_midpoint(u, acc, samples, *, half: float, clean: float, chance: float, reason: str) -> Midpoint:
+    """σ50 from the monotone fit of the points, with a bootstrap interval (the same resampling as the logistic's:
+    repeats as whole curves, counts redrawn binomially). Each replicate's monotone fit gives the bracket of levels
+    where it crosses the halfway line; the interval runs from the 2.5 % quantile of the brackets' lower ends to the
+    97.5 % quantile of their upper ends, so it holds the whole grid step where the crossing is (a monotone curve
+    crosses somewhere inside it, not necessarily where the straight line does)."""
+    means = np.nanmean(acc, axis=1)
+    trials = samples * np.isfinite(acc).sum(axis=1)
+    u_half = _crossing_of(u, _isotonic(means, trials), half)
+    rng = np.random.default_rng(_data_seed(u, acc, samples, clean, chance, 1))
+    replicates = _resampled_means(u, acc, samples, rng)
+    lows, highs = np.empty(len(replicates)), np.empty(len(replicates))
+    for b, curve in enumerate(replicates):
+        if curve[0] <= half:  # below the line from the smallest σ: the crossing lies below the grid
+            lows[b], highs[b] = -math.inf, u[0]
+        elif curve.min() >= half:  # never below it: above the grid
+            lows[b], highs[b] = u[-1], math.inf
+        else:
+            i, k = _bracket(u, _isotonic(curve, trials), half)
+            lows[b], highs[b] = u[i], u[k]
+    # grid levels, not values between them (and no inf - inf where replicates leave the grid)
+    lo, hi = float(np.quantile(lows, 0.025, method="lower")), float(np.quantile(highs, 0.975, method="higher"))
+    message = f"{reason}: σ50 from the monotone (isotonic) fit of the points"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return Midpoint(float(10**u_half), None, None, "isotonic", True, {}, None,
+                        f"{message}; interval unavailable: resampled curves cross the halfway line outside the grid")
+    ci = (float(10 ** min(lo, u_half)), float(10 ** max(hi, u_half)))
+    return Midpoint(float(10**u_half), ci, None, "isotonic", True, {}, "bootstrap", message)
+
+
+def _resampled_means(u, acc, samples, rng: np.random.Generator, n_boot: int | None = None) -> np.ndarray:
+    """[n_boot, L] level means of bootstrap replicates: the repeats resampled as whole curves (deviations scaled by
+    sqrt(R/(R-1))), each point's count redrawn binomially from its accuracy and the level's samples."""
+    n_boot = BOOTSTRAP if n_boot is None else n_boot
+    levels, repeats = acc.shape
+    means = np.nanmean(acc, axis=1)
+    pick = rng.integers(0, repeats, size=(n_boot, repeats))
+    scale = math.sqrt(repeats / (repeats - 1)) if repeats > 1 else 0.0
+    y = means[None, :, None] + scale * (acc[:, pick].transpose(1, 0, 2) - means[None, :, None])  # [B, L, R]
+    finite = np.isfinite(y)
+    n = np.maximum(np.round(samples), 1).astype(np.int64)[None, :, None]
+    y = rng.binomial(np.broadcast_to(n, y.shape), np.clip(np.nan_to_num(y), 0, 1)) / n
+    return np.where(finite, y, 0.0).sum(axis=2) / np.maximum(finite.sum(axis=2), 1)
 
 
 # --- fallbacks ----------------------------------------------------------------------------------------------------

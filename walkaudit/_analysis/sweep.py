@@ -88,24 +88,30 @@ def spread(n_blocks: int, share: float) -> tuple[range, ...]:
 
 @dataclass
 class Curve:
-    """The counts gathered so far for one site, per σ level."""
+    """The counts gathered so far for one site, per σ level. `clean` (the clean accuracy of all the data) and
+    `chance`: its accuracies are paired with the clean pass (`accuracy`)."""
 
     levels: dict[float, Counts] = field(default_factory=dict)
+    clean: float | None = None
+    chance: float = 0.0
 
     def add(self, counts: Counts) -> None:
         """Add counts over new samples to what the curve holds for their σ levels."""
         for sigma in counts.sigmas:
             level = counts.level(sigma)
             old = self.levels.get(sigma)
-            self.levels[sigma] = level if old is None else Counts(
-                (sigma,), old.correct + level.correct, old.nonfinite + level.nonfinite, old.samples + level.samples)
+            self.levels[sigma] = level if old is None else old + level
 
     def sorted(self) -> tuple[np.ndarray, list[Counts]]:
         sig = np.array(sorted(self.levels))
         return sig, [self.levels[s] for s in sig]
 
+    def accuracy(self, sigma: float) -> np.ndarray:
+        """Accuracy per repeat at `sigma`, relative to the clean accuracy of the samples evaluated (`accuracy`)."""
+        return accuracy(self.levels[sigma], self.clean, self.chance)
+
     def mean(self, sigma: float) -> float:
-        return float(np.mean(accuracy(self.levels[sigma])))
+        return float(np.mean(self.accuracy(sigma)))
 
     def settled(self, clean: float, chance: float) -> bool:
         """Has the top of the curve reached chance or levelled off (`fit.top`)?"""
@@ -113,14 +119,51 @@ class Curve:
         from walkaudit._analysis.fit import top as top_of
 
         sig, levels = self.sorted()
-        means = [float(np.mean(accuracy(lv))) for lv in levels]
-        trials = [lv.samples * lv.correct.size for lv in levels]
+        means = [self.mean(s) for s in sig]
+        trials = [effective_samples(lv, self.clean, self.chance) * lv.correct.size for lv in levels]
         return top_of(np.log10(sig), means, trials, clean=clean, chance=chance).kind != "unsettled"
 
 
-def accuracy(level: Counts) -> np.ndarray:
-    """Accuracy per repeat of a one-level Counts."""
-    return level.correct[0] / max(level.samples, 1)
+#: the most the pairing may narrow a point's binomial noise: at most this many times its samples count
+MAX_PAIRED_GAIN = 100.0
+
+
+def accuracy(level: Counts, clean: float | None = None, chance: float = 0.0) -> np.ndarray:
+    """Accuracy per repeat of a one-level Counts.
+
+    With `clean` (the clean accuracy of all the data) and counts paired with the clean pass, the accuracy is read
+    relative to the clean accuracy c of the samples evaluated: chance + (clean - chance) · (a - chance) / (c -
+    chance). Over all the data c = clean and this is the accuracy measured; over a subset (the adaptive search's
+    first levels) it undoes the subset's luck, so a curve starts at the clean accuracy its halfway line is drawn
+    from."""
+    raw = level.correct[0] / max(level.samples, 1)
+    if clean is None or not level.paired or level.samples == 0:
+        return raw
+    own = level.clean_correct / level.samples
+    if own == clean or own <= chance:
+        return raw
+    return np.clip(chance + (clean - chance) * (raw - chance) / (own - chance), 0.0, 1.0)
+
+
+def effective_samples(level: Counts, clean: float | None = None, chance: float = 0.0) -> float:
+    """The samples a binomial accuracy would need to be as precise as this paired one (McNemar): over all the data
+    the clean pass is fixed, so only its changes are noise: lost = b of the c clean-correct samples and gained = g of
+    the n - c others per repeat give the variance (c q(1-q) + (n-c) p(1-p)) / n² with q = b / c, p = g / (n - c),
+    at most the binomial a(1-a)/n. Between n and MAX_PAIRED_GAIN · n; n for unpaired counts and for subsets (their
+    sampling is not the noise's)."""
+    n = level.samples
+    if clean is None or not level.paired or n == 0 or level.clean_correct / n != clean:
+        return float(n)
+    repeats = level.correct.size
+    right, wrong = level.clean_correct * repeats, (n - level.clean_correct) * repeats
+    q = level.lost.sum() / right if right else 0.0
+    p = level.gained.sum() / wrong if wrong else 0.0
+    variance = (right * q * (1 - q) + wrong * p * (1 - p)) / repeats / n**2
+    a = level.correct.sum() / (n * repeats)
+    binomial = a * (1 - a) / n
+    if variance <= binomial / MAX_PAIRED_GAIN:
+        return MAX_PAIRED_GAIN * n
+    return float(max(n, n * binomial / variance))
 
 
 #: A search: a generator that yields Requests, is sent each request's Counts, and returns the Curve.
@@ -154,9 +197,9 @@ def fixed(sigmas, n_blocks: int) -> Search:
     return curve
 
 
-def _clear(level: Counts, half: float, margin: float) -> bool:
+def _clear(level: Counts, half: float, margin: float, curve: Curve) -> bool:
     """Is this level's side of the halfway line already certain? (4 standard errors and a margin away)"""
-    acc = float(np.mean(accuracy(level)))
+    acc = float(np.mean(accuracy(level, curve.clean, curve.chance)))
     n = level.samples * level.correct.size
     se = np.sqrt(max(acc * (1 - acc), 1.0 / n) / n)
     return abs(acc - half) > max(4 * se, margin)
@@ -175,10 +218,9 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
     step = 1.0 / plan.per_decade
     n_blocks = max(1, n_blocks)
     head = spread(n_blocks, plan.head)
-    curve = Curve()
-    yield from _ask(curve, plan.coarse(scale), head)
-
     chance = 2 * half - clean
+    curve = Curve(clean=clean, chance=chance)
+    yield from _ask(curve, plan.coarse(scale), head)
 
     def rising() -> bool:
         """Does the top of the curve still call for a larger σ (above the halfway line, or not settled)?"""
@@ -198,7 +240,8 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
                 bottom = max(plan.lowest, bottom - 1.0)
                 yield from _ask(curve, scale * 10 ** np.arange(bottom, bottom + 1.0 - step / 2, step), head)
         unclear = [s for s, level in curve.levels.items() if s not in decided
-                   and (not _clear(level, half, margin) or any(not _clear(level, t, 0.0) for t in targets))]
+                   and (not _clear(level, half, margin, curve)
+                        or any(not _clear(level, t, 0.0, curve) for t in targets))]
         decided.update(curve.levels)
         yield from _ask(curve, unclear, tail)
         if top >= plan.highest or not rising():  # the remaining blocks can move the top: then extend again

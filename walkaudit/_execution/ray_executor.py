@@ -250,9 +250,35 @@ class Ray:
         self.owner = False
 
 
-def connect(address: str | None = None, config=None, **options) -> Ray:
-    """`Ray(address, config)`: the executor factory for `iter_audit(executor=...)`."""
-    return Ray(address, config, **options)
+#: how long `connect` waits for a cluster's address to answer before it gives up (Ray itself retries for minutes)
+CONNECT_TIMEOUT_S = 10.0
+
+
+def connect(address: str | None = None, config=None, *, timeout: float = CONNECT_TIMEOUT_S, **options) -> Ray:
+    """`Ray(address, config)`: the executor factory for `iter_audit(executor=...)`.
+
+    An address of a cluster ('HOST:PORT', 'ray://HOST[:PORT]') is first reached with a plain TCP connection of at
+    most `timeout` seconds: nothing there is one RuntimeFailure line (exit 3) at once, instead of Ray's minutes of
+    retries and raw log lines. Python warnings Ray gives while connecting (the Ray Client's) are not shown."""
+    import socket
+    import warnings
+
+    if address is not None and address != "auto":
+        client = address.startswith("ray://")
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            host, port = address.removeprefix("ray://"), "10001" if client else "6379"
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                pass
+        except OSError as exc:
+            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+            raise RuntimeFailure(f"cannot join the Ray cluster at {address}: {host}:{port} does not answer "
+                                 f"({why}); is the cluster running, and is that its {'Ray Client' if client else 'GCS'} "
+                                 "port?") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Ray(address, config, **options)
 
 
 def check_workers(infos: list[dict], version: str | None) -> None:

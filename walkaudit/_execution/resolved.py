@@ -84,6 +84,7 @@ class ResolvedAudit:
     threads: int | None
     model: bytes | None = None  # the serialized model, attached for another process (`with_model_bytes`)
     targets: np.ndarray | None = None  # what counts as correct per sample, once the driver's clean pass gave it
+    clean_ok: np.ndarray | None = None  # with `targets`: the clean model right per sample (pairs noisy with clean)
 
     def with_model_bytes(self, proto) -> ResolvedAudit:
         """This audit carrying the model itself, for a worker in another process."""
@@ -112,7 +113,9 @@ class ResolvedAudit:
         return Worker(loaded, data, runtime=runtime, noise=make_noise(self.noise, self.ratio),
                       source=NormalSource(self.seed, threads), sites=sites, mode=self.mode,
                       batch_size=self.batch_size, noise_source=self.noise_source, key=self.key,
-                      index=index, targets=self.targets, exposed=self.exposed, axes=dict(self.axes), **knobs)
+                      index=index, targets=self.targets,
+                      clean_ok=self.clean_ok if self.targets is not None else None, exposed=self.exposed,
+                      axes=dict(self.axes), **knobs)
 
     def loaded(self, model: LoadedModel | None = None) -> LoadedModel:
         """The model, with this audit's class output (never chosen again)."""

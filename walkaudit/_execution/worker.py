@@ -135,14 +135,14 @@ class Worker:
                  source: NormalSource, sites: list[Site], mode: str = "walk", batch_size: int | None = None,
                  noise_source: str = "auto", key: str | None = None, strategy: type[Strategy] | None = None,
                  pack: bool = True, cache_bytes: int = CACHE_BYTES, index: GraphIndex | None = None,
-                 targets: np.ndarray | None = None, exposed: tuple[str, ...] | None = None,
-                 axes: dict[str, int | None] | None = None):
-        """`strategy` forces one evaluation path for every unit (tests compare paths with it); `pack` False runs σ
-        levels one at a time; `cache_bytes` bounds the clean values kept and cached. `exposed`: the sites whose
-        values (and, walking, their suffixes' reads) the clean model exposes (default: `sites`); a shard exposes the
-        whole selection's, so that its clean values are the unsharded run's bit for bit (onnxruntime's fusions
-        depend on which values are graph outputs, even in exact sessions). `axes`: the sites' batch axes as the
-        driver resolved them (`site_axes`)."""
+                 targets: np.ndarray | None = None, clean_ok: np.ndarray | None = None,
+                 exposed: tuple[str, ...] | None = None, axes: dict[str, int | None] | None = None):
+        """`targets`, `clean_ok`: a driver's clean pass (`ResolvedAudit`); `strategy` forces one evaluation path for
+        every unit (tests compare paths with it); `pack` False runs σ levels one at a time; `cache_bytes` bounds the
+        clean values kept and cached. `exposed`: the sites whose values (and, walking, their suffixes' reads) the
+        clean model exposes (default: `sites`); a shard exposes the whole selection's, so that its clean values are
+        the unsharded run's bit for bit (onnxruntime's fusions depend on which values are graph outputs, even in
+        exact sessions). `axes`: the sites' batch axes as the driver resolved them (`site_axes`)."""
         self.forced, self.pack, self.cache_bytes = strategy, pack, cache_bytes
         self.model, self.data, self.runtime, self.noise, self.source = model, data, runtime, noise, source
         self.sites, self.mode, self.noise_source = sites, mode, noise_source
@@ -173,7 +173,8 @@ class Worker:
                              f"the model has opset {model.opset}")
         self._kept: dict[int, dict[str, np.ndarray]] = {}  # grid batch -> clean values kept by the clean pass
         self._kept_sites: set[str] = set()  # sites whose values are kept and that no evaluation has taken yet
-        self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`Recipe`)
+        self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`ResolvedAudit`)
+        self._clean_ok: np.ndarray | None = clean_ok  # per sample (token): the clean model got it right (pairing)
         self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
         #: value -> its batch axis from the inferred shape, or "size" (told by size when seen)
         self._axes: dict[str, int | str] = {n: "size" if a is None else a for n, a in (axes or {}).items()}
@@ -254,12 +255,16 @@ class Worker:
             self.notes.append(f"the clean model gives class {decided[0]} for every {every}: its accuracy, and how "
                               "noise changes it, say little about the model (a constant or untrained model?)")
         seen = np.concatenate([decided, self._targets[scored]])
-        stats.correct, stats.samples = int((pred == self._targets).sum()), int(scored.sum())
+        self._clean_ok = pred == self._targets
+        stats.correct, stats.samples = int(self._clean_ok.sum()), int(scored.sum())
         stats.classes = frozenset(int(c) for c in np.unique(seen[seen >= 0]))
         if rows != whole:  # targets by absolute row; the other rows are other workers'
             placed = np.full((len(whole), *self._targets.shape[1:]), UNSCORED, np.int64)
             placed[rows.start : rows.stop] = self._targets
             self._targets = placed
+            ok = np.zeros(placed.shape, bool)
+            ok[rows.start : rows.stop] = self._clean_ok
+            self._clean_ok = ok
         return stats
 
     def batch_axis(self, site: str, shape: tuple, rows: int) -> int | None:
@@ -320,7 +325,7 @@ class Worker:
         evaluation = self._evaluations.get((unit.mode, unit.sites))
         if evaluation is None:
             evaluation = self._evaluations[unit.mode, unit.sites] = self._evaluation(unit)
-        return evaluation.evaluate(unit, targets, progress)
+        return evaluation.evaluate(unit, targets, progress, self._clean_ok)
 
     def strategy(self, sites: tuple[str, ...], mode: str = "walk") -> type[Strategy]:
         """The evaluation path units at these sites take (`strategies.choose`)."""
@@ -552,18 +557,24 @@ class _Evaluation:
                                   "σ levels run one at a time")
         return self.packable
 
-    def evaluate(self, unit: WorkUnit, targets: np.ndarray, progress: Progress | None) -> Counts:
+    def evaluate(self, unit: WorkUnit, targets: np.ndarray, progress: Progress | None,
+                 clean_ok: np.ndarray | None = None) -> Counts:
+        """The unit's Counts; with `clean_ok` (the clean model right, per sample) also paired with the clean pass:
+        the clean-correct samples among those evaluated and, per (σ, repeat), how many of them the noise lost."""
         self.scales = dict(zip(unit.sites, unit.site_scales)) if unit.site_scales else {}
         sigmas = np.asarray(unit.sigmas, dtype=np.float64)
         levels, out = len(sigmas), self.worker.model.class_output
         counts = Counts.zeros(unit.sigmas, unit.repeats)
         rows = block_rows(unit.block_range, self.worker.data.samples)
-        samples, group = 0, None
+        samples, group, paired = 0, None, clean_ok is not None
+        lost, clean_correct = np.zeros_like(counts.correct), 0
         for part, values, device, r, drawn in self._jobs(rows, unit.repeats):
             n = len(part)
             target = targets[part.start : part.stop]
             scored = target != UNSCORED  # every sample, or a per-token output's scored positions
             samples += int(scored.sum()) if r == 0 else 0
+            was_ok = clean_ok[part.start : part.stop] if paired else None
+            clean_correct += int(was_ok.sum()) if paired and r == 0 else 0
             group = group or self._group(values, device, levels)
             eps = drawn.result()
             g0 = 0
@@ -583,10 +594,13 @@ class _Evaluation:
                 axes = tuple(range(1, pred.ndim))
                 counts.correct[g0 : g0 + len(chunk), r] += (pred == target).sum(axis=axes)
                 counts.nonfinite[g0 : g0 + len(chunk), r] += (bad & scored).sum(axis=axes)
+                if paired:
+                    lost[g0 : g0 + len(chunk), r] += (was_ok & (pred != target)).sum(axis=axes)
                 if progress:
                     progress(len(chunk) * n)
                 g0 += len(chunk)
-        return Counts(unit.sigmas, counts.correct, counts.nonfinite, samples, tuple(self.notes))
+        return Counts(unit.sigmas, counts.correct, counts.nonfinite, samples, tuple(self.notes),
+                      clean_correct if paired else None, lost if paired else None)
 
 
 def targets_of(pred: np.ndarray, data: Dataset, out: ClassOutput) -> np.ndarray:

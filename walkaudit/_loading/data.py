@@ -70,6 +70,35 @@ class Dataset:
             yield start, {k: v[start : start + size] for k, v in self.inputs.items()}
 
 
+#: `range_warning` looks at this many samples (the first ones) of each input
+RANGE_SAMPLES = 1024
+#: whole-number float inputs above this look like raw pixel values (0..255) instead of normalised ones
+RAW_PIXELS_ABOVE = 50
+
+
+def range_warning(dataset: Dataset) -> str | None:
+    """A warning when a float input looks unnormalised, else None.
+
+    The heuristic (docs/data.md): among the first RANGE_SAMPLES samples, a float input whose finite values are all
+    whole numbers with a maximum above RAW_PIXELS_ABOVE looks like images stored as 0–255 floats, while almost every
+    model is trained on scaled input (0–1, or mean/std normalised: values of a few units). Integer inputs (token ids)
+    and small whole numbers (the 0..16 pixels of the digits sample, whose scaler is inside the model) are left alone.
+    """
+    for name, values in dataset.inputs.items():
+        head = np.asarray(values[:RANGE_SAMPLES])
+        if not _is_float(head.dtype) or head.size == 0:
+            continue
+        head = head.astype(np.float64)[np.isfinite(head.astype(np.float64))]
+        if head.size == 0:
+            continue
+        low, high = float(head.min()), float(head.max())
+        if high > RAW_PIXELS_ABOVE and np.all(head == np.round(head)):
+            return (f"input {name!r} holds whole numbers {low:g}..{high:g}: raw pixel values? Most models expect "
+                    "scaled input (0..1 or mean/std normalised); scale it as the model was trained, or the σ50 "
+                    "values mean little")
+    return None
+
+
 # --- where the bytes are ---------------------------------------------------------------------------------------------
 
 def _map(fd: int, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
@@ -600,7 +629,7 @@ def load(
                           allow_nonfinite=allow_nonfinite, path=str(path), per_token=per_token,
                           ignore_label=ignore_label, mask=mask)
     try:
-        dataset.sha256 = sha256_of(path) if digest else None  # workers built from a recipe know it already
+        dataset.sha256 = sha256_of(path) if digest else None  # workers built from a resolved audit know it already
     except OSError as exc:
         raise DataError(f"cannot read {path.name}: {exc.strerror or exc}") from None
     return dataset
@@ -707,6 +736,19 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8", "float4"))
 
 
+def _layout_hint(a, spec: TensorSpec) -> str:
+    """'; transpose to NCHW' when the data is the model's image shape with the channels last (NHWC), else ''."""
+    want = spec.shape
+    if want is None or a.ndim != 4 or len(want) != 4:
+        return ""
+    c, h, w = want[1:]
+    nhwc = tuple(a.shape[1:])
+    fits = all(not isinstance(d, int) or d == s for d, s in zip((h, w, c), nhwc))
+    if fits and nhwc[2] != nhwc[0]:  # the last axis holds what the model wants first: channels last
+        return "; the data looks channels-last (NHWC): transpose it to NCHW, e.g. x.transpose(0, 3, 1, 2)"
+    return ""
+
+
 def _check_form(a, spec: TensorSpec) -> np.dtype:
     """The type the model takes, after checking the data's shape and dtype kind against it (values aside)."""
     want = spec.describe()
@@ -717,7 +759,7 @@ def _check_form(a, spec: TensorSpec) -> np.dtype:
     if spec.shape is not None:
         dims = spec.shape[1:]
         if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(dims, a.shape[1:])):
-            raise DataError(f"input {spec.name!r}: expected {want}, found {_describe(a)}")
+            raise DataError(f"input {spec.name!r}: expected {want}, found {_describe(a)}{_layout_hint(a, spec)}")
     try:
         target = spec.dtype
     except Exception:  # an element type numpy cannot hold

@@ -196,6 +196,9 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
         raise ModelError(f"model path is not a file: {path}")
     if path.stat().st_size == 0:
         raise ModelError(f"model file is empty: {path}")
+    what = _other_format(path)
+    if what:
+        raise ModelError(f"{path} is not an ONNX model: {what}")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
@@ -208,6 +211,41 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     except Exception as exc:
         raise ModelError(f"cannot read external data of {path}: {_first_line(exc)}") from None
     return proto, str(path), _sha256(path)
+
+
+#: export advice for a PyTorch file given as the model
+TORCH_HINT = ("this looks like a PyTorch file (torch.save): export it with torch.onnx.export(model, example_input, "
+              "'model.onnx') and audit that")
+
+
+def _other_format(path: Path) -> str | None:
+    """What a model file is instead of ONNX, by its first bytes (an ONNX file is protobuf, which never starts with
+    these): a PyTorch file (a zip holding data.pkl, or a pickle), a NumPy file, a JSON document; None otherwise."""
+    import zipfile
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            names = []
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return TORCH_HINT
+        if names and all(n.endswith(".npy") for n in names):
+            return "it is a NumPy .npz archive (data goes to --data)"
+        return "it is a zip archive"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return TORCH_HINT + " (or another Python pickle)"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a NumPy .npy array (data goes to --data)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "it looks like a JSON document (a walkaudit report is read by 'walkaudit compare' or 'walkaudit plot')"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

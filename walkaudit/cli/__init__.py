@@ -117,6 +117,10 @@ class DefaultGroup(click.Group):
             if close:
                 raise UsageError(f"unknown command {args[0]!r}: did you mean '{close}'? (no file of that name to "
                                  "audit either)")
+            if _is_report(args[0]):
+                raise UsageError(f"{args[0]} is a JSON report, not a model to audit: compare it with 'walkaudit "
+                                 f"compare BASELINE.json {args[0]}', plot it with 'walkaudit plot {args[0]} -o "
+                                 "curves.png', or audit a model with 'walkaudit MODEL.onnx --data DATA'")
             args = ["audit", *args]
         return super().parse_args(ctx, args)
 
@@ -139,6 +143,15 @@ class DefaultGroup(click.Group):
             _err("aborted")
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _is_report(word: str) -> bool:
+    """Whether the file `word` (given where a model goes) is a JSON document: its first non-blank byte is '{'."""
+    try:
+        with open(word, "rb") as f:
+            return f.read(64).lstrip()[:1] == b"{"
+    except OSError:
+        return False
 
 
 def _command_typo(word: str, commands: list[str]) -> str | None:
@@ -165,6 +178,29 @@ def main():
 
     Exit codes: 0 passed, 1 gate failed, 2 bad usage or input, 3 runtime failure, 130 interrupted.
     """
+
+
+@main.command("version")
+def version_command():
+    """Print walkaudit's version."""
+    click.echo(f"walkaudit, version {__version__}")
+
+
+@main.command("help")
+@click.argument("command", required=False)
+@click.pass_context
+def help_command(ctx, command):
+    """Show the help of walkaudit, or of one COMMAND (the same as 'walkaudit COMMAND --help')."""
+    group = ctx.parent.command
+    if command is None:
+        click.echo(group.get_help(ctx.parent))
+        return
+    cmd = group.get_command(ctx.parent, command)
+    if cmd is None:
+        raise click.UsageError(f"no command {command!r} (commands: {', '.join(group.list_commands(ctx.parent))})",
+                               ctx=ctx)
+    with click.Context(cmd, info_name=command, parent=ctx.parent) as sub:
+        click.echo(cmd.get_help(sub))
 
 
 #: the sections of `audit --help`, by parameter name; a parameter not named here is listed under "Other"
@@ -259,8 +295,29 @@ def _meta(key: str, default=None):
     return default
 
 
+def deprecated(old: str, new: str, key: str, **kw):
+    """A hidden option kept for one release under its old spelling: its value goes to `_meta(key)` (read as the new
+    option's), with one `walkaudit: warning: OLD is deprecated; use NEW` line on stderr."""
+    def callback(ctx, param, value):
+        if value is not None and value is not False and value != ():
+            click.echo(f"walkaudit: warning: {old} is deprecated; use {new}", err=True)
+            ctx.meta[f"walkaudit.{key}"] = value
+        return value
+    return click.option(old, f"deprecated_{key}", hidden=True, expose_value=False, callback=callback, **kw)
+
+
+def _json_target(json_path: str | None) -> str | None:
+    """The JSON report's path from --json or -o/--out (the same file under two names); refused when both differ."""
+    out = _meta("out")
+    if out is not None and json_path is not None and out != json_path:
+        raise UsageError("-o/--out and --json both name the JSON report; give one of them")
+    return json_path if json_path is not None else out
+
+
 def output_options(fn):
     opts = [
+        click.option("-o", "--out", metavar="PATH", expose_value=False, callback=_store("out"),
+                     help="Write the JSON report ('-' = stdout); the same as --json."),
         click.option("--json", "json_path", metavar="PATH", help="Write the JSON report ('-' = stdout)."),
         click.option("--markdown", "markdown_path", metavar="PATH",
                      help="Write a Markdown summary ('auto' = append to $GITHUB_STEP_SUMMARY)."),
@@ -397,6 +454,24 @@ def _check_outputs(json_path, markdown_path, junit_path, inputs=None, extra=()) 
                            ("--html", _meta("html")), *extra])
 
 
+def _no_warnings(lines: list[str]) -> list[str]:
+    """The rendered lines without the gate's `warning: ` lines, which go to stderr as `walkaudit: warning: …`."""
+    return [ln for ln in lines if not (isinstance(ln, str) and ln.startswith("warning: "))]
+
+
+def _readable(text: str) -> str:
+    """A JSON report walkaudit can read back: refused (one line, nothing written) when it is larger than the
+    reader's limit (walkaudit.report.model.MAX_REPORT_BYTES)."""
+    from walkaudit.report import model
+
+    size = len(text.encode("utf-8"))
+    if size > model.MAX_REPORT_BYTES:
+        raise UsageError(f"the JSON report would be {size / 2**20:.0f} MiB, more than the "
+                         f"{model.MAX_REPORT_BYTES // 2**20} MiB walkaudit reads back; nothing written (fewer sites "
+                         "per report: --include/--exclude, or a coarser --sigmas grid)")
+    return text
+
+
 def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_with=None) -> None:
     """Write the requested files of a typed Report and print the summary (to stderr when stdout carries a document).
 
@@ -411,7 +486,7 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
     from walkaudit.report.model import dumps
 
     if json_path:
-        _write(json_path, dumps(report.to_dict()))
+        _write(json_path, _readable(dumps(report.to_dict())))
     if markdown_path:
         if markdown_path == "auto":
             _write(os.environ["GITHUB_STEP_SUMMARY"], to_markdown(report) + "\n", append=True)
@@ -431,17 +506,20 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
     gate = report.gate
     if quiet:
         if gate is not None and not gate.passed:
-            render.show(console, [ln for ln in render.gate_lines(gate) if not ln.startswith("warning: ")])
+            render.show(console, _no_warnings(render.gate_lines(gate)))
     else:
         if compare_with is not None:
             render.show(console, render.compare_table(compare_with, report, width=width))
-            render.show(console, render.gate_lines(gate) if gate is not None else [])
+            render.show(console, _no_warnings(render.gate_lines(gate)) if gate is not None else [])
         else:
             render.show(console, render.site_table(report, bars=width is None or width >= 100, width=width))
             tolerances = render.tolerance_table(report, width=width)
             if tolerances is not None:
+                render.show(console, [render.TOLERANCE_TITLE])
                 render.show(console, tolerances)
-            render.show(console, render.summary_lines(report))
+            render.show(console, _no_warnings(render.summary_lines(report)))
+        for warning in gate.warnings if gate is not None else ():
+            _warn(warning)  # every warning: stderr, one prefix (the table and verdict stay on stdout)
     if github:
         lines = to_github(report, warnings=not quiet).splitlines()
         if lines:
@@ -524,6 +602,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
     SIGINT/SIGTERM/SIGHUP (a partial report is written; --resume continues).
     """
     quiet = quiet or bool(_meta("silent"))
+    json_path = _json_target(json_path)
     from walkaudit import api
     from walkaudit.cli import checkpoint as ckpt
     from walkaudit.cli import outputs, signals
@@ -559,8 +638,15 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
         fp = None  # a model or data file that cannot be read: the audit itself says so, in its own words
     if fp is not None:
         path = checkpoint_path or ckpt.default_path(json_path, fp)
-        done = ckpt.load(path, fp) if resume else []
-        if not resume and os.path.isfile(path):
+        written = [(flag, o.path) for flag, value in (("--json", json_path), ("--markdown", markdown_path),
+                                                      ("--junit", junit_path), ("--html", _meta("html")))
+                   for o in [outputs.resolve(flag, value)] if o is not None]
+        exists = ckpt.check_path(path, written, inputs=[("the model", model), ("the data (--data)", data_path)])
+        ckpt.clean_stale(path)  # the temporary of a write killed with -9
+        if resume and not exists:  # e.g. killed before the first site finished: nothing saved yet
+            warn(f"--resume: no checkpoint at {path} yet; starting from the beginning")
+        done = ckpt.load(path, fp) if resume and exists else []
+        if not resume and exists:
             warn(f"starting over: the checkpoint {path} of an earlier run is replaced (--resume continues it)")
         cp = ckpt.Checkpoint(path, fp, done, make_folder=checkpoint_path is None and json_path in (None, "-"))
 
@@ -577,6 +663,10 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                                  data_sha256=fp["data_sha256"] if fp else None)  # hashed once, above
             if cp is not None and json.dumps(run.fingerprint, sort_keys=True) != json.dumps(fp, sort_keys=True):
                 raise UsageError("the model or data file changed while the audit started; run it again")
+            _warn_range(run, warn)
+            if cp is not None and cp.sites:
+                ckpt.check_against(cp.sites, run.sites, None if run.loaded.class_output.per_token
+                                   else run.dataset.samples)
             try:
                 for site in run:
                     problem = cp.add(site.to_dict()) if cp else None
@@ -619,10 +709,13 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @site_options
-@click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: the sites as a JSON list.")
+@deprecated("--json", "--format json", "inspect_json", is_flag=True)
 @guarded
-def inspect(model, ops, include, exclude, as_json):
+def inspect(model, ops, include, exclude, output_format):
     """List the candidate sites of MODEL: index, tensor, node, op type, shape, MACs per sample."""
+    as_json = output_format == "json" or bool(_meta("inspect_json"))
     from rich.console import Console
 
     from walkaudit._graph.cost import sites_macs
@@ -675,10 +768,13 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
     """
     from walkaudit.report import gate
 
+    json_path = _json_target(json_path)
     _check_outputs(json_path, markdown_path, junit_path)
     old_report, new_report = _read_report(old), _read_report(new)
     config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, old)
     verdict = gate.evaluate(new_report, config, old_report)
+    if config.max_drop is None:  # compare shows OLD beside NEW: it was compared, only drops are not gated (said below)
+        verdict.warnings = [w for w in verdict.warnings if "the baseline was not compared" not in w]
     new_report = new_report.with_gate(verdict, rules=config.to_dict())
     if config.max_drop is None:
         drops = _drops(old_report, new_report)
@@ -692,7 +788,8 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
 
 @main.command()
 @click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", required=True, metavar="FILE", help="Image file: .png, .svg or .pdf.")
+@click.option("-o", "--out", metavar="FILE", help="Image file: .png, .svg or .pdf (required).")
+@deprecated("--output", "-o/--out", "plot_out", metavar="FILE")
 @click.option("--baseline", metavar="REPORT", type=click.Path(dir_okay=False),
               help="Overlay a baseline report: its curves dotted, its σ50 as black ticks on the bars.")
 @click.option("--relative", is_flag=True, help="σ / activation std on the x axes instead of σ.")
@@ -707,6 +804,9 @@ def plot(report_path, out, baseline, relative):
     from walkaudit.report.plot import FORMATS, plot_report, save_figure
     from walkaudit.report.text import printable
 
+    out = out if out is not None else _meta("plot_out")
+    if out is None:
+        raise UsageError("plot needs the image file: -o/--out FILE (.png, .svg or .pdf)")
     if Path(out).suffix.lower() not in FORMATS:
         raise UsageError(f"plot output must end in .png, .svg or .pdf, got {printable(out)}")
     figure = plot_report(_read_report(report_path), baseline=_read_report(baseline) if baseline else None,
@@ -718,6 +818,16 @@ def plot(report_path, out, baseline, relative):
 #: where the data loader looks for labels without --y-key (walkaudit._loading.data)
 _LABEL_KEYS = ("y", "Y", "labels", "label", "targets", "target")
 _LABEL_LIKE = ("lab", "lbl", "target", "class", "truth", "gt", "ann")
+
+
+def _warn_range(run, warn) -> None:
+    """Warn when the data looks unnormalised (walkaudit._loading.data.range_warning: whole-number floats above 50)."""
+    from walkaudit._loading.data import range_warning
+
+    dataset = getattr(run, "dataset", None)
+    message = range_warning(dataset) if dataset is not None else None
+    if message:
+        warn(message)
 
 
 def _check_npz_labels(data_path: str, x_key: str | None, y_key: str | None) -> None:
@@ -776,11 +886,11 @@ def _count_text(value: int | None) -> str:
 
 @main.command("merge")
 @click.argument("shard_paths", metavar="SHARD.json...", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", metavar="PATH", help="Write the merged JSON report (as --json; '-' = stdout).")
+@deprecated("--output", "-o/--out", "out", metavar="PATH")
 @gate_options
 @output_options
 @guarded
-def merge_command(shard_paths, out, fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline,
+def merge_command(shard_paths, fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, baseline,
                   max_drop, json_path, markdown_path, junit_path, quiet):
     """Combine the N reports of 'walkaudit MODEL --data D --shard I/N' into the unsharded audit's report and gate it
     like an audit (exit 0 passed, 1 gate failed, 2 the reports are not the N shards of one audit).
@@ -791,13 +901,11 @@ def merge_command(shard_paths, out, fail_under, fail_under_relative, rules, rule
     from walkaudit.report import gate
     from walkaudit.report.merge import merge
 
-    if out is not None and json_path is not None:
-        raise UsageError("-o and --json both name the merged JSON report; give one of them")
+    json_path = _json_target(json_path)
     inputs = [("a shard report (SHARD)", p) for p in shard_paths]
     inputs += [(what, p) for what, p in (("the baseline (--baseline)", baseline), ("the rules file (--rules)",
                                                                                    rules_file)) if p]
-    _check_outputs(json_path, markdown_path, junit_path, inputs=inputs, extra=[("-o", out)])
-    json_path = json_path if json_path is not None else out
+    _check_outputs(json_path, markdown_path, junit_path, inputs=inputs)
     gate_config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop,
                                baseline)
     baseline_report = _read_report(baseline) if baseline else None

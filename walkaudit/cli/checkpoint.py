@@ -11,6 +11,13 @@ otherwise it refuses with one line that names what differs.
 
 Where: `--checkpoint PATH`; else `<--json PATH>.checkpoint` when --json is a file; else
 `.walkaudit/checkpoint-<12 hex>.json` in the current folder (12 hex digits of the fingerprint's sha256).
+
+Only walkaudit's own file is ever replaced or deleted there (`check_path`, before any work): a symlink, anything but
+a regular file, an existing file that is not a checkpoint, or a path that is also an output or an input is refused
+with one line; a checkpoint is read with the checks a report gets (a regular file, at most MAX_REPORT_BYTES) and
+never written through a symlink. The temporaries of a write killed with -9 are deleted at the next start
+(`clean_stale`). `load` checks every saved site as a report's site (schema and numbers), `check_against` the
+sites against the audit about to run (selected, same index, no more samples than the data).
 """
 
 from __future__ import annotations
@@ -104,28 +111,83 @@ def difference(saved: dict, current: dict) -> str | None:
     return "the checkpoint was made for another audit"
 
 
+def _read(path: str, what: str) -> str | None:
+    """The text of the checkpoint file at `path`, None when there is none, with the checks a report gets when it
+    is read (walkaudit.report.model.read_limited: a regular file of at most MAX_REPORT_BYTES) and never through a
+    symlink. `what` starts each one-line refusal (e.g. '--resume: ')."""
+    from walkaudit.report.model import read_limited
+
+    try:
+        raw = read_limited(path, "checkpoint", links=False)
+    except FileNotFoundError:
+        return None
+    except UsageError as exc:
+        raise UsageError(f"{what}{exc}; remove it or give another --checkpoint") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what}{path} is not a walkaudit checkpoint (not UTF-8 text)") from None
+
+
+def _parse(path: str, text: str, what: str) -> dict:
+    """The checkpoint's JSON object; UsageError when the text is not a walkaudit checkpoint."""
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{what}{path} is not a walkaudit checkpoint (corrupt JSON: {exc})") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        found = body.get("format") if isinstance(body, dict) else type(body).__name__
+        raise UsageError(f"{what}{path} is not a walkaudit checkpoint (format {found!r}, expected {FORMAT})")
+    return body
+
+
+def check_path(path: str, outputs=(), inputs=()) -> bool:
+    """Refuse, before any work, a checkpoint path walkaudit must not write: a symlink, anything but a regular file,
+    an existing file that is not a walkaudit checkpoint (the user's: never overwritten, never deleted), a path that
+    is also an output (`outputs`: (flag, path) pairs, '-' and None skipped) or an input (`inputs`: (what, path)).
+    Returns whether a checkpoint exists there."""
+    from walkaudit.cli.outputs import same_file
+
+    if os.path.islink(path):
+        _read(path, "")  # refuses it, in the words the reader uses
+    for flag, other in outputs:
+        if other and other != "-" and same_file(path, other):
+            raise UsageError(f"{flag} {other} is the checkpoint of this audit ({path}); write it elsewhere")
+    for what, other in inputs:
+        if other and other != "-" and same_file(path, other):
+            raise UsageError(f"the checkpoint {path} would overwrite {what} ({other}); give another --checkpoint")
+    text = _read(path, "")
+    if text is None:
+        return False
+    try:
+        _parse(path, text, "")
+    except UsageError as exc:
+        raise UsageError(f"{exc}; walkaudit does not overwrite it: remove it or give another --checkpoint") from None
+    return True
+
+
+def clean_stale(path: str) -> list[str]:
+    """Delete the temporaries a killed write of this checkpoint left next to it; returns their paths."""
+    from walkaudit.cli.outputs import stale_temporaries
+
+    removed = []
+    for tmp in stale_temporaries(path):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+            removed.append(tmp)
+    return removed
+
+
 def load(path: str, fp: dict) -> list[dict]:
     """The finished sites of the checkpoint at `path`, made by an audit with this fingerprint.
 
-    Refuses with a one-line UsageError (exit 2): no checkpoint, not a checkpoint, or made for another audit.
+    Refuses with a one-line UsageError (exit 2): no checkpoint, not a checkpoint (or not a regular file, or too
+    large), made for another audit, or sites whose numbers break the report's schema or disagree with each other.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"--resume: no checkpoint at {path} (nothing to resume; run without --resume)") from None
-    except IsADirectoryError:
-        raise UsageError(f"--resume: {path} is a directory, not a checkpoint") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--resume: cannot read the checkpoint {path}: {getattr(exc, 'strerror', None) or exc}") \
-            from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--resume: {path} is not a walkaudit checkpoint (corrupt JSON: {exc})") from None
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        found = body.get("format") if isinstance(body, dict) else type(body).__name__
-        raise UsageError(f"--resume: {path} is not a walkaudit checkpoint (format {found!r}, expected {FORMAT})")
+    text = _read(path, "--resume: ")
+    if text is None:
+        raise UsageError(f"--resume: no checkpoint at {path} (nothing to resume; run without --resume)")
+    body = _parse(path, text, "--resume: ")
     sites, saved = body.get("sites"), body.get("fingerprint")
     if not isinstance(saved, dict):
         raise UsageError(f"--resume: {path} is a corrupt checkpoint (no fingerprint)")
@@ -138,7 +200,37 @@ def load(path: str, fp: dict) -> list[dict]:
     why = difference(saved, json.loads(json.dumps(fp)))  # compared as JSON: tuples and lists alike
     if why:
         raise UsageError(f"--resume: {why}; rerun without --resume to start over")
+    _check_sites(path, sites)
     return sites
+
+
+def _check_sites(path: str, sites: list[dict]) -> None:
+    """Every saved site as a report's site: the schema and its numbers (walkaudit.report.model)."""
+    from walkaudit.report.model import SiteResult
+
+    for k, site in enumerate(sites):
+        try:
+            SiteResult.from_dict(site)
+        except UsageError as exc:
+            raise UsageError(f"--resume: {path} is a corrupt checkpoint (sites[{k}]: {exc})") from None
+
+
+def check_against(sites: list[dict], selected, samples: int | None) -> None:
+    """The resumed sites against the audit about to run: each is a selected site with its index there (`selected`:
+    the run's Sites), and no point counts more than `samples` (the data's; None when unknown before the clean pass,
+    as for per-token outputs, where the report's own check catches it)."""
+    index = {s.name: s.index for s in selected}
+    for site in sites:
+        name = site["name"]
+        if name != "global" and name not in index:
+            raise UsageError(f"--resume: the checkpoint holds site {name!r}, which this audit does not select")
+        if name in index and site.get("index") != index[name]:
+            raise UsageError(f"--resume: the checkpoint gives site {name!r} index {site.get('index')!r}; it is "
+                             f"{index[name]} in this audit")
+        for point in site["points"]:
+            if samples is not None and point.get("samples", 0) > samples:
+                raise UsageError(f"--resume: the checkpoint's site {name!r} counts {point['samples']} samples; the "
+                                 f"data has {samples}")
 
 
 class Checkpoint:
@@ -165,7 +257,7 @@ class Checkpoint:
         try:
             if self.make_folder:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            write_atomic(self.path, self.dumps())
+            write_atomic(self.path, self.dumps(), through_links=False)
         except (UsageError, OSError, TypeError, ValueError) as exc:
             self.broken = str(exc)
             return self.broken

@@ -47,7 +47,7 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _same(a: str, b: str) -> bool:
+def same_file(a: str, b: str) -> bool:
     """True when two paths name the same file: the same resolved path, or the same inode (hard links)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
@@ -110,11 +110,11 @@ def check(inputs, outputs, environ=None) -> list[Output]:
     files = [o for o in resolved if o.path != STDOUT]
     for out in files:
         for what, path in inputs:
-            if path and path != STDOUT and _same(out.path, path):
+            if path and path != STDOUT and same_file(out.path, path):
                 raise UsageError(f"{out.label} would overwrite {what} ({path}); write the output elsewhere")
     for i, out in enumerate(files):
         for other in files[i + 1:]:
-            if _same(out.path, other.path):
+            if same_file(out.path, other.path):
                 raise UsageError(f"{out.label} and {other.label} are the same file; give each output its own path")
     for out in files:
         _check_target(out)
@@ -131,7 +131,29 @@ def _umask() -> int:
 
 def _open_temp(folder: str, name: str) -> tuple[int, str]:
     """A new temporary file next to the target (tests replace this to simulate a full disk)."""
-    return tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    return tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=folder)
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def stale_temporaries(path: str) -> list[str]:
+    """The temporaries `write_atomic(path, ...)` leaves when it is killed (kill -9) between creating and renaming
+    one: regular files `.NAME.XXXXXXXX.tmp` (mkstemp's 8 characters) next to `path`."""
+    import re
+
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for entry in sorted(entries):
+        full = os.path.join(folder, entry)
+        if pattern.fullmatch(entry) and stat.S_ISREG(os.lstat(full).st_mode):
+            found.append(full)
+    return found
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -143,14 +165,18 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str, *, through_links: bool = True) -> None:
     """Replace `path` with `text` (UTF-8) in one step: a reader sees the old file or the new one, never a mix.
 
-    A symlink is written through (its target is replaced); the existing file's permission bits are kept, a new file
-    gets the usual ones (0666 less the umask). On failure the temporary is removed and a one-line UsageError says
-    `cannot write PATH: reason`.
+    A symlink is written through (its target is replaced) unless `through_links` is False: then a symlink at `path`
+    is refused (UsageError) and nothing is written (checkpoints: a file walkaudit owns, never a link to the user's).
+    The existing file's permission bits are kept, a new file gets the usual ones (0666 less the umask). On failure
+    the temporary is removed and a one-line UsageError says `cannot write PATH: reason`.
     """
-    target = os.path.realpath(path)
+    if not through_links and os.path.islink(path):
+        raise UsageError(f"cannot write {path}: it is a symbolic link (walkaudit never writes its own files through "
+                         "one)")
+    target = os.path.realpath(path) if through_links else os.path.abspath(path)
     folder, name = os.path.split(target)
     data = text.encode("utf-8")
     fd, tmp = -1, None

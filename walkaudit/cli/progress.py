@@ -6,7 +6,7 @@ site one more, and the sites in flight add the fraction of their planned work th
 `site_finished`). What it shows never decreases.
 
 - stderr a terminal (a real tty, whatever FORCE_COLOR says): one live line, "site k/N name", a bar, the percentage,
-  samples per second, the elapsed time and an ETA.
+  samples per second, the elapsed time and an ETA; a long name loses its start (never the counts) to fit the line.
 - stderr not a terminal (CI logs, pipes): no animation; one plain line when the clean pass ends and one per finished
   site: ``walkaudit: site 3/5 linear: σ50 18.7 (0.8 s; 41.2k samples/s, ETA 2 s)``.
 
@@ -56,6 +56,31 @@ def format_eta(seconds: float | None) -> str:
     return f"ETA {seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"ETA {seconds} s"
 
 
+#: the columns of the live line besides the description (the bar at its narrowest, percentage, rate, elapsed, ETA)
+#: and their gaps; the bar takes whatever is left
+FIXED_COLUMNS = 10 + 5 + len("999.9k samples/s") + len("0:00:00") + len("ETA") + len("0:00:00") + 6
+#: the narrowest a site name is cut to (its end: the op and output index tell sites apart)
+MIN_NAME = 12
+
+
+def shorten(name: str, width: int) -> str:
+    """`name` in at most `width` characters, keeping its end ('…' + the last ones): the end of a tensor name
+    (`MatMul_1_output_0`) tells sites apart, its start (`/encoder/layers.0/`) is shared by many."""
+    if len(name) <= width:
+        return name
+    return "…" + name[len(name) - max(width, 2) + 1:]
+
+
+def live_description(label: str, name: str, width: int) -> str:
+    """The live line's description in a terminal `width` wide: 'site k/N' whole, then the name cut at its start
+    to what is left after the counts (the bar, percentage, rate, elapsed time and ETA are never cut)."""
+    room = width - FIXED_COLUMNS - (len(label) + 1 if label else 0)
+    if room < MIN_NAME and label:  # too narrow for a useful piece of the name: 'site k/N' and the counts
+        return label
+    room = max(room, MIN_NAME)
+    return f"{label} {shorten(name, room)}" if label else shorten(name, room)
+
+
 def _is_tty(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -90,6 +115,7 @@ class RichProgress:
         self._samples = 0  # sample forward passes done, in all
         self._recent: deque[tuple[float, int]] = deque([(self._t0, 0)])  # (time, samples) over the last RATE_WINDOW
         self.current = ""
+        self._label = ""  # "site k/N" of the site the live line shows
 
     # -- context -----------------------------------------------------------------------------------------------
     def __enter__(self):
@@ -99,7 +125,7 @@ class RichProgress:
         self._stream = stream
         live = _is_tty(stream) if self._live is None else self._live
         if live:
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None), TaskProgressColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=Console(file=stream), transient=True)
             self._bar.__enter__()
@@ -134,7 +160,8 @@ class RichProgress:
     def describe(self, text: str) -> None:
         if text != "clean pass" and not self._clean_over:
             self._end_clean()
-        self.current = printable(text)
+        if printable(text) != self.current:  # the core names the site it just started: keep its "site k/N"
+            self.current, self._label = printable(text), ""
         self._refresh()
 
     def site_started(self, position: int, total: int, name: str) -> None:
@@ -143,7 +170,7 @@ class RichProgress:
         self.total = total
         self._started[position] = self._clock()
         self._positions[name] = position
-        self.current = f"site {position}/{total} {printable(name)}"
+        self.current, self._label = printable(name), f"site {position}/{total}"
         self._refresh()
 
     def site_finished(self, result) -> None:
@@ -197,12 +224,13 @@ class RichProgress:
             return
         done = self.fraction()
         rate = format_rate(self.rate()) if self._samples else ""
+        description = live_description(self._label, self.current or "clean pass", self._bar.console.width)
         if self.total is None:  # the clean pass: the number of sites is not known yet, so no percentage
-            self._bar.update(self._task, description=self.current[:60] or "clean pass", rate=rate)
+            self._bar.update(self._task, description=description, rate=rate)
             return
         total = self.total + 1
-        self._bar.update(self._task, completed=min(done, float(total)), total=total,
-                         description=self.current[:60], rate=rate)
+        self._bar.update(self._task, completed=min(done, float(total)), total=total, description=description,
+                         rate=rate)
 
     def _line(self, text: str) -> None:
         try:

@@ -32,8 +32,10 @@ def shard_of(report: Report) -> tuple[int, int] | None:
     shard = report.config.extra.get("shard")
     if shard is None:
         return None
-    i, n = shard
-    return int(i), int(n)
+    i, n = int(shard[0]), int(shard[1])
+    if not 1 <= i <= n:
+        raise UsageError(f"config.shard [{i}, {n}] is not a shard I/N with 1 ≤ I ≤ N")
+    return i, n
 
 
 def merge(reports: Sequence[Report], names: Sequence[str] | None = None) -> Report:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import stat
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -184,6 +185,13 @@ class PerRepeat(_Section):
     nonfinite: tuple[int, ...]
     extra: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def lost(self) -> tuple[int, ...] | None:
+        """Per draw, the samples the clean model got right and the noisy one wrong (with ``Point.clean_correct``;
+        None in reports without the pairing)."""
+        lost = self.extra.get("lost")
+        return None if lost is None else tuple(lost)
+
 
 @dataclass(frozen=True)
 class CleanCounts(_Section):
@@ -196,8 +204,9 @@ class CleanCounts(_Section):
 
 @dataclass(frozen=True)
 class Fit(_Section):
-    """How σ50 was found: ``method`` (logistic, logistic-free-floor, interpolation, censored), whether the intended
-    estimate was obtained (``ok``), the logistic ``params`` (hi, lo, m, w) and a ``message``."""
+    """How σ50 was found: ``method`` (logistic, logistic-free-floor, isotonic, interpolation, censored; ``estimator``
+    says it in one word), whether the intended estimate was obtained (``ok``), the logistic ``params`` (hi, lo, m, w)
+    and a ``message``."""
 
     method: str
     ok: bool
@@ -205,6 +214,15 @@ class Fit(_Section):
     ci_method: str | None
     message: str | None
     extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def estimator(self) -> str:
+        """What σ50 comes from: logistic, isotonic, interpolated, censored or none (``fit.estimator``; read from the
+        method in reports that predate it)."""
+        given = self.extra.get("estimator")
+        if given is not None:
+            return given
+        return {"logistic-free-floor": "logistic", "interpolation": "interpolated"}.get(self.method, self.method)
 
     @property
     def found_midpoint(self) -> bool:
@@ -245,6 +263,12 @@ class Point(_Section):
                    int(data["samples"]), int(data["nonfinite"]),
                    None if per_repeat is None else PerRepeat.from_dict(per_repeat),
                    _extra(data, (*cls._keys(),)))
+
+    @property
+    def clean_correct(self) -> int | None:
+        """Of the samples behind this point, those the clean model classified correctly (None in reports without
+        the pairing): ``accuracy`` is read relative to their clean accuracy (docs/method.md, "Paired accuracies")."""
+        return self.extra.get("clean_correct")
 
     def to_dict(self) -> dict:
         body = {"sigma": self.sigma, "accuracy": self.accuracy, "accuracy_std": self.accuracy_std,
@@ -438,8 +462,10 @@ class Report:
         """Validate ``data`` (a parsed JSON report of schema 1.x) and build the typed report.
 
         Raises UsageError with one line naming the JSON path and the problem: another major version, a wrong type
-        anywhere, a missing key, a non-finite number, nesting deeper than :data:`MAX_DEPTH`, per-repeat counts that
-        do not match ``repeats``.
+        anywhere, a missing key, a non-finite number, nesting deeper than :data:`MAX_DEPTH`, numbers that disagree
+        with each other (per-repeat counts not one per repeat or above ``samples``, an ``accuracy`` or
+        ``clean_accuracy`` its counts do not give, a point with more samples than the clean pass, ``evaluations``
+        other than the points' repeats × samples, a shard outside 1..N, a site index or name twice).
         """
         check_report_version(data)
         _check_document(data, "")
@@ -519,25 +545,10 @@ def load_report(path: str | Path) -> Report:
     not a regular file, larger than :data:`MAX_REPORT_BYTES`, not UTF-8, not JSON, ``NaN``/``Infinity`` literals or
     numbers out of float range, nesting too deep, another major version, anything the schema refuses."""
     shown = printable(path)
-    p = Path(path)
     try:
-        info = p.stat()
+        raw = read_limited(path, "report")
     except FileNotFoundError:
         raise UsageError(f"report not found: {shown}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read report {shown}: {printable(exc.strerror or exc)}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"report {shown} is not a regular file")
-    if info.st_size > MAX_REPORT_BYTES:
-        raise UsageError(f"report {shown} is {info.st_size / 2**20:.0f} MiB, more than the "
-                         f"{MAX_REPORT_BYTES // 2**20} MiB a walkaudit report can be")
-    try:
-        with p.open("rb") as fh:
-            raw = fh.read(MAX_REPORT_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read report {shown}: {printable(exc.strerror or exc)}") from None
-    if len(raw) > MAX_REPORT_BYTES:
-        raise UsageError(f"report {shown} is more than the {MAX_REPORT_BYTES // 2**20} MiB a report can be")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -556,6 +567,41 @@ def load_report(path: str | Path) -> Report:
         raise UsageError(f"{shown}: {exc}") from None
     except RecursionError:
         raise UsageError(f"{shown} is not a walkaudit report: JSON nested too deeply") from None
+
+
+def read_limited(path: str | Path, what: str, *, links: bool = True) -> bytes:
+    """The bytes of a file walkaudit reads back (a report, a checkpoint), refused with one UsageError line naming
+    it as `what` when it is not a regular file (a FIFO would block, /dev/zero never ends) or larger than
+    :data:`MAX_REPORT_BYTES`; `links=False` also refuses a symlink. FileNotFoundError passes through."""
+    shown = printable(path)
+    try:
+        info = os.stat(path) if links else os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {shown}: {printable(exc.strerror or exc)}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UsageError(f"{what} {shown} is a symbolic link: walkaudit never reads or writes a {what} through one")
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{what} {shown} is not a regular file (a directory)")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{what} {shown} is not a regular file (a device, FIFO or socket)")
+    if info.st_size > MAX_REPORT_BYTES:
+        raise UsageError(f"{what} {shown} is {info.st_size / 2**20:.0f} MiB, more than the "
+                         f"{MAX_REPORT_BYTES // 2**20} MiB a walkaudit {what} can be")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if links else getattr(os, "O_NOFOLLOW", 0))
+    try:  # O_NONBLOCK (and O_NOFOLLOW): a file swapped for a FIFO (or a link) since the stat neither blocks nor follows
+        with os.fdopen(os.open(path, flags), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise UsageError(f"{what} {shown} is not a regular file (a device, FIFO or socket)")
+            raw = fh.read(MAX_REPORT_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {shown}: {printable(exc.strerror or exc)}") from None
+    if len(raw) > MAX_REPORT_BYTES:
+        raise UsageError(f"{what} {shown} is more than the {MAX_REPORT_BYTES // 2**20} MiB a walkaudit {what} can be")
+    return raw
 
 
 # --- validation -------------------------------------------------------------------------------------------------
@@ -601,19 +647,115 @@ def _check_document(data: Any, prefix: str, schema: dict | None = None) -> None:
     for i, site in enumerate(sites):
         where = f"sites[{i}]" if schema is None else prefix
         for j, point in enumerate(site["points"]):
-            per_repeat = point.get("per_repeat")
-            if per_repeat is None:
-                continue
-            here = f"{where}.points[{j}].per_repeat"
-            for key in ("correct", "nonfinite"):
-                if len(per_repeat[key]) != point["repeats"]:
-                    raise UsageError(f"{here}.{key}: {len(per_repeat[key])} entries, but repeats is "
-                                     f"{point['repeats']}")
-                if any(v > point["samples"] for v in per_repeat[key]):
-                    raise UsageError(f"{here}.{key}: a count is larger than samples ({point['samples']})")
-    counts = data.get("clean_counts") if schema is None else None
-    if counts is not None and counts["correct"] > counts["samples"]:
-        raise UsageError(f"clean_counts: correct {counts['correct']} is more than samples {counts['samples']}")
+            _check_counts(point, f"{where}.points[{j}]")
+    if schema is None:
+        _check_report_numbers(data)
+
+
+#: the per-repeat count lists of a point (``per_repeat.KEY``), each entry at most ``samples``: one line per count
+#: field. ``correct`` gives ``accuracy``; a key named in :data:`_POINT_TOTALS` is summed into a field of the point.
+_PER_REPEAT_COUNTS = ("correct", "nonfinite", "lost")
+#: per-repeat counts whose sum over the repeats is a field of the point: per_repeat key -> point key
+_POINT_TOTALS = {"nonfinite": "nonfinite"}
+#: how far a stored accuracy may be from its counts (float rounding of mean(correct / samples), nothing more)
+ACCURACY_TOLERANCE = 1e-9
+
+
+def _check_counts(point: dict, where: str) -> None:
+    """What the schema cannot say about one point's numbers: one count per repeat, each at most ``samples``;
+    ``accuracy`` is the counts' mean over ``samples`` and ``nonfinite`` their sum; without per-repeat counts (1.0)
+    ``nonfinite`` is at most repeats × samples."""
+    repeats, samples = point["repeats"], point["samples"]
+    per_repeat = point.get("per_repeat")
+    if per_repeat is None:
+        if point["nonfinite"] > repeats * samples:
+            raise UsageError(f"{where}.nonfinite: {point['nonfinite']} is more than repeats × samples "
+                             f"({repeats} × {samples})")
+        return
+    here = f"{where}.per_repeat"
+    for key in _PER_REPEAT_COUNTS:
+        values = per_repeat.get(key)
+        if values is None:
+            continue  # a count added in a later minor version, absent from older reports
+        if len(values) != repeats:
+            raise UsageError(f"{here}.{key}: {len(values)} entries, but repeats is {repeats}")
+        if any(v > samples for v in values):
+            raise UsageError(f"{here}.{key}: a count is larger than samples ({samples})")
+    for key, total in _POINT_TOTALS.items():
+        if sum(per_repeat[key]) != point[total]:
+            raise UsageError(f"{where}.{total}: {point[total]}, but {here}.{key} adds up to {sum(per_repeat[key])}")
+    clean_correct = point.get("clean_correct")
+    if clean_correct is not None:
+        if clean_correct > samples:
+            raise UsageError(f"{where}.clean_correct: {clean_correct} is more than samples ({samples})")
+        if any(v > clean_correct for v in per_repeat.get("lost") or ()):
+            raise UsageError(f"{here}.lost: a count is larger than clean_correct ({clean_correct})")
+    if repeats and samples and clean_correct is None:  # a paired point is checked with the report's clean accuracy
+        counted = sum(per_repeat["correct"]) / (repeats * samples)
+        if abs(counted - point["accuracy"]) > ACCURACY_TOLERANCE:
+            raise UsageError(f"{where}.accuracy: {_short(point['accuracy'])}, but {here}.correct gives "
+                             f"{counted:.6g} ({sum(per_repeat['correct'])} of {repeats} × {samples})")
+
+
+def _check_report_numbers(data: dict) -> None:
+    """The report's numbers against each other: the clean counts give the clean accuracy, no point counts more
+    samples than the clean pass, the evaluations are the points' repeats × samples, a shard is one of 1..N, no site
+    index or name twice."""
+    counts = data.get("clean_counts")
+    if counts is not None:
+        if counts["correct"] > counts["samples"]:
+            raise UsageError(f"clean_counts: correct {counts['correct']} is more than samples {counts['samples']}")
+        if counts["samples"] and abs(counts["correct"] / counts["samples"] - data["clean_accuracy"]) > \
+                ACCURACY_TOLERANCE:
+            raise UsageError(f"clean_accuracy: {_short(data['clean_accuracy'])}, but clean_counts gives "
+                             f"{counts['correct'] / counts['samples']:.6g} ({counts['correct']} of {counts['samples']})")
+    scored_tokens = data["data"].get("scored") == "tokens"
+    most = counts["samples"] if counts is not None else None if scored_tokens else data["data"]["samples"]
+    evaluations, indices, names = 0, {}, {}
+    for i, site in enumerate(data["sites"]):
+        for j, point in enumerate(site["points"]):
+            if most is not None and point["samples"] > most:
+                raise UsageError(f"sites[{i}].points[{j}].samples: {point['samples']}, more than the "
+                                 f"{most} the clean pass counted")
+            evaluations += point["repeats"] * point["samples"]
+            _check_paired_accuracy(point, data, f"sites[{i}].points[{j}]")
+        for key, seen in (("index", indices), ("name", names)):
+            value = site[key]
+            if value is not None and value in seen:
+                raise UsageError(f"sites[{i}].{key}: {_short(value)} is also sites[{seen[value]}]'s")
+            seen[value] = i
+    claimed = data["runtime"].get("evaluations")
+    if isinstance(claimed, (int, float)) and not isinstance(claimed, bool) and claimed != evaluations:
+        raise UsageError(f"runtime.evaluations: {_short(claimed)}, but the points add up to {evaluations} "
+                         "(repeats × samples)")
+    shard = data["config"].get("shard")
+    if shard is not None:
+        if not (isinstance(shard, list) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in shard) and 1 <= shard[0] <= shard[1]):
+            raise UsageError(f"config.shard: {_short(shard) if not isinstance(shard, list) else shard} is not a "
+                             "shard I/N with 1 ≤ I ≤ N")
+
+
+def _check_paired_accuracy(point: dict, data: dict, where: str) -> None:
+    """A point paired with the clean pass states its counts read against the clean accuracy of the samples it
+    evaluated (`sweep.accuracy`): its accuracy must be what its counts give that way."""
+    per_repeat = point.get("per_repeat")
+    if point.get("clean_correct") is None or not per_repeat or not point["repeats"] or not point["samples"]:
+        return
+    import numpy as np
+
+    from walkaudit._analysis.sweep import accuracy
+    from walkaudit._units import Counts
+
+    correct = np.array([per_repeat["correct"]], np.int64)
+    lost = np.array([per_repeat.get("lost") or [0] * point["repeats"]], np.int64)
+    level = Counts((point["sigma"],), correct, np.zeros_like(correct), point["samples"],
+                   clean_correct=point["clean_correct"], lost=lost)
+    counted = float(np.mean(accuracy(level, data["clean_accuracy"], data["chance"])))
+    if abs(counted - point["accuracy"]) > ACCURACY_TOLERANCE:
+        raise UsageError(f"{where}.accuracy: {_short(point['accuracy'])}, but its counts give {counted:.6g} "
+                         f"({sum(per_repeat['correct'])} of {point['repeats']} × {point['samples']}, "
+                         f"{point['clean_correct']} right without noise)")
 
 
 def _points_checked(data: Any, prefix: str, top: bool) -> Any:
@@ -656,6 +798,8 @@ def _check_point(point: Any, where: str) -> None:
             raise UsageError(f"{where}.{key}: {_short(value)} is below the minimum 0")
         if key == "accuracy" and value > 1:
             raise UsageError(f"{where}.{key}: {_short(value)} is above the maximum 1")
+    if "clean_correct" in point:
+        _check_count(point["clean_correct"], f"{where}.clean_correct")
     per_repeat = point.get("per_repeat")
     if "per_repeat" not in point:
         return
@@ -663,20 +807,27 @@ def _check_point(point: Any, where: str) -> None:
     if not isinstance(per_repeat, dict):
         got = _short(per_repeat) if isinstance(per_repeat, list) else f"{_json_type(per_repeat)} {_short(per_repeat)}"
         raise UsageError(f"{here}: expected object, got {got}")
-    for key in ("correct", "nonfinite"):
+    for key in ("correct", "nonfinite", "lost"):
         if key not in per_repeat:
+            if key == "lost":  # optional: the pairing with the clean pass
+                continue
             raise UsageError(f"{here}.{key}: missing (a required key)")
         values = per_repeat[key]
         if not isinstance(values, list):
             got = _short(values) if isinstance(values, dict) else f"{_json_type(values)} {_short(values)}"
             raise UsageError(f"{here}.{key}: expected array, got {got}")
         for k, value in enumerate(values):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    (isinstance(value, float) and not value.is_integer()):
-                got = _short(value) if isinstance(value, (dict, list)) else f"{_json_type(value)} {_short(value)}"
-                raise UsageError(f"{here}.{key}[{k}]: expected integer, got {got}")
-            if value < 0:
-                raise UsageError(f"{here}.{key}[{k}]: {_short(value)} is below the minimum 0")
+            _check_count(value, f"{here}.{key}[{k}]")
+
+
+def _check_count(value: Any, where: str) -> None:
+    """A non-negative integer (a float with an integer value passes, as JSON Schema's integer allows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not value.is_integer()):
+        got = _short(value) if isinstance(value, (dict, list)) else f"{_json_type(value)} {_short(value)}"
+        raise UsageError(f"{where}: expected integer, got {got}")
+    if value < 0:
+        raise UsageError(f"{where}: {_short(value)} is below the minimum 0")
 
 
 def _check_values(data: Any, prefix: str) -> None:

@@ -288,8 +288,20 @@ def legend(report: Report) -> str | None:
     return "  ".join(f"{mark} {text}" for mark, text in _LEGEND if used[mark]) or None
 
 
+#: the line above the `--drop` table (printed on its own: rich wraps a table's title to the table's width)
+TOLERANCE_TITLE = "Tolerated noise: σ at which accuracy falls by each drop (95% interval)"
+
+
+def tolerance_cell(entry: dict) -> str:
+    """One `--drop` result as the JSON has it: σ (or its censoring bound) and its 95% interval when there is one."""
+    text = format_sigma(entry["sigma"], entry["censored"])
+    ci = entry.get("ci95")
+    return f"{text} ({ci[0]:.3g}–{ci[1]:.3g})" if ci and entry["sigma"] is not None else text
+
+
 def tolerance_table(report: Report, width: int | None = None) -> Table | Lines | None:
-    """Per site, the σ at which accuracy falls by each requested drop (`--drop`); None when none was asked for."""
+    """Per site, the σ at which accuracy falls by each requested drop (`--drop`) with its 95% interval; None when
+    none was asked for. Print :data:`TOLERANCE_TITLE` above it."""
     drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
     if not drops:
         return None
@@ -297,9 +309,8 @@ def tolerance_table(report: Report, width: int | None = None) -> Table | Lines |
     rows = []
     for s in report.sites:
         by = {t["of"]: t for t in s.tolerance}
-        rows.append([Name(printable(s.name), "", ""),
-                     *(format_sigma(by[d]["sigma"], by[d]["censored"]) if d in by else "" for d in drops)])
-    return fit(columns, rows, width, title="Tolerated noise: σ at which accuracy falls by each drop")
+        rows.append([Name(printable(s.name), "", ""), *(tolerance_cell(by[d]) if d in by else "" for d in drops)])
+    return fit(columns, rows, width)
 
 
 def summary_lines(report: Report) -> list[str]:

@@ -12,7 +12,8 @@ import html
 import math
 
 from walkaudit.report.model import Report
-from walkaudit.report.text import format_sigma, printable
+from walkaudit.report.render import TOLERANCE_TITLE, tolerance_cell
+from walkaudit.report.text import format_sigma, printable, shape_text
 
 __all__ = ["curves_svg", "to_html"]
 
@@ -27,7 +28,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
-td.name { font-family: monospace; word-break: break-all; }
+td.name { font-family: monospace; overflow-wrap: break-word; min-width: 12ch; }
 tr.fail td { background: #fde8e8; }
 .passed { color: #1a7f37; } .failed { color: #cf222e; }
 svg text { font-size: 11px; font-family: sans-serif; }
@@ -63,9 +64,9 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
     for s in report.sites:
         cells = [
             f'<td class="n">{"" if s.index is None else s.index}</td>',
-            f'<td class="name">{_e(s.name)}</td>',
+            f'<td class="name">{_breakable(s.name)}</td>',
             f"<td>{_e(s.op_type)}</td>",
-            f"<td>{'' if s.shape is None else _e('×'.join('?' if d is None else str(d) for d in s.shape))}</td>",
+            f"<td>{'' if s.shape is None else _e(shape_text(s.shape))}</td>",
             f'<td class="n">{_e(format_sigma(s.sigma50, s.censored))}</td>',
             f'<td class="n">{_e(format_sigma(s.sigma50_relative, s.censored))}</td>',
             f'<td class="n">{f"{s.ci95[0]:.3g}–{s.ci95[1]:.3g}" if s.ci95 and s.sigma50 is not None else ""}</td>',
@@ -83,13 +84,12 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
     out.append("</table>")
     drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
     if drops:
-        out += ["<h2>Tolerated noise: σ at which accuracy falls by each drop</h2>", "<table>",
+        out += [f"<h2>{_e(TOLERANCE_TITLE)}</h2>", "<table>",
                 "<tr><th>site</th>" + "".join(f"<th>σ @ {_e(d)}</th>" for d in drops) + "</tr>"]
         for s in report.sites:
             by = {t["of"]: t for t in s.tolerance}
-            cells = [f'<td class="n">{_e(format_sigma(by[d]["sigma"], by[d]["censored"]))}</td>' if d in by else
-                     "<td></td>" for d in drops]
-            out.append(f"<tr><td>{_e(printable(s.name))}</td>" + "".join(cells) + "</tr>")
+            cells = [f'<td class="n">{_e(tolerance_cell(by[d]))}</td>' if d in by else "<td></td>" for d in drops]
+            out.append(f'<tr><td class="name">{_breakable(s.name)}</td>' + "".join(cells) + "</tr>")
         out.append("</table>")
     out += ["<h2>Accuracy against σ</h2>", curves_svg(report)]
     if gate is not None and gate.failures:
@@ -162,7 +162,25 @@ def curves_svg(report: Report, width: int = 760, height: int = 340) -> str:
     return "\n".join(parts)
 
 
+#: where a tensor name may break: after these (its path and word separators)
+SEPARATORS = "/._:-"
+
+
+def _breakable(name: str) -> str:
+    """A name for a table cell: escaped, with a line-break opportunity (<wbr>) after each separator, so that a
+    narrow window breaks it between its parts, never every few characters."""
+    text = _e(name)
+    for sep in SEPARATORS:
+        text = text.replace(sep, sep + "<wbr>")
+    return text
+
+
 def _tail(name: str, limit: int = 30) -> str:
-    """A legend label: the end of the name kept (it tells sites apart)."""
+    """A legend label: the end of the name kept (it tells sites apart), cut after a separator (never inside a word)
+    when one lies in the last `limit` characters."""
     name = printable(name)
-    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+    if len(name) <= limit:
+        return name
+    end = name[-(limit - 1):]
+    cut = next((i + 1 for i, c in enumerate(end[:-1]) if c in SEPARATORS), 0)
+    return "…" + end[cut:]
