@@ -43,6 +43,8 @@ LAYOUT_INPUTS: dict[str, frozenset[int]] = {
     "ReduceL1": frozenset({1}), "ReduceL2": frozenset({1}), "ReduceLogSumExp": frozenset({1}),
     "ReduceSumSquare": frozenset({1}), "ReduceLogSum": frozenset({1}),
 }
+#: Longest vector tracked entry by entry (a shape vector has one entry per axis; longer ones count as a whole).
+SHAPE_ENTRIES = 64
 #: Ops that lay a constant out in a given shape: their numbers are the constant's, whatever the shape.
 _FILLS = frozenset({"ConstantOfShape", "Expand", "Tile"})
 #: Ops that move shape-vector entries without computing on them (tracked entry by entry).
@@ -137,8 +139,12 @@ def _entries(index: GraphIndex, name: str, holds: dict) -> list[bool] | None:
     if name in holds:
         flags = holds[name]
         return None if isinstance(flags, bool) else flags
-    value = _constant(index, name)
-    return None if value is None else [False] * int(value.size)
+    if name in index.initializer_positions:  # its size from its dims: a weight is never read for this
+        size = int(np.prod(index.graph.initializer[index.initializer_positions[name]].dims, dtype=np.int64))
+    else:
+        value = _constant(index, name)
+        size = None if value is None else int(value.size)
+    return None if size is None or size > SHAPE_ENTRIES else [False] * size
 
 
 def _moved(node: onnx.NodeProto, index: GraphIndex, holds: dict) -> list[bool] | None:
