@@ -149,7 +149,7 @@ def stop_after_first_site(monkeypatch):
 
     class Stopping:
         def __init__(self, run):
-            self.run, self.fingerprint = run, run.fingerprint
+            self.run, self.fingerprint, self.sites = run, run.fingerprint, run.sites
 
         def __iter__(self):
             it = iter(self.run)

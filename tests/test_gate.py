@@ -334,15 +334,19 @@ def test_baseline_drop_within_confidence_intervals_is_undecided():
     new = make_report([make_site("a", 0.075, index=0, ci95=[0.05, 0.11])])  # 25% at face value
     result = evaluate(new, rules(max_drop="20%"), baseline=old)
     assert result.decision == "undecided" and result.failures == []
-    assert "95% intervals" in result.undecided[0].message
+    assert "up to 55.7% at the end of its 95% interval" in result.undecided[0].message
     assert evaluate(new, rules(max_drop="20%"), baseline=old, undecided="pass").passed
 
 
-def test_baseline_drop_passes_only_when_the_least_favourable_reading_is_within():
+def test_baseline_drop_passes_only_where_the_upper_end_of_its_interval_is_within():
+    # the fall's interval adds both sides' half-widths in quadrature: log10(1.05) and log10(1/0.95) make
+    # 0.0307 decades, 6.82%
     old = make_report([make_site("a", 0.1, index=0, ci95=[0.095, 0.105])])
     new = make_report([make_site("a", 0.1, index=0, ci95=[0.095, 0.105])])
-    assert evaluate(new, rules(max_drop="10%"), baseline=old).decision == "passed"  # at worst 9.5%
-    assert evaluate(new, rules(max_drop="9%"), baseline=old).decision == "undecided"
+    assert evaluate(new, rules(max_drop="7%"), baseline=old).decision == "passed"
+    assert evaluate(new, rules(max_drop="6.5%"), baseline=old).decision == "undecided"
+    assert evaluate(new, rules(max_drop="0.031dec"), baseline=old).decision == "passed"
+    assert evaluate(new, rules(max_drop="0.03dec"), baseline=old).decision == "undecided"
 
 
 def test_improvement_never_fails():

@@ -174,7 +174,7 @@ AUDIT_OPTION_GROUPS = {
     "Noise & sweep": ("noise", "ratio", "global_mode", "sigmas", "repeats", "drops", "seed"),
     "Runtime": ("provider", "threads", "batch_size", "noise_source", "exact", "shard", "ray_address"),
     "Gate": ("fail_under", "fail_under_relative", "rules", "rules_file", "min_clean_accuracy", "baseline",
-             "max_drop"),
+             "max_drop", "undecided", "allow_unmatched"),
     "Output": ("json_path", "markdown_path", "junit_path", "html", "output_format", "github", "quiet", "silent"),
     "Resume": ("resume", "checkpoint_path"),
 }
@@ -230,6 +230,11 @@ def gate_options(fn=None, *, baseline: bool = True):
                      help="A previous JSON report to compare against."),
         click.option("--max-drop", metavar="DROP", help="Largest allowed σ50 drop vs --baseline: '20%' or '0.3dec' "
                                                         "(a bare number means decades)."),
+        click.option("--undecided", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
+                     expose_value=False, callback=_store("undecided"),
+                     help="What a rule whose 95% interval straddles its threshold does to the verdict (docs/ci.md)."),
+        click.option("--allow-unmatched", is_flag=True, expose_value=False, callback=_store("allow_unmatched"),
+                     help="Accept a --rule that matches no site (a warning instead of an error)."),
     ]
     if not baseline:  # opts[5] is --baseline, opts[6] --max-drop
         opts[5:7] = [click.option("--max-drop", metavar="DROP",
@@ -238,6 +243,11 @@ def gate_options(fn=None, *, baseline: bool = True):
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def _gate_policy() -> dict:
+    """The gate's --undecided and --allow-unmatched, as `gate.evaluate` takes them."""
+    return {"undecided": _meta("undecided", "fail"), "allow_unmatched": bool(_meta("allow_unmatched"))}
 
 
 def _store(key: str):
@@ -577,6 +587,8 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                                  data_sha256=fp["data_sha256"] if fp else None)  # hashed once, above
             if cp is not None and json.dumps(run.fingerprint, sort_keys=True) != json.dumps(fp, sort_keys=True):
                 raise UsageError("the model or data file changed while the audit started; run it again")
+            if gate_config.thresholds and not _meta("allow_unmatched") and config.shard is None:  # before any work
+                gate.check_matched(gate_config, ["global"] if global_mode else [s.name for s in run.sites])
             try:
                 for site in run:
                     problem = cp.add(site.to_dict()) if cp else None
@@ -591,7 +603,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                 partial, signum = True, signals.signum_of(exc)
             else:
                 result = run.report(partial=False)
-        verdict = gate.evaluate(result, gate_config, baseline_report)
+        verdict = gate.evaluate(result, gate_config, baseline_report, **_gate_policy())
         report = result.with_gate(verdict, rules=gate_config.to_dict())
         _emit(report, json_path, markdown_path, junit_path, quiet)
     log = outputs.current_log()
@@ -678,7 +690,7 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
     _check_outputs(json_path, markdown_path, junit_path)
     old_report, new_report = _read_report(old), _read_report(new)
     config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, old)
-    verdict = gate.evaluate(new_report, config, old_report)
+    verdict = gate.evaluate(new_report, config, old_report, **_gate_policy())
     new_report = new_report.with_gate(verdict, rules=config.to_dict())
     if config.max_drop is None:
         drops = _drops(old_report, new_report)
@@ -802,7 +814,7 @@ def merge_command(shard_paths, out, fail_under, fail_under_relative, rules, rule
                                baseline)
     baseline_report = _read_report(baseline) if baseline else None
     merged = merge([_read_report(p) for p in shard_paths], names=list(shard_paths))
-    verdict = gate.evaluate(merged, gate_config, baseline_report)
+    verdict = gate.evaluate(merged, gate_config, baseline_report, **_gate_policy())
     report = merged.with_gate(verdict, rules=gate_config.to_dict())
     _emit(report, json_path, markdown_path, junit_path, quiet)
     sys.exit(verdict.exit_code)

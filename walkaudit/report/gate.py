@@ -19,8 +19,8 @@ Every rule is decided on an interval (docs/method.md "Decisions"): it **passes**
 the number it is about meets the threshold, **fails** where the whole interval breaks it, and is **undecided** where
 the interval straddles the threshold. The intervals: σ50's (censoring makes it (bound, ∞) for "above" and
 (0, bound) for "below"), a tolerance's (`--drop`), the clean accuracy's Wilson interval over the samples, and for
-a max drop both reports' σ50 intervals (failed when even the most favourable reading falls by more than allowed,
-passed when even the least favourable one stays within it). Undecided checks are listed in ``GateResult.undecided``;
+a max drop the fall's interval from both reports' σ50 intervals (:func:`drop_interval`: failed where its lower end
+falls by more than allowed, passed where its upper end stays within it). Undecided checks are listed in ``GateResult.undecided``;
 they fail the gate unless ``undecided="pass"`` (``--undecided pass``). A partial report's verdict is
 ``incomplete`` (``passed`` None) and a gate without rules says ``no gate``.
 
@@ -50,8 +50,10 @@ __all__ = [
     "Threshold",
     "UNDECIDED_POLICIES",
     "check_comparable",
+    "check_matched",
     "clean_interval",
     "decide",
+    "drop_interval",
     "evaluate",
     "load_rules",
     "parse_drop",
@@ -356,10 +358,7 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
         matched = [s for s in report.sites if threshold.matches(s.name)]
         if not matched:
             if not (allow_unmatched or lacks_sites):
-                names = ", ".join(printable(s.name) for s in report.sites[:3])
-                raise UsageError(f"rule {threshold} matches no site (the sites are {names}"
-                                 f"{', …' if len(report.sites) > 3 else ''}); fix the pattern, or pass "
-                                 "--allow-unmatched to accept it")
+                check_matched(GateConfig((threshold,)), [s.name for s in report.sites])
             warnings.append(f"rule {threshold}: matches no site")
         for site in matched:
             _check_threshold(site, threshold, decisions)
@@ -392,6 +391,16 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
     else:
         passed, verdict = True, "passed"
     return GateResult(passed=passed, failures=failures, warnings=warnings, undecided=open_, verdict=verdict)
+
+
+def check_matched(config: GateConfig, names: list[str]) -> None:
+    """Refuse (UsageError) a site rule whose pattern matches none of ``names``, as ruff refuses an unknown rule:
+    a typo would otherwise gate nothing. The CLI checks the selected sites before the audit runs."""
+    for threshold in config.thresholds:
+        if not any(threshold.matches(n) for n in names):
+            shown = ", ".join(printable(n) for n in names[:3]) + (", …" if len(names) > 3 else "")
+            raise UsageError(f"rule {threshold} matches no site (the sites are {shown or 'none'}); fix the pattern, "
+                             "or pass --allow-unmatched to accept it")
 
 
 class _Decisions:
@@ -537,9 +546,8 @@ def clean_interval(correct: int, samples: int) -> tuple[float, float]:
 
 
 def _check_drops(report: Report, baseline: Report, drop: Drop, decisions: _Decisions) -> None:
-    """Each site's σ50 fall against the baseline, decided on both 95 % intervals: failed where even the most
-    favourable reading (the baseline's lower end, this report's upper end) falls by more than allowed, passed where
-    even the least favourable one (the baseline's upper end, this report's lower end) stays within it."""
+    """Each site's σ50 fall against the baseline, decided on the fall's 95 % interval (:func:`drop_interval`):
+    failed where its lower end falls by more than allowed, passed where its upper end stays within it."""
     for old, new in _match_sites(baseline.sites, report.sites, decisions.warnings):
         name = printable(new.name)
         old_iv, new_iv = _interval(old), _interval(new)
@@ -555,27 +563,50 @@ def _check_drops(report: Report, baseline: Report, drop: Drop, decisions: _Decis
             continue
         new_v = new.sigma50
         face = drop.measure(old_v, new_v)  # bounds taken at face value
-        least = drop.measure(old_iv[0], new_iv[1])  # the most favourable reading
-        most = drop.measure(old_iv[1], new_iv[0])  # the least favourable reading
+        least, most = (_in_unit(d, drop.unit) for d in drop_interval(old_v, old_iv, new_v, new_iv))
         change = f"site {name}: σ50 fell from {shown_old} to {format_sigma(new_v, new.censored, digits=4)}"
         if least > drop.amount:
             amount = _format_drop(face, drop.unit)
             if old.censored == "above" or new.censored == "below":
                 detail = f"more than {amount}"  # the bounds understate the fall
-            elif least == face:
+            elif math.isclose(least, face, rel_tol=1e-9, abs_tol=1e-12):
                 detail = amount
             else:
-                detail = f"{amount}, at least {_format_drop(least, drop.unit)} at the ends of the 95% intervals"
+                detail = f"{amount}, at least {_format_drop(least, drop.unit)} at the end of its 95% interval"
             decisions.fail(Failure(RULE_MAX_DROP, new.name, face, drop.amount,
                                    f"{change}: a drop of {detail} (max {drop})"))
         elif most > drop.amount:
             censored = old.censored or new.censored
             why = ("a σ50 is only bounded (censored)" if censored else
-                   f"up to {_format_drop(most, drop.unit)} at the ends of the 95% intervals")
+                   f"up to {_format_drop(most, drop.unit)} at the end of its 95% interval")
             change = change if face > 0 else f"site {name}: σ50 {shown_old} → {format_sigma(new_v, new.censored, 4)}"
             decisions.open(Failure(RULE_MAX_DROP, new.name, face, drop.amount,
                                    f"{change}, a drop of {_format_drop(face, drop.unit)} at face value; more than "
                                    f"{drop} not ruled out ({why}): undecided"))
+
+
+def drop_interval(old: float, old_iv: tuple[float, float], new: float,
+                  new_iv: tuple[float, float]) -> tuple[float, float]:
+    """The 95 % interval of the fall log10(old / new) in decades, from the two σ50 and their (independent) 95 %
+    intervals: each side's half-widths in log σ added in quadrature, as for the difference of two independent
+    estimates. An end that one interval leaves open (a censored σ50) is ±∞."""
+    face = math.log10(old / new)
+
+    def half(a: float, b: float) -> float:  # log10 distance; ∞ where an end is open
+        return _INF if a <= 0 or b == _INF else math.log10(b / a)
+
+    low = math.hypot(half(old_iv[0], old), half(new, new_iv[1]))  # old lower, new higher: a smaller fall
+    high = math.hypot(half(old, old_iv[1]), half(new_iv[0], new))  # old higher, new lower: a larger fall
+    return face - low, face + high
+
+
+def _in_unit(decades: float, unit: str) -> float:
+    """A fall in decades in the rule's unit: decades, or percent of the old σ50."""
+    if unit == "dec":
+        return decades
+    if decades == -_INF:
+        return -_INF
+    return 100.0 if decades == _INF else (1.0 - 10.0 ** -decades) * 100.0
 
 
 def _match_sites(old_sites, new_sites, warnings: list[str]) -> list[tuple[SiteResult, SiteResult]]:
