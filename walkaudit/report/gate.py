@@ -577,7 +577,7 @@ def _check_drops(report: Report, baseline: Report, drop: Drop, decisions: _Decis
                                    f"{change}: a drop of {detail} (max {drop})"))
         elif most > drop.amount:
             censored = old.censored or new.censored
-            why = ("a σ50 is only bounded (censored)" if censored else
+            why = ("a σ50 is only bounded (censored): extend the grid" if censored else
                    f"up to {_format_drop(most, drop.unit)} at the end of its 95% interval")
             change = change if face > 0 else f"site {name}: σ50 {shown_old} → {format_sigma(new_v, new.censored, 4)}"
             decisions.open(Failure(RULE_MAX_DROP, new.name, face, drop.amount,
