@@ -193,6 +193,27 @@ def test_interrupted_then_resumed_equals_an_uninterrupted_run(files, monkeypatch
     assert not (files / "r.json.checkpoint").exists()  # deleted once the final report was written
 
 
+def test_a_resumed_report_keeps_the_notes_of_the_sites_it_restored(tmp_path, monkeypatch):
+    """The LSTM sample's first site holds its samples along axis 1, which a note says. That note was the worker's
+    (runtime.notes only), so a site restored from the checkpoint lost it; now it is the site's own and resumes."""
+    model, data = ROOT / "samples" / "digits_rows_lstm.dynamo.onnx", ROOT / "samples" / "digits_rows_val.npz"
+
+    def run(out, *flags):
+        return CliRunner().invoke(main, [str(model), "--data", str(data), "--limit", "64", *FAST, "--json", str(out),
+                                         *flags])
+
+    assert run(tmp_path / "full.json").exit_code == 0
+    with monkeypatch.context() as m:
+        stop_after_first_site(m)
+        assert run(tmp_path / "r.json").exit_code == 130
+    assert run(tmp_path / "r.json", "--resume").exit_code == 0
+    full, resumed = (json.loads((tmp_path / f).read_text()) for f in ("full.json", "r.json"))
+    note = "getitem_1: samples run along axis 1; the noise is drawn per sample along it"
+    assert resumed["sites"][0]["name"] == "getitem_1" and note in resumed["sites"][0]["notes"]
+    assert resumed["runtime"]["notes"] == full["runtime"]["notes"] == [note]
+    assert timeless(resumed) == timeless(full)
+
+
 def test_default_checkpoint_in_the_current_folder(files, monkeypatch):
     with monkeypatch.context() as m:
         stop_after_first_site(m)
