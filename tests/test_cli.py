@@ -270,3 +270,13 @@ def test_undecided_fails_the_gate_unless_passed_by_choice(mlp_files):
     assert result.exit_code == 0 and allowed["gate"]["passed"] is True and allowed["gate"]["verdict"] == "undecided"
     shown, result = audit_json(mlp_files, "--rule", f"^{site['name']}$:{site['ci95'][0] * 0.99}")
     assert result.exit_code == 0 and shown["gate"]["verdict"] == "passed"
+
+
+def test_a_bare_max_drop_still_means_decades_and_says_to_write_the_unit(mlp_files, tmp_path):
+    base, _ = audit_json(mlp_files, "--quiet")
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    bare = invoke("compare", tmp_path / "base.json", tmp_path / "base.json", "--max-drop", "0.5")
+    warnings = [ln for ln in bare.stderr.splitlines() if "a bare number means decades" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("walkaudit: warning: ") and "'0.5dec'" in warnings[0]
+    written = invoke("compare", tmp_path / "base.json", tmp_path / "base.json", "--max-drop", "0.5dec")
+    assert bare.exit_code == written.exit_code and "bare number" not in written.stderr

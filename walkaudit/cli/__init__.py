@@ -341,8 +341,12 @@ def _check_plausible(config, max_drop_flag: str | None) -> None:
     import re
 
     drop = config.max_drop
+    bare = max_drop_flag is not None and re.fullmatch(r"\s*[-+0-9.eE]+\s*", str(max_drop_flag))
+    if bare and drop.amount < _DECADES_IMPLAUSIBLE:  # every drop names its unit (an accuracy drop's bare is refused)
+        _warn(f"--max-drop {max_drop_flag.strip()}: a bare number means decades here, but a drop names its unit: "
+              f"write '{drop.amount:g}dec' (or a percentage like '20%'); a bare number will be refused in a later "
+              "release")
     if drop is not None and drop.unit == "dec" and drop.amount >= _DECADES_IMPLAUSIBLE:
-        bare = max_drop_flag is not None and re.fullmatch(r"\s*[-+0-9.eE]+\s*", str(max_drop_flag))
         if bare:
             raise UsageError(f"--max-drop {max_drop_flag.strip()} means {drop.amount:g} decades (σ50 may fall by a "
                              f"factor of 10^{drop.amount:g}): a gate that cannot fail; write '{drop.amount:g}%' for "
