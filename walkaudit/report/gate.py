@@ -1,8 +1,8 @@
 """CI gate: rules over a walkaudit report -> pass/fail with the site and the numbers behind every failure.
 
 Pure: no I/O except :func:`load_rules`, which reads the TOML rules file it is given. Nothing here prints or exits;
-:class:`GateResult` carries the verdict and its ``exit_code`` (0 passed, 1 failed, undecided or incomplete). Bad rules raise
-:class:`walkaudit.errors.UsageError` (exit code 2 at the CLI).
+:class:`GateResult` carries the verdict and its ``exit_code`` (0 passed, 1 failed, undecided or incomplete). Bad
+rules raise :class:`walkaudit.errors.UsageError` (exit code 2 at the CLI).
 
 Rules (combinable; every rule is checked and every failure is reported):
 
@@ -20,9 +20,9 @@ the number it is about meets the threshold, **fails** where the whole interval b
 the interval straddles the threshold. The intervals: σ50's (censoring makes it (bound, ∞) for "above" and
 (0, bound) for "below"), a tolerance's (`--drop`), the clean accuracy's Wilson interval over the samples, and for
 a max drop the fall's interval from both reports' σ50 intervals (:func:`drop_interval`: failed where its lower end
-falls by more than allowed, passed where its upper end stays within it). Undecided checks are listed in ``GateResult.undecided``;
-they fail the gate unless ``undecided="pass"`` (``--undecided pass``). A partial report's verdict is
-``incomplete`` (``passed`` None) and a gate without rules says ``no gate``.
+falls by more than allowed, passed where its upper end stays within it). Undecided checks are listed in
+``GateResult.undecided``; they fail the gate unless ``undecided="pass"`` (``--undecided pass``). A partial report's
+verdict is ``incomplete`` (``passed`` None) and a gate without rules says ``no gate``.
 
 A site whose fit found no σ50 at all (``fit.ok`` false with method ``censored``: the midpoint is only the grid's end)
 never counts as robust: a threshold or a max drop on it fails. A site with nothing measured is warned about. A rule
