@@ -572,3 +572,30 @@ def test_control_characters_in_names_are_escaped_in_messages_and_warnings():
         assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in text), text
     assert "site evil\\x1b[2J\\r\\n\\x9b: σ50 0.1 < 0.5" in result.failures[0].message
     assert any("gone\\x07" in w for w in result.warnings) and any("^x\\x1b" in w for w in result.warnings)
+
+
+# --- tolerance rules (REGEX:SIGMA@DROP) ---------------------------------------------------------------------------
+
+def tolerant_site(name: str, sigma: float, ci95=None, censored=None) -> dict:
+    site = make_site(name, 1.0, index=0)
+    site["tolerance"] = [{"drop": 0.01, "of": "1%", "sigma": sigma, "ci95": ci95, "censored": censored}]
+    return site
+
+
+@pytest.mark.parametrize("limit, decision", [(0.19, "passed"), (0.2, "passed"), (0.25, "undecided"),
+                                             (0.3, "undecided"), (0.31, "failed")])
+def test_a_tolerance_rule_is_decided_on_the_tolerances_interval(limit, decision):
+    report = make_report([tolerant_site("a", 0.25, ci95=[0.2, 0.3])])
+    result = evaluate(report, rules(parse_rule(f"a:{limit}@1%")))
+    assert result.decision == decision
+    if decision == "undecided":
+        assert "0.2–0.3 straddles" in result.undecided[0].message
+
+
+def test_a_censored_tolerance_is_undecided_where_its_bound_cannot_decide():
+    above = make_report([tolerant_site("a", 0.5, censored="above")])
+    assert evaluate(above, rules(parse_rule("a:0.4@1%"))).decision == "passed"
+    assert "extend the grid up" in evaluate(above, rules(parse_rule("a:1@1%"))).undecided[0].message
+    below = make_report([tolerant_site("a", 0.01, censored="below")])
+    assert failed_sites(evaluate(below, rules(parse_rule("a:0.01@1%")))) == ["a"]
+    assert "extend the grid down" in evaluate(below, rules(parse_rule("a:0.001@1%"))).undecided[0].message
