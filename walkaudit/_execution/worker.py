@@ -228,13 +228,18 @@ class Worker:
         if site not in self._axes:
             axis = passes.symbol_axis(self.model.types.get(site), passes.batch_dimension(self.model.inputs))
             self._axes[site] = "size" if axis is None else axis
-            if self._axes[site] == 1 or self._axes[site] not in (0, "size"):
-                self.notes.append(f"{site}: samples run along axis {self._axes[site]}; the noise is drawn per sample "
-                                  "along it")
         axis = self._axes[site]
         if axis != "size":
             return axis if axis < len(shape) and shape[axis] == rows else self._by_size(site, shape, rows)
         return self._by_size(site, shape, rows)
+
+    def axis_note(self, site: str) -> str | None:
+        """The note for a site whose samples run along another axis than the first (after `batch_axis`): a fact of
+        the site, so it goes with the site's own notes (its Counts) and a resumed or distributed audit keeps it."""
+        axis = self._axes.get(site, "size")
+        if axis in (0, "size"):
+            return None
+        return f"{site}: samples run along axis {axis}; the noise is drawn per sample along it"
 
     def _by_size(self, site: str, shape: tuple, rows: int) -> int | None:
         return 0 if shape and shape[0] == rows else next((a for a, d in enumerate(shape) if d == rows), None)
@@ -418,10 +423,10 @@ class _Evaluation:
             fed = self.worker.model.batch_size or len(rows)  # rows in the run (a fixed batch is padded)
             axis = self.worker.batch_axis(site, shape, fed)
             fold = self.worker.fold(site, shape, fed) if axis is None else None
-            if axis is None and fold is None:
-                note = f"{site}: no batch axis; one noise draw is shared by every sample of a batch"
-                if note not in self.worker.notes:
-                    self.worker.notes.append(note)
+            notes = [self.worker.axis_note(site),
+                     f"{site}: no batch axis; one noise draw is shared by every sample of a batch"
+                     if axis is None and fold is None else None]
+            self.notes.extend(n for n in notes if n is not None and n not in self.notes)
             e = np.zeros((noise.draws, 1, *shape), np.float32)
             for term in range(noise.draws):
                 if axis == 0:  # the common case: straight into place
