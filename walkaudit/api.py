@@ -32,7 +32,7 @@ from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
-from walkaudit._noise import NormalSource, make_noise
+from walkaudit._noise import NormalSource
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
 from walkaudit.config import AuditConfig, with_options
 from walkaudit.errors import UsageError, option
@@ -173,7 +173,7 @@ class AuditRun:
         unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]
         if unknown:
             raise UsageError(f"{option('site_scales')}: {unknown[0]!r} is not a selected site")
-        self.noise = make_noise(config.noise, config.ratio)
+        self.noise = config.noise_model()
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
         self.clean: CleanStats | None = None
@@ -284,8 +284,9 @@ class AuditRun:
         """A site's σ search: the fixed grid, or the adaptive search around its halfway line."""
         config, clean = self.config, self.clean
         n_blocks = blocks_of(self.dataset.samples)
-        if config.sigmas:
-            return sweep.fixed(config.sigmas, n_blocks)
+        grid = config.sigmas or self.noise.grid()  # the model's own grid: quantize's --bits
+        if grid:
+            return sweep.fixed(grid, n_blocks)
         stds = [clean.std(n) for n in names]
         scale = self.noise.search_scale(float(np.median(stds)) if stds else 1.0)
         half = fit.halfway(clean.accuracy, self.chance)
@@ -383,6 +384,7 @@ class AuditRun:
 
     def report_dict(self, partial: bool = False) -> dict:
         config, loaded, dataset, out = self.config, self.loaded, self.dataset, self.loaded.class_output
+        grid = config.sigmas or self.noise.grid()
         sites = [r.to_dict() for r in self.results]  # the typed sites' JSON
         worker, runtime = self._worker, self._runtime
         executor_note = getattr(getattr(self, "_executor", None), "note", None) or getattr(self, "_executor_note", None)
@@ -401,8 +403,8 @@ class AuditRun:
                      **({"scored": "tokens", "scored_tokens": self.clean.samples, "ignore_label": config.ignore_label,
                          "mask": dataset.mask} if out.per_token else {})},
             "config": {**self.noise.describe(), "mode": config.mode,
-                       "sigmas": list(config.sigmas) if config.sigmas else None,
-                       "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats,
+                       "sigmas": list(grid) if grid else None,
+                       "search": "fixed" if grid else "adaptive", "repeats": config.repeats,
                        "seed": config.seed, "batch_size": worker.batch_size, "provider_requested": config.provider,
                        "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
                        "exact": config.exact, "shard": list(config.shard) if config.shard else None,

@@ -135,7 +135,8 @@ class Worker:
     # -- the clean model -----------------------------------------------------------------------------------------
     @property
     def graph_draws(self) -> bool:
-        return self.mode == "walk" and graph_draws(self.model.opset, self.runtime.provider, self.noise_source)
+        return self.mode == "walk" and graph_draws(self.model.opset, self.runtime.provider, self.noise_source,
+                                                   self.noise)
 
     def grid(self, rows: range) -> Iterator[tuple[int, range]]:
         """(grid batch k, the rows of `rows` inside it) in order."""
@@ -281,7 +282,7 @@ class Worker:
     def strategy(self, sites: tuple[str, ...], mode: str = "walk") -> type[Strategy]:
         """The evaluation path units at these sites take (`strategies.choose`)."""
         return self.forced or choose(mode, self.model.opset, [self.model.types[s] for s in sites],
-                                     self.runtime.provider, self.noise_source)
+                                     self.runtime.provider, self.noise_source, self.noise)
 
     def _evaluation(self, unit: WorkUnit) -> _Evaluation:
         kind, model = self.strategy(unit.sites, unit.mode), self.model
