@@ -40,7 +40,8 @@ def test_every_command_offers_the_registered_models():
 
 
 def test_every_registered_model_is_its_kind_and_describes_itself():
-    assert set(NOISE_MODELS) >= {"additive", "multiplicative", "combined", "uniform", "quantize", "bitflip"}
+    assert set(NOISE_MODELS) >= {"additive", "multiplicative", "combined", "uniform", "quantize", "bitflip",
+                                 "weight-additive", "weight-multiplicative"}
     for kind in NOISE_MODELS:
         noise = make_noise(kind)
         assert type(noise) is model_class(kind) and noise.kind == kind
@@ -68,6 +69,9 @@ def test_listing_the_models_needs_no_numpy():
     (dict(noise="bitflip", mode="global"), "noise"),
     (dict(noise="quantize", noise_source="graph"), "noise_source"),
     (dict(noise="gaussian"), "noise"),
+    (dict(noise="additive", target="weights"), "target"),
+    (dict(noise="bitflip", target="chip"), "target"),
+    (dict(noise="weight-additive", mode="global"), "noise"),
 ])
 def test_noise_options_that_cannot_work_name_their_field(options, field):
     with pytest.raises(OptionError) as e:
@@ -78,7 +82,8 @@ def test_noise_options_that_cannot_work_name_their_field(options, field):
 def test_noise_options_that_work_pass():
     for options in (dict(noise="quantize", bits="8,4"), dict(noise="bitflip", bits="sign"),
                     dict(noise="bitflip", bits="0-7,31"), dict(noise="uniform", mode="global"),
-                    dict(noise="uniform", noise_source="graph")):
+                    dict(noise="uniform", noise_source="graph"), dict(noise="bitflip", target="weights"),
+                    dict(noise="weight-multiplicative")):
         assert AuditConfig(**options).check().noise_model().kind == options["noise"]
 
 

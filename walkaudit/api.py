@@ -28,7 +28,7 @@ from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import Worker
 from walkaudit._graph.index import GraphIndex
-from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats
+from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats, weight_std
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
@@ -163,8 +163,9 @@ class AuditRun:
             self.loaded.class_output = choose_class_output(self.loaded, rivals, self.dataset, config.provider)
         out = self.loaded.class_output
         self.index = GraphIndex(self.loaded.proto.graph)
+        self.noise = config.noise_model()
         self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name,
-                                        index=self.index)
+                                        index=self.index, target=self.noise.target)
         self.notes = [*self.loaded.notes, *(n for n in [left_out(self.loaded.proto, config.selection),
                                                          untyped(self.loaded.proto, self.loaded.types,
                                                                  config.selection)] if n)]
@@ -173,7 +174,6 @@ class AuditRun:
         unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]
         if unknown:
             raise UsageError(f"{option('site_scales')}: {unknown[0]!r} is not a selected site")
-        self.noise = config.noise_model()
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
         self.clean: CleanStats | None = None
@@ -287,7 +287,7 @@ class AuditRun:
         grid = config.sigmas or self.noise.grid()  # the model's own grid: quantize's --bits
         if grid:
             return sweep.fixed(grid, n_blocks)
-        stds = [clean.std(n) for n in names]
+        stds = [self._std(n) for n in names]
         scale = self.noise.search_scale(float(np.median(stds)) if stds else 1.0)
         half = fit.halfway(clean.accuracy, self.chance)
         targets = tuple(clean.accuracy - d.points(clean.accuracy, self.chance) for d in config.drops)
@@ -329,6 +329,12 @@ class AuditRun:
     def num_classes(self) -> int:
         return self.loaded.class_output.num_classes or self.clean.width or len(self.clean.classes)
 
+    def _std(self, name: str) -> float:
+        """The std of a site's clean value: its activation's, or for a weight site the weight's own."""
+        if self.noise.target == "weights":
+            return weight_std(self.loaded.proto, name)
+        return self.clean.std(name)
+
     def _site_dict(self, site: Site | None, curve: sweep.Curve, notes: list[str]) -> dict:
         clean, noise = self.clean, self.noise
         sig, levels = curve.sorted()
@@ -345,7 +351,7 @@ class AuditRun:
             notes = [*notes, f"{name}: {bad} noisy passes gave NaN/Inf class scores; counted as misclassified"]
         if mid.note:  # the curve had not settled at the largest σ
             notes = [*notes, f"{name}: {mid.note}"]
-        std = None if site is None else clean.std(site.name)
+        std = None if site is None else self._std(site.name)
         value = mid.value if mid.value is not None and np.isfinite(mid.value) else None
         if noise.relative:  # σ already scales the signal: it is its own relative value
             relative = value

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from walkaudit._analysis.drops import Bound, parse_bound  # noqa: F401  (re-exported)
 from walkaudit._graph.sites import LAYER_OPS, Selection
-from walkaudit._noise.registry import NOISE_MODELS, make_noise, model_class
+from walkaudit._noise.registry import NOISE_MODELS, make_noise
 from walkaudit.errors import UsageError, option
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class AuditConfig:
     ratio: float = 0.5  # combined: σa = σ·r, σm = σ·(1−r)
     #: quantize: the bit counts to walk ("8,6,4"); bitflip: the bit positions that may flip ("exponent", "0-7,31")
     bits: str | None = None
+    target: str | None = None  # bitflip: "activations" (default) or "weights"
     mode: str = "walk"  # "walk": one site at a time; "global": every site at once
     sigmas: tuple[float, ...] | None = None  # None: adaptive search per site
     repeats: int = 3  # noise draws per σ
@@ -115,13 +116,16 @@ class AuditConfig:
         """The noise model these options ask for (OptionError where the noise options cannot work together)."""
         if self.bits is not None and (not isinstance(self.bits, str) or not self.bits.strip()):
             raise OptionError("bits", f"must be a text such as '8,6,4' or 'exponent', got {self.bits!r}")
+        if self.target is not None:
+            _choice("target", self.target, ("activations", "weights"))
         try:
-            model = make_noise(self.noise, self.ratio, self.bits)
+            model = make_noise(self.noise, self.ratio, self.bits, self.target)
         except UsageError as e:
-            raise OptionError("bits" if self.bits is not None else "noise", str(e).removeprefix("bits ")) from None
-        if self.mode == "global" and not model.graph_applies:
+            field_ = next((f for f in ("bits", "target") if str(e).startswith(f"{f} ")), "noise")
+            raise OptionError(field_, str(e).removeprefix(f"{field_} ")) from None
+        if self.mode == "global" and model.walk_only:
             raise OptionError("noise", f"{self.noise} walks one site at a time; global mode takes "
-                                       f"{', '.join(k for k in NOISE_MODELS if model_class(k).graph_applies)} noise")
+                                       f"{', '.join(k for k in NOISE_MODELS if not make_noise(k).walk_only)} noise")
         if self.noise_source == "graph" and model.graph_draw is None:
             raise OptionError("noise_source", f"graph: the graph cannot draw {self.noise} noise; use host or auto")
         return model
@@ -228,6 +232,7 @@ class AuditOptions(TypedDict, total=False):
     noise: str
     ratio: float
     bits: str | None
+    target: str | None
     mode: str
     sigmas: tuple[float, ...] | None
     repeats: int

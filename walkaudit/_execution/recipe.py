@@ -67,9 +67,11 @@ class Recipe:
         else:
             dataset = dataclasses.replace(data_mod.from_arrays(self.arrays, None, loaded.inputs, allow_nonfinite=True),
                                           labels=self.labels, scored=self.scored)
-        sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name)
+        noise = config.noise_model()
+        sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name,
+                       target=noise.target)
         runtime = Runtime(provider or config.provider, threads or config.threads, config.exact)
-        return Worker(loaded, dataset, runtime=runtime, noise=config.noise_model(),
+        return Worker(loaded, dataset, runtime=runtime, noise=noise,
                       source=NormalSource(config.seed, threads or config.threads), sites=sites, mode=config.mode,
                       batch_size=self.batch_size, noise_source=config.noise_source, key=self.key,
                       targets=self.targets)

@@ -195,6 +195,16 @@ def suffix(model: onnx.ModelProto, site: str, output: str, types: dict[str, Tens
     return Suffix(out, site, frontier)
 
 
+def weight_fed(sfx: Suffix) -> Suffix:
+    """The suffix of a weight site (an initializer) reading the weight as a graph input only: fed the perturbed
+    weight per run, and never served from the runtime's shared initializers, which are keyed by name. Functional."""
+    out = _copy(sfx.model)
+    kept = [t for t in out.graph.initializer if t.name != sfx.site]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return Suffix(out, sfx.site, sfx.frontier)
+
+
 def prefix(model: onnx.ModelProto, outputs, types: dict[str, TensorSpec],
            index: GraphIndex | None = None) -> onnx.ModelProto:
     """The part of the graph that computes `outputs` (and nothing after), with the model's inputs.

@@ -123,14 +123,16 @@ def _feeding(model: onnx.ModelProto, sites: list[Site], output: str | None,
 
 
 def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection,
-           output: str | None = None, index: GraphIndex | None = None) -> list[Site]:
+           output: str | None = None, index: GraphIndex | None = None, target: str = "activations") -> list[Site]:
     """The sites the user asked for, numbered in graph order; with `output`, only those that feed it.
 
-    `index`: the model's `GraphIndex`, when the caller has one (else one is built). Raises UsageError when nothing
-    matches.
+    `index`: the model's `GraphIndex`, when the caller has one (else one is built). `target` "weights": the weights
+    of the selected layers instead (`weight_sites`). Raises UsageError when nothing matches.
     """
     ops = tuple(selection.ops) or LAYER_OPS
     index = index_for(model.graph, index)
+    if target == "weights":
+        return weight_sites(model, types, selection, output, index)
     if selection.names:
         everything = candidates(model, types, (ALL,), index)
         pool = _feeding(model, everything, output, index)
@@ -155,6 +157,35 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
     if not chosen:
         raise UsageError(f"no site matches the selection{_hint(pool)}")
     return [Site(i, s.name, s.node, s.op_type, s.shape, s.weight) for i, s in enumerate(chosen)]
+
+
+def weight_sites(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection,
+                 output: str | None = None, index: GraphIndex | None = None) -> list[Site]:
+    """One site per weight initializer of the selected layers, named by the initializer, numbered in graph order: a
+    weight that two layers read is one site (its noise reaches both). `selection.names` may name the weights."""
+    index = index_for(model.graph, index)
+    if selection.names:
+        by_weight: dict[str, Site] = {}
+        for layer in _feeding(model, candidates(model, types, LAYER_OPS, index), output, index):
+            if layer.weight is not None:
+                by_weight.setdefault(layer.weight, layer)
+        missing = [n for n in selection.names if n not in by_weight]
+        if missing:
+            shown = ", ".join(list(by_weight)[:5]) + (", …" if len(by_weight) > 5 else "")
+            raise UsageError(f"weight {missing[0]!r} is not the weight initializer of a layer that feeds the class "
+                             f"output (weights include: {shown})")
+        layers = [by_weight[n] for n in selection.names]
+    else:
+        layers = select(model, types, selection, output, index)
+    sites: list[Site] = []
+    for layer in layers:
+        if layer.weight is None or layer.weight in {s.name for s in sites}:
+            continue
+        sites.append(Site(len(sites), layer.weight, layer.node, f"{layer.base_op} weight",
+                          types[layer.weight].shape, layer.weight))
+    if not sites:
+        raise UsageError("none of the selected layers reads its weights from an initializer: no weight sites")
+    return sites
 
 
 def _regex(pattern: str | None, field: str) -> re.Pattern | None:
@@ -182,6 +213,12 @@ def weight_stats(model: onnx.ModelProto, site: Site) -> dict | None:
         return None
     w = numpy_helper.to_array(init).astype(np.float64)
     return {"name": site.weight, "mean_abs": float(np.abs(w).mean()), "l2": float(np.linalg.norm(w))}
+
+
+def weight_std(model: onnx.ModelProto, name: str) -> float:
+    """The std of an initializer's values (a weight site's scale, as an activation's std is its site's)."""
+    init = next(t for t in model.graph.initializer if t.name == name)
+    return float(numpy_helper.to_array(init).astype(np.float64).std())
 
 
 def left_out(model: onnx.ModelProto, selection: Selection) -> str | None:

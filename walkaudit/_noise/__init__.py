@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from walkaudit._noise.registry import NOISE_MODELS, REGISTRY, TAKES_BITS, make_noise, model_class
+from walkaudit._noise.registry import NOISE_MODELS, REGISTRY, TAKES_BITS, TAKES_TARGET, make_noise, model_class
 
 if TYPE_CHECKING:
     from walkaudit._noise.base import Affine, NoiseModel
     from walkaudit._noise.source import CHUNK, NormalSource, box_muller, name_key
 
-__all__ = ["CHUNK", "NOISE_MODELS", "REGISTRY", "TAKES_BITS", "Affine", "NoiseModel", "NormalSource", "box_muller",
+__all__ = ["CHUNK", "NOISE_MODELS", "REGISTRY", "TAKES_BITS", "TAKES_TARGET", "Affine", "NoiseModel", "NormalSource", "box_muller",
            "make_noise", "model_class", "name_key"]
 
 _LAZY = {"Affine": "base", "NoiseModel": "base", "CHUNK": "source", "NormalSource": "source",

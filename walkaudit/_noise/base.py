@@ -25,7 +25,14 @@ from typing import ClassVar
 import numpy as np
 
 from walkaudit._analysis.sweep import Plan
+from walkaudit._noise.source import name_key
 from walkaudit.errors import UsageError
+
+
+#: what a model can perturb
+TARGETS = ("activations", "weights")
+#: the last entry of a weight draw's key (`NoiseModel.draw_weight`)
+WEIGHT_KEY = 1 << 40
 
 
 class NoiseModel(ABC):
@@ -54,6 +61,11 @@ class NoiseModel(ABC):
     def draws(self) -> int:
         """How many independent arrays of numbers one noisy pass draws (one per term)."""
         return len(self.terms)
+
+    @property
+    def walk_only(self) -> bool:
+        """Global mode needs graph nodes on activations; weights and host-only models walk one site at a time."""
+        return self.target == "weights" or not self.graph_applies
 
     def plan(self) -> Plan:
         """The adaptive search's plan: decades of the noise axis, relative to `search_scale`."""
@@ -86,6 +98,14 @@ class NoiseModel(ABC):
         """Fill `out` [len(rows), *shape] (float32) with the numbers of term `term` at `site` for data rows `rows`,
         keyed by (site, term, block, repeat) (`NormalSource.rows`); raw words are stored in float32's bits."""
         source.rows(site, term, repeat, rows, shape, out=out, dist=self.distribution)
+
+
+    def draw_weight(self, source, site: str, term: int, repeat: int, out: np.ndarray) -> None:
+        """Fill `out` (the weight's shape, float32) with the numbers of term `term` for weight `site` in `repeat`: one
+        draw per repeat for every sample (a chip's weights are programmed once and read by every inference), keyed
+        by (site, term, repeat) and a mark no activation key holds (activation keys end in a repeat, never
+        WEIGHT_KEY), so it never depends on the batch."""
+        source.fill(out, (name_key(site), term, repeat, WEIGHT_KEY), self.distribution)
 
 
 class Affine(NoiseModel):

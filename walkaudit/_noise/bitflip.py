@@ -1,6 +1,7 @@
 """Bit flips at a bit error rate (BER), in the tensor's stored type: each allowed bit of each element flips
 independently with probability p, as soft errors and low-voltage SRAM flip stored bits (PyTorchFI, TensorFI2 and
-MRFI inject the same way). Activations get fresh flips per sample and pass.
+MRFI inject the same way). Activations get fresh flips per sample and pass; weights (`target="weights"`) once per
+repeat, as a chip's stored weights are read by every inference.
 
 The draw is one uniform 32-bit word u per element and allowed bit position (a term per position, keyed like every
 other draw); the bit flips at level p where u < round(p·2³²), so the flips of a lower p are a subset of those of a
@@ -19,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from walkaudit._analysis.sweep import Plan
-from walkaudit._noise.base import NoiseModel, parse_ints
+from walkaudit._noise.base import TARGETS, NoiseModel, parse_ints
 from walkaudit.errors import UsageError
 
 #: The stored types a flip understands, and how their bits split.
@@ -75,6 +76,7 @@ class BitFlip(NoiseModel):
     """Flip each allowed bit with probability p (the level, a BER searched in decades from 1e-9 to 1e-1)."""
 
     bits: str = "all"
+    target: str = "activations"  # or "weights": each layer's weight initializer, flipped once per repeat
     kind: ClassVar[str] = "bitflip"
     relative: ClassVar[bool] = True
     distribution: ClassVar[str] = "bits"
@@ -82,6 +84,8 @@ class BitFlip(NoiseModel):
 
     def __post_init__(self):
         object.__setattr__(self, "bits", "all" if self.bits is None else str(self.bits))
+        if self.target not in TARGETS:
+            raise UsageError(f"target must be activations or weights, got {self.target!r}")
         if not any(self._usable(dt) for dt in LAYOUTS):
             positions(self.bits, np.float32)  # no type has these bits: say why, for float32
 

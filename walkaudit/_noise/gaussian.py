@@ -64,3 +64,20 @@ class Combined(Affine):
 
     def describe(self) -> dict:
         return {"noise": self.kind, "ratio": self.ratio}
+
+
+@dataclass(frozen=True)
+class WeightAdditive(Additive):
+    """W' = W + σ·ε on a layer's weight initializer, drawn once per repeat (a chip's programmed weights): σ in the
+    weight's units, searched relative to the weight's std."""
+
+    kind: ClassVar[str] = "weight-additive"
+    target: ClassVar[str] = "weights"
+
+
+@dataclass(frozen=True)
+class WeightMultiplicative(Multiplicative):
+    """W' = W·(1 + σ·ε) on a layer's weight initializer, drawn once per repeat: σ relative to each weight."""
+
+    kind: ClassVar[str] = "weight-multiplicative"
+    target: ClassVar[str] = "weights"

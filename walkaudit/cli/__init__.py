@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from walkaudit import __version__
-from walkaudit._noise.registry import NOISE_MODELS, TAKES_BITS
+from walkaudit._noise.registry import NOISE_MODELS, TAKES_BITS, TAKES_TARGET
 from walkaudit.errors import UsageError, WalkauditError
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -172,7 +172,7 @@ def main():
 AUDIT_OPTION_GROUPS = {
     "Data": ("data_path", "x_key", "y_key", "limit", "output", "chance", "ignore_label", "mask", "allow_nonfinite"),
     "Sites": ("ops", "include", "exclude", "site_names"),
-    "Noise & sweep": ("noise", "ratio", "bits", "global_mode", "sigmas", "repeats", "drops", "seed"),
+    "Noise & sweep": ("noise", "ratio", "bits", "target", "global_mode", "sigmas", "repeats", "drops", "seed"),
     "Runtime": ("provider", "threads", "batch_size", "noise_source", "exact", "shard", "ray_address"),
     "Gate": ("fail_under", "fail_under_relative", "rules", "rules_file", "min_clean_accuracy", "baseline",
              "max_drop"),
@@ -465,6 +465,8 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
 @click.option("--ratio", type=float, default=0.5, show_default=True,
               help="combined: σa = σ·r, σm = σ·(1−r).")
 @click.option("--bits", metavar="SPEC", help="; ".join(f"{k}: {v}" for k, v in TAKES_BITS.items()) + ".")
+@click.option("--target", type=click.Choice(["activations", "weights"]),
+              help=f"{', '.join(TAKES_TARGET)}: perturb each layer's output (default) or its weights.")
 @click.option("--global", "global_mode", is_flag=True, help="The same σ at every site at once (default: one site at "
                                                               "a time).")
 @click.option("--sigmas", metavar="LIST|A:B:N",
@@ -507,6 +509,7 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
                    "'ray://HOST:10001' or 'HOST:6379' joins a running cluster (the 'ray' extra; see docs/scale.md).")
 @guarded
 def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio, bits,
+                  target,
                   global_mode, sigmas, repeats, drops, batch_size, seed, chance, ignore_label, mask, provider, threads,
                   noise_source,
                   allow_nonfinite, exact, shard,
@@ -538,7 +541,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                                baseline)
     baseline_report = _read_report(baseline) if baseline else None
     config = AuditConfig(
-        noise=noise, ratio=ratio, bits=bits, mode="global" if global_mode else "walk",
+        noise=noise, ratio=ratio, bits=bits, target=target, mode="global" if global_mode else "walk",
         sigmas=parse_sigmas(sigmas) if sigmas is not None else None,  # "" is an empty grid, not "adaptive"
         repeats=repeats, seed=seed, batch_size=batch_size,
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),

@@ -1,0 +1,112 @@
+"""Bit flips change exactly the intended bits of the stored type, at the bit error rate asked for.
+
+Bit-exact: the flipped bits are read back as `noisy XOR clean` on the unsigned view of the value and compared with
+the bits whose words fall below the level's threshold. Rates are measured on seeded draws (deterministic); the
+tolerances are 6 binomial standard errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from walkaudit._noise import NormalSource, make_noise
+from walkaudit._noise.bitflip import LAYOUTS, WORD, positions, threshold
+from walkaudit.errors import UsageError
+
+UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+SHAPE = (64, 256)
+
+
+def values(dtype) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    if np.dtype(dtype).kind == "f":
+        return rng.normal(size=SHAPE).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, SHAPE).astype(dtype)
+
+
+def words(noise, seed: int = 1) -> np.ndarray:
+    """The engine's draw: [draws, 1, *SHAPE] words, keyed like the worker keys them."""
+    src = NormalSource(seed, threads=1)
+    eps = np.zeros((noise.draws, 1, *SHAPE), np.float32)
+    for term in range(noise.draws):
+        noise.draw(src, "site", term, 0, range(SHAPE[0]), SHAPE[1:], out=eps[term, 0])
+    src.close()
+    return eps
+
+
+def flipped(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
+    uint = UINT[clean.dtype.itemsize]
+    return noisy.view(uint) ^ clean.view(uint)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8, np.uint8])
+@pytest.mark.parametrize("spec", ["all", "sign", "exponent", "mantissa", "value", "0-2,5"])
+def test_exactly_the_drawn_bits_flip_and_no_other(dtype, spec):
+    try:
+        where = positions(spec, dtype)
+    except UsageError:  # e.g. an int8 has no exponent: the model says so instead of flipping something else
+        with pytest.raises(UsageError):
+            make_noise("bitflip", bits=spec).host(values(dtype), [0.1], np.zeros((32, 1, *SHAPE), np.float32))
+        return
+    noise = make_noise("bitflip", bits=spec)
+    y, eps = values(dtype), words(noise)
+    sigmas = [0.0, 1e-3, 0.05, 0.5]
+    out = noise.host(y, sigmas, eps)
+    assert out.dtype == y.dtype and out.shape == (len(sigmas), *SHAPE)
+    uint = UINT[y.dtype.itemsize]
+    u = eps.view(np.uint32)
+    for level, p in enumerate(sigmas):
+        want = np.zeros(SHAPE, uint)
+        for term, bit in enumerate(where):
+            want |= (u[term, 0] < threshold(p)).astype(uint) << uint(bit)
+        assert np.array_equal(flipped(y, out[level]), want)
+        assert not np.any(flipped(y, out[level]) & ~uint(sum(1 << b for b in where)))  # never outside the positions
+    assert out[0].tobytes() == y.tobytes()  # BER 0: the value itself, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8])
+def test_each_bit_flips_at_the_bit_error_rate_independently(dtype):
+    noise = make_noise("bitflip")
+    y, eps = values(dtype), words(noise, seed=4)
+    width = y.dtype.itemsize * 8
+    p = 0.02
+    x = flipped(y, noise.host(y, [p], eps)[0])
+    n = y.size
+    se = np.sqrt(p * (1 - p) / n)
+    rates = [np.mean((x >> b) & 1) for b in range(width)]
+    assert all(abs(r - p) < 6 * se for r in rates)  # every position at p
+    both = np.mean(((x >> 0) & 1) & ((x >> (width - 1)) & 1))  # two positions flip together at p², not p
+    assert abs(both - p * p) < 6 * np.sqrt(p * p / n)
+
+
+def test_flips_of_a_lower_rate_are_a_subset_of_a_higher_ones():
+    noise = make_noise("bitflip")
+    y = values(np.float32)
+    out = noise.host(y, [1e-3, 1e-2, 1e-1], words(noise))
+    a, b, c = (flipped(y, o) for o in out)
+    assert np.array_equal(a & b, a) and np.array_equal(b & c, b)
+    assert a.any() and (b != a).any()
+
+
+def test_the_rate_resolves_to_multiples_of_2_to_the_minus_32():
+    assert threshold(0) == 0 and threshold(1e-9) == 4 and threshold(1) == WORD and threshold(2) == WORD
+    y = values(np.float32)
+    noise = make_noise("bitflip", bits="sign")
+    everything = noise.host(y, [1.0], words(noise))[0]
+    assert np.array_equal(everything, -y)  # the sign bit at BER 1: every value negated, exactly
+
+
+def test_bit_groups_follow_the_stored_type():
+    assert positions("sign", np.float32) == (31,) and positions("exponent", np.float32) == tuple(range(23, 31))
+    assert positions("mantissa", np.float16) == tuple(range(10)) and positions("exponent", np.float16) == (10, 11, 12,
+                                                                                                          13, 14)
+    assert positions("sign,value", np.int8) == tuple(range(8)) and positions("all", np.uint8) == tuple(range(8))
+    assert positions("31,0-1", np.float32) == (0, 1, 31)
+    for spec, dtype in (("exponent", np.int8), ("sign", np.uint8), ("16", np.float16), ("8", np.int8)):
+        with pytest.raises(UsageError):
+            positions(spec, dtype)
+    assert set(LAYOUTS) == {np.dtype(t) for t in (np.float32, np.float16, np.int8, np.uint8, np.int16, np.uint16)}
+    # one word per position of the widest type the spec fits: 32 for all bits, 8 for the exponent, 1 for the sign
+    assert [make_noise("bitflip", bits=s).draws for s in ("all", "exponent", "sign", "value")] == [32, 8, 1, 16]

@@ -1,0 +1,172 @@
+"""Weight noise: a site is a layer's weight initializer, perturbed once per repeat, and the engine's counts equal a
+reference that runs the whole model with the perturbed weight put in place of the initializer.
+
+Reference: for each repeat the same draw (`NoiseModel.draw_weight`, keyed by seed, weight, term and repeat), the
+model copied with W' in the initializer, run by onnxruntime with every optimisation off; counted against the clean
+model's predictions. The engine runs only the suffix after the weight; both are exact sessions, so the counts are
+equal, not close.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from walkaudit._execution import strategies
+from walkaudit._execution.runtime import SHARE_BYTES, Runtime
+from walkaudit._execution.worker import Worker
+from walkaudit._graph.sites import Selection, select
+from walkaudit._loading.data import from_arrays
+from walkaudit._loading.model import load_model
+from walkaudit._noise import NormalSource, make_noise
+from walkaudit._units import BLOCK, WorkUnit
+from walkaudit.errors import UsageError
+
+from .models import IR, mlp, resnet_block
+
+
+def shared_weight_model(seed: int = 0) -> onnx.ModelProto:
+    """x -> MatMul(w) -> Relu -> MatMul(w) (the same initializer read twice) -> Gemm -> logits."""
+    rng = np.random.default_rng(seed)
+    f = lambda a, n: numpy_helper.from_array(np.asarray(a, np.float32), n)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h1"], name="fc1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w"], ["h2"], name="fc2"),
+             helper.make_node("Gemm", ["h2", "w_out", "b_out"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+                              [f(rng.normal(0, 0.25, (16, 16)), "w"), f(rng.normal(0, 0.25, (16, 4)), "w_out"),
+                               f(np.zeros(4), "b_out")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR)
+
+
+def plain(model: onnx.ModelProto):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def engine(model, x, kind, batch_size=64, seed=3, **noise):
+    loaded = load_model(model)
+    noise = make_noise(kind, **noise)
+    sites = select(loaded.proto, loaded.types, Selection(), loaded.class_output.name, target=noise.target)
+    worker = Worker(loaded, from_arrays(x, None, loaded.inputs), runtime=Runtime("cpu", exact=True), noise=noise,
+                    source=NormalSource(seed, threads=1), sites=sites, batch_size=batch_size)
+    return worker, sites
+
+
+def counts(worker, site, sigmas, repeats=2):
+    blocks = (0, -(-worker.data.samples // BLOCK))
+    return worker.evaluate(WorkUnit(worker.key, (site,), tuple(sigmas), repeats, blocks, worker.source.seed))
+
+
+def reference(model, x, noise, site, sigmas, repeats=2, seed=3) -> np.ndarray:
+    """Correct predictions per (level, repeat) with W' in the model's initializer."""
+    clean = np.argmax(plain(model).run(["logits"], {"x": x})[0], axis=1)
+    init = next(t for t in model.graph.initializer if t.name == site)
+    w = numpy_helper.to_array(init)
+    src = NormalSource(seed, threads=1)
+    out = np.zeros((len(sigmas), repeats), np.int64)
+    for r in range(repeats):
+        eps = np.zeros((noise.draws, 1, *w.shape), np.float32)
+        for term in range(noise.draws):
+            noise.draw_weight(src, site, term, r, out=eps[term, 0])
+        for level, sigma in enumerate(sigmas):
+            changed = onnx.ModelProto()
+            changed.CopyFrom(model)
+            target = next(t for t in changed.graph.initializer if t.name == site)
+            target.CopyFrom(numpy_helper.from_array(noise.host(w, [sigma], eps)[0].astype(w.dtype), site))
+            pred = np.argmax(plain(changed).run(["logits"], {"x": x})[0], axis=1)
+            out[level, r] = int((pred == clean).sum())
+    src.close()
+    return out
+
+
+@pytest.mark.parametrize("kind, sigmas, noise", [
+    ("weight-additive", (0.0, 0.05, 0.3, 1.5), {}),
+    ("weight-multiplicative", (0.0, 0.2, 1.0, 4.0), {}),
+    ("bitflip", (0.0, 1e-3, 2e-2, 0.1), {"target": "weights", "bits": "exponent,sign"}),
+])
+def test_weight_noise_counts_equal_the_whole_model_with_the_perturbed_weight(kind, sigmas, noise):
+    model = resnet_block(seed=6)
+    x = np.random.default_rng(6).normal(size=(150, 1, 6, 6)).astype(np.float32)
+    worker, sites = engine(model, x, kind, **noise)
+    assert [s.name for s in sites] == ["k0", "k1", "w"] and sites[0].op_type == "Conv weight"
+    for site in sites:
+        got = counts(worker, site.name, sigmas)
+        assert np.array_equal(got.correct, reference(model, x, worker.noise, site.name, sigmas))
+        assert got.correct[0].tolist() == [150, 150] and got.correct[-1].min() < 150
+    worker.source.close()
+
+
+def test_a_weight_read_by_two_layers_is_one_site_whose_noise_reaches_both():
+    model = shared_weight_model()
+    x = np.random.default_rng(1).normal(size=(128, 16)).astype(np.float32)
+    worker, sites = engine(model, x, "weight-additive")
+    assert [s.name for s in sites] == ["w", "w_out"]
+    sigmas = (0.0, 0.1, 0.5)
+    assert np.array_equal(counts(worker, "w", sigmas).correct, reference(model, x, worker.noise, "w", sigmas))
+    worker.source.close()
+
+
+def test_a_large_shared_weight_is_fed_perturbed_never_served_from_the_shared_cache():
+    """A weight of ≥ 1 MB is shared between sessions by name (`Runtime`); the weight's suffix reads it as an input,
+    so the perturbed values reach the layer (the counts equal the reference's, and the noise bites)."""
+    hidden = SHARE_BYTES // (16 * 4) + 1
+    model = mlp(seed=2, hidden=hidden)
+    assert numpy_helper.to_array(model.graph.initializer[0]).nbytes >= SHARE_BYTES
+    x = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)
+    worker, _ = engine(model, x, "weight-multiplicative")
+    worker.clean_pass()  # the clean session takes the shared copy of w1 first
+    assert any(k[0] == "w1" for k in worker.runtime._shared)
+    sigmas = (0.0, 3.0)
+    got = counts(worker, "w1", sigmas, repeats=1)
+    assert np.array_equal(got.correct, reference(model, x, worker.noise, "w1", sigmas, repeats=1))
+    assert got.correct[1, 0] < 64
+    worker.source.close()
+
+
+def test_weights_draw_once_per_repeat_whatever_the_batches():
+    model = resnet_block(seed=8)
+    x = np.random.default_rng(8).normal(size=(200, 1, 6, 6)).astype(np.float32)
+    results = []
+    for batch in (7, 128):
+        worker, _ = engine(model, x, "weight-additive", batch_size=batch)
+        results.append(counts(worker, "k1", (0.05, 0.2, 0.6), repeats=3))
+        worker.source.close()
+    assert results[0] == results[1]
+    assert len({tuple(results[0].correct[:, r]) for r in range(3)}) > 1  # each repeat a fresh chip
+
+
+def test_weight_draws_have_the_documented_distribution():
+    """W' = W(1 + σε): (W'/W − 1)/σ has mean 0 and std 1 within 5 standard errors (65 536 weights, seed 0)."""
+    noise = make_noise("weight-multiplicative")
+    w = np.random.default_rng(0).uniform(0.5, 2, (256, 256)).astype(np.float32)
+    src = NormalSource(0, threads=1)
+    eps = np.zeros((1, 1, *w.shape), np.float32)
+    noise.draw_weight(src, "w", 0, 0, out=eps[0, 0])
+    again = np.zeros_like(eps)
+    noise.draw_weight(src, "w", 0, 1, out=again[0, 0])
+    src.close()
+    z = (noise.host(w, [0.2], eps)[0].astype(np.float64) / w - 1) / 0.2
+    assert abs(z.mean()) < 5 / np.sqrt(z.size) and abs(z.std() - 1) < 5 / np.sqrt(2 * z.size)
+    assert np.corrcoef(eps.ravel(), again.ravel())[0, 1] < 5 / np.sqrt(z.size)  # repeats: independent draws
+
+
+def test_weight_sites_by_name_and_the_errors():
+    model = resnet_block()
+    loaded = load_model(model)
+    out = loaded.class_output.name
+    chosen = select(loaded.proto, loaded.types, Selection(names=("w", "k0")), out, target="weights")
+    w = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w")
+    assert [s.name for s in chosen] == ["w", "k0"] and chosen[0].shape == w.shape
+    with pytest.raises(UsageError, match="not the weight initializer"):
+        select(loaded.proto, loaded.types, Selection(names=("a",)), out, target="weights")
+    assert strategies.choose("walk", 17, [loaded.types["k0"]], "CPUExecutionProvider", "auto",
+                             make_noise("weight-additive")) is strategies.WeightSuffix
+    with pytest.raises(UsageError):
+        strategies.choose("global", 17, [loaded.types["k0"]], "CPUExecutionProvider", "auto",
+                          make_noise("weight-additive"))
