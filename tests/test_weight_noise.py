@@ -170,3 +170,62 @@ def test_weight_sites_by_name_and_the_errors():
     with pytest.raises(UsageError):
         strategies.choose("global", 17, [loaded.types["k0"]], "CPUExecutionProvider", "auto",
                           make_noise("weight-additive"))
+
+
+# -- the PCM preset (aihwkit's PCMLikeNoiseModel statistics) ------------------------------------------------------------
+def test_pcm_steps_have_aihwkits_statistics():
+    """Each step on 200 000 devices of one conductance (seed 0); tolerances 5 standard errors."""
+    from scipy import stats
+
+    from walkaudit._noise import pcm
+
+    n = 200_000
+    z = np.random.default_rng(0).standard_normal((3, n))
+    g = np.full(n, 12.5)  # g_max / 2
+    sigma_p = 0.26348 + 1.9650 * 0.5 - 1.1731 * 0.25
+    d = pcm.programmed(g, z[0]) - g
+    assert abs(d.std() / sigma_p - 1) < 5 / np.sqrt(2 * n) and abs(d.mean()) < 5 * sigma_p / np.sqrt(n)
+    low = np.full(n, 0.25)  # g/g_max = 0.01: μ_ν = 0.0958, σ_ν = 0.0517 clipped to 0.045
+    nu = pcm.drift_exponents(low, z[1])
+    mu, sd = -0.0155 * np.log(0.01) + 0.0244, 0.045
+    assert abs(nu.mean() - stats.foldnorm(mu / sd, scale=sd).mean()) < 5 * sd / np.sqrt(n)
+    t = 1e4  # read noise: relative std q_s·√ln((t + t0 + t_r)/(2 t_r)), q_s = 0.0088/0.5^0.65 with ν = 0
+    rel = pcm.at_time(g, np.zeros(n), z[2], t) / g - 1
+    want = 0.0088 / 0.5**0.65 * np.sqrt(np.log((t + 20 + 250e-9) / (2 * 250e-9)))
+    assert abs(rel.std() / want - 1) < 5 / np.sqrt(2 * n)
+    assert np.allclose(pcm.at_time(g, np.full(n, 0.05), np.zeros(n), t), g * ((t + 20) / 20) ** -0.05)
+
+
+def test_pcm_without_noise_returns_the_weights_and_compensates_a_uniform_drift():
+    """ε = 0: at t = 0 the weights come back; where every |w| ≥ max|w|/2, ν is 0.049 for all devices (μ_ν clipped),
+    so the drift is uniform and global drift compensation undoes it at any t."""
+    noise = make_noise("weight-pcm")
+    rng = np.random.default_rng(1)
+    w = (rng.uniform(0.5, 1.0, (64, 32)) * rng.choice([-1, 1], (64, 32))).astype(np.float32)
+    zero = np.zeros((6, 1, *w.shape), np.float32)
+    out = noise.host(w, [0.0, 1e3, 1e9], zero)
+    for level in out:
+        assert np.allclose(level, w, rtol=1e-6, atol=0)
+
+
+def test_pcm_weights_stray_further_as_the_chip_ages():
+    noise = make_noise("weight-pcm")
+    w = np.random.default_rng(2).normal(0, 0.1, (128, 64)).astype(np.float32)
+    src = NormalSource(2, threads=1)
+    eps = np.zeros((noise.draws, 1, *w.shape), np.float32)
+    for term in range(noise.draws):
+        noise.draw_weight(src, "w", term, 0, out=eps[term, 0])
+    src.close()
+    errors = [np.abs(v - w).mean() for v in noise.host(w, [1e2, 1e5, 1e8], eps)]
+    assert errors[0] < errors[1] < errors[2]
+    assert errors[0] > 0.01 * np.abs(w).mean()  # programming noise is there from the start
+
+
+def test_pcm_counts_equal_the_whole_model_with_the_aged_weight():
+    model = resnet_block(seed=6)
+    x = np.random.default_rng(6).normal(size=(100, 1, 6, 6)).astype(np.float32)
+    worker, _ = engine(model, x, "weight-pcm")
+    sigmas = (1.0, 1e6)
+    got = counts(worker, "k1", sigmas)
+    assert np.array_equal(got.correct, reference(model, x, worker.noise, "k1", sigmas))
+    worker.source.close()

@@ -31,6 +31,8 @@ REGISTRY: dict[str, Entry] = {
     "weight-additive": Entry("gaussian", "WeightAdditive", "W + σ·N(0,1) on a layer's weights, once per repeat"),
     "weight-multiplicative": Entry("gaussian", "WeightMultiplicative",
                                    "W·(1 + σ·N(0,1)) on a layer's weights, once per repeat"),
+    "weight-pcm": Entry("pcm", "PCM", "aihwkit's PCM programming noise, drift and read noise on the weights; "
+                        "the level is t, seconds since programming"),
     "uniform": Entry("uniform", "Uniform", "y + w·U(−½,½), one rounding step of width w"),
     "quantize": Entry("quantize", "Quantize", "y rounded to B bits over each sample's range, walked over B",
                       "the bit counts to walk, e.g. 8,6,4 or 2-12"),
