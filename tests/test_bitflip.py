@@ -110,3 +110,60 @@ def test_bit_groups_follow_the_stored_type():
     assert set(LAYOUTS) == {np.dtype(t) for t in (np.float32, np.float16, np.int8, np.uint8, np.int16, np.uint16)}
     # one word per position of the widest type the spec fits: 32 for all bits, 8 for the exponent, 1 for the sign
     assert [make_noise("bitflip", bits=s).draws for s in ("all", "exponent", "sign", "value")] == [32, 8, 1, 16]
+
+
+# -- quantized models: flips in the int8 values and weights they store --------------------------------------------------
+def quantized(fmt: str) -> bytes:
+    """tests.models.mlp quantized to int8 by onnxruntime's static quantizer (QDQ or QOperator)."""
+    import os
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from .models import mlp
+
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": x[i : i + 16]} for i in range(0, 64, 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        plain, out = os.path.join(folder, "f.onnx"), os.path.join(folder, "q.onnx")
+        onnx.save(mlp(seed=1), plain)
+        quantize_static(plain, out, Reader(), quant_format=getattr(QuantFormat, fmt),
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        with open(out, "rb") as f:
+            return f.read()
+
+
+@pytest.mark.parametrize("fmt, layer", [("QDQ", "MatMul"), ("QOperator", "QLinearMatMul")])
+def test_bit_flips_of_a_quantized_model_hit_its_int8_values_and_weights(fmt, layer):
+    import onnx
+
+    from walkaudit._execution.runtime import Runtime
+    from walkaudit._execution.worker import Worker
+    from walkaudit._graph.sites import Selection, select
+    from walkaudit._loading.data import from_arrays
+    from walkaudit._loading.model import load_model
+    from walkaudit._units import WorkUnit
+
+    loaded = load_model(onnx.load_from_string(quantized(fmt)))
+    x = np.random.default_rng(5).normal(size=(128, 16)).astype(np.float32)
+    ops = Selection(ops=("MatMul", "QLinearMatMul"))
+    for target in ("activations", "weights"):
+        noise = make_noise("bitflip", bits="value,sign", target=target)
+        sites = select(loaded.proto, loaded.types, ops, loaded.class_output.name, target=target, stored=True)
+        assert [loaded.types[s.name].elem_type for s in sites] == [onnx.TensorProto.INT8]
+        assert all(s.op_type.startswith(layer) for s in sites)
+        worker = Worker(loaded, from_arrays(x, None, loaded.inputs), runtime=Runtime("cpu"), noise=noise,
+                        source=NormalSource(1, threads=1), sites=sites, batch_size=64)
+        for site in sites:
+            got = worker.evaluate(WorkUnit(worker.key, (site.name,), (0.0, 0.5), 2, (0, 2), 1))
+            assert got.correct[0].tolist() == [128, 128]  # BER 0: the quantized model's own predictions
+            assert got.correct[1].max() < 128  # half of its int8 bits flipped: it errs
+        worker.source.close()

@@ -165,7 +165,7 @@ class AuditRun:
         self.index = GraphIndex(self.loaded.proto.graph)
         self.noise = config.noise_model()
         self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name,
-                                        index=self.index, target=self.noise.target)
+                                        index=self.index, target=self.noise.target, stored=self.noise.stored)
         self.notes = [*self.loaded.notes, *(n for n in [left_out(self.loaded.proto, config.selection),
                                                          untyped(self.loaded.proto, self.loaded.types,
                                                                  config.selection)] if n)]

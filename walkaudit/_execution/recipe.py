@@ -69,7 +69,7 @@ class Recipe:
                                           labels=self.labels, scored=self.scored)
         noise = config.noise_model()
         sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name,
-                       target=noise.target)
+                       target=noise.target, stored=noise.stored)
         runtime = Runtime(provider or config.provider, threads or config.threads, config.exact)
         return Worker(loaded, dataset, runtime=runtime, noise=noise,
                       source=NormalSource(config.seed, threads or config.threads), sites=sites, mode=config.mode,

@@ -41,6 +41,8 @@ class NoiseModel(ABC):
     kind: ClassVar[str]
     #: what it perturbs: "activations" (a site's value) or "weights" (the initializer a layer reads)
     target: ClassVar[str] = "activations"
+    #: it perturbs values as the model stores them: the int8/uint8 of a quantized model where it has them
+    stored: ClassVar[bool] = False
     #: the level is relative to the signal already (its own relative midpoint; the search is not scaled)
     relative: ClassVar[bool] = False
     #: what `draw` fills: "normal" (N(0, 1)), "uniform" (U(−½, ½)) or "bits" (uniform 32-bit words); "none"

@@ -78,6 +78,7 @@ class BitFlip(NoiseModel):
     bits: str = "all"
     target: str = "activations"  # or "weights": each layer's weight initializer, flipped once per repeat
     kind: ClassVar[str] = "bitflip"
+    stored: ClassVar[bool] = True
     relative: ClassVar[bool] = True
     distribution: ClassVar[str] = "bits"
     level: ClassVar[str] = "ber"
