@@ -229,3 +229,30 @@ def test_pcm_counts_equal_the_whole_model_with_the_aged_weight():
     got = counts(worker, "k1", sigmas)
     assert np.array_equal(got.correct, reference(model, x, worker.noise, "k1", sigmas))
     worker.source.close()
+
+
+# -- against PyTorch: stored curves of benchmarks/weight_noise_reference.py ---------------------------------------------
+@pytest.mark.parametrize("kind", ["weight-additive", "weight-multiplicative"])
+def test_weight_noise_midpoints_agree_with_the_torch_reference(kind):
+    """Each layer's midpoint from walkaudit's audit (its draws, suffix-only runs) against the midpoint walkaudit's fit
+    finds on torch's curve for the same weights (torch's draws, the whole model in torch): the 95 % intervals
+    overlap and the midpoints are within 0.1 decades (measured: ≤ 0.06, 8 repeats of 1000 samples)."""
+    import json
+    from pathlib import Path
+
+    import walkaudit
+    from walkaudit._analysis import fit
+
+    root = Path(__file__).resolve().parent.parent
+    ref = json.loads((root / "benchmarks" / "weight_noise_reference.json").read_text())
+    grid, n = ref["grid"][kind], ref["samples"]
+    report = walkaudit.audit(str(root / ref["model"]), data=str(root / ref["data"]), noise=kind, sigmas=tuple(grid),
+                             repeats=ref["repeats"], provider="cpu")
+    assert report.clean_accuracy == ref["clean_correct"] / n  # the same model, the same data
+    assert [s.name for s in report.sites] == list(ref["correct"][kind])
+    for site in report.sites:
+        torch_curve = np.array(ref["correct"][kind][site.name]) / n
+        theirs = fit.midpoint(np.array(grid), torch_curve, clean=report.clean_accuracy, chance=ref["chance"],
+                              samples=np.full(len(grid), n))
+        assert abs(np.log10(site.midpoint / theirs.value)) < 0.1
+        assert site.ci95[0] <= theirs.ci95[1] and theirs.ci95[0] <= site.ci95[1]
