@@ -109,23 +109,30 @@ class BitFlip(NoiseModel):
                 "level": "ber: each allowed bit flips with this probability"}
 
     def host(self, y, sigmas, eps, map_=map, axis: int = 0):
+        """y XOR the mask of each level. The bits that flip at the highest level are found once per run (one compare
+        per word); a lower level keeps those whose word is below its own threshold, so a level costs in proportion
+        to its flips, not to the size of the draw."""
         sigmas = np.atleast_1d(np.asarray(sigmas, dtype=np.float64))
         y = np.ascontiguousarray(y)
         where = positions(self.bits, y.dtype)
         uint = _UINT[y.dtype.itemsize]
         words = np.asarray(eps).view(np.uint32)
         out = np.empty((len(sigmas), *y.shape), dtype=y.dtype)
-        stored = y.view(uint)
+        stored = y.view(uint).reshape(-1)
+        top = max(threshold(p) for p in sigmas)
+        hits = [(np.flatnonzero(words[term, 0] < top) if top < WORD else np.arange(y.size), term, bit)
+                for term, bit in enumerate(where)] if top else []
+        index = np.concatenate([h for h, _, _ in hits]) if hits else np.zeros(0, np.int64)
+        value = np.concatenate([words[term, 0].reshape(-1)[h] for h, term, _ in hits]) if hits else np.zeros(0)
+        bit = np.concatenate([np.full(len(h), b, uint) for h, _, b in hits]) if hits else np.zeros(0, uint)
+        flips = np.left_shift(np.ones(1, uint), bit)
 
         def level(i: int) -> None:
             t = threshold(sigmas[i])
-            mask = np.zeros(y.shape, uint)
-            if t:
-                for term, bit in enumerate(where):
-                    hit = np.ones(y.shape, bool) if t >= WORD else words[term, 0] < np.uint32(t)
-                    mask |= hit.astype(uint) << uint(bit)
-            np.bitwise_xor(stored, mask, out=out[i].view(uint))
+            mask = np.zeros(y.size, uint)
+            chosen = slice(None) if t >= WORD else value < t
+            np.bitwise_or.at(mask, index[chosen], flips[chosen])
+            np.bitwise_xor(stored, mask, out=out[i].reshape(-1).view(uint))
 
         list(map_(level, range(len(sigmas))))
         return out
-
