@@ -167,3 +167,47 @@ def test_bit_flips_of_a_quantized_model_hit_its_int8_values_and_weights(fmt, lay
             assert got.correct[0].tolist() == [128, 128]  # BER 0: the quantized model's own predictions
             assert got.correct[1].max() < 128  # half of its int8 bits flipped: it errs
         worker.source.close()
+
+
+# -- the per-bit table --------------------------------------------------------------------------------------------------
+def test_the_per_bit_table_has_a_row_per_stored_bit_and_the_exponent_matters(tmp_path):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from walkaudit.cli import main
+
+    from .models import mlp, teacher_labels
+
+    model = mlp(seed=3)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(3).normal(size=(128, 16)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x, y=teacher_labels(model, x))
+    result = CliRunner().invoke(main, ["bits", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "val.npz"),
+                                       "--site", "h", "--ber", "0.05", "--json", str(tmp_path / "bits.json"),
+                                       "--provider", "cpu", "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "bits.json").read_text())
+    assert [r["bit"] for r in table["bits"]] == list(range(31, -1, -1)) and table["dtype"] == "float32"
+    groups = {r["bit"]: r["group"] for r in table["bits"]}
+    assert groups[31] == "sign" and groups[30] == groups[23] == "exponent" and groups[0] == "mantissa"
+    drops = {r["bit"]: r["drop"] for r in table["bits"]}
+    assert drops[0] == 0.0  # the last mantissa bit changes no prediction
+    assert max(drops[b] for b in range(23, 31)) > 0.05  # an exponent bit does
+    assert table["clean_accuracy"] == 1.0  # labels are the model's own predictions
+
+
+def test_the_per_bit_table_of_a_weight_follows_its_stored_type():
+    import onnx
+
+    from walkaudit.bitmap import bit_sensitivity
+
+    model = onnx.load_from_string(quantized("QDQ"))
+    weight = next(t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2)
+    x = np.random.default_rng(5).normal(size=(64, 16)).astype(np.float32)
+    table = bit_sensitivity(model, x, site=weight, ber=0.2, target="weights", repeats=1, provider="cpu")
+    assert table["dtype"] == "int8" and [r["bit"] for r in table["bits"]] == list(range(7, -1, -1))
+    assert [r["group"] for r in table["bits"]] == ["sign"] + ["value"] * 7
+    with pytest.raises(UsageError):
+        bit_sensitivity(model, x, site=weight, ber=0.0, target="weights")

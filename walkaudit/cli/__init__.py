@@ -814,3 +814,4 @@ def merge_command(shard_paths, out, fail_under, fail_under_relative, rules, rule
 
 
 from walkaudit.cli import plan as _plan  # noqa: E402,F401  (registers `walkaudit plan`)
+from walkaudit.cli import bits as _bits  # noqa: E402,F401  (registers `walkaudit bits`)
