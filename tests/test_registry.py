@@ -110,3 +110,22 @@ def test_models_without_graph_nodes_take_the_host_path_and_never_draw_in_the_gra
     assert strategies.choose("walk", 17, [spec], cuda, "auto", uniform) is strategies.DrawnSuffix
     assert strategies.choose("walk", 17, [spec], cpu, "auto", uniform) is strategies.FedSuffix
     assert strategies.choose("global", 17, [spec], cpu, "auto", uniform) is strategies.FedGlobal
+
+
+@pytest.mark.parametrize("kind", NOISE_MODELS)
+def test_every_registered_model_audits_end_to_end_and_accuracy_falls_along_its_axis(kind):
+    """The adaptive search on each model's own axis: the report validates (it is built through the schema), names
+    the model, and the accuracy at the noisiest level is below the accuracy at the least noisy one."""
+    import walkaudit
+
+    model = mlp(seed=4)
+    x = np.random.default_rng(4).normal(size=(192, 16)).astype(np.float32)
+    report = walkaudit.audit(model, x, teacher_labels(model, x), noise=kind, repeats=1, provider="cpu")
+    assert report.config.noise == kind
+    assert [s.name for s in report.sites] == (["w1", "w2"] if kind.startswith("weight-") else ["h", "logits"])
+    for site in report.sites:
+        points = sorted(site.points, key=lambda p: p.sigma)
+        if kind == "weight-pcm":  # programming noise from the start; ageing may not halve a small MLP
+            assert points[-1].sigma / points[0].sigma >= 1e6  # the search walks decades of t
+            continue
+        assert points[-1].accuracy < points[0].accuracy
