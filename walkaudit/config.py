@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from walkaudit._analysis.drops import Bound, parse_bound  # noqa: F401  (re-exported)
 from walkaudit._graph.sites import LAYER_OPS, Selection
-from walkaudit._noise.registry import NOISE_MODELS, make_noise
+from walkaudit._noise.registry import NOISE_MODELS, global_models, make_noise
 from walkaudit.errors import UsageError, option
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class AuditConfig:
             raise OptionError(field_, str(e).removeprefix(f"{field_} ")) from None
         if self.mode == "global" and model.walk_only:
             raise OptionError("noise", f"{self.noise} walks one site at a time; global mode takes "
-                                       f"{', '.join(k for k in NOISE_MODELS if not make_noise(k).walk_only)} noise")
+                                       f"{', '.join(global_models())} noise")
         if self.noise_source == "graph" and model.graph_draw is None:
             raise OptionError("noise_source", f"graph: the graph cannot draw {self.noise} noise; use host or auto")
         return model

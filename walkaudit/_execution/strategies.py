@@ -28,6 +28,7 @@ from walkaudit._execution.runtime import Runtime, run, run_bound
 from walkaudit._graph import passes
 from walkaudit._loading.model import LoadedModel
 from walkaudit._noise import NoiseModel
+from walkaudit._noise.registry import global_models
 from walkaudit.errors import UsageError
 
 
@@ -38,8 +39,8 @@ def choose(mode: str, opset: int, sites: list, provider: str | None, noise_sourc
     path."""
     if noise is not None and noise.walk_only:
         if mode == "global":
-            raise UsageError(f"{noise.kind} noise walks one site at a time; global mode takes additive, "
-                             "multiplicative, combined or uniform noise")
+            raise UsageError(f"{noise.kind} noise walks one site at a time; global mode takes "
+                             f"{', '.join(global_models())} noise")
         return WeightSuffix if noise.target == "weights" else HostApplied
     if mode == "global":
         fed = opset >= passes.FED_NOISE_MIN_OPSET and all(

@@ -107,8 +107,8 @@ class Worker:
         self.index = index or GraphIndex(model.proto.graph)  # built once: every plan, prefix and suffix use it
         self._plans = {site: self._per_sample(site, plan) for site, plan in
                        self.index.suffix_plans([s.name for s in sites], out).items()} if mode == "walk" else {}
-        self.weights = noise.target == "weights"  # the sites are initializers: nothing to expose, a frontier to read
-        self._reads = {site: (*(() if self.weights else (site,)), *frontier)
+        self.on_weights = noise.target == "weights"  # the sites are initializers: nothing to expose, a frontier to read
+        self._reads = {site: (*(() if self.on_weights else (site,)), *frontier)
                        for site, (_, frontier) in self._plans.items()}
         exposed = [*self.values, *(n for names in self._reads.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
@@ -222,7 +222,7 @@ class Worker:
     @property
     def values(self) -> list[str]:
         """The sites' values the clean pass exposes and takes the moments of (none for weight sites)."""
-        return [] if self.weights else [s.name for s in self.sites]
+        return [] if self.on_weights else [s.name for s in self.sites]
 
     def batch_axis(self, site: str, shape: tuple, rows: int) -> int | None:
         """The axis of a site's value that holds the samples: where its inferred shape carries the inputs' batch
@@ -311,7 +311,7 @@ class Worker:
         else:
             strategy = kind(self.runtime, model, self.noise, suffix)
         kept = self._take(site)
-        prefix = self._clean if kept or self.weights else self.runtime.session(
+        prefix = self._clean if kept or self.on_weights else self.runtime.session(
             passes.prefix(model.proto, [site, *suffix.frontier], model.types, index=self.index),
             f"part of the model before {site}",
             exact=True)

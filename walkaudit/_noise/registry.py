@@ -70,3 +70,8 @@ def make_noise(kind: str = "additive", ratio: float = 0.5, bits: str | None = No
     if target is not None:
         options["target"] = target
     return cls(**options)
+
+
+def global_models() -> tuple[str, ...]:
+    """The models global mode takes: graph nodes on activations (`NoiseModel.walk_only` False)."""
+    return tuple(k for k in NOISE_MODELS if not make_noise(k).walk_only)
