@@ -1,7 +1,7 @@
 """Bit flips change exactly the intended bits of the stored type, at the bit error rate asked for.
 
 Bit-exact: the flipped bits are read back as `noisy XOR clean` on the unsigned view of the value and compared with
-the bits whose words fall below the level's threshold. Rates are measured on seeded draws (deterministic); the
+the bits whose words (`bit_word` of the element's drawn word) fall below the level's threshold. Rates are measured on seeded draws (deterministic); the
 tolerances are 6 binomial standard errors.
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from walkaudit._noise import NormalSource, make_noise
-from walkaudit._noise.bitflip import LAYOUTS, WORD, positions, threshold
+from walkaudit._noise.bitflip import LAYOUTS, WORD, bit_word, positions, threshold
 from walkaudit.errors import UsageError
 
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
@@ -48,7 +48,7 @@ def test_exactly_the_drawn_bits_flip_and_no_other(dtype, spec):
         where = positions(spec, dtype)
     except UsageError:  # e.g. an int8 has no exponent: the model says so instead of flipping something else
         with pytest.raises(UsageError):
-            make_noise("bitflip", bits=spec).host(values(dtype), [0.1], np.zeros((32, 1, *SHAPE), np.float32))
+            make_noise("bitflip", bits=spec).host(values(dtype), [0.1], np.zeros((1, 1, *SHAPE), np.float32))
         return
     noise = make_noise("bitflip", bits=spec)
     y, eps = values(dtype), words(noise)
@@ -59,8 +59,8 @@ def test_exactly_the_drawn_bits_flip_and_no_other(dtype, spec):
     u = eps.view(np.uint32)
     for level, p in enumerate(sigmas):
         want = np.zeros(SHAPE, uint)
-        for term, bit in enumerate(where):
-            want |= (u[term, 0] < threshold(p)).astype(uint) << uint(bit)
+        for bit in where:
+            want |= (bit_word(u[0, 0], bit) < threshold(p)).astype(uint) << uint(bit)
         assert np.array_equal(flipped(y, out[level]), want)
         assert not np.any(flipped(y, out[level]) & ~uint(sum(1 << b for b in where)))  # never outside the positions
     assert out[0].tobytes() == y.tobytes()  # BER 0: the value itself, bit for bit
@@ -108,8 +108,25 @@ def test_bit_groups_follow_the_stored_type():
         with pytest.raises(UsageError):
             positions(spec, dtype)
     assert set(LAYOUTS) == {np.dtype(t) for t in (np.float32, np.float16, np.int8, np.uint8, np.int16, np.uint16)}
-    # one word per position of the widest type the spec fits: 32 for all bits, 8 for the exponent, 1 for the sign
-    assert [make_noise("bitflip", bits=s).draws for s in ("all", "exponent", "sign", "value")] == [32, 8, 1, 16]
+    # one drawn word per element, whatever the positions: each position's word is derived from it
+    assert [make_noise("bitflip", bits=s).draws for s in ("all", "exponent", "sign", "value")] == [1, 1, 1, 1]
+
+
+def test_the_words_of_the_positions_are_independent_uniforms():
+    """bit_word(w, b) over 2¹⁸ drawn words (seed 0): each position's words uniform (KS at α = 0.001), two positions
+    uncorrelated (5 standard errors), and distinct positions never share a word sequence."""
+    from scipy import stats
+
+    src = NormalSource(0, threads=1)
+    w = src.normal((1 << 18,), (9,), dist="bits").view(np.uint32)
+    src.close()
+    words_ = [bit_word(w, b).astype(np.float64) / WORD for b in (0, 1, 31)]
+    n = w.size
+    for u in words_:
+        assert stats.kstest(u, "uniform").statistic < 1.95 / np.sqrt(n)
+    assert abs(np.corrcoef(words_[0], words_[1])[0, 1]) < 5 / np.sqrt(n)
+    assert abs(np.corrcoef(words_[0], w.astype(np.float64))[0, 1]) < 5 / np.sqrt(n)
+    assert not np.any(words_[0] == words_[2])
 
 
 # -- quantized models: flips in the int8 values and weights they store --------------------------------------------------

@@ -3,10 +3,12 @@ independently with probability p, as soft errors and low-voltage SRAM flip store
 MRFI inject the same way). Activations get fresh flips per sample and pass; weights (`target="weights"`) once per
 repeat, as a chip's stored weights are read by every inference.
 
-The draw is one uniform 32-bit word u per element and allowed bit position (a term per position, keyed like every
-other draw); the bit flips at level p where u < round(p·2³²), so the flips of a lower p are a subset of those of a
-higher one (common random numbers) and p resolves down to 2.3e-10. The host XORs the value's bits (viewed as an
-unsigned integer of its width) with the mask: nothing else changes, bit for bit.
+The draw is one uniform 32-bit word per element (keyed like every other draw); each bit position b gets its own
+word u_b = `bit_word(word, b)`, a SplitMix64 finalizer of (word, b), so the draw costs one word per element whatever
+the number of positions, and the words of different positions are independent uniforms. The bit flips at level p
+where u_b < round(p·2³²), so the flips of a lower p are a subset of those of a higher one (common random numbers) and
+p resolves down to 2.3e-10. The host XORs the value's bits (viewed as an unsigned integer of its width) with the
+mask: nothing else changes, bit for bit.
 
 Positions (`--bits`): "all" (default), "sign", "exponent", "mantissa" (floats), "value" (an integer's bits below
 the sign), bit numbers and ranges ("0-7,31", bit 0 the least significant), or several of these, comma separated.
@@ -66,6 +68,19 @@ def positions(spec: str, dtype) -> tuple[int, ...]:
     return tuple(sorted(chosen))
 
 
+def bit_word(word: np.ndarray, bit: int) -> np.ndarray:
+    """The uniform 32-bit word of bit position `bit` for elements drawn `word` (uint32): the upper half of SplitMix64's
+    finalizer of word·64 + bit (a bijection of 64-bit integers, so no two (word, bit) pairs share an input)."""
+    x = (word.astype(np.uint64) << np.uint64(6)) | np.uint64(bit)
+    x += np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(32)).astype(np.uint32)
+
+
 def threshold(p: float) -> int:
     """The words u below which a bit flips at BER p: round(p·2³²), clipped to [0, 2³²]."""
     return int(min(max(round(float(p) * WORD), 0), WORD))
@@ -79,6 +94,7 @@ class BitFlip(NoiseModel):
     target: str = "activations"  # or "weights": each layer's weight initializer, flipped once per repeat
     kind: ClassVar[str] = "bitflip"
     stored: ClassVar[bool] = True
+    terms: ClassVar[tuple[str, ...]] = ("words",)  # one word per element; each position's comes from it
     relative: ClassVar[bool] = True
     distribution: ClassVar[str] = "bits"
     level: ClassVar[str] = "ber"
@@ -95,11 +111,6 @@ class BitFlip(NoiseModel):
             return positions(self.bits, dtype)
         except UsageError:
             return ()
-
-    @property
-    def terms(self) -> tuple[str, ...]:
-        """One word per allowed position: as many as the widest type allows (a narrower one uses the first)."""
-        return tuple(f"bit{i}" for i in range(max(len(self._usable(dt)) for dt in LAYOUTS)))
 
     def plan(self) -> Plan:
         return Plan(start=-6.0, stop=-2.0, lowest=-9.0, highest=-1.0)
@@ -120,11 +131,14 @@ class BitFlip(NoiseModel):
         out = np.empty((len(sigmas), *y.shape), dtype=y.dtype)
         stored = y.view(uint).reshape(-1)
         top = max(threshold(p) for p in sigmas)
-        hits = [(np.flatnonzero(words[term, 0] < top) if top < WORD else np.arange(y.size), term, bit)
-                for term, bit in enumerate(where)] if top else []
-        index = np.concatenate([h for h, _, _ in hits]) if hits else np.zeros(0, np.int64)
-        value = np.concatenate([words[term, 0].reshape(-1)[h] for h, term, _ in hits]) if hits else np.zeros(0)
-        bit = np.concatenate([np.full(len(h), b, uint) for h, _, b in hits]) if hits else np.zeros(0, uint)
+        index, value, bit = [np.zeros(0, np.int64)], [np.zeros(0, np.uint32)], [np.zeros(0, uint)]
+        for b in where if top else ():
+            u = bit_word(words[0, 0].reshape(-1), b)
+            hit = np.flatnonzero(u < top) if top < WORD else np.arange(y.size)
+            index.append(hit)
+            value.append(u[hit])
+            bit.append(np.full(len(hit), b, uint))
+        index, value, bit = np.concatenate(index), np.concatenate(value), np.concatenate(bit)
         flips = np.left_shift(np.ones(1, uint), bit)
 
         def level(i: int) -> None:
