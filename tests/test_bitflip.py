@@ -218,7 +218,7 @@ def test_the_per_bit_table_has_a_row_per_stored_bit_and_the_exponent_matters(tmp
 def test_the_per_bit_table_of_a_weight_follows_its_stored_type():
     import onnx
 
-    from walkaudit.bitmap import bit_sensitivity
+    from walkaudit.bit_table import bit_sensitivity
 
     model = onnx.load_from_string(quantized("QDQ"))
     weight = next(t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2)

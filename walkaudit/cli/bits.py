@@ -1,4 +1,4 @@
-"""`walkaudit bits`: the per-bit sensitivity table of one site under bit flips (`walkaudit.bitmap`).
+"""`walkaudit bits`: the per-bit sensitivity table of one site under bit flips (`walkaudit.bit_table`).
 
 Exit codes: 0 done, 2 bad usage or input, 3 runtime failure.
 """
@@ -37,7 +37,7 @@ def bits_command(model, data_path, site, ber, target, repeats, seed, limit, prov
     from rich.console import Console
     from rich.table import Table
 
-    from walkaudit.bitmap import bit_sensitivity
+    from walkaudit.bit_table import bit_sensitivity
 
     _check_outputs(json_path, None, None)
     table_data = bit_sensitivity(model, data=data_path, site=site, ber=ber, target=target, repeats=repeats,
