@@ -228,3 +228,26 @@ def test_the_per_bit_table_of_a_weight_follows_its_stored_type():
     assert [r["group"] for r in table["bits"]] == ["sign"] + ["value"] * 7
     with pytest.raises(UsageError):
         bit_sensitivity(model, x, site=weight, ber=0.0, target="weights")
+
+
+def test_a_baseline_with_other_bit_positions_is_refused(tmp_path):
+    import onnx
+    from click.testing import CliRunner
+
+    from walkaudit.cli import main
+
+    from .models import mlp, teacher_labels
+
+    model = mlp(seed=3)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(3).normal(size=(64, 16)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x, y=teacher_labels(model, x))
+    common = [str(tmp_path / "m.onnx"), "--data", str(tmp_path / "val.npz"), "--noise", "bitflip", "--quiet",
+              "--provider", "cpu", "--repeats", "1", "--sigmas", "1e-3,1e-1"]
+    first = CliRunner().invoke(main, [*common, "--bits", "sign", "--json", str(tmp_path / "base.json")])
+    assert first.exit_code == 0, first.output
+    same = CliRunner().invoke(main, [*common, "--bits", "sign", "--baseline", str(tmp_path / "base.json")])
+    assert same.exit_code == 0, same.output
+    other = CliRunner().invoke(main, [*common, "--bits", "exponent", "--baseline", str(tmp_path / "base.json")])
+    assert other.exit_code == 2
+    assert "it used bits 'sign', this report 'exponent'" in other.stderr
