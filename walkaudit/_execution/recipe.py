@@ -21,7 +21,7 @@ from walkaudit._graph.sites import Selection, select
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.data import Dataset
 from walkaudit._loading.model import load_model
-from walkaudit._noise import NormalSource, make_noise
+from walkaudit._noise import NormalSource
 from walkaudit.config import AuditConfig
 
 
@@ -69,9 +69,11 @@ class Recipe:
         else:
             dataset = dataclasses.replace(data_mod.from_arrays(self.arrays, None, loaded.inputs, allow_nonfinite=True),
                                           labels=self.labels, scored=self.scored)
-        sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name)
+        noise = config.noise_model()
+        sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name,
+                       target=noise.target, stored=noise.stored)
         runtime = Runtime(provider or config.provider, threads or config.threads, config.exact)
-        return Worker(loaded, dataset, runtime=runtime, noise=make_noise(config.noise, config.ratio),
+        return Worker(loaded, dataset, runtime=runtime, noise=noise,
                       source=NormalSource(config.seed, threads or config.threads), sites=sites, mode=config.mode,
                       batch_size=self.batch_size, noise_source=config.noise_source, key=self.key,
                       targets=self.targets, clean_ok=self.clean_ok if self.targets is not None else None)

@@ -28,6 +28,7 @@ from walkaudit._execution.strategies import (
     DrawnSuffix,
     HostApplied,
     Strategy,
+    WeightSuffix,
     choose,
     graph_draws,
 )
@@ -107,8 +108,10 @@ class Worker:
         self.index = index or GraphIndex(model.proto.graph)  # built once: every plan, prefix and suffix use it
         self._plans = {site: self._per_sample(site, plan) for site, plan in
                        self.index.suffix_plans([s.name for s in sites], out).items()} if mode == "walk" else {}
-        self._reads = {site: (site, *frontier) for site, (_, frontier) in self._plans.items()}
-        exposed = [*(s.name for s in sites), *(n for names in self._reads.values() for n in names)]
+        self.on_weights = noise.target == "weights"  # the sites are initializers: nothing to expose, a frontier to read
+        self._reads = {site: (*(() if self.on_weights else (site,)), *frontier)
+                       for site, (_, frontier) in self._plans.items()}
+        exposed = [*self.values, *(n for names in self._reads.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
         # are exposed with it (a site's curve is then the same audited alone or among others)
         self._clean = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
@@ -137,7 +140,8 @@ class Worker:
     # -- the clean model -----------------------------------------------------------------------------------------
     @property
     def graph_draws(self) -> bool:
-        return self.mode == "walk" and graph_draws(self.model.opset, self.runtime.provider, self.noise_source)
+        return self.mode == "walk" and graph_draws(self.model.opset, self.runtime.provider, self.noise_source,
+                                                   self.noise)
 
     def grid(self, rows: range) -> Iterator[tuple[int, range]]:
         """(grid batch k, the rows of `rows` inside it) in order."""
@@ -169,7 +173,7 @@ class Worker:
         these (whole batches of the grid; a worker that serves only their units): the targets of the other rows
         are UNSCORED, and the CleanStats of workers over disjoint rows add up to the whole pass's."""
         out = self.model.class_output
-        names = [s.name for s in self.sites]
+        names = self.values
         reads = [n for r in self._reads.values() for n in r] if keep else []
         whole = range(self.data.samples)
         rows = whole if rows is None else rows
@@ -220,6 +224,11 @@ class Worker:
             ok[rows.start : rows.stop] = self._clean_ok
             self._clean_ok = ok
         return stats
+
+    @property
+    def values(self) -> list[str]:
+        """The sites' values the clean pass exposes and takes the moments of (none for weight sites)."""
+        return [] if self.on_weights else [s.name for s in self.sites]
 
     def batch_axis(self, site: str, shape: tuple, rows: int) -> int | None:
         """The axis of a site's value that holds the samples: where its inferred shape carries the inputs' batch
@@ -292,7 +301,7 @@ class Worker:
     def strategy(self, sites: tuple[str, ...], mode: str = "walk") -> type[Strategy]:
         """The evaluation path units at these sites take (`strategies.choose`)."""
         return self.forced or choose(mode, self.model.opset, [self.model.types[s] for s in sites],
-                                     self.runtime.provider, self.noise_source)
+                                     self.runtime.provider, self.noise_source, self.noise)
 
     def _evaluation(self, unit: WorkUnit) -> _Evaluation:
         kind, model = self.strategy(unit.sites, unit.mode), self.model
@@ -308,12 +317,12 @@ class Worker:
                 suffix.model, model.types, passes.batch_dimension(model.inputs)))
         if kind is DrawnSuffix:
             strategy = kind(self.runtime, model, self.noise, suffix, seeds=graph_seeds(unit.seed, model, site))
-        elif kind is HostApplied:
+        elif kind is HostApplied or kind is WeightSuffix:
             strategy = kind(self.runtime, model, self.noise, suffix, self.source.map)
         else:
             strategy = kind(self.runtime, model, self.noise, suffix)
         kept = self._take(site)
-        prefix = self._clean if kept else self.runtime.session(
+        prefix = self._clean if kept or self.on_weights else self.runtime.session(
             passes.prefix(model.proto, [site, *suffix.frontier], model.types, index=self.index),
             f"part of the model before {site}",
             exact=True)
@@ -419,6 +428,12 @@ class _Evaluation:
         source, noise = self.worker.source, self.worker.noise
         eps = {}
         for site in self.strategy.noisy:
+            if site in self.strategy.weights:  # a weight: one draw per repeat for every sample
+                e = np.zeros((noise.draws, 1, *self.strategy.weights[site]), np.float32)
+                for term in range(noise.draws):
+                    noise.draw_weight(source, site, term, repeat, out=e[term, 0])
+                eps[site] = e
+                continue
             shape = values[site].shape
             fed = self.worker.model.batch_size or len(rows)  # rows in the run (a fixed batch is padded)
             axis = self.worker.batch_axis(site, shape, fed)
@@ -494,7 +509,7 @@ class _Evaluation:
     def _packs(self, values: dict, device) -> bool:
         """Whether the graph takes G tiled copies of a batch: the σ = 0 check, run once."""
         strategy = self.strategy
-        if self.packable is None and not self.worker.pack:
+        if self.packable is None and not (self.worker.pack and strategy.packs):
             self.packable = False
         if self.packable is None:
             rows, on_device = self._probe(values, device)

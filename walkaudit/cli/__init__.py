@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from walkaudit import __version__
+from walkaudit._noise.registry import NOISE_MODELS, TAKES_BITS, TAKES_TARGET
 from walkaudit.errors import UsageError, WalkauditError
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -207,7 +208,7 @@ def help_command(ctx, command):
 AUDIT_OPTION_GROUPS = {
     "Data": ("data_path", "x_key", "y_key", "limit", "output", "chance", "ignore_label", "mask", "allow_nonfinite"),
     "Sites": ("ops", "include", "exclude", "site_names"),
-    "Noise & sweep": ("noise", "ratio", "global_mode", "sigmas", "repeats", "drops", "seed"),
+    "Noise & sweep": ("noise", "ratio", "bits", "target", "global_mode", "sigmas", "repeats", "drops", "seed"),
     "Runtime": ("provider", "threads", "batch_size", "noise_source", "exact", "shard", "ray_address"),
     "Gate": ("fail_under", "fail_under_relative", "rules", "rules_file", "min_clean_accuracy", "baseline",
              "max_drop", "undecided", "allow_unmatched"),
@@ -551,10 +552,13 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
 @click.option("--output", metavar="NAME", help="The class output to read [default: found automatically].")
 @site_options
 @click.option("--site", "site_names", multiple=True, metavar="TENSOR", help="An explicit site (repeatable).")
-@click.option("--noise", type=click.Choice(["additive", "multiplicative", "combined"]), default="additive",
-              show_default=True, help="Noise model.")
+@click.option("--noise", type=click.Choice(NOISE_MODELS), default="additive", show_default=True,
+              help="Noise model (docs/method.md): " + ", ".join(NOISE_MODELS) + ".")
 @click.option("--ratio", type=float, default=0.5, show_default=True,
               help="combined: σa = σ·r, σm = σ·(1−r).")
+@click.option("--bits", metavar="SPEC", help="; ".join(f"{k}: {v}" for k, v in TAKES_BITS.items()) + ".")
+@click.option("--target", type=click.Choice(["activations", "weights"]),
+              help=f"{', '.join(TAKES_TARGET)}: perturb each layer's output (default) or its weights.")
 @click.option("--global", "global_mode", is_flag=True, help="The same σ at every site at once (default: one site at "
                                                               "a time).")
 @click.option("--sigmas", metavar="LIST|A:B:N",
@@ -596,7 +600,8 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
               help="Evaluate on Ray workers: alone, a local cluster on this machine's cores and GPUs; 'auto', "
                    "'ray://HOST:10001' or 'HOST:6379' joins a running cluster (the 'ray' extra; see docs/scale.md).")
 @guarded
-def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
+def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio, bits,
+                  target,
                   global_mode, sigmas, repeats, drops, batch_size, seed, chance, ignore_label, mask, provider, threads,
                   noise_source,
                   allow_nonfinite, exact, shard,
@@ -629,7 +634,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                                baseline)
     baseline_report = _read_report(baseline) if baseline else None
     config = AuditConfig(
-        noise=noise, ratio=ratio, mode="global" if global_mode else "walk",
+        noise=noise, ratio=ratio, bits=bits, target=target, mode="global" if global_mode else "walk",
         sigmas=parse_sigmas(sigmas) if sigmas is not None else None,  # "" is an empty grid, not "adaptive"
         repeats=repeats, seed=seed, batch_size=batch_size,
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
@@ -933,3 +938,4 @@ def merge_command(shard_paths, fail_under, fail_under_relative, rules, rules_fil
 
 
 from walkaudit.cli import plan as _plan  # noqa: E402,F401  (registers `walkaudit plan`)
+from walkaudit.cli import bits as _bits  # noqa: E402,F401  (registers `walkaudit bits`)

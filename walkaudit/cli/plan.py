@@ -17,6 +17,7 @@ from walkaudit.cli import (
     main,
     site_options,
 )
+from walkaudit._noise.registry import NOISE_MODELS
 from walkaudit.errors import UsageError
 
 
@@ -40,8 +41,8 @@ def _cost(text: str | None) -> float | None:
 @click.option("--max-drop", "max_drop", required=True, metavar="DROP",
               help="Largest accuracy drop with every site noisy: '1%' (points) or '5%rel' (of clean − chance).")
 @click.option("--relative", is_flag=True, help="S is in units of each site's clean activation std.")
-@click.option("--noise", type=click.Choice(["additive", "multiplicative", "combined"]), default="additive",
-              show_default=True, help="Noise model.")
+@click.option("--noise", type=click.Choice(NOISE_MODELS), default="additive", show_default=True,
+              help="Noise model (global: additive, multiplicative, combined or uniform).")
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="combined: σa = σ·r, σm = σ·(1−r).")
 @click.option("--max-repeats", type=int, default=16, show_default=True, help="Most repetitions of one layer.")
 @click.option("--max-cost", metavar="X", help="Fail when the plan costs more than X plain passes, e.g. 1.5x.")

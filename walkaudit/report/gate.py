@@ -429,12 +429,16 @@ def decide(interval: tuple[float, float], limit: float) -> str:
 
 
 def check_comparable(old: Report, new: Report) -> list[str]:
-    """Refuse (UsageError) σ50 comparisons across noise models, combined-noise ratios or modes: those σ mean different
-    things. Return warnings for softer mismatches (other data, other labels, partial reports)."""
+    """Refuse (UsageError) σ50 comparisons across noise models, combined-noise ratios, bits, targets or modes: those σ
+    mean different things. Return warnings for softer mismatches (other data, other labels, partial reports)."""
     for key, what in (("noise", "noise model"), ("mode", "mode")):
         a, b = getattr(old.config, key), getattr(new.config, key)
         if a != b:
             raise UsageError(f"cannot compare with the baseline: it used {what} {a!r}, this report {b!r}")
+    for key in ("bits", "target"):  # bit flips' positions and target, quantize's bit counts
+        a, b = old.config.extra.get(key), new.config.extra.get(key)
+        if a != b:
+            raise UsageError(f"cannot compare with the baseline: it used {key} {a!r}, this report {b!r}")
     if old.config.noise == "combined":
         a, b = old.config.ratio, new.config.ratio
         if a is not None and b is not None and not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
