@@ -171,7 +171,7 @@ def stop_after_first_site(monkeypatch):
 
     class Stopping:
         def __init__(self, run):
-            self.run, self.fingerprint = run, run.fingerprint
+            self.run, self.fingerprint, self.sites = run, run.fingerprint, run.sites
 
         def __iter__(self):
             it = iter(self.run)
@@ -206,13 +206,36 @@ def test_interrupted_then_resumed_equals_an_uninterrupted_run(files, monkeypatch
         one_line(audit(files, "--json", str(files / "r.json")), 130, "partial report written to")
     cp = json.loads((files / "r.json.checkpoint").read_text())
     assert cp["format"] == ckpt.FORMAT and [s["name"] for s in cp["sites"]] == ["h"]
-    assert json.loads((files / "r.json").read_text())["partial"] is True
+    partial = json.loads((files / "r.json").read_text())
+    assert partial["partial"] is True  # a cancelled run never says passed
+    assert partial["gate"]["passed"] is None and partial["gate"]["verdict"] == "incomplete"
 
     resumed = audit(files, "--json", str(files / "r.json"), "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     assert timeless(json.loads((files / "r.json").read_text())) == timeless(
         {**json.loads((files / "full.json").read_text()), "partial": False})
     assert not (files / "r.json.checkpoint").exists()  # deleted once the final report was written
+
+
+def test_a_resumed_report_keeps_the_notes_of_the_sites_it_restored(tmp_path, monkeypatch):
+    """The LSTM sample's first site holds its samples along axis 1, which a note says. That note was the worker's
+    (runtime.notes only), so a site restored from the checkpoint lost it; now it is the site's own and resumes."""
+    model, data = ROOT / "samples" / "digits_rows_lstm.dynamo.onnx", ROOT / "samples" / "digits_rows_val.npz"
+
+    def run(out, *flags):
+        return CliRunner().invoke(main, [str(model), "--data", str(data), "--limit", "64", *FAST, "--json", str(out),
+                                         *flags])
+
+    assert run(tmp_path / "full.json").exit_code == 0
+    with monkeypatch.context() as m:
+        stop_after_first_site(m)
+        assert run(tmp_path / "r.json").exit_code == 130
+    assert run(tmp_path / "r.json", "--resume").exit_code == 0
+    full, resumed = (json.loads((tmp_path / f).read_text()) for f in ("full.json", "r.json"))
+    note = "getitem_1: samples run along axis 1; the noise is drawn per sample along it"
+    assert resumed["sites"][0]["name"] == "getitem_1" and note in resumed["sites"][0]["notes"]
+    assert resumed["runtime"]["notes"] == full["runtime"]["notes"] == [note]
+    assert timeless(resumed) == timeless(full)
 
 
 def test_default_checkpoint_in_the_current_folder(files, monkeypatch):

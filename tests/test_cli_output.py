@@ -341,7 +341,8 @@ def gated_report():
     sites.append(make_site("fine", 1.0, index=len(sites)))
     report = typed(make_report(sites))
     return report.with_gate(evaluate(report, GateConfig(thresholds=(Threshold(None, 0.5),
-                                                                    Threshold("^nomatch$", 0.1)))))
+                                                                    Threshold("^nomatch$", 0.1))),
+                                     allow_unmatched=True))
 
 
 def test_github_annotations_cannot_be_injected():

@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from walkaudit.report import Report
-from walkaudit.report.formats import to_junit, to_markdown
+from walkaudit.report import Report, render
+from walkaudit.report.formats import to_github, to_html, to_junit, to_markdown
 from walkaudit.report.formats.junit import MODEL_CASE
 from walkaudit.report.gate import GateConfig, Threshold, evaluate
 
@@ -20,10 +20,10 @@ from .reports import (
     )
 
 
-def gated(report: dict, config: GateConfig) -> Report:
+def gated(report: dict, config: GateConfig, **options) -> Report:
     """The typed report with the verdict of ``config`` and its rules recorded, as the CLI writes it."""
     typed_report = typed(report)
-    return typed_report.with_gate(evaluate(typed_report, config), rules=config.to_dict())
+    return typed_report.with_gate(evaluate(typed_report, config, **options), rules=config.to_dict())
 
 
 def failing_report() -> Report:
@@ -39,9 +39,55 @@ def table_rows(markdown: str) -> list[list[str]]:
 # --- markdown -----------------------------------------------------------------------------------------------------
 
 def test_markdown_heading_says_pass():
-    text = to_markdown(gated(make_report(), GateConfig()))
+    text = to_markdown(gated(make_report(), GateConfig(thresholds=(Threshold(None, 0.01),))))
     first = text.splitlines()[0]
     assert first.startswith("## ") and "✅" in first and "`net.onnx`" in first and "passed" in first
+
+
+def test_no_rules_says_no_gate_in_every_format():
+    report = gated(make_report(), GateConfig())
+    markdown = to_markdown(report)
+    assert markdown.splitlines()[0] == "## walkaudit: `net.onnx` (no gate: no rules given)"
+    assert "✅" not in markdown and "passed" not in markdown
+    assert {row[-1] for row in table_rows(markdown)} == {"—"}
+    assert "no gate (no rules given)" in to_html(report) and "gate passed" not in to_html(report)
+    suite = ET.fromstring(to_junit(report)).find("testsuite")
+    assert suite.get("skipped") == suite.get("tests") == "3" and suite.get("failures") == "0"
+    assert report.to_dict()["gate"]["verdict"] == "no gate"
+
+
+def test_a_partial_report_says_incomplete_in_every_format():
+    report = gated(make_report(partial=True), GateConfig(thresholds=(Threshold(None, 0.01),)))
+    assert report.to_dict()["gate"]["passed"] is None and report.to_dict()["partial"] is True
+    markdown = to_markdown(report)
+    assert "incomplete" in markdown.splitlines()[0] and "passed" not in markdown.splitlines()[0]
+    html = to_html(report)
+    assert "incomplete" in html and "gate passed" not in html
+    suite = ET.fromstring(to_junit(report)).find("testsuite")
+    case = next(c for c in suite.findall("testcase") if c.get("name") == "(incomplete)")
+    assert case.find("error").get("type") == "incomplete" and suite.get("errors") == "1"
+    assert any(ln.startswith("::error ") and "incomplete" in ln for ln in to_github(report).splitlines())
+    assert render.gate_lines(report.gate)[-1].startswith("gate: incomplete")
+
+
+def test_undecided_checks_are_shown_and_fail_unless_passed_by_policy():
+    config = GateConfig(thresholds=(Threshold("conv2", 0.05),))  # conv2: 0.05, 95% CI 0.0475–0.0525
+    failing = gated(make_report(), config)
+    markdown = to_markdown(failing)
+    assert "❔" in markdown.splitlines()[0] and "undecided (1 check, not shown)" in markdown.splitlines()[0]
+    assert [row[-1] for row in table_rows(markdown)] == ["✅", "❔", "✅"]
+    assert "### Undecided (1)" in markdown
+    suite = ET.fromstring(to_junit(failing)).find("testsuite")
+    assert suite.get("failures") == "1"
+    assert "undecided" in suite.find("testcase[@name='conv2']/failure").get("type")
+    assert any(ln.startswith("::error ") and "undecided" in ln for ln in to_github(failing).splitlines())
+    assert "gate undecided" in to_html(failing)
+    assert render.gate_lines(failing.gate)[-2:] == [f"UNDECIDED: {failing.gate.undecided[0].message}",
+                                                    "gate: UNDECIDED (not shown)"]
+    allowed = gated(make_report(), config, undecided="pass")
+    suite = ET.fromstring(to_junit(allowed)).find("testsuite")
+    assert suite.get("failures") == "0" and suite.find("testcase[@name='conv2']/skipped") is not None
+    assert any(ln.startswith("::warning ") and "undecided" in ln for ln in to_github(allowed).splitlines())
 
 
 def test_markdown_heading_says_fail_and_lists_failures():
@@ -198,7 +244,8 @@ HOSTILE = ["a\rb", "c\nd", "\x1b[2J\x1b]0;t\x07", "\x9b31m|x", "\u202eevil", "x`
 
 
 def test_markdown_site_whose_fit_found_no_midpoint_is_not_a_pass():
-    report = gated(make_report([make_degenerate_site("flat"), make_site("ok", 0.5, index=1)]), GateConfig())
+    report = gated(make_report([make_degenerate_site("flat"), make_site("ok", 0.5, index=1)]),
+                   GateConfig(thresholds=(Threshold("ok", 0.01),)))
     rows = table_rows(to_markdown(report))
     assert rows[0][1] == "`flat`" and rows[0][3] == "—" and rows[0][5] == "—" and rows[0][-1] == "⚠️"
     assert rows[1][-1] == "✅"

@@ -154,10 +154,20 @@ def test_merge_cli_overrides_file():
 
 # --- fail-under ---------------------------------------------------------------------------------------------------
 
-def test_empty_config_passes():
+def test_empty_config_says_no_gate():
     result = evaluate(make_report(), GateConfig())
     assert result.passed and result.exit_code == 0 and bool(result)
-    assert result.to_dict() == {"passed": True, "failures": [], "warnings": []}
+    assert result.to_dict() == {"passed": True, "verdict": "no gate", "failures": [], "warnings": []}
+
+
+def test_a_partial_report_is_incomplete_never_passed():
+    partial = make_report(partial=True)
+    for config in (GateConfig(), rules(Threshold(None, 0.01, False))):
+        result = evaluate(partial, config)
+        assert result.passed is None and result.decision == "incomplete" and result.exit_code == 1
+        assert result.to_dict()["passed"] is None
+    failing = evaluate(partial, rules(Threshold(None, 0.08, False)))  # what was found so far is still listed
+    assert failing.decision == "incomplete" and failed_sites(failing) == ["conv2"]
 
 
 def test_fail_under_all_sites():
@@ -171,8 +181,26 @@ def test_fail_under_all_sites():
     assert "0.05" in failure.message and "0.08" in failure.message
 
 
-def test_fail_under_passes_at_equality():
-    assert evaluate(make_report(), rules(Threshold(None, 0.05, False))).passed
+def test_fail_under_passes_from_the_lower_end_of_the_interval():
+    # conv2: σ50 0.05, 95% CI 0.0475–0.0525
+    assert evaluate(make_report(), rules(Threshold(None, 0.0475, False))).decision == "passed"
+    for limit in (0.048, 0.05, 0.0525):  # inside the interval: neither shown above nor below
+        result = evaluate(make_report(), rules(Threshold(None, limit, False)))
+        assert result.decision == "undecided" and not result.passed and result.exit_code == 1
+        assert result.failures == [] and [u.site for u in result.undecided] == ["conv2"]
+        assert "straddles" in result.undecided[0].message and "0.0475–0.0525" in result.undecided[0].message
+    assert failed_sites(evaluate(make_report(), rules(Threshold(None, 0.053, False)))) == ["conv2"]
+
+
+def test_undecided_passes_only_when_the_user_says_so():
+    config = rules(Threshold(None, 0.05, False))
+    result = evaluate(make_report(), config, undecided="pass")
+    assert result.passed and result.exit_code == 0 and result.decision == "undecided"
+    assert [u.site for u in result.undecided] == ["conv2"]
+    assert any("--undecided pass" in w for w in result.warnings)
+    assert result.to_dict()["undecided"][0]["site"] == "conv2"
+    with pytest.raises(UsageError, match="--undecided"):
+        evaluate(make_report(), config, undecided="maybe")
 
 
 def test_fail_under_pattern_selects_sites():
@@ -189,10 +217,16 @@ def test_rules_combine_and_every_failure_is_reported():
     ]
 
 
-def test_pattern_matching_no_site_warns():
-    result = evaluate(make_report(), rules(Threshold("attention", 0.1, False)))
+def test_a_rule_matching_no_site_is_an_error_unless_allowed():
+    with pytest.raises(UsageError, match=r"rule attention:0.1 matches no site .*--allow-unmatched"):
+        evaluate(make_report(), rules(Threshold("attention", 0.1, False)))
+    result = evaluate(make_report(), rules(Threshold("attention", 0.1, False)), allow_unmatched=True)
     assert result.passed
     assert any("matches no site" in w for w in result.warnings)
+    # a partial report or one shard lacks sites by design: a warning
+    for report in (make_report(partial=True), typed({**reports.make_report(),
+                                                     "config": {**reports.make_report()["config"], "shard": [1, 2]}})):
+        assert any("matches no site" in w for w in evaluate(report, rules(Threshold("attention", 0.1))).warnings)
 
 
 def test_fail_under_relative_uses_activation_std():
@@ -230,11 +264,11 @@ def test_censored_above_with_bound_at_or_over_threshold_passes_silently():
     assert result.passed and result.warnings == []
 
 
-def test_censored_above_with_bound_under_threshold_passes_with_warning():
+def test_censored_above_with_bound_under_threshold_is_undecided():
     report = make_report([make_site("s", 1.0, censored="above")])
     result = evaluate(report, rules(Threshold(None, 5.0, False)))
-    assert result.passed
-    assert len(result.warnings) == 1 and "extend the grid" in result.warnings[0]
+    assert result.decision == "undecided" and not result.passed
+    assert len(result.undecided) == 1 and "extend the grid up" in result.undecided[0].message
 
 
 def test_censored_below_with_bound_at_or_under_threshold_fails():
@@ -244,18 +278,21 @@ def test_censored_below_with_bound_at_or_under_threshold_fails():
     assert "< 0.01" in result.failures[0].message
 
 
-def test_censored_below_with_bound_over_threshold_fails_as_unprovable():
+def test_censored_below_with_bound_over_threshold_is_undecided():
     report = make_report([make_site("s", 0.5, censored="below")])
     result = evaluate(report, rules(Threshold(None, 0.1, False)))
-    assert failed_sites(result) == ["s"]
-    assert "cannot be shown" in result.failures[0].message
+    assert result.failures == [] and [u.site for u in result.undecided] == ["s"]
+    assert "extend the grid down" in result.undecided[0].message
 
 
 # --- clean accuracy -----------------------------------------------------------------------------------------------
 
-def test_min_clean_accuracy():
-    report = make_report(clean_accuracy=0.8)
-    assert evaluate(report, rules(min_clean_accuracy=0.8)).passed
+def test_min_clean_accuracy_is_decided_on_its_wilson_interval():
+    report = make_report(clean_accuracy=0.8)  # 400 of 500: 95% Wilson interval 0.7627–0.8327
+    assert evaluate(report, rules(min_clean_accuracy=0.76)).decision == "passed"
+    undecided = evaluate(report, rules(min_clean_accuracy=0.8))
+    assert undecided.decision == "undecided" and undecided.undecided[0].rule == "min_clean_accuracy"
+    assert "0.7627–0.8327" in undecided.undecided[0].message
     result = evaluate(report, rules(min_clean_accuracy=0.85))
     assert [(f.rule, f.site, f.value, f.threshold) for f in result.failures] == [
         ("min_clean_accuracy", None, 0.8, 0.85)]
@@ -292,12 +329,24 @@ def test_baseline_decades():
     assert evaluate(new, rules(max_drop="0.7"), baseline=old).passed
 
 
-def test_baseline_drop_within_confidence_intervals_is_a_warning():
+def test_baseline_drop_within_confidence_intervals_is_undecided():
     old = make_report([make_site("a", 0.1, index=0, ci95=[0.07, 0.14])])
     new = make_report([make_site("a", 0.075, index=0, ci95=[0.05, 0.11])])  # 25% at face value
     result = evaluate(new, rules(max_drop="20%"), baseline=old)
-    assert result.passed
-    assert any("95% intervals" in w for w in result.warnings)
+    assert result.decision == "undecided" and result.failures == []
+    assert "up to 55.7% at the end of its 95% interval" in result.undecided[0].message
+    assert evaluate(new, rules(max_drop="20%"), baseline=old, undecided="pass").passed
+
+
+def test_baseline_drop_passes_only_where_the_upper_end_of_its_interval_is_within():
+    # the fall's interval adds both sides' half-widths in quadrature: log10(1.05) and log10(1/0.95) make
+    # 0.0307 decades, 6.82%
+    old = make_report([make_site("a", 0.1, index=0, ci95=[0.095, 0.105])])
+    new = make_report([make_site("a", 0.1, index=0, ci95=[0.095, 0.105])])
+    assert evaluate(new, rules(max_drop="7%"), baseline=old).decision == "passed"
+    assert evaluate(new, rules(max_drop="6.5%"), baseline=old).decision == "undecided"
+    assert evaluate(new, rules(max_drop="0.031dec"), baseline=old).decision == "passed"
+    assert evaluate(new, rules(max_drop="0.03dec"), baseline=old).decision == "undecided"
 
 
 def test_improvement_never_fails():
@@ -313,20 +362,21 @@ def test_new_censored_above_is_not_a_regression():
     assert evaluate(new, rules(max_drop="20%"), baseline=old).passed
 
 
-def test_new_censored_above_with_narrower_grid_warns_not_fails():
+def test_new_censored_above_with_narrower_grid_is_undecided_not_failed():
     # new grid stops at 0.1; baseline measured σ50 = 1: the new σ50 is > 0.1, unknown beyond
     old = make_report([make_site("a", 1.0, index=0)])
     new = make_report([make_site("a", 0.1, index=0, censored="above")])
     result = evaluate(new, rules(max_drop="20%"), baseline=old)
-    assert result.passed
-    assert any("censored" in w for w in result.warnings)
+    assert result.failures == [] and result.decision == "undecided"
+    assert "censored" in result.undecided[0].message
 
 
-def test_both_censored_above_same_bound_passes_silently():
+def test_both_censored_above_same_bound_is_undecided():
+    # neither σ50 is known beyond the grid's top: a fall beyond it can be neither shown nor ruled out
     old = make_report([make_site("a", 1.0, index=0, censored="above")])
     new = make_report([make_site("a", 1.0, index=0, censored="above")])
     result = evaluate(new, rules(max_drop="20%"), baseline=old)
-    assert result.passed and result.warnings == []
+    assert result.failures == [] and result.decision == "undecided" and result.warnings == []
 
 
 def test_new_censored_below_far_under_baseline_fails():
@@ -348,14 +398,14 @@ def test_old_censored_below_cannot_regress():
     old = make_report([make_site("a", 0.1, index=0, censored="below")])
     new = make_report([make_site("a", 0.01, index=0, censored="below")])
     result = evaluate(new, rules(max_drop="20%"), baseline=old)
-    assert result.passed
-    assert any("censored" in w for w in result.warnings)
+    assert result.failures == []
+    assert "censored" in result.undecided[0].message
 
 
 def test_sites_matched_by_name_not_position():
     old = make_report([make_site("a", 0.1, index=0), make_site("b", 1.0, index=1)])
     new = make_report([make_site("b", 1.0, index=0), make_site("a", 0.1, index=1)])
-    result = evaluate(new, rules(max_drop="5%"), baseline=old)
+    result = evaluate(new, rules(max_drop="10%"), baseline=old)
     assert result.passed and result.warnings == []
 
 
@@ -508,7 +558,7 @@ def test_every_failure_message_names_its_site():
     assert len(result.failures) == 6
     for failure in result.failures:
         assert failure.message.startswith(f"site {failure.site}: "), failure.message
-    assert result.failures[0].message == "site conv1: σ50 0.05 < 0.5 (rule *:0.5)"
+    assert result.failures[0].message == "site conv1: σ50 0.05 < 0.5, 95% CI 0.0475–0.0525 (rule *:0.5)"
 
 
 def test_control_characters_in_names_are_escaped_in_messages_and_warnings():
@@ -516,9 +566,36 @@ def test_control_characters_in_names_are_escaped_in_messages_and_warnings():
     old = make_report([make_site(name, 1.0, index=0), make_site("gone\x07", 1.0, index=1)])
     new = make_report([make_site(name, 0.1, index=0)])
     result = evaluate(new, rules(Threshold(None, 0.5, False), Threshold("^x\x1b", 0.1, False), max_drop="20%"),
-                      baseline=old)
+                      baseline=old, allow_unmatched=True)
     assert failed_sites(result) == [name, name]  # the site field keeps the real name
     for text in [f.message for f in result.failures] + result.warnings:
         assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in text), text
     assert "site evil\\x1b[2J\\r\\n\\x9b: σ50 0.1 < 0.5" in result.failures[0].message
     assert any("gone\\x07" in w for w in result.warnings) and any("^x\\x1b" in w for w in result.warnings)
+
+
+# --- tolerance rules (REGEX:SIGMA@DROP) ---------------------------------------------------------------------------
+
+def tolerant_site(name: str, sigma: float, ci95=None, censored=None) -> dict:
+    site = make_site(name, 1.0, index=0)
+    site["tolerance"] = [{"drop": 0.01, "of": "1%", "sigma": sigma, "ci95": ci95, "censored": censored}]
+    return site
+
+
+@pytest.mark.parametrize("limit, decision", [(0.19, "passed"), (0.2, "passed"), (0.25, "undecided"),
+                                             (0.3, "undecided"), (0.31, "failed")])
+def test_a_tolerance_rule_is_decided_on_the_tolerances_interval(limit, decision):
+    report = make_report([tolerant_site("a", 0.25, ci95=[0.2, 0.3])])
+    result = evaluate(report, rules(parse_rule(f"a:{limit}@1%")))
+    assert result.decision == decision
+    if decision == "undecided":
+        assert "0.2–0.3 straddles" in result.undecided[0].message
+
+
+def test_a_censored_tolerance_is_undecided_where_its_bound_cannot_decide():
+    above = make_report([tolerant_site("a", 0.5, censored="above")])
+    assert evaluate(above, rules(parse_rule("a:0.4@1%"))).decision == "passed"
+    assert "extend the grid up" in evaluate(above, rules(parse_rule("a:1@1%"))).undecided[0].message
+    below = make_report([tolerant_site("a", 0.01, censored="below")])
+    assert failed_sites(evaluate(below, rules(parse_rule("a:0.01@1%")))) == ["a"]
+    assert "extend the grid down" in evaluate(below, rules(parse_rule("a:0.001@1%"))).undecided[0].message

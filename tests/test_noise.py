@@ -130,7 +130,7 @@ def test_bad_noise_settings_are_usage_errors(kind, ratio):
 
 
 # -- σ = 0 and common random numbers ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined", "uniform"])
 def test_sigma_zero_is_bit_identical(source, kind):
     noise = make_noise(kind, 0.3)
     y = activations()
@@ -145,7 +145,7 @@ def test_sigma_zero_is_bit_identical(source, kind):
     assert not np.shares_memory(out, y)  # apply never hands back the caller's array
 
 
-@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined", "uniform"])
 def test_levels_share_one_draw(source, kind):
     """Common random numbers: the terms of level l are the same ε scaled by σ_l, exactly (float32 arithmetic)."""
     noise = make_noise(kind, 0.3)
@@ -165,7 +165,7 @@ def test_levels_share_one_draw(source, kind):
 
 
 # -- the graph path gives the same values as the host path ------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined", "uniform"])
 def test_graph_terms_match_host_apply_at_an_output_site(source, kind):
     """inject at the class output: the graph's Mul/Add give exactly noise.apply(y, mul, add)."""
     noise = make_noise(kind, 0.4)
@@ -195,7 +195,7 @@ def test_graph_terms_match_host_apply_at_an_output_site(source, kind):
 
 @pytest.mark.parametrize("build, site", [(mlp, "h"), (resnet_block, "b"), (resnet_block, "a")],
                          ids=["mlp-h", "resnet-b", "resnet-a"])
-@pytest.mark.parametrize("kind", ["additive", "combined"])
+@pytest.mark.parametrize("kind", ["additive", "combined", "uniform"])
 def test_walk_and_global_paths_agree(source, build, site, kind):
     """Noise at one site, σ levels packed along the batch: the suffix fed apply(y) (walk) and the whole model fed the
     terms (global) give identical class scores, level by level; σ = 0 gives the clean scores."""
@@ -294,7 +294,7 @@ def test_normal_source_is_standard_normal():
     assert abs(np.mean(np.abs(z) < 1) - 0.6827) < 0.005
 
 
-@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined"])
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined", "uniform"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_noisy_levels_is_bit_identical_to_terms_then_apply(kind, threads):
     """The engine's level-by-level, threaded computation must give the same bits as the reference formula."""
@@ -357,3 +357,151 @@ def test_eps_keys_separate_sites_terms_repeats_and_seeds():
         assert not np.any(base == other)  # independent streams: not one equal value out of 512
     assert noise_mod.name_key("a") != noise_mod.name_key("b") and noise_mod.name_key("a") == noise_mod.name_key("a")
     src.close()
+
+
+# -- uniform noise ------------------------------------------------------------------------------------------------------
+def test_uniform_source_is_uniform_on_minus_half_half():
+    """U(−½, ½): seeded, so deterministic; the KS bound is the critical value at α = 0.001, the moments within 7
+    standard errors."""
+    from scipy import stats
+
+    src = NormalSource(3, threads=2)
+    u = src.normal((SIZE,), (1, 2), dist="uniform").astype(np.float64)
+    src.close()
+    assert u.min() >= -0.5 and u.max() < 0.5
+    assert stats.kstest(u, stats.uniform(loc=-0.5, scale=1).cdf).statistic < 1.95 / np.sqrt(SIZE)
+    se = np.sqrt(1 / 12 / SIZE)
+    assert abs(u.mean()) < 7 * se
+    assert abs(u.std() - np.sqrt(1 / 12)) < 0.005
+
+
+def test_uniform_noise_stays_within_half_a_step_with_std_width_over_sqrt12(source):
+    noise, width, y = make_noise("uniform"), 0.3, activations()
+    eps = source.normal((1, 1, *SHAPE), (4,), dist="uniform")
+    d = noise.host(y, np.array([width]), eps)[0].astype(np.float64) - y
+    assert np.abs(d).max() <= width / 2 * (1 + 1e-6)
+    assert abs(d.std() / (width / np.sqrt(12)) - 1) < STD_TOL
+    assert abs(d.mean()) < MEAN_TOL * width / np.sqrt(12)
+
+
+def test_the_kinds_of_draw_never_share_numbers():
+    src = NormalSource(5, threads=1)
+    normal, uniform = (src.rows("conv1", 0, 0, range(64), (8,), dist=d) for d in ("normal", "uniform"))
+    words = src.rows("conv1", 0, 0, range(64), (8,), dist="bits").view(np.uint32)
+    src.close()
+    assert not np.any(np.isclose(normal, uniform))
+    assert len(np.unique(words)) == words.size  # 512 uniform words: distinct (a clash has odds of 3e-5)
+
+
+def test_uniform_noise_drawn_in_the_graph_is_uniform():
+    """`--noise-source graph` draws uniform ε with RandomUniformLike on (−½, ½): y' − y is within ±w/2, std w/√12."""
+    noise = make_noise("uniform")
+    model = mlp(features=16, hidden=512, classes=4)
+    types = value_types(model)
+    program = rewrite.graph_noise(rewrite.suffix(model, "h", "logits", types), types, False, True, seeds=(4, 5),
+                                  noise=noise)
+    assert any(n.op_type == "RandomUniformLike" for n in program.model.graph.node)
+    h = np.random.default_rng(1).normal(size=(256, 512)).astype(np.float32)
+    width = 0.5
+    noisy = rewrite.expose(program.model, ["h"], types)
+    got = session(noisy).run(["h"], {program.site: h, program.sigma_add: np.full((1, 1, 1), width, np.float32)})[0]
+    d = got.astype(np.float64) - h
+    assert np.abs(d).max() <= width / 2 * (1 + 1e-6)
+    assert abs(d.std() / (width / np.sqrt(12)) - 1) < STD_TOL
+
+
+# -- quantisation -------------------------------------------------------------------------------------------------------
+def test_quantize_rounds_each_sample_to_2_to_the_b_levels_of_its_own_range():
+    from walkaudit._noise.quantize import step
+
+    noise = make_noise("quantize")
+    y = activations()[:32]
+    y[3] = 0.25  # a constant sample: nothing to round
+    out = noise.host(y, step([8, 4, 1]))
+    for level, bits in enumerate((8, 4, 1)):
+        for n in range(len(y)):
+            lo, hi = y[n].min(), y[n].max()
+            got = out[level, n]
+            assert got.min() >= lo and got.max() <= hi
+            assert len(np.unique(got)) <= 2**bits
+            if hi > lo:
+                delta = (hi - lo) / (2**bits - 1)
+                assert np.abs(got - y[n]).max() <= delta / 2 * (1 + 1e-5)
+                grid = (got.astype(np.float64) - lo) / delta
+                assert np.allclose(grid, np.rint(grid), atol=1e-3)  # on the grid of its own range
+            else:
+                assert np.array_equal(got, y[n])
+    assert np.unique(out[2, 0]).tolist() == sorted({float(y[0].min()), float(y[0].max())})  # 1 bit: min or max
+
+
+def test_quantize_error_falls_with_bits_and_sigma_zero_is_exact():
+    from walkaudit._noise.quantize import bits_of, step
+
+    noise = make_noise("quantize")
+    y = activations()
+    bits = np.array([1, 2, 4, 8, 12])
+    errors = [np.abs(q - y).mean() for q in noise.host(y, step(bits))]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert np.array_equal(noise.host(y, [0.0])[0], y)
+    assert np.allclose(bits_of(step(bits)), bits) and np.all(np.diff(step(bits)) < 0)  # the axis rises as B falls
+    assert noise.level_of(float(step(6))) == pytest.approx(6)
+
+
+def test_quantize_takes_each_samples_range_along_its_sample_axis():
+    """A sample's quantised value depends on that sample only: alone, or in a batch, along axis 0 or axis 1."""
+    noise = make_noise("quantize")
+    y = activations()[:16].reshape(16, 8, 64)
+    alone = np.stack([noise.host(y[n : n + 1], [0.05])[0, 0] for n in range(16)])
+    assert np.array_equal(noise.host(y, [0.05])[0], alone)
+    moved = np.ascontiguousarray(y.swapaxes(0, 1))  # [8, 16, 64], samples along axis 1
+    assert np.array_equal(noise.host(moved, [0.05], axis=1)[0].swapaxes(0, 1), alone)
+
+
+def test_quantize_bits_give_a_fixed_grid_walked_downwards():
+    from walkaudit._noise.quantize import step
+
+    noise = make_noise("quantize", bits="2-4,8")
+    assert noise.grid() == tuple(float(s) for s in step([8, 4, 3, 2]))
+    assert make_noise("quantize").grid() is None
+    for bad in ("0", "25", "eight", "4-"):
+        with pytest.raises(UsageError):
+            make_noise("quantize", bits=bad)
+
+
+# -- the new models through the engine ----------------------------------------------------------------------------------
+def _counts(kind: str, batch_size: int, strategy=None, bits=None, sigmas=(0.0, 0.05, 0.3, 2.0)):
+    from walkaudit._execution.runtime import Runtime
+    from walkaudit._execution.worker import Worker
+    from walkaudit._graph.sites import Selection, select
+    from walkaudit._loading.data import from_arrays
+    from walkaudit._loading.model import load_model
+    from walkaudit._units import WorkUnit
+
+    loaded = load_model(resnet_block(seed=4))
+    x = np.random.default_rng(4).normal(size=(300, 1, 6, 6)).astype(np.float32)
+    sites = select(loaded.proto, loaded.types, Selection(), loaded.class_output.name)
+    worker = Worker(loaded, from_arrays(x, None, loaded.inputs), runtime=Runtime("cpu"),
+                    noise=make_noise(kind, bits=bits), source=NormalSource(7, threads=1), sites=sites,
+                    batch_size=batch_size, strategy=strategy)
+    try:
+        return [worker.evaluate(WorkUnit(worker.key, (s.name,), tuple(sigmas), 2, (0, 5), 7)) for s in sites]
+    finally:
+        worker.source.close()
+
+
+def test_uniform_noise_gives_the_same_counts_applied_in_the_graph_or_on_the_host():
+    from walkaudit._execution import strategies
+
+    fed, host = (_counts("uniform", 128, path) for path in (strategies.FedSuffix, strategies.HostApplied))
+    assert fed == host
+    assert fed[0].correct[0].tolist() == [300, 300] and fed[0].correct[-1].min() < 300
+
+
+@pytest.mark.parametrize("kind, sigmas", [("quantize", (0.0, 1 / 15, 1 / 3, 1.0)), ("bitflip", (0.0, 1e-4, 1e-2, 0.1))])
+def test_host_only_models_give_counts_independent_of_the_batch_size(kind, sigmas):
+    """Quantize (per-sample ranges) and bit flips (keyed words) run on the host path; a sample's numbers depend on
+    the sample only, so batches of 128 and 7 count the same, and the noise bites as its level rises."""
+    a, b = (_counts(kind, size, sigmas=sigmas) for size in (128, 7))
+    assert a == b
+    assert a[0].correct[0].tolist() == [300, 300]  # level 0: the clean model's own predictions
+    assert a[0].correct[-1].max() < a[0].correct[1].min()

@@ -181,7 +181,7 @@ def test_compare_missing_midpoint_in_the_new_report_fails_a_max_drop(folder):
 def test_compare_fail_lines_name_the_site(folder):
     result = invoke("compare", folder / "good.json", folder / "good.json", "--fail-under", "0.08")
     assert result.exit_code == 1
-    assert "FAIL: site conv2: σ50 0.05 < 0.08 (rule *:0.08)" in result.stdout
+    assert "FAIL: site conv2: σ50 0.05 < 0.08, 95% CI 0.0475–0.0525 (rule *:0.08)" in result.stdout
 
 
 # --- hostile names on the terminal and in plots ---------------------------------------------------------------------

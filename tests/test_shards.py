@@ -169,7 +169,10 @@ def test_merge_gates_like_the_audit(runs, tmp_path):
     same = invoke(MODEL, "--data", DATA, *OPTIONS, "--fail-under", "100", "--json", tmp_path / "direct.json", "-q")
     assert same.exit_code == 1
     assert _without_timing(json.loads((tmp_path / "direct.json").read_text())) == _without_timing(gated)
-    ok = invoke("merge", *shards, "--baseline", folder / "full.json", "--max-drop", "20%", "-q")
+    # against itself: sites censored at the grid's top (σ50 > 10) cannot rule out a fall: undecided
+    undecided = invoke("merge", *shards, "--baseline", folder / "full.json", "--max-drop", "20%", "-q")
+    assert undecided.exit_code == 1 and "gate: UNDECIDED" in undecided.output
+    ok = invoke("merge", *shards, "--baseline", folder / "full.json", "--max-drop", "20%", "--undecided", "pass", "-q")
     assert ok.exit_code == 0, ok.output
     assert invoke("merge", *shards, "--max-drop", "20%", "-q").exit_code == 2  # needs --baseline
     table = invoke("merge", *shards)

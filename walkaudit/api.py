@@ -29,11 +29,10 @@ from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.resolved import ResolvedAudit
 from walkaudit._execution.runtime import Runtime
 from walkaudit._graph.index import GraphIndex
-from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats
+from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats, weight_std
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
-from walkaudit._noise import make_noise
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
 from walkaudit.config import AuditConfig, with_options
 from walkaudit.errors import UsageError, option
@@ -169,8 +168,9 @@ class AuditRun:
             self.loaded.class_output = choose_class_output(self.loaded, rivals, self.dataset, config.provider)
         out = self.loaded.class_output
         self.index = GraphIndex(self.loaded.proto.graph)
+        self.noise = config.noise_model()
         self.sites: list[Site] = select(self.loaded.proto, self.loaded.types, config.selection, out.name,
-                                        index=self.index)
+                                        index=self.index, target=self.noise.target, stored=self.noise.stored)
         self.notes = [*self.loaded.notes, *(n for n in [left_out(self.loaded.proto, config.selection),
                                                          untyped(self.loaded.proto, self.loaded.types,
                                                                  config.selection)] if n)]
@@ -180,7 +180,6 @@ class AuditRun:
         unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]
         if unknown:
             raise UsageError(f"{option('site_scales')}: {unknown[0]!r} is not a selected site")
-        self.noise = make_noise(config.noise, config.ratio)
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
         self.clean: CleanStats | None = None
@@ -218,8 +217,7 @@ class AuditRun:
         resolved_mod.learn_provider(runtime)  # the report's provider, also where no session runs here
         self.notes.extend([note] if note else [])
         self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, self.selected, config,
-                                                        batch, self._num_classes)
-        self.notes.extend(resolved_mod.axis_notes(resolved.axes))
+                                                        self.noise, batch, self._num_classes)
         progress.describe("clean pass")
         progress.grow(self.dataset.samples)
         # a walk keeps the clean values its sites read (where the units run: each worker those of its own rows)
@@ -302,9 +300,10 @@ class AuditRun:
         """A site's σ search: the fixed grid, or the adaptive search around its halfway line."""
         config, clean = self.config, self.clean
         n_blocks = blocks_of(self.dataset.samples)
-        if config.sigmas:
-            return sweep.fixed(config.sigmas, n_blocks)
-        stds = [clean.std(n) for n in names]
+        grid = config.sigmas or self.noise.grid()  # the model's own grid: quantize's --bits
+        if grid:
+            return sweep.fixed(grid, n_blocks)
+        stds = [self._std(n) for n in names]
         scale = self.noise.search_scale(float(np.median(stds)) if stds else 1.0)
         half = fit.halfway(clean.accuracy, self.chance)
         targets = tuple(clean.accuracy - d.points(clean.accuracy, self.chance) for d in config.drops)
@@ -346,6 +345,12 @@ class AuditRun:
     def num_classes(self) -> int:
         return self.loaded.class_output.num_classes or self.clean.width or len(self.clean.classes)
 
+    def _std(self, name: str) -> float:
+        """The std of a site's clean value: its activation's, or for a weight site the weight's own."""
+        if self.noise.target == "weights":
+            return weight_std(self.loaded.proto, name)
+        return self.clean.std(name)
+
     def _site_dict(self, site: Site | None, curve: sweep.Curve, notes: list[str]) -> dict:
         clean, noise = self.clean, self.noise
         sig, levels = curve.sorted()
@@ -368,7 +373,7 @@ class AuditRun:
             notes = [*notes, f"{name}: {bad} noisy passes gave NaN/Inf class scores; counted as misclassified"]
         if mid.note:  # the curve had not settled at the largest σ
             notes = [*notes, f"{name}: {mid.note}"]
-        std = None if site is None else clean.std(site.name)
+        std = None if site is None else self._std(site.name)
         value = mid.value if mid.value is not None and np.isfinite(mid.value) else None
         if noise.relative:  # σ already scales the signal: it is its own relative value
             relative = value
@@ -406,6 +411,7 @@ class AuditRun:
 
     def report_dict(self, partial: bool = False) -> dict:
         config, loaded, dataset, out = self.config, self.loaded, self.dataset, self.loaded.class_output
+        grid = config.sigmas or self.noise.grid()
         sites = [r.to_dict() for r in self.results]  # the typed sites' JSON
         runtime, executor = self._runtime, getattr(self, "_executor", None)
         executor_note = getattr(executor, "note", None) or getattr(self, "_executor_note", None)
@@ -426,8 +432,8 @@ class AuditRun:
                      **({"scored": "tokens", "scored_tokens": self.clean.samples, "ignore_label": config.ignore_label,
                          "mask": dataset.mask} if out.per_token else {})},
             "config": {**self.noise.describe(), "mode": config.mode,
-                       "sigmas": list(config.sigmas) if config.sigmas else None,
-                       "search": "fixed" if config.sigmas else "adaptive", "repeats": config.repeats,
+                       "sigmas": list(grid) if grid else None,
+                       "search": "fixed" if grid else "adaptive", "repeats": config.repeats,
                        "seed": config.seed, "batch_size": self.resolved.batch_size,
                        "provider_requested": config.provider,
                        "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,

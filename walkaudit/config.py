@@ -9,11 +9,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from walkaudit._analysis.drops import Bound, parse_bound  # noqa: F401  (re-exported)
 from walkaudit._graph.sites import LAYER_OPS, Selection
+from walkaudit._noise.registry import NOISE_MODELS, global_models, make_noise
 from walkaudit.errors import UsageError, option
+
+if TYPE_CHECKING:
+    from walkaudit._noise.base import NoiseModel
 
 #: Bounds that keep a run finite in time and memory. σ beyond SIGMA_RANGE over- or underflows float32 noise.
 MAX_REPEATS = 1000
@@ -37,8 +41,11 @@ class OptionError(UsageError):
 class AuditConfig:
     """How to audit: the noise, the σ levels, the sites and the runtime. Every field has a working default."""
 
-    noise: str = "additive"  # additive | multiplicative | combined
+    noise: str = "additive"  # a registered noise model (`walkaudit._noise.registry.NOISE_MODELS`)
     ratio: float = 0.5  # combined: σa = σ·r, σm = σ·(1−r)
+    #: quantize: the bit counts to walk ("8,6,4"); bitflip: the bit positions that may flip ("exponent", "0-7,31")
+    bits: str | None = None
+    target: str | None = None  # bitflip: "activations" (default) or "weights"
     mode: str = "walk"  # "walk": one site at a time; "global": every site at once
     sigmas: tuple[float, ...] | None = None  # None: adaptive search per site
     repeats: int = 3  # noise draws per σ
@@ -68,11 +75,12 @@ class AuditConfig:
 
     def check(self) -> AuditConfig:
         """This config, or OptionError naming the first field that cannot work."""
-        _choice("noise", self.noise, ("additive", "multiplicative", "combined"))
+        _choice("noise", self.noise, NOISE_MODELS)
         _choice("mode", self.mode, ("walk", "global"))
         _choice("provider", self.provider, ("auto", "cuda", "cpu"))
         _choice("noise_source", self.noise_source, ("auto", "host", "graph"))
         _number("ratio", self.ratio, 0.0, 1.0)
+        self.noise_model()
         _integer("repeats", self.repeats, 1, MAX_REPEATS)
         _integer("seed", self.seed, 0, MAX_SEED)
         for name, top in (("batch_size", MAX_BATCH), ("limit", None), ("threads", MAX_THREADS)):
@@ -103,6 +111,24 @@ class AuditConfig:
         if self.mask is not None and (not isinstance(self.mask, str) or not self.mask):
             raise OptionError("mask", f"must name a model input, got {self.mask!r}")
         return self
+
+    def noise_model(self) -> NoiseModel:
+        """The noise model these options ask for (OptionError where the noise options cannot work together)."""
+        if self.bits is not None and (not isinstance(self.bits, str) or not self.bits.strip()):
+            raise OptionError("bits", f"must be a text such as '8,6,4' or 'exponent', got {self.bits!r}")
+        if self.target is not None:
+            _choice("target", self.target, ("activations", "weights"))
+        try:
+            model = make_noise(self.noise, self.ratio, self.bits, self.target)
+        except UsageError as e:
+            field_ = next((f for f in ("bits", "target") if str(e).startswith(f"{f} ")), "noise")
+            raise OptionError(field_, str(e).removeprefix(f"{field_} ")) from None
+        if self.mode == "global" and model.walk_only:
+            raise OptionError("noise", f"{self.noise} walks one site at a time; global mode takes "
+                                       f"{', '.join(global_models())} noise")
+        if self.noise_source == "graph" and model.graph_draw is None:
+            raise OptionError("noise_source", f"graph: the graph cannot draw {self.noise} noise; use host or auto")
+        return model
 
     def fingerprint(self) -> dict:
         """The options that change results (not the batch size, threads or provider): equal fingerprints and equal
@@ -205,6 +231,8 @@ class AuditOptions(TypedDict, total=False):
 
     noise: str
     ratio: float
+    bits: str | None
+    target: str | None
     mode: str
     sigmas: tuple[float, ...] | None
     repeats: int

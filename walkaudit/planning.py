@@ -8,8 +8,11 @@ tailored multi-execution). For hardware with noise σ at every layer:
 2. **Proposal.** Integer nᵢ minimising Σ nᵢ·macsᵢ with Σ dropᵢ(nᵢ) ≤ budget (`_analysis.plan.choose`): the
    independent-layers model, where the drops of layers noisy at once add up.
 3. **Verification.** The plan measured with every site noisy at once, each at its own σᵢ/√nᵢ (one global unit,
-   `WorkUnit.site_scales`), over several repeats. Noise compounds across layers, so the model can be optimistic: while
-   the measured drop exceeds the bound, the budget is tightened in proportion and the plan proposed again.
+   `WorkUnit.site_scales`), over several repeats. A plan is **shown** to meet the bound only where the upper end of
+   the measured drop's 95 % interval does (`_analysis.plan.drop_interval`). While the interval straddles the bound
+   and the spread over draws is a real part of it, the plan is measured again with twice the draws (within
+   `max_evaluations`); otherwise the budget is tightened in proportion (noise compounds across layers, so the
+   model can be optimistic) and the plan proposed again. A plan never shown is "not shown".
 4. **Uniform budget.** The largest σ at which every nᵢ = 1 stays within the bound, from one global unit over a
    grid of σ.
 
@@ -27,7 +30,7 @@ from walkaudit._analysis import plan as planner
 from walkaudit._graph.cost import sites_macs
 from walkaudit._units import WorkUnit, blocks_of
 from walkaudit.api import AuditRun, Progress, _NoProgress
-from walkaudit.config import AuditConfig, Bound, parse_bound
+from walkaudit.config import SIGMA_RANGE, AuditConfig, Bound, parse_bound
 from walkaudit.errors import UsageError, option
 
 #: Rounds of verification and tightening before giving up.
@@ -36,17 +39,32 @@ ROUNDS = 4
 VERIFY_REPEATS = 5
 #: Levels the uniform budget's search adds inside the bracket of its coarse grid.
 UNIFORM_REFINE = 5
+#: Default budget of the verification, in noisy sample evaluations per sample of the data (`max_evaluations`).
+EVALUATIONS_PER_SAMPLE = 100
+#: More draws are measured only where the spread over draws makes up at least this share of the interval's variance.
+NOISE_SHARE = 0.25
+#: The σ a plan may take: the audit's range (`config.SIGMA_RANGE`), narrowed so that the levels the plan measures
+#: (σ/1000/√16 … 10σ) stay inside it.
+SIGMA_LIMITS = (SIGMA_RANGE[0] * 4e3, SIGMA_RANGE[1] / 10)
 
 
 def plan(model, x=None, y=None, *, data: str | None = None, sigma: float, max_drop: Bound | str,
-         relative: bool = False, max_repeats: int = 16, config: AuditConfig | None = None,
-         progress: Progress | None = None, executor=None, report: bool = False, **options) -> dict:
+         relative: bool = False, max_repeats: int = 16, max_evaluations: int | None = None,
+         config: AuditConfig | None = None, progress: Progress | None = None, executor=None, report: bool = False,
+         **options) -> dict:
     """The multi-execution plan for noise `sigma` at every site (the report's `plan` object; with `report`, the
-    whole report as JSON, validated, holding it). Raises UsageError for bad options; a plan that cannot meet the
-    bound within `max_repeats` comes back with `"met": false`."""
+    whole report as JSON, validated, holding it). Raises UsageError for bad options; a plan not shown to meet the
+    bound (the upper end of its measured drop's 95 % interval within it) within `max_repeats` and
+    `max_evaluations` (noisy sample evaluations the verification may spend; default 100 per sample of the data)
+    comes back with `"met": false` and `"decision"` "not shown" (the interval straddles the bound) or "exceeds"
+    (even its lower end is above the bound)."""
     bound = parse_bound(max_drop) if isinstance(max_drop, str) else max_drop
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise UsageError(f"{option('sigma')} must be a positive number, got {sigma}")
+    lo, hi = SIGMA_LIMITS
+    if not (math.isfinite(sigma) and lo <= sigma <= hi):
+        raise UsageError(f"{option('sigma')} must be between {lo:g} and {hi:g} (the audit's σ range, for the levels "
+                         f"from σ/4000 to 10σ a plan measures), got {sigma:g}")
+    if max_evaluations is not None and max_evaluations < 1:
+        raise UsageError(f"{option('max_evaluations')} must be at least 1, got {max_evaluations}")
     candidates = tuple(n for n in planner.CANDIDATES if n <= max_repeats)
     if not candidates:
         raise UsageError(f"{option('max_repeats')} must be at least 1, got {max_repeats}")
@@ -55,13 +73,14 @@ def plan(model, x=None, y=None, *, data: str | None = None, sigma: float, max_dr
     run.executor = executor
     run.start()
     try:
-        result = _plan(run, sigma, bound, relative, candidates)
+        result = _plan(run, sigma, bound, relative, candidates, max_evaluations)
     finally:
         run.close()
     return {**run.report().to_dict(), "plan": result} if report else result  # the run walked no site
 
 
-def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates: tuple[int, ...]) -> dict:
+def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates: tuple[int, ...],
+          max_evaluations: int | None = None) -> dict:
     clean, config, names = run.clean, run.config, [s.name for s in run.sites]
     key, blocks = run.key, (0, blocks_of(run.dataset.samples))
     scale = np.array([clean.std(n) if relative else 1.0 for n in names])
@@ -69,6 +88,7 @@ def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates:
     if not any(macs):
         raise UsageError("no site's multiply-accumulates are known (shapes unknown): cannot weigh a plan")
     limit = bound.points(clean.accuracy, run.chance)
+    allowance = max_evaluations or EVALUATIONS_PER_SAMPLE * clean.samples
 
     run.progress.describe("per-site curves")
     walks = [WorkUnit(key, (n,), tuple(float(sigma * c / math.sqrt(k)) for k in candidates), config.repeats, blocks,
@@ -76,18 +96,30 @@ def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates:
     drops = np.array([clean.accuracy - counts.correct.mean(axis=1) / counts.samples
                       for counts in run.evaluate_all(walks)])
 
-    budget, rounds, chosen, measured = limit, [], None, None
+    budget, rounds, chosen, measured, spent = limit, [], None, None, 0
     for _ in range(ROUNDS):
         proposal = planner.choose(drops, macs, budget, candidates)
         if proposal is None:
             break
         run.progress.describe("verifying the plan")
-        measured = _measure(run, names, scale / np.sqrt(proposal), sigma)
-        rounds.append({"budget": budget, "repeats": list(proposal), "measured_drop": measured["drop"]})
-        if measured["drop"] <= limit:
+        draws = VERIFY_REPEATS
+        while True:
+            measured = _measure(run, names, scale / np.sqrt(proposal), sigma, draws)
+            spent += measured["evaluations"]
+            decision = _decision(measured["ci95"], limit)
+            if (decision != "not shown" or measured["noise_share"] < NOISE_SHARE
+                    or spent + 2 * draws * clean.samples > allowance):
+                break
+            draws *= 2  # the spread over draws is a real part of the interval: more draws narrow it
+        rounds.append({"budget": budget, "repeats": list(proposal), "measured_drop": measured["drop"],
+                       "ci95": measured["ci95"], "draws": draws, "decision": decision})
+        if decision == "shown":
             chosen = proposal
             break
-        budget *= min(0.9, limit / measured["drop"]) if measured["drop"] > 0 else 0.9
+        high = measured["ci95"][1]
+        budget *= min(0.9, limit / high) if high > 0 else 0.9
+        if spent + VERIFY_REPEATS * clean.samples > allowance:
+            break
     run.progress.describe("uniform budget")
     uniform = _uniform(run, names, scale, sigma, limit)
 
@@ -96,24 +128,33 @@ def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates:
              for n, k, c, m in zip(names, final, scale, macs)]
     return {
         "sigma": sigma, "relative": relative, "max_drop": bound.value, "max_drop_relative": bound.relative,
-        "max_drop_points": limit, "max_repeats": candidates[-1], "met": chosen is not None, "sites": sites,
+        "max_drop_points": limit, "max_repeats": candidates[-1], "met": chosen is not None,
+        "decision": rounds[-1]["decision"] if rounds else "exceeds", "sites": sites,
         "cost_ratio": planner.cost_ratio(tuple(final), macs),
         "predicted_drop": planner.predicted_drop(drops, tuple(final), candidates),
         "measured_drop": measured["drop"] if measured else None, "ci95": measured["ci95"] if measured else None,
+        "evaluations": spent, "max_evaluations": allowance,
         "rounds": rounds, "uniform_sigma": uniform, "clean_accuracy": clean.accuracy, "chance": run.chance,
         "site_drops": {n: dict(zip(map(str, candidates), map(float, planner.monotone(d))))
                        for n, d in zip(names, drops)},
     }
 
 
-def _measure(run: AuditRun, names: list[str], scales: np.ndarray, sigma: float) -> dict:
-    """The accuracy drop with every site noisy at once at σ·scaleᵢ, over VERIFY_REPEATS repeats, and its 95 %
-    interval (the spread over repeats and the binomial spread of the samples)."""
-    counts = _global(run, names, scales, (float(sigma),), VERIFY_REPEATS)
-    acc = counts.correct[0] / counts.samples
-    drop = float(run.clean.accuracy - acc.mean())
-    se = math.sqrt(acc.var(ddof=1) / len(acc) + acc.mean() * (1 - acc.mean()) / counts.samples)
-    return {"drop": drop, "ci95": [drop - 1.96 * se, drop + 1.96 * se]}
+def _decision(ci95: list[float], limit: float) -> str:
+    """"shown" where the drop's whole 95 % interval is within `limit`, "exceeds" where it is wholly above,
+    else "not shown"."""
+    low, high = ci95
+    return "shown" if high <= limit else "exceeds" if low > limit else "not shown"
+
+
+def _measure(run: AuditRun, names: list[str], scales: np.ndarray, sigma: float, draws: int) -> dict:
+    """The accuracy drop with every site noisy at once at σ·scaleᵢ, over `draws` noise draws, and its 95 %
+    interval (`_analysis.plan.drop_interval`: the spread over draws and the paired sampling of the data)."""
+    counts = _global(run, names, scales, (float(sigma),), draws)
+    discordant = counts.lost[0] + counts.gained[0] if counts.paired else None  # McNemar's changed pairs
+    interval = planner.drop_interval(run.clean.correct, counts.correct[0], counts.samples, discordant)
+    return {"drop": interval[0], "ci95": [interval[1], interval[2]], "evaluations": counts.evaluations,
+            "noise_share": planner.noise_share(counts.correct[0], counts.samples, interval)}
 
 
 def _uniform(run: AuditRun, names: list[str], scale: np.ndarray, sigma: float, limit: float) -> float | None:

@@ -12,6 +12,8 @@ rounded up to a whole part, so a plan it returns never exceeds the budget under 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 #: Repetition counts the planner chooses from (a site runs 1, 2, 3, … times).
@@ -73,3 +75,43 @@ def cost_ratio(plan: tuple[int, ...], macs) -> float:
     macs = np.asarray(macs, dtype=np.float64)
     total = macs.sum()
     return float(np.dot(plan, macs) / total) if total > 0 else 1.0
+
+
+#: the normal quantile of a two-sided 95 % interval
+Z95 = 1.959963984540054
+
+
+def drop_interval(clean_correct: int, correct, samples: int, discordant=None) -> tuple[float, float, float]:
+    """The accuracy drop with noise and its 95 % interval: (drop, low, high).
+
+    `correct`: correct predictions under noise per draw [repeats], over the same `samples` the clean model got
+    `clean_correct` right. The drop's variance has two parts: the spread over noise draws (their variance over the
+    number of draws) and the sampling of the data, paired: for one sample the drop is c − n (c, n: right without and
+    with noise), whose variance is P(c ≠ n) − drop². `discordant`: samples with c ≠ n per draw (McNemar's discordant
+    pairs), where the counts carry the pairing; without it P(c ≠ n) is bounded from above by drop + 2·min(1 − clean,
+    noisy) (a sample the clean model gets wrong can turn right under noise at most that often), which keeps the
+    interval conservative."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if samples <= 0 or correct.size == 0:
+        return 0.0, -1.0, 1.0
+    clean = clean_correct / samples
+    noisy = correct / samples
+    drop = float(clean - noisy.mean())
+    between = noisy.var(ddof=1) / noisy.size if noisy.size > 1 else 0.0
+    if discordant is not None:
+        apart = float(np.mean(discordant)) / samples
+    else:
+        apart = min(1.0, max(drop, 0.0) + 2.0 * min(1.0 - clean, float(noisy.mean())))
+    paired = max(apart - drop**2, 0.0) / samples
+    half = Z95 * math.sqrt(between + paired)
+    return drop, drop - half, drop + half
+
+
+def noise_share(correct, samples: int, interval: tuple[float, float, float]) -> float:
+    """The share of the interval's variance that comes from the spread over noise draws (what more draws narrow)."""
+    noisy = np.asarray(correct, dtype=np.float64) / samples
+    if noisy.size < 2:
+        return 1.0
+    drop, low, high = interval
+    total = ((high - drop) / Z95) ** 2
+    return float(min(1.0, noisy.var(ddof=1) / noisy.size / total)) if total > 0 else 0.0

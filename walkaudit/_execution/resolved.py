@@ -25,7 +25,6 @@ import numpy as np
 from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import (  # noqa: F401  (for the driver)
     Worker,
-    axis_notes,
     batch_size_for,
     learn_provider,
     site_axes,
@@ -35,7 +34,7 @@ from walkaudit._graph.sites import Selection, select
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.data import Dataset
 from walkaudit._loading.model import ClassOutput, LoadedModel, TensorSpec, load_model
-from walkaudit._noise import NormalSource, make_noise
+from walkaudit._noise import NoiseModel, NormalSource
 from walkaudit.errors import RuntimeFailure
 
 
@@ -67,15 +66,12 @@ class ResolvedAudit:
     data: ResolvedData
     sites: tuple[str, ...]  # the selected sites' tensor names, in site order (this shard's, when sharded)
     exposed: tuple[str, ...]  # the whole selection's (before sharding): the values the clean pass exposes
-    #: per site of the selection, its batch axis by its inferred shape (`worker.site_axes`; the report's notes on
-    #: them are the same in every shard)
-    axes: tuple[tuple[str, int | None], ...]
+    axes: tuple[tuple[str, int | None], ...]  # per site of the selection, its batch axis by its inferred shape
     mode: str  # walk | global
-    noise: str  # the noise model's name
-    ratio: float  # its combined-noise ratio
+    noise: NoiseModel  # the noise model as resolved from the options (its kind, ratio, bits, target)
     seed: int
     repeats: int
-    sigmas: tuple[float, ...] | None  # the fixed grid, or None: the adaptive search
+    sigmas: tuple[float, ...] | None  # the fixed grid (given, or the noise model's own), or None: adaptive
     site_scales: tuple[tuple[str, float], ...]
     batch_size: int  # rows per batch of the data grid (resolved: the model's fixed batch, the device's, the default)
     exact: bool  # exact sessions everywhere, the whole tail kept
@@ -109,8 +105,8 @@ class ResolvedAudit:
         threads = threads or self.threads
         runtime = runtime or Runtime(provider or self.provider, threads, self.exact)
         sites = select(loaded.proto, loaded.types, Selection(names=self.sites), loaded.class_output.name,
-                       index=index)
-        return Worker(loaded, data, runtime=runtime, noise=make_noise(self.noise, self.ratio),
+                       index=index, target=self.noise.target, stored=self.noise.stored)
+        return Worker(loaded, data, runtime=runtime, noise=self.noise,
                       source=NormalSource(self.seed, threads), sites=sites, mode=self.mode,
                       batch_size=self.batch_size, noise_source=self.noise_source, key=self.key,
                       index=index, targets=self.targets,
@@ -147,16 +143,17 @@ class ResolvedAudit:
         return dataclasses.replace(dataset, labels=d.labels, scored=d.scored, mask=d.mask)
 
 
-def resolve(loaded: LoadedModel, dataset: Dataset, sites, selected, config, batch_size: int,
+def resolve(loaded: LoadedModel, dataset: Dataset, sites, selected, config, noise: NoiseModel, batch_size: int,
             num_classes: int | None) -> ResolvedAudit:
     """The resolved audit of a driver's choices: its loaded model (class output chosen), its data (read against
-    `num_classes`), its sites (this shard's) among the `selected` ones, its options and its batch size."""
+    `num_classes`), its sites (this shard's) among the `selected` ones, its options, its noise model and its batch
+    size."""
     path = os.path.abspath(dataset.path) if dataset.path else None
     arrays = None if path else {k: np.asarray(v) for k, v in dataset.inputs.items()}
     data = ResolvedData(dataset.samples, path, arrays, config.x_key, config.y_key, config.limit, num_classes,
                         dataset.labels, dataset.scored, dataset.mask, config.ignore_label)
     return ResolvedAudit(loaded.sha256 or "in-memory model", loaded.path, tuple(loaded.inputs), loaded.class_output,
                          data, tuple(s.name for s in sites), tuple(s.name for s in selected),
-                         site_axes(loaded, [s.name for s in selected]), config.mode, config.noise, config.ratio,
-                         config.seed, config.repeats, config.sigmas, config.site_scales, batch_size, config.exact,
+                         site_axes(loaded, [s.name for s in selected]), config.mode, noise,
+                         config.seed, config.repeats, config.sigmas or noise.grid(), config.site_scales, batch_size, config.exact,
                          config.noise_source, config.provider, config.threads)

@@ -7,7 +7,9 @@ batch; else the caller passes one level at a time) and returns the class output 
   through IOBinding with the clean values kept on the device. The default, any opset from 10.
 - `DrawnSuffix`: the same suffix drawing ε in the graph (RandomNormalLike, opsets 10–21): ε never leaves the device,
   but it is drawn anew per run, so it is reproducible only for the same batches in the same order.
-- `HostApplied`: the suffix fed y' computed on the host (`NoiseModel.host`): opsets before 10, sites of unknown rank.
+- `HostApplied`: the suffix fed y' computed on the host (`NoiseModel.host`): opsets before 10, sites of unknown rank,
+  and models without graph nodes (quantize, bit flips).
+- `WeightSuffix`: a weight site's suffix fed the weight perturbed on the host, level by level (weight noise).
 - `FedGlobal`: the whole model with noise after every site from fed ε (`passes.inject_fed`), global mode.
 - `TermsGlobal`: the whole model with Mul/Add nodes whose factors the host computes (`passes.inject`), global mode
   on opsets before 10 or sites that are not float32 of known rank.
@@ -16,6 +18,8 @@ batch; else the caller passes one level at a time) and returns the class output 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -24,23 +28,36 @@ from walkaudit._execution.runtime import Runtime, run, run_bound
 from walkaudit._graph import passes
 from walkaudit._loading.model import LoadedModel
 from walkaudit._noise import NoiseModel
+from walkaudit._noise.registry import global_models
+from walkaudit.errors import UsageError
 
 
-def choose(mode: str, opset: int, sites: list, provider: str | None, noise_source: str) -> type[Strategy]:
-    """The evaluation path for a unit. `sites`: the TensorSpecs of its noisy sites."""
+def choose(mode: str, opset: int, sites: list, provider: str | None, noise_source: str,
+           noise: NoiseModel | None = None) -> type[Strategy]:
+    """The evaluation path for a unit. `sites`: the TensorSpecs of its noisy sites; `noise`: a model of weights runs
+    `WeightSuffix`; a model without graph nodes (`NoiseModel.graph_applies` False: quantize, bit flips) the host
+    path."""
+    if noise is not None and noise.walk_only:
+        if mode == "global":
+            raise UsageError(f"{noise.kind} noise walks one site at a time; global mode takes "
+                             f"{', '.join(global_models())} noise")
+        return WeightSuffix if noise.target == "weights" else HostApplied
     if mode == "global":
         fed = opset >= passes.FED_NOISE_MIN_OPSET and all(
             s.elem_type == onnx.TensorProto.FLOAT and s.shape is not None for s in sites)
         return FedGlobal if fed else TermsGlobal
-    if graph_draws(opset, provider, noise_source):
+    if graph_draws(opset, provider, noise_source, noise):
         return DrawnSuffix
     if opset < passes.FED_NOISE_MIN_OPSET or sites[0].shape is None:
         return HostApplied
     return FedSuffix
 
 
-def graph_draws(opset: int, provider: str | None, noise_source: str) -> bool:
-    """ε drawn in the graph where it pays (on CUDA, where the opset has random ops), or where asked for."""
+def graph_draws(opset: int, provider: str | None, noise_source: str, noise: NoiseModel | None = None) -> bool:
+    """ε drawn in the graph where it pays (on CUDA, where the opset has random ops), or where asked for; never for a
+    model the graph cannot draw (`NoiseModel.graph_draw`)."""
+    if noise is not None and noise.graph_draw is None:
+        return False
     if noise_source == "auto":
         return provider == "CUDAExecutionProvider" and opset in passes.GRAPH_NOISE_OPSETS
     return noise_source == "graph"
@@ -54,6 +71,8 @@ class Strategy(ABC):
     on_device: tuple[str, ...] = ()  # reads the caller keeps on the device (OrtValues) between runs
     frontier: tuple[str, ...] = ()  # reads a suffix copies for every σ level it packs (global mode: none counted)
     graph: onnx.ModelProto  # the clean graph it runs (its bytes per row size the runs)
+    packs: bool = True  # G levels can share a run (False: a level changes the weights)
+    weights: Mapping[str, tuple[int, ...]] = MappingProxyType({})  # weight sites (shapes) the worker draws per repeat
 
     @abstractmethod
     def run(self, values: dict[str, np.ndarray], sigmas: np.ndarray, eps: dict[str, np.ndarray],
@@ -78,17 +97,46 @@ class HostApplied(Strategy):
         self.session = None if not suffix.model.graph.node else runtime.session(
             suffix.model, f"part of the model after {suffix.site}")
         self.site, self.frontier, self.noise, self.map = suffix.site, suffix.frontier, noise, map_
+        self.axis = passes.sample_axis(model.types.get(self.site), passes.batch_dimension(model.inputs))
         self.output = model.class_output.name
         self.reads, self.noisy = (self.site, *self.frontier), (self.site,)
 
     def run(self, values, sigmas, eps, device=None):
         g, y = len(sigmas), values[self.site]
         feeds = {n: _tile(values[n], g) for n in self.frontier}
-        noisy = self.noise.host(y, sigmas, eps[self.site], self.map)
+        noisy = self.noise.host(y, sigmas, eps.get(self.site), self.map, axis=self.axis if self.axis < y.ndim else 0)
         feeds[self.site] = noisy.astype(y.dtype, copy=False).reshape(g * y.shape[0], *y.shape[1:])
         if self.session is None:
             return feeds[self.site]
         return run(self.session, [self.output], feeds, "noisy model")[0]
+
+
+class WeightSuffix(Strategy):
+    """A weight site: the suffix from the layers that read the weight (`passes.weight_fed`: the weight a graph
+    input), fed the clean frontier and the weight perturbed on the host (`NoiseModel.host` on the initializer, one
+    draw per repeat), a level at a time: a level changes the weight, so levels never share a run."""
+
+    packs = False
+
+    def __init__(self, runtime: Runtime, model: LoadedModel, noise: NoiseModel, suffix: passes.Suffix, map_=map):
+        self.program = passes.weight_fed(suffix)
+        self.graph = suffix.model
+        self.session = runtime.session(self.program.model, f"part of the model after weight {suffix.site}")
+        self.site, self.noise, self.map = suffix.site, noise, map_
+        init = next(t for t in model.proto.graph.initializer if t.name == suffix.site)
+        self.weight = onnx.numpy_helper.to_array(init)
+        self.weights = {self.site: self.weight.shape}  # the weights whose draws the worker makes per repeat
+        self.output = model.class_output.name
+        self.reads, self.noisy = tuple(suffix.frontier), (self.site,)
+
+    def run(self, values, sigmas, eps, device=None):
+        feeds = {n: values[n] for n in self.reads}
+        outs = []
+        for sigma in sigmas:
+            noisy = self.noise.host(self.weight, [sigma], eps[self.site], self.map)[0]
+            feeds[self.site] = noisy.astype(self.weight.dtype, copy=False)
+            outs.append(run(self.session, [self.output], feeds, "noisy model")[0])
+        return np.concatenate(outs)
 
 
 class FedSuffix(Strategy):

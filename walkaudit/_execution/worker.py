@@ -29,6 +29,7 @@ from walkaudit._execution.strategies import (
     DrawnSuffix,
     HostApplied,
     Strategy,
+    WeightSuffix,
     choose,
     graph_draws,
 )
@@ -83,12 +84,6 @@ def site_axes(model: LoadedModel, sites) -> tuple[tuple[str, int | None], ...]:
     when the values are seen, `Worker.batch_axis`)."""
     batch = passes.batch_dimension(model.inputs)
     return tuple((s, passes.symbol_axis(model.types.get(s), batch)) for s in sites)
-
-
-def axis_notes(axes) -> list[str]:
-    """The report's notes on sites whose samples run along another axis than the first."""
-    return [f"{site}: samples run along axis {axis}; the noise is drawn per sample along it"
-            for site, axis in axes if axis not in (None, 0)]
 
 
 def graph_seeds(seed: int, model: LoadedModel, site: str) -> tuple[int, int]:
@@ -153,13 +148,15 @@ class Worker:
         self.index = index or GraphIndex(model.proto.graph)  # built once: every plan, prefix and suffix use it
         self._plans = {site: self._per_sample(site, plan) for site, plan in
                        self.index.suffix_plans([s.name for s in sites], out).items()} if mode == "walk" else {}
-        self._reads = {site: (site, *frontier) for site, (_, frontier) in self._plans.items()}
+        self.on_weights = noise.target == "weights"  # the sites are initializers: nothing to expose, a frontier to read
+        self._reads = {site: (*(() if self.on_weights else (site,)), *frontier)
+                       for site, (_, frontier) in self._plans.items()}
         shown = self._reads
-        if exposed is not None and mode == "walk" and set(exposed) != set(self._reads):
-            shown = {site: (site, *self._per_sample(site, plan)[1]) for site, plan in
-                     self.index.suffix_plans(exposed, out).items()}
-        exposed = [*(exposed if exposed is not None else (s.name for s in sites)),
-                   *(n for names in shown.values() for n in names)]
+        if exposed is not None and mode == "walk" and set(exposed) != set(self._reads):  # a shard: the selection's
+            shown = {site: (*(() if self.on_weights else (site,)), *self._per_sample(site, plan)[1])
+                     for site, plan in self.index.suffix_plans(exposed, out).items()}
+        values = self.values if exposed is None or self.on_weights else list(exposed)
+        exposed = [*values, *(n for names in shown.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
         # are exposed with it (a site's curve is then the same audited alone or among others)
         self._clean = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
@@ -183,7 +180,8 @@ class Worker:
     # -- the clean model -----------------------------------------------------------------------------------------
     @property
     def graph_draws(self) -> bool:
-        return self.mode == "walk" and graph_draws(self.model.opset, self.runtime.provider, self.noise_source)
+        return self.mode == "walk" and graph_draws(self.model.opset, self.runtime.provider, self.noise_source,
+                                                   self.noise)
 
     def grid(self, rows: range) -> Iterator[tuple[int, range]]:
         """(grid batch k, the rows of `rows` inside it) in order."""
@@ -215,7 +213,7 @@ class Worker:
         these (whole batches of the grid; a worker that serves only their units): the targets of the other rows
         are UNSCORED, and the CleanStats of workers over disjoint rows add up to the whole pass's."""
         out = self.model.class_output
-        names = [s.name for s in self.sites]
+        names = self.values
         reads = [n for r in self._reads.values() for n in r] if keep else []
         whole = range(self.data.samples)
         rows = whole if rows is None else rows
@@ -267,6 +265,11 @@ class Worker:
             self._clean_ok = ok
         return stats
 
+    @property
+    def values(self) -> list[str]:
+        """The sites' values the clean pass exposes and takes the moments of (none for weight sites)."""
+        return [] if self.on_weights else [s.name for s in self.sites]
+
     def batch_axis(self, site: str, shape: tuple, rows: int) -> int | None:
         """The axis of a site's value that holds the samples: where its inferred shape carries the inputs' batch
         dimension (LSTM outputs are [T, D, N, H]), else the first axis of `rows` entries, else None (a value shared
@@ -278,6 +281,14 @@ class Worker:
         if axis != "size":
             return axis if axis < len(shape) and shape[axis] == rows else self._by_size(site, shape, rows)
         return self._by_size(site, shape, rows)
+
+    def axis_note(self, site: str) -> str | None:
+        """The note for a site whose samples run along another axis than the first (after `batch_axis`): a fact of
+        the site, so it goes with the site's own notes (its Counts) and a resumed or distributed audit keeps it."""
+        axis = self._axes.get(site, "size")
+        if axis in (0, "size"):
+            return None
+        return f"{site}: samples run along axis {axis}; the noise is drawn per sample along it"
 
     def _by_size(self, site: str, shape: tuple, rows: int) -> int | None:
         return 0 if shape and shape[0] == rows else next((a for a, d in enumerate(shape) if d == rows), None)
@@ -330,7 +341,7 @@ class Worker:
     def strategy(self, sites: tuple[str, ...], mode: str = "walk") -> type[Strategy]:
         """The evaluation path units at these sites take (`strategies.choose`)."""
         return self.forced or choose(mode, self.model.opset, [self.model.types[s] for s in sites],
-                                     self.runtime.provider, self.noise_source)
+                                     self.runtime.provider, self.noise_source, self.noise)
 
     def _evaluation(self, unit: WorkUnit) -> _Evaluation:
         kind, model = self.strategy(unit.sites, unit.mode), self.model
@@ -346,12 +357,12 @@ class Worker:
                 suffix.model, model.types, passes.batch_dimension(model.inputs)))
         if kind is DrawnSuffix:
             strategy = kind(self.runtime, model, self.noise, suffix, seeds=graph_seeds(unit.seed, model, site))
-        elif kind is HostApplied:
+        elif kind is HostApplied or kind is WeightSuffix:
             strategy = kind(self.runtime, model, self.noise, suffix, self.source.map)
         else:
             strategy = kind(self.runtime, model, self.noise, suffix)
         kept = self._take(site)
-        prefix = self._clean if kept else self.runtime.session(
+        prefix = self._clean if kept or self.on_weights else self.runtime.session(
             passes.prefix(model.proto, [site, *suffix.frontier], model.types, index=self.index),
             f"part of the model before {site}",
             exact=True)
@@ -463,14 +474,20 @@ class _Evaluation:
         source, noise = self.worker.source, self.worker.noise
         eps = {}
         for site in self.strategy.noisy:
+            if site in self.strategy.weights:  # a weight: one draw per repeat for every sample
+                e = np.zeros((noise.draws, 1, *self.strategy.weights[site]), np.float32)
+                for term in range(noise.draws):
+                    noise.draw_weight(source, site, term, repeat, out=e[term, 0])
+                eps[site] = e
+                continue
             shape = values[site].shape
             fed = self.worker.model.batch_size or len(rows)  # rows in the run (a fixed batch is padded)
             axis = self.worker.batch_axis(site, shape, fed)
             fold = self.worker.fold(site, shape, fed) if axis is None else None
-            if axis is None and fold is None:
-                note = f"{site}: no batch axis; one noise draw is shared by every sample of a batch"
-                if note not in self.worker.notes:
-                    self.worker.notes.append(note)
+            notes = [self.worker.axis_note(site),
+                     f"{site}: no batch axis; one noise draw is shared by every sample of a batch"
+                     if axis is None and fold is None else None]
+            self.notes.extend(n for n in notes if n is not None and n not in self.notes)
             e = np.zeros((noise.draws, 1, *shape), np.float32)
             for term in range(noise.draws):
                 if axis == 0:  # the common case: straight into place
@@ -538,7 +555,7 @@ class _Evaluation:
     def _packs(self, values: dict, device) -> bool:
         """Whether the graph takes G tiled copies of a batch: the σ = 0 check, run once."""
         strategy = self.strategy
-        if self.packable is None and not self.worker.pack:
+        if self.packable is None and not (self.worker.pack and strategy.packs):
             self.packable = False
         if self.packable is None:
             rows, on_device = self._probe(values, device)

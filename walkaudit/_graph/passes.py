@@ -206,6 +206,16 @@ def suffix(model: onnx.ModelProto, site: str, output: str, types: dict[str, Tens
     return Suffix(out, site, frontier)
 
 
+def weight_fed(sfx: Suffix) -> Suffix:
+    """The suffix of a weight site (an initializer) reading the weight as a graph input only: fed the perturbed
+    weight per run, and never served from the runtime's shared initializers, which are keyed by name. Functional."""
+    out = _copy(sfx.model)
+    kept = [t for t in out.graph.initializer if t.name != sfx.site]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return Suffix(out, sfx.site, sfx.frontier)
+
+
 def prefix(model: onnx.ModelProto, outputs, types: dict[str, TensorSpec],
            index: GraphIndex | None = None) -> onnx.ModelProto:
     """The part of the graph that computes `outputs` (and nothing after), with the model's inputs.
@@ -307,7 +317,7 @@ def _noisy(y: str, mul: tuple[str, str] | None, add: tuple[str, str] | None, pre
     """The noise model's nodes (`NoiseModel.graph`; default: the affine Gaussian family's) for y' from `y`, where
     `mul` and `add` are (σ, ε) value names or None, and the name of the result. A mul term reads the initializer
     `unit` (1 in y's type), which the caller provides. Every node and value is named by `names`, from `prefix`."""
-    from walkaudit._noise.models import Additive
+    from walkaudit._noise.gaussian import Additive
 
     nodes: list[onnx.NodeProto] = []
 
@@ -500,7 +510,7 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     host's (`NoiseModel.host`), op for op, so both give the same values. The suffix's inputs are renamed to fresh
     `<name>.clean` names and the new σ and ε inputs get fresh names too: the returned `GraphNoise` names them all.
 
-    - `fed=False`: RandomNormalLike draws ε (opsets 10–21). With a `seed` attribute the generator is stateful per
+    - `fed=False`: RandomNormalLike draws ε (opsets 10–21; the noise model's `graph_draw`, e.g. RandomUniformLike). With a `seed` attribute the generator is stateful per
       session: each run draws anew, a new session replays. `seeds=(seed_mul, seed_add)` are the attributes of ε1
       and ε2, integers in [0, 2**24) (ValueError otherwise); the older `seed=` gives them 2·seed and 2·seed + 1,
       which float32 holds exactly only while 2·seed + 1 < 2**24 (`graph_seeds`).
@@ -541,7 +551,8 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
 
     def epsilon(term: str, seed_: float) -> str:
         if not fed:
-            return node("RandomNormalLike", [y], f"walkaudit/eps_{term}", dtype=elem, seed=seed_)
+            op, attrs = noise.graph_draw if noise is not None and noise.graph_draw else ("RandomNormalLike", {})
+            return node(op, [y], f"walkaudit/eps_{term}", dtype=elem, seed=seed_, **attrs)
         name = names.fresh(f"walkaudit.eps_{term}")
         inputs.append(helper.make_tensor_value_info(name, elem, [None] * (rank + 1)))
         return name

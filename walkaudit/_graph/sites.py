@@ -67,26 +67,41 @@ def _bias_add(graph: onnx.GraphProto, out: str, readers: Mapping[str, Sequence[i
     return node if other in static else None
 
 
-def _weight_of(node: onnx.NodeProto, static: AbstractSet[str], inits: AbstractSet[str]) -> str | None:
+#: integer types a model stores quantized values in (`candidates(stored=True)`: bit flips in the stored type)
+STORED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+
+def _weight_of(node: onnx.NodeProto, static: AbstractSet[str], inits: AbstractSet[str],
+               dequantized: Mapping[str, str] | None = None) -> str | None:
+    """The initializer holding a layer's weights: read directly, the int8 initializer that a DequantizeLinear turns
+    into them (QDQ models; `dequantized`: DequantizeLinear output -> its initializer input), or the int8 weights of a
+    QLinearConv, QLinearMatMul or QGemm (input 3)."""
     if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
         cand = node.input[1:2]
     elif node.op_type == "MatMul":
         cand = [n for n in node.input if n in static]
+    elif node.op_type in ("QLinearConv", "QLinearMatMul", "QGemm"):
+        cand = node.input[3:4]
     else:
         return None
-    return next((n for n in cand if n in inits), None)
+    dequantized = dequantized or {}
+    return next((n for n in (dequantized.get(c, c) for c in cand) if n in inits), None)
 
 
 def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_OPS,
-               index: GraphIndex | None = None) -> list[Site]:
+               index: GraphIndex | None = None, stored: bool = False) -> list[Site]:
     """Every site of the requested op types (`("all",)`: every float node output), in graph order.
 
-    `index`: the model's `GraphIndex`, when the caller has one (else one is built)."""
+    `index`: the model's `GraphIndex`, when the caller has one (else one is built). `stored`: a site is the value as
+    the model stores it: int8/uint8 outputs count too (QLinearConv), and a layer output that only a QuantizeLinear
+    reads is replaced by the quantized value (QDQ models)."""
     graph = model.graph
     index = index_for(graph, index)
     readers, static, inits = index.consumers, index.static, index.initializers
     outputs = set(index.outputs)
     everything = ALL in ops
+    kinds = FLOAT_TYPES | STORED_TYPES if stored else FLOAT_TYPES
+    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.output}
     sites: list[Site] = []
     seen: set[str] = set()
     for i, node in enumerate(graph.node):
@@ -94,7 +109,7 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
             continue
         for out in node.output:
             spec = types.get(out)
-            if not out or out in static or spec is None or spec.elem_type not in FLOAT_TYPES:
+            if not out or out in static or spec is None or spec.elem_type not in kinds:
                 continue
             if out not in readers and out not in outputs:
                 continue  # an unused optional output
@@ -103,13 +118,28 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
                 bias = _bias_add(graph, out, readers, static)
                 if bias is not None and types.get(bias.output[0]) is not None:
                     name, op_type = bias.output[0], f"{node.op_type}+Add"
+            if stored:
+                quantized = _quantized(graph, name, readers, types)
+                if quantized is not None:
+                    name, op_type = quantized, f"{op_type}+QuantizeLinear"
             if name in seen:
                 continue
             seen.add(name)
             shape = types[name].shape
-            weight = _weight_of(node, static, inits)
+            weight = _weight_of(node, static, inits, dequantized if stored else None)
             sites.append(Site(len(sites), name, g.node_label(node, i), op_type, shape, weight))
     return sites
+
+
+def _quantized(graph: onnx.GraphProto, out: str, readers: Mapping[str, Sequence[int]],
+               types: dict[str, TensorSpec]) -> str | None:
+    """The int8/uint8 value a QuantizeLinear makes of `out`, when it is `out`'s only reader."""
+    users = readers.get(out, [])
+    if len(users) != 1 or graph.node[users[0]].op_type != "QuantizeLinear":
+        return None
+    q = graph.node[users[0]].output[0]
+    spec = types.get(q)
+    return q if spec is not None and spec.elem_type in STORED_TYPES else None
 
 
 def _feeding(model: onnx.ModelProto, sites: list[Site], output: str | None,
@@ -123,16 +153,20 @@ def _feeding(model: onnx.ModelProto, sites: list[Site], output: str | None,
 
 
 def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection,
-           output: str | None = None, index: GraphIndex | None = None) -> list[Site]:
+           output: str | None = None, index: GraphIndex | None = None, target: str = "activations",
+           stored: bool = False) -> list[Site]:
     """The sites the user asked for, numbered in graph order; with `output`, only those that feed it.
 
-    `index`: the model's `GraphIndex`, when the caller has one (else one is built). Raises UsageError when nothing
-    matches.
+    `index`: the model's `GraphIndex`, when the caller has one (else one is built). `target` "weights": the weights
+    of the selected layers instead (`weight_sites`); `stored`: values as the model stores them (`candidates`).
+    Raises UsageError when nothing matches.
     """
     ops = tuple(selection.ops) or LAYER_OPS
     index = index_for(model.graph, index)
+    if target == "weights":
+        return weight_sites(model, types, selection, output, index, stored)
     if selection.names:
-        everything = candidates(model, types, (ALL,), index)
+        everything = candidates(model, types, (ALL,), index, stored)
         pool = _feeding(model, everything, output, index)
         by_name = {s.name: s for s in pool}
         missing = [n for n in selection.names if n not in by_name]
@@ -142,7 +176,7 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
             raise UsageError(f"site {missing[0]!r} {why}{_hint(pool)}")
         chosen = [by_name[n] for n in selection.names]
     else:
-        pool = _feeding(model, candidates(model, types, ops, index), output, index)
+        pool = _feeding(model, candidates(model, types, ops, index, stored), output, index)
         chosen = pool
         include = _regex(selection.include, "include")
         exclude = _regex(selection.exclude, "exclude")
@@ -155,6 +189,35 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
     if not chosen:
         raise UsageError(f"no site matches the selection{_hint(pool)}")
     return [Site(i, s.name, s.node, s.op_type, s.shape, s.weight) for i, s in enumerate(chosen)]
+
+
+def weight_sites(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection,
+                 output: str | None = None, index: GraphIndex | None = None, stored: bool = False) -> list[Site]:
+    """One site per weight initializer of the selected layers, named by the initializer, numbered in graph order: a
+    weight that two layers read is one site (its noise reaches both). `selection.names` may name the weights."""
+    index = index_for(model.graph, index)
+    if selection.names:
+        by_weight: dict[str, Site] = {}
+        for layer in _feeding(model, candidates(model, types, LAYER_OPS, index, stored), output, index):
+            if layer.weight is not None:
+                by_weight.setdefault(layer.weight, layer)
+        missing = [n for n in selection.names if n not in by_weight]
+        if missing:
+            shown = ", ".join(list(by_weight)[:5]) + (", …" if len(by_weight) > 5 else "")
+            raise UsageError(f"weight {missing[0]!r} is not the weight initializer of a layer that feeds the class "
+                             f"output (weights include: {shown})")
+        layers = [by_weight[n] for n in selection.names]
+    else:
+        layers = select(model, types, selection, output, index, stored=stored)
+    sites: list[Site] = []
+    for layer in layers:
+        if layer.weight is None or layer.weight in {s.name for s in sites}:
+            continue
+        sites.append(Site(len(sites), layer.weight, layer.node, f"{layer.base_op} weight",
+                          types[layer.weight].shape, layer.weight))
+    if not sites:
+        raise UsageError("none of the selected layers reads its weights from an initializer: no weight sites")
+    return sites
 
 
 def _regex(pattern: str | None, field: str) -> re.Pattern | None:
@@ -182,6 +245,12 @@ def weight_stats(model: onnx.ModelProto, site: Site) -> dict | None:
         return None
     w = numpy_helper.to_array(init).astype(np.float64)
     return {"name": site.weight, "mean_abs": float(np.abs(w).mean()), "l2": float(np.linalg.norm(w))}
+
+
+def weight_std(model: onnx.ModelProto, name: str) -> float:
+    """The std of an initializer's values (a weight site's scale, as an activation's std is its site's)."""
+    init = next(t for t in model.graph.initializer if t.name == name)
+    return float(numpy_helper.to_array(init).astype(np.float64).std())
 
 
 def left_out(model: onnx.ModelProto, selection: Selection) -> str | None:

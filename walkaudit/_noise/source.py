@@ -1,4 +1,5 @@
-"""Reproducible standard normal numbers: Box–Muller in float32, keyed draws, drawing ahead on a thread.
+"""Reproducible standard normal numbers (Box–Muller in float32), uniforms and random words: keyed draws, drawing
+ahead on a thread.
 
 ε for a site is drawn per block of samples (`walkaudit._units.BLOCK`), keyed by (seed, site name, noise term, block,
 repeat) and, inside a block, by chunk of CHUNK values: the numbers a sample gets never depend on the batch size, on
@@ -41,6 +42,22 @@ def box_muller(rng: np.random.Generator, out: np.ndarray) -> None:
     np.multiply(r[:rest], np.sin(theta[:rest]), out=out[half:])
 
 
+def uniform(rng: np.random.Generator, out: np.ndarray) -> None:
+    """Fill the float32 vector `out` with U(−½, ½) numbers (24-bit uniforms on [0, 1), shifted)."""
+    rng.random(out.size, dtype=np.float32, out=out)
+    out -= np.float32(0.5)
+
+
+def words(rng: np.random.Generator, out: np.ndarray) -> None:
+    """Fill the float32 vector `out`'s bits with uniform 32-bit words (read back with `.view(np.uint32)`)."""
+    out.view(np.uint32)[:] = rng.integers(0, 1 << 32, out.size, dtype=np.uint32)
+
+
+#: what `NormalSource.fill` draws per kind, and the key entry that gives each kind other than normal its own streams
+DRAWS = {"normal": box_muller, "uniform": uniform, "bits": words}
+DIST_KEYS = {"uniform": 1, "bits": 2}
+
+
 def name_key(name: str) -> int:
     """A stable 64-bit integer for a tensor name (the same in every process and Python version)."""
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
@@ -61,16 +78,20 @@ class NormalSource:
         self._ahead = ThreadPoolExecutor(1)  # draws ahead (`later`); it hands the chunks on to the pool
         self._blocks: dict[tuple, np.ndarray] = {}  # whole blocks drawn for a batch that covered part of them
 
-    def fill(self, out: np.ndarray, key: tuple[int, ...]) -> None:
-        """Fill the float32 array `out` (C-contiguous) with the numbers of `key`."""
+    def fill(self, out: np.ndarray, key: tuple[int, ...], dist: str = "normal") -> None:
+        """Fill the float32 array `out` (C-contiguous) with the numbers of `key`: standard normals, U(−½, ½)
+        ("uniform") or uniform 32-bit words stored in the floats' bits ("bits"). The kinds draw from streams of
+        their own (the kind is part of the key), so no two kinds share numbers."""
         flat = out.reshape(-1)
         starts = range(0, flat.size, CHUNK)
+        fill_chunk = DRAWS[dist]
+        key = key if dist == "normal" else (*key, DIST_KEYS[dist])
 
         def fill(start: int) -> None:
             # the key's length goes in too: numpy's SeedSequence pads short entropy with zeros, so without it
             # (1,) and (1, 0) -- or chunk 2 of key (1,) and chunk 0 of key (1, 2) -- would draw the same numbers
             rng = np.random.default_rng([self.seed, len(key), *key, start // CHUNK])
-            box_muller(rng, flat[start : start + CHUNK])
+            fill_chunk(rng, flat[start : start + CHUNK])
 
         if self._pool is None or flat.size <= CHUNK:
             for s in starts:
@@ -78,13 +99,13 @@ class NormalSource:
         else:
             list(self._pool.map(fill, starts))
 
-    def normal(self, shape: tuple[int, ...], key: tuple[int, ...]) -> np.ndarray:
+    def normal(self, shape: tuple[int, ...], key: tuple[int, ...], dist: str = "normal") -> np.ndarray:
         out = np.empty(shape, dtype=np.float32)
-        self.fill(out, key)
+        self.fill(out, key, dist)
         return out
 
     def rows(self, site: str, term: int, repeat: int, rows: range, row_shape: tuple[int, ...],
-             out: np.ndarray | None = None) -> np.ndarray:
+             out: np.ndarray | None = None, dist: str = "normal") -> np.ndarray:
         """ε [len(rows), *row_shape] for samples `rows` of the data set at `site`: block by block, each block keyed
         by (site, term, block, repeat) and drawn whole, so a sample's numbers never depend on how rows are batched.
         """
@@ -95,14 +116,14 @@ class NormalSource:
             lo, hi = max(rows.start, block * BLOCK), min(rows.stop, (block + 1) * BLOCK)
             key = (site_key, term, block, repeat)
             if lo == block * BLOCK and hi == (block + 1) * BLOCK:
-                self.fill(out[lo - rows.start : hi - rows.start], key)
+                self.fill(out[lo - rows.start : hi - rows.start], key, dist)
                 continue
-            whole = self._blocks.get((key, row_shape))
+            whole = self._blocks.get((key, row_shape, dist))
             if whole is None:
-                whole = self.normal((BLOCK, *row_shape), key)
+                whole = self.normal((BLOCK, *row_shape), key, dist)
                 # keep partly used blocks of the latest block index only: batches move forward through the data
                 self._blocks = {k: v for k, v in self._blocks.items() if k[0][2] >= block}
-                self._blocks[(key, row_shape)] = whole
+                self._blocks[(key, row_shape, dist)] = whole
             out[lo - rows.start : hi - rows.start] = whole[lo - block * BLOCK : hi - block * BLOCK]
         return out
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from walkaudit import __version__
+from walkaudit._noise.registry import NOISE_MODELS, TAKES_BITS, TAKES_TARGET
 from walkaudit.errors import UsageError, WalkauditError
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -207,10 +208,10 @@ def help_command(ctx, command):
 AUDIT_OPTION_GROUPS = {
     "Data": ("data_path", "x_key", "y_key", "limit", "output", "chance", "ignore_label", "mask", "allow_nonfinite"),
     "Sites": ("ops", "include", "exclude", "site_names"),
-    "Noise & sweep": ("noise", "ratio", "global_mode", "sigmas", "repeats", "drops", "seed"),
+    "Noise & sweep": ("noise", "ratio", "bits", "target", "global_mode", "sigmas", "repeats", "drops", "seed"),
     "Runtime": ("provider", "threads", "batch_size", "noise_source", "exact", "shard", "ray_address"),
     "Gate": ("fail_under", "fail_under_relative", "rules", "rules_file", "min_clean_accuracy", "baseline",
-             "max_drop"),
+             "max_drop", "undecided", "allow_unmatched"),
     "Output": ("json_path", "markdown_path", "junit_path", "html", "output_format", "github", "quiet", "silent"),
     "Resume": ("resume", "checkpoint_path"),
 }
@@ -266,6 +267,11 @@ def gate_options(fn=None, *, baseline: bool = True):
                      help="A previous JSON report to compare against."),
         click.option("--max-drop", metavar="DROP", help="Largest allowed σ50 drop vs --baseline: '20%' or '0.3dec' "
                                                         "(a bare number means decades)."),
+        click.option("--undecided", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
+                     expose_value=False, callback=_store("undecided"),
+                     help="What a rule whose 95% interval straddles its threshold does to the verdict (docs/ci.md)."),
+        click.option("--allow-unmatched", is_flag=True, expose_value=False, callback=_store("allow_unmatched"),
+                     help="Accept a --rule that matches no site (a warning instead of an error)."),
     ]
     if not baseline:  # opts[5] is --baseline, opts[6] --max-drop
         opts[5:7] = [click.option("--max-drop", metavar="DROP",
@@ -274,6 +280,11 @@ def gate_options(fn=None, *, baseline: bool = True):
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def _gate_policy() -> dict:
+    """The gate's --undecided and --allow-unmatched, as `gate.evaluate` takes them."""
+    return {"undecided": _meta("undecided", "fail"), "allow_unmatched": bool(_meta("allow_unmatched"))}
 
 
 def _store(key: str):
@@ -388,8 +399,12 @@ def _check_plausible(config, max_drop_flag: str | None) -> None:
     import re
 
     drop = config.max_drop
+    bare = max_drop_flag is not None and re.fullmatch(r"\s*[-+0-9.eE]+\s*", str(max_drop_flag))
+    if bare and drop.amount < _DECADES_IMPLAUSIBLE:  # every drop names its unit (an accuracy drop's bare is refused)
+        _warn(f"--max-drop {max_drop_flag.strip()}: a bare number means decades here, but a drop names its unit: "
+              f"write '{drop.amount:g}dec' (or a percentage like '20%'); a bare number will be refused in a later "
+              "release")
     if drop is not None and drop.unit == "dec" and drop.amount >= _DECADES_IMPLAUSIBLE:
-        bare = max_drop_flag is not None and re.fullmatch(r"\s*[-+0-9.eE]+\s*", str(max_drop_flag))
         if bare:
             raise UsageError(f"--max-drop {max_drop_flag.strip()} means {drop.amount:g} decades (σ50 may fall by a "
                              f"factor of 10^{drop.amount:g}): a gate that cannot fail; write '{drop.amount:g}%' for "
@@ -537,10 +552,13 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
 @click.option("--output", metavar="NAME", help="The class output to read [default: found automatically].")
 @site_options
 @click.option("--site", "site_names", multiple=True, metavar="TENSOR", help="An explicit site (repeatable).")
-@click.option("--noise", type=click.Choice(["additive", "multiplicative", "combined"]), default="additive",
-              show_default=True, help="Noise model.")
+@click.option("--noise", type=click.Choice(NOISE_MODELS), default="additive", show_default=True,
+              help="Noise model (docs/method.md): " + ", ".join(NOISE_MODELS) + ".")
 @click.option("--ratio", type=float, default=0.5, show_default=True,
               help="combined: σa = σ·r, σm = σ·(1−r).")
+@click.option("--bits", metavar="SPEC", help="; ".join(f"{k}: {v}" for k, v in TAKES_BITS.items()) + ".")
+@click.option("--target", type=click.Choice(["activations", "weights"]),
+              help=f"{', '.join(TAKES_TARGET)}: perturb each layer's output (default) or its weights.")
 @click.option("--global", "global_mode", is_flag=True, help="The same σ at every site at once (default: one site at "
                                                               "a time).")
 @click.option("--sigmas", metavar="LIST|A:B:N",
@@ -582,7 +600,8 @@ def _emit(report, json_path, markdown_path, junit_path, quiet: bool, compare_wit
               help="Evaluate on Ray workers: alone, a local cluster on this machine's cores and GPUs; 'auto', "
                    "'ray://HOST:10001' or 'HOST:6379' joins a running cluster (the 'ray' extra; see docs/scale.md).")
 @guarded
-def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio,
+def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, exclude, site_names, noise, ratio, bits,
+                  target,
                   global_mode, sigmas, repeats, drops, batch_size, seed, chance, ignore_label, mask, provider, threads,
                   noise_source,
                   allow_nonfinite, exact, shard,
@@ -615,7 +634,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                                baseline)
     baseline_report = _read_report(baseline) if baseline else None
     config = AuditConfig(
-        noise=noise, ratio=ratio, mode="global" if global_mode else "walk",
+        noise=noise, ratio=ratio, bits=bits, target=target, mode="global" if global_mode else "walk",
         sigmas=parse_sigmas(sigmas) if sigmas is not None else None,  # "" is an empty grid, not "adaptive"
         repeats=repeats, seed=seed, batch_size=batch_size,
         provider=provider, chance=chance, output=output, selection=_selection(ops, include, exclude, site_names),
@@ -667,6 +686,8 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
             if cp is not None and cp.sites:
                 ckpt.check_against(cp.sites, run.sites, None if run.loaded.class_output.per_token
                                    else run.dataset.samples)
+            if gate_config.thresholds and not _meta("allow_unmatched") and config.shard is None:  # before any work
+                gate.check_matched(gate_config, ["global"] if global_mode else [s.name for s in run.sites])
             try:
                 for site in run:
                     problem = cp.add(site.to_dict()) if cp else None
@@ -681,7 +702,7 @@ def audit_command(model, data_path, x_key, y_key, limit, output, ops, include, e
                 partial, signum = True, signals.signum_of(exc)
             else:
                 result = run.report(partial=False)
-        verdict = gate.evaluate(result, gate_config, baseline_report)
+        verdict = gate.evaluate(result, gate_config, baseline_report, **_gate_policy())
         report = result.with_gate(verdict, rules=gate_config.to_dict())
         _emit(report, json_path, markdown_path, junit_path, quiet)
     log = outputs.current_log()
@@ -772,7 +793,7 @@ def compare(old, new, fail_under, fail_under_relative, rules, rules_file, min_cl
     _check_outputs(json_path, markdown_path, junit_path)
     old_report, new_report = _read_report(old), _read_report(new)
     config = _gate_config(fail_under, fail_under_relative, rules, rules_file, min_clean_accuracy, max_drop, old)
-    verdict = gate.evaluate(new_report, config, old_report)
+    verdict = gate.evaluate(new_report, config, old_report, **_gate_policy())
     if config.max_drop is None:  # compare shows OLD beside NEW: it was compared, only drops are not gated (said below)
         verdict.warnings = [w for w in verdict.warnings if "the baseline was not compared" not in w]
     new_report = new_report.with_gate(verdict, rules=config.to_dict())
@@ -910,10 +931,11 @@ def merge_command(shard_paths, fail_under, fail_under_relative, rules, rules_fil
                                baseline)
     baseline_report = _read_report(baseline) if baseline else None
     merged = merge([_read_report(p) for p in shard_paths], names=list(shard_paths))
-    verdict = gate.evaluate(merged, gate_config, baseline_report)
+    verdict = gate.evaluate(merged, gate_config, baseline_report, **_gate_policy())
     report = merged.with_gate(verdict, rules=gate_config.to_dict())
     _emit(report, json_path, markdown_path, junit_path, quiet)
     sys.exit(verdict.exit_code)
 
 
 from walkaudit.cli import plan as _plan  # noqa: E402,F401  (registers `walkaudit plan`)
+from walkaudit.cli import bits as _bits  # noqa: E402,F401  (registers `walkaudit bits`)

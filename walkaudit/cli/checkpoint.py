@@ -36,7 +36,7 @@ SUFFIX = ".checkpoint"
 
 # fingerprint key -> how the user sets it (for the one-line refusal)
 FLAGS = {
-    "noise": "--noise", "ratio": "--ratio", "mode": "--global", "sigmas": "--sigmas", "repeats": "--repeats",
+    "noise": "--noise", "ratio": "--ratio", "bits": "--bits", "target": "--target", "mode": "--global", "sigmas": "--sigmas", "repeats": "--repeats",
     "seed": "--seed", "selection": "--ops/--include/--exclude/--site", "limit": "--limit", "chance": "--chance",
     "output": "--output", "noise_source": "--noise-source", "exact": "--exact", "x_key": "--x-key",
     "y_key": "--y-key", "allow_nonfinite": "--allow-nonfinite",

@@ -1,8 +1,8 @@
 """CI gate: rules over a walkaudit report -> pass/fail with the site and the numbers behind every failure.
 
 Pure: no I/O except :func:`load_rules`, which reads the TOML rules file it is given. Nothing here prints or exits;
-:class:`GateResult` carries the verdict and its ``exit_code`` (0 pass, 1 gate failed). Bad rules raise
-:class:`walkaudit.errors.UsageError` (exit code 2 at the CLI).
+:class:`GateResult` carries the verdict and its ``exit_code`` (0 passed, 1 failed, undecided or incomplete). Bad
+rules raise :class:`walkaudit.errors.UsageError` (exit code 2 at the CLI).
 
 Rules (combinable; every rule is checked and every failure is reported):
 
@@ -15,16 +15,19 @@ Rules (combinable; every rule is checked and every failure is reported):
 - **above chance** (implied by any rule or a baseline): a report whose clean accuracy is not above chance fails,
   since none of its σ50 means anything; its site rules are then not checked.
 
-A site whose fit found no σ50 at all (``fit.ok`` false with method ``censored``: the midpoint is only the grid's end)
-never counts as robust: a threshold or a max drop on it fails. A site with nothing measured is warned about.
-Messages name the site (with control characters escaped, see :func:`walkaudit.report.text.printable`).
+Every rule is decided on an interval (docs/method.md "Decisions"): it **passes** where the whole 95 % interval of
+the number it is about meets the threshold, **fails** where the whole interval breaks it, and is **undecided** where
+the interval straddles the threshold. The intervals: σ50's (censoring makes it (bound, ∞) for "above" and
+(0, bound) for "below"), a tolerance's (`--drop`), the clean accuracy's Wilson interval over the samples, and for
+a max drop the fall's interval from both reports' σ50 intervals (:func:`drop_interval`: failed where its lower end
+falls by more than allowed, passed where its upper end stays within it). Undecided checks are listed in
+``GateResult.undecided``; they fail the gate unless ``undecided="pass"`` (``--undecided pass``). A partial report's
+verdict is ``incomplete`` (``passed`` None) and a gate without rules says ``no gate``.
 
-Censoring (a σ50 reported as a bound, see docs/ci.md "Censoring") is handled as intervals: "above" means σ50 lies in
-(bound, ∞), "below" means (0, bound). A rule fails when the interval proves it broken, passes when the interval
-proves it holds, and otherwise follows the evidence: a site that never fell to halfway inside the grid passes with a
-warning; a site that was already below halfway at the smallest σ fails. A regression against the baseline is
-reported only when even the most favourable reading (the baseline's lower end, the new report's upper end,
-95% intervals included) drops by more than allowed; a drop that only the point estimates show is a warning.
+A site whose fit found no σ50 at all (``fit.ok`` false with method ``censored``: the midpoint is only the grid's end)
+never counts as robust: a threshold or a max drop on it fails. A site with nothing measured is warned about. A rule
+whose pattern matches no site is an error (UsageError) unless ``allow_unmatched``.
+Messages name the site (with control characters escaped, see :func:`walkaudit.report.text.printable`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,12 @@ __all__ = [
     "GateConfig",
     "GateResult",
     "Threshold",
+    "UNDECIDED_POLICIES",
     "check_comparable",
+    "check_matched",
+    "clean_interval",
+    "decide",
+    "drop_interval",
     "evaluate",
     "load_rules",
     "parse_drop",
@@ -308,14 +316,28 @@ def _compile(pattern: str) -> re.Pattern:
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
-def evaluate(report: Report, config: GateConfig, baseline: Report | None = None) -> GateResult:
+#: what the gate does with a rule whose interval straddles its threshold (``--undecided``)
+UNDECIDED_POLICIES = ("fail", "pass")
+
+
+def evaluate(report: Report, config: GateConfig, baseline: Report | None = None, *, undecided: str = "fail",
+             allow_unmatched: bool = False) -> GateResult:
     """Apply ``config`` to ``report`` (and, for ``max_drop``, compare with ``baseline``).
 
+    Every rule is decided on an interval (docs/method.md "Decisions"): it passes where the whole 95 % interval
+    meets it, fails where the whole interval breaks it, and is undecided where the interval straddles the threshold.
+    ``undecided``: "fail" (the default) or "pass" — what an undecided rule does to the verdict. A partial report's
+    verdict is "incomplete" (``passed`` None); a gate without rules says "no gate".
+
     Raises UsageError when the baseline was made with a different noise model, ratio or mode (see
-    :func:`check_comparable`). Everything else becomes a Failure or a warning.
+    :func:`check_comparable`), and when a site rule matches no site of the report unless ``allow_unmatched`` (or the
+    report is partial or one shard, which lack sites by design: then a warning). Everything else becomes a Failure,
+    an undecided entry or a warning.
     """
-    failures: list[Failure] = []
-    warnings: list[str] = []
+    if undecided not in UNDECIDED_POLICIES:
+        raise UsageError(f"--undecided must be one of {', '.join(UNDECIDED_POLICIES)}, got {undecided!r}")
+    decisions = _Decisions()
+    warnings = decisions.warnings
     if report.partial:
         warnings.append("the report is partial (the audit stopped early): sites not measured were not checked")
     if baseline is not None:
@@ -324,24 +346,25 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None)
     gated = not config.empty or baseline is not None
     usable = report.above_chance
     if gated and not usable:
-        failures.append(Failure(
+        decisions.fail(Failure(
             RULE_ABOVE_CHANCE, None, report.clean_accuracy, report.chance,
             f"clean accuracy {report.clean_accuracy:.4g} is not above chance {report.chance:.4g}: the model does "
             f"not classify these data, so no σ50 means anything"))
         if config.thresholds or config.max_drop is not None:
             warnings.append("site rules not checked: the clean accuracy is not above chance")
 
+    lacks_sites = report.partial or report.config.extra.get("shard") is not None
     for threshold in config.thresholds if usable else ():
         matched = [s for s in report.sites if threshold.matches(s.name)]
         if not matched:
+            if not (allow_unmatched or lacks_sites):
+                check_matched(GateConfig((threshold,)), [s.name for s in report.sites])
             warnings.append(f"rule {threshold}: matches no site")
         for site in matched:
-            _check_threshold(site, threshold, failures, warnings)
+            _check_threshold(site, threshold, decisions)
 
-    if config.min_clean_accuracy is not None and report.clean_accuracy < config.min_clean_accuracy:
-        failures.append(Failure(
-            RULE_MIN_CLEAN_ACCURACY, None, report.clean_accuracy, config.min_clean_accuracy,
-            f"clean accuracy {report.clean_accuracy:.4g} < {config.min_clean_accuracy:.4g}"))
+    if config.min_clean_accuracy is not None:
+        _check_clean_accuracy(report, config.min_clean_accuracy, decisions)
 
     if baseline is not None:
         if config.max_drop is None:
@@ -350,20 +373,72 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None)
             if not baseline.above_chance:
                 warnings.append(f"the baseline's clean accuracy {baseline.clean_accuracy:.4g} is not above its "
                                 f"chance {baseline.chance:.4g}: it has no σ50 to compare with")
-            _check_drops(report, baseline, config.max_drop, failures, warnings)
+            _check_drops(report, baseline, config.max_drop, decisions)
     elif config.max_drop is not None:
         warnings.append(f"max drop {config.max_drop} set but no baseline given: not checked")
 
-    return GateResult(passed=not failures, failures=failures, warnings=warnings)
+    failures, open_ = decisions.failures, decisions.undecided
+    if report.partial:
+        passed, verdict = None, "incomplete"
+    elif failures:
+        passed, verdict = False, "failed"
+    elif open_:
+        passed, verdict = undecided == "pass", "undecided"
+        if undecided == "pass":
+            warnings.append(f"{len(open_)} rule check(s) undecided, passed by --undecided pass")
+    elif not gated:
+        passed, verdict = True, "no gate"
+    else:
+        passed, verdict = True, "passed"
+    return GateResult(passed=passed, failures=failures, warnings=warnings, undecided=open_, verdict=verdict)
+
+
+def check_matched(config: GateConfig, names: list[str]) -> None:
+    """Refuse (UsageError) a site rule whose pattern matches none of ``names``, as ruff refuses an unknown rule:
+    a typo would otherwise gate nothing. The CLI checks the selected sites before the audit runs."""
+    for threshold in config.thresholds:
+        if not any(threshold.matches(n) for n in names):
+            shown = ", ".join(printable(n) for n in names[:3]) + (", …" if len(names) > 3 else "")
+            raise UsageError(f"rule {threshold} matches no site (the sites are {shown or 'none'}); fix the pattern, "
+                             "or pass --allow-unmatched to accept it")
+
+
+class _Decisions:
+    """What the rules decided so far: failures (shown broken), undecided checks, warnings."""
+
+    def __init__(self) -> None:
+        self.failures: list[Failure] = []
+        self.undecided: list[Failure] = []
+        self.warnings: list[str] = []
+
+    def fail(self, failure: Failure) -> None:
+        self.failures.append(failure)
+
+    def open(self, failure: Failure) -> None:
+        self.undecided.append(failure)
+
+
+def decide(interval: tuple[float, float], limit: float) -> str:
+    """"pass" where the whole interval is at least ``limit``, "fail" where it is wholly below, else "undecided"."""
+    lo, hi = interval
+    if lo >= limit:
+        return "pass"
+    if hi < limit:
+        return "fail"
+    return "undecided"
 
 
 def check_comparable(old: Report, new: Report) -> list[str]:
-    """Refuse (UsageError) σ50 comparisons across noise models, combined-noise ratios or modes: those σ mean different
-    things. Return warnings for softer mismatches (other data, other labels, partial reports)."""
+    """Refuse (UsageError) σ50 comparisons across noise models, combined-noise ratios, bits, targets or modes: those σ
+    mean different things. Return warnings for softer mismatches (other data, other labels, partial reports)."""
     for key, what in (("noise", "noise model"), ("mode", "mode")):
         a, b = getattr(old.config, key), getattr(new.config, key)
         if a != b:
             raise UsageError(f"cannot compare with the baseline: it used {what} {a!r}, this report {b!r}")
+    for key in ("bits", "target"):  # bit flips' positions and target, quantize's bit counts
+        a, b = old.config.extra.get(key), new.config.extra.get(key)
+        if a != b:
+            raise UsageError(f"cannot compare with the baseline: it used {key} {a!r}, this report {b!r}")
     if old.config.noise == "combined":
         a, b = old.config.ratio, new.config.ratio
         if a is not None and b is not None and not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
@@ -390,80 +465,152 @@ def _no_sigma50(site: SiteResult) -> str:
     return printable(site.fit.message or "the fit found no midpoint")
 
 
-def _check_threshold(site: SiteResult, threshold: Threshold, failures: list[Failure], warnings: list[str]) -> None:
+def _check_threshold(site: SiteResult, threshold: Threshold, decisions: _Decisions) -> None:
     if threshold.drop is not None:
-        _check_tolerance(site, threshold, failures, warnings)
+        _check_tolerance(site, threshold, decisions)
         return
     name = printable(site.name)
     what = "σ50/std" if threshold.relative else "σ50"
     limit = threshold.value
     if site.sigma50 is None:
         if site.midpoint is None and not site.points:
-            warnings.append(f"site {name}: no σ50 (nothing measured); rule {threshold} not checked")
+            decisions.warnings.append(f"site {name}: no σ50 (nothing measured); rule {threshold} not checked")
         else:
-            failures.append(Failure(threshold.rule, site.name, None, limit,
-                                    f"site {name}: no σ50 ({_no_sigma50(site)}), so {what} >= {limit:g} cannot be "
-                                    f"shown (rule {threshold})"))
+            decisions.fail(Failure(threshold.rule, site.name, None, limit,
+                                   f"site {name}: no σ50 ({_no_sigma50(site)}), so {what} >= {limit:g} cannot be "
+                                   f"shown (rule {threshold})"))
         return
     value = site.sigma50_relative if threshold.relative else site.sigma50
-    if value is None:
-        warnings.append(f"site {name}: no activation std; rule {threshold} not checked")
+    interval = _interval(site)
+    if value is None or interval is None:
+        decisions.warnings.append(f"site {name}: no activation std; rule {threshold} not checked")
         return
+    scale = value / site.sigma50
+    interval = (interval[0] * scale, interval[1] * scale)
     censored = site.censored
     shown = format_sigma(value, censored, digits=4)
-    if censored == "above":
-        if value < limit:
-            warnings.append(f"site {name}: {what} {shown} never fell to halfway in the σ grid, whose top is below "
-                            f"the threshold {limit:g}; passed without proof (extend the grid up)")
+    verdict = decide(interval, limit)
+    if censored == "below" and value <= limit:  # σ50 < bound <= threshold: the open interval (0, bound) breaks it
+        verdict = "fail"
+    if verdict == "pass":
         return
-    if censored == "below":
-        if value <= limit:
-            message = (f"site {name}: {what} {shown} (already below halfway at the smallest σ tested) is under "
-                       f"{limit:g} (rule {threshold})")
-        else:
-            message = (f"site {name}: {what} {shown}: already below halfway at the smallest σ tested, which is above "
-                       f"the threshold {limit:g}, so σ50 >= {limit:g} cannot be shown (rule {threshold}; "
-                       f"extend the grid down)")
-        failures.append(Failure(threshold.rule, site.name, value, limit, message))
-        return
-    if value < limit:
-        failures.append(Failure(threshold.rule, site.name, value, limit,
-                                f"site {name}: {what} {value:.4g} < {limit:g} (rule {threshold})"))
+    if censored == "above":  # (bound, ∞) with the bound under the threshold
+        decisions.open(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: {what} {shown} never fell to halfway in the σ grid, whose top is below "
+                               f"the threshold {limit:g}: undecided (rule {threshold}; extend the grid up)"))
+    elif censored == "below" and verdict == "fail":
+        decisions.fail(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: {what} {shown} (already below halfway at the smallest σ tested) is "
+                               f"under {limit:g} (rule {threshold})"))
+    elif censored == "below":
+        decisions.open(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: {what} {shown}: already below halfway at the smallest σ tested, which "
+                               f"is above the threshold {limit:g}: undecided (rule {threshold}; extend the grid "
+                               "down)"))
+    elif verdict == "fail":
+        decisions.fail(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: {what} {value:.4g} < {limit:g}{_ci_text(interval, value)} "
+                               f"(rule {threshold})"))
+    else:
+        decisions.open(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: {what} {value:.4g}{_ci_text(interval, value)} straddles {limit:g}: "
+                               f"undecided (rule {threshold}; more samples or --repeats narrow the interval)"))
 
 
-def _check_drops(report: Report, baseline: Report, drop: Drop, failures: list[Failure], warnings: list[str]) -> None:
-    for old, new in _match_sites(baseline.sites, report.sites, warnings):
+def _ci_text(interval: tuple[float, float], value: float) -> str:
+    lo, hi = interval
+    return "" if lo == hi == value else f", 95% CI {lo:.4g}–{hi:.4g}"
+
+
+def _check_clean_accuracy(report: Report, minimum: float, decisions: _Decisions) -> None:
+    """The clean accuracy against ``minimum`` on its 95 % (Wilson) interval over the samples: the data are a sample
+    of what the model will see, as for σ50's interval."""
+    acc = report.clean_accuracy
+    counts = report.clean_counts
+    interval = clean_interval(counts.correct, counts.samples) if counts is not None else (acc, acc)
+    verdict = decide(interval, minimum)
+    if verdict == "pass":
+        return
+    text = f"clean accuracy {acc:.4g}{_ci_text(interval, acc)}"
+    if verdict == "fail":
+        decisions.fail(Failure(RULE_MIN_CLEAN_ACCURACY, None, acc, minimum, f"{text} < {minimum:.4g}"))
+    else:
+        decisions.open(Failure(RULE_MIN_CLEAN_ACCURACY, None, acc, minimum,
+                               f"{text} straddles {minimum:.4g}: undecided (more samples narrow the interval)"))
+
+
+def clean_interval(correct: int, samples: int) -> tuple[float, float]:
+    """The 95 % Wilson interval of a clean accuracy of ``correct`` out of ``samples``."""
+    if samples <= 0:
+        return 0.0, 1.0
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(correct), int(samples)).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _check_drops(report: Report, baseline: Report, drop: Drop, decisions: _Decisions) -> None:
+    """Each site's σ50 fall against the baseline, decided on the fall's 95 % interval (:func:`drop_interval`):
+    failed where its lower end falls by more than allowed, passed where its upper end stays within it."""
+    for old, new in _match_sites(baseline.sites, report.sites, decisions.warnings):
         name = printable(new.name)
         old_iv, new_iv = _interval(old), _interval(new)
         if old_iv is None:
-            warnings.append(f"site {name}: no σ50 in the baseline; max drop not checked")
+            decisions.warnings.append(f"site {name}: no σ50 in the baseline; max drop not checked")
             continue
         old_v = old.sigma50
         shown_old = format_sigma(old_v, old.censored, digits=4)
         if new_iv is None:
-            failures.append(Failure(RULE_MAX_DROP, new.name, None, drop.amount,
-                                    f"site {name}: no σ50 in this report ({_no_sigma50(new)}); the baseline's was "
-                                    f"{shown_old}, so a drop of more than {drop} cannot be ruled out"))
+            decisions.fail(Failure(RULE_MAX_DROP, new.name, None, drop.amount,
+                                   f"site {name}: no σ50 in this report ({_no_sigma50(new)}); the baseline's was "
+                                   f"{shown_old}, so a drop of more than {drop} cannot be ruled out"))
             continue
         new_v = new.sigma50
         face = drop.measure(old_v, new_v)  # bounds taken at face value
-        least = drop.measure(old_iv[0], new_iv[1])  # the most favourable reading
+        least, most = (_in_unit(d, drop.unit) for d in drop_interval(old_v, old_iv, new_v, new_iv))
         change = f"site {name}: σ50 fell from {shown_old} to {format_sigma(new_v, new.censored, digits=4)}"
         if least > drop.amount:
             amount = _format_drop(face, drop.unit)
             if old.censored == "above" or new.censored == "below":
                 detail = f"more than {amount}"  # the bounds understate the fall
-            elif least == face:
+            elif math.isclose(least, face, rel_tol=1e-9, abs_tol=1e-12):
                 detail = amount
             else:
-                detail = f"{amount}, at least {_format_drop(least, drop.unit)} at the ends of the 95% intervals"
-            failures.append(Failure(RULE_MAX_DROP, new.name, face, drop.amount,
-                                    f"{change}: a drop of {detail} (max {drop})"))
-        elif face > drop.amount:
+                detail = f"{amount}, at least {_format_drop(least, drop.unit)} at the end of its 95% interval"
+            decisions.fail(Failure(RULE_MAX_DROP, new.name, face, drop.amount,
+                                   f"{change}: a drop of {detail} (max {drop})"))
+        elif most > drop.amount:
             censored = old.censored or new.censored
-            why = "a σ50 is only bounded (censored)" if censored else "within the 95% intervals"
-            warnings.append(f"{change}, a drop of {_format_drop(face, drop.unit)} > {drop} at face value, but not "
-                            f"shown: {why}")
+            why = ("a σ50 is only bounded (censored): extend the grid" if censored else
+                   f"up to {_format_drop(most, drop.unit)} at the end of its 95% interval")
+            change = change if face > 0 else f"site {name}: σ50 {shown_old} → {format_sigma(new_v, new.censored, 4)}"
+            decisions.open(Failure(RULE_MAX_DROP, new.name, face, drop.amount,
+                                   f"{change}, a drop of {_format_drop(face, drop.unit)} at face value; more than "
+                                   f"{drop} not ruled out ({why}): undecided"))
+
+
+def drop_interval(old: float, old_iv: tuple[float, float], new: float,
+                  new_iv: tuple[float, float]) -> tuple[float, float]:
+    """The 95 % interval of the fall log10(old / new) in decades, from the two σ50 and their (independent) 95 %
+    intervals: each side's half-widths in log σ added in quadrature, as for the difference of two independent
+    estimates. An end that one interval leaves open (a censored σ50) is ±∞."""
+    face = math.log10(old / new)
+
+    def half(a: float, b: float) -> float:  # log10 distance; ∞ where an end is open
+        return _INF if a <= 0 or b == _INF else math.log10(b / a)
+
+    low = math.hypot(half(old_iv[0], old), half(new, new_iv[1]))  # old lower, new higher: a smaller fall
+    high = math.hypot(half(old, old_iv[1]), half(new_iv[0], new))  # old higher, new lower: a larger fall
+    return face - low, face + high
+
+
+def _in_unit(decades: float, unit: str) -> float:
+    """A fall in decades in the rule's unit: decades, or percent of the old σ50."""
+    if unit == "dec":
+        return decades
+    if decades == -_INF:
+        return -_INF
+    return 100.0 if decades == _INF else (1.0 - 10.0 ** -decades) * 100.0
 
 
 def _match_sites(old_sites, new_sites, warnings: list[str]) -> list[tuple[SiteResult, SiteResult]]:
@@ -523,29 +670,55 @@ def _format_drop(value: float, unit: str) -> str:
     return f"{value:.3g}%" if unit == "%" else f"{value:.3g} decades"
 
 
-def _check_tolerance(site: SiteResult, threshold: Threshold, failures: list[Failure], warnings: list[str]) -> None:
-    """A rule on the σ at which the site's accuracy falls by `threshold.drop` (the site's `tolerance` entries)."""
+def _check_tolerance(site: SiteResult, threshold: Threshold, decisions: _Decisions) -> None:
+    """A rule on the σ at which the site's accuracy falls by `threshold.drop` (the site's `tolerance` entries),
+    decided on that σ's 95 % interval as σ50 rules are."""
     name, limit = printable(site.name), threshold.value
     entry = next((t for t in site.extra.get("tolerance") or [] if t.get("of") == threshold.drop), None)
     if entry is None:
-        warnings.append(f"site {name}: no tolerance at a {threshold.drop} drop (audit with --drop "
-                        f"{threshold.drop}); rule {threshold} not checked")
+        decisions.warnings.append(f"site {name}: no tolerance at a {threshold.drop} drop (audit with --drop "
+                                  f"{threshold.drop}); rule {threshold} not checked")
         return
     value = entry.get("sigma")
+    scale = 1.0
     if threshold.relative:
         std = site.activation_std
-        value = value / std if value is not None and std else None
+        scale = 1.0 / std if std else 0.0
+        value = value * scale if value is not None and std else None
     what = f"σ at a {threshold.drop} drop" + ("/std" if threshold.relative else "")
     if value is None:
-        failures.append(Failure(threshold.rule, site.name, None, limit,
-                                f"site {name}: no {what}, so >= {limit:g} cannot be shown (rule {threshold})"))
+        decisions.fail(Failure(threshold.rule, site.name, None, limit,
+                               f"site {name}: no {what}, so >= {limit:g} cannot be shown (rule {threshold})"))
         return
-    if entry.get("censored") == "above":
-        if value < limit:
-            warnings.append(f"site {name}: accuracy never fell by {threshold.drop} in the σ grid, whose top is below "
-                            f"{limit:g}; passed without proof (rule {threshold})")
+    censored = entry.get("censored")
+    if censored == "above":
+        interval = (value, _INF)
+    elif censored == "below":
+        interval = (0.0, value)
+    elif entry.get("ci95"):
+        lo, hi = entry["ci95"]
+        interval = (min(lo * scale, value), max(hi * scale, value))
+    else:
+        interval = (value, value)
+    verdict = decide(interval, limit)
+    if censored == "below" and value <= limit:  # fallen that far below the smallest σ tested, itself <= limit
+        verdict = "fail"
+    if verdict == "pass":
         return
-    if entry.get("censored") == "below" or value < limit:
-        failures.append(Failure(threshold.rule, site.name, value, limit,
-                                f"site {name}: {what} {value:.4g} < {limit:g} (rule {threshold})"))
-
+    if verdict == "fail":
+        decisions.fail(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: {what} {value:.4g} < {limit:g}"
+                               f"{'' if censored else _ci_text(interval, value)} (rule {threshold})"))
+    elif censored == "above":
+        decisions.open(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: accuracy never fell by {threshold.drop} in the σ grid, whose top is "
+                               f"below {limit:g}: undecided (rule {threshold}; extend the grid up)"))
+    elif censored == "below":
+        decisions.open(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: accuracy had already fallen by {threshold.drop} at the smallest σ "
+                               f"tested, which is above {limit:g}: undecided (rule {threshold}; extend the grid "
+                               "down)"))
+    else:
+        decisions.open(Failure(threshold.rule, site.name, value, limit,
+                               f"site {name}: {what} {value:.4g}{_ci_text(interval, value)} straddles {limit:g}: "
+                               f"undecided (rule {threshold}; more samples or --repeats narrow the interval)"))

@@ -391,15 +391,32 @@ class Failure:
 
 @dataclass
 class GateResult:
-    """The gate's verdict (``report.gate``): passed, every failure, the warnings. ``exit_code`` is 0 or 1."""
+    """The gate's verdict (``report.gate``): passed, every failure, the warnings, the rules it could not decide.
 
-    passed: bool
+    ``verdict`` says what happened in one word (docs/method.md "Decisions"): ``passed`` (every rule shown to hold),
+    ``failed`` (a rule shown broken), ``undecided`` (no rule broken, but a 95 % interval straddles a threshold:
+    ``undecided`` lists them; ``passed`` then follows the ``--undecided`` policy), ``incomplete`` (a partial
+    report: ``passed`` is None, whatever was found so far is listed) or ``no gate`` (no rule was given: nothing
+    was checked, ``passed`` stays true so that the exit code is 0). ``exit_code`` is 0 only when ``passed``.
+    """
+
+    passed: bool | None
     failures: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict, repr=False, compare=False)
+    undecided: list[Failure] = field(default_factory=list)
+    verdict: str | None = None  # None in a report of walkaudit before 0.3: `decision` derives it from `passed`
+
+    @property
+    def decision(self) -> str:
+        """The verdict: ``verdict`` where the gate recorded it, else derived from ``passed`` (older reports)."""
+        if self.verdict is not None:
+            return self.verdict
+        return ("incomplete" if self.passed is None else "failed" if self.failures else
+                "undecided" if self.undecided else "passed" if self.passed else "failed")
 
     def __bool__(self) -> bool:
-        return self.passed
+        return bool(self.passed)
 
     @property
     def exit_code(self) -> int:
@@ -408,10 +425,13 @@ class GateResult:
     @classmethod
     def from_dict(cls, data: dict) -> GateResult:
         return cls(data["passed"], [Failure.from_dict(f) for f in data["failures"]], list(data["warnings"]),
-                   _extra(data, ("passed", "failures", "warnings")))
+                   _extra(data, ("passed", "failures", "warnings", "undecided", "verdict")),
+                   [Failure.from_dict(f) for f in data.get("undecided") or []], data.get("verdict"))
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "failures": [f.to_dict() for f in self.failures],
+        return {"passed": self.passed, **({"verdict": self.verdict} if self.verdict is not None else {}),
+                "failures": [f.to_dict() for f in self.failures],
+                **({"undecided": [f.to_dict() for f in self.undecided]} if self.undecided else {}),
                 "warnings": list(self.warnings), **copy.deepcopy(self.extra)}
 
 
@@ -532,7 +552,7 @@ class Report:
         weakest = self.weakest
         where = "none" if weakest is None else \
             f"{printable(weakest.name)} (σ50 {format_sigma(weakest.sigma50, weakest.censored)})"
-        gate = "" if self.gate is None else f", gate {'passed' if self.gate.passed else 'FAILED'}"
+        gate = "" if self.gate is None else f", gate {self.gate.decision}"
         partial = ", partial" if self.partial else ""
         return (f"<walkaudit Report {printable(self.model.file_name)}: clean accuracy {self.clean_accuracy:.4f}, "
                 f"{len(self.sites)} sites, weakest {where}{gate}{partial}>")

@@ -240,6 +240,10 @@ def _failing(gate: GateResult | None) -> set[str]:
     return {f.site for f in gate.failures if f.site is not None} if gate is not None else set()
 
 
+def _undecided(gate: GateResult | None) -> set[str]:
+    return {u.site for u in gate.undecided if u.site is not None} if gate is not None else set()
+
+
 def _sigma(site: SiteResult, relative: bool = False) -> str:
     return format_sigma(site.sigma50_relative if relative else site.sigma50, site.censored)
 
@@ -251,7 +255,7 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
     number or the end of a name (:func:`fit`): the full table, then without the bars, then with the names' common
     prefix elided, then one record of two lines per site.
     """
-    failing = _failing(report.gate)
+    failing, undecided = _failing(report.gate), _undecided(report.gate)
     logs = [math.log10(s.sigma50) for s in report.sites if s.sigma50 and s.sigma50 > 0]
     lo, hi = (min(logs) - 0.3, max(logs)) if logs else (0.0, 1.0)
     columns = [Column("#", "right", "index"), Column("site", kind="name"), Column("op"), Column("shape"),
@@ -263,7 +267,8 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
     for s in report.sites:
         rows.append([
             "" if s.index is None else str(s.index),
-            Name(printable(s.name), _FIT_MARK.get(s.fit.method, ""), "bold red" if s.name in failing else ""),
+            Name(printable(s.name), _FIT_MARK.get(s.fit.method, ""),
+                 "bold red" if s.name in failing else "yellow" if s.name in undecided else ""),
             printable(s.op_type),
             "" if s.shape is None else shape_text(s.shape),
             _sigma(s),
@@ -332,18 +337,32 @@ def summary_lines(report: Report) -> list[str]:
     lines += [f"note: {printable(note)}" for note in rt.notes]
     if report.partial:
         lines.append("PARTIAL: the run was interrupted; only finished sites are reported")
-    if report.gate is not None and (report.gate.failures or cfg.has_rules):
+    if report.gate is not None and (report.gate.failures or report.gate.undecided or cfg.has_rules
+                                    or report.gate.decision == "incomplete"):
         lines += gate_lines(report.gate)
     elif report.gate is not None:
         lines += [f"warning: {printable(w)}" for w in report.gate.warnings]
     return lines
 
 
+#: the last line of the gate's output per decision
+_GATE_LINE = {"passed": "gate: passed", "failed": "gate: FAILED", "undecided": "gate: UNDECIDED (not shown)",
+              "incomplete": "gate: incomplete (partial report: the gate did not decide)",
+              "no gate": "gate: no gate (no rules given)"}
+
+
 def gate_lines(gate: GateResult) -> list[str]:
-    """Warnings, one ``FAIL:`` line per failure, then ``gate: passed`` or ``gate: FAILED``."""
+    """Warnings, one ``FAIL:`` line per failure, one ``UNDECIDED:`` line per check whose interval straddles its
+    threshold, then the verdict: ``gate: passed``, ``gate: FAILED``, ``gate: UNDECIDED``, ``gate: incomplete`` or
+    ``gate: no gate``."""
     lines = [f"warning: {printable(w)}" for w in gate.warnings]
     lines += [f"FAIL: {printable(f.message)}" for f in gate.failures]
-    lines.append("gate: " + ("passed" if gate.passed else "FAILED"))
+    lines += [f"UNDECIDED: {printable(u.message)}" for u in gate.undecided]
+    decision = gate.decision
+    last = _GATE_LINE[decision]
+    if decision == "undecided" and gate.passed:
+        last = "gate: undecided, passed by --undecided pass"
+    lines.append(last)
     return lines
 
 

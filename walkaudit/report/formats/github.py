@@ -27,8 +27,10 @@ def escape_property(text: object) -> str:
 
 
 def to_github(report: Report, warnings: bool = True) -> str:
-    """The annotations of ``report``'s gate (empty when no gate ran), one per line, ending with a newline when any.
-    ``warnings=False`` leaves the ``::warning`` lines out (``-q``)."""
+    """The annotations of ``report``'s gate (empty when no gate ran), one per line, ending with a newline when any:
+    ``::error`` per failure, per undecided check that failed the gate (``::warning`` where ``--undecided pass``
+    passed it) and for an incomplete (partial) report. ``warnings=False`` leaves the gate's ``::warning`` lines out
+    (``-q``)."""
     gate = report.gate
     if gate is None:
         return ""
@@ -38,6 +40,15 @@ def to_github(report: Report, warnings: bool = True) -> str:
         where = f"site {failure.site}" if failure.site is not None else model
         title = escape_property(f"walkaudit {failure.rule}: {where}")
         lines.append(f"::error title={title}::{escape_data(failure.message)}")
+    undecided = "error" if not gate.passed else "warning"
+    for entry in gate.undecided:
+        where = f"site {entry.site}" if entry.site is not None else model
+        title = escape_property(f"walkaudit {entry.rule} undecided: {where}")
+        lines.append(f"::{undecided} title={title}::{escape_data(entry.message)}")
+    if gate.decision == "incomplete":
+        lines.append(f"::error title={escape_property(f'walkaudit: {model}')}::"
+                     + escape_data("incomplete: the audit stopped before every site was measured; the gate did not "
+                                   "decide"))
     if warnings:
         for warning in gate.warnings:
             lines.append(f"::warning title={escape_property(f'walkaudit: {model}')}::{escape_data(warning)}")

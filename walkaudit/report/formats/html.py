@@ -30,9 +30,20 @@ th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
 td.name { font-family: monospace; overflow-wrap: break-word; min-width: 12ch; }
 tr.fail td { background: #fde8e8; }
-.passed { color: #1a7f37; } .failed { color: #cf222e; }
+.passed { color: #1a7f37; } .failed { color: #cf222e; } .undecided, .incomplete { color: #9a6700; }
+tr.undecided td { background: #fff8c5; }
 svg text { font-size: 11px; font-family: sans-serif; }
 """
+
+
+#: the headline's verdict per gate decision
+_VERDICTS = {
+    "passed": '<span class="passed">gate passed</span>',
+    "failed": '<span class="failed">gate FAILED</span>',
+    "undecided": '<span class="undecided">gate undecided</span>',
+    "incomplete": '<span class="incomplete">incomplete (partial report: the gate did not decide)</span>',
+    "no gate": "no gate (no rules given)",
+}
 
 
 def _e(text: object) -> str:
@@ -43,8 +54,8 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
     """``report`` as one HTML document (a string ending with a newline). ``baseline``: a column of its σ50."""
     gate = report.gate
     failing = {f.site for f in gate.failures if f.site is not None} if gate is not None else set()
-    verdict = "" if gate is None else (' — <span class="passed">gate passed</span>' if gate.passed
-                                       else ' — <span class="failed">gate FAILED</span>')
+    open_sites = {u.site for u in gate.undecided if u.site is not None} if gate is not None else set()
+    verdict = "" if gate is None else f" — {_VERDICTS[gate.decision]}"
     cfg = report.config
     labels = "labels" if report.data.labels == "given" else "agreement with the clean model (no labels)"
     out = [
@@ -79,7 +90,7 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
                 change = f"{(s.sigma50 - o.sigma50) / o.sigma50 * 100:+.1f}%"
             cells += [f'<td class="n">{_e(format_sigma(o.sigma50, o.censored)) if o else "—"}</td>',
                       f'<td class="n">{change}</td>']
-        cls = ' class="fail"' if s.name in failing else ""
+        cls = ' class="fail"' if s.name in failing else ' class="undecided"' if s.name in open_sites else ""
         out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     out.append("</table>")
     drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
@@ -96,6 +107,11 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
         out += [f"<h2>Failures ({len(gate.failures)})</h2>", "<ul>"]
         out += [f"<li><b>{_e(f.rule)}</b> {_e(f.site) if f.site is not None else 'model'}: {_e(f.message)}</li>"
                 for f in gate.failures]
+        out.append("</ul>")
+    if gate is not None and gate.undecided:
+        out += [f"<h2>Undecided ({len(gate.undecided)}): the 95% interval straddles the threshold</h2>", "<ul>"]
+        out += [f"<li><b>{_e(u.rule)}</b> {_e(u.site) if u.site is not None else 'model'}: {_e(u.message)}</li>"
+                for u in gate.undecided]
         out.append("</ul>")
     if gate is not None and gate.warnings:
         out += [f"<h2>Warnings ({len(gate.warnings)})</h2>", "<ul>"]

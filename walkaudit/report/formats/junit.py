@@ -4,27 +4,38 @@ One ``<testsuite name="walkaudit">`` inside ``<testsuites>``; one ``<testcase>``
 name, ``name`` = tensor name) with one ``<failure>`` carrying all of that site's gate failures; a ``(model)`` testcase
 for model-level rules (min clean accuracy, and failures naming a site that is not in the report) when any exists or
 when ``config.gate.min_clean_accuracy`` is recorded; sites without a σ50 and without failures are ``<skipped>``.
-Gate warnings go to the suite's ``<system-out>``.
+An undecided check is a ``<failure type="undecided">`` where it failed the gate (skipped where ``--undecided pass``
+passed it). A partial report adds an ``(incomplete)`` testcase with an ``<error>``; without gate rules every site
+is ``<skipped>`` ("no gate"), since nothing was tested. Gate warnings go to the suite's ``<system-out>``.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 from walkaudit.report.formats.markdown import site_failures
 from walkaudit.report.model import Failure, Report
 from walkaudit.report.schema import SCHEMA_VERSION
 from walkaudit.report.text import format_sigma, printable
 
-__all__ = ["MODEL_CASE", "to_junit"]
+__all__ = ["INCOMPLETE_CASE", "MODEL_CASE", "to_junit"]
 
 MODEL_CASE = "(model)"
+INCOMPLETE_CASE = "(incomplete)"
 
 
 def to_junit(report: Report) -> str:
     """Render ``report`` as a JUnit XML document (UTF-8 declaration included, ends with a newline)."""
     classname = _safe(report.model.file_name)
-    by_site = site_failures(report.gate)
+    gate = report.gate
+    by_site = site_failures(gate)
+    open_by_site = site_failures(gate, undecided=True)
+    undecided_fails = gate is not None and not gate.passed
+    if undecided_fails:  # an undecided check that failed the gate is a failure of its test case
+        for name, entries in open_by_site.items():
+            by_site[name] = by_site.get(name, []) + [replace(u, rule=f"{u.rule} (undecided)") for u in entries]
+    gated = gate is not None and gate.decision != "no gate"
     known = {site.name for site in report.sites}
     model_level = list(by_site.get(None, []))
     for name, failures in by_site.items():
@@ -47,11 +58,19 @@ def to_junit(report: Report) -> str:
         if failures:
             failed += 1
             _add_failure(case, failures)
+        elif open_by_site.get(site.name):
+            skipped += 1
+            ET.SubElement(case, "skipped", message=_safe("undecided, passed by --undecided pass: " + "; ".join(
+                u.message for u in open_by_site[site.name])))
         elif site.sigma50 is None:
             skipped += 1
             why = "no σ50 was measured for this site" if site.midpoint is None else \
                 f"no σ50: {site.fit.message or 'the fit found no midpoint'}"
             ET.SubElement(case, "skipped", message=_safe(why))
+        elif not gated:
+            skipped += 1
+            shown = format_sigma(site.sigma50, site.censored)
+            ET.SubElement(case, "skipped", message=_safe(f"no gate rules: σ50 {shown} not checked"))
         else:
             ET.SubElement(case, "system-out").text = _safe(f"σ50 {format_sigma(site.sigma50, site.censored)}")
 
@@ -62,14 +81,21 @@ def to_junit(report: Report) -> str:
             failed += 1
             _add_failure(case, model_level)
 
-    warnings = report.gate.warnings if report.gate is not None else []
+    errors = 0
+    if gate is not None and gate.decision == "incomplete":
+        case = ET.SubElement(suite, "testcase", classname=classname, name=INCOMPLETE_CASE, time="0")
+        tests += 1
+        errors += 1
+        ET.SubElement(case, "error", type="incomplete", message="incomplete: the audit stopped before every site "
+                      "was measured; the gate did not decide")
+    warnings = gate.warnings if gate is not None else []
     if warnings:
         ET.SubElement(suite, "system-out").text = "\n".join(_safe(w) for w in warnings)
 
     for element in (suites, suite):
         element.set("tests", str(tests))
         element.set("failures", str(failed))
-        element.set("errors", "0")
+        element.set("errors", str(errors))
         element.set("time", f"{report.runtime.elapsed_s:.3f}")
     suite.set("skipped", str(skipped))
 

@@ -1,8 +1,9 @@
 """GitHub-flavoured Markdown summary of a report, fit for ``$GITHUB_STEP_SUMMARY`` or a merge-request comment.
 
-Layout: a heading with the model file name and the gate verdict, one line of context (clean accuracy, chance,
-noise, provider), a table with one row per site (index, tensor name, op type, σ50 with ``>``/``<`` when censored,
-σ50 / activation std, 95% interval, status), then the gate failures and, folded away, its warnings.
+Layout: a heading with the model file name and the gate verdict (passed, failed, undecided, incomplete for a partial
+report, or no gate when no rule was given), one line of context (clean accuracy, chance, noise, provider), a table
+with one row per site (index, tensor name, op type, σ50 with ``>``/``<`` when censored, σ50 / activation std, 95%
+interval, status), then the gate failures, the undecided checks and, folded away, its warnings.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from walkaudit.report.text import format_sigma, printable
 
 __all__ = ["site_failures", "site_status", "to_markdown"]
 
-PASS, FAIL, UNKNOWN = "✅", "❌", "⚠️"
+PASS, FAIL, UNKNOWN, UNDECIDED, UNCHECKED = "✅", "❌", "⚠️", "❔", "—"
 
 
 def to_markdown(report: Report) -> str:
     """Render ``report`` as Markdown; ends with a newline."""
     gate = report.gate
     by_site = site_failures(gate)
+    open_sites = {u.site for u in gate.undecided} if gate is not None else set()
+    gated = gate is not None and gate.decision != "no gate"
     lines = [_heading(report, gate), "", _context(report), ""]
     if report.partial:
         lines += ["> ⚠️ Partial report: the audit stopped before every site was measured.", ""]
@@ -38,7 +41,7 @@ def to_markdown(report: Report) -> str:
             format_sigma(site.sigma50, site.censored),
             format_sigma(site.sigma50_relative, site.censored),
             _ci(site),
-            site_status(site, by_site),
+            site_status(site, by_site, open_sites, gated),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if not report.sites:
@@ -60,6 +63,12 @@ def to_markdown(report: Report) -> str:
         for failure in failures:
             where = "model" if failure.site is None else _code(failure.site)
             lines.append(f"- {FAIL} {where} · {_text(failure.rule)}: {_text(failure.message)}")
+    undecided = gate.undecided if gate is not None else []
+    if undecided:
+        lines += ["", f"### Undecided ({len(undecided)}): the 95% interval straddles the threshold", ""]
+        for entry in undecided:
+            where = "model" if entry.site is None else _code(entry.site)
+            lines.append(f"- {UNDECIDED} {where} · {_text(entry.rule)}: {_text(entry.message)}")
     warnings = gate.warnings if gate is not None else []
     if warnings:
         lines += ["", "<details><summary>Warnings (" + str(len(warnings)) + ")</summary>", ""]
@@ -68,19 +77,23 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]]) -> str:
-    """❌ a gate rule failed, ⚠️ no σ50 (nothing measured, or the fit found no midpoint), ✅ otherwise."""
+def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]], undecided: set[str | None] = frozenset(),
+                gated: bool = True) -> str:
+    """❌ a gate rule failed, ❔ a rule undecided, ⚠️ no σ50 (nothing measured, or the fit found no midpoint), — no
+    gate rule was given, ✅ otherwise."""
     if by_site.get(site.name):
         return FAIL
+    if site.name in undecided:
+        return UNDECIDED
     if site.sigma50 is None:
         return UNKNOWN
-    return PASS
+    return PASS if gated else UNCHECKED
 
 
-def site_failures(gate: GateResult | None) -> dict[str | None, list[Failure]]:
-    """Gate failures grouped by site name (None = model-level)."""
+def site_failures(gate: GateResult | None, undecided: bool = False) -> dict[str | None, list[Failure]]:
+    """Gate failures (``undecided``: the undecided checks instead) grouped by site name (None = model-level)."""
     grouped: dict[str | None, list[Failure]] = defaultdict(list)
-    for failure in gate.failures if gate is not None else []:
+    for failure in (gate.undecided if undecided else gate.failures) if gate is not None else []:
         grouped[failure.site].append(failure)
     return dict(grouped)
 
@@ -89,10 +102,19 @@ def site_failures(gate: GateResult | None) -> dict[str | None, list[Failure]]:
 
 def _heading(report: Report, gate: GateResult | None) -> str:
     name = _code(report.model.file_name)
-    if gate is None:
+    if gate is None:  # no gate ran (a report built without one)
         return f"## walkaudit: {name}"
-    if gate.passed:
+    decision = gate.decision
+    if decision == "incomplete":
+        return f"## {UNKNOWN} walkaudit: {name} incomplete (partial report: the gate did not decide)"
+    if decision == "no gate":
+        return f"## walkaudit: {name} (no gate: no rules given)"
+    if decision == "passed":
         return f"## {PASS} walkaudit: {name} passed"
+    if decision == "undecided":
+        count = len(gate.undecided)
+        how = "passed by --undecided pass" if gate.passed else "not shown"
+        return f"## {UNDECIDED} walkaudit: {name} undecided ({count} check{'s' if count != 1 else ''}, {how})"
     count = len(gate.failures)
     return f"## {FAIL} walkaudit: {name} failed ({count} failure{'s' if count != 1 else ''})"
 
