@@ -20,17 +20,18 @@ from walkaudit.report.merge import merge
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
-#: (model, data, limit): one of each kind the samples hold
+#: (model, data, limit, options): one of each kind the samples hold
 CASES = [
-    ("digits_two_output.dynamo.onnx", "digits_val.npz", 200),  # two outputs: the class output chosen from the data
-    ("digits_tokens_transformer.dynamo.onnx", "digits_tokens_val.npz", 150),  # tokens, [T·N, D] folds, axis 1
-    ("digits_tokens_cls.dynamo.onnx", "digits_tokens_val.npz", 150),  # [CLS]: the pruned tail
-    ("digits_rows_lstm.dynamo.onnx", "digits_rows_val.npz", 200),  # LSTM: samples along axis 1
-    ("digits_pixel_lm.dynamo.onnx", "digits_pixel_lm_val.npz", 150),  # per-token scoring, mask, ignore label
-    ("digits_sklearn_mlp.onnx", "digits_val.npz", 200),  # sklearn: label and probability outputs
-    ("digits_sklearn_mlp_zipmap.onnx", "digits_val.npz", 200),  # ZipMap
-    ("mnist_lenet5.dynamo.onnx", "mnist_val.npz", 200),
-    ("mnist_mlp_bn.legacy.onnx", "mnist_val.npz", 200),  # MLP with BatchNormalization nodes
+    ("digits_two_output.dynamo.onnx", "digits_val.npz", 200, {}),  # two outputs: the class output from the data
+    ("digits_tokens_transformer.dynamo.onnx", "digits_tokens_val.npz", 100, {}),  # tokens, [T·N, D] folds, axis 1
+    ("digits_tokens_cls.dynamo.onnx", "digits_tokens_val.npz", 150, {}),  # [CLS]: the pruned tail
+    ("digits_rows_lstm.dynamo.onnx", "digits_rows_val.npz", 200, {}),  # LSTM: samples along axis 1
+    ("digits_pixel_lm.dynamo.onnx", "digits_pixel_lm_val.npz", 100, {}),  # per-token scoring, mask, ignore label
+    ("digits_sklearn_mlp.onnx", "digits_val.npz", 200, {}),  # sklearn: label and probability outputs
+    ("digits_sklearn_mlp_zipmap.onnx", "digits_val.npz", 200, {}),  # ZipMap
+    ("mnist_lenet5.dynamo.onnx", "mnist_val.npz", 200, {}),
+    ("mnist_mlp_bn.legacy.onnx", "mnist_val.npz", 200, {}),  # MLP with BatchNormalization nodes
+    ("mnist_mlp.dynamo.onnx", "mnist_val.npz", 200, {"noise": "weight-additive"}),  # sites are weights
 ]
 OPTIONS = dict(sigmas=(0.3, 3.0), repeats=1, seed=4, provider="cpu", threads=1, batch_size=64)
 
@@ -51,21 +52,22 @@ def _audit(name: str, data: str, limit: int, **options):
     return api.audit(str(SAMPLES / name), data=str(SAMPLES / data), limit=limit, **OPTIONS, **options)
 
 
-@pytest.mark.parametrize("name, data, limit", CASES, ids=[c[0].split(".")[0] for c in CASES])
-def test_in_process_ray_and_merged_shards_give_the_same_report(ray_cluster, name, data, limit):
+@pytest.mark.parametrize("name, data, limit, options", CASES,
+                         ids=[c[0].split(".")[0] + "".join(f"-{v}" for v in c[3].values()) for c in CASES])
+def test_in_process_ray_and_merged_shards_give_the_same_report(ray_cluster, name, data, limit, options):
     from walkaudit._execution import ray_executor
 
-    want = _audit(name, data, limit)
+    want = _audit(name, data, limit, **options)
     made = []
 
     def on_ray(audit, progress):
         made.append(ray_executor.connect(None, audit, workers=2, threads=1, piece_seconds=0.002)(audit, progress))
         return made[-1]
 
-    got = _audit(name, data, limit, executor=on_ray)
+    got = _audit(name, data, limit, executor=on_ray, **options)
     assert len(made[0].slices) == 2  # two actors, each its own rows
     assert _plain(got) == _plain(want)
-    shards = [_audit(name, data, limit, shard=(i, 2)) for i in (1, 2)]
+    shards = [_audit(name, data, limit, shard=(i, 2), **options) for i in (1, 2)]
     assert _plain(merge(shards)) == _plain(want)
 
 
