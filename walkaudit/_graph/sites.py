@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from walkaudit._graph import queries as g
 from walkaudit._graph.index import GraphIndex, index_for, members
+from walkaudit._loading import quantized
 from walkaudit._loading.model import FLOAT_TYPES, TensorSpec
 from walkaudit.errors import UsageError, option
 
@@ -89,7 +90,15 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
     everything = ALL in ops
     sites: list[Site] = []
     seen: set[str] = set()
+    layered = {} if everything else quantized_sites(model, ops)
     for i, node in enumerate(graph.node):
+        if i in layered:
+            name = layered[i]
+            if name not in seen and name in types:
+                seen.add(name)
+                sites.append(Site(len(sites), name, g.node_label(node, i), node.op_type, types[name].shape,
+                                  _weight_of(node, static, inits)))
+            continue
         if not everything and node.op_type not in ops:
             continue
         for out in node.output:
@@ -110,6 +119,29 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
             weight = _weight_of(node, static, inits)
             sites.append(Site(len(sites), name, g.node_label(node, i), op_type, shape, weight))
     return sites
+
+
+def _family(op: str) -> str:
+    """The float layer an integer-only or dynamically quantized op computes (QLinearConv: Conv), else the op."""
+    if op in quantized.INTEGER_LAYERS:
+        return quantized.INTEGER_LAYERS[op][0]
+    return quantized.DYNAMIC_LAYERS.get(op, op)
+
+
+def quantized_sites(model: onnx.ModelProto, ops=LAYER_OPS) -> dict[int, str]:
+    """{layer node index: its site} for the quantized layers of the requested op types: a re-quantised layer's
+    dequantised output (`quantized.sites`; the loader made it), a dynamically quantized layer's float value (after
+    its Cast, scale Mul and bias Add). An integer-only op (QLinearConv, MatMulInteger, ...) counts as its float
+    layer (Conv, MatMul, ...) or by its own name."""
+    graph = model.graph
+    wanted = lambda op: op in ops or _family(op) in ops  # noqa: E731
+    found = {i: site for i, site in quantized.sites(model).items() if wanted(graph.node[i].op_type)}
+    for i, node in enumerate(graph.node):
+        if node.op_type in quantized.DYNAMIC_LAYERS and wanted(node.op_type):
+            value = quantized.dynamic_value(graph, node)
+            if value is not None:
+                found[i] = value
+    return found
 
 
 def _feeding(model: onnx.ModelProto, sites: list[Site], output: str | None,
@@ -151,10 +183,19 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
         if exclude is not None:
             chosen = [s for s in chosen if not (exclude.search(s.name) or exclude.search(s.node))]
         if not pool:
-            raise UsageError(f"the model has no {'/'.join(ops)} layers with float outputs; try {option('ops')} all")
+            raise UsageError(_nothing_found(model, ops))
     if not chosen:
         raise UsageError(f"no site matches the selection{_hint(pool)}")
     return [Site(i, s.name, s.node, s.op_type, s.shape, s.weight) for i, s in enumerate(chosen)]
+
+
+def _nothing_found(model: onnx.ModelProto, ops) -> str:
+    """Why the selection's op types found no site, and what to do."""
+    kind = quantized.kind(model)
+    if kind.quantized:
+        return (f"the model is quantized ({kind.describe()}) but none of its {'/'.join(ops)} layers has a site "
+                f"(a layer's dequantised output); name values with {option('names')}")
+    return f"the model has no {'/'.join(ops)} layers with float outputs; try {option('ops')} all"
 
 
 def _regex(pattern: str | None, field: str) -> re.Pattern | None:
@@ -191,7 +232,8 @@ def left_out(model: onnx.ModelProto, selection: Selection) -> str | None:
         return None
     counts: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type in HEAVY_OPS and node.op_type not in selection.ops:
+        if (node.op_type in HEAVY_OPS and node.op_type not in selection.ops
+                and _family(node.op_type) not in selection.ops):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if not counts:
         return None
