@@ -34,7 +34,7 @@ DYNAMIC_LAYERS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}
 FLOAT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops that may sit between a QDQ layer and its QuantizeLinear (a bias Add; an activation the quantizer kept)
 _BETWEEN = ("Add", "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish")
-#: ops between a dynamic layer's int32 result and its float value (Cast, the scale's Mul, the bias Add)
+#: ops between a dynamic layer's int32 result and its float value, in this order (each at most once)
 _DYNAMIC_TAIL = ("Cast", "Mul", "Add")
 SITE_SUFFIX = ".dequantized"
 _DOMAINS = ("", "ai.onnx", "com.microsoft")
@@ -99,11 +99,12 @@ def dynamic_value(graph: onnx.GraphProto, node: onnx.NodeProto, readers=None, ou
     the Cast, the scale's Mul and the bias Add that follow it, or None."""
     readers = _readers(graph) if readers is None else readers
     outputs = {o.name for o in graph.output} if outputs is None else outputs
-    value, floated = node.output[0], False
-    for _ in range(4):
+    value, floated, step = node.output[0], False, 0
+    while step < len(_DYNAMIC_TAIL):  # each of Cast, Mul, Add at most once, in this order
         nxt = _only_reader(graph, readers, outputs, value)
-        if nxt is None or nxt.op_type not in _DYNAMIC_TAIL:
+        if nxt is None or nxt.op_type not in _DYNAMIC_TAIL[step:]:
             break
+        step = _DYNAMIC_TAIL.index(nxt.op_type) + 1
         value, floated = nxt.output[0], floated or nxt.op_type == "Cast"
     return value if floated else None
 

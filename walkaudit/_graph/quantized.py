@@ -1,0 +1,146 @@
+"""The clean value of a QDQ layer's site: its float value before re-quantisation, where the deployed value shows it.
+
+A QDQ layer's site (`_loading.quantized`: the dequantised value DQ(q) of its integer output q, read only by a
+QuantizeLinear with q's scale) holds the layer's output after re-quantisation. Where the quantizer folded the
+activation into it (a ReLU becomes the floor of the uint8 range) that is the value after the activation: noise
+added there would also reach the units the ReLU cut off, which is not where the float model's site is. The float
+value before re-quantisation is not observable in the fused kernel, and the float layer's output as a graph output
+would stop the fusion. So the graphs that give clean values (the clean model with its sites exposed, a site's
+prefix) compute the site as
+
+    site = DQ(q)                            where q is inside its integer range: the deployed value, exactly
+         = min(y, DQ(q_min)) / max(y, DQ(q_max)) where q is clipped at an end of the range
+
+with y the layer's float output (bias included, activation not) from a copy of the layer that reads the same
+dequantised inputs: the units the re-quantisation clipped keep their float value, every other unit the deployed
+one. The site's QuantizeLinear gives q back from it exactly, so everything after the site (and the class output)
+is the deployed model's, and the kernels are too (the copy reads the same DequantizeLinear outputs, which
+onnxruntime duplicates per fused group). In a suffix the site is an input: noise is added to this value and the
+QuantizeLinear re-quantises (and clips) the sum, as the deployed kernel re-quantises its accumulator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from walkaudit._loading import quantized as facts
+
+#: activations a quantizer may keep between a layer and its QuantizeLinear: the site's float value is before them
+_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish")
+
+
+def _range(zero_point: np.ndarray) -> tuple[int, int] | None:
+    if zero_point.dtype.kind not in "iu":
+        return None
+    info = np.iinfo(zero_point.dtype)
+    return int(info.min), int(info.max)
+
+
+def pre_activation(graph: onnx.GraphProto, names, used: set[str]) -> None:
+    """Compute each QDQ site among `names` as the module docstring says, in `graph` (a pass's own copy, changed in
+    place; `used`: every name the model uses, fresh names are added to it). Sites of integer-only layers (QOperator)
+    and sites whose scale is not one number or whose zero point is not an initializer stay DQ(q)."""
+    wanted = set(names)
+    made_by = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+    before: dict[int, list[onnx.NodeProto]] = {}
+    for site in sorted(wanted & set(made_by)):
+        found = _site_parts(graph, site, made_by, inits, readers)
+        if found is None:
+            continue
+        dq_index, layer_nodes, lo, hi = found
+        dq = graph.node[dq_index]
+
+        def fresh(wanted_name: str) -> str:
+            return facts._fresh(used, wanted_name)
+
+        deployed = fresh(f"{site}.deployed")
+        dq.output[0] = deployed
+        new: list[onnx.NodeProto] = []
+        value = None
+        for node in layer_nodes:  # the layer and its bias Add, copied
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = fresh(f"walkaudit/float/{node.name or node.op_type}")
+            if value is not None:
+                copy.input[list(copy.input).index(node_input_from_previous(node, layer_nodes))] = value
+            value = fresh(f"{site}.float")
+            del copy.output[:]
+            copy.output.append(value)
+            new.append(copy)
+        ends = []
+        for bound, tag in ((lo, "low"), (hi, "high")):
+            q_end = numpy_helper.from_array(np.array(bound[0], bound[1]), fresh(f"walkaudit.{site}.q_{tag}"))
+            graph.initializer.append(q_end)
+            end = fresh(f"{site}.{tag}")
+            new.append(helper.make_node("DequantizeLinear", [q_end.name, *dq.input[1:]], [end], name=end))
+            ends.append(end)
+        names_ = {k: fresh(f"{site}.{k}") for k in ("at_low", "at_high", "min", "max", "upper")}
+        new += [helper.make_node("Equal", [deployed, ends[0]], [names_["at_low"]], name=names_["at_low"]),
+                helper.make_node("Equal", [deployed, ends[1]], [names_["at_high"]], name=names_["at_high"]),
+                helper.make_node("Min", [value, deployed], [names_["min"]], name=names_["min"]),
+                helper.make_node("Max", [value, deployed], [names_["max"]], name=names_["max"]),
+                helper.make_node("Where", [names_["at_high"], names_["max"], deployed], [names_["upper"]],
+                                 name=names_["upper"]),
+                helper.make_node("Where", [names_["at_low"], names_["min"], names_["upper"]], [site],
+                                 name=fresh(f"walkaudit/site/{site}"))]
+        before.setdefault(dq_index, []).extend(new)
+    if not before:
+        return
+    nodes = []
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes.extend(before.get(i, []))  # after the site's DequantizeLinear: everything it reads is made by then
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def node_input_from_previous(node: onnx.NodeProto, chain: list[onnx.NodeProto]) -> str:
+    """The input of `node` that the node before it in `chain` writes."""
+    previous = chain[chain.index(node) - 1]
+    return next(n for n in node.input if n in previous.output)
+
+
+def _site_parts(graph, site, made_by, inits, readers):
+    """(index of the site's DequantizeLinear, [layer, bias Add], q's (min, dtype), (max, dtype)) for a QDQ site whose
+    scale is one number and whose zero point is an initializer; else None."""
+    dq = graph.node[made_by[site]]
+    if not facts._is(dq, "DequantizeLinear") or len(dq.input) < 3 or dq.input[0] not in made_by:
+        return None
+    quant = graph.node[made_by[dq.input[0]]]
+    if not facts._is(quant, "QuantizeLinear") or len(quant.input) < 3:
+        return None
+    scale, zero = inits.get(dq.input[1]), inits.get(dq.input[2])
+    if scale is None or zero is None or int(np.prod(scale.dims)) != 1:
+        return None
+    bounds = _range(numpy_helper.to_array(zero))
+    if bounds is None:
+        return None
+    chain, value = [], quant.input[0]
+    for _ in range(4):
+        if value not in made_by:
+            return None
+        node = graph.node[made_by[value]]
+        if node.op_type in facts.FLOAT_LAYERS:
+            chain.insert(0, node)
+            break
+        if node.op_type == "Add":
+            chain.insert(0, node)
+        elif node.op_type in _ACTIVATIONS:
+            chain = []  # the float value is before the activation: drop what was after it
+        else:
+            return None
+        value = next((n for n in node.input if n in made_by and graph.node[made_by[n]].op_type
+                      in (*facts.FLOAT_LAYERS, "Add", *_ACTIVATIONS)), None)
+        if value is None:
+            return None
+    else:
+        return None
+    dtype = numpy_helper.to_array(zero).dtype
+    return made_by[site], chain, (bounds[0], dtype), (bounds[1], dtype)
