@@ -260,18 +260,20 @@ def _log_midpoints(model, name):
 
 
 def test_sigma50_agrees_with_the_float_model(models):
-    """On the same weights, σ50 per layer agrees with the float model's within 0.15 decades (measured: QDQ within
-    0.05, dynamic and float16 within 0.01): the site is the same value, before the activation the quantizer folded
-    into the re-quantisation (LeNet's ReLUs are the uint8 range's floor)."""
+    """On the same weights, σ50 per layer agrees with the float model's within 0.15 decades (measured: QDQ and
+    QOperator within 0.05, dynamic and float16 within 0.01): the site is the same value, before the activation the
+    quantizer folded into the re-quantisation (LeNet's ReLUs are the uint8 range's floor)."""
     ref = _log_midpoints(models["float"], "float")
-    for name in ("qdq", "dynamic", "fp16"):
+    for name in ("qdq", "qoperator", "dynamic", "fp16"):
         assert np.abs(_log_midpoints(models[name], name) - ref).max() <= 0.15, name
 
 
-def test_a_qdq_sites_clean_value_is_before_the_folded_relu(models):
-    """The clean pass reads a QDQ Conv's site as the float value before its folded ReLU where the re-quantisation
-    clipped it (negative values), the deployed value elsewhere; the class output stays bit for bit the deployed."""
-    model, x = models["qdq"], X[:64]
+@pytest.mark.parametrize("name", ["qdq", "qoperator"])
+def test_a_quantized_sites_clean_value_is_before_the_folded_relu(models, name):
+    """The clean pass reads a quantized Conv's site as the float value before its folded ReLU where the
+    re-quantisation clipped it (negative values), the deployed value elsewhere; the class output stays bit for bit
+    the deployed model's."""
+    model, x = models[name], X[:64]
     loaded = load_model(model)
     site = candidates(loaded.proto, loaded.types)[0].name
     out = loaded.class_output.name

@@ -12,7 +12,7 @@ prefix) compute the site as
          = min(y, DQ(q_min)) / max(y, DQ(q_max)) where q is clipped at an end of the range
 
 with y the layer's float output (bias included, activation not) from a copy of the layer that reads the same
-dequantised inputs: the units the re-quantisation clipped keep their float value, every other unit the deployed
+dequantised inputs (for QLinearConv, QLinearMatMul and QGemm: Conv, MatMul and Gemm on their dequantised inputs): the units the re-quantisation clipped keep their float value, every other unit the deployed
 one. The site's QuantizeLinear gives q back from it exactly, so everything after the site (and the class output)
 is the deployed model's, and the kernels are too (the copy reads the same DequantizeLinear outputs, which
 onnxruntime duplicates per fused group). In a suffix the site is an input: noise is added to this value and the
@@ -39,22 +39,19 @@ def _range(zero_point: np.ndarray) -> tuple[int, int] | None:
 
 
 def pre_activation(graph: onnx.GraphProto, names, used: set[str]) -> None:
-    """Compute each QDQ site among `names` as the module docstring says, in `graph` (a pass's own copy, changed in
-    place; `used`: every name the model uses, fresh names are added to it). Sites of integer-only layers (QOperator)
-    and sites whose scale is not one number or whose zero point is not an initializer stay DQ(q)."""
+    """Compute each re-quantised layer's site among `names` as the module docstring says, in `graph` (a pass's own
+    copy, changed in place; `used`: every name the model uses, fresh names are added to it). y comes from a copy of
+    a QDQ layer, or from the float layer an integer-only one computes (QLinearConv → Conv on its dequantised
+    inputs). Sites whose scale is not one number or whose zero point is not an initializer stay DQ(q)."""
     wanted = set(names)
     made_by = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            readers.setdefault(name, []).append(i)
     before: dict[int, list[onnx.NodeProto]] = {}
     for site in sorted(wanted & set(made_by)):
-        found = _site_parts(graph, site, made_by, inits, readers)
+        found = _site_parts(graph, site, made_by, inits)
         if found is None:
             continue
-        dq_index, layer_nodes, lo, hi = found
+        dq_index, layer_nodes, lo, hi = found  # layer_nodes(fresh) -> (nodes, the float value they make)
         dq = graph.node[dq_index]
 
         def fresh(wanted_name: str) -> str:
@@ -62,18 +59,7 @@ def pre_activation(graph: onnx.GraphProto, names, used: set[str]) -> None:
 
         deployed = fresh(f"{site}.deployed")
         dq.output[0] = deployed
-        new: list[onnx.NodeProto] = []
-        value = None
-        for node in layer_nodes:  # the layer and its bias Add, copied
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.name = fresh(f"walkaudit/float/{node.name or node.op_type}")
-            if value is not None:
-                copy.input[list(copy.input).index(node_input_from_previous(node, layer_nodes))] = value
-            value = fresh(f"{site}.float")
-            del copy.output[:]
-            copy.output.append(value)
-            new.append(copy)
+        new, value = layer_nodes(fresh)
         ends = []
         for bound, tag in ((lo, "low"), (hi, "high")):
             q_end = numpy_helper.from_array(np.array(bound[0], bound[1]), fresh(f"walkaudit.{site}.q_{tag}"))
@@ -101,26 +87,85 @@ def pre_activation(graph: onnx.GraphProto, names, used: set[str]) -> None:
     graph.node.extend(nodes)
 
 
-def node_input_from_previous(node: onnx.NodeProto, chain: list[onnx.NodeProto]) -> str:
-    """The input of `node` that the node before it in `chain` writes."""
-    previous = chain[chain.index(node) - 1]
-    return next(n for n in node.input if n in previous.output)
+def _copies(chain: list[onnx.NodeProto], site: str):
+    """A builder of copies of a QDQ layer and its bias Add, writing fresh names (`pre_activation`)."""
+
+    def build(fresh):
+        nodes, value = [], None
+        for k, node in enumerate(chain):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = fresh(f"walkaudit/float/{node.name or node.op_type}")
+            if value is not None:  # read the copy before, not the original
+                copy.input[next(j for j, n in enumerate(node.input) if n in chain[k - 1].output)] = value
+            value = fresh(f"{site}.float")
+            del copy.output[:]
+            copy.output.append(value)
+            nodes.append(copy)
+        return nodes, value
+
+    return build
 
 
-def _site_parts(graph, site, made_by, inits, readers):
-    """(index of the site's DequantizeLinear, [layer, bias Add], q's (min, dtype), (max, dtype)) for a QDQ site whose
-    scale is one number and whose zero point is an initializer; else None."""
+def _float_twin(layer: onnx.NodeProto, site: str, inits: dict):
+    """A builder of the float layer an integer-only layer computes (QLinearConv → Conv, QLinearMatMul → MatMul,
+    QGemm → Gemm) from the same integer inputs, dequantised; None for a per-channel weight whose axis is unclear."""
+    ins = list(layer.input) + [""] * (9 - len(layer.input))
+    if layer.op_type == "QLinearConv":
+        op, (x, w), bias, w_axis = "Conv", (ins[0:3], ins[3:6]), ins[8], 0
+    elif layer.op_type == "QLinearMatMul":
+        op, (x, w), bias, w_axis = "MatMul", (ins[0:3], ins[3:6]), "", -1
+    elif layer.op_type == "QGemm":
+        trans_b = next((a.i for a in layer.attribute if a.name == "transB"), 0)
+        op, (x, w), bias, w_axis = "Gemm", (ins[0:3], ins[3:6]), ins[6], 0 if trans_b else 1
+    else:
+        return None
+    attrs = [a for a in layer.attribute]
+
+    def build(fresh):
+        nodes = []
+
+        def node(op_type, inputs, wanted, **kw):
+            name = fresh(wanted)
+            nodes.append(helper.make_node(op_type, inputs, [name], name=name, **kw))
+            return name
+
+        xf = node("DequantizeLinear", [n for n in x if n], f"{site}.float_input")
+        per_channel = w[1] in inits and int(np.prod(inits[w[1]].dims)) > 1
+        wf = node("DequantizeLinear", [n for n in w if n], f"{site}.float_weight",
+                  **({"axis": w_axis} if per_channel else {}))
+        args = [xf, wf]
+        if bias:
+            bias_scale = node("Mul", [x[1], w[1]], f"{site}.bias_scale")
+            args.append(node("DequantizeLinear", [bias, bias_scale], f"{site}.float_bias",
+                             **({"axis": 0} if per_channel else {})))
+        value = fresh(f"{site}.float")
+        made = helper.make_node(op, args, [value], name=fresh(f"walkaudit/float/{layer.name or op}"))
+        made.attribute.extend(a for a in attrs if op != "MatMul")
+        nodes.append(made)
+        return nodes, value
+
+    return build
+
+
+def _site_parts(graph, site, made_by, inits):
+    """(index of the site's DequantizeLinear, a builder of the layer's float value, q's (min, dtype), (max, dtype))
+    for a site whose scale is one number and whose zero point is an initializer; else None."""
     dq = graph.node[made_by[site]]
     if not facts._is(dq, "DequantizeLinear") or len(dq.input) < 3 or dq.input[0] not in made_by:
         return None
     quant = graph.node[made_by[dq.input[0]]]
-    if not facts._is(quant, "QuantizeLinear") or len(quant.input) < 3:
-        return None
     scale, zero = inits.get(dq.input[1]), inits.get(dq.input[2])
     if scale is None or zero is None or int(np.prod(scale.dims)) != 1:
         return None
     bounds = _range(numpy_helper.to_array(zero))
     if bounds is None:
+        return None
+    dtype = numpy_helper.to_array(zero).dtype
+    if quant.op_type in facts.INTEGER_LAYERS and quant.domain in facts._DOMAINS:
+        build = _float_twin(quant, site, inits)
+        return None if build is None else (made_by[site], build, (bounds[0], dtype), (bounds[1], dtype))
+    if not facts._is(quant, "QuantizeLinear") or len(quant.input) < 3:
         return None
     chain, value = [], quant.input[0]
     for _ in range(4):
@@ -142,5 +187,4 @@ def _site_parts(graph, site, made_by, inits, readers):
             return None
     else:
         return None
-    dtype = numpy_helper.to_array(zero).dtype
-    return made_by[site], chain, (bounds[0], dtype), (bounds[1], dtype)
+    return made_by[site], _copies(chain, site), (bounds[0], dtype), (bounds[1], dtype)
