@@ -467,10 +467,11 @@ def _deployed(proto: onnx.ModelProto, bare: onnx.ModelProto,
     changed = quantized.requantized(proto)
     if changed is not proto:
         proto, bare = changed, skeleton(changed)
+    bare = quantized.typed_contrib_outputs(bare)
     if found.qdq or found.qoperator:
-        notes.append(f"quantized model ({found.describe()}): each layer's site is its dequantised output, and the "
-                     "noise added there is re-quantised with the layer's scale; the layers run the integer kernels "
-                     "of the deployed model")
+        notes.append(f"quantized model ({found.describe()}): the layers run the deployed integer kernels; a "
+                     "layer's site is its float value before re-quantisation (the deployed value where it is not "
+                     "clipped), and noise added there is re-quantised with the layer's scale")
     if found.dynamic:
         notes.append(f"quantized model ({found.describe()}): each layer's site is the float value the graph "
                      "computes from its integer result; the next layer quantises it again, noise included")

@@ -228,3 +228,49 @@ def requantized(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return out
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+            for d in t.shape.dim]
+
+
+def typed_contrib_outputs(bare: onnx.ModelProto, rounds: int = 8) -> onnx.ModelProto:
+    """`bare` with the type and shape of each QGemm output declared (onnx's shape inference does not know
+    com.microsoft ops, so without them a QOperator model's Gemm sites, and everything after, are untyped):
+    [M, N] from its inputs' inferred shapes and transA / transB, of its zero point's type (float without y_scale).
+    The model itself when it has no QGemm."""
+    gemms = [n for n in bare.graph.node if n.op_type == "QGemm" and n.output]
+    if not gemms:
+        return bare
+    out = onnx.ModelProto()
+    out.CopyFrom(bare)
+    inits = {t.name: t for t in out.graph.initializer}
+    for _ in range(rounds):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(out)
+        except Exception:  # noqa: BLE001 -- inference failing leaves the types as they are
+            return out
+        known = {vi.name: vi for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+        added = False
+        for node in gemms:
+            if node.output[0] in known:
+                continue
+            shapes = [_dims(known[n]) if n in known else (list(inits[n].dims) if n in inits else None)
+                      for n in (node.input[0], node.input[3])]
+            if any(s is None or len(s) != 2 for s in shapes):
+                continue
+            attrs = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
+            rows = shapes[0][1 if attrs.get("transA") else 0]
+            cols = shapes[1][0 if attrs.get("transB") else 1]
+            zero = inits.get(node.input[8]) if len(node.input) > 8 and node.input[8] else None
+            scaled = len(node.input) > 7 and node.input[7]
+            elem = (zero.data_type if zero is not None else onnx.TensorProto.UINT8) if scaled else onnx.TensorProto.FLOAT
+            out.graph.value_info.append(helper.make_tensor_value_info(node.output[0], elem, [rows, cols]))
+            added = True
+        if not added:
+            break
+    return out
