@@ -99,7 +99,8 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
                 sites.append(Site(len(sites), name, g.node_label(node, i), node.op_type, types[name].shape,
                                   _weight_of(node, static, inits)))
             continue
-        if not everything and node.op_type not in ops:
+        if not everything and node.op_type not in ops and not (node.op_type in quantized.FLOAT_RESULT_LAYERS
+                                                               and _family(node.op_type) in ops):
             continue
         for out in node.output:
             spec = types.get(out)
@@ -125,7 +126,7 @@ def _family(op: str) -> str:
     """The float layer an integer-only or dynamically quantized op computes (QLinearConv: Conv), else the op."""
     if op in quantized.INTEGER_LAYERS:
         return quantized.INTEGER_LAYERS[op][0]
-    return quantized.DYNAMIC_LAYERS.get(op, op)
+    return quantized.DYNAMIC_LAYERS.get(op, quantized.FLOAT_RESULT_LAYERS.get(op, op))
 
 
 def quantized_sites(model: onnx.ModelProto, ops=LAYER_OPS) -> dict[int, str]:

@@ -459,12 +459,13 @@ def prepare_for_runtime(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _deployed(proto: onnx.ModelProto, bare: onnx.ModelProto,
               notes: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """A quantized model with a site after each re-quantised layer (`quantized.requantized`: the same numbers and
-    kernels), and a note saying what its sites are; a float model as it is."""
+    """A quantized model as onnxruntime runs it (a QDQ model: the graph with its groups fused, `quantized.fused`)
+    with a site after each re-quantised layer (`quantized.requantized`: the same numbers and kernels), and a note
+    saying what its sites are; a float model as it is."""
     found = quantized.kind(proto)
     if not found.quantized:
         return proto, bare
-    changed = quantized.requantized(proto)
+    changed = quantized.requantized(quantized.fused(proto) if found.qdq else proto)
     if changed is not proto:
         proto, bare = changed, skeleton(changed)
     bare = quantized.typed_contrib_outputs(bare)

@@ -30,6 +30,8 @@ from onnx import helper
 INTEGER_LAYERS = {"QLinearConv": ("Conv", 6, 7), "QLinearMatMul": ("MatMul", 6, 7), "QGemm": ("Gemm", 7, 8)}
 #: dynamic quantisation: integer layers whose int32 result the graph itself scales back to float
 DYNAMIC_LAYERS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}
+#: integer kernels with a float result (what onnxruntime fuses a QDQ MatMul into): their output is the site
+FLOAT_RESULT_LAYERS = {"MatMulIntegerToFloat": "MatMul", "DynamicQuantizeMatMul": "MatMul"}
 #: float layers of QDQ graphs (the sites' layers in a float model)
 FLOAT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops that may sit between a QDQ layer and its QuantizeLinear (a bias Add; an activation the quantizer kept)
@@ -145,9 +147,10 @@ def anchors(graph: onnx.GraphProto) -> list[Anchor]:
 def kind(model: onnx.ModelProto) -> Kind:
     """How the model is quantized (all zero for a float model)."""
     graph = model.graph
-    qop = sum(1 for n in graph.node if n.op_type in INTEGER_LAYERS and n.domain in _DOMAINS)
+    qop = sum(1 for n in graph.node if n.op_type in (*INTEGER_LAYERS, *FLOAT_RESULT_LAYERS) and n.domain in _DOMAINS)
     dyn = sum(1 for n in graph.node if n.op_type in DYNAMIC_LAYERS and n.domain in ("", "ai.onnx"))
-    return Kind(len(anchors(graph)) - qop, qop, dyn)
+    integer = sum(1 for n in graph.node if n.op_type in INTEGER_LAYERS and n.domain in _DOMAINS)
+    return Kind(len(anchors(graph)) - integer, qop, dyn)
 
 
 def _requantizes(graph, readers, outputs, q: str, scale: tuple[str, ...]) -> str | None:
@@ -238,13 +241,37 @@ def _dims(vi: onnx.ValueInfoProto) -> list | None:
             for d in t.shape.dim]
 
 
+def _contrib_type(node: onnx.NodeProto, known: dict, inits: dict) -> onnx.ValueInfoProto | None:
+    """The type and shape of a QGemm's or MatMulIntegerToFloat's output, from its inputs' (None when unknown)."""
+    def shape(name):
+        if name in known:
+            return _dims(known[name])
+        return list(inits[name].dims) if name in inits else None
+
+    a, b = shape(node.input[0]), shape(node.input[1] if node.op_type != "QGemm" else node.input[3])
+    if b is None or len(b) != 2:
+        return None
+    if node.op_type == "QGemm":
+        attrs = {x.name: x.i for x in node.attribute if x.name in ("transA", "transB")}
+        a = a if a is not None and len(a) == 2 else [None, None]
+        dims = [a[1 if attrs.get("transA") else 0], b[0 if attrs.get("transB") else 1]]
+        zero = inits.get(node.input[8]) if len(node.input) > 8 and node.input[8] else None
+        scaled = len(node.input) > 7 and node.input[7]
+        elem = (zero.data_type if zero is not None else onnx.TensorProto.UINT8) if scaled else onnx.TensorProto.FLOAT
+    else:  # MatMulIntegerToFloat, DynamicQuantizeMatMul: [..., K] x [K, N] in float
+        if a is None:
+            return None
+        dims, elem = [*a[:-1], b[1]], onnx.TensorProto.FLOAT
+    return helper.make_tensor_value_info(node.output[0], elem, dims)
+
+
 def typed_contrib_outputs(bare: onnx.ModelProto, rounds: int = 8) -> onnx.ModelProto:
-    """`bare` with the type and shape of each QGemm output declared (onnx's shape inference does not know
-    com.microsoft ops, so without them a QOperator model's Gemm sites, and everything after, are untyped):
-    [M, N] from its inputs' inferred shapes and transA / transB, of its zero point's type (float without y_scale).
-    The model itself when it has no QGemm."""
-    gemms = [n for n in bare.graph.node if n.op_type == "QGemm" and n.output]
-    if not gemms:
+    """`bare` with the type and shape of each QGemm, MatMulIntegerToFloat and DynamicQuantizeMatMul output declared
+    (onnx's shape inference does not know com.microsoft ops, so without them a quantized model's layer sites, and
+    everything after, are untyped). The model itself when it has none."""
+    ops = ("QGemm", *FLOAT_RESULT_LAYERS)
+    todo = [n for n in bare.graph.node if n.op_type in ops and n.domain == "com.microsoft" and n.output]
+    if not todo:
         return bare
     out = onnx.ModelProto()
     out.CopyFrom(bare)
@@ -255,22 +282,40 @@ def typed_contrib_outputs(bare: onnx.ModelProto, rounds: int = 8) -> onnx.ModelP
         except Exception:  # noqa: BLE001 -- inference failing leaves the types as they are
             return out
         known = {vi.name: vi for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
-        added = False
-        for node in gemms:
-            if node.output[0] in known:
-                continue
-            shapes = [_dims(known[n]) if n in known else (list(inits[n].dims) if n in inits else None)
-                      for n in (node.input[0], node.input[3])]
-            if any(s is None or len(s) != 2 for s in shapes):
-                continue
-            attrs = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
-            rows = shapes[0][1 if attrs.get("transA") else 0]
-            cols = shapes[1][0 if attrs.get("transB") else 1]
-            zero = inits.get(node.input[8]) if len(node.input) > 8 and node.input[8] else None
-            scaled = len(node.input) > 7 and node.input[7]
-            elem = (zero.data_type if zero is not None else onnx.TensorProto.UINT8) if scaled else onnx.TensorProto.FLOAT
-            out.graph.value_info.append(helper.make_tensor_value_info(node.output[0], elem, [rows, cols]))
-            added = True
-        if not added:
+        made = [vi for vi in (_contrib_type(n, known, inits) for n in todo if n.output[0] not in known) if vi]
+        if not made:
             break
+        out.graph.value_info.extend(made)
     return out
+
+
+#: the fusions every walkaudit session turns off (`_execution.runtime.FUSIONS_OFF`): the fused graph is made with
+#: them off too, so that it is the graph those sessions would run
+FUSIONS_OFF = ("MatMulAddFusion", "ConvBNFusion")
+
+
+def fused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph onnxruntime's CPU provider runs for a QDQ model: its graph optimisations up to the extended level
+    (QDQ groups fused into QLinearConv, QGemm, ...; int8 activations turned into uint8 where it can), as
+    onnxruntime writes it out. Which groups it fuses depends on which values are graph outputs (a QuantizeLinear
+    whose output is read elsewhere keeps its int8 type, and an int8 Conv group is not fused on x86), so an audit
+    that exposed values of the model as given would run other kernels than the deployed model; in the fused graph
+    the kernels are fixed, and it computes the deployed model's scores bit for bit. The model itself when
+    onnxruntime cannot load it (its session will say why)."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "fused.onnx")
+        options.optimized_model_filepath = path
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(FUSIONS_OFF))
+            return onnx.load(path)
+        except Exception:  # noqa: BLE001 -- onnxruntime refuses many ways; the audit's own session reports it
+            return model
