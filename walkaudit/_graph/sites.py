@@ -99,9 +99,8 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
                 sites.append(Site(len(sites), name, g.node_label(node, i), node.op_type, types[name].shape,
                                   _weight_of(node, static, inits)))
             continue
-        if not everything and node.op_type not in ops and not (node.op_type in quantized.FLOAT_RESULT_LAYERS
-                                                               and _family(node.op_type) in ops):
-            continue
+        if not everything and node.op_type not in ops and _family(node.op_type) not in ops:
+            continue  # MatMulIntegerToFloat counts as a MatMul: its result is float
         for out in node.output:
             spec = types.get(out)
             if not out or out in static or spec is None or spec.elem_type not in FLOAT_TYPES:
@@ -130,9 +129,9 @@ def _family(op: str) -> str:
 
 
 def quantized_sites(model: onnx.ModelProto, ops=LAYER_OPS) -> dict[int, str]:
-    """{layer node index: its site} for the quantized layers of the requested op types: a re-quantised layer's
-    dequantised output (`quantized.sites`; the loader made it), a dynamically quantized layer's float value (after
-    its Cast, scale Mul and bias Add). An integer-only op (QLinearConv, MatMulInteger, ...) counts as its float
+    """{layer node index: its site} for the quantized layers of the requested op types: a re-quantised layer's site
+    (`quantized.sites`: the value the loader put between its integer output and its re-quantisation), a dynamically
+    quantized layer's float value (after its Cast, scale Mul and bias Add). An integer-only op (QLinearConv, MatMulInteger, ...) counts as its float
     layer (Conv, MatMul, ...) or by its own name."""
     graph = model.graph
     wanted = lambda op: op in ops or _family(op) in ops  # noqa: E731
@@ -195,7 +194,7 @@ def _nothing_found(model: onnx.ModelProto, ops) -> str:
     kind = quantized.kind(model)
     if kind.quantized:
         return (f"the model is quantized ({kind.describe()}) but none of its {'/'.join(ops)} layers has a site "
-                f"(a layer's dequantised output); name values with {option('names')}")
+                f"(its float value before re-quantisation); name values with {option('names')}")
     return f"the model has no {'/'.join(ops)} layers with float outputs; try {option('ops')} all"
 
 
