@@ -137,7 +137,9 @@ def models(tmp_path_factory) -> dict[str, onnx.ModelProto]:
              # quantize_static's default: int8 activations, which onnxruntime turns into uint8 only where no other
              # node reads the pair (exposing a value there leaves an int8 Conv group unfused on x86)
              "residual_qdq_s8": onnx.load(_static(d / "residual.onnx", d / "residual_s8.onnx", "QDQ", "QInt8")),
-             "qdq_s8": onnx.load(_static(LENET, d / "qdq_s8.onnx", "QDQ", "QInt8"))}
+             "qdq_s8": onnx.load(_static(LENET, d / "qdq_s8.onnx", "QDQ", "QInt8")),
+             # QLinearAdd and QLinearGlobalAveragePool: com.microsoft ops onnx's shape inference does not know
+             "residual_qoperator": onnx.load(_static(d / "residual.onnx", d / "residual_qop.onnx", "QOperator"))}
     return built
 
 
@@ -150,7 +152,7 @@ def deployed(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-QUANTIZED = ["qdq", "qoperator", "dynamic", "residual_qdq", "residual_qdq_s8", "qdq_s8"]
+QUANTIZED = ["qdq", "qoperator", "dynamic", "residual_qdq", "residual_qdq_s8", "qdq_s8", "residual_qoperator"]
 EVERY = [*QUANTIZED, "fp16", "fp16_float32_io"]
 FLOAT_OF = {name: "residual" if name.startswith("residual") else "float" for name in EVERY}
 
@@ -313,3 +315,20 @@ def test_the_fused_graph_is_made_with_the_fusions_every_session_turns_off():
     from walkaudit._execution.runtime import FUSIONS_OFF
 
     assert list(quantized.FUSIONS_OFF) == FUSIONS_OFF
+
+
+def test_values_after_com_microsoft_integer_ops_are_typed(models):
+    """onnx's shape inference knows no QLinearAdd, QLinearGlobalAveragePool or QGemm: without the types the loader
+    declares for their outputs, everything after them is untyped, the last layer is no site and a suffix cannot
+    declare the skip connection it is fed (onnxruntime refuses it). The quantizer's value infos are dropped here so
+    that only the loader's count."""
+    model = onnx.ModelProto()
+    model.CopyFrom(models["residual_qoperator"])
+    del model.graph.value_info[:]
+    assert {"QLinearAdd", "QLinearGlobalAveragePool", "QGemm"} <= {n.op_type for n in model.graph.node}
+    loaded = load_model(model)
+    sites = candidates(loaded.proto, loaded.types)
+    assert [s.op_type for s in sites] == ["QLinearConv"] * 3 + ["QGemm"]
+    assert all(s.shape is not None for s in sites)
+    adds = [n.output[0] for n in loaded.proto.graph.node if n.op_type == "QLinearAdd"]
+    assert all(loaded.types[a].shape is not None and len(loaded.types[a].shape) == 4 for a in adds)

@@ -241,6 +241,35 @@ def _dims(vi: onnx.ValueInfoProto) -> list | None:
             for d in t.shape.dim]
 
 
+#: com.microsoft integer ops whose output has their input's shape (QLinearAdd / QLinearMul: the inputs broadcast),
+#: and the index of the output's zero point
+_CONTRIB_SAME_SHAPE = {"QLinearAdd": 7, "QLinearMul": 7, "QLinearSigmoid": 4, "QLinearLeakyRelu": 4,
+                       "QLinearGlobalAveragePool": 4}
+
+
+def _broadcast(a: list, b: list) -> list:
+    a, b = [1] * (len(b) - len(a)) + a, [1] * (len(a) - len(b)) + b
+    return [y if x == 1 else x if y == 1 or x == y else (x if isinstance(x, int) else y) for x, y in zip(a, b)]
+
+
+def _same_shape_type(node: onnx.NodeProto, shape, inits: dict) -> onnx.ValueInfoProto | None:
+    dims = shape(node.input[0])
+    if dims is None:
+        return None
+    if node.op_type in ("QLinearAdd", "QLinearMul"):
+        other = shape(node.input[3]) if len(node.input) > 3 else None
+        if other is None:
+            return None
+        dims = _broadcast(dims, other)
+    if node.op_type == "QLinearGlobalAveragePool":
+        last = any(a.name == "channels_last" and a.i for a in node.attribute)
+        dims = [dims[0], *([1] * (len(dims) - 2)), dims[-1]] if last else [*dims[:2], *([1] * (len(dims) - 2))]
+    k = _CONTRIB_SAME_SHAPE[node.op_type]
+    zero = inits.get(node.input[k]) if len(node.input) > k and node.input[k] else None
+    return helper.make_tensor_value_info(node.output[0], zero.data_type if zero is not None else
+                                         onnx.TensorProto.UINT8, dims)
+
+
 def _contrib_type(node: onnx.NodeProto, known: dict, inits: dict) -> onnx.ValueInfoProto | None:
     """The type and shape of a QGemm's or MatMulIntegerToFloat's output, from its inputs' (None when unknown)."""
     def shape(name):
@@ -248,6 +277,8 @@ def _contrib_type(node: onnx.NodeProto, known: dict, inits: dict) -> onnx.ValueI
             return _dims(known[name])
         return list(inits[name].dims) if name in inits else None
 
+    if node.op_type in _CONTRIB_SAME_SHAPE:
+        return _same_shape_type(node, shape, inits)
     a, b = shape(node.input[0]), shape(node.input[1] if node.op_type != "QGemm" else node.input[3])
     if b is None or len(b) != 2:
         return None
@@ -266,10 +297,11 @@ def _contrib_type(node: onnx.NodeProto, known: dict, inits: dict) -> onnx.ValueI
 
 
 def typed_contrib_outputs(bare: onnx.ModelProto, rounds: int = 8) -> onnx.ModelProto:
-    """`bare` with the type and shape of each QGemm, MatMulIntegerToFloat and DynamicQuantizeMatMul output declared
-    (onnx's shape inference does not know com.microsoft ops, so without them a quantized model's layer sites, and
-    everything after, are untyped). The model itself when it has none."""
-    ops = ("QGemm", *FLOAT_RESULT_LAYERS)
+    """`bare` with the type and shape of the outputs of the com.microsoft integer ops quantized graphs hold (QGemm,
+    MatMulIntegerToFloat, QLinearAdd, QLinearGlobalAveragePool, ...) declared: onnx's shape inference does not know
+    them, and without them a quantized model's layer sites, and everything after, are untyped (and a suffix could
+    not declare the values it is fed). The model itself when it has none."""
+    ops = ("QGemm", *FLOAT_RESULT_LAYERS, *_CONTRIB_SAME_SHAPE)
     todo = [n for n in bare.graph.node if n.op_type in ops and n.domain == "com.microsoft" and n.output]
     if not todo:
         return bare
