@@ -55,7 +55,7 @@ def pre_activation(graph: onnx.GraphProto, names, used: set[str]) -> None:
         dq = graph.node[dq_index]
 
         def fresh(wanted_name: str) -> str:
-            return facts._fresh(used, wanted_name)
+            return facts.fresh_name(used, wanted_name)
 
         deployed = fresh(f"{site}.deployed")
         dq.output[0] = deployed
@@ -152,7 +152,7 @@ def _site_parts(graph, site, made_by, inits):
     """(index of the site's DequantizeLinear, a builder of the layer's float value, q's (min, dtype), (max, dtype))
     for a site whose scale is one number and whose zero point is an initializer; else None."""
     dq = graph.node[made_by[site]]
-    if not facts._is(dq, "DequantizeLinear") or len(dq.input) < 3 or dq.input[0] not in made_by:
+    if not facts.is_op(dq, "DequantizeLinear") or len(dq.input) < 3 or dq.input[0] not in made_by:
         return None
     quant = graph.node[made_by[dq.input[0]]]
     scale, zero = inits.get(dq.input[1]), inits.get(dq.input[2])
@@ -162,10 +162,10 @@ def _site_parts(graph, site, made_by, inits):
     if bounds is None:
         return None
     dtype = numpy_helper.to_array(zero).dtype
-    if quant.op_type in facts.INTEGER_LAYERS and quant.domain in facts._DOMAINS:
+    if quant.op_type in facts.INTEGER_LAYERS and quant.domain in facts.DOMAINS:
         build = _float_twin(quant, site, inits)
         return None if build is None else (made_by[site], build, (bounds[0], dtype), (bounds[1], dtype))
-    if not facts._is(quant, "QuantizeLinear") or len(quant.input) < 3:
+    if not facts.is_op(quant, "QuantizeLinear") or len(quant.input) < 3:
         return None
     chain, value = [], quant.input[0]
     for _ in range(4):

@@ -1,5 +1,9 @@
 """Quantized graphs as deployed: which kind of quantisation a model uses, and the graph that audits it.
 
+A QDQ model is first replaced by the graph onnxruntime runs for it (`fused`), whose kernels no exposed value can
+change; then every re-quantised layer gets a site (`requantized`). The com.microsoft integer ops' outputs get types
+for onnx's shape inference (`typed_contrib_outputs`). docs/method.md, "Sites in quantized and half-precision graphs".
+
 An INT8 model's layers run as integer kernels: onnxruntime fuses a QDQ group (DequantizeLinear → Conv →
 QuantizeLinear) into QLinearConv, a QOperator model holds QLinearConv / QLinearMatMul / QGemm itself. The float value
 between a layer and its re-quantisation never exists in those kernels, and making it (or the DequantizeLinear
@@ -39,7 +43,7 @@ _BETWEEN = ("Add", "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardS
 #: ops between a dynamic layer's int32 result and its float value, in this order (each at most once)
 _DYNAMIC_TAIL = ("Cast", "Mul", "Add")
 SITE_SUFFIX = ".dequantized"
-_DOMAINS = ("", "ai.onnx", "com.microsoft")
+DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,8 @@ def _readers(graph: onnx.GraphProto) -> dict[str, list[int]]:
     return table
 
 
-def _is(node: onnx.NodeProto, op: str) -> bool:
-    return node.op_type == op and node.domain in _DOMAINS
+def is_op(node: onnx.NodeProto, op: str) -> bool:
+    return node.op_type == op and node.domain in DOMAINS
 
 
 def _only_reader(graph, readers, outputs, name) -> onnx.NodeProto | None:
@@ -88,7 +92,7 @@ def qdq_quantize(graph: onnx.GraphProto, node: onnx.NodeProto, readers=None, out
         nxt = _only_reader(graph, readers, outputs, value)
         if nxt is None:
             return None
-        if _is(nxt, "QuantizeLinear"):
+        if is_op(nxt, "QuantizeLinear"):
             return nxt
         if nxt.op_type not in _BETWEEN or not nxt.output:
             return None
@@ -130,7 +134,7 @@ def anchors(graph: onnx.GraphProto) -> list[Anchor]:
     made_by = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     found = []
     for i, node in enumerate(graph.node):
-        if node.op_type in INTEGER_LAYERS and node.domain in _DOMAINS:
+        if node.op_type in INTEGER_LAYERS and node.domain in DOMAINS:
             _, s, z = INTEGER_LAYERS[node.op_type]
             if len(node.input) > s and node.input[s]:  # QGemm without y_scale writes float
                 scale = (node.input[s], *(node.input[z:z + 1] if len(node.input) > z and node.input[z] else ()))
@@ -147,9 +151,9 @@ def anchors(graph: onnx.GraphProto) -> list[Anchor]:
 def kind(model: onnx.ModelProto) -> Kind:
     """How the model is quantized (all zero for a float model)."""
     graph = model.graph
-    qop = sum(1 for n in graph.node if n.op_type in (*INTEGER_LAYERS, *FLOAT_RESULT_LAYERS) and n.domain in _DOMAINS)
+    qop = sum(1 for n in graph.node if n.op_type in (*INTEGER_LAYERS, *FLOAT_RESULT_LAYERS) and n.domain in DOMAINS)
     dyn = sum(1 for n in graph.node if n.op_type in DYNAMIC_LAYERS and n.domain in ("", "ai.onnx"))
-    integer = sum(1 for n in graph.node if n.op_type in INTEGER_LAYERS and n.domain in _DOMAINS)
+    integer = sum(1 for n in graph.node if n.op_type in INTEGER_LAYERS and n.domain in DOMAINS)
     return Kind(len(anchors(graph)) - integer, qop, dyn)
 
 
@@ -157,10 +161,10 @@ def _requantizes(graph, readers, outputs, q: str, scale: tuple[str, ...]) -> str
     """The site of q when q already has its pair: read by one DequantizeLinear whose value one QuantizeLinear
     re-quantises, both with q's scale; else None."""
     dq = _only_reader(graph, readers, outputs, q)
-    if dq is None or not _is(dq, "DequantizeLinear") or tuple(dq.input[1:]) != scale:
+    if dq is None or not is_op(dq, "DequantizeLinear") or tuple(dq.input[1:]) != scale:
         return None
     back = _only_reader(graph, readers, outputs, dq.output[0])
-    ok = back is not None and _is(back, "QuantizeLinear") and tuple(back.input[1:]) == scale
+    ok = back is not None and is_op(back, "QuantizeLinear") and tuple(back.input[1:]) == scale
     return dq.output[0] if ok else None
 
 
@@ -183,7 +187,7 @@ def _names(graph: onnx.GraphProto) -> set[str]:
     return used
 
 
-def _fresh(used: set[str], wanted: str) -> str:
+def fresh_name(used: set[str], wanted: str) -> str:
     name, k = wanted, 0
     while name in used:
         k += 1
@@ -212,11 +216,11 @@ def requantized(model: onnx.ModelProto) -> onnx.ModelProto:
     after: dict[int, list[onnx.NodeProto]] = {}
     renamed: dict[str, str] = {}
     for a in todo:
-        site, again = _fresh(used, site_name(a.q)), _fresh(used, f"{a.q}.requantized")
+        site, again = fresh_name(used, site_name(a.q)), fresh_name(used, f"{a.q}.requantized")
         pair = [helper.make_node("DequantizeLinear", [a.q, *a.scale], [site],
-                                 name=_fresh(used, f"walkaudit/dequantize/{a.q}")),
+                                 name=fresh_name(used, f"walkaudit/dequantize/{a.q}")),
                 helper.make_node("QuantizeLinear", [site, *a.scale], [again],
-                                 name=_fresh(used, f"walkaudit/requantize/{a.q}"))]
+                                 name=fresh_name(used, f"walkaudit/requantize/{a.q}"))]
         for node in pair:
             node.attribute.extend(a.axis)
         after.setdefault(a.made, []).extend(pair)
