@@ -44,8 +44,9 @@ class _Digits(quantization.CalibrationDataReader):
 
 def _static(source: Path, target: Path, fmt: str, activations: str = "QUInt8") -> Path:
     logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice
-    quantization.quantize_static(str(source), str(target), _Digits(), quant_format=getattr(quantization.QuantFormat, fmt),
-                                 per_channel=True, activation_type=getattr(quantization.QuantType, activations),
+    quantization.quantize_static(str(source), str(target), _Digits(),
+                                 quant_format=getattr(quantization.QuantFormat, fmt), per_channel=True,
+                                 activation_type=getattr(quantization.QuantType, activations),
                                  weight_type=quantization.QuantType.QInt8)
     return target
 
@@ -92,8 +93,8 @@ def to_float16(model: onnx.ModelProto, float32_io: bool = False) -> onnx.ModelPr
 
 
 def residual_net(seed: int = 0) -> onnx.ModelProto:
-    """conv(stride 2) → relu → conv → relu → conv, + the first relu → relu → pool → gemm: a skip connection, so that
-    the sites after the first read a value from before them (their frontier)."""
+    """conv(stride 2) → relu → conv → relu → conv, + the first relu → relu → pool → gemm: a skip connection,
+    so that the sites after the first read a value from before them (their frontier)."""
     rng = np.random.default_rng(seed)
     inits = []
 
@@ -103,7 +104,8 @@ def residual_net(seed: int = 0) -> onnx.ModelProto:
         return name
 
     nodes = [
-        helper.make_node("Conv", ["x", weight("w1", 8, 1, 3, 3), weight("b1", 8)], ["c1"], pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Conv", ["x", weight("w1", 8, 1, 3, 3), weight("b1", 8)], ["c1"], pads=[1] * 4,
+                         strides=[2, 2]),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", weight("w2", 8, 8, 3, 3), weight("b2", 8)], ["c2"], pads=[1] * 4),
         helper.make_node("Relu", ["c2"], ["r2"]),
@@ -114,7 +116,8 @@ def residual_net(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", weight("w4", 10, 8), weight("b4", 10)], ["logits"], transB=1),
     ]
-    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+    graph = helper.make_graph(nodes, "residual",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
@@ -298,7 +301,8 @@ def deployed_value(model: onnx.ModelProto, x: np.ndarray, name: str) -> np.ndarr
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"]).run([name], {"x": x})[0]
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([name], {"x": x})[0]
 
 
 def test_a_quantized_model_without_sites_of_the_selected_ops_says_it_is_quantized(models):

@@ -12,10 +12,11 @@ prefix) compute the site as
          = min(y, DQ(q_min)) / max(y, DQ(q_max)) where q is clipped at an end of the range
 
 with y the layer's float output (bias included, activation not) from a copy of the layer that reads the same
-dequantised inputs (for QLinearConv, QLinearMatMul and QGemm: Conv, MatMul and Gemm on their dequantised inputs): the units the re-quantisation clipped keep their float value, every other unit the deployed
-one. The site's QuantizeLinear gives q back from it exactly, so everything after the site (and the class output)
-is the deployed model's, and the kernels are too (the copy reads the same DequantizeLinear outputs, which
-onnxruntime duplicates per fused group). In a suffix the site is an input: noise is added to this value and the
+dequantised inputs (for QLinearConv, QLinearMatMul and QGemm: Conv, MatMul and Gemm on their dequantised inputs):
+the units the re-quantisation clipped keep their float value, every other unit the deployed one. The site's
+QuantizeLinear gives q back from it exactly, so everything after the site (and the class output) is the deployed
+model's, and the kernels are too (a QDQ model is onnxruntime's fused graph by then, `_loading.quantized.fused`, in
+which no exposed value changes a kernel). In a suffix the site is an input: noise is added to this value and the
 QuantizeLinear re-quantises (and clips) the sum, as the deployed kernel re-quantises its accumulator.
 """
 

@@ -131,8 +131,8 @@ def _family(op: str) -> str:
 def quantized_sites(model: onnx.ModelProto, ops=LAYER_OPS) -> dict[int, str]:
     """{layer node index: its site} for the quantized layers of the requested op types: a re-quantised layer's site
     (`quantized.sites`: the value the loader put between its integer output and its re-quantisation), a dynamically
-    quantized layer's float value (after its Cast, scale Mul and bias Add). An integer-only op (QLinearConv, MatMulInteger, ...) counts as its float
-    layer (Conv, MatMul, ...) or by its own name."""
+    quantized layer's float value (after its Cast, scale Mul and bias Add). An integer-only op (QLinearConv,
+    MatMulInteger, ...) counts as its float layer (Conv, MatMul, ...) or by its own name."""
     graph = model.graph
     wanted = lambda op: op in ops or _family(op) in ops  # noqa: E731
     found = {i: site for i, site in quantized.sites(model).items() if wanted(graph.node[i].op_type)}
