@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import click
@@ -211,13 +211,14 @@ SITES = Group(
 
 @dataclass(frozen=True)
 class Noise:
-    """The noise model (walkaudit._noise): its kind and parameters, as AuditConfig fields."""
+    """The noise model (walkaudit._noise): its kind and parameters. Every field is the AuditConfig field of the same
+    name: an option added to NOISE (and its field here) reaches the audit and the plan with no other change."""
 
     noise: str = "additive"
     ratio: float = 0.5
 
     def config(self) -> dict:
-        return {"noise": self.noise, "ratio": self.ratio}
+        return asdict(self)
 
 
 NOISE_AND_SWEEP = "Noise & sweep"
