@@ -1,4 +1,4 @@
-"""`walkaudit audit MODEL --data DATA` (also `walkaudit MODEL …`): the audit, its checkpoint, its gate, its outputs."""
+"""`walkaudit audit MODEL --data DATA` (or `walkaudit MODEL …`): the audit, its checkpoint, gate and outputs."""
 
 from __future__ import annotations
 
