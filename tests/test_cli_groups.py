@@ -146,3 +146,21 @@ def test_output_value_resolves_the_json_report_and_refuses_two_names():
     with pytest.raises(UsageError, match="both name the JSON report"):
         opt.Output(out="a.json", json_path="b.json")
     assert opt.Output(github=True).annotations == "github" and opt.Output().annotations is None
+
+
+def test_the_registries_are_read_only_when_a_choice_is_needed():
+    """`walkaudit version` and `import walkaudit.cli` import neither onnxruntime nor onnx (choices are lazy); --help
+    of audit reads them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import walkaudit.cli; from click.testing import CliRunner; "
+            "r = CliRunner().invoke(walkaudit.cli.main, ['version']); assert r.exit_code == 0; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from walkaudit._execution.runtime import PROVIDERS
+    from walkaudit._noise import NOISE_MODELS
+
+    text = CliRunner().invoke(main, ["audit", "--help"], terminal_width=200).stdout
+    assert f"[{'|'.join(NOISE_MODELS)}]" in text and f"[{'|'.join(PROVIDERS)}]" in text
