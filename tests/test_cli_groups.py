@@ -121,6 +121,7 @@ def test_choice_lists_are_their_registries():
     from walkaudit._execution.strategies import NOISE_SOURCES
     from walkaudit._noise import NOISE_MODELS
     from walkaudit.report.formats import ANNOTATIONS
+    from walkaudit.report.gate import UNDECIDED_POLICIES
 
     by_flag = {o.opts[-1]: o for cmd in commands().values() for o in options(cmd)
                if o.walkaudit_group is not LISTING}
@@ -128,6 +129,7 @@ def test_choice_lists_are_their_registries():
     assert tuple(by_flag["--provider"].type.choices) == PROVIDERS
     assert tuple(by_flag["--noise-source"].type.choices) == NOISE_SOURCES
     assert tuple(by_flag["--format"].type.choices) == ("text", *ANNOTATIONS)
+    assert tuple(by_flag["--undecided"].type.choices) == UNDECIDED_POLICIES
 
 
 def test_a_group_value_keeps_defaults_for_the_options_a_command_leaves_out():

@@ -7,7 +7,8 @@ sites, noise, sweep, runtime, gate, output, resume)`. A command may take part of
 options it takes are still the group's definitions. Every option made by a group carries it (`walkaudit_group`),
 so --help lists a command's options by group (`app.GroupedCommand`) and tests/test_cli_groups.py checks that no two
 commands define the same flag apart. Choice lists come from their registries (noise models, providers, noise
-sources, annotation formats), loaded when first needed so that `walkaudit --version` imports none of them.
+sources, the gate's undecided policies, annotation formats), read when first needed: `walkaudit version` imports
+none of them.
 
 To add an option: add it to its group here (the option and the value's field, of the same name); every command that
 composes the whole group gets it.
@@ -54,6 +55,12 @@ def noise_sources() -> tuple[str, ...]:
     from walkaudit._execution.strategies import NOISE_SOURCES
 
     return NOISE_SOURCES
+
+
+def undecided_policies() -> tuple[str, ...]:
+    from walkaudit.report.gate import UNDECIDED_POLICIES
+
+    return UNDECIDED_POLICIES
 
 
 def terminal_formats() -> tuple[str, ...]:
@@ -409,7 +416,7 @@ GATE = Group(
                            help="A previous JSON report to compare against.")),
     (("--max-drop",), dict(metavar="DROP", help="Largest allowed σ50 drop vs --baseline: '20%' or '0.3dec' (a bare "
                                                 "number means decades).")),
-    (("--undecided",), dict(type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
+    (("--undecided",), dict(type=RegistryChoice(undecided_policies), default="fail", show_default=True,
                             help="What a rule whose 95% interval straddles its threshold does to the verdict "
                                  "(docs/ci.md).")),
     (("--allow-unmatched",), dict(is_flag=True, help="Accept a --rule that matches no site (a warning instead of an "
