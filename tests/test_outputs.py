@@ -159,11 +159,11 @@ COMPARE_CASES = [
 
 @pytest.mark.parametrize("build, phrase", [pytest.param(b, p, id=i) for i, b, p in COMPARE_CASES])
 def test_compare_refuses_outputs_before_reading_reports(files, monkeypatch, build, phrase):
-    from walkaudit import cli
+    from walkaudit.cli import reports
 
     flags = build(files)
     before = snapshot(files)
-    monkeypatch.setattr(cli, "_read_report", lambda *a, **k: pytest.fail("a report was read"))
+    monkeypatch.setattr(reports, "read_report", lambda *a, **k: pytest.fail("a report was read"))
     result = CliRunner().invoke(main, ["compare", str(files / "old.json"), str(files / "new.json"), *flags])
     refused(result, phrase)
     assert snapshot(files) == before

@@ -6,13 +6,15 @@ inputs), old-style Sum skip connections, LRN, Dropout, class scores [1, 1000] or
 stored as ConstantOfShape nodes filled with one constant, which makes every output degenerate, so the test replaces
 each weight by seeded random values of its shape (He init by fan-in for Conv/Gemm, near-identity BatchNorm).
 
-AlexNet, ZFNet and VGG-19 carry 60-140 M parameters (240-570 MB): marked slow.
+AlexNet, ZFNet and VGG-19 carry 60-140 M parameters (240-570 MB): marked slow. Each model is read and randomised
+once, by a module-scoped fixture, and released before the next one is loaded: the suite holds one zoo model at a
+time (an lru_cache kept the last one, VGG-19's 570 MB among them, alive until the session ended).
 """
 
 from __future__ import annotations
 
-import functools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +98,6 @@ def randomize(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-@functools.lru_cache(maxsize=1)
 def zoo_model(name: str) -> onnx.ModelProto:
     return randomize(onnx.load(str(LIGHT / f"{name}.onnx")))
 
@@ -112,18 +113,41 @@ def few_sites(model: onnx.ModelProto) -> tuple[str, ...]:
     return tuple(dict.fromkeys(s.name for s in (sites[len(sites) // 2], sites[-2], sites[-1])))
 
 
+@dataclass(frozen=True)
+class Zoo:
+    name: str
+    model: onnx.ModelProto
+    sites: tuple[str, ...]  # three sites spread over the graph (few_sites)
+
+
+def _zoo(name: str):
+    model = zoo_model(name)
+    return Zoo(name, model, few_sites(model))
+
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow if n in HEAVY else ()) for n in MODELS])
+def zoo(request):
+    """Each zoo model, loaded once for the tests that take it; pytest groups those tests by model and drops the model
+    before loading the next."""
+    return _zoo(request.param)
+
+
+@pytest.fixture(scope="module")
+def squeezenet():
+    """SqueezeNet, loaded once for the tests that need one small zoo model."""
+    return _zoo("light_squeezenet")
+
+
 def test_the_zoo_is_there():
     assert {"light_resnet50", "light_densenet121", "light_inception_v1", "light_inception_v2", "light_squeezenet",
             "light_shufflenet"} <= set(MODELS), MODELS
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow if n in HEAVY else ()) for n in MODELS])
-def test_zoo_model_audits_end_to_end(name):
-    model = zoo_model(name)
+def test_zoo_model_audits_end_to_end(zoo):
+    model, names = zoo.model, zoo.sites
     loaded = load_model(model)
     assert loaded.batch_size == 1
     assert loaded.class_output.kind == "scores" and loaded.class_output.num_classes == 1000
-    names = few_sites(model)
     report = walkaudit.audit(model, inputs(), provider="cpu", noise="multiplicative", sigmas=SIGMAS, repeats=1,
                              selection=Selection(names=names))
     assert report.model.batch_size == 1
@@ -141,11 +165,10 @@ def test_zoo_model_audits_end_to_end(name):
     assert not report.partial
 
 
-def test_zoo_additive_noise_and_shared_weights_change_nothing(monkeypatch):
+def test_zoo_additive_noise_and_shared_weights_change_nothing(squeezenet, monkeypatch):
     """Additive noise on a zoo model; handing large initializers to onnxruntime as shared OrtValues (the default)
     gives bit-identical results to serializing them into every session."""
-    model = zoo_model("light_squeezenet")
-    names = few_sites(model)
+    model, names = squeezenet.model, squeezenet.sites
     kwargs = dict(provider="cpu", sigmas=(0.1, 1.0, 10.0), repeats=2, selection=Selection(names=names))
     monkeypatch.setattr(runtime, "SHARE_BYTES", 1 << 14)
     shared = walkaudit.audit(model, inputs(2), **kwargs)
@@ -157,7 +180,7 @@ def test_zoo_additive_noise_and_shared_weights_change_nothing(monkeypatch):
         assert a.midpoint is not None or a.censored
 
 
-def test_zoo_model_through_the_cli(tmp_path):
+def test_zoo_model_through_the_cli(squeezenet, tmp_path):
     """The CLI on a zoo file with IR version 3 and 224x224 inputs: JSON report, exit 0."""
     import json
 
@@ -166,8 +189,8 @@ def test_zoo_model_through_the_cli(tmp_path):
     from walkaudit.cli import main
 
     path = tmp_path / "squeezenet.onnx"
-    onnx.save(zoo_model("light_squeezenet"), path)
-    pattern = "^(" + "|".join(map(re.escape, few_sites(zoo_model("light_squeezenet")))) + ")$"
+    onnx.save(squeezenet.model, path)
+    pattern = "^(" + "|".join(map(re.escape, squeezenet.sites)) + ")$"
     np.savez(tmp_path / "x.npz", data_0=inputs(2))
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
     out = tmp_path / "report.json"

@@ -29,6 +29,9 @@ _SHAREABLE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.Tensor
 #: measurable and are always off; the NCHWc layout transform (Conv+Add fused with the residual) makes conv nets
 #: 1.6–2x faster on the CPU, so it is only off in exact mode (`--exact`), where σ = 0 reproduces the model bit for
 #: bit whatever is exposed (docs/performance.md).
+#: what `--provider` / `AuditConfig.provider` may ask for: auto (CUDA where a session really runs on it), cuda, cpu
+PROVIDERS = ("auto", "cuda", "cpu")
+
 FUSIONS_OFF = ["MatMulAddFusion", "ConvBNFusion"]
 EXACT = [*FUSIONS_OFF, "NchwcTransformer"]
 
@@ -147,7 +150,7 @@ class Runtime:
     _shared: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.requested not in ("auto", "cuda", "cpu"):  # AuditConfig.check says so first, for users
+        if self.requested not in PROVIDERS:  # AuditConfig.check says so first, for users
             raise ValueError(f"provider must be auto, cuda or cpu, got {self.requested!r}")
         import onnxruntime as ort
 

@@ -53,6 +53,10 @@ def choose(mode: str, opset: int, sites: list, provider: str | None, noise_sourc
     return FedSuffix
 
 
+#: where ε is drawn (`--noise-source`): auto (the graph on CUDA), host (numpy, fed in), graph (RandomNormalLike)
+NOISE_SOURCES = ("auto", "host", "graph")
+
+
 def graph_draws(opset: int, provider: str | None, noise_source: str, noise: NoiseModel | None = None) -> bool:
     """ε drawn in the graph where it pays (on CUDA, where the opset has random ops), or where asked for; never for a
     model the graph cannot draw (`NoiseModel.graph_draw`)."""

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from walkaudit._graph import quantized
 from walkaudit._graph.index import (
     RANDOM_OPS,
     GraphIndex,
@@ -90,7 +91,9 @@ def _int64_constant(names: _Names, wanted: str, values: list[int]) -> onnx.Tenso
 def expose(model: onnx.ModelProto, names, types: dict[str, TensorSpec]) -> onnx.ModelProto:
     """A copy of `model` whose outputs also include `names` (graph inputs and existing outputs are skipped).
 
-    Functional: returns a new model and never modifies `model`. Adds no names (only outputs of existing values).
+    The site of a QDQ layer among `names` is computed as its float value before re-quantisation where the deployed
+    value shows it (`quantized.pre_activation`; the class output and the kernels stay the deployed model's): the
+    names that adds are fresh. Functional: returns a new model and never modifies `model`.
     """
     out = _copy(model)
     have = {o.name for o in out.graph.output} | {i.name for i in out.graph.input}
@@ -98,6 +101,7 @@ def expose(model: onnx.ModelProto, names, types: dict[str, TensorSpec]) -> onnx.
         if name not in have:
             out.graph.output.append(_value_info(name, types))
             have.add(name)
+    quantized.pre_activation(out.graph, names, names_in_use(out.graph))
     return out
 
 
@@ -222,7 +226,8 @@ def prefix(model: onnx.ModelProto, outputs, types: dict[str, TensorSpec],
 
     A site's clean value and frontier come from this instead of the whole model: the suffix's work is not done
     twice, and nothing blocks the fusions of the rest of the graph. `index`: the model's `GraphIndex`, when the
-    caller has one. Functional: returns a new model and never modifies `model`. Adds no names.
+    caller has one. Functional: returns a new model and never modifies `model`. Adds names only for a QDQ site's
+    clean value (as `expose`).
     """
     graph = model.graph
     index = index_for(graph, index)
@@ -237,6 +242,7 @@ def prefix(model: onnx.ModelProto, outputs, types: dict[str, TensorSpec],
     out.graph.initializer.extend(_initializers_read(graph, reads, index))
     inputs = set(index.inputs)
     out.graph.output.extend(_value_info(n, types) for n in dict.fromkeys(outputs) if n not in inputs)
+    quantized.pre_activation(out.graph, outputs, names_in_use(out.graph))  # the QDQ sites' clean values, as `expose`
     return out
 
 

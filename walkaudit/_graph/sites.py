@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from walkaudit._graph import queries as g
 from walkaudit._graph.index import GraphIndex, index_for, members
+from walkaudit._loading import quantized
 from walkaudit._loading.model import FLOAT_TYPES, TensorSpec
 from walkaudit.errors import UsageError, option
 
@@ -104,9 +105,20 @@ def candidates(model: onnx.ModelProto, types: dict[str, TensorSpec], ops=LAYER_O
     dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.output}
     sites: list[Site] = []
     seen: set[str] = set()
+    layered = {} if everything else quantized_sites(model, ops)
     for i, node in enumerate(graph.node):
-        if not everything and node.op_type not in ops:
+        if i in layered:
+            name, op_type = layered[i], node.op_type
+            quantized_value = _quantized(graph, name, readers, types) if stored else None
+            if quantized_value is not None:  # stored: the int8 value the layer's site is re-quantised to
+                name, op_type = quantized_value, f"{op_type}+QuantizeLinear"
+            if name not in seen and name in types:
+                seen.add(name)
+                sites.append(Site(len(sites), name, g.node_label(node, i), op_type, types[name].shape,
+                                  _weight_of(node, static, inits, dequantized if stored else None)))
             continue
+        if not everything and node.op_type not in ops and _family(node.op_type) not in ops:
+            continue  # MatMulIntegerToFloat counts as a MatMul: its result is float
         for out in node.output:
             spec = types.get(out)
             if not out or out in static or spec is None or spec.elem_type not in kinds:
@@ -140,6 +152,29 @@ def _quantized(graph: onnx.GraphProto, out: str, readers: Mapping[str, Sequence[
     q = graph.node[users[0]].output[0]
     spec = types.get(q)
     return q if spec is not None and spec.elem_type in STORED_TYPES else None
+
+
+def _family(op: str) -> str:
+    """The float layer an integer-only or dynamically quantized op computes (QLinearConv: Conv), else the op."""
+    if op in quantized.INTEGER_LAYERS:
+        return quantized.INTEGER_LAYERS[op][0]
+    return quantized.DYNAMIC_LAYERS.get(op, quantized.FLOAT_RESULT_LAYERS.get(op, op))
+
+
+def quantized_sites(model: onnx.ModelProto, ops=LAYER_OPS) -> dict[int, str]:
+    """{layer node index: its site} for the quantized layers of the requested op types: a re-quantised layer's site
+    (`quantized.sites`: the value the loader put between its integer output and its re-quantisation), a dynamically
+    quantized layer's float value (after its Cast, scale Mul and bias Add). An integer-only op (QLinearConv,
+    MatMulInteger, ...) counts as its float layer (Conv, MatMul, ...) or by its own name."""
+    graph = model.graph
+    wanted = lambda op: op in ops or _family(op) in ops  # noqa: E731
+    found = {i: site for i, site in quantized.sites(model).items() if wanted(graph.node[i].op_type)}
+    for i, node in enumerate(graph.node):
+        if node.op_type in quantized.DYNAMIC_LAYERS and wanted(node.op_type):
+            value = quantized.dynamic_value(graph, node)
+            if value is not None:
+                found[i] = value
+    return found
 
 
 def _feeding(model: onnx.ModelProto, sites: list[Site], output: str | None,
@@ -185,7 +220,7 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
         if exclude is not None:
             chosen = [s for s in chosen if not (exclude.search(s.name) or exclude.search(s.node))]
         if not pool:
-            raise UsageError(f"the model has no {'/'.join(ops)} layers with float outputs; try {option('ops')} all")
+            raise UsageError(_nothing_found(model, ops))
     if not chosen:
         raise UsageError(f"no site matches the selection{_hint(pool)}")
     return [Site(i, s.name, s.node, s.op_type, s.shape, s.weight) for i, s in enumerate(chosen)]
@@ -218,6 +253,15 @@ def weight_sites(model: onnx.ModelProto, types: dict[str, TensorSpec], selection
     if not sites:
         raise UsageError("none of the selected layers reads its weights from an initializer: no weight sites")
     return sites
+
+
+def _nothing_found(model: onnx.ModelProto, ops) -> str:
+    """Why the selection's op types found no site, and what to do."""
+    kind = quantized.kind(model)
+    if kind.quantized:
+        return (f"the model is quantized ({kind.describe()}) but none of its {'/'.join(ops)} layers has a site "
+                f"(its float value before re-quantisation); name values with {option('names')}")
+    return f"the model has no {'/'.join(ops)} layers with float outputs; try {option('ops')} all"
 
 
 def _regex(pattern: str | None, field: str) -> re.Pattern | None:
@@ -260,7 +304,8 @@ def left_out(model: onnx.ModelProto, selection: Selection) -> str | None:
         return None
     counts: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type in HEAVY_OPS and node.op_type not in selection.ops:
+        if (node.op_type in HEAVY_OPS and node.op_type not in selection.ops
+                and _family(node.op_type) not in selection.ops):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if not counts:
         return None

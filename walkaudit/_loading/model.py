@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from walkaudit._loading import quantized
 from walkaudit.errors import ModelError, option
 
 #: onnx tensor element types that count as floating point (sites, class scores).
@@ -494,6 +495,28 @@ def prepare_for_runtime(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _deployed(proto: onnx.ModelProto, bare: onnx.ModelProto,
+              notes: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """A quantized model as onnxruntime runs it (a QDQ model: the graph with its groups fused, `quantized.fused`)
+    with a site after each re-quantised layer (`quantized.requantized`: the same numbers and kernels), and a note
+    saying what its sites are; a float model as it is."""
+    found = quantized.kind(proto)
+    if not found.quantized:
+        return proto, bare
+    changed = quantized.requantized(quantized.fused(proto) if found.qdq else proto)
+    if changed is not proto:
+        proto, bare = changed, skeleton(changed)
+    bare = quantized.typed_contrib_outputs(bare)
+    if found.qdq or found.qoperator:
+        notes.append(f"quantized model ({found.describe()}): the layers run the deployed integer kernels; a "
+                     "layer's site is its float value before re-quantisation (the deployed value where it is not "
+                     "clipped), and noise added there is re-quantised with the layer's scale")
+    if found.dynamic:
+        notes.append(f"quantized model ({found.describe()}): each layer's site is the float value the graph "
+                     "computes from its integer result; the next layer quantises it again, noise included")
+    return proto, bare
+
+
 def load_model(source, output: str | None = None, validate: bool = True) -> LoadedModel:
     """Read, check and describe a classifier. Raises ModelError with one clear line."""
     proto, path, sha = read_model(source)
@@ -511,6 +534,7 @@ def load_model(source, output: str | None = None, validate: bool = True) -> Load
             notes.append(f"the ONNX checker could not check the model ({_first_line(exc)[:160]})")
     prepare_for_runtime(proto)
     prepare_for_runtime(bare)
+    proto, bare = _deployed(proto, bare, notes)
     types = value_types(proto, bare, notes)
     inputs = data_inputs(proto)
     if not inputs:

@@ -7,18 +7,43 @@ interval straddles the bound) or it costs more than --max-cost, 2 bad usage or i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import click
 
-from walkaudit.cli import (
-    _check_outputs,
-    _selection,
-    _write,
-    guarded,
-    main,
-    site_options,
-)
-from walkaudit._noise.registry import NOISE_MODELS
+from walkaudit.cli import options as opt
+from walkaudit.cli.app import GroupedCommand, guarded, main
+from walkaudit.cli.reports import check_outputs
 from walkaudit.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The hardware's σ, the accuracy bound a plan must keep and what it may spend."""
+
+    sigma: float = 0.0
+    max_drop: str = ""
+    relative: bool = False
+    max_repeats: int = 16
+    max_cost: str | None = None
+    max_evaluations: int | None = None
+
+
+#: plan's own options: its --max-drop bounds accuracy with every site noisy (points or %rel), not a σ50 drop against a
+#: baseline as the gate's --max-drop
+BUDGET = opt.Group(
+    "Plan", "budget", Budget,
+    (("--sigma",), dict(type=float, required=True, metavar="S", help="The hardware's noise σ at every site.")),
+    (("--max-drop", "max_drop"), dict(required=True, metavar="DROP",
+                                      help="Largest accuracy drop with every site noisy: '1%' (points) or '5%rel' "
+                                           "(of clean − chance).")),
+    (("--relative",), dict(is_flag=True, help="S is in units of each site's clean activation std.")),
+    (("--max-repeats",), dict(type=int, default=16, show_default=True, help="Most repetitions of one layer.")),
+    (("--max-cost",), dict(metavar="X", help="Fail when the plan costs more than X plain passes, e.g. 1.5x.")),
+    (("--max-evaluations",), dict(type=int, metavar="N",
+                                  help="Most noisy sample evaluations the verification may spend showing the bound "
+                                       "(more draws, more rounds) [default: 100 per sample of the data].")),
+)
 
 
 def _cost(text: str | None) -> float | None:
@@ -33,34 +58,18 @@ def _cost(text: str | None) -> float | None:
     return value
 
 
-@main.command("plan")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", "data_path", required=True, type=click.Path(), metavar="FILE",
-              help="Validation data (as for the audit).")
-@click.option("--sigma", type=float, required=True, metavar="S", help="The hardware's noise σ at every site.")
-@click.option("--max-drop", "max_drop", required=True, metavar="DROP",
-              help="Largest accuracy drop with every site noisy: '1%' (points) or '5%rel' (of clean − chance).")
-@click.option("--relative", is_flag=True, help="S is in units of each site's clean activation std.")
-@click.option("--noise", type=click.Choice(NOISE_MODELS), default="additive", show_default=True,
-              help="Noise model (global: additive, multiplicative, combined or uniform).")
-@click.option("--ratio", type=float, default=0.5, show_default=True, help="combined: σa = σ·r, σm = σ·(1−r).")
-@click.option("--max-repeats", type=int, default=16, show_default=True, help="Most repetitions of one layer.")
-@click.option("--max-cost", metavar="X", help="Fail when the plan costs more than X plain passes, e.g. 1.5x.")
-@click.option("--max-evaluations", type=int, metavar="N",
-              help="Most noisy sample evaluations the verification may spend showing the bound (more draws, more "
-                   "rounds) [default: 100 per sample of the data].")
-@site_options
-@click.option("--repeats", type=int, default=3, show_default=True, help="Noise draws per σ of the per-site curves.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
-@click.option("--batch-size", type=int, default=None, help="Samples per batch [default: 256 on the CPU].")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--threads", type=int, help="CPU threads [default: all].")
-@click.option("--limit", type=int, metavar="N", help="Use only the first N samples.")
-@click.option("--json", "json_path", metavar="PATH", help="Write the report with its `plan` ('-' = stdout).")
-@click.option("-q", "--quiet", is_flag=True, help="No table; the verdict only.")
+@main.command("plan", cls=GroupedCommand)
 @guarded
-def plan_command(model, data_path, sigma, max_drop, relative, noise, ratio, max_repeats, max_cost, max_evaluations,
-                 ops, include, exclude, repeats, seed, batch_size, provider, threads, limit, json_path, quiet):
+@click.argument("model", type=click.Path(dir_okay=False))
+@opt.DATA(only=("data_path", "limit"))
+@BUDGET
+@opt.SITES(only=("ops", "include", "exclude"))
+@opt.NOISE
+@opt.SWEEP(only=("repeats", "seed"))
+@opt.RUNTIME(only=("provider", "threads", "batch_size"))
+@opt.OUTPUT(only=("json_path", "quiet"))
+def plan_command(model: str, data: opt.Data, budget: Budget, sites: opt.Sites, noise: opt.Noise, sweep: opt.Sweep,
+                 runtime: opt.Runtime, output: opt.Output):
     """How many times to repeat each layer (averaging its noise down to σ/√n) so that, with every layer noisy at
     σ, accuracy stays within --max-drop of clean, at the least extra compute.
 
@@ -73,19 +82,20 @@ def plan_command(model, data_path, sigma, max_drop, relative, noise, ratio, max_
     from rich.console import Console
     from rich.table import Table
 
+    from walkaudit.cli.outputs import write
     from walkaudit.config import AuditConfig
     from walkaudit.planning import parse_bound, plan
     from walkaudit.report.model import dumps
 
-    _check_outputs(json_path, None, None)
-    bound, cost_limit = parse_bound(max_drop), _cost(max_cost)
-    if max_evaluations is not None and max_evaluations < 1:
-        raise UsageError(f"--max-evaluations must be at least 1, got {max_evaluations}")
-    config = AuditConfig(noise=noise, ratio=ratio, repeats=repeats, seed=seed, batch_size=batch_size,
-                         provider=provider, threads=threads, limit=limit,
-                         selection=_selection(ops, include, exclude)).check()
-    report = plan(model, data=data_path, sigma=sigma, max_drop=bound, relative=relative, max_repeats=max_repeats,
-                  max_evaluations=max_evaluations, config=config, report=True)
+    json_path, quiet = output.json, output.quiet
+    check_outputs(output, [("the model", model), ("the data (--data)", data.data_path)])
+    bound, cost_limit = parse_bound(budget.max_drop), _cost(budget.max_cost)
+    if budget.max_evaluations is not None and budget.max_evaluations < 1:
+        raise UsageError(f"--max-evaluations must be at least 1, got {budget.max_evaluations}")
+    config = AuditConfig(**noise.config(), **sweep.config(), **runtime.config(), limit=data.limit,
+                         selection=sites.selection()).check()
+    report = plan(model, data=data.data_path, sigma=budget.sigma, max_drop=bound, relative=budget.relative,
+                  max_repeats=budget.max_repeats, max_evaluations=budget.max_evaluations, config=config, report=True)
     result = report["plan"]
     failures, open_ = [], []
     measured = ("" if result["measured_drop"] is None else
@@ -108,7 +118,7 @@ def plan_command(model, data_path, sigma, max_drop, relative, noise, ratio, max_
                       "failures": entries[: len(failures)],
                       **({"undecided": entries[len(failures):]} if open_ else {})}
     if json_path:
-        _write(json_path, dumps(report))
+        write(json_path, dumps(report))
     console = Console(stderr=json_path == "-", highlight=False)
     if not quiet:
         table = Table(header_style="bold")

@@ -7,4 +7,7 @@ from walkaudit.report.formats.html import to_html
 from walkaudit.report.formats.junit import to_junit
 from walkaudit.report.formats.markdown import to_markdown
 
-__all__ = ["to_github", "to_html", "to_junit", "to_markdown"]
+#: formats printed beside the terminal's table (`--format NAME`; "text" is the table alone), by name
+ANNOTATIONS = {"github": to_github}
+
+__all__ = ["ANNOTATIONS", "to_github", "to_html", "to_junit", "to_markdown"]

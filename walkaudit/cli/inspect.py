@@ -1,0 +1,81 @@
+"""`walkaudit inspect MODEL`: the candidate sites, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from walkaudit.cli import options as opt
+from walkaudit.cli.app import GroupedCommand, guarded, main
+
+
+@dataclass(frozen=True)
+class Listing:
+    output_format: str = "text"
+    legacy_json: bool = False  # --json, deprecated for --format json
+
+    @property
+    def as_json(self) -> bool:
+        return self.output_format == "json" or self.legacy_json
+
+
+#: inspect prints a listing, not a report: its --format is text or json
+LISTING = opt.Group(
+    "Output", "listing", Listing,
+    (("--format", "output_format"), dict(type=click.Choice(["text", "json"]), default="text", show_default=True,
+                                         help="json: the sites as a JSON list.")),
+    opt.deprecated("--json", "--format json", "legacy_json", is_flag=True),
+)
+
+
+@main.command(cls=GroupedCommand)
+@guarded
+@click.argument("model", type=click.Path(dir_okay=False))
+@opt.SITES(only=("ops", "include", "exclude"))
+@LISTING
+def inspect(model: str, sites: opt.Sites, listing: Listing):
+    """List the candidate sites of MODEL: index, tensor, node, op type, shape, MACs per sample."""
+    from rich.console import Console
+
+    from walkaudit._graph.cost import sites_macs
+    from walkaudit._graph.sites import select
+    from walkaudit._loading.model import load_model
+
+    loaded = load_model(model)
+    found = select(loaded.proto, loaded.types, sites.selection(), loaded.class_output.name)
+    macs = sites_macs(loaded, found)
+    if listing.as_json:
+        click.echo(json.dumps([{"index": s.index, "name": s.name, "node": s.node, "op_type": s.op_type,
+                                "shape": None if s.shape is None else list(s.shape), "macs": m}
+                               for s, m in zip(found, macs)], indent=2))
+        return
+    from walkaudit.report import render
+    from walkaudit.report.text import printable, shape_text
+
+    out = loaded.class_output
+    width = render.output_width(sys.stdout)  # None (a pipe, a log): the whole table
+    console = Console(highlight=False, width=width or 100_000)
+    columns = [render.Column("#", "right", "index"), render.Column("tensor", kind="name"),
+               render.Column("node", kind="name"), render.Column("op"), render.Column("shape"),
+               render.Column("MACs", "right", "number")]
+    rows = [[str(s.index), render.Name(printable(s.name)), render.Name(printable(s.node)), printable(s.op_type),
+             shape_text(s.shape), _count_text(m)] for s, m in zip(found, macs)]
+    # a line of its own, not the table's title: rich wraps a title to the table's width
+    console.print(f"{len(found)} sites of {printable(Path(model).name)} (class output '{printable(out.name)}', "
+                  f"{out.kind}{' per token' if out.per_token else ''})", markup=False, soft_wrap=True)
+    # never cropped: names lose their common prefix (never their end) or the rows become records at narrow widths
+    render.show(console, render.fit(columns, rows, width))
+
+
+def _count_text(value: int | None) -> str:
+    """A count for a table: 840, 117.6k, 3.699G; '?' when unknown."""
+    if value is None:
+        return "?"
+    for unit, scale in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if value >= scale:
+            return f"{value / scale:.4g}{unit}"
+    return str(value)
