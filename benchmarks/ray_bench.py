@@ -145,8 +145,8 @@ def bench_audit(name: str, model: Path, data: Path, runs: int, layouts: list[dic
             cluster.ray.get([actor.describe.remote() for actor in cluster.warm])  # started: imports done
             up = time.perf_counter()
 
-            def factory(run, cluster=cluster, made=made):
-                made["ex"] = cluster(run)
+            def factory(audit, progress, cluster=cluster, made=made):
+                made["ex"] = cluster(audit, progress)
                 return made["ex"]
 
             got = api.audit(str(model), data=str(data), executor=factory, **opts)
@@ -187,13 +187,15 @@ def bench_overhead(model: Path, data: Path, calls: int = 200) -> dict:
     it = iter(run)
     holder = {}
 
-    def factory(r):
-        holder["ex"] = ray_executor.connect(None, r.config, workers=1, threads=1)(r)
+    def factory(audit, progress):
+        holder["ex"] = ray_executor.connect(None, audit, workers=1, threads=1)(audit, progress)
         return holder["ex"]
 
     run.executor = factory
     next(it)  # the clean pass, the executor, the first site
-    ex, worker = holder["ex"], run._worker
+    ex = holder["ex"]
+    worker = run.resolved.build(model=run.loaded, dataset=run.dataset)  # the same audit in this process
+    worker.clean_pass(keep=True)
     site = run.sites[-1].name
     unit = WorkUnit(worker.key, (site,), (0.5,), 1, (0, 1), run.config.seed)
     for _ in range(20):  # warm: sessions, cache, the actor's evaluation of this site
@@ -221,6 +223,7 @@ def bench_overhead(model: Path, data: Path, calls: int = 200) -> dict:
     pipe = statistics.median(per_call(piped, calls) for _ in range(3))
     del it
     ex.close()
+    worker.source.close()
     overhead = max(trip - local, 0.0)
     piped_over = max(pipe - local, 0.0)
     piece = 100 * overhead  # the overhead ≤ 1 % of a piece

@@ -250,7 +250,8 @@ def test_sites_of_re_quantised_layers_are_dequantised_values_read_only_by_their_
 
 
 def test_requantized_is_idempotent_and_survives_a_reload(models):
-    """A Recipe reloads the loaded (already rewritten) model: nothing is added twice, the sites are the same."""
+    """A worker built from the resolved audit reloads the loaded (already rewritten) model: nothing is added twice,
+    the sites are the same."""
     once = quantized.requantized(models["qdq"])
     assert once is not models["qdq"] and quantized.requantized(once) is once
     assert quantized.requantized(models["float"]) is models["float"]

@@ -20,7 +20,6 @@ from click.testing import CliRunner
 from walkaudit import api
 from walkaudit._execution import ray_executor
 from walkaudit._execution.ray_executor import _cut, check_workers, plan, slices
-from walkaudit._execution.recipe import Recipe
 from walkaudit._units import BLOCK, UNSCORED
 from walkaudit.cli import main
 from walkaudit.cli.progress import RichProgress
@@ -28,18 +27,6 @@ from walkaudit.config import AuditConfig
 from walkaudit.errors import RuntimeFailure, UsageError
 
 from .models import mlp, resnet_block, teacher_labels
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster for the whole session (started on first use, stopped at the end)."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +80,8 @@ class Recorder:
 
 
 def _factory(made: list, **options):
-    def factory(run):
-        made.append(ray_executor.connect(None, run.config, **options)(run))
+    def factory(audit, progress):
+        made.append(ray_executor.connect(None, audit, **options)(audit, progress))
         return made[-1]
 
     return factory
@@ -124,18 +111,18 @@ def test_slices_are_whole_batches_on_block_bounds_and_cover_the_samples():
 
 
 def test_clean_passes_over_slices_add_up_to_the_whole_pass(files):
-    """What each Ray actor runs (`Worker.clean_pass(rows=...)` from a recipe without targets): the CleanStats of the
-    slices, added, are the whole pass's bit for bit; each slice's targets are the whole pass's on its rows and
+    """What each Ray actor runs (`Worker.clean_pass(rows=...)` from a resolved audit without targets): the CleanStats of
+    the slices, added, are the whole pass's bit for bit; each slice's targets are the whole pass's on its rows and
     UNSCORED elsewhere; each keeps the clean values of its own batches only."""
     run = api.iter_audit(str(files / "res.onnx"), data=str(files / "res.npz"), provider="cpu", threads=1,
                          batch_size=128)
     run.start()
-    whole = run._worker
-    recipe = dataclasses.replace(Recipe.of(run), targets=None)
+    whole = run._executor.worker
+    audit = dataclasses.replace(run.resolved.with_model_bytes(run.loaded.proto), targets=None)
     parts, total = slices(run.dataset.samples, 128, 3), None
     assert len(parts) == 3
     for rows in parts:
-        worker = recipe.build(threads=1)
+        worker = audit.build(threads=1)
         stats = worker.clean_pass(keep=True, rows=rows)
         total = stats if total is None else total + stats
         assert np.array_equal(worker.targets[rows.start : rows.stop], whole.targets[rows.start : rows.stop])
@@ -144,7 +131,7 @@ def test_clean_passes_over_slices_add_up_to_the_whole_pass(files):
         worker.source.close()
     assert _stats(total) == _stats(run.clean)
     with pytest.raises(ValueError, match="whole batches"):
-        recipe.build(threads=1).clean_pass(rows=range(64, 700))
+        audit.build(threads=1).clean_pass(rows=range(64, 700))
     run.close()
 
 
@@ -229,7 +216,7 @@ def test_api_report_equals_the_in_process_one_and_progress_adds_up(ray_cluster, 
     got = got_run.report()
     assert _plain(got) == _plain(want)
     assert _stats(got_run.clean) == _stats(want_run.clean)
-    assert got_run._worker._targets is None and got_run._worker._kept == {}  # no clean pass on the driver
+    assert got_run.resolved.targets is None  # no clean pass on the driver
     assert made[0].slices == [range(0, 256), range(256, 700)]
     assert progress.advanced == progress.grown > 0
     stats = made[0].stats()
@@ -298,22 +285,22 @@ def test_cli_refuses_at_once_in_one_line(ray_cluster, files, flags, phrase):
 
 
 def test_workers_read_the_data_from_its_path_when_they_see_the_drivers_files(ray_cluster, files):
-    """A local cluster shares the driver's files: the recipe carries the path (workers memory-map their own sample
+    """A local cluster shares the driver's files: the resolved audit carries the path (workers memory-map their own sample
     ranges), not the arrays; told otherwise, the arrays travel through the object store. Same report either way."""
     options = dict(data=str(files / "val.npz"), provider="cpu", seed=3, threads=1, sigmas=(0.1, 1.0), repeats=1)
-    reports, recipes = [], []
+    reports, audits = [], []
     for shared in (None, False):
         made, factory = [], _factory([], shared_files=shared)
 
-        def keep(run, factory=factory, made=made):
-            made.append(factory(run))
-            recipes.append(ray_cluster.get(made[-1].recipe))  # while the executor holds it
+        def keep(audit, progress, factory=factory, made=made):
+            made.append(factory(audit, progress))
+            audits.append(ray_cluster.get(made[-1].audit))  # while the executor holds it
             return made[-1]
 
         reports.append(api.audit(str(files / "mlp.onnx"), executor=keep, **options))
-    via_path, via_arrays = recipes
-    assert via_path.data == str(files / "val.npz") and via_path.arrays is None
-    assert via_arrays.data is None and set(via_arrays.arrays) == {"x"}
+    via_path, via_arrays = audits
+    assert via_path.data.path == str(files / "val.npz") and via_path.data.arrays is None
+    assert via_arrays.data.path is None and set(via_arrays.data.arrays) == {"x"}
     assert _plain(reports[0]) == _plain(reports[1])
 
 

@@ -325,17 +325,16 @@ def test_the_pixel_language_model_sample():
     assert bodies[0] == bodies[1]
 
 
-def test_a_worker_built_from_a_recipe_counts_the_same_tokens(files):
-    """Ray's workers are built from a Recipe: they read the per-token labels from the file again."""
-    from walkaudit._execution.recipe import Recipe
-
+def test_a_worker_built_from_the_resolved_audit_counts_the_same_tokens(files):
+    """Ray's workers are built from the resolved audit: they read the inputs from the file again and score the
+    per-token labels and scored positions the driver resolved."""
     run = walkaudit.iter_audit(str(files / "tagger.onnx"), data=str(files / "val.npz"), provider="cpu", seed=4,
                                sigmas=(0.3, 3.0), repeats=2)
     run.start()
     try:
-        worker = Recipe.of(run).build(threads=1)
-        unit = WorkUnit(run._worker.key, (run.sites[0].name,), (0.3, 3.0), 2, (0, 5), 4)
-        here = run._worker.evaluate(unit)
+        worker = run.resolved.with_model_bytes(run.loaded.proto).build(threads=1)
+        unit = WorkUnit(run.key, (run.sites[0].name,), (0.3, 3.0), 2, (0, 5), 4)
+        here = run._executor.worker.evaluate(unit)
         assert worker.evaluate(unit) == here and here.samples == run.clean.samples
         worker.source.close()
     finally:

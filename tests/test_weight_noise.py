@@ -261,19 +261,18 @@ def test_weight_noise_midpoints_agree_with_the_torch_reference(kind):
 
 
 @pytest.mark.parametrize("kind, options", [("weight-additive", {}), ("bitflip", {"target": "weights"})])
-def test_a_worker_built_from_the_recipe_serves_the_same_weight_sites(kind, options):
-    """What a remote worker (Ray) gets rebuilds the weight sites and their counts."""
+def test_a_worker_built_from_the_resolved_audit_serves_the_same_weight_sites(kind, options):
+    """What a remote worker (Ray) gets, the resolved audit, rebuilds the weight sites and their counts."""
     import pickle
 
     import walkaudit
-    from walkaudit._execution.recipe import Recipe
 
     model = resnet_block(seed=15)
     x = np.random.default_rng(15).normal(size=(128, 1, 6, 6)).astype(np.float32)
     sigmas = (0.1, 1.0) if kind == "weight-additive" else (1e-3, 3e-2)
     run = walkaudit.iter_audit(model, x, provider="cpu", seed=2, sigmas=sigmas, noise=kind, **options)
     list(run)
-    remote = pickle.loads(pickle.dumps(Recipe.of(run))).build(threads=1)
+    remote = pickle.loads(pickle.dumps(run.resolved.with_model_bytes(run.loaded.proto))).build(threads=1)
     assert [s.name for s in remote.sites] == [s.name for s in run.sites] == ["k0", "k1", "w"]
     for site in run.report().to_dict()["sites"]:
         got = remote.evaluate(WorkUnit(remote.key, (site["name"],), sigmas, 3, (0, 2), 2))

@@ -276,25 +276,24 @@ def test_graph_seeds_are_integers_unique_per_site_and_independent_of_the_selecti
         assert len(set(seeds)) == len(seeds) and all(0 <= s < 1 << 24 for s in seeds)
 
 
-def test_a_worker_built_from_the_recipe_gives_the_drivers_counts():
-    """What a remote worker gets (model bytes, data, options, sites, targets) rebuilds the same numbers."""
+def test_a_worker_built_from_the_resolved_audit_gives_the_drivers_counts():
+    """What a remote worker gets (the resolved audit: model bytes, data, sites, targets, ...) rebuilds the same
+    numbers."""
     import pickle
-
-    from walkaudit._execution.recipe import Recipe
 
     model = resnet_block(seed=15)
     x = _x(200, 15)
     run = walkaudit.iter_audit(model, x, provider="cpu", seed=2, sigmas=(0.1, 1.0))
-    list(run)
-    recipe = pickle.loads(pickle.dumps(Recipe.of(run)))
-    remote = recipe.build(threads=1)
-    run._worker.source = NormalSource(2, threads=1)  # the run closed its own when it ended
+    run.start()
+    here = run._executor.worker
+    audit = pickle.loads(pickle.dumps(run.resolved.with_model_bytes(run.loaded.proto)))
+    remote = audit.build(threads=1)
     for site in run.sites:
-        unit = _unit(run._worker, [site.name])
-        assert remote.evaluate(unit) == run._worker.evaluate(unit)
+        unit = _unit(here, [site.name])
+        assert remote.evaluate(unit) == here.evaluate(unit)
     assert remote._kept == {}  # no clean pass of its own
     remote.source.close()
-    run._worker.source.close()
+    run.close()
 
 
 def test_site_scales_give_each_site_its_own_sigma_in_one_global_unit():

@@ -1,7 +1,7 @@
 """The units of work and what they return: the vocabulary shared by the sweep, the executors and the driver.
 
 - `WorkUnit`: a frozen, picklable request (model, site or sites, σ levels, repeats, a range of sample blocks,
-  seed). Any executor evaluates it the same way: in this process, or elsewhere from the same recipe.
+  seed). Any executor evaluates it the same way: in this process, or elsewhere from the same resolved audit.
 - `Counts`: what a unit returns, integers only (correct predictions and non-finite outputs per σ and repeat, and the
   samples seen), so counts of disjoint sample ranges add up exactly, in any order.
 - `CleanStats`: what the clean pass returns, per sample block, so that passes over disjoint ranges merge into the

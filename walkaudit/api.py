@@ -24,15 +24,15 @@ import numpy as np
 
 from walkaudit import __version__
 from walkaudit._analysis import fit, sweep
+from walkaudit._execution import resolved as resolved_mod
 from walkaudit._execution.executors import Executor, InProcess
+from walkaudit._execution.resolved import ResolvedAudit
 from walkaudit._execution.runtime import Runtime
-from walkaudit._execution.worker import Worker
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats, weight_std
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
-from walkaudit._noise import NormalSource
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
 from walkaudit.config import AuditConfig, with_options
 from walkaudit.errors import UsageError, option
@@ -86,14 +86,16 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
 
 def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig | None = None,
                progress: Progress | None = None, done: Iterable[dict] = (),
-               executor: Callable[[AuditRun], Executor] | None = None, data_sha256: str | None = None,
+               executor: Callable[[ResolvedAudit, Progress], Executor] | None = None,
+               data_sha256: str | None = None,
                **options: Unpack[AuditOptions]) -> AuditRun:
     """An audit to iterate: each iteration yields a finished SiteResult, in site order; `report()` then gives the
     Report. Sites in `done` (site dicts of an earlier run with the same fingerprint, e.g. from a checkpoint) are
     yielded as they are, not run again: the report equals an uninterrupted run's, timings aside.
 
-    The model and the data are loaded and checked here; the clean pass runs at the first iteration. `executor`
-    builds who evaluates the work units from the run (default: this process; see `walkaudit._execution.executors`).
+    The model and the data are loaded and checked here, and every choice is resolved (`run.resolved`); the clean
+    pass runs at the first iteration. `executor(resolved, progress)` builds who evaluates the work units from the
+    resolved audit, the model's bytes attached (default: this process; see `walkaudit._execution.executors`).
     `data_sha256`: the data file's sha256 when the caller already has it (the CLI hashes it for the checkpoint
     before loading): it is then not read a second time to hash it.
     """
@@ -138,8 +140,9 @@ class _Search:
 class AuditRun:
     """One audit in progress (see `iter_audit`)."""
 
-    #: builds the executor from the run (default None: in-process); `--ray` sets a Ray one
-    executor: Callable[[AuditRun], Executor] | None = None
+    #: builds the executor from the resolved audit and the progress display (default None: in-process); `--ray`
+    #: sets a Ray one
+    executor: Callable[[ResolvedAudit, Progress], Executor] | None = None
 
     def __init__(self, model, x, y, data, config: AuditConfig, progress: Progress, done: list[dict],
                  data_sha256: str | None = None):
@@ -171,6 +174,7 @@ class AuditRun:
         self.notes = [*self.loaded.notes, *(n for n in [left_out(self.loaded.proto, config.selection),
                                                          untyped(self.loaded.proto, self.loaded.types,
                                                                  config.selection)] if n)]
+        self.selected = self.sites  # the whole selection: a shard's clean pass exposes it all
         if config.shard is not None:
             self.sites = _shard(self.loaded, self.sites, *config.shard)
         unknown = [n for n, _ in config.site_scales if n not in {s.name for s in self.sites}]
@@ -179,8 +183,10 @@ class AuditRun:
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
         self.clean: CleanStats | None = None
-        self._worker: Worker | None = None
         self._runtime: Runtime | None = None
+        self._num_classes = num_classes  # the classes the data was read against
+        #: every choice made here, once (`start` adds the batch size): what every executor's workers are built from
+        self.resolved: ResolvedAudit | None = None
 
     @property
     def fingerprint(self) -> dict:
@@ -202,21 +208,25 @@ class AuditRun:
             self.close()
 
     def start(self) -> Executor:
-        """The runtime, the Worker, the executor that will evaluate the units, and the clean pass (by the executor:
-        in this process, or over its workers, each its own slice of the data)."""
+        """The runtime, the resolved audit, the executor that will evaluate the units (its workers built from the
+        resolved audit), and the clean pass (by the executor: in this process, or over its workers, each its own
+        slice of the data)."""
         config, progress = self.config, self.progress
-        self._runtime = Runtime(config.provider, config.threads, config.exact)
-        self._source = NormalSource(config.seed, config.threads)
-        self._worker = worker = Worker(self.loaded, self.dataset, runtime=self._runtime, noise=self.noise,
-                                       source=self._source, sites=self.sites, mode=config.mode,
-                                       batch_size=config.batch_size, noise_source=config.noise_source,
-                                       index=self.index)
+        self._runtime = runtime = Runtime(config.provider, config.threads, config.exact)
+        batch, note = resolved_mod.batch_size_for(self.loaded, config.batch_size, runtime)
+        resolved_mod.learn_provider(runtime)  # the report's provider, also where no session runs here
+        self.notes.extend([note] if note else [])
+        self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, self.selected, config,
+                                                        self.noise, batch, self._num_classes)
         progress.describe("clean pass")
         progress.grow(self.dataset.samples)
         # a walk keeps the clean values its sites read (where the units run: each worker those of its own rows)
         keep = config.mode == "walk" and len(self.done) < len(self.sites)
-        self._executor = (self.executor(self) if self.executor else
-                          InProcess(lambda unit: worker.evaluate(unit, progress.advance), worker.clean_pass))
+        if self.executor is not None:
+            self._executor = self.executor(resolved.with_model_bytes(self.loaded.proto), progress)
+        else:  # the driver's loaded model, data, runtime and graph index handed over: nothing loaded twice
+            self._executor = InProcess(resolved.build(model=self.loaded, dataset=self.dataset, runtime=runtime,
+                                                      index=self.index), progress.advance)
         try:
             self.clean = self._executor.clean_pass(progress.advance, keep)
         except BaseException:
@@ -224,15 +234,19 @@ class AuditRun:
             raise
         return self._executor
 
+    @property
+    def key(self) -> str:
+        """The model's key in work units (its sha256)."""
+        return self.loaded.sha256 or "in-memory model"
+
     def close(self) -> None:
-        """Stop the executor and the noise threads (the run's results stay)."""
+        """Stop the executor and its noise threads (the run's results stay)."""
         if getattr(self, "_executor", None) is not None:
             self._executor_note = getattr(self._executor, "note", None)
+            self._executor_notes = self._executor.notes
+            self._graph_draws = self._executor.graph_draws
             self._executor.close()
             self._executor = None
-        if getattr(self, "_source", None) is not None:
-            self._source.close()
-            self._source = None
 
     def evaluate_all(self, units: list[WorkUnit]) -> list[Counts]:
         """Evaluate units through the run's executor (after `start`), each cut as the executor likes; their
@@ -307,7 +321,7 @@ class AuditRun:
             return
         config = self.config
         scales = dict(config.site_scales)
-        units = [WorkUnit(self._worker.key, state.names, request.sigmas, config.repeats, (r.start, r.stop),
+        units = [WorkUnit(self.key, state.names, request.sigmas, config.repeats, (r.start, r.stop),
                           config.seed, mode=config.mode,
                           site_scales=tuple(float(scales.get(n, 1.0)) for n in state.names) if scales else None)
                  for r in request.blocks]  # one unit per contiguous range of the request's blocks
@@ -399,9 +413,11 @@ class AuditRun:
         config, loaded, dataset, out = self.config, self.loaded, self.dataset, self.loaded.class_output
         grid = config.sigmas or self.noise.grid()
         sites = [r.to_dict() for r in self.results]  # the typed sites' JSON
-        worker, runtime = self._worker, self._runtime
-        executor_note = getattr(getattr(self, "_executor", None), "note", None) or getattr(self, "_executor_note", None)
-        notes = [*self.notes, *runtime.notes, *worker.notes, *([executor_note] if executor_note else []),
+        runtime, executor = self._runtime, getattr(self, "_executor", None)
+        executor_note = getattr(executor, "note", None) or getattr(self, "_executor_note", None)
+        worker_notes = executor.notes if executor is not None else self._executor_notes
+        graph_draws = executor.graph_draws if executor is not None else self._graph_draws
+        notes = [*self.notes, *runtime.notes, *worker_notes, *([executor_note] if executor_note else []),
                  *(n for s in sites for n in s.get("notes") or [])]
         evaluations = sum(p["repeats"] * p["samples"] for s in sites for p in s["points"])
         return {
@@ -418,7 +434,8 @@ class AuditRun:
             "config": {**self.noise.describe(), "mode": config.mode,
                        "sigmas": list(grid) if grid else None,
                        "search": "fixed" if grid else "adaptive", "repeats": config.repeats,
-                       "seed": config.seed, "batch_size": worker.batch_size, "provider_requested": config.provider,
+                       "seed": config.seed, "batch_size": self.resolved.batch_size,
+                       "provider_requested": config.provider,
                        "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
                        "exact": config.exact, "shard": list(config.shard) if config.shard else None,
                        "site_scales": dict(config.site_scales) or None,
@@ -426,7 +443,7 @@ class AuditRun:
                                  "exclude": config.selection.exclude, "names": list(config.selection.names)}},
             "runtime": {"provider": runtime.provider, "onnxruntime_version": runtime.version,
                         "elapsed_s": round(time.perf_counter() - self.started, 3), "evaluations": evaluations,
-                        "noise_source": "graph" if worker.graph_draws else "host", "notes": notes},
+                        "noise_source": "graph" if graph_draws else "host", "notes": notes},
             "clean_accuracy": self.clean.accuracy,
             "clean_counts": {"correct": self.clean.correct, "samples": self.clean.samples},
             "chance": self.chance, "num_classes": self.num_classes, "sites": sites, "partial": partial,

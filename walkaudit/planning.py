@@ -82,7 +82,7 @@ def plan(model, x=None, y=None, *, data: str | None = None, sigma: float, max_dr
 def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates: tuple[int, ...],
           max_evaluations: int | None = None) -> dict:
     clean, config, names = run.clean, run.config, [s.name for s in run.sites]
-    key, blocks = run._worker.key, (0, blocks_of(run.dataset.samples))
+    key, blocks = run.key, (0, blocks_of(run.dataset.samples))
     scale = np.array([clean.std(n) if relative else 1.0 for n in names])
     macs = [m or 0 for m in sites_macs(run.loaded, run.sites)]
     if not any(macs):
@@ -191,6 +191,6 @@ def _global_drops(run: AuditRun, names: list[str], scale: np.ndarray, sigmas: tu
 
 def _global(run: AuditRun, names: list[str], scales: np.ndarray, sigmas: tuple[float, ...], repeats: int):
     """The Counts of one global unit over all the data: every site noisy at once, site i at σ·scaleᵢ."""
-    unit = WorkUnit(run._worker.key, tuple(names), sigmas, repeats, (0, blocks_of(run.dataset.samples)),
+    unit = WorkUnit(run.key, tuple(names), sigmas, repeats, (0, blocks_of(run.dataset.samples)),
                     run.config.seed, site_scales=tuple(map(float, scales)), mode="global")
     return run.evaluate_all([unit])[0]

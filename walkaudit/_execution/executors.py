@@ -1,11 +1,14 @@
-"""Executors: who runs the clean pass and evaluates the work units. The driver (`walkaudit.api`) only asks for the
-clean pass's CleanStats, submits units and waits for Counts.
+"""Executors: who runs the clean pass and evaluates the work units. The driver (`walkaudit.api`) resolves the audit
+once (`resolved.ResolvedAudit`), builds the executor from that value and a progress display
+(`factory(resolved, progress)`), then only asks for the clean pass's CleanStats, submits units and waits for Counts.
+Every executor builds its workers from the resolved audit alone (`ResolvedAudit.build`), never from the user's
+options, so no worker decides anything differently from the driver.
 
-- `InProcess` (the default): the driver's own Worker runs the clean pass and evaluates each unit as it is
-  submitted; one site at a time, nothing to start or configure.
+- `InProcess` (the default): one Worker in this process (built from the resolved audit, with the driver's loaded
+  model and data handed over) runs the clean pass and evaluates each unit as it is submitted; one site at a time.
 - `walkaudit._execution.ray_executor.RayExecutor` (`--ray`, the `ray` extra): Ray actors, each with its own Worker
-  built from a `Recipe`, each running the clean pass over its own slice of the data and serving that slice's units;
-  several sites' searches in flight so that no actor waits for one site's next round.
+  built from the resolved audit, each running the clean pass over its own slice of the data and serving that slice's
+  units; several sites' searches in flight so that no actor waits for one site's next round.
 
 An executor may cut a unit into several over smaller block ranges (`split`); counts of disjoint ranges add up
 exactly, so the report does not depend on how units were cut or where they ran.
@@ -16,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from walkaudit._execution.worker import Worker
 from walkaudit._units import CleanStats, Counts, WorkUnit
 
 
@@ -24,6 +28,10 @@ class Executor(Protocol):
 
     #: how many sites' searches the driver keeps going at once
     sites_in_flight: int
+    #: what the workers' clean passes noted (the report's runtime notes)
+    notes: list[str]
+    #: whether the workers draw ε in the graph (the report's runtime `noise_source`)
+    graph_draws: bool
 
     def clean_pass(self, progress: Callable[[int], None], keep: bool) -> CleanStats:
         """The clean pass over all the data (`Worker.clean_pass`), its samples told to `progress` as they are done;
@@ -54,22 +62,26 @@ class _Done:
 
 
 class InProcess:
-    """Runs the clean pass and evaluates each unit at once, in this process, with the driver's Worker."""
+    """Runs the clean pass and evaluates each unit at once, in this process, with one Worker."""
 
     sites_in_flight = 1
 
-    def __init__(self, evaluate: Callable[[WorkUnit], Counts],
-                 clean_pass: Callable[..., CleanStats] | None = None):
-        self._evaluate, self._clean_pass = evaluate, clean_pass
+    def __init__(self, worker: Worker, progress: Callable[[int], None] | None = None):
+        self.worker, self._progress = worker, progress
+        self.notes = worker.notes
+
+    @property
+    def graph_draws(self) -> bool:
+        return self.worker.graph_draws
 
     def clean_pass(self, progress: Callable[[int], None], keep: bool) -> CleanStats:
-        return self._clean_pass(progress, keep=keep)
+        return self.worker.clean_pass(progress, keep=keep)
 
     def split(self, unit: WorkUnit) -> list[WorkUnit]:
         return [unit]
 
     def submit(self, unit: WorkUnit) -> _Done:
-        return _Done(self._evaluate(unit))
+        return _Done(self.worker.evaluate(unit, self._progress))
 
     def wait(self, handles: list) -> list:
         return list(handles)
@@ -78,4 +90,4 @@ class InProcess:
         return handle.counts
 
     def close(self) -> None:
-        pass
+        self.worker.source.close()

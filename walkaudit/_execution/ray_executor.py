@@ -1,9 +1,10 @@
 """`RayExecutor`: the clean pass and the work units run by Ray actors (`--ray`, the `ray` extra).
 
-- Each actor holds one `Worker`, built once from the run's `Recipe`. The recipe (the model's bytes, the data's path
-  or its arrays) is `ray.put` once; every actor gets the reference and reads its rows from the path (memory-mapped)
-  or the arrays zero-copy from its node's object store. The driver keeps the reference for as long as the executor
-  lives, so that a replacement actor can rebuild.
+- Each actor holds one `Worker`, built once from the driver's `ResolvedAudit` (`resolved.py`: the model's bytes,
+  the class output, the data's path or its arrays with the resolved labels, the sites, the batch size, ...), never
+  from the user's options. It is `ray.put` once; every actor gets the reference and reads its rows from the path
+  (memory-mapped) or the arrays zero-copy from its node's object store. The driver keeps the reference for as long
+  as the executor lives, so that a replacement actor can rebuild.
 - One actor per GPU (`num_gpus=1`, provider cuda) when the cluster has GPUs and the provider allows them; otherwise
   one per group of CPU cores (`--threads`, default `CPUS_PER_WORKER`), with onnxruntime's and the noise's threads set
   to the cores it was given (Ray's OMP_NUM_THREADS=1 does not bind onnxruntime).
@@ -56,17 +57,17 @@ def _ray():
 
 # -- the actor ---------------------------------------------------------------------------------------------------------
 class _Host:
-    """A Ray actor's body: one Worker built from the recipe; evaluates units and says how long they took.
+    """A Ray actor's body: one Worker built from the resolved audit; evaluates units and says how long they took.
 
-    Started at `connect` (the imports take a second or more) while the driver loads the model and runs its clean
-    pass; `setup` then builds the worker from the recipe."""
+    Started at `connect` (the imports take a second or more) while the driver loads the model and the data; `setup`
+    then builds the worker from the resolved audit."""
 
     def __init__(self, threads: int, provider: str):
         began = time.perf_counter()
         import onnxruntime
 
         from walkaudit import __version__
-        from walkaudit._execution import recipe, worker  # noqa: F401  (imported now, while the driver works)
+        from walkaudit._execution import resolved, worker  # noqa: F401  (imported now, while the driver works)
 
         self.threads, self.provider = threads, provider
         self.error, self.worker, self.rows = "not set up", None, None
@@ -74,14 +75,14 @@ class _Host:
                      "threads": threads, "pid": os.getpid(), "error": None,
                      "import_s": time.perf_counter() - began, "build_s": None}
 
-    def setup(self, recipe: list) -> dict:
-        """Build the worker from [a reference to the recipe] (nested: the actor reads it from the object store
-        itself, zero-copy) and describe this actor."""
+    def setup(self, audit: list) -> dict:
+        """Build the worker from [a reference to the resolved audit] (nested: the actor reads it from the object
+        store itself, zero-copy) and describe this actor."""
         import ray
 
         self.error, began = None, time.perf_counter()
         try:
-            self.worker = ray.get(recipe[0]).build(threads=self.threads, provider=self.provider)
+            self.worker = ray.get(audit[0]).build(threads=self.threads, provider=self.provider)
             self.info["build_s"] = time.perf_counter() - began
             self.info["provider"] = self.worker.runtime.provider
         except WalkauditError as exc:
@@ -185,7 +186,7 @@ def plan(nodes: list[dict], provider: str, threads: int | None, workers: int | N
 
 class Ray:
     """A connection to a Ray cluster, made at once so that a request it can never meet fails before any work;
-    called with an AuditRun (its model and data loaded) it gives the run's RayExecutor (`iter_audit(executor=...)`).
+    called with a resolved audit and a progress display it gives the audit's RayExecutor (`iter_audit(executor=...)`).
 
     address None: the cluster this process already joined, else a new local one (shut down at `close`);
     "auto", "ray://host:10001" or "host:6379": an existing cluster (left running).
@@ -237,8 +238,8 @@ class Ray:
         """A new actor (it sets up when its `setup` call arrives; calls sent meanwhile wait)."""
         return self.remote.remote(self.plan.threads, self.plan.provider)
 
-    def __call__(self, run) -> RayExecutor:
-        return RayExecutor(run, self)
+    def __call__(self, audit, progress) -> RayExecutor:
+        return RayExecutor(audit, progress, self)
 
     def close(self) -> None:
         for actor in self.warm:  # never handed to an executor
@@ -351,33 +352,34 @@ class RayExecutor:
     """Runs the clean pass and evaluates work units on Ray actors, each with its own Worker and its own slice of the
     samples (see the module's docstring)."""
 
-    def __init__(self, run, cluster: Ray | None = None):
-        from walkaudit._execution.recipe import Recipe
+    def __init__(self, audit, progress, cluster: Ray | None = None):
+        """`audit`: the driver's `ResolvedAudit`, the model's bytes attached; `progress`: the display."""
+        import onnxruntime
 
-        self.cluster = cluster or Ray(None, run.config)
+        self.cluster = cluster or Ray(None, audit)
         ray = self.ray = self.cluster.ray
         self._dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                       ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError)  # what an actor's death raises
-        self.progress = run.progress
-        self.samples = run.dataset.samples
-        batch = run._worker.batch_size
+        self.progress = progress
+        self.samples = audit.data.samples
+        batch = audit.batch_size
         self.align = batch // BLOCK if batch % BLOCK == 0 else 1  # blocks per batch of the data grid
         self.piece_seconds = self.cluster.piece_seconds
-        self.notes = run._worker.notes  # the driver's: the notes every actor's clean pass gave are added to them
+        self.notes: list[str] = []  # the notes every actor's clean pass gave
+        self.graph_draws = False  # graph-drawn ε would differ per worker: drawn on the host (below)
         p = self.cluster.plan
         #: each actor's rows: whole batches of the grid (so its clean values are the in-process run's, bit for bit)
         self.slices = slices(self.samples, batch, p.actors)
         self.starts = [s.start // BLOCK for s in self.slices]  # each slice's first block
-        recipe = Recipe.of(run)
-        config = recipe.config
-        if config.noise_source == "auto":  # graph-drawn ε would differ per worker: draw on the host
-            config = dataclasses.replace(config, noise_source="host")
+        if audit.noise_source == "auto":
+            audit = dataclasses.replace(audit, noise_source="host")
         # workers read their own sample ranges from the data's path (memory-mapped, never the whole set through the
-        # driver) when it is visible to them; in-memory arrays travel through the object store (zero-copy per node)
-        if recipe.data is not None and not self.cluster.shared_files:
-            recipe = recipe.with_arrays(run.dataset)
-        recipe = dataclasses.replace(recipe, config=config)
-        self.recipe = ray.put(recipe)  # kept: an actor that replaces a dead one is built from it
+        # driver) when it is visible to them; otherwise the arrays travel through the object store (zero-copy per
+        # node)
+        if not self.cluster.shared_files:
+            audit = audit.with_arrays()
+        self.audit = ray.put(audit)  # kept: an actor that replaces a dead one is built from it
+        self.version = onnxruntime.__version__
         self._setups: list = []
         self.keep: bool | None = None  # the clean pass's `keep`, once it was asked for
         self.cleaning: list = []  # per slice: the reference to its actor's clean pass
@@ -400,7 +402,7 @@ class RayExecutor:
         self.latency: list[float] = []  # seconds from send to result, minus the actor's own (queueing included)
         self.sites_in_flight = 2 * len(self.actors)
         started = time.perf_counter()
-        self.info = self._start(run)
+        self.info = self._start()
         self.start_s = time.perf_counter() - started  # the actors' start, after `ray.put` and their creation
         self.cpu_s: float | None = None  # CPU seconds of the actors, measured at `close`
 
@@ -411,16 +413,16 @@ class RayExecutor:
         return f"work units evaluated on {len(self.actors)} Ray workers ({', '.join(providers)})"
 
     def _new(self, actor=None, slot: int | None = None):
-        """An actor (new unless given) set up with the recipe: its worker builds while calls sent to it wait. One
-        that replaces the actor of `slot` after the clean pass also runs the clean pass over that slice again."""
+        """An actor (new unless given) set up with the resolved audit: its worker builds while calls sent to it wait.
+        One that replaces the actor of `slot` after the clean pass also runs the clean pass over that slice again."""
         actor = actor or self.cluster.start()
-        self._setups.append(actor.setup.remote([self.recipe]))
+        self._setups.append(actor.setup.remote([self.audit]))
         if slot is not None and self.keep is not None:
             rows = self.slices[slot]
             self.cleaning[slot] = actor.clean.remote(rows.start, rows.stop, self.keep)
         return actor
 
-    def _start(self, run) -> list[dict]:
+    def _start(self) -> list[dict]:
         """Wait for every actor to build its worker; refuse failures and mixed versions or providers."""
         ray = self.ray
         try:
@@ -433,7 +435,7 @@ class RayExecutor:
             self.close()
             raise RuntimeFailure(f"a Ray worker failed to start: {_first_line(exc)}") from None
         try:
-            check_workers(infos, run._runtime.version if run._runtime is not None else None)
+            check_workers(infos, self.version)
         except RuntimeFailure:
             self.close()
             raise
@@ -442,7 +444,7 @@ class RayExecutor:
     # -- the clean pass ----------------------------------------------------------------------------------------------
     def clean_pass(self, progress, keep: bool) -> CleanStats:
         """Each actor's clean pass over its slice, at once; their CleanStats added in slice order (the in-process
-        pass's, bit for bit). The notes every slice gave (a constant model's) join the driver's."""
+        pass's, bit for bit). The notes every slice gave (a constant model's) are the executor's."""
         ray = self.ray
         self.keep = keep
         self.cleaning = [actor.clean.remote(rows.start, rows.stop, keep)
@@ -618,7 +620,7 @@ class RayExecutor:
         for actor in getattr(self, "actors", []):
             _kill(ray, actor)
         self.actors, self.alive = [], []
-        self.recipe = None
+        self.audit = None
         self.cluster.close()
 
 

@@ -18,6 +18,7 @@ at the grid lines, and ε comes block by block from `NormalSource.rows`, so coun
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -32,7 +33,7 @@ from walkaudit._execution.strategies import (
     choose,
     graph_draws,
 )
-from walkaudit._graph import passes, positions
+from walkaudit._graph import dependence, passes, positions
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site
 from walkaudit._loading.data import Dataset
@@ -78,6 +79,13 @@ def predictions(out: np.ndarray, kind: str, per_token: bool = False) -> tuple[np
     return pred, bad
 
 
+def site_axes(model: LoadedModel, sites) -> tuple[tuple[str, int | None], ...]:
+    """Each site's batch axis by its inferred shape (where it carries the inputs' batch symbol; None: told by size
+    when the values are seen, `Worker.batch_axis`)."""
+    batch = passes.batch_dimension(model.inputs)
+    return tuple((s, passes.symbol_axis(model.types.get(s), batch)) for s in sites)
+
+
 def graph_seeds(seed: int, model: LoadedModel, site: str) -> tuple[int, int]:
     """The integer seeds of a site's RandomNormalLike nodes (multiplicative, additive term): unique per site and
     term within an audit, independent of the selection, and exact in the float attribute (below 2²⁴)."""
@@ -87,6 +95,34 @@ def graph_seeds(seed: int, model: LoadedModel, site: str) -> tuple[int, int]:
     return 2 * base, 2 * base + 1
 
 
+def batch_size_for(model: LoadedModel, requested: int | None, runtime: Runtime) -> tuple[int, str | None]:
+    """Rows per batch of the data grid, and a note when the model's fixed batch overrides the request: the
+    request, else on a device a batch sized to its free memory, else `sizing.DEFAULT_BATCH`."""
+    if requested is None:
+        free = None
+        if runtime.requested != "cpu" and model.batch_size is None:
+            learn_provider(runtime)
+            free = runtime.device_memory()
+        requested = (sizing.DEFAULT_BATCH if free is None else
+                     sizing.device_batch(free, sizing.row_bytes(model.proto.graph, model.types)))
+    fixed = model.batch_size
+    if fixed is not None and fixed != requested:
+        return fixed, f"the model has a fixed batch size of {fixed}; evaluating {fixed} samples per run"
+    return requested, None
+
+
+def learn_provider(runtime: Runtime) -> None:
+    """Make the runtime find out which provider its sessions run on (a one-node session), where it does not know."""
+    if runtime.provider is not None:
+        return
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    runtime.session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), "probe")
+
+
 class Worker:
     """Serves work units of one model and data set; keeps the sessions, the clean values and the caches."""
 
@@ -94,10 +130,14 @@ class Worker:
                  source: NormalSource, sites: list[Site], mode: str = "walk", batch_size: int | None = None,
                  noise_source: str = "auto", key: str | None = None, strategy: type[Strategy] | None = None,
                  pack: bool = True, cache_bytes: int = CACHE_BYTES, index: GraphIndex | None = None,
-                 targets: np.ndarray | None = None, clean_ok: np.ndarray | None = None):
-        """`targets`, `clean_ok`: a driver's clean pass (`Recipe`); `strategy` forces one evaluation path for every
-        unit (tests compare paths with it); `pack` False runs σ levels one at a time; `cache_bytes` bounds the clean
-        values kept and cached."""
+                 targets: np.ndarray | None = None, clean_ok: np.ndarray | None = None,
+                 exposed: tuple[str, ...] | None = None, axes: dict[str, int | None] | None = None):
+        """`targets`, `clean_ok`: a driver's clean pass (`ResolvedAudit`); `strategy` forces one evaluation path for
+        every unit (tests compare paths with it); `pack` False runs σ levels one at a time; `cache_bytes` bounds the
+        clean values kept and cached. `exposed`: the sites whose values (and, walking, their suffixes' reads) the
+        clean model exposes (default: `sites`); a shard exposes the whole selection's, so that its clean values are
+        the unsharded run's bit for bit (onnxruntime's fusions depend on which values are graph outputs, even in
+        exact sessions). `axes`: the sites' batch axes as the driver resolved them (`site_axes`)."""
         self.forced, self.pack, self.cache_bytes = strategy, pack, cache_bytes
         self.model, self.data, self.runtime, self.noise, self.source = model, data, runtime, noise, source
         self.sites, self.mode, self.noise_source = sites, mode, noise_source
@@ -111,30 +151,30 @@ class Worker:
         self.on_weights = noise.target == "weights"  # the sites are initializers: nothing to expose, a frontier to read
         self._reads = {site: (*(() if self.on_weights else (site,)), *frontier)
                        for site, (_, frontier) in self._plans.items()}
-        exposed = [*self.values, *(n for names in self._reads.values() for n in names)]
+        shown = self._reads
+        if exposed is not None and mode == "walk" and set(exposed) != set(self._reads):  # a shard: the selection's
+            shown = {site: (*(() if self.on_weights else (site,)), *self._per_sample(site, plan)[1])
+                     for site, plan in self.index.suffix_plans(exposed, out).items()}
+        values = self.values if exposed is None or self.on_weights else list(exposed)
+        exposed = [*values, *(n for names in shown.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
         # are exposed with it (a site's curve is then the same audited alone or among others)
         self._clean = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
         self._inputs = {s.name for s in model.inputs}
         self.device_free = runtime.device_memory()  # None on the CPU
         self.notes: list[str] = []
-        if batch_size is None:
-            batch_size = (sizing.DEFAULT_BATCH if self.device_free is None else
-                          sizing.device_batch(self.device_free, sizing.row_bytes(model.proto.graph, model.types)))
-        fixed = model.batch_size
-        if fixed is not None and fixed != batch_size:
-            self.notes.append(f"the model has a fixed batch size of {fixed}; evaluating {fixed} samples per run")
-            batch_size = fixed
-        self.batch_size = batch_size
+        self.batch_size, note = batch_size_for(model, batch_size, runtime)
+        self.notes.extend([note] if note else [])
         if noise_source == "graph" and model.opset not in passes.GRAPH_NOISE_OPSETS:
             raise UsageError(f"noise_source graph needs opset 10 to 21 (onnxruntime has no random ops at 22+); "
                              f"the model has opset {model.opset}")
         self._kept: dict[int, dict[str, np.ndarray]] = {}  # grid batch -> clean values kept by the clean pass
         self._kept_sites: set[str] = set()  # sites whose values are kept and that no evaluation has taken yet
-        self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`Recipe`)
+        self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`ResolvedAudit`)
         self._clean_ok: np.ndarray | None = clean_ok  # per sample (token): the clean model got it right (pairing)
         self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
-        self._axes: dict[str, int | str] = {}  # site -> its batch axis from the inferred shape, or "size"
+        #: value -> its batch axis from the inferred shape, or "size" (told by size when seen)
+        self._axes: dict[str, int | str] = {n: "size" if a is None else a for n, a in (axes or {}).items()}
         self._folds: dict[str, str | None] = {}  # site -> how its first axis folds the samples (`fold`)
 
     # -- the clean model -----------------------------------------------------------------------------------------
@@ -331,7 +371,13 @@ class Worker:
     def _per_sample(self, site: str, plan):
         """The suffix plan fed by rows: values that describe the batch as a whole (shape vectors) are recomputed in
         the suffix (`passes.per_sample`), so that it takes G tiled copies of a batch, or part of one."""
-        return passes.per_sample(plan, site, self.index, self.model.types, passes.batch_dimension(self.model.inputs))
+        return passes.per_sample(plan, site, self.index, self.model.types, passes.batch_dimension(self.model.inputs),
+                                 kinds=self._kinds)
+
+    @functools.cached_property
+    def _kinds(self) -> dict[str, str]:
+        """What every value depends on (per sample, the batch's shape, constant; `dependence.classify`), once."""
+        return dependence.classify(self.index, self.model.types, passes.batch_dimension(self.model.inputs))
 
     def _take(self, site: str) -> dict[int, dict[str, np.ndarray]]:
         """Hand over what the clean pass kept for `site` (grid batch -> values), and forget what no later site

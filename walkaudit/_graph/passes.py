@@ -127,28 +127,37 @@ def suffix_plan(model: onnx.ModelProto, site: str, output: str, index: GraphInde
     return index_for(model.graph, index).suffix_plan(site, output)
 
 
-def per_sample(plan: Plan, site: str, index: GraphIndex, types: dict[str, TensorSpec], batch) -> Plan:
+def per_sample(plan: Plan, site: str, index: GraphIndex, types: dict[str, TensorSpec], batch,
+               kinds: dict[str, str] | None = None) -> Plan:
     """`plan` with a frontier of per-sample values only: what describes the batch as a whole is recomputed inside.
 
     A suffix is fed its frontier by rows: G copies stacked along axis 0 when σ levels are packed, a slice of the
-    rows for part of a batch. That is right for values that hold the samples along axis 0 ([N, ...] where N is the
-    model's batch dimension `batch`) and wrong for the others, above all the shape arithmetic that exporters put
-    before a Reshape: Shape(x), Gather, Concat, ... give an int64 vector that holds N as a *number* (the heads of
-    attention are split with Reshape(q, Concat(Shape(x)[:2], [H, D/H]))). Tiled, such a vector is G times longer;
-    sliced, it is cut; either way the Reshape fails or reads the wrong rows. Rewriting those numbers would need to
-    know which entry is N (or N·H, or N·T). Instead their nodes join the suffix, back to values that do hold the
-    samples (or graph inputs, or constants): the arithmetic then runs on the tiled batch and says G·N, as the model
-    itself would for a batch of G·N samples. The same goes for any value whose inferred dimension 0 is not `batch`
-    ([1, T, D] positional terms, [T, N, D] sequence-first tensors): recomputed from its per-sample ancestors, it is
-    what the model computes for the tiled batch. Where shape inference lost the batch symbol of a per-sample value,
-    recomputing it costs time, not correctness. Values of unknown shape stay in the frontier (nothing says they
-    are not per sample); the σ = 0 check before packing guards what this cannot see.
+    rows for part of a batch. That is right for values whose every row is a function of its own sample, along
+    axis 0, and wrong for the others. Which values are which comes from the graph's dataflow
+    (`dependence.classify`, or `kinds` when the caller has it), not from which axis looks like the batch:
+    - "shape" values read the inputs only through their shapes: the shape arithmetic exporters put before a
+      Reshape (Shape(x), Gather, Concat, ... an int64 vector that holds N as a *number*), `Range(0, N)`,
+      `ConstantOfShape`. Tiled, such a vector is G times longer or still says N; either way a Reshape fails or
+      every level reads level 0's rows.
+    - "indexed" values mix real data with a number derived from the batch size through a data input (GPT-2's
+      `Concat(Range(N), argmax)`, the indices of the GatherND that picks each sample's last token): tiled, every
+      level would gather level 0's rows.
+    - "sample" values whose inferred dimension 0 is not `batch` ([1, T, D] positional terms, [T, N, D]
+      sequence-first tensors).
+    Their nodes join the suffix, back to values that do hold the samples (or graph inputs, or constants): the
+    arithmetic then runs on the tiled batch and says G·N, as the model itself would for a batch of G·N samples.
+    Values of unknown shape that the dataflow calls per sample stay in the frontier; the σ = 0 check before
+    packing guards what this cannot see.
 
-    `batch`: the model's batch dimension (the symbol at dimension 0 of its inputs); the plan is returned unchanged
-    when it is not a symbol (a fixed batch, or unknown). Pure: builds a new plan from the index's facts.
+    `batch`: the model's batch dimension (the symbol at dimension 0 of its inputs; None when unknown); the plan is
+    returned unchanged for a fixed batch (an int: the graph takes no tiled batch anyway). Pure: builds a new plan
+    from the index's facts.
     """
-    if not isinstance(batch, str):
+    if isinstance(batch, int):
         return plan
+    from walkaudit._graph.dependence import SAMPLE, classify
+
+    kinds = classify(index, types, batch) if kinds is None else kinds
     nodes, frontier = plan
     keep = set(nodes)
     made = {o for i in keep for o in index.writes[i]}
@@ -159,9 +168,11 @@ def per_sample(plan: Plan, site: str, index: GraphIndex, types: dict[str, Tensor
             continue
         seen.add(name)
         spec, producer = types.get(name), index.producers.get(name)
-        if (producer is None or spec is None or spec.shape is None or spec.shape[:1] == (batch,)
-                or index.graph.node[producer].op_type in RANDOM_OPS):
-            continue  # per sample (or a graph input, of unknown shape, or drawn anew per run): fed by rows
+        if producer is None or index.graph.node[producer].op_type in RANDOM_OPS:
+            continue  # a graph input, or drawn anew per run: fed by rows
+        if kinds.get(name, SAMPLE) == SAMPLE and (spec is None or spec.shape is None or not isinstance(batch, str)
+                                                  or spec.shape[:1] == (batch,)):
+            continue  # per sample along axis 0 (or of unknown shape): fed by rows
         keep.add(producer)
         made.update(index.writes[producer])
         for read in index.reads[producer]:

@@ -629,7 +629,7 @@ def load(
                           allow_nonfinite=allow_nonfinite, path=str(path), per_token=per_token,
                           ignore_label=ignore_label, mask=mask)
     try:
-        dataset.sha256 = sha256_of(path) if digest else None  # workers built from a recipe know it already
+        dataset.sha256 = sha256_of(path) if digest else None  # workers built from a resolved audit know it already
     except OSError as exc:
         raise DataError(f"cannot read {path.name}: {exc.strerror or exc}") from None
     return dataset

@@ -1,0 +1,177 @@
+"""What each value of a graph depends on, by dataflow from the inputs: per sample, the batch's shape, or nothing.
+
+Packed σ levels feed a suffix G tiled copies of a batch. A value the suffix reads from before the site may be fed
+tiled only when each of its rows is a function of its own sample: a value derived from the batch's *size*
+(`Range(0, N)` from `Shape(x)`, a `ConstantOfShape`, ...) holds numbers that describe the untiled batch, and tiled,
+every level would read level 0's rows (GPT-2's sequence classifier picks its last token with
+`GatherND(logits, Concat(Range(N), argmax))`). Such values must be recomputed inside the packed program.
+
+The classification (`classify`), derived from the graph rather than from which axis looks like the batch:
+- "constant": no graph input reaches it (`GraphIndex.static`).
+- "shape": it reads the inputs only through their shapes (Shape, Size, then any op on such values: Gather, Concat,
+  Range, ConstantOfShape, ...).
+- "sample": it reads real input data, row by row.
+- "indexed": it reads real input data and, through a data input (not a Reshape's target, a Slice's bounds or
+  another operand that only says how to lay data out), a shape value that holds the batch size N.
+
+A shape value "holds N" where its numbers come from the batch axis of a value's shape: `Shape(x)` is tracked entry
+by entry (the batch axis is where x's inferred shape carries the inputs' batch symbol, else axis 0), through Gather,
+Slice, Concat, Squeeze, Unsqueeze, Cast and Identity with constant indices; any other op on it holds N when any of
+its inputs does. A constant laid out in such a shape (ConstantOfShape, Expand, Tile: the zeros of an attention
+mask [N, T]) holds only the constant, but any op computing on its rows (CumSum: 1, 2, ..., N) holds N. The
+sequence length T of `Range(0, T)` (positions) does not hold N, so a position embedding added to token embeddings
+stays per sample. Pure: facts of one index, types and batch symbol.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from walkaudit._graph.index import RANDOM_OPS, GraphIndex
+
+CONSTANT, SHAPE, SAMPLE, INDEXED = "constant", "shape", "sample", "indexed"
+
+#: Inputs (by position) that only say how to lay data out: their numbers never become the output's numbers.
+LAYOUT_INPUTS: dict[str, frozenset[int]] = {
+    "Reshape": frozenset({1}), "Expand": frozenset({1}), "Tile": frozenset({1}), "Slice": frozenset({1, 2, 3, 4}),
+    "Pad": frozenset({1, 3}), "Resize": frozenset({1, 2, 3}), "Upsample": frozenset({1}),
+    "Squeeze": frozenset({1}), "Unsqueeze": frozenset({1}), "Split": frozenset({1}), "TopK": frozenset({1}),
+    "CumSum": frozenset({1}), "ReduceSum": frozenset({1}), "ReduceMean": frozenset({1}),
+    "ReduceMax": frozenset({1}), "ReduceMin": frozenset({1}), "ReduceProd": frozenset({1}),
+    "ReduceL1": frozenset({1}), "ReduceL2": frozenset({1}), "ReduceLogSumExp": frozenset({1}),
+    "ReduceSumSquare": frozenset({1}), "ReduceLogSum": frozenset({1}),
+}
+#: Longest vector tracked entry by entry (a shape vector has one entry per axis; longer ones count as a whole).
+SHAPE_ENTRIES = 64
+#: Ops that lay a constant out in a given shape: their numbers are the constant's, whatever the shape.
+_FILLS = frozenset({"ConstantOfShape", "Expand", "Tile"})
+#: Ops that move shape-vector entries without computing on them (tracked entry by entry).
+_MOVES = frozenset({"Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Cast", "Identity"})
+
+
+def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
+    """Every value the graph's nodes write, and its inputs, by what it depends on (see the module docstring)."""
+    kinds: dict[str, str] = {n: SAMPLE for n in index.inputs if n not in index.initializers}
+    holds: dict[str, list[bool] | bool] = {}  # shape values: per entry (or as a whole), whether it holds N
+    sized: set[str] = set()  # shape values whose rows count N (a constant expanded to [N, ...])
+    for i in index.order:
+        node, writes = index.graph.node[i], index.writes[i]
+        if all(w in index.static for w in writes):
+            continue
+        if node.op_type in ("Shape", "Size"):
+            x = node.input[0]
+            for w in writes:
+                kinds[w] = SHAPE
+                holds[w] = True if node.op_type == "Size" else _shape_entries(node, types.get(x), batch)
+            continue
+        if node.op_type in RANDOM_OPS:
+            kinds.update((w, SAMPLE) for w in writes)
+            continue
+        layout = LAYOUT_INPUTS.get(node.op_type, frozenset())
+        inputs = set(node.input)
+        data = [n for k, n in enumerate(node.input) if n and n not in index.static and k not in layout]
+        data += [n for n in index.reads[i] if n not in inputs and n not in index.static]  # subgraph captures
+        sample = any(kinds.get(n, SAMPLE) in (SAMPLE, INDEXED) for n in data)
+        carries = any(kinds.get(n) == INDEXED or (kinds.get(n) == SHAPE and _any(holds.get(n, True)))
+                      for n in data)
+        if sample:
+            kind = INDEXED if carries else SAMPLE
+            kinds.update((w, kind) for w in writes)
+            continue
+        if node.op_type in _FILLS and not any(kinds.get(n) in (SAMPLE, INDEXED) for n in index.reads[i]):
+            # a constant laid out in a shape: its numbers do not hold N, its rows may count N (`sized`)
+            kinds.update((w, SHAPE) for w in writes)
+            holds.update((w, False) for w in writes)
+            if any(kinds.get(n) == SHAPE and _any(holds.get(n, True)) for n in index.reads[i]):
+                sized.update(writes)
+            continue
+        entries = _moved(node, index, holds) if node.op_type in _MOVES else None
+        # any other op on shape values: its numbers hold N where an input's numbers do, or where it computes on
+        # the rows of an N-sized value (CumSum over ConstantOfShape([N]) counts to N)
+        counts = carries or any(n in sized for n in data) or (not data and _layout_holds(i, index, kinds, holds))
+        for w in writes:
+            kinds[w] = SHAPE
+            holds[w] = entries if entries is not None else counts
+    return kinds
+
+
+def _any(entries: list[bool] | bool) -> bool:
+    return entries if isinstance(entries, bool) else any(entries)
+
+
+def _layout_holds(i: int, index: GraphIndex, kinds: dict, holds: dict) -> bool:
+    """Whether a node that reads shape values only as layout (Expand(constant, Shape(x))) holds N: where any does."""
+    return any(kinds.get(n) == SHAPE and _any(holds.get(n, True)) for n in index.reads[i])
+
+
+def _shape_entries(node: onnx.NodeProto, spec, batch) -> list[bool] | bool:
+    """Per entry of Shape(x), whether it is x's batch axis; True (all of it) when x's rank is unknown."""
+    if spec is None or spec.shape is None:
+        return True
+    rank = len(spec.shape)
+    axes = [a for a, d in enumerate(spec.shape) if isinstance(batch, str) and d == batch]
+    axis = axes[0] if len(axes) == 1 else 0
+    entries = [a == axis for a in range(rank)]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    start, end = attrs.get("start", 0), attrs.get("end", rank)
+    return entries[slice(start, end)]
+
+
+def _constant(index: GraphIndex, name: str) -> np.ndarray | None:
+    """An initializer's or a Constant node's value, else None."""
+    if name in index.initializer_positions:
+        return numpy_helper.to_array(index.graph.initializer[index.initializer_positions[name]])
+    producer = index.producers.get(name)
+    if producer is None:
+        return None
+    node = index.graph.node[producer]
+    if node.op_type == "Constant" and len(node.attribute) == 1:
+        (attr,) = node.attribute
+        value = helper.get_attribute_value(attr)
+        return numpy_helper.to_array(value) if attr.type == onnx.AttributeProto.TENSOR else np.array(value)
+    return None
+
+
+def _entries(index: GraphIndex, name: str, holds: dict) -> list[bool] | None:
+    """The per-entry flags of a shape value, or of a constant (none holds N); None when not known entry by entry."""
+    if name in holds:
+        flags = holds[name]
+        return None if isinstance(flags, bool) else flags
+    if name in index.initializer_positions:  # its size from its dims: a weight is never read for this
+        size = int(np.prod(index.graph.initializer[index.initializer_positions[name]].dims, dtype=np.int64))
+    else:
+        value = _constant(index, name)
+        size = None if value is None else int(value.size)
+    return None if size is None or size > SHAPE_ENTRIES else [False] * size
+
+
+def _moved(node: onnx.NodeProto, index: GraphIndex, holds: dict) -> list[bool] | None:
+    """The per-entry flags after an op that moves entries (constant indices), or None (then: any input's)."""
+    op = node.op_type
+    first = _entries(index, node.input[0], holds)
+    if first is None:
+        return None
+    if op in ("Squeeze", "Unsqueeze", "Cast", "Identity"):
+        return first
+    if op == "Concat":
+        parts = [_entries(index, n, holds) for n in node.input]
+        return None if any(p is None for p in parts) else [f for p in parts for f in p]
+    if op == "Gather":
+        at = _constant(index, node.input[1])
+        if at is None or at.ndim > 1:
+            return None
+        try:
+            return [first[int(k)] for k in np.atleast_1d(at)]
+        except IndexError:
+            return None
+    # Slice: opset ≥ 10 bounds as inputs (one axis, the vector's own), or the attributes of older opsets
+    bounds = [_constant(index, n) if n else None for n in node.input[1:5]]
+    if len(node.input) >= 3 and all(b is not None for b in bounds[:2]):
+        steps = bounds[3] if len(bounds) > 3 and bounds[3] is not None else [1]
+        return first[slice(int(bounds[0][0]), int(bounds[1][0]), int(np.atleast_1d(steps)[0]))]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if "starts" in attrs and "ends" in attrs:
+        return first[slice(int(attrs["starts"][0]), int(attrs["ends"][0]))]
+    return None
