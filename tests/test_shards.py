@@ -318,8 +318,8 @@ def test_merge_never_writes_a_report_its_reader_refuses(runs, tmp_path, monkeypa
     from walkaudit.report import model
 
     folder, _ = runs
-    size = len((folder / "full.json").read_bytes())
-    monkeypatch.setattr(model, "MAX_REPORT_BYTES", size - 1)  # the shards fit, the merged report does not
+    size = max(len((folder / f"s{i}of2.json").read_bytes()) for i in (1, 2))
+    monkeypatch.setattr(model, "MAX_REPORT_BYTES", size)  # the shards fit, the merged report (all their sites) does not
     result = invoke("merge", folder / "s1of2.json", folder / "s2of2.json", "-o", tmp_path / "out.json")
     assert result.exit_code == 2, result.output
     assert "more than the" in result.stderr and "walkaudit reads back; nothing written" in result.stderr
