@@ -125,7 +125,7 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
     clean, chance = report.clean_accuracy, report.chance
     base = {s.name: s for s in baseline.sites} if baseline is not None else {}
     unit = f"{level.symbol} / activation std" if relative else level.symbol
-    mid = f"{level.midpoint} / activation std" if relative else level.midpoint
+    mid_label = f"{level.midpoint} / activation std" if relative else level.midpoint
 
     weakest = sorted(sites, key=_weakness)[:MAX_CURVES]
     curves = [s for s in sites if any(s is w for w in weakest)]  # network order: the legend reads like the graph
@@ -233,7 +233,7 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
     else:
         ax_mid.text(0.5, 0.5, f"no {level.midpoint} measured", ha="center", va="center", transform=ax_mid.transAxes)
         ax_mid.set_yticks([])
-    ax_mid.set_xlabel(f"{mid} (log)" if relative or not (level.unit or level.bits) else
+    ax_mid.set_xlabel(f"{mid_label} (log)" if relative or not (level.unit or level.bits) else
                       f"{level.midpoint} ({', '.join([*([level.unit] if level.unit else []), 'log'])}"
                       f"{'; B50 = log2(1 + 1/Δ50) bits' if level.bits else ''})")
     more = f" ({len(bars)} weakest of {len(sites)})" if len(bars) < len(sites) else ""

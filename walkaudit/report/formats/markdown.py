@@ -34,7 +34,8 @@ def to_markdown(report: Report) -> str:
     numbers = [c.header.replace("/", " / ") for c in midpoint_columns(level)]
     lines += [
         "| # | Site | Op | " + " | ".join(numbers) + " | 95% CI | Status |",
-        "|--:|:-----|:---|" + "----:|" * len(numbers) + ":-------|:------:|",
+        "|--:|:-----|:---|" + "".join("-" * (len(h) + 1) + ":|" if "/" in h else "----:|" for h in numbers)
+        + ":-------|:------:|",
     ]
     for site in report.sites:
         cells = [
