@@ -10,7 +10,8 @@ set in `manifest.json` under "quantized_models".
     python samples/make_quantized.py --check    # rebuild into a temporary folder; exit 1 unless byte-identical
 
 onnxruntime runs a QDQ model's int8 activations as uint8 (its QDQ transformer moves zero points by 128), so an int8
-value i is stored as u = i XOR 0x80 at run time: `walkaudit --noise bitflip --bits value` flips the same bits either way.
+value i is stored as u = i XOR 0x80 at run time: a flip of bit b of u is the same flip of bit b of i, and
+`walkaudit --noise bitflip --bits value` flips any of the 8 bits of these uint8 sites.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def test_every_format_labels_the_midpoint_with_the_models_symbol(kind):
 
 
 def test_a_level_in_its_own_units_keeps_the_per_std_column_and_the_others_drop_it():
-    assert "w50/std" in terminal(typed(described("uniform"))) and "w50 / std" in to_markdown(typed(described("uniform")))
+    uniform = typed(described("uniform"))
+    assert "w50/std" in terminal(uniform) and "w50 / std" in to_markdown(uniform)
     for kind in ("bitflip", "weight-pcm", "quantize"):  # a BER, a time, a step: never over the activation std
         assert "/std" not in terminal(typed(described(kind))) and "/ std" not in to_markdown(typed(described(kind)))
 
@@ -155,3 +156,22 @@ def test_the_plot_axes_name_the_level(kind, xlabel):
     relative = plot_report(typed(body), relative=True).axes[0].get_xlabel()
     # only a level in the site's own units is divided by the activation std
     assert ("activation std" in relative) == (kind == "additive")
+
+
+@pytest.mark.parametrize("kind", ["bitflip", "weight-pcm", "quantize"])
+def test_the_gates_messages_and_the_github_annotations_name_the_level(kind):
+    from walkaudit.report.formats import to_github
+    from walkaudit.report.gate import Drop, GateConfig, Threshold, evaluate
+
+    label, symbol = LABELS[kind], REGISTRY[kind].level.symbol
+    report = typed(described(kind))
+    baseline = typed(described(kind, midpoints=(0.5, 0.5, 1.0)))
+    config = GateConfig((Threshold(None, 0.04), Threshold("s1", 0.5, drop="1%")), max_drop=Drop(0.1, "%"))
+    gated = report.with_gate(evaluate(report, config, baseline), rules=config.to_dict())
+    messages = [f.message for f in gated.gate.failures]
+    assert f"site s0: {label} 0.0256 < 0.04" in " ".join(messages)
+    assert any(f"site s1: {symbol} at a 1% drop 0.01 < 0.5" in m for m in messages)
+    assert any(f"site s0: {label} fell from 0.5 to 0.0256" in m for m in messages)
+    annotations = to_github(gated)
+    assert label in annotations and "σ" not in annotations
+    assert "σ" not in terminal(gated) + to_markdown(gated) + to_junit(gated)

@@ -9,7 +9,8 @@ A noise model owns everything that depends on what the noise is:
 - **its formula** on the host (`host`) and, where it has one, in the graph (`graph`, `graph_applies`; `graph_draw`
   when the graph can draw the numbers itself): both give the same numbers. A model without graph nodes runs on the
   host path (`strategies.HostApplied`);
-- **its level** (`level`, `label`, `level_of`) and **how it is searched** (`plan`, `search_scale`, `grid`): the sweep walks a
+- **its level** (`level`, `level_of`; `label`, the registry's symbol, name and unit for people) and **how it is
+  searched** (`plan`, `search_scale`, `grid`): the sweep walks a
   positive *noise axis* on which more is noisier (σ; a bit error rate; 1/(2^B − 1) for B bits), in decades;
 - **how the report names it** (`describe`).
 

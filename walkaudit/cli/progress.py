@@ -185,7 +185,8 @@ class RichProgress:
         if self._bar is None and not self.disable:
             took = "" if began is None else f"{self._clock() - began:.1f} s; "
             where = f"site {position}/{self.total}" if position is not None and self.total else "site"
-            self._line(f"{where} {printable(result.name)}: {midpoint_text(result.sigma50, result.censored, self._level)} "
+            midpoint = midpoint_text(result.sigma50, result.censored, self._level)
+            self._line(f"{where} {printable(result.name)}: {midpoint} "
                        f"({took}{format_rate(self.rate())}, {format_eta(self.eta())})")
         self._refresh()
 

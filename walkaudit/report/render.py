@@ -311,7 +311,8 @@ def legend(report: Report) -> str | None:
     return "  ".join(f"{mark} {text}" for mark, text in _LEGEND if used[mark]) or None
 
 
-#: the line above the `--drop` table of a σ report (printed on its own: rich wraps a table's title to the table's width)
+#: the line above the `--drop` table of a σ report (printed on its own: rich wraps a table's title to the table's
+#: width)
 TOLERANCE_TITLE = "Tolerated noise: σ at which accuracy falls by each drop (95% interval)"
 
 
@@ -351,7 +352,8 @@ def summary_lines(report: Report) -> list[str]:
     labels = "labels" if report.data.labels == "given" else "agreement with clean predictions (no labels)"
     level = report_level(cfg)
     noise = cfg.noise + (f" (ratio {cfg.ratio})" if cfg.ratio is not None else "")
-    noise += f" (level: {level.name} {level.symbol}{f' in {level.unit}' if level.unit else ''})" if level != SIGMA else ""
+    if level != SIGMA:
+        noise += f" (level: {level.name} {level.symbol}{f' in {level.unit}' if level.unit else ''})"
     lines = [
         (f"clean {'token ' if report.data.scored == 'tokens' else ''}accuracy {report.clean_accuracy:.4f} "
          f"({labels}), chance {report.chance:.4f}, {report.data.counted}"),

@@ -156,7 +156,8 @@ def curves_svg(report: Report, width: int = 760, height: int = 340) -> str:
         parts.append(f'<text x="{x(10.0 ** k):.1f}" y="{top + ph + 16}" text-anchor="middle">{10.0 ** k:g}</text>')
     for acc in (0.0, 0.5, 1.0):
         parts.append(f'<text x="{left - 6}" y="{y(acc) + 4:.1f}" text-anchor="end">{acc:g}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{_e(axis_label(level, "log"))}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">'
+                 f'{_e(axis_label(level, "log"))}</text>')
     lines = [(report.chance, "chance", "2 3")]
     if report.above_chance:
         lines.append((report.chance + (report.clean_accuracy - report.chance) / 2, "halfway", "6 3"))

@@ -82,7 +82,7 @@ def to_markdown(report: Report) -> str:
 
 def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]], undecided: set[str | None] = frozenset(),
                 gated: bool = True) -> str:
-    """❌ a gate rule failed, ❔ a rule undecided, ⚠️ no midpoint (nothing measured, or the fit found no midpoint), — no
+    """❌ a gate rule failed, ❔ a rule undecided, ⚠️ no midpoint (nothing measured, or the fit found none), — no
     gate rule was given, ✅ otherwise."""
     if by_site.get(site.name):
         return FAIL
