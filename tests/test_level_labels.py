@@ -175,3 +175,20 @@ def test_the_gates_messages_and_the_github_annotations_name_the_level(kind):
     annotations = to_github(gated)
     assert label in annotations and "σ" not in annotations
     assert "σ" not in terminal(gated) + to_markdown(gated) + to_junit(gated)
+
+
+def test_compare_names_the_level_in_its_table_and_its_warning(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from walkaudit.cli import main
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(described("bitflip", midpoints=(0.05, 0.05, 1.0))))
+    new.write_text(json.dumps(described("bitflip")))
+    result = CliRunner().invoke(main, ["compare", str(old), str(new)])
+    assert result.exit_code == 0, result.output
+    assert "baseline BER50" in result.output and "BER50: baseline vs new" in result.output
+    assert "no --max-drop: BER50 drops are shown, not gated" in result.output
+    assert "σ" not in result.output
