@@ -153,6 +153,11 @@ def test_the_plot_axes_name_the_level(kind, xlabel):
     assert curves.get_xlabel() == xlabel
     assert f"◆ {label}" in curves.get_title() and bars.get_title().startswith(f"{label} per site")
     assert bars.get_xlabel().startswith(label)
+    # a relative step also gets a top axis in bits, B = log2(1 + 1/Δ), ticked at whole bit counts
+    tops = [c for c in curves.child_axes if c.get_xlabel() == "B (bits)"]
+    assert len(tops) == (kind == "quantize")
+    if tops:
+        assert [t for t in tops[0].get_xticks() if t in (1, 4, 8)] == [1, 4, 8]
     relative = plot_report(typed(body), relative=True).axes[0].get_xlabel()
     # only a level in the site's own units is divided by the activation std
     assert ("activation std" in relative) == (kind == "additive")

@@ -186,6 +186,8 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
         ax_acc.set_xscale("log")
         _plain_ticks(ax_acc.xaxis)
     ax_acc.set_xlabel(f"{unit} ({level.name})" if relative else axis_label(level))
+    if level.bits and ax_acc.get_xscale() == "log":
+        _bits_axis(ax_acc, np)
     ax_acc.set_ylabel("accuracy")
     shown = (f"{len(curves)} weakest of {len(sites)} sites" if len(sites) > len(curves)
              else _plural(len(sites), "site"))
@@ -241,6 +243,16 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
     extra += "; dashed red = --fail-under" if thresholds else ""
     ax_mid.set_title(f"{level.midpoint} per site{more}; hatched = censored, red = gate failure{extra}", fontsize=10)
     return fig
+
+
+def _bits_axis(ax, np) -> None:
+    """A top axis in bits over a relative-step axis: B = log2(1 + 1/Δ), ticked at whole bit counts."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        top = ax.secondary_xaxis("top", functions=(lambda d: np.log2(1.0 + 1.0 / np.maximum(d, 1e-300)),
+                                                   lambda b: 1.0 / (np.exp2(np.maximum(b, 1e-12)) - 1.0)))
+    top.set_xticks([1, 2, 3, 4, 6, 8, 12, 16, 24])
+    _plain_ticks(top.xaxis)
+    top.set_xlabel("B (bits)")
 
 
 def _old_value(site: SiteResult | None, relative: bool) -> float | None:
