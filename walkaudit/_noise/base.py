@@ -9,7 +9,8 @@ A noise model owns everything that depends on what the noise is:
 - **its formula** on the host (`host`) and, where it has one, in the graph (`graph`, `graph_applies`; `graph_draw`
   when the graph can draw the numbers itself): both give the same numbers. A model without graph nodes runs on the
   host path (`strategies.HostApplied`);
-- **its level** (`level`, `level_of`) and **how it is searched** (`plan`, `search_scale`, `grid`): the sweep walks a
+- **its level** (`level`, `level_of`; `label`, the registry's symbol, name and unit for people) and **how it is
+  searched** (`plan`, `search_scale`, `grid`): the sweep walks a
   positive *noise axis* on which more is noisier (σ; a bit error rate; 1/(2^B − 1) for B bits), in decades;
 - **how the report names it** (`describe`).
 
@@ -25,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from walkaudit._analysis.sweep import Plan
+from walkaudit._noise.registry import REGISTRY, Level
 from walkaudit._noise.source import name_key
 from walkaudit.errors import UsageError
 
@@ -47,8 +49,6 @@ class NoiseModel(ABC):
     relative: ClassVar[bool] = False
     #: what `draw` fills: "normal" (N(0, 1)), "uniform" (U(−½, ½)) or "bits" (uniform 32-bit words); "none"
     distribution: ClassVar[str] = "normal"
-    #: the report's name for the level the search walks ("sigma", "width", "ber", "bits")
-    level: ClassVar[str] = "sigma"
     #: the model has graph nodes (`graph`, `scales`: y' = y·(1 + σm·εm) + σa·εa) that the fed suffix and the global
     #: paths apply; False: the host computes y' (`strategies.HostApplied`), walk mode only
     graph_applies: ClassVar[bool] = False
@@ -58,6 +58,16 @@ class NoiseModel(ABC):
     @property
     @abstractmethod
     def terms(self) -> tuple[str, ...]: ...
+
+    @property
+    def label(self) -> Level:
+        """What the level is for people (symbol, name, unit), declared once with the model's registry entry."""
+        return REGISTRY[self.kind].level
+
+    @property
+    def level(self) -> str:
+        """The report's name for the level the search walks ("sigma", "width", "ber", "bits", "t")."""
+        return self.label.key
 
     @property
     def draws(self) -> int:

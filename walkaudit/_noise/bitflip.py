@@ -97,7 +97,6 @@ class BitFlip(NoiseModel):
     terms: ClassVar[tuple[str, ...]] = ("words",)  # one word per element; each position's comes from it
     relative: ClassVar[bool] = True
     distribution: ClassVar[str] = "bits"
-    level: ClassVar[str] = "ber"
 
     def __post_init__(self):
         object.__setattr__(self, "bits", "all" if self.bits is None else str(self.bits))

@@ -69,7 +69,6 @@ class PCM(NoiseModel):
     target: ClassVar[str] = "weights"
     terms: ClassVar[tuple[str, ...]] = ("prog+", "prog-", "nu+", "nu-", "read+", "read-")
     relative: ClassVar[bool] = True
-    level: ClassVar[str] = "t"
 
     def plan(self) -> Plan:
         # from a second to 30 years (10^9 s) and beyond; a site whose accuracy programming noise alone halves is

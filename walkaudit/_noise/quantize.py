@@ -45,7 +45,6 @@ class Quantize(NoiseModel):
     terms: ClassVar[tuple[str, ...]] = ()
     relative: ClassVar[bool] = True
     distribution: ClassVar[str] = "none"
-    level: ClassVar[str] = "bits"
 
     def __post_init__(self):
         if self.bits is not None:

@@ -22,7 +22,6 @@ class Uniform(Affine):
     kind: ClassVar[str] = "uniform"
     terms: ClassVar[tuple[str, ...]] = ("add",)
     distribution: ClassVar[str] = "uniform"
-    level: ClassVar[str] = "width"
     graph_draw: ClassVar[tuple[str, dict] | None] = ("RandomUniformLike", {"low": -0.5, "high": 0.5})
 
     def scales(self, sigma):

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from walkaudit._noise.registry import REGISTRY
 from walkaudit.cli import options as opt
 from walkaudit.cli.app import EXIT_USAGE, GroupedCommand, _err, guarded, main, warn
 from walkaudit.cli.reports import check_outputs, emit, read_report
@@ -91,7 +92,7 @@ def audit_command(model: str, data: opt.Data, sites: opt.Sites, noise: opt.Noise
         executor = ray_executor.connect(None if runtime.ray_address == "local" else runtime.ray_address, config)
     partial, signum = False, None
     with signals.Trap() as trap:
-        with RichProgress(disable=quiet) as progress:
+        with RichProgress(disable=quiet, level=REGISTRY[config.noise].level) as progress:
             run = api.iter_audit(model, data=data_path, config=config, progress=progress,
                                  done=cp.sites if cp else (), executor=executor,
                                  data_sha256=fp["data_sha256"] if fp else None)  # hashed once, above

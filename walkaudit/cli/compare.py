@@ -28,6 +28,7 @@ def compare(old: str, new: str, gate: opt.Gate, output: opt.Output):
     Exit codes: 0 passed, 1 gate failed, 2 bad usage or input (e.g. reports that cannot be compared).
     """
     from walkaudit.report import gate as gates
+    from walkaudit.report.text import report_level
 
     reports.check_outputs(output, [("the rules file (--rules)", gate.rules_file), ("the old report (OLD)", old),
                                    ("the new report (NEW)", new)])
@@ -41,7 +42,8 @@ def compare(old: str, new: str, gate: opt.Gate, output: opt.Output):
         drops = _drops(old_report, new_report)
         if drops:
             name, percent = max(drops, key=lambda d: d[1])
-            warn(f"no --max-drop: σ50 drops are shown, not gated ({len(drops)} site(s) lower, at most "
+            midpoint = report_level(new_report.config).midpoint  # σ50, BER50, t50, ...
+            warn(f"no --max-drop: {midpoint} drops are shown, not gated ({len(drops)} site(s) lower, at most "
                  f"{percent:.0f}% at {name}); add e.g. --max-drop 20%")
     reports.emit(new_report, output, compare_with=old_report)
     sys.exit(verdict.exit_code)

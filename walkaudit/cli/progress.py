@@ -31,7 +31,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from walkaudit.report.text import format_sigma, printable
+from walkaudit._noise.registry import SIGMA, Level
+from walkaudit.report.text import midpoint_text, printable
 
 #: the fraction of a site's planned work shown at most before it finishes (its search may still plan more)
 IN_FLIGHT_CAP = 0.95
@@ -95,8 +96,10 @@ class RichProgress:
     default: the bar only when the stream is a real terminal. `clock`: seconds (tests pass a fake one).
     """
 
-    def __init__(self, disable: bool = False, stream=None, live: bool | None = None, clock=time.perf_counter):
+    def __init__(self, disable: bool = False, stream=None, live: bool | None = None, clock=time.perf_counter,
+                 level: Level = SIGMA):
         self.disable = disable
+        self._level = level  # what the midpoint is called (σ50, BER50, t50, ...)
         self._stream = stream
         self._live = live
         self._bar: Progress | None = None
@@ -182,7 +185,8 @@ class RichProgress:
         if self._bar is None and not self.disable:
             took = "" if began is None else f"{self._clock() - began:.1f} s; "
             where = f"site {position}/{self.total}" if position is not None and self.total else "site"
-            self._line(f"{where} {printable(result.name)}: σ50 {format_sigma(result.sigma50, result.censored)} "
+            midpoint = midpoint_text(result.sigma50, result.censored, self._level)
+            self._line(f"{where} {printable(result.name)}: {midpoint} "
                        f"({took}{format_rate(self.rate())}, {format_eta(self.eta())})")
         self._refresh()
 

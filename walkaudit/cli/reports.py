@@ -94,7 +94,7 @@ def emit(report, output, compare_with=None) -> None:
             render.show(console, render.site_table(report, bars=width is None or width >= 100, width=width))
             tolerances = render.tolerance_table(report, width=width)
             if tolerances is not None:
-                render.show(console, [render.TOLERANCE_TITLE])
+                render.show(console, [render.tolerance_title(report)])
                 render.show(console, tolerances)
             render.show(console, _no_warnings(render.summary_lines(report)))
         for message in gate.warnings if gate is not None else ():

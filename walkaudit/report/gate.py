@@ -40,7 +40,8 @@ from typing import Any, Literal
 
 from walkaudit.errors import UsageError
 from walkaudit.report.model import Failure, GateResult, Report, SiteResult
-from walkaudit.report.text import format_sigma, printable
+from walkaudit._noise.registry import SIGMA, Level
+from walkaudit.report.text import format_sigma, printable, report_level
 
 __all__ = [
     "Drop",
@@ -337,6 +338,7 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
     if undecided not in UNDECIDED_POLICIES:
         raise UsageError(f"--undecided must be one of {', '.join(UNDECIDED_POLICIES)}, got {undecided!r}")
     decisions = _Decisions()
+    level = report_level(report.config)
     warnings = decisions.warnings
     if report.partial:
         warnings.append("the report is partial (the audit stopped early): sites not measured were not checked")
@@ -349,7 +351,7 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
         decisions.fail(Failure(
             RULE_ABOVE_CHANCE, None, report.clean_accuracy, report.chance,
             f"clean accuracy {report.clean_accuracy:.4g} is not above chance {report.chance:.4g}: the model does "
-            f"not classify these data, so no σ50 means anything"))
+            f"not classify these data, so no {level.midpoint} means anything"))
         if config.thresholds or config.max_drop is not None:
             warnings.append("site rules not checked: the clean accuracy is not above chance")
 
@@ -361,7 +363,7 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
                 check_matched(GateConfig((threshold,)), [s.name for s in report.sites])
             warnings.append(f"rule {threshold}: matches no site")
         for site in matched:
-            _check_threshold(site, threshold, decisions)
+            _check_threshold(site, threshold, decisions, level)
 
     if config.min_clean_accuracy is not None:
         _check_clean_accuracy(report, config.min_clean_accuracy, decisions)
@@ -372,7 +374,7 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
         elif usable:
             if not baseline.above_chance:
                 warnings.append(f"the baseline's clean accuracy {baseline.clean_accuracy:.4g} is not above its "
-                                f"chance {baseline.chance:.4g}: it has no σ50 to compare with")
+                                f"chance {baseline.chance:.4g}: it has no {level.midpoint} to compare with")
             _check_drops(report, baseline, config.max_drop, decisions)
     elif config.max_drop is not None:
         warnings.append(f"max drop {config.max_drop} set but no baseline given: not checked")
@@ -465,20 +467,21 @@ def _no_sigma50(site: SiteResult) -> str:
     return printable(site.fit.message or "the fit found no midpoint")
 
 
-def _check_threshold(site: SiteResult, threshold: Threshold, decisions: _Decisions) -> None:
+def _check_threshold(site: SiteResult, threshold: Threshold, decisions: _Decisions, level: Level = SIGMA) -> None:
     if threshold.drop is not None:
-        _check_tolerance(site, threshold, decisions)
+        _check_tolerance(site, threshold, decisions, level)
         return
     name = printable(site.name)
-    what = "σ50/std" if threshold.relative else "σ50"
+    what = f"{level.midpoint}/std" if threshold.relative else level.midpoint
     limit = threshold.value
     if site.sigma50 is None:
         if site.midpoint is None and not site.points:
-            decisions.warnings.append(f"site {name}: no σ50 (nothing measured); rule {threshold} not checked")
+            decisions.warnings.append(f"site {name}: no {level.midpoint} (nothing measured); rule {threshold} not "
+                                      "checked")
         else:
             decisions.fail(Failure(threshold.rule, site.name, None, limit,
-                                   f"site {name}: no σ50 ({_no_sigma50(site)}), so {what} >= {limit:g} cannot be "
-                                   f"shown (rule {threshold})"))
+                                   f"site {name}: no {level.midpoint} ({_no_sigma50(site)}), so {what} >= {limit:g} "
+                                   f"cannot be shown (rule {threshold})"))
         return
     value = site.sigma50_relative if threshold.relative else site.sigma50
     interval = _interval(site)
@@ -496,17 +499,18 @@ def _check_threshold(site: SiteResult, threshold: Threshold, decisions: _Decisio
         return
     if censored == "above":  # (bound, ∞) with the bound under the threshold
         decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {shown} never fell to halfway in the σ grid, whose top is below "
-                               f"the threshold {limit:g}: undecided (rule {threshold}; extend the grid up)"))
+                               f"site {name}: {what} {shown} never fell to halfway in the {level.symbol} grid, whose "
+                               f"top is below the threshold {limit:g}: undecided (rule {threshold}; extend the grid "
+                               "up)"))
     elif censored == "below" and verdict == "fail":
         decisions.fail(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {shown} (already below halfway at the smallest σ tested) is "
-                               f"under {limit:g} (rule {threshold})"))
+                               f"site {name}: {what} {shown} (already below halfway at the smallest {level.symbol} "
+                               f"tested) is under {limit:g} (rule {threshold})"))
     elif censored == "below":
         decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {shown}: already below halfway at the smallest σ tested, which "
-                               f"is above the threshold {limit:g}: undecided (rule {threshold}; extend the grid "
-                               "down)"))
+                               f"site {name}: {what} {shown}: already below halfway at the smallest {level.symbol} "
+                               f"tested, which is above the threshold {limit:g}: undecided (rule {threshold}; extend "
+                               "the grid down)"))
     elif verdict == "fail":
         decisions.fail(Failure(threshold.rule, site.name, value, limit,
                                f"site {name}: {what} {value:.4g} < {limit:g}{_ci_text(interval, value)} "
@@ -552,23 +556,25 @@ def clean_interval(correct: int, samples: int) -> tuple[float, float]:
 def _check_drops(report: Report, baseline: Report, drop: Drop, decisions: _Decisions) -> None:
     """Each site's σ50 fall against the baseline, decided on the fall's 95 % interval (:func:`drop_interval`):
     failed where its lower end falls by more than allowed, passed where its upper end stays within it."""
+    level = report_level(report.config)
     for old, new in _match_sites(baseline.sites, report.sites, decisions.warnings):
         name = printable(new.name)
         old_iv, new_iv = _interval(old), _interval(new)
         if old_iv is None:
-            decisions.warnings.append(f"site {name}: no σ50 in the baseline; max drop not checked")
+            decisions.warnings.append(f"site {name}: no {level.midpoint} in the baseline; max drop not checked")
             continue
         old_v = old.sigma50
         shown_old = format_sigma(old_v, old.censored, digits=4)
         if new_iv is None:
             decisions.fail(Failure(RULE_MAX_DROP, new.name, None, drop.amount,
-                                   f"site {name}: no σ50 in this report ({_no_sigma50(new)}); the baseline's was "
-                                   f"{shown_old}, so a drop of more than {drop} cannot be ruled out"))
+                                   f"site {name}: no {level.midpoint} in this report ({_no_sigma50(new)}); the "
+                                   f"baseline's was {shown_old}, so a drop of more than {drop} cannot be ruled out"))
             continue
         new_v = new.sigma50
         face = drop.measure(old_v, new_v)  # bounds taken at face value
         least, most = (_in_unit(d, drop.unit) for d in drop_interval(old_v, old_iv, new_v, new_iv))
-        change = f"site {name}: σ50 fell from {shown_old} to {format_sigma(new_v, new.censored, digits=4)}"
+        change = (f"site {name}: {level.midpoint} fell from {shown_old} to "
+                  f"{format_sigma(new_v, new.censored, digits=4)}")
         if least > drop.amount:
             amount = _format_drop(face, drop.unit)
             if old.censored == "above" or new.censored == "below":
@@ -581,9 +587,10 @@ def _check_drops(report: Report, baseline: Report, drop: Drop, decisions: _Decis
                                    f"{change}: a drop of {detail} (max {drop})"))
         elif most > drop.amount:
             censored = old.censored or new.censored
-            why = ("a σ50 is only bounded (censored): extend the grid" if censored else
+            why = (f"a {level.midpoint} is only bounded (censored): extend the grid" if censored else
                    f"up to {_format_drop(most, drop.unit)} at the end of its 95% interval")
-            change = change if face > 0 else f"site {name}: σ50 {shown_old} → {format_sigma(new_v, new.censored, 4)}"
+            change = change if face > 0 else (f"site {name}: {level.midpoint} {shown_old} → "
+                                              f"{format_sigma(new_v, new.censored, 4)}")
             decisions.open(Failure(RULE_MAX_DROP, new.name, face, drop.amount,
                                    f"{change}, a drop of {_format_drop(face, drop.unit)} at face value; more than "
                                    f"{drop} not ruled out ({why}): undecided"))
@@ -670,7 +677,7 @@ def _format_drop(value: float, unit: str) -> str:
     return f"{value:.3g}%" if unit == "%" else f"{value:.3g} decades"
 
 
-def _check_tolerance(site: SiteResult, threshold: Threshold, decisions: _Decisions) -> None:
+def _check_tolerance(site: SiteResult, threshold: Threshold, decisions: _Decisions, level: Level = SIGMA) -> None:
     """A rule on the σ at which the site's accuracy falls by `threshold.drop` (the site's `tolerance` entries),
     decided on that σ's 95 % interval as σ50 rules are."""
     name, limit = printable(site.name), threshold.value
@@ -685,7 +692,7 @@ def _check_tolerance(site: SiteResult, threshold: Threshold, decisions: _Decisio
         std = site.activation_std
         scale = 1.0 / std if std else 0.0
         value = value * scale if value is not None and std else None
-    what = f"σ at a {threshold.drop} drop" + ("/std" if threshold.relative else "")
+    what = f"{level.symbol} at a {threshold.drop} drop" + ("/std" if threshold.relative else "")
     if value is None:
         decisions.fail(Failure(threshold.rule, site.name, None, limit,
                                f"site {name}: no {what}, so >= {limit:g} cannot be shown (rule {threshold})"))
@@ -711,11 +718,12 @@ def _check_tolerance(site: SiteResult, threshold: Threshold, decisions: _Decisio
                                f"{'' if censored else _ci_text(interval, value)} (rule {threshold})"))
     elif censored == "above":
         decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: accuracy never fell by {threshold.drop} in the σ grid, whose top is "
-                               f"below {limit:g}: undecided (rule {threshold}; extend the grid up)"))
+                               f"site {name}: accuracy never fell by {threshold.drop} in the {level.symbol} grid, "
+                               f"whose top is below {limit:g}: undecided (rule {threshold}; extend the grid up)"))
     elif censored == "below":
         decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: accuracy had already fallen by {threshold.drop} at the smallest σ "
+                               f"site {name}: accuracy had already fallen by {threshold.drop} at the smallest "
+                               f"{level.symbol} "
                                f"tested, which is above {limit:g}: undecided (rule {threshold}; extend the grid "
                                "down)"))
     else:

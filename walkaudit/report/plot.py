@@ -22,7 +22,7 @@ from pathlib import Path
 
 from walkaudit.errors import UsageError
 from walkaudit.report.model import Report, SiteResult
-from walkaudit.report.text import printable
+from walkaudit.report.text import axis_label, printable, report_level
 
 __all__ = ["FORMATS", "MAX_BARS", "MAX_CURVES", "plot_report", "save_figure"]
 
@@ -118,11 +118,14 @@ def _plain_ticks(axis) -> None:
 def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None = None, relative: bool = False):
     from walkaudit.report.render import short_names
 
+    level = report_level(report.config)
+    relative = relative and level.per_std  # a BER, a time or a step is never divided by the activation std
     sites = [s for s in report.sites if _scale(s, relative) is not None]
     failing = {f.site for f in report.gate.failures if f.site is not None} if report.gate is not None else set()
     clean, chance = report.clean_accuracy, report.chance
     base = {s.name: s for s in baseline.sites} if baseline is not None else {}
-    unit = "σ / activation std" if relative else "σ"
+    unit = f"{level.symbol} / activation std" if relative else level.symbol
+    mid_label = f"{level.midpoint} / activation std" if relative else level.midpoint
 
     weakest = sorted(sites, key=_weakness)[:MAX_CURVES]
     curves = [s for s in sites if any(s is w for w in weakest)]  # network order: the legend reads like the graph
@@ -182,13 +185,15 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
     if sigma_all or any(s.sigma50 for s in curves):
         ax_acc.set_xscale("log")
         _plain_ticks(ax_acc.xaxis)
-    ax_acc.set_xlabel(f"{unit} (noise level)")
+    ax_acc.set_xlabel(f"{unit} ({level.name})" if relative else axis_label(level))
+    if level.bits and ax_acc.get_xscale() == "log":
+        _bits_axis(ax_acc, np)
     ax_acc.set_ylabel("accuracy")
     shown = (f"{len(curves)} weakest of {len(sites)} sites" if len(sites) > len(curves)
              else _plural(len(sites), "site"))
-    title = f"accuracy vs {unit} ({shown}; ◆ σ50, ▶/◀ censored)"
+    title = f"accuracy vs {unit} ({shown}; ◆ {level.midpoint}, ▶/◀ censored)"
     if not report.above_chance:
-        title += "; clean accuracy not above chance: no σ50"
+        title += f"; clean accuracy not above chance: no {level.midpoint}"
     ax_acc.set_title(title, fontsize=10)
     ax_acc.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
@@ -207,7 +212,7 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
                 ax_mid.plot([old_value], [row], marker="|", ms=14, mew=2, color="black", ls="none",
                             gid="baseline")
             if value is None or value <= 0:
-                ax_mid.text(left, row, "  no σ50", va="center", fontsize=7, color="0.4")
+                ax_mid.text(left, row, f"  no {level.midpoint}", va="center", fontsize=7, color="0.4")
                 continue
             censored = site.censored
             color = "tab:red" if site.name in failing else "tab:blue"
@@ -228,14 +233,26 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
         ax_mid.set_yticks(y, [_label(labels[id(s)], 40) for s in bars], fontsize=7 if len(bars) > 30 else 8)
         ax_mid.invert_yaxis()
     else:
-        ax_mid.text(0.5, 0.5, "no σ50 measured", ha="center", va="center", transform=ax_mid.transAxes)
+        ax_mid.text(0.5, 0.5, f"no {level.midpoint} measured", ha="center", va="center", transform=ax_mid.transAxes)
         ax_mid.set_yticks([])
-    ax_mid.set_xlabel(f"σ50{' / activation std' if relative else ''} (log)")
+    ax_mid.set_xlabel(f"{mid_label} (log)" if relative or not (level.unit or level.bits) else
+                      f"{level.midpoint} ({', '.join([*([level.unit] if level.unit else []), 'log'])}"
+                      f"{'; B50 = log2(1 + 1/Δ50) bits' if level.bits else ''})")
     more = f" ({len(bars)} weakest of {len(sites)})" if len(bars) < len(sites) else ""
     extra = "; | baseline" if baseline is not None else ""
     extra += "; dashed red = --fail-under" if thresholds else ""
-    ax_mid.set_title(f"σ50 per site{more}; hatched = censored, red = gate failure{extra}", fontsize=10)
+    ax_mid.set_title(f"{level.midpoint} per site{more}; hatched = censored, red = gate failure{extra}", fontsize=10)
     return fig
+
+
+def _bits_axis(ax, np) -> None:
+    """A top axis in bits over a relative-step axis: B = log2(1 + 1/Δ), ticked at whole bit counts."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        top = ax.secondary_xaxis("top", functions=(lambda d: np.log2(1.0 + 1.0 / np.maximum(d, 1e-300)),
+                                                   lambda b: 1.0 / (np.exp2(np.maximum(b, 1e-12)) - 1.0)))
+    top.set_xticks([1, 2, 3, 4, 6, 8, 12, 16, 24])
+    _plain_ticks(top.xaxis)
+    top.set_xlabel("B (bits)")
 
 
 def _old_value(site: SiteResult | None, relative: bool) -> float | None:

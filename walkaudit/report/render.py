@@ -22,11 +22,13 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from walkaudit._noise.registry import SIGMA
 from walkaudit.report.model import GateResult, Report, SiteResult
-from walkaudit.report.text import format_sigma, printable, shape_text
+from walkaudit.report.text import Level, format_bits, format_level, midpoint_text, printable, report_level, shape_text
 
-__all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "legend", "output_width", "shorten",
-           "short_names", "show", "site_table", "summary_lines"]
+__all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "legend", "midpoint_cells",
+           "midpoint_columns", "output_width", "shorten", "short_names", "show", "site_table", "summary_lines",
+           "tolerance_title"]
 
 BAR_WIDTH = 10
 #: marks after a site name: how its σ50 was found (the legend is printed under the table)
@@ -244,12 +246,29 @@ def _undecided(gate: GateResult | None) -> set[str]:
     return {u.site for u in gate.undecided if u.site is not None} if gate is not None else set()
 
 
-def _sigma(site: SiteResult, relative: bool = False) -> str:
-    return format_sigma(site.sigma50_relative if relative else site.sigma50, site.censored)
+def _sigma(site: SiteResult, level: Level, relative: bool = False) -> str:
+    if relative:
+        return format_level(site.sigma50_relative, site.censored, level)
+    return format_level(site.sigma50, site.censored, level)
+
+
+def midpoint_columns(level: Level) -> list[Column]:
+    """The midpoint's number columns for `level`: σ50 (its own symbol: BER50, t50, Δ50), σ50/std where the level
+    is in the site's units, B50 where it stands for bits."""
+    return [Column(level.midpoint, "right", "number"),
+            *([Column(f"{level.midpoint}/std", "right", "number")] if level.per_std else []),
+            *([Column("B50", "right", "number")] if level.bits else [])]
+
+
+def midpoint_cells(site: SiteResult, level: Level) -> list[str]:
+    """The cells of :func:`midpoint_columns` for one site."""
+    return [_sigma(site, level), *([_sigma(site, level, relative=True)] if level.per_std else []),
+            *([format_bits(site.sigma50, site.censored)] if level.bits else [])]
 
 
 def site_table(report: Report, bars: bool = True, width: int | None = None) -> Table | Lines:
-    """One row per site: index, tensor, op, shape, σ50, σ50/std, 95% interval, mean |W| and (``bars``) a log bar.
+    """One row per site: index, tensor, op, shape, σ50, σ50/std, 95% interval, mean |W| and (``bars``) a log bar;
+    σ50 under the level's own symbol (BER50, t50, Δ50 and B50: :func:`midpoint_columns`).
 
     ``width`` None: the full table, as wide as it needs. A width: the widest layout that fits it without cropping a
     number or the end of a name (:func:`fit`): the full table, then without the bars, then with the names' common
@@ -258,9 +277,9 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
     failing, undecided = _failing(report.gate), _undecided(report.gate)
     logs = [math.log10(s.sigma50) for s in report.sites if s.sigma50 and s.sigma50 > 0]
     lo, hi = (min(logs) - 0.3, max(logs)) if logs else (0.0, 1.0)
+    level = report_level(report.config)
     columns = [Column("#", "right", "index"), Column("site", kind="name"), Column("op"), Column("shape"),
-               Column("σ50", "right", "number"), Column("σ50/std", "right", "number"),
-               Column("95% CI", "right", "number"), Column("|W|", "right", "number")]
+               *midpoint_columns(level), Column("95% CI", "right", "number"), Column("|W|", "right", "number")]
     if bars:
         columns.append(Column("", kind="bar"))
     rows = []
@@ -271,13 +290,12 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
                  "bold red" if s.name in failing else "yellow" if s.name in undecided else ""),
             printable(s.op_type),
             "" if s.shape is None else shape_text(s.shape),
-            _sigma(s),
-            _sigma(s, relative=True),
+            *midpoint_cells(s, level),
             f"{s.ci95[0]:.3g}–{s.ci95[1]:.3g}" if s.ci95 and s.sigma50 is not None else "",
             f"{s.weight.mean_abs:.3g}" if s.weight is not None else "",
             *([_bar(s.sigma50, lo, hi, s.censored)] if bars else []),
         ])
-    return fit(columns, rows, width, title="Midpoint noise level σ50 per site", caption=legend(report))
+    return fit(columns, rows, width, title=f"Midpoint {level.name} {level.midpoint} per site", caption=legend(report))
 
 
 #: what each mark of the site table means, in the order the legend lists them
@@ -293,28 +311,38 @@ def legend(report: Report) -> str | None:
     return "  ".join(f"{mark} {text}" for mark, text in _LEGEND if used[mark]) or None
 
 
-#: the line above the `--drop` table (printed on its own: rich wraps a table's title to the table's width)
+#: the line above the `--drop` table of a σ report (printed on its own: rich wraps a table's title to the table's
+#: width)
 TOLERANCE_TITLE = "Tolerated noise: σ at which accuracy falls by each drop (95% interval)"
 
 
-def tolerance_cell(entry: dict) -> str:
-    """One `--drop` result as the JSON has it: σ (or its censoring bound) and its 95% interval when there is one."""
-    text = format_sigma(entry["sigma"], entry["censored"])
+def tolerance_title(report: Report) -> str:
+    """The line above the `--drop` table, in the report's level (:data:`TOLERANCE_TITLE` for σ)."""
+    return f"Tolerated noise: {report_level(report.config).symbol} at which accuracy falls by each drop (95% interval)"
+
+
+def tolerance_cell(entry: dict, level: Level = SIGMA) -> str:
+    """One `--drop` result as the JSON has it: σ (or its censoring bound, in the level's unit) and its 95% interval
+    when there is one; the bits a relative step stands for after it."""
+    text = format_level(entry["sigma"], entry["censored"], level)
     ci = entry.get("ci95")
-    return f"{text} ({ci[0]:.3g}–{ci[1]:.3g})" if ci and entry["sigma"] is not None else text
+    text = f"{text} ({ci[0]:.3g}–{ci[1]:.3g})" if ci and entry["sigma"] is not None else text
+    return f"{text}, {format_bits(entry['sigma'], entry['censored'])}" if level.bits else text
 
 
 def tolerance_table(report: Report, width: int | None = None) -> Table | Lines | None:
     """Per site, the σ at which accuracy falls by each requested drop (`--drop`) with its 95% interval; None when
-    none was asked for. Print :data:`TOLERANCE_TITLE` above it."""
+    none was asked for. Print :func:`tolerance_title` above it."""
     drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
     if not drops:
         return None
-    columns = [Column("site", kind="name"), *(Column(f"σ @ {d} drop", "right", "number") for d in drops)]
+    level = report_level(report.config)
+    columns = [Column("site", kind="name"), *(Column(f"{level.symbol} @ {d} drop", "right", "number") for d in drops)]
     rows = []
     for s in report.sites:
         by = {t["of"]: t for t in s.tolerance}
-        rows.append([Name(printable(s.name), "", ""), *(tolerance_cell(by[d]) if d in by else "" for d in drops)])
+        rows.append([Name(printable(s.name), "", ""),
+                     *(tolerance_cell(by[d], level) if d in by else "" for d in drops)])
     return fit(columns, rows, width)
 
 
@@ -322,7 +350,10 @@ def summary_lines(report: Report) -> list[str]:
     """The lines under the table (plain text, printable; print them with ``markup=False``)."""
     cfg, rt = report.config, report.runtime
     labels = "labels" if report.data.labels == "given" else "agreement with clean predictions (no labels)"
+    level = report_level(cfg)
     noise = cfg.noise + (f" (ratio {cfg.ratio})" if cfg.ratio is not None else "")
+    if level != SIGMA:
+        noise += f" (level: {level.name} {level.symbol}{f' in {level.unit}' if level.unit else ''})"
     lines = [
         (f"clean {'token ' if report.data.scored == 'tokens' else ''}accuracy {report.clean_accuracy:.4f} "
          f"({labels}), chance {report.chance:.4f}, {report.data.counted}"),
@@ -330,10 +361,11 @@ def summary_lines(report: Report) -> list[str]:
          f"{printable(rt.provider)}, {rt.elapsed_s:.1f} s"),
     ]
     if not report.above_chance:
-        lines.append("the clean accuracy is not above chance: no σ50 means anything")
+        lines.append(f"the clean accuracy is not above chance: no {level.midpoint} means anything")
     weakest = report.weakest
     if weakest is not None:
-        lines.append(f"weakest site: {printable(weakest.name)} (σ50 {_sigma(weakest)})")
+        lines.append(f"weakest site: {printable(weakest.name)} "
+                     f"({midpoint_text(weakest.sigma50, weakest.censored, level)})")
     lines += [f"note: {printable(note)}" for note in rt.notes]
     if report.partial:
         lines.append("PARTIAL: the run was interrupted; only finished sites are reported")
@@ -368,13 +400,15 @@ def gate_lines(gate: GateResult) -> list[str]:
 
 def compare_table(old: Report, new: Report, width: int | None = None) -> Table | Lines:
     """Two reports side by side, matched by site name; the change in percent and in decades where both have a σ50
-    (the gate's --max-drop speaks either: '20%' or '0.3dec')."""
+    (the gate's --max-drop speaks either: '20%' or '0.3dec'), labelled in the new report's level (BER50, t50, ...;
+    reports of different noise models are never compared)."""
     old_by_name: dict[str, SiteResult] = {}
     for s in old.sites:
         old_by_name.setdefault(s.name, s)
     failing = _failing(new.gate)
-    columns = [Column("site", kind="name"), Column("op"), Column("baseline σ50", "right", "number"),
-               Column("new σ50", "right", "number"), Column("change", "right", "number"),
+    level = report_level(new.config)
+    columns = [Column("site", kind="name"), Column("op"), Column(f"baseline {level.midpoint}", "right", "number"),
+               Column(f"new {level.midpoint}", "right", "number"), Column("change", "right", "number"),
                Column("decades", "right", "number")]
     rows = []
     for s in new.sites:
@@ -386,6 +420,6 @@ def compare_table(old: Report, new: Report, width: int | None = None) -> Table |
         elif o is not None and (o.sigma50 is None or s.sigma50 is None):
             percent = "n/a"
         rows.append([Name(printable(s.name), "", "bold red" if s.name in failing else ""), printable(s.op_type),
-                     _sigma(o) if o else "—", _sigma(s), percent, decades])
-    return fit(columns, rows, width, title="σ50: baseline vs new",
+                     _sigma(o, level) if o else "—", _sigma(s, level), percent, decades])
+    return fit(columns, rows, width, title=f"{level.midpoint}: baseline vs new",
                caption=f"clean accuracy {old.clean_accuracy:.4f} → {new.clean_accuracy:.4f}")

@@ -12,8 +12,8 @@ import html
 import math
 
 from walkaudit.report.model import Report
-from walkaudit.report.render import TOLERANCE_TITLE, tolerance_cell
-from walkaudit.report.text import format_sigma, printable, shape_text
+from walkaudit.report.render import midpoint_cells, midpoint_columns, tolerance_cell, tolerance_title
+from walkaudit.report.text import axis_label, format_level, midpoint_text, printable, report_level, shape_text
 
 __all__ = ["curves_svg", "to_html"]
 
@@ -68,18 +68,20 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
         + ("; <strong>partial report</strong>" if report.partial else "") + "</p>",
     ]
     base = {s.name: s for s in baseline.sites} if baseline is not None else None
-    head = ["#", "site", "op", "shape", "σ50", "σ50 / std", "95% CI", "|W|"]
+    level = report_level(cfg)
+    numbers = midpoint_columns(level)
+    head = ["#", "site", "op", "shape", *(c.header.replace("/", " / ") for c in numbers), "95% CI", "|W|"]
     if base is not None:
-        head += ["baseline σ50", "change"]
-    out += ["<h2>σ50 per site</h2>", "<table>", "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+        head += [f"baseline {level.midpoint}", "change"]
+    out += [f"<h2>{_e(level.midpoint)} per site</h2>", "<table>",
+            "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for s in report.sites:
         cells = [
             f'<td class="n">{"" if s.index is None else s.index}</td>',
             f'<td class="name">{_breakable(s.name)}</td>',
             f"<td>{_e(s.op_type)}</td>",
             f"<td>{'' if s.shape is None else _e(shape_text(s.shape))}</td>",
-            f'<td class="n">{_e(format_sigma(s.sigma50, s.censored))}</td>',
-            f'<td class="n">{_e(format_sigma(s.sigma50_relative, s.censored))}</td>',
+            *(f'<td class="n">{_e(cell)}</td>' for cell in midpoint_cells(s, level)),
             f'<td class="n">{f"{s.ci95[0]:.3g}–{s.ci95[1]:.3g}" if s.ci95 and s.sigma50 is not None else ""}</td>',
             f'<td class="n">{"" if s.weight is None else f"{s.weight.mean_abs:.3g}"}</td>',
         ]
@@ -88,21 +90,22 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
             change = ""
             if o is not None and o.sigma50 and s.sigma50:
                 change = f"{(s.sigma50 - o.sigma50) / o.sigma50 * 100:+.1f}%"
-            cells += [f'<td class="n">{_e(format_sigma(o.sigma50, o.censored)) if o else "—"}</td>',
+            cells += [f'<td class="n">{_e(format_level(o.sigma50, o.censored, level)) if o else "—"}</td>',
                       f'<td class="n">{change}</td>']
         cls = ' class="fail"' if s.name in failing else ' class="undecided"' if s.name in open_sites else ""
         out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     out.append("</table>")
     drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
     if drops:
-        out += [f"<h2>{_e(TOLERANCE_TITLE)}</h2>", "<table>",
-                "<tr><th>site</th>" + "".join(f"<th>σ @ {_e(d)}</th>" for d in drops) + "</tr>"]
+        out += [f"<h2>{_e(tolerance_title(report))}</h2>", "<table>",
+                "<tr><th>site</th>" + "".join(f"<th>{_e(level.symbol)} @ {_e(d)}</th>" for d in drops) + "</tr>"]
         for s in report.sites:
             by = {t["of"]: t for t in s.tolerance}
-            cells = [f'<td class="n">{_e(tolerance_cell(by[d]))}</td>' if d in by else "<td></td>" for d in drops]
+            cells = [f'<td class="n">{_e(tolerance_cell(by[d], level))}</td>' if d in by else "<td></td>"
+                     for d in drops]
             out.append(f'<tr><td class="name">{_breakable(s.name)}</td>' + "".join(cells) + "</tr>")
         out.append("</table>")
-    out += ["<h2>Accuracy against σ</h2>", curves_svg(report)]
+    out += [f"<h2>Accuracy against {_e(level.symbol)}</h2>", curves_svg(report)]
     if gate is not None and gate.failures:
         out += [f"<h2>Failures ({len(gate.failures)})</h2>", "<ul>"]
         out += [f"<li><b>{_e(f.rule)}</b> {_e(f.site) if f.site is not None else 'model'}: {_e(f.message)}</li>"
@@ -128,6 +131,7 @@ def curves_svg(report: Report, width: int = 760, height: int = 340) -> str:
     """An inline ``<svg>``: accuracy against log σ, one polyline per site (network order), the chance and halfway
     lines, a legend; each curve carries its site name as a ``<title>``."""
     sites = [s for s in report.sites if any(p.sigma > 0 for p in s.points)]
+    level = report_level(report.config)
     left, right, top, bottom = 50, 230, 10, 40
     pw, ph = width - left - right, height - top - bottom
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -152,7 +156,8 @@ def curves_svg(report: Report, width: int = 760, height: int = 340) -> str:
         parts.append(f'<text x="{x(10.0 ** k):.1f}" y="{top + ph + 16}" text-anchor="middle">{10.0 ** k:g}</text>')
     for acc in (0.0, 0.5, 1.0):
         parts.append(f'<text x="{left - 6}" y="{y(acc) + 4:.1f}" text-anchor="end">{acc:g}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">σ (noise level, log)</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">'
+                 f'{_e(axis_label(level, "log"))}</text>')
     lines = [(report.chance, "chance", "2 3")]
     if report.above_chance:
         lines.append((report.chance + (report.clean_accuracy - report.chance) / 2, "halfway", "6 3"))
@@ -166,7 +171,7 @@ def curves_svg(report: Report, width: int = 760, height: int = 340) -> str:
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         name = _e(site.name)
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"{dash_attr}>'
-                     f"<title>{name}: σ50 {_e(format_sigma(site.sigma50, site.censored))}</title></polyline>")
+                     f"<title>{name}: {_e(midpoint_text(site.sigma50, site.censored, level))}</title></polyline>")
         if i < 24:  # the legend; the table lists every site
             ly = top + 6 + i * 13
             parts.append(f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 30}" y2="{ly}" stroke="{color}" '

@@ -17,7 +17,7 @@ from dataclasses import replace
 from walkaudit.report.formats.markdown import site_failures
 from walkaudit.report.model import Failure, Report
 from walkaudit.report.schema import SCHEMA_VERSION
-from walkaudit.report.text import format_sigma, printable
+from walkaudit.report.text import midpoint_text, printable, report_level
 
 __all__ = ["INCOMPLETE_CASE", "MODEL_CASE", "to_junit"]
 
@@ -51,6 +51,7 @@ def to_junit(report: Report) -> str:
         ET.SubElement(properties, "property", name=key, value=_safe(value))
 
     tests = failed = skipped = 0
+    level = report_level(report.config)
     for site in report.sites:
         case = ET.SubElement(suite, "testcase", classname=classname, name=_safe(site.name), time="0")
         tests += 1
@@ -64,15 +65,15 @@ def to_junit(report: Report) -> str:
                 u.message for u in open_by_site[site.name])))
         elif site.sigma50 is None:
             skipped += 1
-            why = "no σ50 was measured for this site" if site.midpoint is None else \
-                f"no σ50: {site.fit.message or 'the fit found no midpoint'}"
+            why = f"no {level.midpoint} was measured for this site" if site.midpoint is None else \
+                f"no {level.midpoint}: {site.fit.message or 'the fit found no midpoint'}"
             ET.SubElement(case, "skipped", message=_safe(why))
         elif not gated:
             skipped += 1
-            shown = format_sigma(site.sigma50, site.censored)
-            ET.SubElement(case, "skipped", message=_safe(f"no gate rules: σ50 {shown} not checked"))
+            shown = midpoint_text(site.sigma50, site.censored, level)
+            ET.SubElement(case, "skipped", message=_safe(f"no gate rules: {shown} not checked"))
         else:
-            ET.SubElement(case, "system-out").text = _safe(f"σ50 {format_sigma(site.sigma50, site.censored)}")
+            ET.SubElement(case, "system-out").text = _safe(midpoint_text(site.sigma50, site.censored, level))
 
     if want_model_case:
         case = ET.SubElement(suite, "testcase", classname=classname, name=MODEL_CASE, time="0")

@@ -3,7 +3,7 @@
 Layout: a heading with the model file name and the gate verdict (passed, failed, undecided, incomplete for a partial
 report, or no gate when no rule was given), one line of context (clean accuracy, chance, noise, provider), a table
 with one row per site (index, tensor name, op type, σ50 with ``>``/``<`` when censored, σ50 / activation std, 95%
-interval, status), then the gate failures, the undecided checks and, folded away, its warnings.
+interval, status; σ50 under the level's own symbol: BER50, t50, Δ50 with B50 in bits), then the gate failures, the undecided checks and, folded away, its warnings.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import re
 from collections import defaultdict
 
 from walkaudit.report.model import Failure, GateResult, Report, SiteResult
-from walkaudit.report.text import format_sigma, printable
+from walkaudit.report.render import midpoint_cells, midpoint_columns, tolerance_cell
+from walkaudit.report.text import midpoint_text, printable, report_level
 
 __all__ = ["site_failures", "site_status", "to_markdown"]
 
@@ -29,32 +30,34 @@ def to_markdown(report: Report) -> str:
     if report.partial:
         lines += ["> ⚠️ Partial report: the audit stopped before every site was measured.", ""]
 
+    level = report_level(report.config)
+    numbers = [c.header.replace("/", " / ") for c in midpoint_columns(level)]
     lines += [
-        "| # | Site | Op | σ50 | σ50 / std | 95% CI | Status |",
-        "|--:|:-----|:---|----:|----------:|:-------|:------:|",
+        "| # | Site | Op | " + " | ".join(numbers) + " | 95% CI | Status |",
+        "|--:|:-----|:---|" + "".join("-" * (len(h) + 1) + ":|" if "/" in h else "----:|" for h in numbers)
+        + ":-------|:------:|",
     ]
     for site in report.sites:
         cells = [
             "—" if site.index is None else str(site.index),
             _code(site.name, table=True),
             _text(site.op_type),
-            format_sigma(site.sigma50, site.censored),
-            format_sigma(site.sigma50_relative, site.censored),
+            *midpoint_cells(site, level),
             _ci(site),
             site_status(site, by_site, open_sites, gated),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if not report.sites:
-        lines.append("| — | *no sites* | | | | | |")
+        lines.append("| — | *no sites* |" + " |" * (len(numbers) + 3))
 
     drops = list(dict.fromkeys(t["of"] for s in report.sites for t in s.tolerance))
     if drops:
-        lines += ["", "### Tolerated noise (σ at which accuracy falls by each drop)", "",
-                  "| Site | " + " | ".join(f"σ @ {_text(d)}" for d in drops) + " |",
+        lines += ["", f"### Tolerated noise ({level.symbol} at which accuracy falls by each drop)", "",
+                  "| Site | " + " | ".join(f"{level.symbol} @ {_text(d)}" for d in drops) + " |",
                   "|:-----|" + "----:|" * len(drops)]
         for site in report.sites:
             by = {t["of"]: t for t in site.tolerance}
-            cells = [format_sigma(by[d]["sigma"], by[d]["censored"]) if d in by else "—" for d in drops]
+            cells = [tolerance_cell({**by[d], "ci95": None}, level) if d in by else "—" for d in drops]
             lines.append("| " + _code(site.name, table=True) + " | " + " | ".join(cells) + " |")
 
     failures = gate.failures if gate is not None else []
@@ -79,7 +82,7 @@ def to_markdown(report: Report) -> str:
 
 def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]], undecided: set[str | None] = frozenset(),
                 gated: bool = True) -> str:
-    """❌ a gate rule failed, ❔ a rule undecided, ⚠️ no σ50 (nothing measured, or the fit found no midpoint), — no
+    """❌ a gate rule failed, ❔ a rule undecided, ⚠️ no midpoint (nothing measured, or the fit found none), — no
     gate rule was given, ✅ otherwise."""
     if by_site.get(site.name):
         return FAIL
@@ -126,13 +129,16 @@ def _context(report: Report) -> str:
     noise = config.noise
     if noise == "combined" and config.ratio is not None:
         noise += f" (ratio {config.ratio:g})"
+    level = report_level(config)
+    if level.key != "sigma":
+        noise += f" (level: {level.name} {level.symbol})"
     parts.append(f"noise {_text(noise)}")
     parts.append(f"mode {_text(config.mode)}")
     parts.append(f"provider {_text(runtime.provider)}")
     parts.append(report.data.counted)
     weakest = report.weakest
     if weakest is not None:
-        parts.append(f"weakest {_code(weakest.name)} (σ50 {format_sigma(weakest.sigma50, weakest.censored)})")
+        parts.append(f"weakest {_code(weakest.name)} ({midpoint_text(weakest.sigma50, weakest.censored, level)})")
     if not report.above_chance:
         parts.append("**clean accuracy not above chance**")
     return " · ".join(parts)
