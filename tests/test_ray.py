@@ -214,7 +214,7 @@ def test_without_ray_the_flag_says_how_to_install_it(files, monkeypatch):
     assert result.stderr.strip().count("\n") == 0 and "pip install" in result.stderr
 
 
-# -- on the session's cluster -------------------------------------------------------------------------------------------
+# -- on the session's cluster ------------------------------------------------------------------------------------------
 def test_api_report_equals_the_in_process_one_and_progress_adds_up(ray_cluster, files):
     """The actors run the clean pass, each over its slice: their CleanStats add up to the in-process pass's, and
     the driver runs none of its own."""

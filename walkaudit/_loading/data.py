@@ -434,8 +434,8 @@ def _npz_parts(path: Path, name: str, spill: _Spill) -> dict[str, _Raw | _Deflat
                 shape = tuple(shape)
                 nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
                 if header + nbytes > info.file_size:
-                    raise DataError(f"{name} is not a readable .npz file: member {key!r} holds {info.file_size - header}"
-                                    f" bytes of array data, its header promises {nbytes}")
+                    raise DataError(f"{name} is not a readable .npz file: member {key!r} holds "
+                                    f"{info.file_size - header} bytes of array data, its header promises {nbytes}")
                 if info.compress_type == zipfile.ZIP_STORED:
                     if start + header + nbytes > size:
                         raise DataError(f"{name} is not a readable .npz file: member {key!r} is truncated")

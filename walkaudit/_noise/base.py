@@ -28,7 +28,6 @@ from walkaudit._analysis.sweep import Plan
 from walkaudit._noise.source import name_key
 from walkaudit.errors import UsageError
 
-
 #: what a model can perturb
 TARGETS = ("activations", "weights")
 #: the last entry of a weight draw's key (`NoiseModel.draw_weight`)

@@ -163,7 +163,7 @@ def _combined(reports: list[Report], shards: list[tuple[int, int]], names: list[
     holder: dict[int, str] = {}
     by_name: dict[str, str] = {}
     sites = []
-    for report, (i, n), name in zip(reports, shards, names):
+    for report, _shard, name in zip(reports, shards, names):
         for site in report.sites:
             if site.index is None:
                 raise UsageError(f"{name}: site {printable(site.name)!r} has no index; not a shard of a site walk")

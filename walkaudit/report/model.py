@@ -728,7 +728,8 @@ def _check_report_numbers(data: dict) -> None:
         if counts["samples"] and abs(counts["correct"] / counts["samples"] - data["clean_accuracy"]) > \
                 ACCURACY_TOLERANCE:
             raise UsageError(f"clean_accuracy: {_short(data['clean_accuracy'])}, but clean_counts gives "
-                             f"{counts['correct'] / counts['samples']:.6g} ({counts['correct']} of {counts['samples']})")
+                             f"{counts['correct'] / counts['samples']:.6g} "
+                             f"({counts['correct']} of {counts['samples']})")
     scored_tokens = data["data"].get("scored") == "tokens"
     most = counts["samples"] if counts is not None else None if scored_tokens else data["data"]["samples"]
     evaluations, indices, names = 0, {}, {}

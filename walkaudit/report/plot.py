@@ -1,7 +1,8 @@
 """Figure of a report: accuracy-vs-σ curves and σ50 per site; :func:`save_figure` writes it to .png, .svg or .pdf.
 
 matplotlib is optional (``pip install matplotlib``, or ``pip install ".[plot]"`` in a checkout) and imported only
-when a plot is made. The figure is drawn on a ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so no global backend state changes.
+when a plot is made. The figure is drawn on a ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot,
+so no global backend state changes.
 Every text taken from the report is escaped (control characters, and ``$`` so matplotlib never reads mathtext), and
 matplotlib's warnings (a glyph missing from the font) stay inside.
 

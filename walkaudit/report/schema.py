@@ -15,8 +15,8 @@ from pathlib import Path
 
 from walkaudit.errors import UsageError
 
-__all__ = ["SCHEMA_ID", "SCHEMA_MAJOR", "SCHEMA_VERSION", "check_report_version", "load_schema", "schema_path", "schema_validator",
-           "validate_report"]
+__all__ = ["SCHEMA_ID", "SCHEMA_MAJOR", "SCHEMA_VERSION", "check_report_version", "load_schema", "schema_path",
+           "schema_validator", "validate_report"]
 
 SCHEMA_ID = "walkaudit.report/1"  # the family this walkaudit reads: any 1.x
 SCHEMA_MAJOR = 1
