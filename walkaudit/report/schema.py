@@ -12,6 +12,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from walkaudit.errors import UsageError
 
@@ -35,13 +36,14 @@ def _schema_text() -> str:
     return schema_path().read_text(encoding="utf-8")
 
 
-def load_schema() -> dict:
+def load_schema() -> dict[str, Any]:
     """The report JSON Schema (draft 2020-12) as a fresh dict."""
-    return json.loads(_schema_text())
+    schema: dict[str, Any] = json.loads(_schema_text())
+    return schema
 
 
 @lru_cache(maxsize=1)
-def schema_validator():
+def schema_validator() -> Any:  # a jsonschema.Draft202012Validator (jsonschema ships no types)
     """A ``jsonschema`` Draft 2020-12 validator of the report schema (built once; jsonschema is imported lazily)."""
     try:
         import jsonschema

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["finite", "format_sigma", "printable"]
@@ -17,7 +18,7 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u2
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _escape(match: re.Match) -> str:
+def _escape(match: re.Match[str]) -> str:
     char = match.group()
     if char in _NAMED:
         return _NAMED[char]
@@ -54,7 +55,7 @@ def format_sigma(value: Any, censored: str | None = None, digits: int = 3) -> st
     return f"{prefix}{number:.{digits}g}"
 
 
-def dim_text(d) -> str:
+def dim_text(d: object) -> str:
     """One dimension of a shape as people read it: `?` for an unknown one, including the `unk__N` names that
     exporters and shape inference invent for them."""
     if d is None or (isinstance(d, str) and d.startswith("unk__")):
@@ -62,7 +63,7 @@ def dim_text(d) -> str:
     return str(d)
 
 
-def shape_text(shape) -> str:
+def shape_text(shape: Iterable[object] | None) -> str:
     """A shape as `N×3×32×32` (printable), `?` when unknown."""
     return "?" if shape is None else printable("×".join(dim_text(d) for d in shape))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Set as AbstractSet
 
 from walkaudit.report.model import Failure, GateResult, Report, SiteResult
 from walkaudit.report.text import format_sigma, printable
@@ -77,8 +78,8 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]], undecided: set[str | None] = frozenset(),
-                gated: bool = True) -> str:
+def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]],
+                undecided: AbstractSet[str | None] = frozenset(), gated: bool = True) -> str:
     """❌ a gate rule failed, ❔ a rule undecided, ⚠️ no σ50 (nothing measured, or the fit found no midpoint), — no
     gate rule was given, ✅ otherwise."""
     if by_site.get(site.name):
