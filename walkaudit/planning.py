@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,10 @@ from walkaudit._units import WorkUnit, blocks_of
 from walkaudit.api import AuditRun, Progress, _NoProgress
 from walkaudit.config import SIGMA_RANGE, AuditConfig, Bound, parse_bound
 from walkaudit.errors import UsageError, option
+
+if TYPE_CHECKING:
+    from walkaudit._execution.worker import Worker
+    from walkaudit._units import CleanStats
 
 #: Rounds of verification and tightening before giving up.
 ROUNDS = 4
@@ -81,8 +86,8 @@ def plan(model, x=None, y=None, *, data: str | None = None, sigma: float, max_dr
 
 def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates: tuple[int, ...],
           max_evaluations: int | None = None) -> dict:
-    clean, config, names = run.clean, run.config, [s.name for s in run.sites]
-    key, blocks = run._worker.key, (0, blocks_of(run.dataset.samples))
+    (clean, worker), config, names = _started(run), run.config, [s.name for s in run.sites]
+    key, blocks = worker.key, (0, blocks_of(run.dataset.samples))
     scale = np.array([clean.std(n) if relative else 1.0 for n in names])
     macs = [m or 0 for m in sites_macs(run.loaded, run.sites)]
     if not any(macs):
@@ -140,6 +145,13 @@ def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates:
     }
 
 
+def _started(run: AuditRun) -> tuple[CleanStats, Worker]:
+    """The clean pass's statistics and the worker of a started run."""
+    if run.clean is None or run._worker is None:
+        raise RuntimeError("the run has not started")
+    return run.clean, run._worker
+
+
 def _decision(ci95: list[float], limit: float) -> str:
     """"shown" where the drop's whole 95 % interval is within `limit`, "exceeds" where it is wholly above,
     else "not shown"."""
@@ -152,7 +164,7 @@ def _measure(run: AuditRun, names: list[str], scales: np.ndarray, sigma: float, 
     interval (`_analysis.plan.drop_interval`: the spread over draws and the paired sampling of the data)."""
     counts = _global(run, names, scales, (float(sigma),), draws)
     discordant = counts.lost[0] + counts.gained[0] if counts.paired else None  # McNemar's changed pairs
-    interval = planner.drop_interval(run.clean.correct, counts.correct[0], counts.samples, discordant)
+    interval = planner.drop_interval(_started(run)[0].correct, counts.correct[0], counts.samples, discordant)
     return {"drop": interval[0], "ci95": [interval[1], interval[2]], "evaluations": counts.evaluations,
             "noise_share": planner.noise_share(counts.correct[0], counts.samples, interval)}
 
@@ -185,12 +197,12 @@ def _global_drops(run: AuditRun, names: list[str], scale: np.ndarray, sigmas: tu
                   repeats: int) -> dict[float, float]:
     """The accuracy drop at each σ with every site noisy at once (site i at σ·scaleᵢ)."""
     counts = _global(run, names, scale, sigmas, repeats)
-    drops = run.clean.accuracy - counts.correct.mean(axis=1) / counts.samples
+    drops = _started(run)[0].accuracy - counts.correct.mean(axis=1) / counts.samples
     return dict(zip(sigmas, map(float, drops)))
 
 
 def _global(run: AuditRun, names: list[str], scales: np.ndarray, sigmas: tuple[float, ...], repeats: int):
     """The Counts of one global unit over all the data: every site noisy at once, site i at σ·scaleᵢ."""
-    unit = WorkUnit(run._worker.key, tuple(names), sigmas, repeats, (0, blocks_of(run.dataset.samples)),
+    unit = WorkUnit(_started(run)[1].key, tuple(names), sigmas, repeats, (0, blocks_of(run.dataset.samples)),
                     run.config.seed, site_scales=tuple(map(float, scales)), mode="global")
     return run.evaluate_all([unit])[0]

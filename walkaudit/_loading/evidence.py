@@ -56,7 +56,7 @@ def choose_class_output(model: LoadedModel, candidates: list, dataset, provider:
     fit = candidates
     if labels is not None:
         top = int(labels[:rows].max())  # UNSCORED positions are far below any class
-        fit = [o for o in candidates if widths[o.name] is None or widths[o.name] > top]
+        fit = [o for o in candidates if (width := widths[o.name]) is None or width > top]
         if len(fit) == 1:
             return chosen(fit[0].name)
     predictions = _predictions(model, [o.name for o in fit], dataset, rows, provider, tokens)

@@ -138,6 +138,7 @@ class Affine(NoiseModel):
                 if sa is not None:
                     dst += eps[-1, 0] * np.float32(sa[i])
             else:
+                assert sa is not None  # every affine model has a term
                 np.multiply(eps[-1, 0], np.float32(sa[i]), out=dst)
                 np.add(dst, y, out=dst)
 
