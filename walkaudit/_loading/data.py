@@ -127,6 +127,8 @@ class _Spill:
 
     @property
     def fd(self) -> int:
+        if self._file is None:
+            raise RuntimeError("the spill file holds nothing yet (reserve() first)")
         return self._file.fileno()
 
 
