@@ -324,7 +324,7 @@ class Column:
         if isinstance(key, tuple):
             head, rest = (key[0], key[1:]) if key else (slice(None), ())
             out = self[head]
-            return out[(slice(None), *rest)] if isinstance(head, slice) else out[rest]
+            return out[(slice(None),) + rest] if isinstance(head, slice) else out[rest]
         if isinstance(key, slice):
             r = range(len(self))[key]
             if not r:
