@@ -87,8 +87,9 @@ def child(folder: Path, profile: str | None, patches: list[str], only: list[str]
 
     def audit(name, repeats, mode, n=None):
         x, y = data[name]
-        return walkaudit.audit(str(folder / f"{name}.onnx"), x[:n], None if y is None else y[:n], sigmas=sigmas[:n and 2],
-                               repeats=repeats, threads=THREADS, provider="cpu", noise="additive", mode=mode)
+        return walkaudit.audit(str(folder / f"{name}.onnx"), x[:n], None if y is None else y[:n],
+                               sigmas=sigmas[:n and 2], repeats=repeats, threads=THREADS, provider="cpu",
+                               noise="additive", mode=mode)
 
     audit("lenet5", 1, "walk", 256)  # untimed warm-up (first calls allocate and plan)
     audit("resnet8", 1, "walk", 256)
@@ -192,7 +193,7 @@ def top_functions(path: str, n: int = 25) -> list[str]:
     stats = pstats.Stats(path)
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:n]  # by own (exclusive) time
     out = []
-    for (file, line, fn), (cc, nc, tt, ct, _) in rows:
+    for (file, line, fn), (_cc, nc, tt, ct, _) in rows:
         short = "/".join(Path(file).parts[-2:]) if file != "~" else ""
         out.append(f"    {tt:7.3f} s own  {ct:7.3f} s cum  {nc:6d} calls  {short}:{line} {fn}")
     return out

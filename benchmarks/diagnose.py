@@ -4,8 +4,8 @@
     python benchmarks/diagnose.py
 
 1. onnxruntime optimisations: the whole model and every suffix with onnxruntime's default optimisations, with the
-   fusions walkaudit always disables (walkaudit._execution.runtime.FUSIONS_OFF), with its exact-mode set (EXACT), and with each
-   member of EXACT disabled alone.
+   fusions walkaudit always disables (walkaudit._execution.runtime.FUSIONS_OFF), with its exact-mode set (EXACT), and
+   with each member of EXACT disabled alone.
 2. The cache fill: one run of the clean model with every site exposed, asking for all outputs, for one, for the
    logits only; the plain model; and a prefix model that computes only the first site (what walkaudit's per-site
    prefix sessions do).
@@ -84,8 +84,9 @@ def main() -> None:
         sets["walkaudit default (FUSIONS_OFF)"] = list(wa_runtime.FUSIONS_OFF)
     sets["walkaudit exact (EXACT)"] = exact
     sets.update({f"{n} off": [n] for n in exact})
-    print("   whole model: " + ", ".join(f"{k} {timed(lambda d=d: session(loaded.proto, d).run(None, {'x': x}) and None):.0f}"
-                                         for k, d in sets.items()))
+    def whole(d):
+        return timed(lambda: session(loaded.proto, d).run(None, {'x': x}) and None)
+    print("   whole model: " + ", ".join(f"{k} {whole(d):.0f}" for k, d in sets.items()))
     names = [s.name for s in sites]
     index = GraphIndex(loaded.proto.graph)
     needed = names + [f for s in names for f in index.suffix_plan(s, "logits")[1]]
@@ -158,15 +159,18 @@ def main() -> None:
         return noise.host(site_value, sigmas, eps, source.map)
 
     assert np.array_equal(prologue.run([stem], feeds)[0], on_host().reshape(8 * 256, *site_value.shape[1:]))
-    print(f"   in the graph (passes.graph_noise, fed ε; the default): {timed(lambda: prologue.run([stem], feeds)):.0f}; "
+    in_graph = timed(lambda: prologue.run([stem], feeds))
+    print(f"   in the graph (passes.graph_noise, fed ε; the default): {in_graph:.0f}; "
           f"on the host (NoiseModel.host, {THREADS} threads): {timed(on_host):.0f}")
     source.close()
 
-    print("\n5. the clean model with every site and frontier exposed, as the clean pass runs it (ms per run of 256 rows)")
+    print("\n5. the clean model with every site and frontier exposed, as the clean pass runs it "
+          "(ms per run of 256 rows)")
     runtime = wa_runtime.Runtime("cpu", THREADS)
     proto = rewrite.expose(loaded.proto, needed, loaded.types)
     wanted = [o.name for o in session(proto).get_outputs()]
-    for label, exact in (("exact=True (the clean pass and prefixes now)", True), ("walkaudit default (NCHWc on)", False)):
+    for label, exact in (("exact=True (the clean pass and prefixes now)", True),
+                         ("walkaudit default (NCHWc on)", False)):
         sess = runtime.session(proto, "clean model", exact=exact)
         print(f"   {label}: {timed(lambda sess=sess: sess.run(wanted, {'x': xb})):.1f}")
 

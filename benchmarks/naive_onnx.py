@@ -56,12 +56,12 @@ def walk(model_path, sites: list[str], x: np.ndarray, y: np.ndarray | None, sigm
     targets = [target[i : i + batch] for i in range(0, len(x), batch)]
     acc = np.zeros((len(sites), len(sigmas), repeats))
     for s, site in enumerate(sites):
-        for l, sigma in enumerate(sigmas):
-            noisy = with_noise(model, site, float(sigma), seed=float(1000 * s + l))
+        for li, sigma in enumerate(sigmas):
+            noisy = with_noise(model, site, float(sigma), seed=float(1000 * s + li))
             session = ort.InferenceSession(noisy.SerializeToString(), options, providers=providers)
             for r in range(repeats):
                 correct = 0
                 for xb, tb in zip(batches, targets):
                     correct += int((session.run([name_out], {name_in: xb})[0].argmax(1) == tb).sum())
-                acc[s, l, r] = correct / len(x)
+                acc[s, li, r] = correct / len(x)
     return acc, time.perf_counter() - started

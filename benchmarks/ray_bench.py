@@ -168,8 +168,9 @@ def bench_audit(name: str, model: Path, data: Path, runs: int, layouts: list[dic
             log(f"{name}: {k} {v:.2f}s vs in-process {base:.2f}s = {v / base:.2f}x (target ≤ {TARGET}x)")
         if k in stats:
             s = stats[k]
-            log(f"    CPU {cpu_medians[k]:.2f}s vs {cbase:.2f}s = {cpu_medians[k] / cbase:.2f}x; {s['pieces']} pieces in "
-                f"{s['calls']} calls, clean pass {s['clean_s']:.2f}s, actors busy {s['busy_s']:.2f}s, set up in "
+            log(f"    CPU {cpu_medians[k]:.2f}s vs {cbase:.2f}s = {cpu_medians[k] / cbase:.2f}x; "
+                f"{s['pieces']} pieces in {s['calls']} calls, clean pass {s['clean_s']:.2f}s, "
+                f"actors busy {s['busy_s']:.2f}s, set up in "
                 f"{s['start_s']:.2f}s")
     return {"model": name, "options": options, "runs": runs, "times_s": times, "medians_s": medians,
             "cpu_s": cpu, "cpu_medians_s": cpu_medians,

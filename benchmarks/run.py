@@ -302,7 +302,7 @@ def bench_clean(bench: models.Bench, sizes: Sizes) -> dict:
                         "full": full}
             packs, full_packs, rows = [], [], 0
             names = list(strategy.reads)
-            for kb, part in grid:
+            for kb, _part in grid:
                 values = ev._grid_values(kb)
                 _, feeds = worker.feeds(kb)
                 # the worker's own packing of σ levels into one run
@@ -338,7 +338,8 @@ def bench_clean(bench: models.Bench, sizes: Sizes) -> dict:
             # part of the sum; "rest" is waiting for ε plus argmax and counting
             split = {"apply+run": run_t.seconds, "rest": total - run_t.seconds, "draw (background)": draw.seconds}
             med = {kind: median(v) for kind, v in times.items()}
-            row = {"site": site.name, "rows": rows, "uncached_batches": uncached, "runs_per_pass": len(packs), "seconds": med,
+            row = {"site": site.name, "rows": rows, "uncached_batches": uncached, "runs_per_pass": len(packs),
+                   "seconds": med,
                    "ratio": median(n / c for n, c in zip(times["noisy"], times["suffix"])),
                    "ratio_same_options": median(n / c for n, c in zip(times["noisy"], times["suffix_wa"])),
                    "full_over_suffix": median(f / c for f, c in zip(times["full"], times["suffix"])),

@@ -45,13 +45,13 @@ def walk(model: torch.nn.Module, modules: list[torch.nn.Module], x: np.ndarray, 
             hook = AdditiveNoise()
             handle = module.register_forward_hook(hook)
             try:
-                for l, sigma in enumerate(sigmas):
+                for li, sigma in enumerate(sigmas):
                     hook.sigma = float(sigma)
                     for r in range(repeats):
                         correct = 0
                         for xb, tb in zip(xs, targets):
                             correct += int((model(xb).argmax(1) == tb).sum())
-                        acc[s, l, r] = correct / len(x)
+                        acc[s, li, r] = correct / len(x)
             finally:
                 handle.remove()
     return acc, clean.numpy(), time.perf_counter() - started
@@ -73,14 +73,14 @@ def global_walk(model: torch.nn.Module, modules: list[torch.nn.Module], x: np.nd
             target = clean if y is None else torch.from_numpy(y)
             targets = [target[i : i + batch] for i in range(0, len(x), batch)]
             acc = np.zeros((len(sigmas), repeats))
-            for l, sigma in enumerate(sigmas):
+            for li, sigma in enumerate(sigmas):
                 for h in hooks:
                     h.sigma = float(sigma)
                 for r in range(repeats):
                     correct = 0
                     for xb, tb in zip(xs, targets):
                         correct += int((model(xb).argmax(1) == tb).sum())
-                    acc[l, r] = correct / len(x)
+                    acc[li, r] = correct / len(x)
     finally:
         for handle in handles:
             handle.remove()

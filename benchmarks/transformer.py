@@ -114,8 +114,8 @@ class Bert(nn.Module):
 
 
 def synthetic_text(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask, labels): padded sequences of T/4 to T tokens (8–32 by default); the class is which of four token groups
-    occurs most often, so that the model must attend over the whole sequence."""
+    """(input_ids, attention_mask, labels): padded sequences of T/4 to T tokens (8–32 by default); the class is which
+    of four token groups occurs most often, so that the model must attend over the whole sequence."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(T // 4, T + 1, samples)
     mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int64)

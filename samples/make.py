@@ -418,7 +418,7 @@ def walk(model, x: np.ndarray, y: np.ndarray, kind: str) -> dict:
         acts = {}
 
         def grab(m, i, o):
-            acts["y"] = o
+            acts["y"] = o  # noqa: B023 (the hook is removed before the loop moves on)
 
         h = mod.register_forward_hook(grab)
         with torch.no_grad():
@@ -1306,7 +1306,8 @@ def main(argv=None) -> int:
 
     models = []
     tv = torch.__version__
-    arch_mlp = f"Flatten, Linear 784-{MLP_HIDDEN[0]}, ReLU, Linear {MLP_HIDDEN[0]}-{MLP_HIDDEN[1]}, ReLU, Linear {MLP_HIDDEN[1]}-10"
+    h0, h1 = MLP_HIDDEN[0], MLP_HIDDEN[1]
+    arch_mlp = f"Flatten, Linear 784-{h0}, ReLU, Linear {h0}-{h1}, ReLU, Linear {h1}-10"
     arch_bn = arch_mlp.replace(", ReLU", ", BatchNorm1d, ReLU")
     arch_lenet = ("Conv 1-6 5x5 pad 2, ReLU, MaxPool 2, Conv 6-16 5x5, ReLU, MaxPool 2, Flatten, "
                   "Linear 400-120, ReLU, Linear 120-84, ReLU, Linear 84-10")

@@ -144,7 +144,8 @@ def test_import_walkaudit_is_lazy():
     import subprocess
     import sys
 
-    code = "import sys, walkaudit; print(sorted(m for m in ('onnx', 'onnxruntime', 'scipy', 'numpy') if m in sys.modules))"
+    code = ("import sys, walkaudit; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'scipy', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -15,7 +15,8 @@ Inputs: `test_data_set_0/input_*.pb` where the case has them; the `light` models
 
 The light zoo models have 22 to 668 sites and rebuilding weights made by ConstantOfShape costs up to 2 s per
 session, so their walk path is checked at SAMPLE sites spread evenly over the graph (first and last included);
-WALKAUDIT_BACKEND_ALL_SITES=1 checks every site (7 minutes on 2 cores; all pass). Their graph path always covers every site.
+WALKAUDIT_BACKEND_ALL_SITES=1 checks every site (7 minutes on 2 cores; all pass). Their graph path always covers every
+site.
 
 Models that cannot be checked are listed with the reason in docs/backend-models.md, and that list decides at
 collection which cases become tests: a listed model is no test (it is not collected, so it is not reported as a
@@ -305,7 +306,8 @@ def write_doc() -> str:
         ("Models of opset < 7 get their noise nodes after `rewrite.inject` converts its copy to opset 7 "
          "(onnxruntime has no Mul/Add kernel before opset 7)."),
         "",
-        "Skipped, by reason: " + "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) + ".",
+        "Skipped, by reason: "
+        + "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) + ".",
         "",
         "| model | reason |",
         "| --- | --- |",

@@ -1,8 +1,8 @@
 """Bit flips change exactly the intended bits of the stored type, at the bit error rate asked for.
 
 Bit-exact: the flipped bits are read back as `noisy XOR clean` on the unsigned view of the value and compared with
-the bits whose words (`bit_word` of the element's drawn word) fall below the level's threshold. Rates are measured on seeded draws (deterministic); the
-tolerances are 6 binomial standard errors.
+the bits whose words (`bit_word` of the element's drawn word) fall below the level's threshold. Rates are measured on
+seeded draws (deterministic); the tolerances are 6 binomial standard errors.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_the_words_of_the_positions_are_independent_uniforms():
     assert not np.any(words_[0] == words_[2])
 
 
-# -- quantized models: flips in the int8 values and weights they store --------------------------------------------------
+# -- quantized models: flips in the int8 values and weights they store -------------------------------------------------
 def quantized(fmt: str) -> bytes:
     """tests.models.mlp quantized to int8 by onnxruntime's static quantizer (QDQ or QOperator)."""
     import os
@@ -190,7 +190,7 @@ def test_bit_flips_of_a_quantized_model_hit_its_int8_values_and_weights(fmt, lay
         worker.source.close()
 
 
-# -- the per-bit table --------------------------------------------------------------------------------------------------
+# -- the per-bit table -------------------------------------------------------------------------------------------------
 def test_the_per_bit_table_has_a_row_per_stored_bit_and_the_exponent_matters(tmp_path):
     import json
 

@@ -57,7 +57,7 @@ def test_default_path(tmp_path):
     assert ckpt.default_path(None, ckpt.fingerprint("a" * 64, "b" * 64, cfg(seed=1)), str(tmp_path)) != path
 
 
-# --- load ---------------------------------------------------------------------------------------------------------------
+# --- load -------------------------------------------------------------------------------------------------------------
 
 def saved(tmp_path, fp=FP, sites=None) -> str:
     c = ckpt.Checkpoint(str(tmp_path / "c.json"), fp)
@@ -149,7 +149,7 @@ def test_a_checkpoint_that_cannot_be_written_is_said_once(tmp_path):
     assert len(c.sites) == 2
 
 
-# --- the CLI --------------------------------------------------------------------------------------------------------------
+# --- the CLI ----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def files(tmp_path, monkeypatch):
@@ -400,7 +400,7 @@ def test_batch_size_and_threads_may_change_on_resume(files, monkeypatch):
     assert result.exit_code == 0, result.stderr
 
 
-# --- kill -9, then --resume, on a real model -------------------------------------------------------------------------------
+# --- kill -9, then --resume, on a real model --------------------------------------------------------------------------
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     model, data = ROOT / "samples" / "mnist_lenet5.dynamo.onnx", ROOT / "samples" / "mnist_val.npz"

@@ -158,7 +158,8 @@ def test_overflow_when_cast_is_counted_over_all_shards(tmp_path, arrays):
     x, y = arrays
     x = x.astype(np.float64)
     x[3, 0, 0], x[100, 2, 4] = 1e39, -1e40
-    with pytest.raises(DataError, match=r"2 values overflow float32 when cast from float64 \(largest \|value\| 1e\+40\)"):
+    overflow = r"2 values overflow float32 when cast from float64 \(largest \|value\| 1e\+40\)"
+    with pytest.raises(DataError, match=overflow):
         load(shard(tmp_path / "big", x, y), [X])
 
 
@@ -251,7 +252,7 @@ def test_truncated_npy_and_member(tmp_path, arrays):
     _refused(tmp_path / "bad.npz", "not a readable .npz file", "bad.npz")
 
 
-# --- what is never read ------------------------------------------------------------------------------------------------
+# --- what is never read -----------------------------------------------------------------------------------------------
 
 def _zip_bomb(path: Path, x, y, megabytes: int) -> None:
     """x and y stored, plus an unused member of `megabytes` MB of zeros, deflated to almost nothing."""
@@ -303,7 +304,7 @@ def test_memory_is_bounded_by_the_batch(tmp_path, save):
     assert peak < 32 << 20, peak
 
 
-# --- the hash ----------------------------------------------------------------------------------------------------------
+# --- the hash ---------------------------------------------------------------------------------------------------------
 
 def test_hashes(tmp_path, every_form, arrays):
     x, y = arrays
@@ -318,7 +319,7 @@ def test_hashes(tmp_path, every_form, arrays):
     assert sha256_of(b) != sha256_of(a)
 
 
-# --- an audit over shards ----------------------------------------------------------------------------------------------
+# --- an audit over shards ---------------------------------------------------------------------------------------------
 
 def _comparable(report) -> dict:
     d = report.to_dict()

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import walkaudit
-from walkaudit._graph.sites import Selection, candidates
+from walkaudit._graph.sites import candidates
 from walkaudit._loading.model import (
     FLOAT_TYPES,
     TensorSpec,

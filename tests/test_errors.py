@@ -196,7 +196,8 @@ CASES = [
     # a file that is not ONNX: say what it is and what to do
     ("model-pytorch-zip", lambda c: [_torch_zip(c), "--data", str(c.data)], 2,
      "looks like a PyTorch file (torch.save): export it with torch.onnx.export"),
-    ("model-pytorch-pickle", lambda c: [c.write("net.pth", b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03"),
+    ("model-pytorch-pickle", lambda c: [c.write("net.pth",
+                                                b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03"),
                                         "--data", str(c.data)], 2, "export it with torch.onnx.export"),
     ("model-is-a-report", lambda c: [c.write("report.json", '{"schema": "walkaudit.report/1.1"}'), "--data",
                                      str(c.data)], 2, "looks like a JSON document"),
@@ -315,9 +316,11 @@ CASES = [
     # flags
     ("flag-sigmas-empty-string", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", ""], 2, "empty"),
     ("flag-sigmas-comma", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", ","], 2, "empty"),
-    ("flag-sigmas-negative", lambda c: [str(c.good), "--data", str(c.data), "--sigmas=-1,0.1"], 2, "--sigmas must be 0 or"),
+    ("flag-sigmas-negative", lambda c: [str(c.good), "--data", str(c.data), "--sigmas=-1,0.1"], 2,
+     "--sigmas must be 0 or"),
     ("flag-sigmas-zero", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "0"], 2, "above 0"),
-    ("flag-sigmas-nan", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "nan,1"], 2, "--sigmas must be 0 or"),
+    ("flag-sigmas-nan", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "nan,1"], 2,
+     "--sigmas must be 0 or"),
     ("flag-sigmas-overflow", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "1e300"], 2, "1e+30"),
     ("flag-sigmas-underflow", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "1e-300,1"], 2, "1e-30"),
     ("flag-sigmas-huge-range", lambda c: [str(c.good), "--data", str(c.data), "--sigmas", "1e-3:1e2:100000000"], 2,

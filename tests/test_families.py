@@ -13,7 +13,7 @@ from onnx import numpy_helper as nh
 
 import walkaudit
 
-T, I, H, C = 5, 3, 4, 2
+T, I, H, C = 5, 3, 4, 2  # noqa: E741 (time, input, hidden, classes: the LSTM's names)
 
 
 def lstm_classifier(seed: int = 0) -> onnx.ModelProto:

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-
 from scipy import optimize
 
 from walkaudit._analysis.fit import Midpoint, halfway, logistic, midpoint

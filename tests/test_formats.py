@@ -265,7 +265,8 @@ def test_markdown_model_at_chance_says_so():
 
 def test_markdown_hostile_names_keep_one_row_each_and_no_control_characters():
     sites = [make_site(name, 0.1 * (i + 1), index=i) for i, name in enumerate(HOSTILE)]
-    report = gated(make_report(sites, model_path="m\r\n# injected.onnx"), GateConfig(thresholds=(Threshold(None, 1.0),)))
+    report = gated(make_report(sites, model_path="m\r\n# injected.onnx"),
+                   GateConfig(thresholds=(Threshold(None, 1.0),)))
     text = to_markdown(report)
     assert not any(ord(c) < 32 and c != "\n" or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in text)
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]

@@ -33,7 +33,7 @@ def noisy(curve, seed):
     return serve
 
 
-def search(curve, seed, *, clean, chance, n_blocks, plan=sweep.Plan()):
+def search(curve, seed, *, clean, chance, n_blocks, plan=sweep.Plan()):  # noqa: B008 (Plan is frozen)
     """Run the adaptive search on a noisy curve; (σ, accuracy [L, R], samples [L], fit.midpoint of them)."""
     curve_ = sweep.drive(sweep.adaptive(fit.halfway(clean, chance), plan, 1.0, n_blocks, clean), noisy(curve, seed))
     sig, levels = curve_.sorted()

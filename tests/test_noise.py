@@ -62,7 +62,7 @@ def noisy_value(noise: NoiseModel, sigma: float, y: np.ndarray, eps: np.ndarray)
     return apply(y, None if mul is None else mul[0, 0], None if add is None else add[0, 0])
 
 
-# -- the noise models ---------------------------------------------------------------------------------------------------
+# -- the noise models --------------------------------------------------------------------------------------------------
 def test_additive_noise_has_std_sigma(source):
     noise, sigma, y = make_noise("additive"), 0.3, activations()
     out = noisy_value(noise, sigma, y, draw(source, noise, SHAPE))
@@ -129,7 +129,7 @@ def test_bad_noise_settings_are_usage_errors(kind, ratio):
         make_noise(kind, ratio)
 
 
-# -- σ = 0 and common random numbers ------------------------------------------------------------------------------------
+# -- σ = 0 and common random numbers -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["additive", "multiplicative", "combined", "uniform"])
 def test_sigma_zero_is_bit_identical(source, kind):
     noise = make_noise(kind, 0.3)
@@ -232,7 +232,7 @@ def test_walk_and_global_paths_agree(source, build, site, kind):
     assert not np.array_equal(walk[2], clean_logits)
 
 
-# -- the source of normal numbers ---------------------------------------------------------------------------------------
+# -- the source of normal numbers --------------------------------------------------------------------------------------
 SIZE = 3 * CHUNK + 12345  # several chunks and a partial one
 
 
@@ -359,7 +359,7 @@ def test_eps_keys_separate_sites_terms_repeats_and_seeds():
     src.close()
 
 
-# -- uniform noise ------------------------------------------------------------------------------------------------------
+# -- uniform noise -----------------------------------------------------------------------------------------------------
 def test_uniform_source_is_uniform_on_minus_half_half():
     """U(−½, ½): seeded, so deterministic; the KS bound is the critical value at α = 0.001, the moments within 7
     standard errors."""
@@ -410,7 +410,7 @@ def test_uniform_noise_drawn_in_the_graph_is_uniform():
     assert abs(d.std() / (width / np.sqrt(12)) - 1) < STD_TOL
 
 
-# -- quantisation -------------------------------------------------------------------------------------------------------
+# -- quantisation ------------------------------------------------------------------------------------------------------
 def test_quantize_rounds_each_sample_to_2_to_the_b_levels_of_its_own_range():
     from walkaudit._noise.quantize import step
 
@@ -468,7 +468,7 @@ def test_quantize_bits_give_a_fixed_grid_walked_downwards():
             make_noise("quantize", bits=bad)
 
 
-# -- the new models through the engine ----------------------------------------------------------------------------------
+# -- the new models through the engine ---------------------------------------------------------------------------------
 def _counts(kind: str, batch_size: int, strategy=None, bits=None, sigmas=(0.0, 0.05, 0.3, 2.0)):
     from walkaudit._execution.runtime import Runtime
     from walkaudit._execution.worker import Worker

@@ -175,7 +175,7 @@ def test_distinct_outputs_and_stdout_pass_the_check(files):
     assert [(o.flag, o.path) for o in got] == [("--json", "-"), ("--markdown", str(files / "r.md"))]
 
 
-# --- write_atomic ------------------------------------------------------------------------------------------------------
+# --- write_atomic -----------------------------------------------------------------------------------------------------
 
 def test_write_atomic_replaces_and_keeps_the_permission_bits(tmp_path):
     path = tmp_path / "r.json"

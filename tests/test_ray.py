@@ -201,7 +201,7 @@ def test_without_ray_the_flag_says_how_to_install_it(files, monkeypatch):
     assert result.stderr.strip().count("\n") == 0 and "pip install" in result.stderr
 
 
-# -- on the session's cluster -------------------------------------------------------------------------------------------
+# -- on the session's cluster ------------------------------------------------------------------------------------------
 def test_api_report_equals_the_in_process_one_and_progress_adds_up(ray_cluster, files):
     """The actors run the clean pass, each over its slice: their CleanStats add up to the in-process pass's, and
     the driver runs none of its own."""
@@ -285,8 +285,9 @@ def test_cli_refuses_at_once_in_one_line(ray_cluster, files, flags, phrase):
 
 
 def test_workers_read_the_data_from_its_path_when_they_see_the_drivers_files(ray_cluster, files):
-    """A local cluster shares the driver's files: the resolved audit carries the path (workers memory-map their own sample
-    ranges), not the arrays; told otherwise, the arrays travel through the object store. Same report either way."""
+    """A local cluster shares the driver's files: the resolved audit carries the path (workers memory-map their own
+    sample ranges), not the arrays; told otherwise, the arrays travel through the object store. Same report either
+    way."""
     options = dict(data=str(files / "val.npz"), provider="cpu", seed=3, threads=1, sigmas=(0.1, 1.0), repeats=1)
     reports, audits = [], []
     for shared in (None, False):

@@ -139,7 +139,7 @@ def test_suffix_takes_constant_only_nodes_and_reads_dynamic_shapes_as_frontier()
         assert bits_equal(got, want)
 
 
-# -- inject -------------------------------------------------------------------------------------------------------------
+# -- inject ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("build", [mlp, resnet_block], ids=["mlp", "resnet_block"])
 @pytest.mark.parametrize("terms", [(True, True), (True, False), (False, True)], ids=["mul+add", "mul", "add"])
 def test_inject_keeps_outputs_checks_and_leaves_the_model_alone(build, terms):
@@ -210,7 +210,7 @@ def test_inject_converts_an_old_opset_copy_to_opset_7():
     assert bits_equal(outputs_of(injected, fed)["y"], want)
 
 
-# -- expose -------------------------------------------------------------------------------------------------------------
+# -- expose ------------------------------------------------------------------------------------------------------------
 def test_expose_adds_outputs_once_and_leaves_the_model_alone():
     model = resnet_block()
     before = model.SerializeToString()
@@ -225,7 +225,7 @@ def test_expose_adds_outputs_once_and_leaves_the_model_alone():
     assert bits_equal(got["logits"], outputs_of(model, feeds)["logits"])
 
 
-# -- sites --------------------------------------------------------------------------------------------------------------
+# -- sites -------------------------------------------------------------------------------------------------------------
 def test_default_sites_fold_the_bias_add_into_the_layer():
     model = mlp()
     sites = candidates(model, value_types(model))
@@ -409,7 +409,8 @@ def test_random_dags_rewrite_cleanly_and_sigma_zero_is_exact(case):
 
 # -- the product's sessions -------------------------------------------------------------------------------------------
 # onnxruntime fuses across values that exposing or rewriting turns into graph outputs or inputs (MatMul+Add -> Gemm,
-# Conv+BatchNormalization, the NCHWc Conv+Add); walkaudit._execution.runtime.EXACT (exact mode) disables those fusions, and these tests check it does.
+# Conv+BatchNormalization, the NCHWc Conv+Add); walkaudit._execution.runtime.EXACT (exact mode) disables those
+# fusions, and these tests check it does.
 
 
 def conv_bn(channels: int = 32) -> onnx.ModelProto:

@@ -57,7 +57,7 @@ def test_hold_ignores_signals_after_a_plain_keyboard_interrupt():
         assert trap.signum is None
 
 
-# --- the real CLI in a subprocess ---------------------------------------------------------------------------------------
+# --- the real CLI in a subprocess -------------------------------------------------------------------------------------
 
 def _wait_until_working(proc, checkpoint: Path) -> None:
     """Until the audit has finished a site (its checkpoint holds one): the handlers are in place, the clean pass is

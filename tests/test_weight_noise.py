@@ -174,7 +174,7 @@ def test_weight_sites_by_name_and_the_errors():
                           make_noise("weight-additive"))
 
 
-# -- the PCM preset (aihwkit's PCMLikeNoiseModel statistics) ------------------------------------------------------------
+# -- the PCM preset (aihwkit's PCMLikeNoiseModel statistics) -----------------------------------------------------------
 def test_pcm_steps_have_aihwkits_statistics():
     """Each step on 200 000 devices of one conductance (seed 0); tolerances 5 standard errors."""
     from scipy import stats
@@ -233,7 +233,7 @@ def test_pcm_counts_equal_the_whole_model_with_the_aged_weight():
     worker.source.close()
 
 
-# -- against PyTorch: stored curves of benchmarks/weight_noise_reference.py ---------------------------------------------
+# -- against PyTorch: stored curves of benchmarks/weight_noise_reference.py --------------------------------------------
 @pytest.mark.parametrize("kind", ["weight-additive", "weight-multiplicative"])
 def test_weight_noise_midpoints_agree_with_the_torch_reference(kind):
     """Each layer's midpoint from walkaudit's audit (its draws, suffix-only runs) against the midpoint walkaudit's fit

@@ -207,7 +207,8 @@ def test_global_mode_gives_the_same_counts_with_the_noise_applied_in_the_graph_o
         names = [s.name for s in sites]
         counts.append(worker.evaluate(_unit(worker, names, sigmas=(0.05, 0.3, 1.0, 4.0))))
         if path is strategies.FedGlobal:
-            assert len(worker._evaluations["global", tuple(names)].strategy.program.eps) >= 3  # every float value is a site
+            # every float value is a site
+            assert len(worker._evaluations["global", tuple(names)].strategy.program.eps) >= 3
         worker.source.close()
     assert counts[0] == counts[1]
     assert counts[0].correct.min() < 240  # the noise does bite

@@ -10,7 +10,7 @@ Imports are lazy: `import walkaudit` loads neither onnx, onnxruntime nor scipy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from walkaudit.errors import WalkauditError
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from walkaudit.report.model import Report, SiteResult
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

@@ -84,14 +84,22 @@ class Counts:
         return cls(tuple(sigmas), np.zeros(shape, np.int64), np.zeros(shape, np.int64), 0)
 
     @property
+    def pairing(self) -> tuple[int, np.ndarray] | None:
+        """(clean_correct, lost) when these counts carry the pairing with the clean pass, else None."""
+        if self.clean_correct is None or self.lost is None:
+            return None
+        return self.clean_correct, self.lost
+
+    @property
     def paired(self) -> bool:
         """Whether these counts carry the pairing with the clean pass."""
-        return self.clean_correct is not None and self.lost is not None
+        return self.pairing is not None
 
     @property
     def gained(self) -> np.ndarray | None:
         """[levels, repeats]: evaluated samples the clean model got wrong and the noisy one right."""
-        return self.correct - self.clean_correct + self.lost if self.paired else None
+        pair = self.pairing
+        return None if pair is None else self.correct - pair[0] + pair[1]
 
     def __add__(self, other: Counts) -> Counts:
         """The counts of two disjoint sample ranges with the same σ levels and repeats: their union's counts (paired
@@ -99,18 +107,18 @@ class Counts:
         if self.sigmas != other.sigmas or self.correct.shape != other.correct.shape:
             raise ValueError("counts of different σ levels or repeats do not add")
         notes = tuple(sorted(set(self.notes + other.notes)))  # the same whatever order the pieces came back in
-        paired = self.paired and other.paired
+        mine, theirs = self.pairing, other.pairing  # paired only when both are
         return Counts(self.sigmas, self.correct + other.correct, self.nonfinite + other.nonfinite,
                       self.samples + other.samples, notes,
-                      self.clean_correct + other.clean_correct if paired else None,
-                      self.lost + other.lost if paired else None)
+                      mine[0] + theirs[0] if mine is not None and theirs is not None else None,
+                      mine[1] + theirs[1] if mine is not None and theirs is not None else None)
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return (isinstance(other, Counts) and self.sigmas == other.sigmas and self.samples == other.samples
                 and np.array_equal(self.correct, other.correct) and np.array_equal(self.nonfinite, other.nonfinite)
                 and self.clean_correct == other.clean_correct
                 and (self.lost is None) == (other.lost is None)
-                and (self.lost is None or np.array_equal(self.lost, other.lost)))
+                and (self.lost is None or other.lost is None or np.array_equal(self.lost, other.lost)))
 
     def level(self, sigma: float) -> Counts:
         i = self.sigmas.index(sigma)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from walkaudit._analysis.drops import Bound, parse_bound  # noqa: F401  (re-exported)
+from walkaudit._analysis.drops import Bound as Bound  # re-exported
+from walkaudit._analysis.drops import parse_bound as parse_bound  # re-exported
 from walkaudit._graph.sites import LAYER_OPS, Selection
 from walkaudit._noise.registry import NOISE_MODELS, global_models, make_noise
 from walkaudit.errors import UsageError, option
@@ -130,7 +132,7 @@ class AuditConfig:
             raise OptionError("noise_source", f"graph: the graph cannot draw {self.noise} noise; use host or auto")
         return model
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         """The options that change results (not the batch size, threads or provider): equal fingerprints and equal
         inputs give equal reports, timings aside."""
         skip = {"batch_size", "threads", "provider"}  # the shard stays: each shard has a checkpoint of its own
@@ -143,12 +145,12 @@ class AuditConfig:
         return body
 
 
-def _choice(name: str, value, choices: tuple[str, ...]) -> None:
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise OptionError(name, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _integer(name: str, value, low: int, high: int | None) -> None:
+def _integer(name: str, value: object, low: int, high: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise OptionError(name, f"must be a whole number, got {value!r}")
     if value < low or (high is not None and value > high):
@@ -156,14 +158,14 @@ def _integer(name: str, value, low: int, high: int | None) -> None:
         raise OptionError(name, f"must be {bound}, got {value}")
 
 
-def _number(name: str, value, low: float, high: float, top_open: bool = False) -> None:
+def _number(name: str, value: object, low: float, high: float, top_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise OptionError(name, f"must be a finite number, got {value!r}")
     if value < low or value > high or (top_open and value == high):
         raise OptionError(name, f"must be in [{low:g}, {high:g}{')' if top_open else ']'}, got {value}")
 
 
-def check_sigmas(values) -> tuple[float, ...]:
+def check_sigmas(values: Iterable[Any]) -> tuple[float, ...]:
     """The σ grid sorted and without duplicates, or OptionError: finite, 0 or within SIGMA_RANGE, at most
     MAX_LEVELS levels, at least one above 0."""
     try:
@@ -218,7 +220,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def selection(ops: str | tuple[str, ...] | None = None, include: str | None = None, exclude: str | None = None,
-              names=()) -> Selection:
+              names: Iterable[str] = ()) -> Selection:
     """A Selection from the CLI's or the API's spelling: ops as "Conv,Gemm", a tuple, or "all"."""
     if isinstance(ops, str):
         ops = tuple(o.strip() for o in ops.split(",") if o.strip())
@@ -264,7 +266,7 @@ class AuditOptions(TypedDict, total=False):
 SELECTION_KEYS = ("ops", "include", "exclude", "sites")
 
 
-def with_options(config: AuditConfig, options: dict) -> AuditConfig:
+def with_options(config: AuditConfig, options: dict[str, Any]) -> AuditConfig:
     """`config` with keyword options applied (the selection shorthand included), checked; TypeError for an unknown
     keyword, as Python gives for any function."""
     names = {f.name for f in fields(AuditConfig)}

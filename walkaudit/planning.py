@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from walkaudit._units import WorkUnit, blocks_of
 from walkaudit.api import AuditRun, Progress, _NoProgress
 from walkaudit.config import SIGMA_RANGE, AuditConfig, Bound, parse_bound
 from walkaudit.errors import UsageError, option
+
+if TYPE_CHECKING:
+    from walkaudit._units import CleanStats
 
 #: Rounds of verification and tightening before giving up.
 ROUNDS = 4
@@ -81,7 +85,7 @@ def plan(model, x=None, y=None, *, data: str | None = None, sigma: float, max_dr
 
 def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates: tuple[int, ...],
           max_evaluations: int | None = None) -> dict:
-    clean, config, names = run.clean, run.config, [s.name for s in run.sites]
+    clean, config, names = _clean(run), run.config, [s.name for s in run.sites]
     key, blocks = run.key, (0, blocks_of(run.dataset.samples))
     scale = np.array([clean.std(n) if relative else 1.0 for n in names])
     macs = [m or 0 for m in sites_macs(run.loaded, run.sites)]
@@ -140,6 +144,13 @@ def _plan(run: AuditRun, sigma: float, bound: Bound, relative: bool, candidates:
     }
 
 
+def _clean(run: AuditRun) -> CleanStats:
+    """The clean pass's statistics of a started run."""
+    if run.clean is None:
+        raise RuntimeError("the run has not started")
+    return run.clean
+
+
 def _decision(ci95: list[float], limit: float) -> str:
     """"shown" where the drop's whole 95 % interval is within `limit`, "exceeds" where it is wholly above,
     else "not shown"."""
@@ -152,7 +163,7 @@ def _measure(run: AuditRun, names: list[str], scales: np.ndarray, sigma: float, 
     interval (`_analysis.plan.drop_interval`: the spread over draws and the paired sampling of the data)."""
     counts = _global(run, names, scales, (float(sigma),), draws)
     discordant = counts.lost[0] + counts.gained[0] if counts.paired else None  # McNemar's changed pairs
-    interval = planner.drop_interval(run.clean.correct, counts.correct[0], counts.samples, discordant)
+    interval = planner.drop_interval(_clean(run).correct, counts.correct[0], counts.samples, discordant)
     return {"drop": interval[0], "ci95": [interval[1], interval[2]], "evaluations": counts.evaluations,
             "noise_share": planner.noise_share(counts.correct[0], counts.samples, interval)}
 
@@ -185,7 +196,7 @@ def _global_drops(run: AuditRun, names: list[str], scale: np.ndarray, sigmas: tu
                   repeats: int) -> dict[float, float]:
     """The accuracy drop at each σ with every site noisy at once (site i at σ·scaleᵢ)."""
     counts = _global(run, names, scale, sigmas, repeats)
-    drops = run.clean.accuracy - counts.correct.mean(axis=1) / counts.samples
+    drops = _clean(run).accuracy - counts.correct.mean(axis=1) / counts.samples
     return dict(zip(sigmas, map(float, drops)))
 
 

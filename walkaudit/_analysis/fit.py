@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -202,7 +203,7 @@ def midpoint(sigmas, accuracy, *, clean: float, chance: float, samples=None,
         if u.size == 0:
             return _degenerate(math.nan, "no finite accuracy at any σ > 0")
         return _degenerate(float(10 ** u[-1]), f"clean accuracy {clean} is not above chance {chance}: no midpoint")
-    if at_chance(clean, chance, clean_samples):
+    if clean_samples is not None and at_chance(clean, chance, clean_samples):
         return _no_midpoint(clean, chance, clean_samples)
     if u.size == 0:
         return _degenerate(math.nan, "no finite accuracy at any σ > 0")
@@ -466,6 +467,7 @@ def _lm_batch(p: np.ndarray, x: np.ndarray, y: np.ndarray, wt: np.ndarray, *, lo
 def _fit(x, y, weights, *, lo, hi0, m0, u, lo0=None) -> _Fit | None:
     """Least-squares logistic fit; lo=None fits the lower asymptote too. None when the fit fails."""
     lw0 = math.log10(max((u[-1] - u[0]) / 10, 0.02))
+    model: Callable[..., np.ndarray]
     if lo is None:
         def model(xx, hi, lo_, m, lw):
             return logistic(xx, hi, lo_, m, 10**lw)
@@ -545,17 +547,6 @@ def _misfit(fit: Midpoint, u, means, acc, trials, bracket: tuple[int, int]) -> s
         return (f"the logistic crosses the halfway line at σ = {fit.value:.3g}, outside the levels around it that "
                 f"are clearly on their side of the line ({10 ** a:.3g}-{10 ** b:.3g})")
     return None
-
-
-def _evidence(u, curve, trials, half: float) -> tuple[int, int]:
-    """The levels around the crossing of a non-increasing ``curve`` that are clearly on their side of ``half``: the
-    last one before it more than BRACKET_Z binomial standard errors above, the first one after it as far below (the
-    grid's ends when none is). A crossing outside them contradicts the points."""
-    i, k = _bracket(u, curve, half)
-    far = BRACKET_Z * _binomial_se(curve, trials)
-    above = np.nonzero(curve[: i + 1] - half > far[: i + 1])[0]
-    below = np.nonzero(half - curve[k:] > far[k:])[0]
-    return (int(above[-1]) if above.size else 0), (k + int(below[0]) if below.size else u.size - 1)
 
 
 def _evidence(u, curve, trials, half: float) -> tuple[int, int]:

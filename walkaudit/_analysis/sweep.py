@@ -137,9 +137,10 @@ def accuracy(level: Counts, clean: float | None = None, chance: float = 0.0) -> 
     first levels) it undoes the subset's luck, so a curve starts at the clean accuracy its halfway line is drawn
     from."""
     raw = level.correct[0] / max(level.samples, 1)
-    if clean is None or not level.paired or level.samples == 0:
+    pair = level.pairing
+    if clean is None or pair is None or level.samples == 0:
         return raw
-    own = level.clean_correct / level.samples
+    own = pair[0] / level.samples
     if own == clean or own <= chance:
         return raw
     return np.clip(chance + (clean - chance) * (raw - chance) / (own - chance), 0.0, 1.0)
@@ -152,12 +153,13 @@ def effective_samples(level: Counts, clean: float | None = None, chance: float =
     at most the binomial a(1-a)/n. Between n and MAX_PAIRED_GAIN · n; n for unpaired counts and for subsets (their
     sampling is not the noise's)."""
     n = level.samples
-    if clean is None or not level.paired or n == 0 or level.clean_correct / n != clean:
+    pair, gained = level.pairing, level.gained
+    if clean is None or pair is None or gained is None or n == 0 or pair[0] / n != clean:
         return float(n)
-    repeats = level.correct.size
-    right, wrong = level.clean_correct * repeats, (n - level.clean_correct) * repeats
-    q = level.lost.sum() / right if right else 0.0
-    p = level.gained.sum() / wrong if wrong else 0.0
+    (clean_correct, lost), repeats = pair, level.correct.size
+    right, wrong = clean_correct * repeats, (n - clean_correct) * repeats
+    q = lost.sum() / right if right else 0.0
+    p = gained.sum() / wrong if wrong else 0.0
     variance = (right * q * (1 - q) + wrong * p * (1 - p)) / repeats / n**2
     a = level.correct.sum() / (n * repeats)
     binomial = a * (1 - a) / n
@@ -229,7 +231,8 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
     taken = {b for r in head for b in r}
     tail = [b for b in range(n_blocks) if b not in taken]
     margin = plan.margin * max(clean - chance, 0.0)  # a fraction of (clean − chance)
-    top, decided = plan.stop, set()
+    top = plan.stop
+    decided: set[float] = set()
     while True:
         while top < plan.highest and rising():
             top = min(plan.highest, top + 1.0)

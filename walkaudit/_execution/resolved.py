@@ -155,5 +155,5 @@ def resolve(loaded: LoadedModel, dataset: Dataset, sites, selected, config, nois
     return ResolvedAudit(loaded.sha256 or "in-memory model", loaded.path, tuple(loaded.inputs), loaded.class_output,
                          data, tuple(s.name for s in sites), tuple(s.name for s in selected),
                          site_axes(loaded, [s.name for s in selected]), config.mode, noise,
-                         config.seed, config.repeats, config.sigmas or noise.grid(), config.site_scales, batch_size, config.exact,
-                         config.noise_source, config.provider, config.threads)
+                         config.seed, config.repeats, config.sigmas or noise.grid(), config.site_scales, batch_size,
+                         config.exact, config.noise_source, config.provider, config.threads)

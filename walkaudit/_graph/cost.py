@@ -152,14 +152,14 @@ def node_macs(node: onnx.NodeProto, shape) -> int | None:
         if not _known([k]) and b is not None and len(b) == 2:
             k = b[1] if _attr(node, "transB", 0) else b[0]
         per = _per_sample(out)
-        return None if per is None or not _known([k]) else per * int(k)
+        return None if per is None or k is None or not _known([k]) else per * int(k)
     if op in _MATMUL:
         ia, ib = _MATMUL[op]
         out, a, b = shape(node.output[0]), shape(_input(node, ia)), shape(_input(node, ib))
         k = a[-1] if a else None
         if not _known([k]) and b:
             k = b[0] if len(b) == 1 else b[-2]
-        if out is None or not _known([k]):
+        if out is None or k is None or not _known([k]):
             return None
         if len(out) == 0 or (a is not None and len(a) == 1 and len(out) == 1):
             rows = _prod(out) if _known(out) else None  # no batch dimension: the whole product
@@ -250,7 +250,8 @@ def site_costs(model, sites: Sequence, output: str | None = None) -> list[float]
             costs.append(float(macs))
         elif macs == 0:
             sizes = [_per_sample(view.shape(o)) for o in index.writes[i]]
-            costs.append(None if any(s is None for s in sizes) else ELEMENT_COST * sum(sizes))
+            found = [s for s in sizes if s is not None]
+            costs.append(None if len(found) < len(sizes) else ELEMENT_COST * sum(found))
         else:
             costs.append(None)
     known = [c for c in costs if c is not None and c > 0]

@@ -141,10 +141,9 @@ def _entries(index: GraphIndex, name: str, holds: dict) -> list[bool] | None:
         return None if isinstance(flags, bool) else flags
     if name in index.initializer_positions:  # its size from its dims: a weight is never read for this
         size = int(np.prod(index.graph.initializer[index.initializer_positions[name]].dims, dtype=np.int64))
-    else:
-        value = _constant(index, name)
-        size = None if value is None else int(value.size)
-    return None if size is None or size > SHAPE_ENTRIES else [False] * size
+        return None if size > SHAPE_ENTRIES else [False] * size
+    value = _constant(index, name)
+    return None if value is None or value.size > SHAPE_ENTRIES else [False] * int(value.size)
 
 
 def _moved(node: onnx.NodeProto, index: GraphIndex, holds: dict) -> list[bool] | None:
@@ -157,7 +156,8 @@ def _moved(node: onnx.NodeProto, index: GraphIndex, holds: dict) -> list[bool] |
         return first
     if op == "Concat":
         parts = [_entries(index, n, holds) for n in node.input]
-        return None if any(p is None for p in parts) else [f for p in parts for f in p]
+        known = [p for p in parts if p is not None]
+        return [f for p in known for f in p] if len(known) == len(parts) else None
     if op == "Gather":
         at = _constant(index, node.input[1])
         if at is None or at.ndim > 1:
@@ -168,9 +168,10 @@ def _moved(node: onnx.NodeProto, index: GraphIndex, holds: dict) -> list[bool] |
             return None
     # Slice: opset ≥ 10 bounds as inputs (one axis, the vector's own), or the attributes of older opsets
     bounds = [_constant(index, n) if n else None for n in node.input[1:5]]
-    if len(node.input) >= 3 and all(b is not None for b in bounds[:2]):
+    start, end = (bounds + [None, None])[:2]
+    if len(node.input) >= 3 and start is not None and end is not None:
         steps = bounds[3] if len(bounds) > 3 and bounds[3] is not None else [1]
-        return first[slice(int(bounds[0][0]), int(bounds[1][0]), int(np.atleast_1d(steps)[0]))]
+        return first[slice(int(start[0]), int(end[0]), int(np.atleast_1d(steps)[0]))]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if "starts" in attrs and "ends" in attrs:
         return first[slice(int(attrs["starts"][0]), int(attrs["ends"][0]))]

@@ -106,9 +106,10 @@ def _kept(node: onnx.NodeProto, graph, types, batch) -> tuple[int, int, int] | N
         end = _END if start == -1 else start + 1
     else:
         parts = [constant_value(graph, n) if n else None for n in node.input[1:5]]
-        if len(node.input) < 3 or any(p is None for p in parts[:2]):
+        if len(node.input) < 3 or parts[0] is None or parts[1] is None:
             return None
-        starts, ends, axes, steps = (*parts, None, None)[:4]
+        starts, ends = parts[0], parts[1]
+        axes, steps = (*parts[2:], None, None)[:2]
         axes = np.arange(len(starts)) if axes is None else axes
         if len(starts) != 1 or (steps is not None and int(steps[0]) != 1):
             return None
@@ -154,8 +155,9 @@ def _input_axes(node: onnx.NodeProto, p: int, graph, types, opset: int) -> list 
     """The axis of each input that holds output axis `p` (None: the input is read whole, as a broadcast or a
     weight), or None when the op does not treat the positions along `p` independently (or shapes are unknown)."""
     out = _shape(graph, types, node.output[0])
-    shapes = [_shape(graph, types, n) if n else () for n in node.input]
-    if out is None or any(s is None for s in shapes):
+    maybe = [_shape(graph, types, n) if n else () for n in node.input]
+    shapes = [s for s in maybe if s is not None]
+    if out is None or len(shapes) < len(maybe):
         return None
     r, op = len(out), node.op_type
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -237,7 +239,9 @@ def _rewrite(model: onnx.ModelProto, seed: int, kept: tuple[int, int, int], regi
                 node.input[1] = add("Concat", [lead, rest], f"{y}/kept_target", axis=0)
         elif i == seed:
             if node.op_type == "Gather":  # the same index shape, now 0: the first of the kept positions
-                index = numpy_helper.from_array(np.zeros(constant_value(graph, node.input[1]).shape, np.int64),
+                seed_index = constant_value(graph, node.input[1])
+                assert seed_index is not None  # the seed was chosen for its constant index
+                index = numpy_helper.from_array(np.zeros(seed_index.shape, np.int64),
                                                 names.fresh("walkaudit.kept_index"))
                 inits[index.name] = index
                 node.input[1] = index.name

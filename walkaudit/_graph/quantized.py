@@ -168,7 +168,8 @@ def _site_parts(graph, site, made_by, inits):
         return None if build is None else (made_by[site], build, (bounds[0], dtype), (bounds[1], dtype))
     if not facts.is_op(quant, "QuantizeLinear") or len(quant.input) < 3:
         return None
-    chain, value = [], quant.input[0]
+    chain: list[onnx.NodeProto] = []
+    value = quant.input[0]
     for _ in range(4):
         if value not in made_by:
             return None

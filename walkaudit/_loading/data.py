@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -126,6 +127,8 @@ class _Spill:
 
     @property
     def fd(self) -> int:
+        if self._file is None:
+            raise RuntimeError("the spill file holds nothing yet (reserve() first)")
         return self._file.fileno()
 
 
@@ -137,7 +140,7 @@ class _Raw:
         self.shape, self.dtype, self.fortran = shape, dtype, fortran
         self.row_items = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
         self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        self._whole = None
+        self._whole: np.ndarray | None = None
 
     def _mapped(self, offset: int, count: int) -> np.ndarray:
         if isinstance(self.source, _Spill):
@@ -211,9 +214,10 @@ class _Deflated:
             out = np.empty(self.nbytes, np.uint8)  # read whole (labels): no spill
             self._stream(lambda done, chunk: out.__setitem__(slice(done, done + len(chunk)),
                                                              np.frombuffer(chunk, np.uint8)))
-            order = "F" if self.fortran else "C"
+            order: Literal["C", "F"] = "F" if self.fortran else "C"
             return np.ascontiguousarray(out.view(self.dtype).reshape(self.shape, order=order))
         self.prepare()
+        assert self._raw is not None  # prepare() sets it
         return self._raw.rows(a, b)
 
 
@@ -225,6 +229,10 @@ class _InMemory:
 
     def rows(self, a: int, b: int) -> np.ndarray:
         return self.array[a:b]
+
+
+#: one array of a data file, read when used
+_Part = _Raw | _Deflated | _InMemory
 
 
 def _as_array(a: np.ndarray) -> np.ndarray:
@@ -316,7 +324,7 @@ class Column:
         if isinstance(key, tuple):
             head, rest = (key[0], key[1:]) if key else (slice(None), ())
             out = self[head]
-            return out[(slice(None), *rest)] if isinstance(head, slice) else out[rest]
+            return out[(slice(None),) + rest] if isinstance(head, slice) else out[rest]
         if isinstance(key, slice):
             r = range(len(self))[key]
             if not r:
@@ -370,9 +378,9 @@ def _header(f) -> tuple[tuple, bool, np.dtype]:
     if version == (2, 0):
         return npy_format.read_array_header_2_0(f)
     try:  # 3.0: utf-8 field names
-        from numpy.lib._format_impl import _read_array_header
+        from numpy.lib._format_impl import _read_array_header  # type: ignore[attr-defined]  # private, no stub
     except ImportError:  # numpy < 2
-        from numpy.lib.format import _read_array_header
+        from numpy.lib.format import _read_array_header  # type: ignore[attr-defined]
     return _read_array_header(f, version)
 
 
@@ -399,9 +407,9 @@ def _npy_part(path: Path, name: str) -> _Raw:
     return part
 
 
-def _npz_parts(path: Path, name: str, spill: _Spill) -> dict[str, _Raw | _Deflated | _InMemory]:
+def _npz_parts(path: Path, name: str, spill: _Spill) -> dict[str, _Part]:
     """Every member's header (its array is read only when used): stored members are mapped in place."""
-    parts = {}
+    parts: dict[str, _Part] = {}
     try:
         with zipfile.ZipFile(path) as z, open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -434,8 +442,9 @@ def _npz_parts(path: Path, name: str, spill: _Spill) -> dict[str, _Raw | _Deflat
                 shape = tuple(shape)
                 nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
                 if header + nbytes > info.file_size:
-                    raise DataError(f"{name} is not a readable .npz file: member {key!r} holds {info.file_size - header}"
-                                    f" bytes of array data, its header promises {nbytes}")
+                    raise DataError(f"{name} is not a readable .npz file: member {key!r} holds "
+                                    f"{info.file_size - header} bytes of array data, its header promises {nbytes}")
+                part: _Raw | _Deflated
                 if info.compress_type == zipfile.ZIP_STORED:
                     if start + header + nbytes > size:
                         raise DataError(f"{name} is not a readable .npz file: member {key!r} is truncated")
@@ -450,7 +459,7 @@ def _npz_parts(path: Path, name: str, spill: _Spill) -> dict[str, _Raw | _Deflat
     return parts
 
 
-def _file_parts(path: Path, name: str, spill: _Spill, suffix: str | None = None) -> dict[str, object]:
+def _file_parts(path: Path, name: str, spill: _Spill, suffix: str | None = None) -> dict[str, _Part]:
     """The parts of one file by key ('' for an .npy file), from headers only. Never unpickles."""
     suffix = suffix or path.suffix.lower()
     try:
@@ -516,12 +525,12 @@ def _folder_columns(folder: Path, spill: _Spill) -> dict[str, Column]:
     for key in keys:
         ref = first[key]
         for name, parts in shards[1:]:
-            p = parts[key]
-            if not ref.shape or not p.shape:
-                raise DataError(f"{name if not p.shape else first_name}: {key!r} is a scalar; shards hold arrays "
+            other = parts[key]
+            if not ref.shape or not other.shape:
+                raise DataError(f"{name if not other.shape else first_name}: {key!r} is a scalar; shards hold arrays "
                                 "[N, ...]")
-            if p.dtype != ref.dtype or p.shape[1:] != ref.shape[1:]:
-                raise DataError(f"{name}: {key!r} is {_describe(p)}, but {first_name} has {_describe(ref)} (shards "
+            if other.dtype != ref.dtype or other.shape[1:] != ref.shape[1:]:
+                raise DataError(f"{name}: {key!r} is {_describe(other)}, but {first_name} has {_describe(ref)} (shards "
                                 "must agree in dtype and in every dimension but the first)")
         columns[key] = Column([parts[key] for _, parts in shards])
     return columns
@@ -607,11 +616,11 @@ def load(
         x_name = _pick(arrays, x_key, X_KEYS, "input")
         if x_name is None:
             y_guess = _pick(arrays, y_key, Y_KEYS, "label")
-            rest = [k for k in arrays if k != y_guess]
-            if len(rest) != 1:
+            others = [k for k in arrays if k != y_guess]
+            if len(others) != 1:
                 raise DataError(f"cannot tell which array holds the inputs (keys: {keys}); use --x-key "
                                 f"(the model's input is {model_inputs[0].name!r})")
-            x_name = rest[0]
+            x_name = others[0]
         inputs, used = {model_inputs[0].name: arrays[x_name]}, {x_name}
     else:
         missing = [s.name for s in model_inputs if s.name not in arrays]

@@ -32,8 +32,8 @@ MARGIN = 0.2
 
 def class_candidates(model: LoadedModel) -> list:
     """The outputs that look like class scores ([N, C], C > 1; [N, T, C] for a per-token class output), in the
-    model's order, when the choice among them is open: none when one is named like scores (`model.SCORE_NAMES`) or the model
-    has only one."""
+    model's order, when the choice among them is open: none when one is named like scores (`model.SCORE_NAMES`) or the
+    model has only one."""
     like = _token_like if model.class_output.per_token else _score_like
     scores = [o for o in model.outputs if like(o)]
     if any(named_like_scores(o) for o in scores):
@@ -56,7 +56,7 @@ def choose_class_output(model: LoadedModel, candidates: list, dataset, provider:
     fit = candidates
     if labels is not None:
         top = int(labels[:rows].max())  # UNSCORED positions are far below any class
-        fit = [o for o in candidates if widths[o.name] is None or widths[o.name] > top]
+        fit = [o for o in candidates if (width := widths[o.name]) is None or width > top]
         if len(fit) == 1:
             return chosen(fit[0].name)
     predictions = _predictions(model, [o.name for o in fit], dataset, rows, provider, tokens)

@@ -342,6 +342,12 @@ def data_inputs(proto: onnx.ModelProto) -> list[TensorSpec]:
     return specs
 
 
+def _known_dim(spec: TensorSpec, axis: int) -> int | None:
+    """Dimension ``axis`` of ``spec``'s shape when it is a number (not a name, not unknown), else None."""
+    d = None if spec.shape is None else spec.shape[axis]
+    return d if isinstance(d, int) else None
+
+
 def _score_like(spec: TensorSpec) -> bool:
     """Float [N, C] or [N, C, 1, ...] (a Conv classifier head without its Flatten), C known to be > 1 or unknown."""
     if not spec.is_float or spec.shape is None or len(spec.shape) < 2 or spec.shape[1] == 1:
@@ -428,13 +434,11 @@ def _as_class_output(spec: TensorSpec, strict: bool, facts: _Graph | None = None
         raise ModelError(f"output '{spec.name}' has one value per sample ({spec.describe()}): a regressor, "
                          f"not a classifier; for a binary classifier name it with {option('output')}")
     if _score_like(spec):
-        c = spec.shape[1]
-        return ClassOutput(spec.name, "scores", c if isinstance(c, int) else None)
+        return ClassOutput(spec.name, "scores", _known_dim(spec, 1))
     if spec.elem_type in INT_TYPES and spec.shape is not None and len(spec.shape) == 1:
         return ClassOutput(spec.name, "label", None)
     if _token_like(spec):
-        c = spec.shape[2]
-        return ClassOutput(spec.name, "scores", c if isinstance(c, int) else None, per_token=True)
+        return ClassOutput(spec.name, "scores", _known_dim(spec, 2), per_token=True)
     if spec.is_float and spec.shape is None:  # rank unknown: trust the user's choice, the clean pass checks it
         return ClassOutput(spec.name, "scores", None)
     raise ModelError(f"output '{spec.name}' ({spec.describe()}) is neither scores [N, C], scores per token "
@@ -452,7 +456,7 @@ def _label_scores(proto: onnx.ModelProto, types: dict[str, TensorSpec], label: s
     if not scores:
         return None
     spec = scores[0]
-    c = spec.shape[1] if isinstance(spec.shape[1], int) else None
+    c = _known_dim(spec, 1)
     for attr in node.attribute:
         if attr.name in ("classlabels_int64s", "classlabels_ints"):
             if list(attr.ints) != list(range(len(attr.ints))):

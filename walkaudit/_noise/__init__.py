@@ -11,8 +11,8 @@ if TYPE_CHECKING:
     from walkaudit._noise.base import Affine, NoiseModel
     from walkaudit._noise.source import CHUNK, NormalSource, box_muller, name_key
 
-__all__ = ["CHUNK", "NOISE_MODELS", "REGISTRY", "TAKES_BITS", "TAKES_TARGET", "Affine", "NoiseModel", "NormalSource", "box_muller",
-           "make_noise", "model_class", "name_key"]
+__all__ = ["CHUNK", "NOISE_MODELS", "REGISTRY", "TAKES_BITS", "TAKES_TARGET", "Affine", "NoiseModel", "NormalSource",
+           "box_muller", "make_noise", "model_class", "name_key"]
 
 _LAZY = {"Affine": "base", "NoiseModel": "base", "CHUNK": "source", "NormalSource": "source",
          "box_muller": "source", "name_key": "source"}

@@ -30,7 +30,6 @@ from walkaudit._noise.registry import REGISTRY, Level
 from walkaudit._noise.source import name_key
 from walkaudit.errors import UsageError
 
-
 #: what a model can perturb
 TARGETS = ("activations", "weights")
 #: the last entry of a weight draw's key (`NoiseModel.draw_weight`)
@@ -149,6 +148,7 @@ class Affine(NoiseModel):
                 if sa is not None:
                     dst += eps[-1, 0] * np.float32(sa[i])
             else:
+                assert sa is not None  # every affine model has a term
                 np.multiply(eps[-1, 0], np.float32(sa[i]), out=dst)
                 np.add(dst, y, out=dst)
 

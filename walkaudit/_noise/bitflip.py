@@ -91,7 +91,9 @@ class BitFlip(NoiseModel):
     """Flip each allowed bit with probability p (the level, a BER searched in decades from 1e-9 to 1e-1)."""
 
     bits: str = "all"
-    target: str = "activations"  # or "weights": each layer's weight initializer, flipped once per repeat
+    # or "weights": each layer's weight initializer, flipped once per repeat; a field here (chosen per instance), a
+    # ClassVar in the models whose target is fixed
+    target: str = "activations"  # type: ignore[misc]
     kind: ClassVar[str] = "bitflip"
     stored: ClassVar[bool] = True
     terms: ClassVar[tuple[str, ...]] = ("words",)  # one word per element; each position's comes from it
@@ -130,14 +132,14 @@ class BitFlip(NoiseModel):
         out = np.empty((len(sigmas), *y.shape), dtype=y.dtype)
         stored = y.view(uint).reshape(-1)
         top = max(threshold(p) for p in sigmas)
-        index, value, bit = [np.zeros(0, np.int64)], [np.zeros(0, np.uint32)], [np.zeros(0, uint)]
+        indices, values, bits = [np.zeros(0, np.int64)], [np.zeros(0, np.uint32)], [np.zeros(0, uint)]
         for b in where if top else ():
             u = bit_word(words[0, 0].reshape(-1), b)
             hit = np.flatnonzero(u < top) if top < WORD else np.arange(y.size)
-            index.append(hit)
-            value.append(u[hit])
-            bit.append(np.full(len(hit), b, uint))
-        index, value, bit = np.concatenate(index), np.concatenate(value), np.concatenate(bit)
+            indices.append(hit)
+            values.append(u[hit])
+            bits.append(np.full(len(hit), b, uint))
+        index, value, bit = np.concatenate(indices), np.concatenate(values), np.concatenate(bits)
         flips = np.left_shift(np.ones(1, uint), bit)
 
         def level(i: int) -> None:

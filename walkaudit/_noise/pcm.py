@@ -77,8 +77,8 @@ class PCM(NoiseModel):
 
     def describe(self) -> dict:
         return {"noise": self.kind, "ratio": None, "target": self.target,
-                "level": "t: seconds since programming (aihwkit PCMLikeNoiseModel statistics, t0 = 20 s, g_max = 25 uS, "
-                         "global drift compensation)"}
+                "level": "t: seconds since programming (aihwkit PCMLikeNoiseModel statistics, t0 = 20 s, "
+                         "g_max = 25 uS, global drift compensation)"}
 
     def host(self, y, sigmas, eps, map_=map, axis: int = 0):
         sigmas = np.atleast_1d(np.asarray(sigmas, dtype=np.float64))

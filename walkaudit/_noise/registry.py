@@ -8,6 +8,7 @@ that the CLI can list the models without importing numpy (`walkaudit --help` sta
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -86,7 +87,7 @@ def make_noise(kind: str = "additive", ratio: float = 0.5, bits: str | None = No
                target: str | None = None) -> NoiseModel:
     """The noise model called `kind` (the ratio only matters for combined noise, `bits` and `target` for the models
     that take them). UsageError for an unknown kind, options it does not take, or options that cannot work."""
-    cls = model_class(kind)
+    cls: Callable[..., NoiseModel] = model_class(kind)  # the models' constructors take different options
     if bits is not None and kind not in TAKES_BITS:
         raise UsageError(f"bits only applies to {' and '.join(TAKES_BITS)} noise")
     if target is not None and kind not in TAKES_TARGET:

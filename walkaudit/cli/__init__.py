@@ -9,6 +9,8 @@ writes reports; `outputs`, `signals`, `checkpoint` and `progress` serve the audi
 
 from __future__ import annotations
 
+# every command registers itself on `main` when imported
+from walkaudit.cli import audit, bits, compare, inspect, merge, meta, plan, plot  # noqa: E402,F401,I001
 from walkaudit.cli.app import (  # noqa: F401  (the entry point and what tests use)
     EXIT_BROKEN_PIPE,
     EXIT_GATE,
@@ -20,8 +22,5 @@ from walkaudit.cli.app import (  # noqa: F401  (the entry point and what tests u
     guarded,
     main,
 )
-
-# every command registers itself on `main` when imported
-from walkaudit.cli import audit, bits, compare, inspect, merge, meta, plan, plot  # noqa: E402,F401,I001
 
 __all__ = ["main"]

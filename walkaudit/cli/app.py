@@ -45,7 +45,7 @@ def _pipes_raise() -> None:
     def on_broken_pipe(self) -> None:
         raise BrokenPipeError("stdout closed")
 
-    Console.on_broken_pipe = on_broken_pipe
+    Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]  # rich's hook, replaced on purpose
 
 
 def guarded(fn):

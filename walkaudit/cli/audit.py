@@ -74,9 +74,9 @@ def audit_command(model: str, data: opt.Data, sites: opt.Sites, noise: opt.Noise
         fp = None  # a model or data file that cannot be read: the audit itself says so, in its own words
     if fp is not None:
         path = checkpoint_path or ckpt.default_path(output.json, fp)
-        written = [(flag, o.path) for flag, value in output.files for o in [outputs.resolve(flag, value)]
-                   if o is not None]
-        exists = ckpt.check_path(path, written, inputs=[("the model", model), ("the data (--data)", data_path)])
+        to_write = [(flag, o.path) for flag, value in output.files for o in [outputs.resolve(flag, value)]
+                    if o is not None]
+        exists = ckpt.check_path(path, to_write, inputs=[("the model", model), ("the data (--data)", data_path)])
         ckpt.clean_stale(path)  # the temporary of a write killed with -9
         if resume.resume and not exists:  # e.g. killed before the first site finished: nothing saved yet
             warn(f"--resume: no checkpoint at {path} yet; starting from the beginning")
@@ -153,13 +153,13 @@ def _warn_range(run) -> None:
         warn(message)
 
 
-def _check_npz_labels(data_path: str, x_key: str | None, y_key: str | None) -> None:
+def _check_npz_labels(data_path: str | None, x_key: str | None, y_key: str | None) -> None:
     """Warn when an .npz holds an array that looks like labels but will not be used as such (no --y-key and none of
     the names the loader knows): the audit would silently measure agreement with the clean model. Only the member
     names are read (zipfile), never an array."""
     import zipfile
 
-    if y_key is not None or not str(data_path).lower().endswith(".npz"):
+    if y_key is not None or data_path is None or not str(data_path).lower().endswith(".npz"):
         return
     try:
         with zipfile.ZipFile(data_path) as archive:

@@ -24,7 +24,8 @@ class Rate:
 
 
 RATE = opt.Group("Bit flips", "rate", Rate,
-                 (("--ber",), dict(type=float, default=1e-3, show_default=True, metavar="P", help="The bit error rate.")))
+                 (("--ber",), dict(type=float, default=1e-3, show_default=True, metavar="P",
+                                   help="The bit error rate.")))
 
 
 @main.command("bits", cls=GroupedCommand)
@@ -39,8 +40,9 @@ RATE = opt.Group("Bit flips", "rate", Rate,
 @opt.OUTPUT(only=("json_path",))
 def bits_command(model: str, data: opt.Data, sites: opt.Sites, rate: Rate, noise: opt.Noise, sweep: opt.Sweep,
                  runtime: opt.Runtime, output: opt.Output):
-    """Accuracy with only one bit position of the --site (a value, or with --target weights a weight initializer) flipping at rate --ber, for every bit of its stored type (float32:
-    32 rows, int8: 8), the other bits and sites clean.
+    """Accuracy with only one bit position of the --site (a value, or with --target weights a weight initializer)
+    flipping at rate --ber, for every bit of its stored type (float32: 32 rows, int8: 8), the other bits and sites
+    clean.
 
     \b
       walkaudit bits model.onnx --data val.npz --site conv1 --ber 1e-3

@@ -6,8 +6,8 @@ A checkpoint is a JSON file, replaced atomically after every finished site:
 
 The fingerprint holds the model's and the data's sha256 and every setting that changes the numbers (noise, ratio,
 mode, sigmas, repeats, seed, site selection, limit, chance, output, noise source, exact, data keys, non-finite
-policy; `AuditConfig.fingerprint()`), but not batch size, threads or provider. `--resume` reuses the sites only when the fingerprint is the same;
-otherwise it refuses with one line that names what differs.
+policy; `AuditConfig.fingerprint()`), but not batch size, threads or provider. `--resume` reuses the sites only when
+the fingerprint is the same; otherwise it refuses with one line that names what differs.
 
 Where: `--checkpoint PATH`; else `<--json PATH>.checkpoint` when --json is a file; else
 `.walkaudit/checkpoint-<12 hex>.json` in the current folder (12 hex digits of the fingerprint's sha256).
@@ -36,7 +36,8 @@ SUFFIX = ".checkpoint"
 
 # fingerprint key -> how the user sets it (for the one-line refusal)
 FLAGS = {
-    "noise": "--noise", "ratio": "--ratio", "bits": "--bits", "target": "--target", "mode": "--global", "sigmas": "--sigmas", "repeats": "--repeats",
+    "noise": "--noise", "ratio": "--ratio", "bits": "--bits", "target": "--target", "mode": "--global",
+    "sigmas": "--sigmas", "repeats": "--repeats",
     "seed": "--seed", "selection": "--ops/--include/--exclude/--site", "limit": "--limit", "chance": "--chance",
     "output": "--output", "noise_source": "--noise-source", "exact": "--exact", "x_key": "--x-key",
     "y_key": "--y-key", "allow_nonfinite": "--allow-nonfinite",

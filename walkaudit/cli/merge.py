@@ -26,7 +26,7 @@ def merge_command(shard_paths: tuple[str, ...], gate: opt.Gate, output: opt.Outp
     from walkaudit.report import gate as gates
     from walkaudit.report.merge import merge
 
-    inputs = [("a shard report (SHARD)", p) for p in shard_paths]
+    inputs: list[tuple[str, str | None]] = [("a shard report (SHARD)", p) for p in shard_paths]
     inputs += [("the baseline (--baseline)", gate.baseline), ("the rules file (--rules)", gate.rules_file)]
     check_outputs(output, inputs)
     gate_config = gate.config(gate.baseline)

@@ -388,14 +388,15 @@ def _check_plausible(config, max_drop_flag: str | None) -> None:
     from walkaudit.cli.app import warn
 
     drop = config.max_drop
+    flag = (max_drop_flag or "").strip()
     bare = max_drop_flag is not None and re.fullmatch(r"\s*[-+0-9.eE]+\s*", str(max_drop_flag))
     if bare and drop.amount < _DECADES_IMPLAUSIBLE:  # every drop names its unit (an accuracy drop's bare is refused)
-        warn(f"--max-drop {max_drop_flag.strip()}: a bare number means decades here, but a drop names its unit: "
+        warn(f"--max-drop {flag}: a bare number means decades here, but a drop names its unit: "
              f"write '{drop.amount:g}dec' (or a percentage like '20%'); a bare number will be refused in a later "
              "release")
     if drop is not None and drop.unit == "dec" and drop.amount >= _DECADES_IMPLAUSIBLE:
         if bare:
-            raise UsageError(f"--max-drop {max_drop_flag.strip()} means {drop.amount:g} decades (σ50 may fall by a "
+            raise UsageError(f"--max-drop {flag} means {drop.amount:g} decades (σ50 may fall by a "
                              f"factor of 10^{drop.amount:g}): a gate that cannot fail; write '{drop.amount:g}%' for "
                              f"percent, or '{drop.amount:g}dec' if you mean decades")
         warn(f"max drop {drop.amount:g} decades lets σ50 fall by a factor of 10^{drop.amount:g}: the drop rule can "
@@ -430,8 +431,8 @@ GATE = Group(
 )
 
 #: compare gates NEW against its OLD argument: no --baseline flag, and --max-drop says so
-COMPARE_GATE = dict(skip=("baseline",), helps={"max_drop": "Largest allowed σ50 drop of NEW vs OLD: '20%' or '0.3dec' "
-                                                           "(a bare number means decades)."})
+COMPARE_GATE: dict[str, Any] = dict(skip=("baseline",), helps={
+    "max_drop": "Largest allowed σ50 drop of NEW vs OLD: '20%' or '0.3dec' (a bare number means decades)."})
 
 
 # --- output ----------------------------------------------------------------------------------------------------------
@@ -497,7 +498,7 @@ OUTPUT = Group(
 
 #: the output flags of a command that writes a report: all but merge's old --output (in audit, --output is the
 #: model's class output, a data option)
-REPORT_OUTPUT = dict(skip=("legacy_output",))
+REPORT_OUTPUT: dict[str, Any] = dict(skip=("legacy_output",))
 
 
 # --- resume ----------------------------------------------------------------------------------------------------------

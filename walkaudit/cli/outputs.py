@@ -235,7 +235,7 @@ def append_once(path: str, text: str) -> None:
         raise UsageError(f"cannot write {path}: {_reason(exc)}") from None
 
 
-# --- several outputs: one failure does not stop the others -------------------------------------------------------------
+# --- several outputs: one failure does not stop the others ------------------------------------------------------------
 
 class WriteLog:
     """What `write` did inside one `collecting()` block: the paths written and the one-line failures."""

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -103,7 +104,7 @@ class RichProgress:
         self._stream = stream
         self._live = live
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self.total: int | None = None  # sites; known at the first site_started
         self.finished = 0
         self._clean_planned = self._clean_done = 0
@@ -226,14 +227,16 @@ class RichProgress:
         if self._bar is None:
             self.fraction()
             return
+        task = self._task
+        assert task is not None  # added with the bar
         done = self.fraction()
         rate = format_rate(self.rate()) if self._samples else ""
         description = live_description(self._label, self.current or "clean pass", self._bar.console.width)
         if self.total is None:  # the clean pass: the number of sites is not known yet, so no percentage
-            self._bar.update(self._task, description=description, rate=rate)
+            self._bar.update(task, description=description, rate=rate)
             return
         total = self.total + 1
-        self._bar.update(self._task, completed=min(done, float(total)), total=total, description=description,
+        self._bar.update(task, completed=min(done, float(total)), total=total, description=description,
                          rate=rate)
 
     def _line(self, text: str) -> None:

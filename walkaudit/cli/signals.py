@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -51,7 +54,7 @@ class Trap:
     def __init__(self, signals=SIGNALS):
         self.signals = tuple(signals)
         self.signum: int | None = None
-        self._saved: dict[int, object] = {}
+        self._saved: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from walkaudit._noise.registry import SIGMA, Level
 from walkaudit.errors import UsageError
 from walkaudit.report.model import Failure, GateResult, Report, SiteResult
-from walkaudit._noise.registry import SIGMA, Level
 from walkaudit.report.text import format_sigma, printable, report_level
 
 __all__ = [
@@ -165,7 +167,7 @@ class GateConfig:
     def empty(self) -> bool:
         return not self.thresholds and self.min_clean_accuracy is None and self.max_drop is None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (e.g. for report["config"]["gate"])."""
         return {
             "thresholds": [{"pattern": t.pattern, "value": t.value, "relative": t.relative,
@@ -237,9 +239,9 @@ def load_rules(path: str | Path) -> GateConfig:
     fail_under_relative = 0.5   # σ50 / activation std (either or both)
     ```
     """
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
@@ -297,7 +299,7 @@ def _config_from_doc(doc: dict[str, Any]) -> GateConfig:
     )
 
 
-def _thresholds_of(table: dict, pattern: str | None, where: str) -> list[Threshold]:
+def _thresholds_of(table: dict[str, Any], pattern: str | None, where: str) -> list[Threshold]:
     out = []
     for key, relative in (("fail_under", False), ("fail_under_relative", True)):
         if key in table:
@@ -308,7 +310,7 @@ def _thresholds_of(table: dict, pattern: str | None, where: str) -> list[Thresho
     return out
 
 
-def _compile(pattern: str) -> re.Pattern:
+def _compile(pattern: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
@@ -564,6 +566,7 @@ def _check_drops(report: Report, baseline: Report, drop: Drop, decisions: _Decis
             decisions.warnings.append(f"site {name}: no {level.midpoint} in the baseline; max drop not checked")
             continue
         old_v = old.sigma50
+        assert old_v is not None  # _interval(old) is None without a σ50
         shown_old = format_sigma(old_v, old.censored, digits=4)
         if new_iv is None:
             decisions.fail(Failure(RULE_MAX_DROP, new.name, None, drop.amount,
@@ -571,6 +574,7 @@ def _check_drops(report: Report, baseline: Report, drop: Drop, decisions: _Decis
                                    f"baseline's was {shown_old}, so a drop of more than {drop} cannot be ruled out"))
             continue
         new_v = new.sigma50
+        assert new_v is not None  # _interval(new) is None without a σ50
         face = drop.measure(old_v, new_v)  # bounds taken at face value
         least, most = (_in_unit(d, drop.unit) for d in drop_interval(old_v, old_iv, new_v, new_iv))
         change = (f"site {name}: {level.midpoint} fell from {shown_old} to "
@@ -620,7 +624,8 @@ def _in_unit(decades: float, unit: str) -> float:
     return 100.0 if decades == _INF else (1.0 - 10.0 ** -decades) * 100.0
 
 
-def _match_sites(old_sites, new_sites, warnings: list[str]) -> list[tuple[SiteResult, SiteResult]]:
+def _match_sites(old_sites: Sequence[SiteResult], new_sites: Sequence[SiteResult],
+                 warnings: list[str]) -> list[tuple[SiteResult, SiteResult]]:
     """Pair sites by tensor name; pair the rest by index (same op type) with a warning; warn about the leftovers."""
     old_by_name: dict[str, SiteResult] = {}
     for site in old_sites:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from walkaudit.errors import UsageError
 from walkaudit.report.model import Report
@@ -71,11 +72,11 @@ def merge(reports: Sequence[Report], names: Sequence[str] | None = None) -> Repo
 
 # --- checks -----------------------------------------------------------------------------------------------------
 
-def _differ(what: str, a, a_name: str, b, b_name: str, hint: str = "") -> UsageError:
+def _differ(what: str, a: object, a_name: str, b: object, b_name: str, hint: str = "") -> UsageError:
     return UsageError(f"shards {what}: {_show(a)} in {a_name}, {_show(b)} in {b_name}{hint}")
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return f"sha256 {value[:12]}…"  # a digest: its start is enough to tell two apart
     text = "null" if value is None else str(value)
@@ -110,7 +111,7 @@ def _same_audit(a: Report, a_name: str, b: Report, b_name: str) -> None:
                       a_name, rb.extra.get("noise_source"), b_name)
 
 
-def _settings(report: Report) -> dict:
+def _settings(report: Report) -> dict[str, Any]:
     """``config`` without what may differ between the shards of one audit."""
     return {k: v for k, v in report.config.to_dict().items() if k not in _PER_SHARD}
 
@@ -163,7 +164,7 @@ def _combined(reports: list[Report], shards: list[tuple[int, int]], names: list[
     holder: dict[int, str] = {}
     by_name: dict[str, str] = {}
     sites = []
-    for report, (i, n), name in zip(reports, shards, names):
+    for report, _shard, name in zip(reports, shards, names):
         for site in report.sites:
             if site.index is None:
                 raise UsageError(f"{name}: site {printable(site.name)!r} has no index; not a shard of a site walk")
@@ -175,7 +176,7 @@ def _combined(reports: list[Report], shards: list[tuple[int, int]], names: list[
                                  f"{printable(site.name)!r}")
             holder[site.index], by_name[site.name] = name, name
             sites.append(site)
-    sites.sort(key=lambda s: s.index)
+    sites.sort(key=lambda s: s.index or 0)  # every index is set (checked above)
     for k, site in enumerate(sites):
         if site.index != k:
             raise UsageError(f"site {k} is in none of the shards (the indices jump from {k - 1} to {site.index}): "

@@ -13,10 +13,11 @@ import json
 import math
 import os
 import stat
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from walkaudit.errors import UsageError
 from walkaudit.report.schema import (
@@ -39,12 +40,15 @@ MAX_REPORT_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
 
 
-def dumps(report: dict) -> str:
+def dumps(report: dict[str, Any]) -> str:
     """A report dict as the JSON text walkaudit writes (``Report.to_dict()``); the one JSON writer."""
     return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
 
 # --- header sections --------------------------------------------------------------------------------------------
+
+_S = TypeVar("_S", bound="_Section")
+
 
 @dataclass(frozen=True)
 class _Section:
@@ -61,13 +65,14 @@ class _Section:
         return tuple(f.name for f in fields(cls) if f.name != "extra")
 
     @classmethod
-    def from_dict(cls, data: dict):
+    def from_dict(cls: type[_S], data: dict[str, Any]) -> _S:
         """From a schema-valid dict (no validation here: :meth:`Report.from_dict` validates the whole report)."""
         keys = cls._keys()
-        return cls(**{k: _frozen(data[k]) for k in keys}, extra=_extra(data, keys))
+        # every section declares `extra` (a field with a default, so it cannot be declared here, before theirs)
+        return cls(**{k: _frozen(data[k]) for k in keys}, extra=_extra(data, keys))  # type: ignore[call-arg]
 
-    def to_dict(self) -> dict:
-        return {**{k: _plain(getattr(self, k)) for k in self._keys()}, **copy.deepcopy(self.extra)}  # type: ignore
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: _plain(getattr(self, k)) for k in self._keys()}, **copy.deepcopy(self.extra)}  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class ToolInfo(_Section):
 
     name: str
     version: str
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class ModelInfo(_Section):
     producer: str
     class_output: str
     output_kind: str
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def file_name(self) -> str:
@@ -110,12 +115,13 @@ class DataInfo(_Section):
     sha256: str | None
     samples: int
     labels: str
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def scored(self) -> str:
         """What accuracy counts: ``samples``, or ``tokens`` (the scored positions of a per-token class output)."""
-        return self.extra.get("scored", "samples")
+        scored: str = self.extra.get("scored", "samples")
+        return scored
 
     @property
     def counted(self) -> str:
@@ -137,10 +143,10 @@ class ConfigInfo(_Section):
     seed: int
     batch_size: int
     provider_requested: str
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
-    def gate_rules(self) -> dict | None:
+    def gate_rules(self) -> dict[str, Any] | None:
         """The gate rules recorded with the verdict (``config.gate``: thresholds, min_clean_accuracy, max_drop)."""
         return self.extra.get("gate")
 
@@ -158,7 +164,7 @@ class RuntimeInfo(_Section):
     provider: str
     onnxruntime_version: str
     elapsed_s: float
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -174,7 +180,7 @@ class Weight(_Section):
     name: str
     mean_abs: float
     l2: float
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ class PerRepeat(_Section):
 
     correct: tuple[int, ...]
     nonfinite: tuple[int, ...]
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def lost(self) -> tuple[int, ...] | None:
@@ -199,7 +205,7 @@ class CleanCounts(_Section):
 
     correct: int
     samples: int
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -210,16 +216,16 @@ class Fit(_Section):
 
     method: str
     ok: bool
-    params: dict
+    params: dict[str, Any]
     ci_method: str | None
     message: str | None
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def estimator(self) -> str:
         """What σ50 comes from: logistic, isotonic, interpolated, censored or none (``fit.estimator``; read from the
         method in reports that predate it)."""
-        given = self.extra.get("estimator")
+        given: str | None = self.extra.get("estimator")
         if given is not None:
             return given
         return {"logistic-free-floor": "logistic", "interpolation": "interpolated"}.get(self.method, self.method)
@@ -233,10 +239,10 @@ class Fit(_Section):
     @property
     def logistic(self) -> tuple[float, float, float, float] | None:
         """(hi, lo, m, w) of ``acc(u) = lo + (hi - lo) / (1 + exp((u - m) / w))``, u = log10 σ; None if not fitted."""
-        values = tuple(self.params.get(k) for k in ("hi", "lo", "m", "w"))
-        if any(v is None for v in values) or values[3] <= 0:
+        hi, lo, m, w = (self.params.get(k) for k in ("hi", "lo", "m", "w"))
+        if hi is None or lo is None or m is None or w is None or w <= 0:
             return None
-        return values  # type: ignore[return-value]
+        return hi, lo, m, w
 
 
 @dataclass(frozen=True)
@@ -250,14 +256,14 @@ class Point(_Section):
     samples: int
     nonfinite: int = 0  # noisy passes whose class output held NaN/Inf (counted as misclassified)
     per_repeat: PerRepeat | None = None
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.per_repeat, dict):  # compatibility: built from dicts
             object.__setattr__(self, "per_repeat", PerRepeat.from_dict(self.per_repeat))
 
     @classmethod
-    def from_dict(cls, data: dict) -> Point:
+    def from_dict(cls, data: dict[str, Any]) -> Point:
         per_repeat = data.get("per_repeat")
         return cls(float(data["sigma"]), float(data["accuracy"]), float(data["accuracy_std"]), int(data["repeats"]),
                    int(data["samples"]), int(data["nonfinite"]),
@@ -270,8 +276,8 @@ class Point(_Section):
         the pairing): ``accuracy`` is read relative to their clean accuracy (docs/method.md, "Paired accuracies")."""
         return self.extra.get("clean_correct")
 
-    def to_dict(self) -> dict:
-        body = {"sigma": self.sigma, "accuracy": self.accuracy, "accuracy_std": self.accuracy_std,
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"sigma": self.sigma, "accuracy": self.accuracy, "accuracy_std": self.accuracy_std,
                 "repeats": self.repeats, "samples": self.samples, "nonfinite": self.nonfinite}
         if self.per_repeat is not None:
             body["per_repeat"] = self.per_repeat.to_dict()
@@ -300,7 +306,7 @@ class SiteResult(_Section):
     ci95: tuple[float, float] | None
     censored: str | None
     fit: Fit
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # compatibility: built from lists and dicts (the 1.0 constructor)
         if isinstance(self.weight, dict):
@@ -314,7 +320,7 @@ class SiteResult(_Section):
                                                  for p in self.points))
 
     @classmethod
-    def from_dict(cls, data: dict, *, validate: bool = True) -> SiteResult:
+    def from_dict(cls, data: dict[str, Any], *, validate: bool = True) -> SiteResult:
         """A site from its JSON form; UsageError (one line, with the JSON path) when it breaks the schema."""
         if validate:
             _check_document(data, "site", schema=_site_schema())
@@ -327,7 +333,7 @@ class SiteResult(_Section):
             _extra(data, cls._keys()),
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "index": self.index, "name": self.name, "node": self.node, "op_type": self.op_type,
             "shape": None if self.shape is None else list(self.shape), "activation_std": self.activation_std,
@@ -338,7 +344,7 @@ class SiteResult(_Section):
         }
 
     @property
-    def tolerance(self) -> list[dict]:
+    def tolerance(self) -> list[dict[str, Any]]:
         """Per requested drop (`--drop`): ``{drop, of, sigma, ci95, censored}``; empty when none was asked for."""
         return list(self.extra.get("tolerance") or [])
 
@@ -377,14 +383,14 @@ class Failure:
     value: float | None
     threshold: float | None
     message: str
-    extra: dict = field(default_factory=dict, repr=False, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Failure:
+    def from_dict(cls, data: dict[str, Any]) -> Failure:
         return cls(data["rule"], data["site"], data["value"], data["threshold"], data["message"],
                    _extra(data, ("rule", "site", "value", "threshold", "message")))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "site": self.site, "value": _json_number(self.value),
                 "threshold": _json_number(self.threshold), "message": self.message, **copy.deepcopy(self.extra)}
 
@@ -403,7 +409,7 @@ class GateResult:
     passed: bool | None
     failures: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    extra: dict = field(default_factory=dict, repr=False, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     undecided: list[Failure] = field(default_factory=list)
     verdict: str | None = None  # None in a report of walkaudit before 0.3: `decision` derives it from `passed`
 
@@ -423,12 +429,12 @@ class GateResult:
         return 0 if self.passed else 1
 
     @classmethod
-    def from_dict(cls, data: dict) -> GateResult:
+    def from_dict(cls, data: dict[str, Any]) -> GateResult:
         return cls(data["passed"], [Failure.from_dict(f) for f in data["failures"]], list(data["warnings"]),
                    _extra(data, ("passed", "failures", "warnings", "undecided", "verdict")),
                    [Failure.from_dict(f) for f in data.get("undecided") or []], data.get("verdict"))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, **({"verdict": self.verdict} if self.verdict is not None else {}),
                 "failures": [f.to_dict() for f in self.failures],
                 **({"undecided": [f.to_dict() for f in self.undecided]} if self.undecided else {}),
@@ -437,7 +443,8 @@ class GateResult:
 
 # --- the report -------------------------------------------------------------------------------------------------
 
-_HEADERS = {"tool": ToolInfo, "model": ModelInfo, "data": DataInfo, "config": ConfigInfo, "runtime": RuntimeInfo}
+_HEADERS: dict[str, type[_Section]] = {"tool": ToolInfo, "model": ModelInfo,
+                                        "data": DataInfo, "config": ConfigInfo, "runtime": RuntimeInfo}
 _TOP_KEYS = ("schema", "tool", "model", "data", "config", "runtime", "clean_accuracy", "clean_counts", "chance",
              "num_classes", "sites", "summary", "gate", "partial")
 
@@ -463,7 +470,7 @@ class Report:
     gate: GateResult | None = None
     partial: bool = False
     clean_counts: CleanCounts | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # compatibility: the 1.0 constructor took dicts and lists
         for name, cls in _HEADERS.items():
@@ -491,8 +498,9 @@ class Report:
         _check_document(data, "")
         counts = data.get("clean_counts")
         gate = data.get("gate")
+        headers: dict[str, Any] = {name: section.from_dict(data[name]) for name, section in _HEADERS.items()}
         return cls(
-            **{name: section.from_dict(data[name]) for name, section in _HEADERS.items()},
+            **headers,
             clean_accuracy=data["clean_accuracy"], chance=data["chance"], num_classes=_int(data["num_classes"]),
             sites=tuple(SiteResult.from_dict(s, validate=False) for s in data["sites"]),
             gate=None if gate is None else GateResult.from_dict(gate), partial=data["partial"],
@@ -500,7 +508,7 @@ class Report:
             extra=_extra(data, _TOP_KEYS),
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The JSON report (schema ``walkaudit.report/1.1``) as a fresh dict; ``summary`` is derived from the sites."""
         body: dict[str, Any] = {"schema": SCHEMA}
         body.update({name: getattr(self, name).to_dict() for name in _HEADERS})
@@ -513,7 +521,8 @@ class Report:
             body["gate"] = self.gate.to_dict()
         body["partial"] = self.partial
         body.update(copy.deepcopy(self.extra))
-        return _clean_floats(body)
+        clean: dict[str, Any] = _clean_floats(body)
+        return clean
 
     def to_json(self) -> str:
         return dumps(self.to_dict())
@@ -526,7 +535,7 @@ class Report:
         ranked = [s for s in self.sites if s.sigma50 is not None]
         return min(ranked, key=lambda s: (s.censored == "above", s.sigma50), default=None)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """``summary``: the weakest site, its σ50 and the number of sites."""
         w = self.weakest
         return {"weakest_site": w.name if w else None, "min_midpoint": w.midpoint if w else None,
@@ -541,7 +550,7 @@ class Report:
         """The first site of that tensor name."""
         return next((s for s in self.sites if s.name == name), None)
 
-    def with_gate(self, gate: GateResult, rules: dict | None = None) -> Report:
+    def with_gate(self, gate: GateResult, rules: dict[str, Any] | None = None) -> Report:
         """A copy carrying ``gate`` as its verdict and, when given, ``rules`` as ``config.gate``."""
         config = self.config
         if rules is not None:
@@ -626,7 +635,7 @@ def read_limited(path: str | Path, what: str, *, links: bool = True) -> bytes:
 
 # --- validation -------------------------------------------------------------------------------------------------
 
-def _refuse_constant(name: str):
+def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"non-finite number {name} (JSON has no NaN or Infinity)")
 
 
@@ -638,7 +647,7 @@ def _parse_float(text: str) -> float:
 
 
 @lru_cache(maxsize=1)
-def _site_schema() -> dict:
+def _site_schema() -> dict[str, Any]:
     from walkaudit.report.schema import load_schema
 
     schema = load_schema()
@@ -646,11 +655,11 @@ def _site_schema() -> dict:
 
 
 @lru_cache(maxsize=1)
-def _site_validator():
+def _site_validator() -> Any:
     return type(schema_validator())(_site_schema())
 
 
-def _check_document(data: Any, prefix: str, schema: dict | None = None) -> None:
+def _check_document(data: Any, prefix: str, schema: dict[str, Any] | None = None) -> None:
     """Nesting, finiteness, the JSON Schema, then what the schema cannot say (per-repeat lengths, counts)."""
     _check_values(data, prefix)
     validator = schema_validator() if schema is None else _site_validator()
@@ -681,7 +690,7 @@ _POINT_TOTALS = {"nonfinite": "nonfinite"}
 ACCURACY_TOLERANCE = 1e-9
 
 
-def _check_counts(point: dict, where: str) -> None:
+def _check_counts(point: dict[str, Any], where: str) -> None:
     """What the schema cannot say about one point's numbers: one count per repeat, each at most ``samples``;
     ``accuracy`` is the counts' mean over ``samples`` and ``nonfinite`` their sum; without per-repeat counts (1.0)
     ``nonfinite`` is at most repeats × samples."""
@@ -717,7 +726,7 @@ def _check_counts(point: dict, where: str) -> None:
                              f"{counted:.6g} ({sum(per_repeat['correct'])} of {repeats} × {samples})")
 
 
-def _check_report_numbers(data: dict) -> None:
+def _check_report_numbers(data: dict[str, Any]) -> None:
     """The report's numbers against each other: the clean counts give the clean accuracy, no point counts more
     samples than the clean pass, the evaluations are the points' repeats × samples, a shard is one of 1..N, no site
     index or name twice."""
@@ -728,10 +737,13 @@ def _check_report_numbers(data: dict) -> None:
         if counts["samples"] and abs(counts["correct"] / counts["samples"] - data["clean_accuracy"]) > \
                 ACCURACY_TOLERANCE:
             raise UsageError(f"clean_accuracy: {_short(data['clean_accuracy'])}, but clean_counts gives "
-                             f"{counts['correct'] / counts['samples']:.6g} ({counts['correct']} of {counts['samples']})")
+                             f"{counts['correct'] / counts['samples']:.6g} "
+                             f"({counts['correct']} of {counts['samples']})")
     scored_tokens = data["data"].get("scored") == "tokens"
     most = counts["samples"] if counts is not None else None if scored_tokens else data["data"]["samples"]
-    evaluations, indices, names = 0, {}, {}
+    evaluations = 0
+    indices: dict[Any, int] = {}
+    names: dict[Any, int] = {}
     for i, site in enumerate(data["sites"]):
         for j, point in enumerate(site["points"]):
             if most is not None and point["samples"] > most:
@@ -756,7 +768,7 @@ def _check_report_numbers(data: dict) -> None:
                              "shard I/N with 1 ≤ I ≤ N")
 
 
-def _check_paired_accuracy(point: dict, data: dict, where: str) -> None:
+def _check_paired_accuracy(point: dict[str, Any], data: dict[str, Any], where: str) -> None:
     """A point paired with the clean pass states its counts read against the clean accuracy of the samples it
     evaluated (`sweep.accuracy`): its accuracy must be what its counts give that way."""
     per_repeat = point.get("per_repeat")
@@ -852,7 +864,7 @@ def _check_count(value: Any, where: str) -> None:
 
 def _check_values(data: Any, prefix: str) -> None:
     """Refuse NaN/±inf, integers beyond float range and nesting deeper than MAX_DEPTH (iteratively: no recursion)."""
-    stack: list[tuple[Any, tuple, int]] = [(data, (), 0)]
+    stack: list[tuple[Any, tuple[Any, ...], int]] = [(data, (), 0)]
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, (dict, list)):
@@ -866,7 +878,7 @@ def _check_values(data: Any, prefix: str) -> None:
             raise UsageError(f"{_where(prefix, path)}: integer out of range")
 
 
-def _where(prefix: str, path) -> str:
+def _where(prefix: str, path: Iterable[Any]) -> str:
     text = prefix
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
@@ -891,7 +903,7 @@ def _short(value: Any) -> str:
     return printable(text if len(text) <= 60 else text[:57] + "…")
 
 
-def _problem(error) -> str:
+def _problem(error: Any) -> str:  # a jsonschema ValidationError
     kind, expected, value = error.validator, error.validator_value, error.instance
     if kind == "type":
         wanted = " or ".join(expected) if isinstance(expected, list) else expected
@@ -914,7 +926,7 @@ def _problem(error) -> str:
 
 # --- helpers ----------------------------------------------------------------------------------------------------
 
-def _extra(data: dict, known) -> dict:
+def _extra(data: dict[str, Any], known: Collection[str]) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in data.items() if k not in known}
 
 
@@ -946,7 +958,7 @@ def _json_number(value: Any) -> float | None:
     return value
 
 
-def _clean_floats(value):
+def _clean_floats(value: Any) -> Any:
     """NaN/Inf are not JSON: they become null (reports built in memory; validated ones hold none)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None

@@ -1,7 +1,8 @@
 """Figure of a report: accuracy-vs-σ curves and σ50 per site; :func:`save_figure` writes it to .png, .svg or .pdf.
 
 matplotlib is optional (``pip install matplotlib``, or ``pip install ".[plot]"`` in a checkout) and imported only
-when a plot is made. The figure is drawn on a ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so no global backend state changes.
+when a plot is made. The figure is drawn on a ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot,
+so no global backend state changes.
 Every text taken from the report is escaped (control characters, and ``$`` so matplotlib never reads mathtext), and
 matplotlib's warnings (a glyph missing from the font) stay inside.
 
@@ -18,11 +19,16 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from walkaudit.errors import UsageError
 from walkaudit.report.model import Report, SiteResult
 from walkaudit.report.text import axis_label, printable, report_level
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["FORMATS", "MAX_BARS", "MAX_CURVES", "plot_report", "save_figure"]
 
@@ -31,7 +37,7 @@ MAX_CURVES = 12
 MAX_BARS = 80
 
 
-def _matplotlib():
+def _matplotlib() -> tuple[Any, Any, Any]:
     try:
         import numpy as np
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -50,20 +56,21 @@ def check_path(path: str | Path) -> str:
     return suffix[1:]
 
 
-def plot_report(report: Report, baseline: Report | None = None, relative: bool = False):
+def plot_report(report: Report, baseline: Report | None = None, relative: bool = False) -> Figure:
     """Draw ``report``: returns a ``matplotlib.figure.Figure`` (Agg canvas). UsageError when matplotlib is missing.
 
     ``baseline``: another report whose curves (dashed) and σ50 (black ticks on the bars) are drawn over this one's,
     matched by site name. ``relative``: σ / activation std on the x axes instead of σ (sites without an activation
     std are left out of that view).
     """
-    np, Figure, FigureCanvasAgg = _matplotlib()
+    np, figure_class, canvas_class = _matplotlib()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _draw(report, np, Figure, FigureCanvasAgg, baseline=baseline, relative=relative)
+        figure: Figure = _draw(report, np, figure_class, canvas_class, baseline=baseline, relative=relative)
+        return figure
 
 
-def save_figure(figure, path: str | Path) -> None:
+def save_figure(figure: Figure, path: str | Path) -> None:
     """Write ``figure`` to ``path`` (format from the suffix) through a temporary file in the same folder, so a failed
     write never leaves a half-written image in place of the user's file. UsageError when it cannot be written."""
     path = Path(path)
@@ -107,7 +114,7 @@ def _thresholds(report: Report, relative: bool) -> list[float]:
                    and t.get("value") is not None and float(t["value"]) > 0})
 
 
-def _plain_ticks(axis) -> None:
+def _plain_ticks(axis: Any) -> None:
     """Tick labels as plain numbers (``2``, ``0.01``), not ``2×10⁰``."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -115,7 +122,8 @@ def _plain_ticks(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None = None, relative: bool = False):
+def _draw(report: Report, np: Any, Figure: Any, FigureCanvasAgg: Any, baseline: Report | None = None,
+          relative: bool = False) -> Any:
     from walkaudit.report.render import short_names
 
     level = report_level(report.config)
@@ -149,8 +157,9 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
     sigma_all: list[float] = []
     for (color, dash), site in zip(styles, curves, strict=True):
         scale = _scale(site, relative)
+        assert scale is not None  # the sites without one were left out above
         points = sorted((p for p in site.points if p.sigma > 0), key=lambda p: p.sigma)
-        label = _label(labels[id(site)], 40)
+        label: str | None = _label(labels[id(site)], 40)
         if points:
             sig = [p.sigma / scale for p in points]
             sigma_all += sig
@@ -178,8 +187,8 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
         ax_acc.axhline(half, color="0.3", ls="--", lw=0.9, label=f"halfway {half:.3f}")
     ax_acc.axhline(chance, color="0.6", ls=":", lw=0.9, label=f"chance {chance:.3f}")
     ax_acc.axhline(clean, color="0.6", ls="-.", lw=0.9, label=f"clean {clean:.3f}")
-    for value in thresholds:
-        ax_acc.axvline(value, color="tab:red", ls="--", lw=1.0, label=f"fail under {value:g}")
+    for limit in thresholds:
+        ax_acc.axvline(limit, color="tab:red", ls="--", lw=1.0, label=f"fail under {limit:g}")
     if baseline is not None:
         ax_acc.plot([], [], ls=":", color="0.3", label=f"baseline ({_label(baseline.model.file_name, 40)})")
     if sigma_all or any(s.sigma50 for s in curves):
@@ -222,11 +231,12 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
                 ax_mid.plot([value], [row], marker=">" if censored == "above" else "<", color=color, ms=7)
             if site.ci95 is not None and censored is None:
                 scale = _scale(site, relative) if relative else 1.0
+                assert scale is not None  # the sites without one were left out above
                 lo, hi = min(site.ci95[0] / scale, value), max(site.ci95[1] / scale, value)
                 ax_mid.errorbar([value], [row], xerr=[[value - lo], [hi - value]], fmt="none", ecolor="black",
                                 lw=0.8, capsize=2)
-        for value in thresholds:
-            ax_mid.axvline(value, color="tab:red", ls="--", lw=1.0)
+        for limit in thresholds:
+            ax_mid.axvline(limit, color="tab:red", ls="--", lw=1.0)
         ax_mid.set_xscale("log")
         ax_mid.set_xlim(left=left)
         _plain_ticks(ax_mid.xaxis)
@@ -245,7 +255,7 @@ def _draw(report: Report, np, Figure, FigureCanvasAgg, baseline: Report | None =
     return fig
 
 
-def _bits_axis(ax, np) -> None:
+def _bits_axis(ax: Any, np: Any) -> None:
     """A top axis in bits over a relative-step axis: B = log2(1 + 1/Δ), ticked at whole bit counts."""
     with np.errstate(divide="ignore", invalid="ignore"):
         top = ax.secondary_xaxis("top", functions=(lambda d: np.log2(1.0 + 1.0 / np.maximum(d, 1e-300)),
@@ -275,14 +285,14 @@ def _ci_low(site: SiteResult) -> float | None:
     return site.ci95[0] if site.ci95[0] > 0 else None
 
 
-def _logistic(site: SiteResult, np):
+def _logistic(site: SiteResult, np: Any) -> Callable[[Any], Any] | None:
     """acc(u) = lo + (hi - lo) / (1 + exp((u - m) / w)) as a numpy function of u = log10 σ, or None."""
     params = site.fit.logistic
     if params is None:
         return None
     hi, lo, m, w = params
 
-    def curve(u):
+    def curve(u: Any) -> Any:
         z = np.clip((np.asarray(u, dtype=float) - m) / w, -500, 500)
         return lo + (hi - lo) / (1.0 + np.exp(z))
 
@@ -293,7 +303,7 @@ def _logistic(site: SiteResult, np):
 _LINESTYLES = ("-", "--", "-.", ":")
 
 
-def _styles(count: int) -> list[tuple]:
+def _styles(count: int) -> list[tuple[Any, str]]:
     """(colour, line style) for ``count`` curves: tab10's hues first, then tab20's light ones, then the same hues
     with other line styles; neighbours in network order never share a colour."""
     from matplotlib import colormaps
@@ -303,7 +313,7 @@ def _styles(count: int) -> list[tuple]:
     return [(hues[i % len(hues)], _LINESTYLES[(i // len(hues)) % len(_LINESTYLES)]) for i in range(count)]
 
 
-def _colors(count: int) -> list:
+def _colors(count: int) -> list[Any]:
     """The colours of :func:`_styles`."""
     return [color for color, _ in _styles(count)]
 

@@ -16,8 +16,9 @@ import io
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
@@ -53,7 +54,7 @@ class Column:
     (dropped first when space is short), ``index`` or ``text``."""
 
     header: str
-    justify: str = "left"
+    justify: JustifyMethod = "left"
     kind: str = "text"
 
 
@@ -66,7 +67,7 @@ class Name:
     style: str = ""
 
 
-class Lines(list):
+class Lines(list[str | Text]):
     """A layout of plain lines (records); :func:`show` prints each with soft wrapping, so nothing is cropped."""
 
 
@@ -125,13 +126,13 @@ def short_names(names: list[str], limit: int) -> list[str]:
     return out
 
 
-def _cell(value) -> Text:
+def _cell(value: object) -> Text:
     if isinstance(value, Name):
         return Text(value.text + value.mark, style=value.style)
     return value if isinstance(value, Text) else Text(str(value))
 
 
-def _table(columns: list[Column], rows: list[list], title: str | None, caption: str | None) -> Table:
+def _table(columns: list[Column], rows: list[list[Any]], title: str | None, caption: str | None) -> Table:
     """The table; a caption wider than it goes one entry (separated by two spaces) per line, never broken inside
     an entry."""
     table = Table(title=title, title_justify="left", header_style="bold", caption_justify="left")
@@ -150,7 +151,7 @@ def _natural_width(table: Table) -> int:
     return Measurement.get(console, console.options, table).maximum
 
 
-def fit(columns: list[Column], rows: list[list], width: int | None, title: str | None = None,
+def fit(columns: list[Column], rows: list[list[Any]], width: int | None, title: str | None = None,
         caption: str | None = None) -> Table | Lines:
     """The widest layout of ``rows`` that fits ``width`` (None: no limit) without cropping anything: the table;
     without ``bar`` columns; with ``name`` columns shortened (common prefix elided, the end kept, all distinct); else
@@ -185,7 +186,7 @@ def fit(columns: list[Column], rows: list[list], width: int | None, title: str |
     return _records(columns, rows, title, caption)
 
 
-def _records(columns: list[Column], rows: list[list], title: str | None, caption: str | None) -> Lines:
+def _records(columns: list[Column], rows: list[list[Any]], title: str | None, caption: str | None) -> Lines:
     lines = Lines()
     if title:
         lines.append(title)
@@ -209,7 +210,7 @@ def _records(columns: list[Column], rows: list[list], title: str | None, caption
     return lines
 
 
-def output_width(stream) -> int | None:
+def output_width(stream: Any) -> int | None:
     """The width a table printed to ``stream`` may take: the terminal's when ``stream`` is one, ``$COLUMNS`` when
     set, else None (no limit: a CI log or a pipe gets the whole table)."""
     try:
@@ -227,7 +228,7 @@ def output_width(stream) -> int | None:
     return None
 
 
-def show(console: Console, item) -> None:
+def show(console: Console, item: object) -> None:
     """Print a layout: a table as it is (it fits), :class:`Lines` and strings one line each, never cropped."""
     if isinstance(item, (list, tuple)):
         for line in item:
@@ -321,7 +322,7 @@ def tolerance_title(report: Report) -> str:
     return f"Tolerated noise: {report_level(report.config).symbol} at which accuracy falls by each drop (95% interval)"
 
 
-def tolerance_cell(entry: dict, level: Level = SIGMA) -> str:
+def tolerance_cell(entry: dict[str, Any], level: Level = SIGMA) -> str:
     """One `--drop` result as the JSON has it: σ (or its censoring bound, in the level's unit) and its 95% interval
     when there is one; the bits a relative step stands for after it."""
     text = format_level(entry["sigma"], entry["censored"], level)

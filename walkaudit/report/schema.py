@@ -12,11 +12,12 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from walkaudit.errors import UsageError
 
-__all__ = ["SCHEMA_ID", "SCHEMA_MAJOR", "SCHEMA_VERSION", "check_report_version", "load_schema", "schema_path", "schema_validator",
-           "validate_report"]
+__all__ = ["SCHEMA_ID", "SCHEMA_MAJOR", "SCHEMA_VERSION", "check_report_version", "load_schema", "schema_path",
+           "schema_validator", "validate_report"]
 
 SCHEMA_ID = "walkaudit.report/1"  # the family this walkaudit reads: any 1.x
 SCHEMA_MAJOR = 1
@@ -35,13 +36,14 @@ def _schema_text() -> str:
     return schema_path().read_text(encoding="utf-8")
 
 
-def load_schema() -> dict:
+def load_schema() -> dict[str, Any]:
     """The report JSON Schema (draft 2020-12) as a fresh dict."""
-    return json.loads(_schema_text())
+    schema: dict[str, Any] = json.loads(_schema_text())
+    return schema
 
 
 @lru_cache(maxsize=1)
-def schema_validator():
+def schema_validator() -> Any:  # a jsonschema.Draft202012Validator (jsonschema ships no types)
     """A ``jsonschema`` Draft 2020-12 validator of the report schema (built once; jsonschema is imported lazily)."""
     try:
         import jsonschema

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from walkaudit._noise.registry import REGISTRY, SIGMA, Level
@@ -16,11 +17,12 @@ __all__ = ["Level", "axis_label", "finite", "format_bits", "format_level", "form
 # C0 and DEL, C1 (0x80-0x9f: 0x9b is a one-byte CSI), lone surrogates, line/paragraph separators and the bidi
 # embedding/override/isolate controls ("trojan source"), U+FFFE/U+FFFF (not XML): none of them may reach a terminal,
 # a table or an XML file.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff\ufffe\uffff]")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                          "\ud800-\udfff\ufffe\uffff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _escape(match: re.Match) -> str:
+def _escape(match: re.Match[str]) -> str:
     char = match.group()
     if char in _NAMED:
         return _NAMED[char]
@@ -57,7 +59,7 @@ def format_sigma(value: Any, censored: str | None = None, digits: int = 3) -> st
     return f"{prefix}{number:.{digits}g}"
 
 
-def report_level(config) -> Level:
+def report_level(config: Any) -> Level:
     """What a report's level is (`config`: its ConfigInfo): its noise model's, declared in the registry. Reports
     without `config.level` (the Gaussian models', and every report written before the other models existed) keep
     σ."""
@@ -100,7 +102,7 @@ def axis_label(level: Level, *notes: str) -> str:
     return f"{level.symbol} ({inside}{bits})"
 
 
-def dim_text(d) -> str:
+def dim_text(d: object) -> str:
     """One dimension of a shape as people read it: `?` for an unknown one, including the `unk__N` names that
     exporters and shape inference invent for them."""
     if d is None or (isinstance(d, str) and d.startswith("unk__")):
@@ -108,7 +110,7 @@ def dim_text(d) -> str:
     return str(d)
 
 
-def shape_text(shape) -> str:
+def shape_text(shape: Iterable[object] | None) -> str:
     """A shape as `N×3×32×32` (printable), `?` when unknown."""
     return "?" if shape is None else printable("×".join(dim_text(d) for d in shape))
 

@@ -1,4 +1,5 @@
-"""Renderers of a typed walkaudit report (:class:`walkaudit.report.Report`) into other formats. Each returns a string; the CLI decides where it goes."""
+"""Renderers of a typed walkaudit report (:class:`walkaudit.report.Report`) into other formats. Each returns a string;
+the CLI decides where it goes."""
 
 from __future__ import annotations
 

@@ -3,13 +3,15 @@
 Layout: a heading with the model file name and the gate verdict (passed, failed, undecided, incomplete for a partial
 report, or no gate when no rule was given), one line of context (clean accuracy, chance, noise, provider), a table
 with one row per site (index, tensor name, op type, σ50 with ``>``/``<`` when censored, σ50 / activation std, 95%
-interval, status; σ50 under the level's own symbol: BER50, t50, Δ50 with B50 in bits), then the gate failures, the undecided checks and, folded away, its warnings.
+interval, status; σ50 under the level's own symbol: BER50, t50, Δ50 with B50 in bits), then the gate failures, the
+undecided checks and, folded away, its warnings.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Set as AbstractSet
 
 from walkaudit.report.model import Failure, GateResult, Report, SiteResult
 from walkaudit.report.render import midpoint_cells, midpoint_columns, tolerance_cell
@@ -80,8 +82,8 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]], undecided: set[str | None] = frozenset(),
-                gated: bool = True) -> str:
+def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]],
+                undecided: AbstractSet[str | None] = frozenset(), gated: bool = True) -> str:
     """❌ a gate rule failed, ❔ a rule undecided, ⚠️ no midpoint (nothing measured, or the fit found none), — no
     gate rule was given, ✅ otherwise."""
     if by_site.get(site.name):
