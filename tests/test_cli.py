@@ -309,3 +309,14 @@ def test_a_bare_max_drop_still_means_decades_and_says_to_write_the_unit(mlp_file
     assert len(warnings) == 1 and warnings[0].startswith("walkaudit: warning: ") and "'0.5dec'" in warnings[0]
     written = invoke("compare", tmp_path / "base.json", tmp_path / "base.json", "--max-drop", "0.5dec")
     assert bare.exit_code == written.exit_code and "bare number" not in written.stderr
+
+
+def test_a_baseline_without_max_drop_is_said_once_before_the_audit(mlp_files, tmp_path):
+    base, _ = audit_json(mlp_files, "--quiet")
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    report, result = audit_json(mlp_files, "--baseline", tmp_path / "base.json")
+    lines = [ln for ln in result.stderr.splitlines() if "--baseline without --max-drop" in ln]
+    assert len(lines) == 1 and lines[0].startswith("walkaudit: warning: ")
+    assert not any("baseline" in w for w in report["gate"]["warnings"])
+    compared = invoke("compare", tmp_path / "base.json", tmp_path / "base.json")
+    assert "not compared" not in compared.stderr + compared.stdout

@@ -58,6 +58,8 @@ def audit_command(model: str, data: opt.Data, sites: opt.Sites, noise: opt.Noise
                   extra=[("--checkpoint", checkpoint_path)])
     gate_config = gate.config(gate.baseline)
     baseline_report = read_report(gate.baseline) if gate.baseline else None
+    if baseline_report is not None and gate_config.max_drop is None:
+        warn("--baseline without --max-drop: the baseline is not compared (add e.g. --max-drop 20%)")
     config = AuditConfig(
         **noise.config(), **sweep.config(), **runtime.config(sweep.global_mode),
         chance=data.chance, output=data.output, selection=sites.selection(), limit=data.limit, x_key=data.x_key,
