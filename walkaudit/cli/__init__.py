@@ -1,6 +1,6 @@
 """Command line: parse, build the config, call the API, render, gate, exit code.
 
-Exit codes: 0 passed, 1 gate failed, 2 bad usage or input, 3 runtime failure, 130 interrupted.
+Exit codes: 0 passed, 1 gate failed or undecided, 2 bad usage or input, 3 runtime failure, 130 interrupted.
 
 One module per command (audit, inspect, compare, merge, plot, plan, meta: version and help), each registered on the
 group `main` (app); their options come from the groups in `options`, defined once; `reports` reads, checks and

@@ -172,7 +172,7 @@ def main():
       walkaudit compare baseline.json report.json --max-drop 20%
       walkaudit plot report.json -o curves.png
 
-    Exit codes: 0 passed, 1 gate failed, 2 bad usage or input, 3 runtime failure, 130 interrupted.
+    Exit codes: 0 passed, 1 gate failed or undecided, 2 bad usage or input, 3 runtime failure, 130 interrupted.
     """
 
 

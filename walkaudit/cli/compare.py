@@ -25,7 +25,7 @@ def compare(old: str, new: str, gate: opt.Gate, output: opt.Output):
       walkaudit compare baseline.json report.json --max-drop 20% --markdown auto --format github
 
     The change column is in percent (as --max-drop '20%'), the decades column in decades (as '0.3dec').
-    Exit codes: 0 passed, 1 gate failed, 2 bad usage or input (e.g. reports that cannot be compared).
+    Exit codes: 0 passed, 1 gate failed or undecided, 2 bad usage or input (e.g. reports that cannot be compared).
     """
     from walkaudit.report import gate as gates
     from walkaudit.report.text import report_level

@@ -18,7 +18,7 @@ from walkaudit.cli.reports import check_outputs, emit, read_report
 @opt.OUTPUT
 def merge_command(shard_paths: tuple[str, ...], gate: opt.Gate, output: opt.Output):
     """Combine the N reports of 'walkaudit MODEL --data D --shard I/N' into the unsharded audit's report and gate it
-    like an audit (exit 0 passed, 1 gate failed, 2 the reports are not the N shards of one audit).
+    like an audit (exit 0 passed, 1 gate failed or undecided, 2 the reports are not the N shards of one audit).
 
     \b
       walkaudit merge shard-*.json -o report.json --fail-under 0.05

@@ -102,9 +102,9 @@ def plan_command(model: str, data: opt.Data, budget: Budget, sites: opt.Sites, n
                 " (measured drop {:.4f}, 95% CI {:.4f} to {:.4f}, with the last plan tried)".format(
                     result["measured_drop"], *result["ci95"]))
     if result["decision"] == "not shown":
-        open_.append(f"no plan with at most {result['max_repeats']} repetitions per layer and "
-                     f"{result['evaluations']:,} evaluations has its drop's 95% interval within {bound.describe()}"
-                     f"{measured}; more data, --max-evaluations or --max-repeats may show it")
+        open_.append(f"no plan with at most {result['max_repeats']} repetitions per layer has its drop's 95% interval "
+                     f"within {bound.describe()}{measured}, after {result['evaluations']:,} of the "
+                     f"{result['max_evaluations']:,} evaluations allowed; more data or --max-repeats may show it")
     elif not result["met"]:
         failures.append(f"no plan with at most {result['max_repeats']} repetitions per layer keeps the drop within "
                         f"{bound.describe()}{measured}")
