@@ -103,9 +103,10 @@ def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditC
     return run
 
 
-def _call(progress, method: str, *args) -> None:
-    """Tell the progress display, if it listens for this (displays written for walkaudit 0.1 do not)."""
-    fn = getattr(progress, method, None)
+def _call(listener, method: str, *args) -> None:
+    """Tell the progress display, if it listens for this (displays written for walkaudit 0.1 do not), or the
+    executor (`release` is optional)."""
+    fn = getattr(listener, method, None)
     if fn is not None:
         fn(*args)
 
@@ -214,7 +215,8 @@ class AuditRun:
         # a walk keeps the clean values its sites read (where the units run: each worker those of its own rows)
         keep = config.mode == "walk" and len(self.done) < len(self.sites)
         self._executor = (self.executor(self) if self.executor else
-                          InProcess(lambda unit: worker.evaluate(unit, progress.advance), worker.clean_pass))
+                          InProcess(lambda unit: worker.evaluate(unit, progress.advance), worker.clean_pass,
+                                    worker.release))
         try:
             self.clean = self._executor.clean_pass(progress.advance, keep)
         except BaseException:
@@ -262,6 +264,7 @@ class AuditRun:
                 _call(self.progress, "site_started", position, len(units), name)
                 if name in self.done:
                     finished[position] = SiteResult.from_dict(self.done[name])
+                    _call(executor, "release", names)  # what the clean pass kept for it
                     continue
                 self.progress.describe(name)
                 state = active[position] = _Search(position, site, names, self._search(names))
@@ -301,6 +304,7 @@ class AuditRun:
             request = next(state.search) if counts is None else state.search.send(counts)
         except StopIteration as done:
             state.curve = done.value
+            _call(executor, "release", state.names)  # its sessions and caches are no longer needed
             return
         config = self.config
         scales = dict(config.site_scales)

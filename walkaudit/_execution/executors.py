@@ -43,6 +43,9 @@ class Executor(Protocol):
 
     def close(self) -> None: ...
 
+    # optional: `release(sites)`, told when the search at `sites` is done, so that the workers can free what its
+    # units needed (`Worker.release`); the driver calls it where an executor has it
+
 
 class _Done:
     """A handle whose counts are already there."""
@@ -59,8 +62,13 @@ class InProcess:
     sites_in_flight = 1
 
     def __init__(self, evaluate: Callable[[WorkUnit], Counts],
-                 clean_pass: Callable[..., CleanStats] | None = None):
-        self._evaluate, self._clean_pass = evaluate, clean_pass
+                 clean_pass: Callable[..., CleanStats] | None = None,
+                 release: Callable[[tuple[str, ...]], None] | None = None):
+        self._evaluate, self._clean_pass, self._release = evaluate, clean_pass, release
+
+    def release(self, sites: tuple[str, ...]) -> None:
+        if self._release is not None:
+            self._release(sites)
 
     def clean_pass(self, progress: Callable[[int], None], keep: bool) -> CleanStats:
         return self._clean_pass(progress, keep=keep)

@@ -278,6 +278,20 @@ class Worker:
             evaluation = self._evaluations[unit.mode, unit.sites] = self._evaluation(unit)
         return evaluation.evaluate(unit, targets, progress)
 
+    def release(self, sites: tuple[str, ...]) -> None:
+        """Forget what units at `sites` needed: their sessions, prefix, cached and kept clean values. Called when
+        their search is done, so that memory is bounded by one site's evaluation and not by the sites audited; a
+        later unit at these sites would build them again (from the prefix: the same counts)."""
+        for key in [k for k in self._evaluations if k[1] == tuple(sites)]:
+            del self._evaluations[key]
+        if len(sites) == 1 and sites[0] in self._kept_sites:
+            self._take(sites[0])
+
+    @property
+    def live_evaluations(self) -> int:
+        """Evaluations held (each with its sessions and caches): at most the sites in flight."""
+        return len(self._evaluations)
+
     def strategy(self, sites: tuple[str, ...], mode: str = "walk") -> type[Strategy]:
         """The evaluation path units at these sites take (`strategies.choose`)."""
         return self.forced or choose(mode, self.model.opset, [self.model.types[s] for s in sites],
