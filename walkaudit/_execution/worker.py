@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from walkaudit._execution import sizing
-from walkaudit._execution.runtime import OutOfMemory, Runtime, run
+from walkaudit._execution.runtime import OutOfMemory, Runtime, run, trim_heap
 from walkaudit._execution.strategies import (
     DrawnSuffix,
     HostApplied,
@@ -129,6 +129,7 @@ class Worker:
         self._kept_sites: set[str] = set()  # sites whose values are kept and that no evaluation has taken yet
         self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`Recipe`)
         self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
+        self.cache_peak = 0  # the most bytes of clean values held at once (`cached_bytes`), never above cache_bytes
         self._axes: dict[str, int | str] = {}  # site -> its batch axis from the inferred shape, or "size"
         self._folds: dict[str, str | None] = {}  # site -> how its first axis folds the samples (`fold`)
 
@@ -183,6 +184,7 @@ class Worker:
                 kept = {r for site in self._kept_sites for r in self._reads[site]}
             if kept:
                 self._kept[k] = {r: values[r] for r in kept}
+                self.cache_peak = max(self.cache_peak, self.kept_bytes)
             pred, _ = predictions(values[out.name], out.kind, out.per_token)
             preds.append(pred[:n])
             for name in names:
@@ -286,6 +288,7 @@ class Worker:
             del self._evaluations[key]
         if len(sites) == 1 and sites[0] in self._kept_sites:
             self._take(sites[0])
+        trim_heap()
 
     @property
     def live_evaluations(self) -> int:
@@ -344,6 +347,12 @@ class Worker:
     def kept_bytes(self) -> int:
         return sum(v.nbytes for values in self._kept.values() for v in values.values())
 
+    @property
+    def cached_bytes(self) -> int:
+        """Clean values held now: kept by the clean pass for sites still to come, and cached by the evaluations
+        alive (one per site in flight). All of it counts against one budget, `cache_bytes`."""
+        return self.kept_bytes + sum(e.cached for e in self._evaluations.values())
+
 
 class _Evaluation:
     """One site's (or global mode's) noisy graph with its clean-value cache, its device copies and what it learnt
@@ -367,9 +376,10 @@ class _Evaluation:
             _, feeds = self.worker.feeds(k)
             values = self.worker.clean_values(feeds, self.strategy.reads, self.prefix)
             size = sum(v.nbytes for v in values.values())
-            if self.cached + size + self.worker.kept_bytes <= self.worker.cache_bytes:
+            if self.worker.cached_bytes + size <= self.worker.cache_bytes:
                 self.cache[k] = values
                 self.cached += size
+                self.worker.cache_peak = max(self.worker.cache_peak, self.worker.cached_bytes)
         return values
 
     def _device(self, k: int, whole: bool, values: dict[str, np.ndarray]) -> dict:
