@@ -167,7 +167,6 @@ def audit(model: str, data: str, threads: int, every: int) -> dict:
     return {"rss_before_mib": before, "peak_mib": _status("self", "VmHWM"), "wall_s": wall,
             "sites": len(report.sites), "every": every, "evaluations": runtime.get("evaluations"),
             "clean_accuracy": report.clean_accuracy, "cache_budget_bytes": runtime.get("cache_budget_bytes"),
-            "cache_peak_bytes": runtime.get("cache_peak_bytes"),
             "censored": sum(1 for s in report.sites if s.censored)}
 
 

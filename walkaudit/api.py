@@ -416,7 +416,7 @@ class AuditRun:
             "runtime": {"provider": runtime.provider, "onnxruntime_version": runtime.version,
                         "elapsed_s": round(time.perf_counter() - self.started, 3), "evaluations": evaluations,
                         "noise_source": "graph" if worker.graph_draws else "host",
-                        "cache_budget_bytes": worker.cache_bytes, "cache_peak_bytes": worker.cache_peak,
+                        "cache_budget_bytes": worker.cache_bytes,
                         "notes": notes},
             "clean_accuracy": self.clean.accuracy,
             "clean_counts": {"correct": self.clean.correct, "samples": self.clean.samples},
