@@ -111,7 +111,8 @@ class Worker:
         exposed = [*(s.name for s in sites), *(n for names in self._reads.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
         # are exposed with it (a site's curve is then the same audited alone or among others)
-        self._clean = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
+        self._exposed = exposed
+        self._clean_session = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
         self._inputs = {s.name for s in model.inputs}
         self.device_free = runtime.device_memory()  # None on the CPU
         self.notes: list[str] = []
@@ -154,6 +155,16 @@ class Worker:
         if fixed is not None and n < fixed:
             feeds = {name: _pad(v, fixed) for name, v in feeds.items()}
         return n, feeds
+
+    @property
+    def _clean(self):
+        """The clean model's session (sites exposed): made with the worker, dropped after a walk's clean pass (its
+        weights and its arena, which held every exposed value of a batch: ~0.5-1 GB on ViT-B/16 at batch 8), and
+        made again only if a walk unit needs it (a value to compute anew for part of a batch)."""
+        if self._clean_session is None:
+            self._clean_session = self.runtime.session(passes.expose(self.model.proto, self._exposed,
+                                                                     self.model.types), exact=True)
+        return self._clean_session
 
     def clean_values(self, feeds: dict[str, np.ndarray], names, session=None) -> dict[str, np.ndarray]:
         """Clean values by name for one batch, from `session` (default: the clean model, sites exposed)."""
@@ -201,6 +212,9 @@ class Worker:
                 stats.width = values[out.name].shape[-1]
             if progress:
                 progress(n)
+        if self.mode == "walk":  # the walk runs suffixes, fed what was kept or what prefixes compute
+            self._clean_session = None
+            trim_heap()
         pred = np.concatenate(preds)
         self._targets = targets_of(pred, _rows_of(self.data, rows), out)
         scored = self._targets != UNSCORED
@@ -304,7 +318,7 @@ class Worker:
     def _evaluation(self, unit: WorkUnit) -> _Evaluation:
         kind, model = self.strategy(unit.sites, unit.mode), self.model
         if unit.mode == "global":
-            return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), self._clean, {})
+            return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), None, {})
         (site,) = unit.sites
         if site not in self._plans:  # a walk unit on a worker built for global mode
             self._plans[site] = self._per_sample(site, self.index.suffix_plan(site, model.class_output.name))
@@ -320,7 +334,7 @@ class Worker:
         else:
             strategy = kind(self.runtime, model, self.noise, suffix)
         kept = self._take(site)
-        prefix = self._clean if kept else self.runtime.session(
+        prefix = None if kept else self.runtime.session(  # None: the clean model, should it be needed
             passes.prefix(model.proto, [site, *suffix.frontier], model.types, index=self.index),
             f"part of the model before {site}",
             exact=True)
