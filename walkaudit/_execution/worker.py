@@ -48,7 +48,8 @@ from walkaudit._units import (
 )
 from walkaudit.errors import DataError, RuntimeFailure, UsageError
 
-#: Clean values kept per site between σ rounds (bytes), shared with what the clean pass keeps for later sites.
+#: The one budget (bytes) for clean values: what the clean pass keeps for later sites and what the evaluations alive
+#: cache between σ rounds, counted together (`Worker.cached_bytes`); stated in the report (runtime.cache_budget_bytes).
 CACHE_BYTES = 256 << 20
 #: Samples the σ = 0 packing check runs on (`_Evaluation._probe`): two, so that the check (a run of two tiled copies
 #: and one of the rows alone) costs less than one row-pass of a batch of 8 (it cost 3 on the zoo's 8-image audits).
