@@ -344,3 +344,19 @@ def test_a_cluster_that_does_not_answer_is_one_line_and_exit_3(tmp_path, monkeyp
     assert len(lines) == 1 and lines[0].startswith(
         f"walkaudit: error: cannot join the Ray cluster at {address.format(port=free)}: 127.0.0.1:{free} does not "
         "answer"), result.stderr
+
+
+def test_actors_release_a_sites_sessions_when_its_search_is_done(ray_cluster, files):
+    """As in process (tests/test_memory.py): every actor drops a finished site's evaluation, so an actor's memory is
+    bounded by the sites in flight, not by the sites audited."""
+    import ray
+
+    made = []
+    run = api.iter_audit(str(files / "mlp.onnx"), data=str(files / "val.npz"), provider="cpu", seed=5, threads=1,
+                         sigmas=(0.1, 1.0), repeats=1, executor=_factory(made, piece_seconds=0.002))
+    alive = []
+    for _ in run:
+        alive.append(ray.get(made[0].released))
+    assert len(alive) >= 2 and all(len(counts) == 2 for counts in alive)
+    assert alive[-1] == [0, 0]  # after the last site: nothing held on either actor
+    assert all(max(counts) < made[0].sites_in_flight + 1 for counts in alive)

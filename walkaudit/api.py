@@ -28,6 +28,7 @@ from walkaudit._execution import resolved as resolved_mod
 from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.resolved import ResolvedAudit
 from walkaudit._execution.runtime import Runtime
+from walkaudit._execution.worker import CACHE_BYTES
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats, weight_std
 from walkaudit._loading import data as data_mod
@@ -107,9 +108,10 @@ def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditC
     return run
 
 
-def _call(progress, method: str, *args) -> None:
-    """Tell the progress display, if it listens for this (displays written for walkaudit 0.1 do not)."""
-    fn = getattr(progress, method, None)
+def _call(listener, method: str, *args) -> None:
+    """Tell the progress display, if it listens for this (displays written for walkaudit 0.1 do not), or the
+    executor (`release` is optional)."""
+    fn = getattr(listener, method, None)
     if fn is not None:
         fn(*args)
 
@@ -278,6 +280,7 @@ class AuditRun:
                 _call(self.progress, "site_started", position, len(units), name)
                 if name in self.done:
                     finished[position] = SiteResult.from_dict(self.done[name])
+                    _call(executor, "release", names)  # what the clean pass kept for it
                     continue
                 self.progress.describe(name)
                 state = active[position] = _Search(position, site, names, self._search(names))
@@ -318,6 +321,7 @@ class AuditRun:
             request = next(state.search) if counts is None else state.search.send(counts)
         except StopIteration as done:
             state.curve = done.value
+            _call(executor, "release", state.names)  # its sessions and caches are no longer needed
             return
         config = self.config
         scales = dict(config.site_scales)
@@ -443,7 +447,8 @@ class AuditRun:
                                  "exclude": config.selection.exclude, "names": list(config.selection.names)}},
             "runtime": {"provider": runtime.provider, "onnxruntime_version": runtime.version,
                         "elapsed_s": round(time.perf_counter() - self.started, 3), "evaluations": evaluations,
-                        "noise_source": "graph" if graph_draws else "host", "notes": notes},
+                        "noise_source": "graph" if graph_draws else "host",
+                        "cache_budget_bytes": CACHE_BYTES, "notes": notes},
             "clean_accuracy": self.clean.accuracy,
             "clean_counts": {"correct": self.clean.correct, "samples": self.clean.samples},
             "chance": self.chance, "num_classes": self.num_classes, "sites": sites, "partial": partial,

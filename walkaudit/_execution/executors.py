@@ -51,6 +51,9 @@ class Executor(Protocol):
 
     def close(self) -> None: ...
 
+    # optional: `release(sites)`, told when the search at `sites` is done, so that the workers can free what its
+    # units needed (`Worker.release`); the driver calls it where an executor has it
+
 
 class _Done:
     """A handle whose counts are already there."""
@@ -73,6 +76,10 @@ class InProcess:
     @property
     def graph_draws(self) -> bool:
         return self.worker.graph_draws
+
+    def release(self, sites: tuple[str, ...]) -> None:
+        """Drop what the worker holds for finished sites (sessions, prefix, cached values)."""
+        self.worker.release(sites)
 
     def clean_pass(self, progress: Callable[[int], None], keep: bool) -> CleanStats:
         return self.worker.clean_pass(progress, keep=keep)

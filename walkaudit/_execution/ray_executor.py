@@ -125,6 +125,12 @@ class _Host:
         counts = [self.worker.evaluate(unit) for unit in units]
         return counts, time.perf_counter() - t, fresh
 
+    def release(self, sites: tuple[str, ...]) -> int:
+        """Drop what this actor holds for finished sites (`Worker.release`); its evaluations still alive."""
+        if self.worker is not None:
+            self.worker.release(tuple(sites))
+        return 0 if self.worker is None else self.worker.live_evaluations
+
 
 # -- connecting ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -600,6 +606,10 @@ class RayExecutor:
 
     def result(self, handle: _Piece) -> Counts:
         return handle.counts
+
+    def release(self, sites: tuple[str, ...]) -> None:
+        """Tell every actor that these sites' searches are done (actors run calls in order: after their units)."""
+        self.released = [actor.release.remote(tuple(sites)) for actor in self.actors]
 
     def stats(self) -> dict:
         """What the run cost: pieces, pieces sent again, seconds the actors worked, the wait per piece beyond it."""

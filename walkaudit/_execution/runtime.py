@@ -319,6 +319,18 @@ def run_bound(session, device_inputs: dict, host_inputs: dict[str, np.ndarray], 
     return io.copy_outputs_to_cpu()[0]
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim): after a site's sessions are freed,
+    glibc keeps their arenas' pages otherwise, and the next site's peak comes on top (ViT-B/16: 3.4 -> 2.1 GB
+    resident between sites). Nothing where the C library has no such call."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def failure(exc: Exception, what: str = "model") -> RuntimeFailure:
     """onnxruntime's exception as ours: OutOfMemory (the caller may retry smaller) or RuntimeFailure."""
     text = str(exc)

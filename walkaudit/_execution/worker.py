@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from walkaudit._execution import sizing
-from walkaudit._execution.runtime import OutOfMemory, Runtime, run
+from walkaudit._execution.runtime import OutOfMemory, Runtime, run, trim_heap
 from walkaudit._execution.strategies import (
     DrawnSuffix,
     HostApplied,
@@ -50,10 +50,12 @@ from walkaudit._units import (
 )
 from walkaudit.errors import DataError, RuntimeFailure, UsageError
 
-#: Clean values kept per site between σ rounds (bytes), shared with what the clean pass keeps for later sites.
+#: The one budget (bytes) for clean values: what the clean pass keeps for later sites and what the evaluations alive
+#: cache between σ rounds, counted together (`Worker.cached_bytes`); stated in the report (runtime.cache_budget_bytes).
 CACHE_BYTES = 256 << 20
-#: Samples the σ = 0 packing check runs on (`_Evaluation._probe`).
-PROBE_ROWS = 8
+#: Samples the σ = 0 packing check runs on (`_Evaluation._probe`): two, so that the check (a run of two tiled copies
+#: and one of the rows alone) costs less than one row-pass of a batch of 8 (it cost 3 on the zoo's 8-image audits).
+PROBE_ROWS = 2
 
 Progress = Callable[[int], None]
 
@@ -159,7 +161,8 @@ class Worker:
         exposed = [*values, *(n for names in shown.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
         # are exposed with it (a site's curve is then the same audited alone or among others)
-        self._clean = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
+        self._exposed = exposed
+        self._clean_session = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
         self._inputs = {s.name for s in model.inputs}
         self.device_free = runtime.device_memory()  # None on the CPU
         self.notes: list[str] = []
@@ -173,6 +176,7 @@ class Worker:
         self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`ResolvedAudit`)
         self._clean_ok: np.ndarray | None = clean_ok  # per sample (token): the clean model got it right (pairing)
         self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
+        self.cache_peak = 0  # the most bytes of clean values held at once (`cached_bytes`), never above cache_bytes
         #: value -> its batch axis from the inferred shape, or "size" (told by size when seen)
         self._axes: dict[str, int | str] = {n: "size" if a is None else a for n, a in (axes or {}).items()}
         self._folds: dict[str, str | None] = {}  # site -> how its first axis folds the samples (`fold`)
@@ -198,6 +202,16 @@ class Worker:
         if fixed is not None and n < fixed:
             feeds = {name: _pad(v, fixed) for name, v in feeds.items()}
         return n, feeds
+
+    @property
+    def _clean(self):
+        """The clean model's session (sites exposed): made with the worker, dropped after a walk's clean pass (its
+        weights and its arena, which held every exposed value of a batch: ~0.5-1 GB on ViT-B/16 at batch 8), and
+        made again only if a walk unit needs it (a value to compute anew for part of a batch)."""
+        if self._clean_session is None:
+            self._clean_session = self.runtime.session(passes.expose(self.model.proto, self._exposed,
+                                                                     self.model.types), exact=True)
+        return self._clean_session
 
     def clean_values(self, feeds: dict[str, np.ndarray], names, session=None) -> dict[str, np.ndarray]:
         """Clean values by name for one batch, from `session` (default: the clean model, sites exposed)."""
@@ -229,6 +243,7 @@ class Worker:
                 kept = {r for site in self._kept_sites for r in self._reads[site]}
             if kept:
                 self._kept[k] = {r: values[r] for r in kept}
+                self.cache_peak = max(self.cache_peak, self.kept_bytes)
             pred, _ = predictions(values[out.name], out.kind, out.per_token)
             preds.append(pred[:n])
             for name in names:
@@ -244,6 +259,9 @@ class Worker:
                 stats.width = values[out.name].shape[-1]
             if progress:
                 progress(n)
+        if self.mode == "walk":  # the walk runs suffixes, fed what was kept or what prefixes compute
+            self._clean_session = None
+            trim_heap()
         pred = np.concatenate(preds)
         self._targets = targets_of(pred, _rows_of(self.data, rows), out)
         scored = self._targets != UNSCORED
@@ -338,6 +356,21 @@ class Worker:
             evaluation = self._evaluations[unit.mode, unit.sites] = self._evaluation(unit)
         return evaluation.evaluate(unit, targets, progress, self._clean_ok)
 
+    def release(self, sites: tuple[str, ...]) -> None:
+        """Forget what units at `sites` needed: their sessions, prefix, cached and kept clean values. Called when
+        their search is done, so that memory is bounded by one site's evaluation and not by the sites audited; a
+        later unit at these sites would build them again (from the prefix: the same counts)."""
+        for key in [k for k in self._evaluations if k[1] == tuple(sites)]:
+            del self._evaluations[key]
+        if len(sites) == 1 and sites[0] in self._kept_sites:
+            self._take(sites[0])
+        trim_heap()
+
+    @property
+    def live_evaluations(self) -> int:
+        """Evaluations held (each with its sessions and caches): at most the sites in flight."""
+        return len(self._evaluations)
+
     def strategy(self, sites: tuple[str, ...], mode: str = "walk") -> type[Strategy]:
         """The evaluation path units at these sites take (`strategies.choose`)."""
         return self.forced or choose(mode, self.model.opset, [self.model.types[s] for s in sites],
@@ -346,7 +379,7 @@ class Worker:
     def _evaluation(self, unit: WorkUnit) -> _Evaluation:
         kind, model = self.strategy(unit.sites, unit.mode), self.model
         if unit.mode == "global":
-            return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), self._clean, {})
+            return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), None, {})
         (site,) = unit.sites
         if site not in self._plans:  # a walk unit on a worker built for global mode
             self._plans[site] = self._per_sample(site, self.index.suffix_plan(site, model.class_output.name))
@@ -362,7 +395,7 @@ class Worker:
         else:
             strategy = kind(self.runtime, model, self.noise, suffix)
         kept = self._take(site)
-        prefix = self._clean if kept or self.on_weights else self.runtime.session(
+        prefix = None if kept or self.on_weights else self.runtime.session(  # None: the clean model, if needed
             passes.prefix(model.proto, [site, *suffix.frontier], model.types, index=self.index),
             f"part of the model before {site}",
             exact=True)
@@ -396,6 +429,12 @@ class Worker:
     def kept_bytes(self) -> int:
         return sum(v.nbytes for values in self._kept.values() for v in values.values())
 
+    @property
+    def cached_bytes(self) -> int:
+        """Clean values held now: kept by the clean pass for sites still to come, and cached by the evaluations
+        alive (one per site in flight). All of it counts against one budget, `cache_bytes`."""
+        return self.kept_bytes + sum(e.cached for e in self._evaluations.values())
+
 
 class _Evaluation:
     """One site's (or global mode's) noisy graph with its clean-value cache, its device copies and what it learnt
@@ -419,9 +458,10 @@ class _Evaluation:
             _, feeds = self.worker.feeds(k)
             values = self.worker.clean_values(feeds, self.strategy.reads, self.prefix)
             size = sum(v.nbytes for v in values.values())
-            if self.cached + size + self.worker.kept_bytes <= self.worker.cache_bytes:
+            if self.worker.cached_bytes + size <= self.worker.cache_bytes:
                 self.cache[k] = values
                 self.cached += size
+                self.worker.cache_peak = max(self.worker.cache_peak, self.worker.cached_bytes)
         return values
 
     def _device(self, k: int, whole: bool, values: dict[str, np.ndarray]) -> dict:

@@ -76,12 +76,11 @@ class NormalSource:
         self.threads = threads or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._ahead = ThreadPoolExecutor(1)  # draws ahead (`later`); it hands the chunks on to the pool
-        self._blocks: dict[tuple, np.ndarray] = {}  # whole blocks drawn for a batch that covered part of them
 
-    def fill(self, out: np.ndarray, key: tuple[int, ...], dist: str = "normal") -> None:
-        """Fill the float32 array `out` (C-contiguous) with the numbers of `key`: standard normals, U(−½, ½)
-        ("uniform") or uniform 32-bit words stored in the floats' bits ("bits"). The kinds draw from streams of
-        their own (the kind is part of the key), so no two kinds share numbers."""
+    def fill(self, out: np.ndarray, key: tuple[int, ...], dist: str = "normal", first_chunk: int = 0) -> None:
+        """Fill the float32 array `out` (C-contiguous) with the numbers of `key`, from its chunk `first_chunk` on:
+        standard normals, U(−½, ½) ("uniform") or uniform 32-bit words stored in the floats' bits ("bits"). The kinds
+        draw from streams of their own (the kind is part of the key), so no two kinds share numbers."""
         flat = out.reshape(-1)
         starts = range(0, flat.size, CHUNK)
         fill_chunk = DRAWS[dist]
@@ -90,7 +89,7 @@ class NormalSource:
         def fill(start: int) -> None:
             # the key's length goes in too: numpy's SeedSequence pads short entropy with zeros, so without it
             # (1,) and (1, 0) -- or chunk 2 of key (1,) and chunk 0 of key (1, 2) -- would draw the same numbers
-            rng = np.random.default_rng([self.seed, len(key), *key, start // CHUNK])
+            rng = np.random.default_rng([self.seed, len(key), *key, first_chunk + start // CHUNK])
             fill_chunk(rng, flat[start : start + CHUNK])
 
         if self._pool is None or flat.size <= CHUNK:
@@ -118,14 +117,20 @@ class NormalSource:
             if lo == block * BLOCK and hi == (block + 1) * BLOCK:
                 self.fill(out[lo - rows.start : hi - rows.start], key, dist)
                 continue
-            whole = self._blocks.get((key, row_shape, dist))
-            if whole is None:
-                whole = self.normal((BLOCK, *row_shape), key, dist)
-                # keep partly used blocks of the latest block index only: batches move forward through the data
-                self._blocks = {k: v for k, v in self._blocks.items() if k[0][2] >= block}
-                self._blocks[(key, row_shape, dist)] = whole
-            out[lo - rows.start : hi - rows.start] = whole[lo - block * BLOCK : hi - block * BLOCK]
+            self._part(key, row_shape, lo - block * BLOCK, hi - block * BLOCK, out[lo - rows.start : hi - rows.start],
+                       dist)
         return out
+
+    def _part(self, key: tuple[int, ...], row_shape: tuple[int, ...], lo: int, hi: int, out: np.ndarray,
+              dist: str = "normal") -> None:
+        """Rows [lo, hi) of the block `key` as drawn whole, drawing only the chunks that hold them: a batch that
+        covers part of a block (a data set of 8 samples, a batch of 100) costs its own rows, and nothing is kept."""
+        size = int(np.prod(row_shape, dtype=np.int64))
+        a, b = lo * size, hi * size
+        first = a // CHUNK * CHUNK
+        span = np.empty(min(-(-b // CHUNK) * CHUNK, BLOCK * size) - first, np.float32)  # whole chunks, as in the block
+        self.fill(span, key, dist, first // CHUNK)
+        out[...] = span[a - first : b - first].reshape(out.shape)
 
     def later(self, fn, *args) -> Future:
         """Run fn(*args) (a draw) in the background, so that it overlaps onnxruntime's run of the previous one."""

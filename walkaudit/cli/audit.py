@@ -41,8 +41,8 @@ def audit_command(model: str, data: opt.Data, sites: opt.Sites, noise: opt.Noise
       walkaudit model.onnx --data val.npz --json report.json --markdown auto --format github -q
       walkaudit model.onnx --data val.npz --json report.json --resume      # after Ctrl-C or a crash
 
-    Exit codes: 0 passed, 1 gate failed or undecided, 2 bad usage or input, 3 runtime failure, 130/143/129 interrupted by
-    SIGINT/SIGTERM/SIGHUP (a partial report is written; --resume continues).
+    Exit codes: 0 passed, 1 gate failed or undecided, 2 bad usage or input, 3 runtime failure, 130/143/129
+    interrupted by SIGINT/SIGTERM/SIGHUP (a partial report is written; --resume continues).
     """
     from walkaudit import api
     from walkaudit.cli import checkpoint as ckpt
