@@ -616,10 +616,10 @@ def _isotonic_midpoint(u, acc, samples, *, half: float, clean: float, chance: fl
         hi = float(np.quantile(highs, 0.975, method="higher"))
         message += "; the fall is steeper than the σ grid resolves: the interval holds the grid step"
     else:
-        crossings = _smooth_crossings(u, fits, half)
-        lows[inside] = highs[inside] = crossings
-        lo = float(np.quantile(lows, 0.025)) - allowance
-        hi = float(np.quantile(highs, 0.975)) + allowance
+        lows[inside] = highs[inside] = _smooth_crossings(u, fits, half)
+        with np.errstate(invalid="ignore"):  # inf - inf where many replicates leave the grid: NaN, no interval
+            lo = float(np.quantile(lows, 0.025)) - allowance
+            hi = float(np.quantile(highs, 0.975)) + allowance
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return Midpoint(float(10**u_half), None, None, "isotonic", True, {}, None,
                         f"{message}; interval unavailable: resampled curves cross the halfway line outside the grid")
