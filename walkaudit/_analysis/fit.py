@@ -26,20 +26,23 @@ the design notes ("The method", Walking Noise, arXiv 2212.10430):
    fitted accuracy and the variance of its repeats' mean, on levels - parameters degrees of freedom: rejected at
    p < RESIDUAL_P) and its crossing lies between the levels clearly on either side of the halfway line (BRACKET_Z
    standard errors). Otherwise, and when the fit fails, crosses outside the grid or leaves large residuals, σ50 is
-   the crossing of the isotonic (non-increasing) fit of the level means, linear in log σ between the levels around
-   it ("isotonic", method "isotonic"). Fewer than 3 levels: the linear interpolation in log σ of the first crossing
-   ("interpolated", method "interpolation", ok=False). A clean accuracy within its binomial 95 % interval of chance
-   (`at_chance`, with ``clean_samples``) gives no σ50 at all (NaN, "none").
+   the crossing of the isotonic (non-increasing) fit of the level means, read on the monotone piecewise cubic
+   (PCHIP) through its points in log σ ("isotonic", method "isotonic"). Fewer than 3 levels: the linear
+   interpolation in log σ of the first crossing ("interpolated", method "interpolation", ok=False). A clean
+   accuracy within its binomial 95 % interval of chance (`at_chance`, with ``clean_samples``) gives no σ50 at all (NaN,
+   "none").
 
 The 95% interval of a logistic estimate is a bootstrap (``ci_method="bootstrap"``): BOOTSTRAP replicates resample
 the R repeats with replacement as whole curves (common random numbers: one noise draw serves every σ of a repeat,
 so its errors are shared across levels; deviations scaled by sqrt(R/(R-1)) to undo the bootstrap's shrinkage),
 redraw each point's count binomially from its accuracy and the level's samples, and refit the chosen model with a
 batched Levenberg-Marquardt started at the fit; the interval is the 2.5-97.5% percentile of the refitted crossings
-in log σ. An isotonic estimate's interval comes from the same replicates, each refitted monotonically: from the
-2.5 % quantile of the lower ends of the levels around their crossings to the 97.5 % quantile of the upper ends. The
-generator is seeded from the inputs, so the same data give the same interval. When the fitted drop (90% -> 10%) is
-narrower than the grid step at the crossing, the interval is that grid step (``ci_method="grid-bracket"``). It is
+in log σ. An isotonic estimate's interval comes from the same replicates, each refitted monotonically and read on
+its cubic: their 2.5-97.5 % percentile, widened by the interpolation allowance (the distance between the cubic's and
+the straight line's crossing of the estimate); where one grid step holds more than UNRESOLVED of the curve's fall,
+the grid step instead (`_isotonic_midpoint`). The generator is seeded from the inputs, so the same data give the
+same interval. When the fitted drop (90% -> 10%) is narrower than the grid step at the crossing, the interval is
+that grid step (``ci_method="grid-bracket"``). It is
 None when censored, interpolated, or when the replicates do not cross the halfway line inside the grid. It
 describes the noise draws and repeats, not the choice of evaluation set.
 """
