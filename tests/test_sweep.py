@@ -188,3 +188,19 @@ def test_head_of_class_sorted_data_is_unbiased():
     first = mean_accuracy(request.sigmas, (range(n_blocks // 4),))
     assert np.max(np.abs(head - whole)) < 0.04
     assert np.max(np.abs(first - whole)) > 0.2
+
+
+def test_a_steep_fall_is_refined_again_until_its_bracket_is_a_thirty_second_of_a_decade():
+    """A fall inside a hundredth of a decade (w = 0.002): after the first refinement one step of 1/8 decade still
+    holds all of it, so the search refines inside it once more (3 levels more, a step of 1/32 decade). A gentle
+    curve (w = 0.15) spreads its fall over several steps and costs nothing more."""
+    half = fit.halfway(0.98, 0.1)
+    for width, extra, step in ((0.002, 3, 1 / 32), (0.15, 0, 1 / 8)):
+        evaluate, _ = synthetic(2.0, width=width)
+        curve = adaptive(evaluate, half, sweep.Plan(), scale=1.0, n_batches=8, clean=0.98)
+        once = adaptive(synthetic(2.0, width=width)[0], half, sweep.Plan(resolution=1.0), scale=1.0, n_batches=8,
+                        clean=0.98)
+        sig, acc = accuracy(curve)
+        k = int(np.argmax(acc.mean(axis=1) <= half))
+        assert sig[k - 1] < 2.0 < sig[k] and np.log10(sig[k] / sig[k - 1]) == pytest.approx(step)
+        assert len(curve.levels) - len(once.levels) == extra, width

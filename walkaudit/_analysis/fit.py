@@ -26,20 +26,23 @@ the design notes ("The method", Walking Noise, arXiv 2212.10430):
    fitted accuracy and the variance of its repeats' mean, on levels - parameters degrees of freedom: rejected at
    p < RESIDUAL_P) and its crossing lies between the levels clearly on either side of the halfway line (BRACKET_Z
    standard errors). Otherwise, and when the fit fails, crosses outside the grid or leaves large residuals, σ50 is
-   the crossing of the isotonic (non-increasing) fit of the level means, linear in log σ between the levels around
-   it ("isotonic", method "isotonic"). Fewer than 3 levels: the linear interpolation in log σ of the first crossing
-   ("interpolated", method "interpolation", ok=False). A clean accuracy within its binomial 95 % interval of chance
-   (`at_chance`, with ``clean_samples``) gives no σ50 at all (NaN, "none").
+   the crossing of the isotonic (non-increasing) fit of the level means, read on the monotone piecewise cubic
+   (PCHIP) through its points in log σ ("isotonic", method "isotonic"). Fewer than 3 levels: the linear
+   interpolation in log σ of the first crossing ("interpolated", method "interpolation", ok=False). A clean
+   accuracy within its binomial 95 % interval of chance (`at_chance`, with ``clean_samples``) gives no σ50 at all (NaN,
+   "none").
 
 The 95% interval of a logistic estimate is a bootstrap (``ci_method="bootstrap"``): BOOTSTRAP replicates resample
 the R repeats with replacement as whole curves (common random numbers: one noise draw serves every σ of a repeat,
 so its errors are shared across levels; deviations scaled by sqrt(R/(R-1)) to undo the bootstrap's shrinkage),
 redraw each point's count binomially from its accuracy and the level's samples, and refit the chosen model with a
 batched Levenberg-Marquardt started at the fit; the interval is the 2.5-97.5% percentile of the refitted crossings
-in log σ. An isotonic estimate's interval comes from the same replicates, each refitted monotonically: from the
-2.5 % quantile of the lower ends of the levels around their crossings to the 97.5 % quantile of the upper ends. The
-generator is seeded from the inputs, so the same data give the same interval. When the fitted drop (90% -> 10%) is
-narrower than the grid step at the crossing, the interval is that grid step (``ci_method="grid-bracket"``). It is
+in log σ. An isotonic estimate's interval comes from the same replicates, each refitted monotonically and read on
+its cubic: their 2.5-97.5 % percentile, widened by the interpolation allowance (the distance between the cubic's and
+the straight line's crossing of the estimate); where one grid step holds more than UNRESOLVED of the curve's fall,
+the grid step instead (`_isotonic_midpoint`). The generator is seeded from the inputs, so the same data give the
+same interval. When the fitted drop (90% -> 10%) is narrower than the grid step at the crossing, the interval is
+that grid step (``ci_method="grid-bracket"``). It is
 None when censored, interpolated, or when the replicates do not cross the halfway line inside the grid. It
 describes the noise draws and repeats, not the choice of evaluation set.
 """
@@ -53,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy import optimize, special, stats
+from scipy import interpolate, optimize, special, stats
 
 __all__ = ["Midpoint", "Top", "logistic", "halfway", "midpoint", "top"]
 
@@ -71,6 +74,7 @@ _TRANSITION_WIDTH = 2 * math.log(9)  # the logistic falls from 90% to 10% of its
 BOOTSTRAP = 200  # bootstrap refits behind a 95% interval (400 moved bounds by ≤ 1 % at twice the cost)
 _BOOT_MIN_VALID = 0.9  # share of refits that must cross the halfway line for an interval
 BRACKET_Z = 2.0  # standard errors from the halfway line that put a level's side of it beyond doubt
+UNRESOLVED = 0.5  # share of a curve's fall inside one grid step beyond which the step bounds the crossing
 RESIDUAL_P = 0.05  # a logistic whose residuals are this improbable under binomial noise gives way to the isotonic fit
 
 
@@ -582,33 +586,73 @@ def _crossing_of(u: np.ndarray, curve: np.ndarray, half: float) -> float:
 
 
 def _isotonic_midpoint(u, acc, samples, *, half: float, clean: float, chance: float, reason: str) -> Midpoint:
-    """σ50 from the monotone fit of the points, with a bootstrap interval (the same resampling as the logistic's:
-    repeats as whole curves, counts redrawn binomially). Each replicate's monotone fit gives the bracket of levels
-    where it crosses the halfway line; the interval runs from the 2.5 % quantile of the brackets' lower ends to the
-    97.5 % quantile of their upper ends, so it holds the whole grid step where the crossing is (a monotone curve
-    crosses somewhere inside it, not necessarily where the straight line does)."""
+    """σ50 from the monotone fit of the points, read with a monotone smooth interpolant (`_smooth_crossings`), with
+    a bootstrap interval (the same resampling as the logistic's: repeats as whole curves, counts redrawn
+    binomially, each replicate refitted monotonically and read the same way).
+
+    The interval is the 2.5-97.5 % percentile of the replicates' crossings, widened on each side by the
+    interpolation allowance: how far the straight line between the levels around the crossing reads it from the
+    smooth interpolant (their disagreement is what the points leave open about the curve's shape between them).
+    Where the grid does not resolve the fall (the step around the crossing holds more than UNRESOLVED of the
+    curve's whole fall, so the curve may cross anywhere inside it), the interval instead holds the whole step:
+    from the 2.5 % quantile of the replicates' lower levels to the 97.5 % quantile of their upper ones
+    (``ci_method="grid-bracket"``)."""
     means = np.nanmean(acc, axis=1)
     trials = samples * np.isfinite(acc).sum(axis=1)
-    u_half = _crossing_of(u, _isotonic(means, trials), half)
+    iso = _isotonic(means, trials)
+    u_half = float(_smooth_crossings(u, iso[None, :], half)[0])
+    allowance = abs(u_half - _crossing_of(u, iso, half))
     rng = np.random.default_rng(_data_seed(u, acc, samples, clean, chance, 1))
     replicates = _resampled_means(u, acc, samples, rng)
-    lows, highs = np.empty(len(replicates)), np.empty(len(replicates))
-    for b, curve in enumerate(replicates):
-        if curve[0] <= half:  # below the line from the smallest σ: the crossing lies below the grid
-            lows[b], highs[b] = -math.inf, u[0]
-        elif curve.min() >= half:  # never below it: above the grid
-            lows[b], highs[b] = u[-1], math.inf
-        else:
-            i, k = _bracket(u, _isotonic(curve, trials), half)
-            lows[b], highs[b] = u[i], u[k]
-    # grid levels, not values between them (and no inf - inf where replicates leave the grid)
-    lo, hi = float(np.quantile(lows, 0.025, method="lower")), float(np.quantile(highs, 0.975, method="higher"))
+    below, above = replicates[:, 0] <= half, replicates.min(axis=1) >= half  # crossing below / above the grid
+    inside = ~(below | above)
+    fits = np.stack([_isotonic(c, trials) for c in replicates[inside]]) if inside.any() else np.empty((0, u.size))
     message = f"{reason}: σ50 from the monotone (isotonic) fit of the points"
+    steep = _unresolved(u, iso, half)
+    lows, highs = np.full(len(replicates), -math.inf), np.full(len(replicates), math.inf)
+    lows[above], highs[below] = u[-1], u[0]
+    if steep:
+        k = np.maximum(np.argmax(fits < half, axis=1), 1)
+        lows[inside], highs[inside] = u[k - 1], u[k]
+        # grid levels, not values between them (and no inf - inf where replicates leave the grid)
+        lo = float(np.quantile(lows, 0.025, method="lower"))
+        hi = float(np.quantile(highs, 0.975, method="higher"))
+        message += "; the fall is steeper than the σ grid resolves: the interval holds the grid step"
+    else:
+        lows[inside] = highs[inside] = _smooth_crossings(u, fits, half)
+        with np.errstate(invalid="ignore"):  # inf - inf where many replicates leave the grid: NaN, no interval
+            lo = float(np.quantile(lows, 0.025)) - allowance
+            hi = float(np.quantile(highs, 0.975)) + allowance
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return Midpoint(float(10**u_half), None, None, "isotonic", True, {}, None,
                         f"{message}; interval unavailable: resampled curves cross the halfway line outside the grid")
     ci = (float(10 ** min(lo, u_half)), float(10 ** max(hi, u_half)))
-    return Midpoint(float(10**u_half), ci, None, "isotonic", True, {}, "bootstrap", message)
+    return Midpoint(float(10**u_half), ci, None, "isotonic", True, {},
+                    "grid-bracket" if steep else "bootstrap", message)
+
+
+def _unresolved(u: np.ndarray, curve: np.ndarray, half: float) -> bool:
+    """Does the grid step around the crossing of a non-increasing ``curve`` hold more than UNRESOLVED of its whole
+    fall (then the points say little about where inside the step the curve crosses)?"""
+    i, k = _bracket(u, curve, half)
+    fall = curve[0] - curve[-1]
+    return bool(fall > 0 and curve[i] - curve[k] > UNRESOLVED * fall)
+
+
+def _smooth_crossings(u: np.ndarray, curves: np.ndarray, half: float) -> np.ndarray:
+    """u where each non-increasing curve of ``curves`` [B, L] (each with curve[0] > half > its minimum) falls
+    through ``half``, read on the monotone piecewise-cubic interpolant of its points in log σ
+    (``scipy.interpolate.PchipInterpolator``: it keeps a monotone curve monotone, and follows the curvature the
+    neighbouring levels show where a straight line between two levels cannot)."""
+    k = np.maximum(np.argmax(curves < half, axis=1), 1)  # the first level below the line: the crossing is in k-1..k
+    rows = np.arange(curves.shape[0])
+    coef = interpolate.PchipInterpolator(u, curves.T, axis=0).c[:, k - 1, rows]  # [4, B]: the cubic of that step
+    lo, hi = np.zeros(rows.size), u[k] - u[k - 1]
+    for _ in range(40):  # bisection on each cubic at once: monotone on the step, so the root is unique
+        mid = (lo + hi) / 2
+        value = ((coef[0] * mid + coef[1]) * mid + coef[2]) * mid + coef[3]
+        lo, hi = np.where(value >= half, mid, lo), np.where(value >= half, hi, mid)
+    return u[k - 1] + (lo + hi) / 2
 
 
 def _resampled_means(u, acc, samples, rng: np.random.Generator, n_boot: int | None = None) -> np.ndarray:

@@ -11,7 +11,9 @@ Adaptive search (the default), per site:
    4th block, so that data sorted by class or by difficulty is still represented); those clearly above or below the
    halfway line keep that estimate, the others get the remaining blocks. If the remaining blocks move the top back
    above the halfway line or unsettle it, step 2 goes on from there (new levels again on the head first);
-4. refine inside the bracket where the mean accuracy crosses the halfway line, on all the data.
+4. refine inside the bracket where the mean accuracy crosses the halfway line, on all the data; where that step
+   still holds most of the curve's fall (more than `Plan.steep` of it: the grid does not resolve where inside it
+   the curve crosses), refine inside the new bracket again until it spans at most `Plan.resolution` decades.
 A search is a generator: it yields Requests (σ levels × a set of sample blocks) and is sent back their Counts, so
 any executor can serve it (`drive` serves one with a function) and it is tested without onnxruntime.
 """
@@ -36,6 +38,8 @@ class Plan:
     highest: float = 4.0  # never above scale·10^highest
     per_decade: int = 2
     refine: int = 3  # points added inside the crossing bracket
+    resolution: float = 1 / 32  # decades: a steep fall's crossing bracket is refined again until this narrow
+    steep: float = 0.5  # ... steep: one step holds more than this share of the curve's fall (fit.UNRESOLVED)
     head: float = 0.25  # share of the sample blocks a level is first evaluated on
     margin: float = 0.1  # a level this far (× (clean − chance)) from the halfway line needs no more samples
 
@@ -207,6 +211,24 @@ def _clear(level: Counts, half: float, margin: float, curve: Curve) -> bool:
     return abs(acc - half) > max(4 * se, margin)
 
 
+def _first_crossing(curve: Curve, line: float) -> tuple[float, float] | None:
+    """The levels (a, b) around the first fall of the mean accuracy through `line`, or None."""
+    sig = sorted(curve.levels)
+    means = [curve.mean(s) for s in sig]
+    for a, b, ma, mb in zip(sig, sig[1:], means, means[1:]):
+        if ma > line >= mb:
+            return a, b
+    return None
+
+
+def _steep(curve: Curve, a: float, b: float, steep: float) -> bool:
+    """Does the step from level a to level b hold more than `steep` of the curve's whole fall (the grid does
+    not resolve where inside it the curve crosses)?"""
+    means = [curve.mean(s) for s in sorted(curve.levels)]
+    fall = max(means) - min(means)
+    return fall > 0 and curve.mean(a) - curve.mean(b) > steep * fall
+
+
 def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: float = 1.0,
              targets: tuple[float, ...] = ()) -> Search:
     """Search for the halfway crossing as described in the module docstring.
@@ -251,11 +273,14 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
             break
 
     for line in (half, *targets):
-        sig = sorted(curve.levels)
-        means = [curve.mean(s) for s in sig]
-        for a, b, ma, mb in zip(sig, sig[1:], means, means[1:]):
-            if ma > line >= mb:  # the first crossing
-                inner = np.logspace(np.log10(a), np.log10(b), plan.refine + 2)[1:-1]
-                yield from _ask(curve, [s for s in inner if s not in curve.levels], range(n_blocks))
+        refined = False
+        while (step := _first_crossing(curve, line)) is not None:
+            a, b = step
+            if refined and (np.log10(b / a) <= plan.resolution + 1e-9 or not _steep(curve, a, b, plan.steep)):
                 break
+            inner = [s for s in np.logspace(np.log10(a), np.log10(b), plan.refine + 2)[1:-1] if s not in curve.levels]
+            if not inner:
+                break
+            refined = True
+            yield from _ask(curve, inner, range(n_blocks))
     return curve
