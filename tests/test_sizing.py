@@ -65,7 +65,7 @@ def test_an_audit_on_a_device_with_little_memory_sizes_its_batches_and_runs_and_
     cpu = walkaudit.audit(model, x, batch_size=40, **args)
     cpu_groups, groups[:] = list(groups), []
     monkeypatch.setattr(walkaudit._execution.runtime.Runtime, "device_memory", lambda self: free)
-    device = walkaudit.audit(model, x, **args)
+    device = walkaudit.audit(model, x, **{**args, "provider": "auto"})  # "cpu" asks no device for its memory
 
     assert device.config.batch_size == 40  # sized to the memory
     assert cpu_groups == [5, 5, 5]
