@@ -274,8 +274,8 @@ def adaptive(half: float, plan: Plan, scale: float, n_blocks: int = 1, clean: fl
 
     for line in (half, *targets):
         refined = False
-        while (step := _first_crossing(curve, line)) is not None:
-            a, b = step
+        while (bracket := _first_crossing(curve, line)) is not None:
+            a, b = bracket
             if refined and (np.log10(b / a) <= plan.resolution + 1e-9 or not _steep(curve, a, b, plan.steep)):
                 break
             inner = [s for s in np.logspace(np.log10(a), np.log10(b), plan.refine + 2)[1:-1] if s not in curve.levels]
