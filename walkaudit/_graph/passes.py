@@ -383,9 +383,12 @@ def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, Tensor
     levels = node(first, "Slice", [node(first, "Shape", [sm or sa], "walkaudit/sigma_shape"), zero.name, one.name],
                   "walkaudit/levels")
     after: dict[int, list[onnx.NodeProto]] = {}
-    eps = []
+    eps: list[tuple[str, str | None, str | None]] = []
     for i, site in enumerate(sites):
-        rank = len(types[site].shape)
+        shape_of_site = types[site].shape
+        if shape_of_site is None:  # `strategies.choose` takes this path only for sites of known rank
+            raise ModelError(f"cannot feed noise to {site}: its rank is unknown")
+        rank = len(shape_of_site)
         lifted = _int64_constant(names, f"walkaudit.sigma_shape.{i}", [-1] + [1] * rank)
         inits.append(lifted)
         producer = graph.node[made_by[site]]
@@ -407,7 +410,7 @@ def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, Tensor
         new.extend(applied)
         new.append(helper.make_node("Reshape", [noisy, shape], [site], name=names.fresh(f"walkaudit/fold/{site}")))
         after.setdefault(made_by[site], []).extend(new)
-        eps.append((site, *(terms[t][1] if t in terms else None for t in ("mul", "add"))))
+        eps.append((site, terms["mul"][1] if "mul" in terms else None, terms["add"][1] if "add" in terms else None))
     _insert_after(graph, after, first)
     graph.initializer.extend(inits)
     for name in (sm, sa):
@@ -560,10 +563,12 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
             op, attrs = noise.graph_draw if noise is not None and noise.graph_draw else ("RandomNormalLike", {})
             return node(op, [y], f"walkaudit/eps_{term}", dtype=elem, seed=seed_, **attrs)
         name = names.fresh(f"walkaudit.eps_{term}")
+        assert rank is not None  # fed ε needs the rank: checked known below, before any ε is made
         inputs.append(helper.make_tensor_value_info(name, elem, [None] * (rank + 1)))
         return name
 
-    rank = len(types[site].shape) if types[site].shape is not None else None
+    site_shape = types[site].shape
+    rank = len(site_shape) if site_shape is not None else None
     if fed and rank is None:
         raise ModelError(f"cannot feed noise to {site}: its rank is unknown")
     renamed = {site: names.fresh(f"{site}.clean"), **{f: names.fresh(f"{f}.clean") for f in sfx.frontier if tile}}
@@ -571,17 +576,18 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     y, folded = lifted(clean)
     sm = names.fresh("walkaudit.sigma_mul") if has_mul else None
     sa = names.fresh("walkaudit.sigma_add") if has_add else None
-    eps_mul = eps_add = unit = None
+    mul = add = None  # (σ, ε) per term
+    unit = None
     if sm:
-        eps_mul = epsilon("mul", seed_mul)
+        mul = (sm, epsilon("mul", seed_mul))
         unit = names.fresh("walkaudit.unit")
         inits.append(onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), unit))
     if sa:
-        eps_add = epsilon("add", seed_add)
-    applied, noisy = _noisy(y, (sm, eps_mul) if sm else None, (sa, eps_add) if sa else None, "walkaudit", names, unit,
-                            noise)
+        add = (sa, epsilon("add", seed_add))
+    applied, noisy = _noisy(y, mul, add, "walkaudit", names, unit, noise)
     nodes.extend(applied)
     if axis:  # [G, ..., N, ...] -> [..., G, N, ...] -> [..., G·N, ...]
+        assert rank is not None  # `sample_axis` finds an axis other than 0 only in a shape it knows
         shape = node("Shape", [clean], f"{clean}/shape_at_axis")
         levels_first = node("Concat", [minus_one.name, shape], f"{clean}/levels_first", axis=0)
         noisy = node("Reshape", [noisy, levels_first], "walkaudit/levels")  # σ may carry more unit axes than y
