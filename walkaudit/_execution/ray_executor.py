@@ -285,9 +285,9 @@ def connect(address: str | None = None, config=None, *, timeout: float = CONNECT
                 pass
         except OSError as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+            kind = "Ray Client" if client else "GCS"
             raise RuntimeFailure(f"cannot join the Ray cluster at {address}: {host}:{port} does not answer "
-                                 f"({why}); is the cluster running, and is that its {'Ray Client' if client else 'GCS'} "
-                                 "port?") from None
+                                 f"({why}); is the cluster running, and is that its {kind} port?") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return Ray(address, config, **options)

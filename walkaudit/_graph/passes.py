@@ -295,10 +295,12 @@ def inject(
         new, value = [], clean
         if inj.mul:
             target = inj.site if not inj.add else names.fresh(f"{inj.site}.scaled")
-            new.append(helper.make_node("Mul", [value, inj.mul], [target], name=names.fresh(f"walkaudit/mul/{inj.site}")))
+            new.append(helper.make_node("Mul", [value, inj.mul], [target],
+                                        name=names.fresh(f"walkaudit/mul/{inj.site}")))
             value = target
         if inj.add:
-            new.append(helper.make_node("Add", [value, inj.add], [inj.site], name=names.fresh(f"walkaudit/add/{inj.site}")))
+            new.append(helper.make_node("Add", [value, inj.add], [inj.site],
+                                        name=names.fresh(f"walkaudit/add/{inj.site}")))
         after.setdefault(made_by[inj.site], []).extend(new)
         for term in (inj.mul, inj.add):
             if term:
@@ -519,10 +521,11 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     host's (`NoiseModel.host`), op for op, so both give the same values. The suffix's inputs are renamed to fresh
     `<name>.clean` names and the new σ and ε inputs get fresh names too: the returned `GraphNoise` names them all.
 
-    - `fed=False`: RandomNormalLike draws ε (opsets 10–21; the noise model's `graph_draw`, e.g. RandomUniformLike). With a `seed` attribute the generator is stateful per
-      session: each run draws anew, a new session replays. `seeds=(seed_mul, seed_add)` are the attributes of ε1
-      and ε2, integers in [0, 2**24) (ValueError otherwise); the older `seed=` gives them 2·seed and 2·seed + 1,
-      which float32 holds exactly only while 2·seed + 1 < 2**24 (`graph_seeds`).
+    - `fed=False`: RandomNormalLike draws ε (opsets 10–21; the noise model's `graph_draw`, e.g. RandomUniformLike).
+      With a `seed` attribute the generator is stateful per session: each run draws anew, a new session replays.
+      `seeds=(seed_mul, seed_add)` are the attributes of ε1 and ε2, integers in [0, 2**24) (ValueError otherwise);
+      the older `seed=` gives them 2·seed and 2·seed + 1, which float32 holds exactly only while
+      2·seed + 1 < 2**24 (`graph_seeds`).
     - `fed=True`: ε is a graph input, drawn by the host (any opset from 10). onnxruntime then does the apply and
       the tiling in its own threads and arena.
 
