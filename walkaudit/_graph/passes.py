@@ -625,6 +625,6 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     graph.input.extend(inputs)
     _insert_after(graph, {}, nodes)
     graph.initializer.extend(inits)
-    if not fed:
-        eps_mul = eps_add = None  # internal values, not inputs
+    # fed: the ε inputs; else internal values, not inputs
+    eps_mul, eps_add = (mul[1] if mul else None, add[1] if add else None) if fed else (None, None)
     return GraphNoise(out, clean, tuple(renamed.get(f, f) for f in sfx.frontier), sm, sa, eps_mul, eps_add)
