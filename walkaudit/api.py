@@ -385,8 +385,10 @@ class AuditRun:
 
     @property
     def num_classes(self) -> int:
-        return (self.loaded.class_output.num_classes or self._clean_stats().width
-                or len(self._clean_stats().classes))
+        if self.loaded.class_output.num_classes:
+            return self.loaded.class_output.num_classes
+        clean = self._clean_stats()
+        return clean.width or len(clean.classes)
 
     def _clean_stats(self) -> CleanStats:
         """The clean pass's statistics, which everything after it reads."""

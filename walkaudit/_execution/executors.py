@@ -30,6 +30,7 @@ class Executor(Protocol):
     sites_in_flight: int
     #: what the workers' clean passes noted (the report's runtime notes)
     notes: list[str]
+
     @property
     def graph_draws(self) -> bool:
         """Whether the workers draw ε in the graph (the report's runtime `noise_source`)."""
