@@ -11,14 +11,25 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypedDict
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Mapping
+
+    import numpy.typing as npt
+    import onnx
     from typing_extensions import (
         Unpack,  # typing.Unpack from Python 3.11; annotations only
     )
 
+    from walkaudit._loading.model import LoadedModel
     from walkaudit.config import AuditOptions
+
+    #: the model: a path or an onnx.ModelProto
+    ModelSource: TypeAlias = str | os.PathLike[str] | onnx.ModelProto
+    #: the inputs: an array, or a dict of arrays by input name for multi-input models
+    Inputs: TypeAlias = npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]]
 
 import numpy as np
 
@@ -72,8 +83,17 @@ class _NoProgress:
         pass
 
 
-def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig | None = None,
-          progress: Progress | None = None, **options: Unpack[AuditOptions]) -> Report:
+class _Tokens(TypedDict):
+    """How the data's labels are read for a per-token class output (`data_mod.load`, `data_mod.from_arrays`)."""
+
+    per_token: bool
+    ignore_label: int
+    mask: str | None
+
+
+def audit(model: ModelSource, x: Inputs | None = None, y: npt.NDArray[Any] | None = None, *,
+          data: str | None = None, config: AuditConfig | None = None, progress: Progress | None = None,
+          **options: Unpack[AuditOptions]) -> Report:
     """Audit a classifier: per site, accuracy under noise and the midpoint noise level σ50.
 
     model: a path or an onnx.ModelProto. Data: numpy arrays `x` (a dict by input name for multi-input models) and
@@ -85,8 +105,9 @@ def audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig
     return run.report()
 
 
-def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditConfig | None = None,
-               progress: Progress | None = None, done: Iterable[dict] = (),
+def iter_audit(model: ModelSource, x: Inputs | None = None, y: npt.NDArray[Any] | None = None, *,
+               data: str | None = None, config: AuditConfig | None = None, progress: Progress | None = None,
+               done: Iterable[dict[str, Any]] = (),
                executor: Callable[[ResolvedAudit, Progress], Executor] | None = None,
                data_sha256: str | None = None,
                **options: Unpack[AuditOptions]) -> AuditRun:
@@ -108,7 +129,7 @@ def iter_audit(model, x=None, y=None, *, data: str | None = None, config: AuditC
     return run
 
 
-def _call(listener, method: str, *args) -> None:
+def _call(listener: object, method: str, *args: object) -> None:
     """Tell the progress display, if it listens for this (displays written for walkaudit 0.1 do not), or the
     executor (`release` is optional)."""
     fn = getattr(listener, method, None)
@@ -116,7 +137,7 @@ def _call(listener, method: str, *args) -> None:
         fn(*args)
 
 
-def _shard(model, sites: list[Site], i: int, n: int) -> list[Site]:
+def _shard(model: LoadedModel, sites: list[Site], i: int, n: int) -> list[Site]:
     """The sites of shard i of n (1-based), balanced by estimated cost; they keep their indices in the full
     selection, so shard reports merge into the unsharded one."""
     from walkaudit._analysis.shards import assign
@@ -146,14 +167,14 @@ class AuditRun:
     #: sets a Ray one
     executor: Callable[[ResolvedAudit, Progress], Executor] | None = None
 
-    def __init__(self, model, x, y, data, config: AuditConfig, progress: Progress, done: list[dict],
-                 data_sha256: str | None = None):
+    def __init__(self, model: ModelSource, x: Inputs | None, y: npt.NDArray[Any] | None, data: str | None,
+                 config: AuditConfig, progress: Progress, done: list[dict[str, Any]], data_sha256: str | None = None):
         self.config, self.progress, self.started = config, progress, time.perf_counter()
         self.loaded = load_model(model, config.output)
         rivals = [] if config.output is not None else class_candidates(self.loaded)
         out = self.loaded.class_output
         num_classes = out.num_classes if out.kind != "label" and len(rivals) < 2 else None
-        tokens = {"per_token": out.per_token, "ignore_label": config.ignore_label, "mask": config.mask}
+        tokens = _Tokens(per_token=out.per_token, ignore_label=config.ignore_label, mask=config.mask)
         if data is not None:
             self.dataset = data_mod.load(data, self.loaded.inputs, x_key=config.x_key, y_key=config.y_key,
                                          limit=config.limit, num_classes=num_classes,
@@ -189,9 +210,10 @@ class AuditRun:
         self._num_classes = num_classes  # the classes the data was read against
         #: every choice made here, once (`start` adds the batch size): what every executor's workers are built from
         self.resolved: ResolvedAudit | None = None
+        self._executor: Executor | None = None  # from `start` until `close`
 
     @property
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: the model, the data and the options that change results."""
         return {"model_sha256": self.loaded.sha256, "data_sha256": self.dataset.sha256,
                 "config": self.config.fingerprint()}
@@ -200,7 +222,8 @@ class AuditRun:
     def __iter__(self) -> Iterator[SiteResult]:
         executor = self.start()
         try:
-            units = [(None, tuple(s.name for s in self.sites))] if self.config.mode == "global" else [
+            units: list[tuple[Site | None, tuple[str, ...]]] = [
+                (None, tuple(s.name for s in self.sites))] if self.config.mode == "global" else [
                 (s, (s.name,)) for s in self.sites]
             for result in self._schedule(executor, units):
                 self.results.append(result)
@@ -224,17 +247,19 @@ class AuditRun:
         progress.grow(self.dataset.samples)
         # a walk keeps the clean values its sites read (where the units run: each worker those of its own rows)
         keep = config.mode == "walk" and len(self.done) < len(self.sites)
+        executor: Executor
         if self.executor is not None:
-            self._executor = self.executor(resolved.with_model_bytes(self.loaded.proto), progress)
+            executor = self.executor(resolved.with_model_bytes(self.loaded.proto), progress)
         else:  # the driver's loaded model, data, runtime and graph index handed over: nothing loaded twice
-            self._executor = InProcess(resolved.build(model=self.loaded, dataset=self.dataset, runtime=runtime,
-                                                      index=self.index), progress.advance)
+            executor = InProcess(resolved.build(model=self.loaded, dataset=self.dataset, runtime=runtime,
+                                                index=self.index), progress.advance)
+        self._executor = executor
         try:
-            self.clean = self._executor.clean_pass(progress.advance, keep)
+            self.clean = executor.clean_pass(progress.advance, keep)
         except BaseException:
             self.close()
             raise
-        return self._executor
+        return executor
 
     @property
     def key(self) -> str:
@@ -243,7 +268,7 @@ class AuditRun:
 
     def close(self) -> None:
         """Stop the executor and its noise threads (the run's results stay)."""
-        if getattr(self, "_executor", None) is not None:
+        if self._executor is not None:
             self._executor_note = getattr(self._executor, "note", None)
             self._executor_notes = self._executor.notes
             self._graph_draws = self._executor.graph_draws
@@ -253,7 +278,11 @@ class AuditRun:
     def evaluate_all(self, units: list[WorkUnit]) -> list[Counts]:
         """Evaluate units through the run's executor (after `start`), each cut as the executor likes; their
         Counts in the order given."""
-        executor, handles, totals = self._executor, {}, [None] * len(units)
+        executor = self._executor
+        if executor is None:
+            raise UsageError("evaluate_all: the audit has no executor (call start() first)")
+        handles: dict[object, int] = {}
+        totals: list[Counts | None] = [None] * len(units)
         for i, unit in enumerate(units):
             self.progress.grow(len(unit.sigmas) * unit.repeats * len(block_rows(unit.block_range,
                                                                                self.dataset.samples)))
@@ -263,13 +292,21 @@ class AuditRun:
             for handle in executor.wait(list(handles)):
                 i = handles.pop(handle)
                 counts = executor.result(handle)
-                totals[i] = counts if totals[i] is None else totals[i] + counts
-        return totals
+                total = totals[i]
+                totals[i] = counts if total is None else total + counts
+        done = [t for t in totals if t is not None]
+        assert len(done) == len(units)  # an executor cuts every unit into one piece or more
+        return done
 
-    def _schedule(self, executor: Executor, units: list) -> Iterator[SiteResult]:
+    def _schedule(self, executor: Executor, units: list[tuple[Site | None, tuple[str, ...]]]
+                  ) -> Iterator[SiteResult]:
         """Run every site's search, `executor.sites_in_flight` at a time, each request cut into units by the
         executor; yield the sites' results in site order."""
-        queue, active, handles, finished, turn = deque(enumerate(units, 1)), {}, {}, {}, 1
+        queue = deque(enumerate(units, 1))
+        active: dict[int, _Search] = {}  # position -> its search in flight
+        handles: dict[object, int] = {}  # a unit's handle -> the position of its search
+        finished: dict[int, SiteResult] = {}  # position -> result, until the sites before it are yielded
+        turn = 1
         while queue or active or finished:
             while turn in finished:
                 yield finished.pop(turn)
@@ -301,7 +338,7 @@ class AuditRun:
 
     def _search(self, names: tuple[str, ...]) -> sweep.Search:
         """A site's σ search: the fixed grid, or the adaptive search around its halfway line."""
-        config, clean = self.config, self.clean
+        config, clean = self.config, self._clean_stats()
         n_blocks = blocks_of(self.dataset.samples)
         grid = config.sigmas or self.noise.grid()  # the model's own grid: quantize's --bits
         if grid:
@@ -312,7 +349,7 @@ class AuditRun:
         targets = tuple(clean.accuracy - d.points(clean.accuracy, self.chance) for d in config.drops)
         return sweep.adaptive(half, self.noise.plan(), scale, n_blocks, clean.accuracy, targets)
 
-    def _step(self, state: _Search, counts: Counts | None, executor: Executor, handles: dict) -> None:
+    def _step(self, state: _Search, counts: Counts | None, executor: Executor, handles: dict[object, int]) -> None:
         """Send a search the counts of its last request (None: start it) and submit its next request's units, or
         keep its curve when it is done."""
         if counts is not None:
@@ -337,6 +374,7 @@ class AuditRun:
             handles[executor.submit(piece)] = state.position
 
     def _result(self, state: _Search) -> SiteResult:
+        assert state.curve is not None  # a result only for a search that ended (`_step` kept its curve)
         return SiteResult.from_dict(self._site_dict(state.site, state.curve, state.notes),
                                     validate=False)  # report() validates the whole report
 
@@ -347,28 +385,32 @@ class AuditRun:
 
     @property
     def num_classes(self) -> int:
-        return self.loaded.class_output.num_classes or self.clean.width or len(self.clean.classes)
+        if self.loaded.class_output.num_classes:
+            return self.loaded.class_output.num_classes
+        clean = self._clean_stats()
+        return clean.width or len(clean.classes)
+
+    def _clean_stats(self) -> CleanStats:
+        """The clean pass's statistics, which everything after it reads."""
+        if self.clean is None:
+            raise UsageError("the audit has not run its clean pass yet: iterate it (or call start()) first")
+        return self.clean
 
     def _std(self, name: str) -> float:
         """The std of a site's clean value: its activation's, or for a weight site the weight's own."""
         if self.noise.target == "weights":
             return weight_std(self.loaded.proto, name)
-        return self.clean.std(name)
+        return self._clean_stats().std(name)
 
-    def _site_dict(self, site: Site | None, curve: sweep.Curve, notes: list[str]) -> dict:
-        clean, noise = self.clean, self.noise
+    def _site_dict(self, site: Site | None, curve: sweep.Curve, notes: list[str]) -> dict[str, Any]:
+        clean, noise = self._clean_stats(), self.noise
         sig, levels = curve.sorted()
         # paired with the clean pass: each level's accuracy relative to the clean accuracy of its own samples
         acc = np.stack([sweep.accuracy(lv, clean.accuracy, self.chance) for lv in levels])
         effective = np.array([sweep.effective_samples(lv, clean.accuracy, self.chance) for lv in levels])
         mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=self.chance, samples=effective,
                            clean_samples=clean.samples)
-        points = [{"sigma": float(s), "accuracy": float(a.mean()), "accuracy_std": float(a.std()),
-                   "repeats": int(lv.correct.size), "samples": int(lv.samples), "nonfinite": int(lv.nonfinite.sum()),
-                   **({"clean_correct": int(lv.clean_correct)} if lv.paired else {}),
-                   "per_repeat": {"correct": lv.correct[0].tolist(), "nonfinite": lv.nonfinite[0].tolist(),
-                                  **({"lost": lv.lost[0].tolist()} if lv.paired else {})}}
-                  for s, a, lv in zip(sig, acc, levels)]
+        points = [_point(s, a, lv) for s, a, lv in zip(sig, acc, levels)]
         name = site.name if site else "global"
         if mid.estimator == "none":  # nothing to measure: the site is flagged with the fit's one line
             notes = [*notes, f"{name}: {mid.message}"]
@@ -413,11 +455,13 @@ class AuditRun:
                        sites=tuple(self.results))
         return Report.from_dict(draft.to_dict())  # validated against the schema, as any report read back
 
-    def report_dict(self, partial: bool = False) -> dict:
+    def report_dict(self, partial: bool = False) -> dict[str, Any]:
         config, loaded, dataset, out = self.config, self.loaded, self.dataset, self.loaded.class_output
+        clean, runtime, resolved = self._clean_stats(), self._runtime, self.resolved
+        assert runtime is not None and resolved is not None  # `start` makes both before the clean pass
         grid = config.sigmas or self.noise.grid()
         sites = [r.to_dict() for r in self.results]  # the typed sites' JSON
-        runtime, executor = self._runtime, getattr(self, "_executor", None)
+        executor = self._executor
         executor_note = getattr(executor, "note", None) or getattr(self, "_executor_note", None)
         worker_notes = executor.notes if executor is not None else self._executor_notes
         graph_draws = executor.graph_draws if executor is not None else self._graph_draws
@@ -433,12 +477,12 @@ class AuditRun:
             "data": {"path": dataset.path, "sha256": dataset.sha256, "samples": dataset.samples,
                      "labels": "given" if dataset.labels is not None else "clean-predictions",
                      # a per-token output: accuracy, the clean counts and each point's samples count scored tokens
-                     **({"scored": "tokens", "scored_tokens": self.clean.samples, "ignore_label": config.ignore_label,
+                     **({"scored": "tokens", "scored_tokens": clean.samples, "ignore_label": config.ignore_label,
                          "mask": dataset.mask} if out.per_token else {})},
             "config": {**self.noise.describe(), "mode": config.mode,
                        "sigmas": list(grid) if grid else None,
                        "search": "fixed" if grid else "adaptive", "repeats": config.repeats,
-                       "seed": config.seed, "batch_size": self.resolved.batch_size,
+                       "seed": config.seed, "batch_size": resolved.batch_size,
                        "provider_requested": config.provider,
                        "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
                        "exact": config.exact, "shard": list(config.shard) if config.shard else None,
@@ -449,7 +493,19 @@ class AuditRun:
                         "elapsed_s": round(time.perf_counter() - self.started, 3), "evaluations": evaluations,
                         "noise_source": "graph" if graph_draws else "host",
                         "cache_budget_bytes": CACHE_BYTES, "notes": notes},
-            "clean_accuracy": self.clean.accuracy,
-            "clean_counts": {"correct": self.clean.correct, "samples": self.clean.samples},
+            "clean_accuracy": clean.accuracy,
+            "clean_counts": {"correct": clean.correct, "samples": clean.samples},
             "chance": self.chance, "num_classes": self.num_classes, "sites": sites, "partial": partial,
         }
+
+
+def _point(sigma: float, accuracy: npt.NDArray[np.floating[Any]], level: Counts) -> dict[str, Any]:
+    """One point of a site's curve as the report writes it: `accuracy` per repeat, and the counts (paired with the
+    clean pass where they carry the pairing)."""
+    pairing = level.pairing
+    return {"sigma": float(sigma), "accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
+            "repeats": int(level.correct.size), "samples": int(level.samples),
+            "nonfinite": int(level.nonfinite.sum()),
+            **({"clean_correct": int(pairing[0])} if pairing is not None else {}),
+            "per_repeat": {"correct": level.correct[0].tolist(), "nonfinite": level.nonfinite[0].tolist(),
+                           **({"lost": pairing[1][0].tolist()} if pairing is not None else {})}}

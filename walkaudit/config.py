@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -266,7 +266,7 @@ class AuditOptions(TypedDict, total=False):
 SELECTION_KEYS = ("ops", "include", "exclude", "sites")
 
 
-def with_options(config: AuditConfig, options: dict[str, Any]) -> AuditConfig:
+def with_options(config: AuditConfig, options: Mapping[str, Any]) -> AuditConfig:
     """`config` with keyword options applied (the selection shorthand included), checked; TypeError for an unknown
     keyword, as Python gives for any function."""
     names = {f.name for f in fields(AuditConfig)}

@@ -30,8 +30,10 @@ class Executor(Protocol):
     sites_in_flight: int
     #: what the workers' clean passes noted (the report's runtime notes)
     notes: list[str]
-    #: whether the workers draw ε in the graph (the report's runtime `noise_source`)
-    graph_draws: bool
+
+    @property
+    def graph_draws(self) -> bool:
+        """Whether the workers draw ε in the graph (the report's runtime `noise_source`)."""
 
     def clean_pass(self, progress: Callable[[int], None], keep: bool) -> CleanStats:
         """The clean pass over all the data (`Worker.clean_pass`), its samples told to `progress` as they are done;

@@ -30,9 +30,13 @@ import dataclasses
 import math
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 from walkaudit._units import BLOCK, CleanStats, Counts, WorkUnit, block_rows
 from walkaudit.errors import RuntimeFailure, UsageError, WalkauditError
+
+if TYPE_CHECKING:
+    from walkaudit._execution.worker import Worker
 
 INSTALL = 'Ray is not installed: pip install "walkaudit[ray]" (from a checkout: pip install ".[ray]")'
 
@@ -70,7 +74,9 @@ class _Host:
         from walkaudit._execution import resolved, worker  # noqa: F401  (imported now, while the driver works)
 
         self.threads, self.provider = threads, provider
-        self.error, self.worker, self.rows = "not set up", None, None
+        self.error: str | None = "not set up"
+        self.worker: Worker | None = None
+        self.rows: range | None = None
         self.info = {"onnxruntime": onnxruntime.__version__, "walkaudit": __version__, "provider": None,
                      "threads": threads, "pid": os.getpid(), "error": None,
                      "import_s": time.perf_counter() - began, "build_s": None}
@@ -279,9 +285,9 @@ def connect(address: str | None = None, config=None, *, timeout: float = CONNECT
                 pass
         except OSError as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+            kind = "Ray Client" if client else "GCS"
             raise RuntimeFailure(f"cannot join the Ray cluster at {address}: {host}:{port} does not answer "
-                                 f"({why}); is the cluster running, and is that its {'Ray Client' if client else 'GCS'} "
-                                 "port?") from None
+                                 f"({why}); is the cluster running, and is that its {kind} port?") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return Ray(address, config, **options)
@@ -332,6 +338,9 @@ class _Piece:
     """A handle: one unit, evaluated in a call (alone or with other small units of the same site and σ levels)."""
 
     __slots__ = ("unit", "call", "counts")
+    unit: WorkUnit
+    call: _Call | None  # set when the call that evaluates it is made
+    counts: Counts | None  # set when that call finished
 
     def __init__(self, unit: WorkUnit):
         self.unit, self.call, self.counts = unit, None, None
@@ -341,6 +350,13 @@ class _Call:
     """One actor call: its units' pieces, where it runs now, how often it was sent, its estimated cost."""
 
     __slots__ = ("pieces", "cost", "ref", "actor", "handle", "attempts", "sent")
+    pieces: list[_Piece]
+    cost: float
+    ref: Any  # the ray.ObjectRef of the call's result, while it runs
+    actor: int | None  # the slice (and actor) it was last sent to
+    handle: Any  # that actor (a ray.actor.ActorHandle)
+    attempts: int
+    sent: float
 
     def __init__(self, pieces: list[_Piece], cost: float):
         self.pieces, self.cost = pieces, cost
@@ -497,7 +513,7 @@ class RayExecutor:
         """The unit cut at the slices' bounds, each part into pieces of about `piece_seconds` (once measured)."""
         start, stop = unit.blocks
         rate = self._rate(unit.sites)
-        bounds = [*self.starts[1:], math.inf]
+        bounds = [*self.starts[1:], stop]  # the last slice ends at the data's end, so the unit's stop bounds it
         out = []
         for first, end in zip(self.starts, bounds):
             lo, hi = max(start, first), min(stop, end)
@@ -536,7 +552,8 @@ class RayExecutor:
             pieces.sort(key=lambda p: p.unit.blocks)
             rate = self._rate(pieces[0].unit.sites)
             costs = [rate * self._work(p.unit) if rate is not None else 0.0 for p in pieces]
-            call, spent = [], 0.0
+            call: list[_Piece] = []
+            spent = 0.0
             for piece, cost in zip(pieces, costs):
                 if call and rate is not None and spent + cost > self.piece_seconds:
                     self._send(_Call(call, spent))
@@ -557,6 +574,7 @@ class RayExecutor:
     def _settle(self, call: _Call) -> bool:
         """Collect a finished call's counts (True), or send it again when its actor died (False)."""
         ray, a = self.ray, call.actor
+        assert a is not None  # only a call that was sent (`_send` sets its actor) is settled
         self.load[a] = max(0.0, self.load[a] - call.cost)
         self.queued[a] -= 1
         try:
@@ -605,6 +623,8 @@ class RayExecutor:
         return done
 
     def result(self, handle: _Piece) -> Counts:
+        if handle.counts is None:
+            raise RuntimeError("RayExecutor.result: a unit's counts asked for before `wait` returned it as done")
         return handle.counts
 
     def release(self, sites: tuple[str, ...]) -> None:

@@ -28,6 +28,7 @@ from walkaudit._execution.runtime import Runtime, run, run_bound
 from walkaudit._graph import passes
 from walkaudit._loading.model import LoadedModel
 from walkaudit._noise import NoiseModel
+from walkaudit._noise.base import Affine
 from walkaudit._noise.registry import global_models
 from walkaudit.errors import UsageError
 
@@ -86,6 +87,14 @@ class Strategy(ABC):
     def one_level(self) -> Strategy:
         """This strategy for runs of one σ level (itself, unless a cheaper graph serves them)."""
         return self
+
+
+def _affine(noise: NoiseModel) -> Affine:
+    """The noise model of a path whose graph applies the noise (σ scales, `Affine.factors`). `choose` picks such a
+    path only for models with graph nodes (`NoiseModel.graph_applies`), which are the affine ones."""
+    if not isinstance(noise, Affine):
+        raise TypeError(f"{noise.kind} noise has no graph nodes: it runs on the host (HostApplied), walk mode only")
+    return noise
 
 
 def _tile(a: np.ndarray, times: int) -> np.ndarray:
@@ -160,11 +169,12 @@ class FedSuffix(Strategy):
         self.tiles = tile
         self.graph = suffix.model
         self._session = None  # made at the first run: a program used only for its one-level twin never needs one
-        self.site, self.frontier, self.noise = suffix.site, suffix.frontier, noise
+        self.site, self.frontier, self.noise = suffix.site, suffix.frontier, _affine(noise)
         self.output = model.class_output.name
         self.reads = self.on_device = (self.site, *self.frontier)
         self.noisy = () if self.drawn_in_graph else (self.site,)
-        self.rank = None if types[self.site].shape is None else len(types[self.site].shape)
+        shape = types[self.site].shape
+        self.rank = None if shape is None else len(shape)
         self.dtype = types[self.site].dtype
 
     @property
@@ -173,7 +183,7 @@ class FedSuffix(Strategy):
             self._session = self._runtime.session(self.program.model, f"part of the model after {self.site}")
         return self._session
 
-    def one_level(self) -> FedSuffix:
+    def one_level(self) -> Strategy:
         """This strategy for runs of one σ level: the frontier is not tiled (copied) per run. Not for ε drawn in
         the graph: a second session would replay the first one's random stream."""
         if self.drawn_in_graph or not self.tiles:
@@ -189,6 +199,7 @@ class FedSuffix(Strategy):
         sm, sa = self.noise.scales(sigmas)
         for name, scale in ((program.sigma_mul, sm), (program.sigma_add, sa)):
             if name:
+                assert scale is not None  # a σ input only for a term the noise model has
                 host[name] = scale.astype(self.dtype).reshape(-1, *([1] * (rank + 1)))
         for name, term in ((program.eps_mul, 0), (program.eps_add, -1)):  # ε[0] multiplies, ε[-1] adds
             if name:
@@ -211,7 +222,7 @@ class FedGlobal(Strategy):
                                          noise)
         self.graph = model.proto
         self.session = runtime.session(self.program.model, "model with noise at every site")
-        self.noise, self.output = noise, model.class_output.name
+        self.noise, self.output = _affine(noise), model.class_output.name
         self.inputs = tuple(i.name for i in model.inputs)
         self.reads = (*self.inputs, *sites)  # the sites' clean values give ε its shapes
         self.noisy = tuple(sites)
@@ -221,6 +232,7 @@ class FedGlobal(Strategy):
         sm, sa = self.noise.scales(sigmas)
         for name, scale in ((self.program.sigma_mul, sm), (self.program.sigma_add, sa)):
             if name:
+                assert scale is not None  # a σ input only for a term the noise model has
                 feeds[name] = scale.astype(np.float32)
         for site, eps_mul, eps_add in self.program.eps:  # ε[0] multiplies, ε[-1] adds
             for name, term in ((eps_mul, 0), (eps_add, -1)):
@@ -237,7 +249,7 @@ class TermsGlobal(Strategy):
                                                "add" in noise.terms)
         self.graph = model.proto
         self.session = runtime.session(proto, "model with noise at every site")
-        self.noise, self.output = noise, model.class_output.name
+        self.noise, self.output = _affine(noise), model.class_output.name
         self.inputs = tuple(i.name for i in model.inputs)
         self.reads = (*self.inputs, *sites)  # the sites' clean values give their shapes
         self.noisy = tuple(sites)
@@ -250,5 +262,6 @@ class TermsGlobal(Strategy):
             mul, add = self.noise.factors(sigmas, eps[inj.site], dtype=y.dtype)
             for term, arr in ((inj.mul, mul), (inj.add, add)):
                 if term:
+                    assert arr is not None  # an injection only for a term the noise model has
                     feeds[term] = arr.reshape(g * y.shape[0], *y.shape[1:])
         return run(self.session, [self.output], feeds, "noisy model")[0]

@@ -27,8 +27,11 @@ from walkaudit._execution import sizing
 from walkaudit._execution.runtime import OutOfMemory, Runtime, run, trim_heap
 from walkaudit._execution.strategies import (
     DrawnSuffix,
+    FedGlobal,
+    FedSuffix,
     HostApplied,
     Strategy,
+    TermsGlobal,
     WeightSuffix,
     choose,
     graph_draws,
@@ -158,11 +161,10 @@ class Worker:
             shown = {site: (*(() if self.on_weights else (site,)), *self._per_sample(site, plan)[1])
                      for site, plan in self.index.suffix_plans(exposed, out).items()}
         values = self.values if exposed is None or self.on_weights else list(exposed)
-        exposed = [*values, *(n for names in shown.values() for n in names)]
         # the clean model and the prefixes feed other graphs: exact, so that a value never depends on which others
         # are exposed with it (a site's curve is then the same audited alone or among others)
-        self._exposed = exposed
-        self._clean_session = runtime.session(passes.expose(model.proto, exposed, model.types), exact=True)
+        self._exposed = [*values, *(n for names in shown.values() for n in names)]
+        self._clean_session = runtime.session(passes.expose(model.proto, self._exposed, model.types), exact=True)
         self._inputs = {s.name for s in model.inputs}
         self.device_free = runtime.device_memory()  # None on the CPU
         self.notes: list[str] = []
@@ -175,7 +177,7 @@ class Worker:
         self._kept_sites: set[str] = set()  # sites whose values are kept and that no evaluation has taken yet
         self._targets: np.ndarray | None = targets  # from the clean pass, or handed over by a driver (`ResolvedAudit`)
         self._clean_ok: np.ndarray | None = clean_ok  # per sample (token): the clean model got it right (pairing)
-        self._evaluations: dict[tuple[str, ...], _Evaluation] = {}
+        self._evaluations: dict[tuple[str, tuple[str, ...]], _Evaluation] = {}  # (mode, sites) -> its evaluation
         self.cache_peak = 0  # the most bytes of clean values held at once (`cached_bytes`), never above cache_bytes
         #: value -> its batch axis from the inferred shape, or "size" (told by size when seen)
         self._axes: dict[str, int | str] = {n: "size" if a is None else a for n, a in (axes or {}).items()}
@@ -293,10 +295,10 @@ class Worker:
         dimension (LSTM outputs are [T, D, N, H]), else the first axis of `rows` entries, else None (a value shared
         by all samples, such as a positional embedding [1, T, D])."""
         if site not in self._axes:
-            axis = passes.symbol_axis(self.model.types.get(site), passes.batch_dimension(self.model.inputs))
-            self._axes[site] = "size" if axis is None else axis
+            found = passes.symbol_axis(self.model.types.get(site), passes.batch_dimension(self.model.inputs))
+            self._axes[site] = "size" if found is None else found
         axis = self._axes[site]
-        if axis != "size":
+        if isinstance(axis, int):  # else "size"
             return axis if axis < len(shape) and shape[axis] == rows else self._by_size(site, shape, rows)
         return self._by_size(site, shape, rows)
 
@@ -341,6 +343,7 @@ class Worker:
         for a per-token output, UNSCORED where a position is not scored; `targets_of`)."""
         if self._targets is None:
             self.clean_pass()
+        assert self._targets is not None  # the clean pass sets them
         return self._targets
 
     # -- noisy evaluation ----------------------------------------------------------------------------------------
@@ -379,6 +382,8 @@ class Worker:
     def _evaluation(self, unit: WorkUnit) -> _Evaluation:
         kind, model = self.strategy(unit.sites, unit.mode), self.model
         if unit.mode == "global":
+            if not issubclass(kind, (FedGlobal, TermsGlobal)):
+                raise TypeError(f"{kind.__name__} does not run global mode")
             return _Evaluation(self, kind(self.runtime, model, self.noise, list(unit.sites)), None, {})
         (site,) = unit.sites
         if site not in self._plans:  # a walk unit on a worker built for global mode
@@ -388,12 +393,15 @@ class Worker:
         if not self.runtime.exact:  # the tail on the positions the output reads: equal up to rounding
             suffix = dataclasses.replace(suffix, model=positions.keep_read_positions(
                 suffix.model, model.types, passes.batch_dimension(model.inputs)))
-        if kind is DrawnSuffix:
+        strategy: Strategy
+        if issubclass(kind, DrawnSuffix):
             strategy = kind(self.runtime, model, self.noise, suffix, seeds=graph_seeds(unit.seed, model, site))
-        elif kind is HostApplied or kind is WeightSuffix:
+        elif issubclass(kind, (HostApplied, WeightSuffix)):
             strategy = kind(self.runtime, model, self.noise, suffix, self.source.map)
-        else:
+        elif issubclass(kind, FedSuffix):
             strategy = kind(self.runtime, model, self.noise, suffix)
+        else:
+            raise TypeError(f"{kind.__name__} does not run walk mode")
         kept = self._take(site)
         prefix = None if kept or self.on_weights else self.runtime.session(  # None: the clean model, if needed
             passes.prefix(model.proto, [site, *suffix.frontier], model.types, index=self.index),
@@ -488,7 +496,7 @@ class _Evaluation:
             return {n: _pad(v[lo:hi], fixed) for n, v in values.items()}
         fed = min(worker.batch_size, worker.data.samples - k * worker.batch_size)  # rows of the whole batch
         axes = {n: worker.batch_axis(n, v.shape, fed) for n, v in values.items()}
-        part = {n: _rows(v, lo, hi, axes[n]) for n, v in values.items() if axes[n] is not None}
+        part = {n: _rows(v, lo, hi, axis) for n, v in values.items() if (axis := axes[n]) is not None}
         again = [n for n in values if axes[n] is None]
         if again:
             _, feeds = worker.feeds(k)
@@ -630,8 +638,8 @@ class _Evaluation:
             target = targets[part.start : part.stop]
             scored = target != UNSCORED  # every sample, or a per-token output's scored positions
             samples += int(scored.sum()) if r == 0 else 0
-            was_ok = clean_ok[part.start : part.stop] if paired else None
-            clean_correct += int(was_ok.sum()) if paired and r == 0 else 0
+            was_ok = clean_ok[part.start : part.stop] if clean_ok is not None else None  # None: not paired
+            clean_correct += int(was_ok.sum()) if was_ok is not None and r == 0 else 0
             group = group or self._group(values, device, levels)
             eps = drawn.result()
             g0 = 0
@@ -699,7 +707,9 @@ def _fitting(reads: dict[str, tuple[str, ...]], batch: dict[str, np.ndarray], ba
     """The sites whose reads (site and frontier) over all batches fit in `budget` together, estimated from the first
     batch; a value read by several sites counts once. Later sites are taken first: their prefixes cost the most to
     run again, and their values are usually the smallest. Returned in walk order."""
-    chosen, held, total = set(), set(), 0
+    chosen: set[str] = set()
+    held: set[str] = set()
+    total = 0
     for site, names in reversed(reads.items()):
         extra = sum(batch[n].nbytes for n in set(names) - held) * batches
         if total + extra <= budget:

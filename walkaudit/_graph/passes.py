@@ -295,10 +295,12 @@ def inject(
         new, value = [], clean
         if inj.mul:
             target = inj.site if not inj.add else names.fresh(f"{inj.site}.scaled")
-            new.append(helper.make_node("Mul", [value, inj.mul], [target], name=names.fresh(f"walkaudit/mul/{inj.site}")))
+            new.append(helper.make_node("Mul", [value, inj.mul], [target],
+                                        name=names.fresh(f"walkaudit/mul/{inj.site}")))
             value = target
         if inj.add:
-            new.append(helper.make_node("Add", [value, inj.add], [inj.site], name=names.fresh(f"walkaudit/add/{inj.site}")))
+            new.append(helper.make_node("Add", [value, inj.add], [inj.site],
+                                        name=names.fresh(f"walkaudit/add/{inj.site}")))
         after.setdefault(made_by[inj.site], []).extend(new)
         for term in (inj.mul, inj.add):
             if term:
@@ -383,9 +385,12 @@ def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, Tensor
     levels = node(first, "Slice", [node(first, "Shape", [sm or sa], "walkaudit/sigma_shape"), zero.name, one.name],
                   "walkaudit/levels")
     after: dict[int, list[onnx.NodeProto]] = {}
-    eps = []
+    eps: list[tuple[str, str | None, str | None]] = []
     for i, site in enumerate(sites):
-        rank = len(types[site].shape)
+        shape_of_site = types[site].shape
+        if shape_of_site is None:  # `strategies.choose` takes this path only for sites of known rank
+            raise ModelError(f"cannot feed noise to {site}: its rank is unknown")
+        rank = len(shape_of_site)
         lifted = _int64_constant(names, f"walkaudit.sigma_shape.{i}", [-1] + [1] * rank)
         inits.append(lifted)
         producer = graph.node[made_by[site]]
@@ -407,7 +412,7 @@ def inject_fed(model: onnx.ModelProto, sites: list[str], types: dict[str, Tensor
         new.extend(applied)
         new.append(helper.make_node("Reshape", [noisy, shape], [site], name=names.fresh(f"walkaudit/fold/{site}")))
         after.setdefault(made_by[site], []).extend(new)
-        eps.append((site, *(terms[t][1] if t in terms else None for t in ("mul", "add"))))
+        eps.append((site, terms["mul"][1] if "mul" in terms else None, terms["add"][1] if "add" in terms else None))
     _insert_after(graph, after, first)
     graph.initializer.extend(inits)
     for name in (sm, sa):
@@ -516,10 +521,11 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     host's (`NoiseModel.host`), op for op, so both give the same values. The suffix's inputs are renamed to fresh
     `<name>.clean` names and the new σ and ε inputs get fresh names too: the returned `GraphNoise` names them all.
 
-    - `fed=False`: RandomNormalLike draws ε (opsets 10–21; the noise model's `graph_draw`, e.g. RandomUniformLike). With a `seed` attribute the generator is stateful per
-      session: each run draws anew, a new session replays. `seeds=(seed_mul, seed_add)` are the attributes of ε1
-      and ε2, integers in [0, 2**24) (ValueError otherwise); the older `seed=` gives them 2·seed and 2·seed + 1,
-      which float32 holds exactly only while 2·seed + 1 < 2**24 (`graph_seeds`).
+    - `fed=False`: RandomNormalLike draws ε (opsets 10–21; the noise model's `graph_draw`, e.g. RandomUniformLike).
+      With a `seed` attribute the generator is stateful per session: each run draws anew, a new session replays.
+      `seeds=(seed_mul, seed_add)` are the attributes of ε1 and ε2, integers in [0, 2**24) (ValueError otherwise);
+      the older `seed=` gives them 2·seed and 2·seed + 1, which float32 holds exactly only while
+      2·seed + 1 < 2**24 (`graph_seeds`).
     - `fed=True`: ε is a graph input, drawn by the host (any opset from 10). onnxruntime then does the apply and
       the tiling in its own threads and arena.
 
@@ -560,10 +566,12 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
             op, attrs = noise.graph_draw if noise is not None and noise.graph_draw else ("RandomNormalLike", {})
             return node(op, [y], f"walkaudit/eps_{term}", dtype=elem, seed=seed_, **attrs)
         name = names.fresh(f"walkaudit.eps_{term}")
+        assert rank is not None  # fed ε needs the rank: checked known below, before any ε is made
         inputs.append(helper.make_tensor_value_info(name, elem, [None] * (rank + 1)))
         return name
 
-    rank = len(types[site].shape) if types[site].shape is not None else None
+    site_shape = types[site].shape
+    rank = len(site_shape) if site_shape is not None else None
     if fed and rank is None:
         raise ModelError(f"cannot feed noise to {site}: its rank is unknown")
     renamed = {site: names.fresh(f"{site}.clean"), **{f: names.fresh(f"{f}.clean") for f in sfx.frontier if tile}}
@@ -571,17 +579,18 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     y, folded = lifted(clean)
     sm = names.fresh("walkaudit.sigma_mul") if has_mul else None
     sa = names.fresh("walkaudit.sigma_add") if has_add else None
-    eps_mul = eps_add = unit = None
+    mul = add = None  # (σ, ε) per term
+    unit = None
     if sm:
-        eps_mul = epsilon("mul", seed_mul)
+        mul = (sm, epsilon("mul", seed_mul))
         unit = names.fresh("walkaudit.unit")
         inits.append(onnx.numpy_helper.from_array(np.array(1, helper.tensor_dtype_to_np_dtype(elem)), unit))
     if sa:
-        eps_add = epsilon("add", seed_add)
-    applied, noisy = _noisy(y, (sm, eps_mul) if sm else None, (sa, eps_add) if sa else None, "walkaudit", names, unit,
-                            noise)
+        add = (sa, epsilon("add", seed_add))
+    applied, noisy = _noisy(y, mul, add, "walkaudit", names, unit, noise)
     nodes.extend(applied)
     if axis:  # [G, ..., N, ...] -> [..., G, N, ...] -> [..., G·N, ...]
+        assert rank is not None  # `sample_axis` finds an axis other than 0 only in a shape it knows
         shape = node("Shape", [clean], f"{clean}/shape_at_axis")
         levels_first = node("Concat", [minus_one.name, shape], f"{clean}/levels_first", axis=0)
         noisy = node("Reshape", [noisy, levels_first], "walkaudit/levels")  # σ may carry more unit axes than y
@@ -616,6 +625,6 @@ def graph_noise(sfx: Suffix, types: dict[str, TensorSpec], has_mul: bool, has_ad
     graph.input.extend(inputs)
     _insert_after(graph, {}, nodes)
     graph.initializer.extend(inits)
-    if not fed:
-        eps_mul = eps_add = None  # internal values, not inputs
+    # fed: the ε inputs; else internal values, not inputs
+    eps_mul, eps_add = (mul[1] if mul else None, add[1] if add else None) if fed else (None, None)
     return GraphNoise(out, clean, tuple(renamed.get(f, f) for f in sfx.frontier), sm, sa, eps_mul, eps_add)
