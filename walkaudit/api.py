@@ -400,7 +400,7 @@ class AuditRun:
         macs = site_macs(self.loaded, site, {site.name: ("N", *ran[1:])} if ran else None)
         return {"index": site.index, "name": site.name, "node": site.node, "op_type": site.op_type,
                 "shape": list(shape), "activation_std": std, "weight": weight_stats(self.loaded.proto, site),
-                "macs": macs, **body}
+                "macs": macs, **({"module": site.module} if site.module else {}), **body}
 
     # -- the report --------------------------------------------------------------------------------------------------
     def report(self, partial: bool = False) -> Report:

@@ -50,7 +50,8 @@ def inspect(model: str, sites: opt.Sites, listing: Listing):
     macs = sites_macs(loaded, found)
     if listing.as_json:
         click.echo(json.dumps([{"index": s.index, "name": s.name, "node": s.node, "op_type": s.op_type,
-                                "shape": None if s.shape is None else list(s.shape), "macs": m}
+                                "shape": None if s.shape is None else list(s.shape), "macs": m,
+                                **({"module": s.module} if s.module else {})}
                                for s, m in zip(found, macs)], indent=2))
         return
     from walkaudit.report import render
@@ -59,10 +60,12 @@ def inspect(model: str, sites: opt.Sites, listing: Listing):
     out = loaded.class_output
     width = render.output_width(sys.stdout)  # None (a pipe, a log): the whole table
     console = Console(highlight=False, width=width or 100_000)
-    columns = [render.Column("#", "right", "index"), render.Column("tensor", kind="name"),
-               render.Column("node", kind="name"), render.Column("op"), render.Column("shape"),
-               render.Column("MACs", "right", "number")]
-    rows = [[str(s.index), render.Name(printable(s.name)), render.Name(printable(s.node)), printable(s.op_type),
+    modules = any(s.module for s in found)  # a dynamo export: the module path first
+    columns = [render.Column("#", "right", "index"), *([render.Column("module", kind="name")] if modules else []),
+               render.Column("tensor", kind="name"), render.Column("node", kind="name"), render.Column("op"),
+               render.Column("shape"), render.Column("MACs", "right", "number")]
+    rows = [[str(s.index), *([render.Name(printable(s.module or ""))] if modules else []),
+             render.Name(printable(s.name)), render.Name(printable(s.node)), printable(s.op_type),
              shape_text(s.shape), _count_text(m)] for s, m in zip(found, macs)]
     # a line of its own, not the table's title: rich wraps a title to the table's width
     console.print(f"{len(found)} sites of {printable(Path(model).name)} (class output '{printable(out.name)}', "

@@ -344,6 +344,13 @@ class SiteResult(_Section):
         }
 
     @property
+    def module(self) -> str | None:
+        """The module path the exporter recorded for the site (torch dynamo: ``layer3.1.conv2``); None where the
+        graph has none (and in reports before walkaudit 0.3)."""
+        value = self.extra.get("module")
+        return value if isinstance(value, str) and value else None
+
+    @property
     def tolerance(self) -> list[dict[str, Any]]:
         """Per requested drop (`--drop`): ``{drop, of, sigma, ci95, censored}``; empty when none was asked for."""
         return list(self.extra.get("tolerance") or [])

@@ -25,7 +25,8 @@ from rich.text import Text
 
 from walkaudit._noise.registry import SIGMA
 from walkaudit.report.model import GateResult, Report, SiteResult
-from walkaudit.report.text import Level, format_bits, format_level, midpoint_text, printable, report_level, shape_text
+from walkaudit.report.text import (Level, format_bits, format_level, midpoint_text, printable, report_level, shape_text,
+                                   site_label)
 
 __all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "legend", "midpoint_cells",
            "midpoint_columns", "output_width", "shorten", "short_names", "show", "site_table", "summary_lines",
@@ -287,7 +288,7 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
     for s in report.sites:
         rows.append([
             "" if s.index is None else str(s.index),
-            Name(printable(s.name), _FIT_MARK.get(s.fit.method, ""),
+            Name(site_label(s.name, s.module), _FIT_MARK.get(s.fit.method, ""),
                  "bold red" if s.name in failing else "yellow" if s.name in undecided else ""),
             printable(s.op_type),
             "" if s.shape is None else shape_text(s.shape),
@@ -342,7 +343,7 @@ def tolerance_table(report: Report, width: int | None = None) -> Table | Lines |
     rows = []
     for s in report.sites:
         by = {t["of"]: t for t in s.tolerance}
-        rows.append([Name(printable(s.name), "", ""),
+        rows.append([Name(site_label(s.name, s.module), "", ""),
                      *(tolerance_cell(by[d], level) if d in by else "" for d in drops)])
     return fit(columns, rows, width)
 

@@ -42,7 +42,7 @@ def to_markdown(report: Report) -> str:
     for site in report.sites:
         cells = [
             "—" if site.index is None else str(site.index),
-            _code(site.name, table=True),
+            _site(site),
             _text(site.op_type),
             *midpoint_cells(site, level),
             _ci(site),
@@ -60,7 +60,7 @@ def to_markdown(report: Report) -> str:
         for site in report.sites:
             by = {t["of"]: t for t in site.tolerance}
             cells = [tolerance_cell({**by[d], "ci95": None}, level) if d in by else "—" for d in drops]
-            lines.append("| " + _code(site.name, table=True) + " | " + " | ".join(cells) + " |")
+            lines.append("| " + _site(site) + " | " + " | ".join(cells) + " |")
 
     failures = gate.failures if gate is not None else []
     if failures:
@@ -170,3 +170,9 @@ def _code(text: str, *, table: bool = False) -> str:
     if table:
         text = text.replace("|", "\\|")
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _site(site: SiteResult) -> str:
+    """A site's table cell: its module path (where the exporter recorded one), then its tensor name in code."""
+    name = _code(site.name, table=True)
+    return f"{_text(site.module)} ({name})" if site.module else name
