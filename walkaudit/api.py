@@ -7,6 +7,7 @@ assembled as the schema's JSON and typed by `Report.from_dict`, so what the API 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
 import numpy as np
 
 from walkaudit import __version__
+from walkaudit._analysis import estimate as estimate_mod
 from walkaudit._analysis import fit, sweep
+from walkaudit._analysis.estimate import Estimate
 from walkaudit._execution import resolved as resolved_mod
 from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.resolved import ResolvedAudit
@@ -35,7 +38,7 @@ from walkaudit._loading import data as data_mod
 from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
-from walkaudit.config import AuditConfig, with_options
+from walkaudit.config import AuditConfig, quick_plan, with_options
 from walkaudit.errors import UsageError, option
 from walkaudit.report.model import Report, SiteResult
 from walkaudit.report.schema import SCHEMA_ID
@@ -53,6 +56,7 @@ class Progress(Protocol):
     def describe(self, text: str) -> None: ...  # what runs now ("clean pass", a site's name)
     def site_started(self, position: int, total: int, name: str) -> None: ...  # site `position` of `total`, 1-based
     def site_finished(self, result: SiteResult) -> None: ...  # its result (also for sites resumed from a checkpoint)
+    # optional (`_call`): `estimated(text)`: the whole audit's expected time and memory, once the clean pass is done
 
 
 class _NoProgress:
@@ -114,6 +118,17 @@ def _call(listener, method: str, *args) -> None:
     fn = getattr(listener, method, None)
     if fn is not None:
         fn(*args)
+
+
+def _steady_seconds(began: float, ticks: list[tuple[float, int]], samples: int) -> float:
+    """The clean pass's time for all `samples`, without its first batch's set-up (sessions built, memory arenas
+    grown) where later batches measure the steady rate: (time after the first batch) × samples / (samples after
+    it). `ticks`: (time, samples) as each batch finished."""
+    total = (ticks[-1][0] if ticks else time.perf_counter()) - began
+    later = sum(n for _, n in ticks[1:])
+    if len(ticks) < 3 or later <= 0:
+        return total
+    return (ticks[-1][0] - ticks[0][0]) * samples / later
 
 
 def _shard(model, sites: list[Site], i: int, n: int) -> list[Site]:
@@ -185,6 +200,7 @@ class AuditRun:
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
         self.clean: CleanStats | None = None
+        self.clean_seconds = 0.0  # the clean pass's wall time (`start`)
         self._runtime: Runtime | None = None
         self._num_classes = num_classes  # the classes the data was read against
         #: every choice made here, once (`start` adds the batch size): what every executor's workers are built from
@@ -229,12 +245,46 @@ class AuditRun:
         else:  # the driver's loaded model, data, runtime and graph index handed over: nothing loaded twice
             self._executor = InProcess(resolved.build(model=self.loaded, dataset=self.dataset, runtime=runtime,
                                                       index=self.index), progress.advance)
+        began, ticks = time.perf_counter(), []
+
+        def advance(amount: int) -> None:  # the clean pass's batches, timed for the estimate
+            ticks.append((time.perf_counter(), amount))
+            progress.advance(amount)
+
         try:
-            self.clean = self._executor.clean_pass(progress.advance, keep)
+            self.clean = self._executor.clean_pass(advance, keep)
         except BaseException:
             self.close()
             raise
+        self.clean_seconds = _steady_seconds(began, ticks, self.dataset.samples)
+        if len(self.done) < len(self.sites):
+            _call(progress, "estimated", self.estimate().line())
         return self._executor
+
+    def estimate(self, samples: int | None = None, batch: int | None = None) -> Estimate:
+        """The whole audit's wall time and peak memory (`walkaudit._analysis.estimate`), from the clean pass just
+        measured (after `start`); `samples`, `batch`: for that many samples and that batch size instead of the
+        run's own (the clean pass's time scaled: `walkaudit inspect --data` measures on a slice)."""
+        from walkaudit._graph.cost import pass_cost, site_costs, value_bytes
+
+        config, loaded = self.config, self.loaded
+        scale = 1.0 if samples is None else samples / max(self.dataset.samples, 1)
+        samples = self.dataset.samples if samples is None else samples
+        if config.mode == "global":
+            relative = [1.0]
+        else:
+            whole = pass_cost(loaded)
+            relative = [c / whole for c in site_costs(loaded, self.sites)] if whole > 0 else [1.0] * len(self.sites)
+        grid = config.sigmas or self.noise.grid()
+        levels = len(grid) if grid else estimate_mod.QUICK_LEVELS if config.quick else estimate_mod.ADAPTIVE_LEVELS
+        seconds = estimate_mod.audit_seconds(self.clean_seconds * scale, relative, levels, config.repeats)
+        site_bytes, largest = value_bytes(loaded, [s.name for s in self.selected if s.name in loaded.types])
+        ran = [4 * math.prod(shape[1:]) for shape in self.clean.shapes.values()]  # as run: symbolic dims known
+        site_bytes, largest = max(site_bytes, sum(ran)), max([largest, *ran])
+        batch = min(batch or self.resolved.batch_size, samples)
+        cache = min(CACHE_BYTES, samples * site_bytes) if config.mode == "walk" else 0
+        peak = estimate_mod.peak_bytes(loaded.proto.ByteSize(), site_bytes, largest, batch, cache)
+        return Estimate(seconds, peak)
 
     @property
     def key(self) -> str:
@@ -310,7 +360,8 @@ class AuditRun:
         scale = self.noise.search_scale(float(np.median(stds)) if stds else 1.0)
         half = fit.halfway(clean.accuracy, self.chance)
         targets = tuple(clean.accuracy - d.points(clean.accuracy, self.chance) for d in config.drops)
-        return sweep.adaptive(half, self.noise.plan(), scale, n_blocks, clean.accuracy, targets)
+        plan = quick_plan(self.noise.plan()) if config.quick else self.noise.plan()
+        return sweep.adaptive(half, plan, scale, n_blocks, clean.accuracy, targets)
 
     def _step(self, state: _Search, counts: Counts | None, executor: Executor, handles: dict) -> None:
         """Send a search the counts of its last request (None: start it) and submit its next request's units, or
@@ -441,7 +492,7 @@ class AuditRun:
                        "seed": config.seed, "batch_size": self.resolved.batch_size,
                        "provider_requested": config.provider,
                        "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
-                       "exact": config.exact, "shard": list(config.shard) if config.shard else None,
+                       "exact": config.exact, **({"quick": True} if config.quick else {}), "shard": list(config.shard) if config.shard else None,
                        "site_scales": dict(config.site_scales) or None,
                        "sites": {"ops": list(config.selection.ops), "include": config.selection.include,
                                  "exclude": config.selection.exclude, "names": list(config.selection.names)}},

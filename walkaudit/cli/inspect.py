@@ -13,6 +13,11 @@ from walkaudit.cli import options as opt
 from walkaudit.cli.app import GroupedCommand, guarded, main
 
 
+#: samples of the data the estimate's clean pass is timed on, in batches of PROBE_BATCH
+PROBE_SAMPLES = 256
+PROBE_BATCH = 64
+
+
 @dataclass(frozen=True)
 class Listing:
     output_format: str = "text"
@@ -36,9 +41,14 @@ LISTING = opt.Group(
 @guarded
 @click.argument("model", type=click.Path(dir_okay=False))
 @opt.SITES(only=("ops", "include", "exclude"))
+@click.option("--data", "data_path", type=click.Path(), metavar="FILE|DIR",
+              help="Also estimate the audit's time and peak memory on this data (a clean pass over its first "
+                   f"{PROBE_SAMPLES} samples, timed).")
+@click.option("--quick", is_flag=True, help="With --data: estimate a --quick audit instead of a full one.")
 @LISTING
-def inspect(model: str, sites: opt.Sites, listing: Listing):
-    """List the candidate sites of MODEL: index, tensor, node, op type, shape, MACs per sample."""
+def inspect(model: str, sites: opt.Sites, listing: Listing, data_path: str | None = None, quick: bool = False):
+    """List the candidate sites of MODEL: index, tensor, node, op type, shape, MACs per sample; with --data, the
+    audit's estimated time and peak memory ("estimated: ~N min, peak ~M GiB")."""
     from rich.console import Console
 
     from walkaudit._graph.cost import sites_macs
@@ -48,11 +58,13 @@ def inspect(model: str, sites: opt.Sites, listing: Listing):
     loaded = load_model(model)
     found = select(loaded.proto, loaded.types, sites.selection(), loaded.class_output.name)
     macs = sites_macs(loaded, found)
+    estimate = None if data_path is None else _estimate(model, data_path, sites, quick)
+    if listing.as_json and estimate is not None:
+        click.echo(json.dumps({"sites": _site_dicts(found, macs), "estimate": {
+            "seconds": round(estimate.seconds, 1), "peak_bytes": estimate.peak_bytes, "quick": quick}}, indent=2))
+        return
     if listing.as_json:
-        click.echo(json.dumps([{"index": s.index, "name": s.name, "node": s.node, "op_type": s.op_type,
-                                "shape": None if s.shape is None else list(s.shape), "macs": m,
-                                **({"module": s.module} if s.module else {})}
-                               for s, m in zip(found, macs)], indent=2))
+        click.echo(json.dumps(_site_dicts(found, macs), indent=2))
         return
     from walkaudit.report import render
     from walkaudit.report.text import printable, shape_text
@@ -72,6 +84,32 @@ def inspect(model: str, sites: opt.Sites, listing: Listing):
                   f"{out.kind}{' per token' if out.per_token else ''})", markup=False, soft_wrap=True)
     # never cropped: names lose their common prefix (never their end) or the rows become records at narrow widths
     render.show(console, render.fit(columns, rows, width))
+    if estimate is not None:
+        console.print(f"{estimate.line()} ({'a --quick' if quick else 'a full'} audit of these sites, default options)",
+                      markup=False, soft_wrap=True)
+
+
+def _estimate(model: str, data_path: str, sites: opt.Sites, quick: bool):
+    """The audit's estimate (`AuditRun.estimate`): the clean pass timed on the data's first PROBE_SAMPLES samples
+    (after its first batch), scaled to all of them (or to quick mode's)."""
+    from walkaudit import api
+    from walkaudit._execution.sizing import DEFAULT_BATCH
+
+    options = {"selection": sites.selection(), "quick": quick, "data_sha256": ""}  # not hashed: nothing is stored
+    samples = api.iter_audit(model, data=data_path, **options).dataset.samples
+    probe = api.iter_audit(model, data=data_path, limit=min(samples, PROBE_SAMPLES), batch_size=PROBE_BATCH,
+                           provider="cpu", **options)
+    try:
+        probe.start()
+        return probe.estimate(samples=samples, batch=DEFAULT_BATCH)
+    finally:
+        probe.close()
+
+
+def _site_dicts(found, macs) -> list[dict]:
+    return [{"index": s.index, "name": s.name, "node": s.node, "op_type": s.op_type,
+             "shape": None if s.shape is None else list(s.shape), "macs": m, **({"module": s.module} if s.module else {})}
+            for s, m in zip(found, macs)]
 
 
 def _count_text(value: int | None) -> str:

@@ -250,16 +250,18 @@ class Sweep:
 
     global_mode: bool = False
     sigmas: str | None = None
-    repeats: int = 3
+    repeats: int | None = None  # None: 3, or 1 with --quick
     drops: tuple[str, ...] = ()
     seed: int = 0
+    quick: bool = False
 
     def config(self) -> dict:
-        from walkaudit.config import parse_bound, parse_sigmas
+        from walkaudit.config import QUICK_REPEATS, parse_bound, parse_sigmas
 
+        repeats = self.repeats if self.repeats is not None else QUICK_REPEATS if self.quick else 3
         return {"mode": "global" if self.global_mode else "walk",
                 "sigmas": parse_sigmas(self.sigmas) if self.sigmas is not None else None,  # "": an empty grid
-                "repeats": self.repeats, "seed": self.seed,
+                "repeats": repeats, "seed": self.seed, "quick": self.quick,
                 "drops": tuple(parse_bound(d, "drops") for d in self.drops)}
 
 
@@ -270,12 +272,14 @@ SWEEP = Group(
     (("--sigmas",), dict(metavar="LIST|A:B:N",
                          help="Fixed σ grid: '0.01,0.1,1' or '1e-3:1e2:21' (log). Default: adaptive search per "
                               "site.")),
-    (("--repeats",), dict(type=int, default=3, show_default=True, help="Noise draws per σ.")),
+    (("--repeats",), dict(type=int, help="Noise draws per σ [default: 3; 1 with --quick].")),
     (("--drop", "drops"), dict(multiple=True, metavar="DROP",
                                help="Also report per site the σ at which accuracy falls by DROP: '1%' (points) or "
                                     "'5%rel' (of clean − chance). Repeatable; gate it with --rule "
                                     "'REGEX:SIGMA@1%'.")),
     (("--seed",), dict(type=int, default=0, show_default=True, help="Noise seed (same seed, same report).")),
+    (("--quick",), dict(is_flag=True, help="A first look: a coarser σ search, 1 repeat and the first 256 samples "
+                                           "unless --repeats/--limit are given; wider intervals (docs/usage.md).")),
 )
 
 

@@ -146,6 +146,11 @@ class ConfigInfo(_Section):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def quick(self) -> bool:
+        """Was this a quick-mode audit (``--quick``: coarser search, fewer repeats and samples, wider intervals)?"""
+        return self.extra.get("quick") is True
+
+    @property
     def gate_rules(self) -> dict[str, Any] | None:
         """The gate rules recorded with the verdict (``config.gate``: thresholds, min_clean_accuracy, max_drop)."""
         return self.extra.get("gate")

@@ -348,6 +348,12 @@ def tolerance_table(report: Report, width: int | None = None) -> Table | Lines |
     return fit(columns, rows, width)
 
 
+def quick_note(report: Report) -> str:
+    """What a quick-mode report can and cannot say (the summary's line; Markdown's too)."""
+    return (f"quick mode: a first look ({report.config.repeats} repeat(s), {report.data.samples} samples, a coarser "
+            f"σ search): intervals are wider than a full audit's; run without --quick for the audit of record")
+
+
 def summary_lines(report: Report) -> list[str]:
     """The lines under the table (plain text, printable; print them with ``markup=False``)."""
     cfg, rt = report.config, report.runtime
@@ -364,6 +370,8 @@ def summary_lines(report: Report) -> list[str]:
     ]
     if not report.above_chance:
         lines.append(f"the clean accuracy is not above chance: no {level.midpoint} means anything")
+    if cfg.quick:
+        lines.append(quick_note(report))
     weakest = report.weakest
     if weakest is not None:
         lines.append(f"weakest site: {printable(weakest.name)} "

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Set as AbstractSet
 
 from walkaudit.report.model import Failure, GateResult, Report, SiteResult
-from walkaudit.report.render import midpoint_cells, midpoint_columns, tolerance_cell
+from walkaudit.report.render import midpoint_cells, midpoint_columns, quick_note, tolerance_cell
 from walkaudit.report.text import midpoint_text, printable, report_level
 
 __all__ = ["site_failures", "site_status", "to_markdown"]
@@ -143,6 +143,8 @@ def _context(report: Report) -> str:
         parts.append(f"weakest {_code(weakest.name)} ({midpoint_text(weakest.sigma50, weakest.censored, level)})")
     if not report.above_chance:
         parts.append("**clean accuracy not above chance**")
+    if config.quick:
+        parts.append(_text(quick_note(report)))
     return " · ".join(parts)
 
 

@@ -1,0 +1,68 @@
+"""How long an audit will take and how much memory it will hold, before it runs (pure: numbers in, numbers out).
+
+Time. A walk evaluates, per site, about `levels` σ levels over all the data, `repeats` times each, and each such
+evaluation runs the site's suffix: `relative` (`cost.site_costs / cost.pass_cost`) of a whole forward pass. So
+
+    seconds ≈ clean pass · (1 + repeats · Σ_sites levels · relative)
+
+with the clean pass measured (it runs first, on the same data and the same machine). `levels` of the adaptive search
+(`sweep.adaptive`, the default `Plan`): 7 coarse levels (−2…1 decades, 2 a decade) on a quarter of the data, about
+half of them then on the rest, one extension, and 3 refining levels on all of it: about 5.5 levels of all the data
+(5.3 measured on every site of samples/mnist_lenet5 and mnist_mlp); ADAPTIVE_LEVELS rounds it up. A fixed grid: its
+length. What it leaves out: session set-up per site (seconds on a 100 MB model), extra decades where a curve has
+not settled. The tests hold it within a factor of 3 of the measured time.
+
+Memory. The process (Python, numpy, onnxruntime: PROCESS_BYTES), the model held MODEL_COPIES times (the proto, the
+clean session, a site's suffix session while it runs), a batch of the values the clean pass reads out (the sites) and
+of the largest value twice (an operator's input and output), and the clean values kept for the sites
+(`runtime.cache_budget_bytes`, never more). The data is read in slices (memory-mapped), so it does not count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: σ levels of all the data the adaptive search evaluates per site (default plan; see the module docstring)
+ADAPTIVE_LEVELS = 6.0
+#: the same for quick mode's coarser search (`config.quick_plan`: 4 coarse levels, 1 refining): 2.4 measured on
+#: samples/mnist_lenet5 (256 samples)
+QUICK_LEVELS = 3.0
+#: what a walkaudit process holds before any model: the interpreter, numpy, scipy, onnxruntime
+PROCESS_BYTES = 200 << 20
+#: copies of the model's bytes held at once: the ModelProto, the clean session, the running site's suffix session
+MODEL_COPIES = 4
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An audit's expected wall time and peak resident memory."""
+
+    seconds: float
+    peak_bytes: int
+
+    def line(self) -> str:
+        """`estimated: ~12 min, peak ~1.6 GiB`"""
+        return f"estimated: ~{duration_text(self.seconds)}, peak ~{self.peak_bytes / (1 << 30):.1f} GiB"
+
+
+def duration_text(seconds: float) -> str:
+    """`40 s`, `12 min`, `3.5 h`: rounded up to what a person plans with."""
+    if seconds < 60:
+        return f"{max(1, math.ceil(seconds))} s"
+    if seconds < 5400:
+        return f"{math.ceil(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def audit_seconds(clean_seconds: float, relative: list[float], levels: float, repeats: int) -> float:
+    """Wall seconds of an audit whose clean pass took `clean_seconds`: per site `levels` σ levels × `repeats`
+    draws of its suffix (`relative`: the suffix's cost over a whole pass'), plus the clean pass itself."""
+    return clean_seconds * (1.0 + repeats * levels * sum(relative))
+
+
+def peak_bytes(model_bytes: int, site_bytes: int, largest_bytes: int, batch: int, cache_bytes: int) -> int:
+    """Peak resident bytes: the process, MODEL_COPIES of the model, a batch of the sites' values (`site_bytes` per
+    sample) and of the largest value twice (`largest_bytes` per sample), and the clean-value cache budget (at most
+    what the sites' values of all the data would take, which the caller passes when it is less)."""
+    return PROCESS_BYTES + MODEL_COPIES * model_bytes + batch * (site_bytes + 2 * largest_bytes) + cache_bytes
