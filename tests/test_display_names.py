@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from walkaudit._graph.sites import Selection, module_path, select, with_modules
 from walkaudit._loading.model import load_model
+from walkaudit.errors import UsageError
 from walkaudit.report.model import Report, SiteResult
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -91,7 +91,7 @@ def test_report_keeps_module_and_reads_old_reports(tmp_path):
     for s in old["sites"]:
         del s["module"]
     assert Report.from_dict(old).sites[0].module is None
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError, match="module"):
         SiteResult.from_dict({**body["sites"][0], "module": 3})  # the schema says: a string
 
 

@@ -148,7 +148,8 @@ class AuditConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options that change results (not the batch size, threads or provider): equal fingerprints and equal
         inputs give equal reports, timings aside."""
-        skip = {"batch_size", "threads", "provider", *(() if self.quick else ("quick",))}  # 0.2 checkpoints resume  # the shard stays: each shard has a checkpoint of its own
+        # the shard stays: each shard has a checkpoint of its own; quick only when set (0.2 checkpoints resume)
+        skip = {"batch_size", "threads", "provider", *(() if self.quick else ("quick",))}
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         body["sigmas"] = list(self.sigmas) if self.sigmas is not None else None
         body["site_scales"] = [list(pair) for pair in self.site_scales]

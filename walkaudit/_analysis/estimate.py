@@ -3,17 +3,19 @@
 Time. A walk evaluates, per site, about `levels` σ levels over all the data, `repeats` times each, and each such
 evaluation runs the site's suffix: `relative` (`cost.site_costs / cost.pass_cost`) of a whole forward pass. So
 
-    seconds ≈ clean pass · (1 + repeats · Σ_sites levels · relative)
+    seconds ≈ clean pass · (1 + SUFFIX_SPEED · repeats · Σ_sites levels · relative)
 
-with the clean pass measured (it runs first, on the same data and the same machine). `levels` of the adaptive search
+with the clean pass measured (it runs first, on the same data and the same machine). SUFFIX_SPEED: a clean pass
+reads out every site's value and its statistics, so a suffix run costs less than its share of it (measured: 0.4–0.6
+on samples/mnist_lenet5; ResNet-50's quick audit on 8 images took 154 s against 180 s estimated without it). `levels` of the adaptive search
 (`sweep.adaptive`, the default `Plan`): 7 coarse levels (−2…1 decades, 2 a decade) on a quarter of the data, about
 half of them then on the rest, one extension, and 3 refining levels on all of it: about 5.5 levels of all the data
 (5.3 measured on every site of samples/mnist_lenet5 and mnist_mlp); ADAPTIVE_LEVELS rounds it up. A fixed grid: its
 length. What it leaves out: session set-up per site (seconds on a 100 MB model), extra decades where a curve has
-not settled. The tests hold it within a factor of 3 of the measured time.
+not settled. The tests hold it within a factor of 4 of the measured time.
 
 Memory. The process (Python, numpy, onnxruntime: PROCESS_BYTES), the model held MODEL_COPIES times (the proto, the
-clean session, a site's suffix session while it runs), a batch of the values the clean pass reads out (the sites) and
+clean session, a site's suffix session while it runs, with their pre-packed weights), a batch of the values the clean pass reads out (the sites) and
 of the largest value twice (an operator's input and output), and the clean values kept for the sites
 (`runtime.cache_budget_bytes`, never more). The data is read in slices (memory-mapped), so it does not count.
 """
@@ -23,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+#: a suffix evaluation's time over its share (`relative`) of the clean pass's (see the module docstring)
+SUFFIX_SPEED = 0.5
 #: σ levels of all the data the adaptive search evaluates per site (default plan; see the module docstring)
 ADAPTIVE_LEVELS = 6.0
 #: the same for quick mode's coarser search (`config.quick_plan`: 4 coarse levels, 1 refining): 2.4 measured on
@@ -30,8 +34,10 @@ ADAPTIVE_LEVELS = 6.0
 QUICK_LEVELS = 3.0
 #: what a walkaudit process holds before any model: the interpreter, numpy, scipy, onnxruntime
 PROCESS_BYTES = 200 << 20
-#: copies of the model's bytes held at once: the ModelProto, the clean session, the running site's suffix session
-MODEL_COPIES = 4
+#: copies of the model's bytes held at once: the ModelProto, the clean session and the running site's suffix session,
+#: each with onnxruntime's pre-packed weights (measured: a quick audit of torchvision ResNet-50, 97 MB, on 8 images
+#: peaked at 1.86 GiB; docs/performance.md's zoo: ResNet-18 0.83, ViT-B/16 2.75 GiB)
+MODEL_COPIES = 8
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ def duration_text(seconds: float) -> str:
 def audit_seconds(clean_seconds: float, relative: list[float], levels: float, repeats: int) -> float:
     """Wall seconds of an audit whose clean pass took `clean_seconds`: per site `levels` σ levels × `repeats`
     draws of its suffix (`relative`: the suffix's cost over a whole pass'), plus the clean pass itself."""
-    return clean_seconds * (1.0 + repeats * levels * sum(relative))
+    return clean_seconds * (1.0 + SUFFIX_SPEED * repeats * levels * sum(relative))
 
 
 def peak_bytes(model_bytes: int, site_bytes: int, largest_bytes: int, batch: int, cache_bytes: int) -> int:

@@ -34,8 +34,8 @@ import onnx
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.queries import node_label
 
-__all__ = ["ELEMENT_COST", "NOISE_COST", "OVERHEAD_COST", "node_macs", "pass_cost", "site_costs", "site_macs", "sites_macs",
-           "value_bytes"]
+__all__ = ["ELEMENT_COST", "NOISE_COST", "OVERHEAD_COST", "node_macs", "pass_cost", "site_costs", "site_macs",
+           "sites_macs", "value_bytes"]
 
 #: cost of one output element of an op without MACs, in MACs (onnxruntime's elementwise kernels run at memory speed)
 ELEMENT_COST = 8.0

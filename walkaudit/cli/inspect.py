@@ -12,7 +12,6 @@ import click
 from walkaudit.cli import options as opt
 from walkaudit.cli.app import GroupedCommand, guarded, main
 
-
 #: samples of the data the estimate's clean pass is timed on, in batches of PROBE_BATCH
 PROBE_SAMPLES = 256
 PROBE_BATCH = 64
@@ -41,14 +40,14 @@ LISTING = opt.Group(
 @guarded
 @click.argument("model", type=click.Path(dir_okay=False))
 @opt.SITES(only=("ops", "include", "exclude"))
-@click.option("--data", "data_path", type=click.Path(), metavar="FILE|DIR",
-              help="Also estimate the audit's time and peak memory on this data (a clean pass over its first "
-                   f"{PROBE_SAMPLES} samples, timed).")
-@click.option("--quick", is_flag=True, help="With --data: estimate a --quick audit instead of a full one.")
+@opt.DATA(only=("data_path",), optional=("data_path",))
+@opt.SWEEP(only=("quick",))
 @LISTING
-def inspect(model: str, sites: opt.Sites, listing: Listing, data_path: str | None = None, quick: bool = False):
-    """List the candidate sites of MODEL: index, tensor, node, op type, shape, MACs per sample; with --data, the
-    audit's estimated time and peak memory ("estimated: ~N min, peak ~M GiB")."""
+def inspect(model: str, sites: opt.Sites, data: opt.Data, sweep: opt.Sweep, listing: Listing):
+    """List the candidate sites of MODEL: index, module path (dynamo exports), tensor, node, op type, shape, MACs
+    per sample. With --data, also the audit's estimated time and peak memory ("estimated: ~N min, peak ~M GiB"),
+    from a clean pass over the data's first 256 samples, timed (with --quick: of a quick audit)."""
+    data_path, quick = data.data_path, sweep.quick
     from rich.console import Console
 
     from walkaudit._graph.cost import sites_macs
@@ -108,8 +107,8 @@ def _estimate(model: str, data_path: str, sites: opt.Sites, quick: bool):
 
 def _site_dicts(found, macs) -> list[dict]:
     return [{"index": s.index, "name": s.name, "node": s.node, "op_type": s.op_type,
-             "shape": None if s.shape is None else list(s.shape), "macs": m, **({"module": s.module} if s.module else {})}
-            for s, m in zip(found, macs)]
+             "shape": None if s.shape is None else list(s.shape), "macs": m,
+             **({"module": s.module} if s.module else {})} for s, m in zip(found, macs)]
 
 
 def _count_text(value: int | None) -> str:

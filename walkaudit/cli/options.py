@@ -99,9 +99,9 @@ class Group:
         return f"<option group {self.title!r} -> {self.value.__name__}>"
 
     def __call__(self, fn=None, *, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
-                 helps: dict[str, str] | None = None):
+                 helps: dict[str, str] | None = None, optional: tuple[str, ...] = ()):
         if fn is None:
-            return functools.partial(self, only=only, skip=skip, helps=helps)
+            return functools.partial(self, only=only, skip=skip, helps=helps, optional=optional)
         names = [n for n in self.options if (only is None or n in only) and n not in skip]
         unknown = set(only or ()) | set(skip) | set(helps or {})
         assert unknown <= set(self.options), f"{self.title}: no options {unknown - set(self.options)}"
@@ -115,6 +115,8 @@ class Group:
             decls, kw = self.options[name]
             if helps and name in helps:
                 kw = {**kw, "help": helps[name]}
+            if name in optional:  # a required option that this command can do without (inspect's --data)
+                kw = {**kw, "required": False}
             click.option(*decls, cls=GroupOption, group=self, **kw)(wrapper)
         return wrapper
 
@@ -261,7 +263,7 @@ class Sweep:
         repeats = self.repeats if self.repeats is not None else QUICK_REPEATS if self.quick else 3
         return {"mode": "global" if self.global_mode else "walk",
                 "sigmas": parse_sigmas(self.sigmas) if self.sigmas is not None else None,  # "": an empty grid
-                "repeats": repeats, "seed": self.seed, "quick": self.quick,
+                "repeats": repeats, "seed": self.seed, **({"quick": True} if self.quick else {}),
                 "drops": tuple(parse_bound(d, "drops") for d in self.drops)}
 
 

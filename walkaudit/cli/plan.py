@@ -65,7 +65,7 @@ def _cost(text: str | None) -> float | None:
 @BUDGET
 @opt.SITES(only=("ops", "include", "exclude"))
 @opt.NOISE
-@opt.SWEEP(only=("repeats", "seed"), helps={"repeats": "Noise draws per σ.  [default: 3]"})
+@opt.SWEEP(only=("repeats", "seed"))
 @opt.RUNTIME(only=("provider", "threads", "batch_size"))
 @opt.OUTPUT(only=("json_path", "quiet"))
 def plan_command(model: str, data: opt.Data, budget: Budget, sites: opt.Sites, noise: opt.Noise, sweep: opt.Sweep,

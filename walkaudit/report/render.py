@@ -25,8 +25,16 @@ from rich.text import Text
 
 from walkaudit._noise.registry import SIGMA
 from walkaudit.report.model import GateResult, Report, SiteResult
-from walkaudit.report.text import (Level, format_bits, format_level, midpoint_text, printable, report_level, shape_text,
-                                   site_label)
+from walkaudit.report.text import (
+    Level,
+    format_bits,
+    format_level,
+    midpoint_text,
+    printable,
+    report_level,
+    shape_text,
+    site_label,
+)
 
 __all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "legend", "midpoint_cells",
            "midpoint_columns", "output_width", "shorten", "short_names", "show", "site_table", "summary_lines",

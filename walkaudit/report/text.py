@@ -11,8 +11,8 @@ from typing import Any
 
 from walkaudit._noise.registry import REGISTRY, SIGMA, Level
 
-__all__ = ["Level", "axis_label", "finite", "format_bits", "format_level", "format_sigma", "midpoint_text", "printable", "site_label",
-           "report_level"]
+__all__ = ["Level", "axis_label", "finite", "format_bits", "format_level", "format_sigma", "midpoint_text", "printable",
+           "report_level", "site_label"]
 
 # C0 and DEL, C1 (0x80-0x9f: 0x9b is a one-byte CSI), lone surrogates, line/paragraph separators and the bidi
 # embedding/override/isolate controls ("trojan source"), U+FFFE/U+FFFF (not XML): none of them may reach a terminal,
