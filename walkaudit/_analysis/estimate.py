@@ -8,16 +8,17 @@ evaluation runs the site's suffix: `relative` (`cost.site_costs / cost.pass_cost
 with the clean pass measured (it runs first, on the same data and the same machine). SUFFIX_SPEED: a clean pass
 reads out every site's value and its statistics, so a suffix run costs less than its share of it (measured: 0.4–0.6
 on samples/mnist_lenet5; ResNet-50's quick audit on 8 images took 154 s against 180 s estimated without it).
-`levels` of the adaptive search (`sweep.adaptive`, the default `Plan`): 7 coarse levels (−2…1 decades, 2 a decade) on a quarter of the data, about
-half of them then on the rest, one extension, and 3 refining levels on all of it: about 5.5 levels of all the data
-(5.3 measured on every site of samples/mnist_lenet5 and mnist_mlp); ADAPTIVE_LEVELS rounds it up. A fixed grid: its
-length. What it leaves out: session set-up per site (seconds on a 100 MB model), extra decades where a curve has
-not settled. The tests hold it within a factor of 4 of the measured time.
+`levels` of the adaptive search (`sweep.adaptive`, the default `Plan`): 7 coarse levels (−2…1 decades, 2 a decade)
+on a quarter of the data, about half of them then on the rest, one extension, and 3 refining levels on all of it:
+about 5.5 levels of all the data (5.3 measured on every site of samples/mnist_lenet5 and mnist_mlp); ADAPTIVE_LEVELS
+rounds it up. A fixed grid: its length. What it leaves out: session set-up per site (seconds on a 100 MB model),
+extra decades where a curve has not settled. The tests hold it within a factor of 4 of the measured time.
 
 Memory. The process (Python, numpy, onnxruntime: PROCESS_BYTES), the model held MODEL_COPIES times (the proto, the
 clean session, a site's suffix session while it runs, with their pre-packed weights), a batch of the values the
-clean pass reads out (the sites) and of the largest value twice (an operator's input and output), and the clean values kept for the sites
-(`runtime.cache_budget_bytes`, never more). The data is read in slices (memory-mapped), so it does not count.
+clean pass reads out (the sites) and of the largest value twice (an operator's input and output), and the clean
+values kept for the sites (`runtime.cache_budget_bytes`, never more). The data is read in slices (memory-mapped), so
+it does not count.
 """
 
 from __future__ import annotations
