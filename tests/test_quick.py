@@ -13,10 +13,11 @@ from click.testing import CliRunner
 import walkaudit
 from walkaudit import api
 from walkaudit._analysis import estimate, sweep
+from walkaudit._analysis.estimate import QUICK_LIMIT
 from walkaudit._graph.cost import pass_cost, site_costs
 from walkaudit._loading.model import load_model
 from walkaudit.cli import main
-from walkaudit.config import QUICK_LIMIT, QUICK_REPEATS, AuditConfig, quick_plan, with_options
+from walkaudit.config import QUICK_REPEATS, AuditConfig, quick_plan, with_options
 from walkaudit.report.render import summary_lines
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -26,7 +27,7 @@ MNIST = str(SAMPLES / "mnist_val.npz")
 
 def test_quick_preset_applies_where_not_given():
     quick = with_options(AuditConfig(), {"quick": True})
-    assert (quick.repeats, quick.limit, quick.quick) == (QUICK_REPEATS, QUICK_LIMIT, True)
+    assert (quick.repeats, quick.limit, quick.quick) == (QUICK_REPEATS, None, True)  # the limit: by the model
     given = with_options(AuditConfig(), {"quick": True, "repeats": 2, "limit": 100})
     assert (given.repeats, given.limit) == (2, 100)
     # a full audit's fingerprint is the one of walkaudit 0.2 (its checkpoints still resume); quick changes it
@@ -61,6 +62,18 @@ def test_quick_audit_is_cheaper_says_so_and_agrees_with_the_full_one():
         return statistics.median((s.ci95[1] - s.ci95[0]) / s.sigma50 for s in report.sites)
 
     assert width(quick) > 1.5 * width(full)
+
+
+def test_quick_samples_and_batch_follow_the_model():
+    # LeNet-5's walk is cheap: the most samples; a model 10^5 times as costly: the fewest; never more than there are
+    assert estimate.quick_samples([7e5, 2e5, 5e4], 1, 1000) == QUICK_LIMIT
+    assert estimate.quick_samples([2e9] * 54, 1, 1000) == estimate.QUICK_MIN
+    assert estimate.quick_samples([7e5], 1, 10) == 10
+    middle = estimate.quick_samples([5e10], 1, 1000)
+    assert estimate.QUICK_MIN < middle < QUICK_LIMIT and middle == int(estimate.QUICK_MACS // (3.0 * 5e10))
+    assert estimate.quick_batch(1 << 10, 256) == 256
+    assert estimate.quick_batch(40 << 20, 256) == 16  # ResNet-50's site values: ~40 MB a sample
+    assert estimate.quick_batch(1 << 40, 256) == 1
 
 
 def test_relative_costs_follow_the_suffix():

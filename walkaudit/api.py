@@ -131,6 +131,17 @@ def _steady_seconds(began: float, ticks: list[tuple[float, int]], samples: int) 
     return (ticks[-1][0] - ticks[0][0]) * samples / later
 
 
+def _quick_limit(loaded, config: AuditConfig) -> int:
+    """Quick mode's samples where no limit is given (`estimate.quick_samples`), from the selected layers' costs."""
+    from walkaudit._graph.cost import site_costs
+
+    try:
+        sites = select(loaded.proto, loaded.types, config.selection, loaded.class_output.name)
+    except UsageError:  # said again, in full, where the audit selects its sites
+        return estimate_mod.QUICK_LIMIT
+    return estimate_mod.quick_samples(site_costs(loaded, sites), config.repeats, estimate_mod.QUICK_LIMIT)
+
+
 def _shard(model, sites: list[Site], i: int, n: int) -> list[Site]:
     """The sites of shard i of n (1-based), balanced by estimated cost; they keep their indices in the full
     selection, so shard reports merge into the unsharded one."""
@@ -169,15 +180,17 @@ class AuditRun:
         out = self.loaded.class_output
         num_classes = out.num_classes if out.kind != "label" and len(rivals) < 2 else None
         tokens = {"per_token": out.per_token, "ignore_label": config.ignore_label, "mask": config.mask}
+        #: the samples used: --limit, or quick mode's share (`estimate.quick_samples`)
+        self.limit = config.limit if config.limit is not None or not config.quick else _quick_limit(self.loaded, config)
         if data is not None:
             self.dataset = data_mod.load(data, self.loaded.inputs, x_key=config.x_key, y_key=config.y_key,
-                                         limit=config.limit, num_classes=num_classes,
+                                         limit=self.limit, num_classes=num_classes,
                                          allow_nonfinite=config.allow_nonfinite, **tokens,
                                          digest=data_sha256 is None)
             if data_sha256 is not None:  # hashed by the caller already
                 self.dataset.sha256 = data_sha256
         elif x is not None:
-            self.dataset = data_mod.from_arrays(x, y, self.loaded.inputs, limit=config.limit, num_classes=num_classes,
+            self.dataset = data_mod.from_arrays(x, y, self.loaded.inputs, limit=self.limit, num_classes=num_classes,
                                                 allow_nonfinite=config.allow_nonfinite, **tokens)
         else:
             raise UsageError("no data: pass arrays (x, y) or a data file")
@@ -232,6 +245,8 @@ class AuditRun:
         config, progress = self.config, self.progress
         self._runtime = runtime = Runtime(config.provider, config.threads, config.exact)
         batch, note = resolved_mod.batch_size_for(self.loaded, config.batch_size, runtime)
+        if config.quick and config.batch_size is None and note is None:  # not a fixed-batch model
+            batch = min(batch, self._quick_batch())
         resolved_mod.learn_provider(runtime)  # the report's provider, also where no session runs here
         self.notes.extend([note] if note else [])
         self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, self.selected, config,
@@ -260,6 +275,14 @@ class AuditRun:
         if len(self.done) < len(self.sites):
             _call(progress, "estimated", self.estimate().line())
         return self._executor
+
+    def _quick_batch(self) -> int:
+        """Quick mode's batch on the CPU (`estimate.quick_batch`): a batch of the sites' values within 1 GiB."""
+        from walkaudit._execution.sizing import DEFAULT_BATCH
+        from walkaudit._graph.cost import value_bytes
+
+        site_bytes, largest = value_bytes(self.loaded, [s.name for s in self.selected if s.name in self.loaded.types])
+        return estimate_mod.quick_batch(site_bytes + 2 * largest, DEFAULT_BATCH)
 
     def estimate(self, samples: int | None = None, batch: int | None = None) -> Estimate:
         """The whole audit's wall time and peak memory (`walkaudit._analysis.estimate`), from the clean pass just
@@ -491,7 +514,7 @@ class AuditRun:
                        "search": "fixed" if grid else "adaptive", "repeats": config.repeats,
                        "seed": config.seed, "batch_size": self.resolved.batch_size,
                        "provider_requested": config.provider,
-                       "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
+                       "chance": config.chance, "limit": self.limit, "noise_source": config.noise_source,
                        "exact": config.exact, **({"quick": True} if config.quick else {}),
                        "shard": list(config.shard) if config.shard else None,
                        "site_scales": dict(config.site_scales) or None,

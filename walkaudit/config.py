@@ -30,8 +30,7 @@ MAX_BATCH = 1 << 20
 SIGMA_RANGE = (1e-30, 1e30)
 MAX_SEED = (1 << 63) - 1
 MAX_LABEL = 1 << 61
-#: quick mode (`AuditConfig.quick`): samples used where no limit is given, and noise draws where none are given
-QUICK_LIMIT = 256
+#: quick mode (`AuditConfig.quick`): noise draws where none are given (its samples: `estimate.quick_samples`)
 QUICK_REPEATS = 1  # |ignore_label|: far from the internal mark of unscored positions (`_units.UNSCORED`)
 
 
@@ -78,13 +77,10 @@ class AuditConfig:
     #: the model input read as the attention mask (None: `attention_mask` if the model takes one)
     ignore_label: int = -100
     mask: str | None = None
-    #: a first look (`QUICK_*`): a coarser adaptive search (`quick_plan`), and, where not given, 1 repeat
-    #: (`with_options`, the CLI) and the first QUICK_LIMIT samples (here): wider intervals, stated in the report
+    #: a first look: a coarser adaptive search (`quick_plan`), and, where not given, 1 repeat (`with_options`, the
+    #: CLI), the first samples that fit the quick walk's budget (`estimate.quick_samples`: at most 256) and a batch
+    #: that fits its memory (`estimate.quick_batch`): wider intervals, stated in the report
     quick: bool = False
-
-    def __post_init__(self) -> None:
-        if self.quick is True and self.limit is None:
-            object.__setattr__(self, "limit", QUICK_LIMIT)
 
     def check(self) -> AuditConfig:
         """This config, or OptionError naming the first field that cannot work."""

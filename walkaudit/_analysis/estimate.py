@@ -73,3 +73,30 @@ def peak_bytes(model_bytes: int, site_bytes: int, largest_bytes: int, batch: int
     sample) and of the largest value twice (`largest_bytes` per sample), and the clean-value cache budget (at most
     what the sites' values of all the data would take, which the caller passes when it is less)."""
     return PROCESS_BYTES + MODEL_COPIES * model_bytes + batch * (site_bytes + 2 * largest_bytes) + cache_bytes
+
+
+#: quick mode's samples (where no limit is given): at most QUICK_LIMIT, at least QUICK_MIN, and no more than keep the
+#: walk within QUICK_MACS multiply-accumulates (about 10 minutes on 2 CPU cores: a torchvision ResNet-50 gets 32)
+QUICK_LIMIT = 256
+QUICK_MIN = 32
+QUICK_MACS = 1e13
+#: quick mode's batch (where none is given): a batch of the sites' values within this many bytes
+QUICK_BATCH_BYTES = 1 << 30
+
+
+def quick_samples(site_costs: list[float], repeats: int, available: int) -> int:
+    """How many of the `available` samples a quick audit uses: as many as keep QUICK_LEVELS levels × `repeats` draws
+    of every site's suffix (`site_costs`: `cost.site_costs`, MACs per sample) within QUICK_MACS, between QUICK_MIN
+    and QUICK_LIMIT."""
+    per_sample = QUICK_LEVELS * repeats * sum(site_costs)
+    fits = int(QUICK_MACS // per_sample) if per_sample > 0 else QUICK_LIMIT
+    return min(available, QUICK_LIMIT, max(QUICK_MIN, fits))
+
+
+def quick_batch(row_bytes: int, default: int) -> int:
+    """A quick audit's batch: `default`, halved until a batch of `row_bytes` per sample (the sites' values and the
+    largest value twice) fits QUICK_BATCH_BYTES; at least 1."""
+    batch = default
+    while batch > 1 and batch * row_bytes > QUICK_BATCH_BYTES:
+        batch //= 2
+    return batch

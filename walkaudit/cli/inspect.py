@@ -90,17 +90,19 @@ def inspect(model: str, sites: opt.Sites, data: opt.Data, sweep: opt.Sweep, list
 
 def _estimate(model: str, data_path: str, sites: opt.Sites, quick: bool):
     """The audit's estimate (`AuditRun.estimate`): the clean pass timed on the data's first PROBE_SAMPLES samples
-    (after its first batch), scaled to all of them (or to quick mode's)."""
+    (after its first batch; in batches of PROBE_BATCH or fewer, within 1 GiB of site values), scaled to all of them
+    (or to quick mode's share)."""
     from walkaudit import api
     from walkaudit._execution.sizing import DEFAULT_BATCH
 
     options = {"selection": sites.selection(), "quick": quick, "data_sha256": ""}  # not hashed: nothing is stored
-    samples = api.iter_audit(model, data=data_path, **options).dataset.samples
-    probe = api.iter_audit(model, data=data_path, limit=min(samples, PROBE_SAMPLES), batch_size=PROBE_BATCH,
-                           provider="cpu", **options)
+    full = api.iter_audit(model, data=data_path, **options)
+    samples, fitting = full.dataset.samples, full._quick_batch()  # the batch whose site values fit 1 GiB
+    probe = api.iter_audit(model, data=data_path, limit=min(samples, PROBE_SAMPLES),
+                           batch_size=min(PROBE_BATCH, fitting), provider="cpu", **options)
     try:
         probe.start()
-        return probe.estimate(samples=samples, batch=DEFAULT_BATCH)
+        return probe.estimate(samples=samples, batch=min(DEFAULT_BATCH, fitting) if quick else DEFAULT_BATCH)
     finally:
         probe.close()
 

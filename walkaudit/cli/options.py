@@ -280,8 +280,9 @@ SWEEP = Group(
                                     "'5%rel' (of clean − chance). Repeatable; gate it with --rule "
                                     "'REGEX:SIGMA@1%'.")),
     (("--seed",), dict(type=int, default=0, show_default=True, help="Noise seed (same seed, same report).")),
-    (("--quick",), dict(is_flag=True, help="A first look: a coarser σ search, 1 repeat and the first 256 samples "
-                                           "unless --repeats/--limit are given; wider intervals (docs/usage.md).")),
+    (("--quick",), dict(is_flag=True, help="A first look: a coarser σ search, 1 repeat and the first 32-256 samples "
+                                           "(fewer for larger models) unless --repeats/--limit are given; wider "
+                                           "intervals (docs/usage.md).")),
 )
 
 
