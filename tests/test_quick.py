@@ -116,7 +116,12 @@ def test_audit_prints_the_estimate_after_the_clean_pass_and_q_hides_it(tmp_path)
     lines = shown.stderr.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("walkaudit: estimated: ~"))
     assert "GiB" in lines[at] and "clean pass done" in lines[at - 1]
-    assert json.loads((tmp_path / "r.json").read_text())["config"]["quick"] is True
+    config = json.loads((tmp_path / "r.json").read_text())["config"]
+    assert config["quick"] is True and config["repeats"] == 1 and config["limit"] == QUICK_LIMIT
+    given = runner.invoke(main, [*args, "--repeats", "3", "--limit", "100", "-q"], catch_exceptions=False)
+    assert given.exit_code == 0  # an explicit --repeats 3 (the default's value) is kept, as is --limit
+    config = json.loads((tmp_path / "r.json").read_text())["config"]
+    assert (config["repeats"], config["limit"], config["quick"]) == (3, 100, True)
     quiet = runner.invoke(main, [*args, "-q"], catch_exceptions=False)
     assert "estimated" not in quiet.stderr
 
