@@ -7,6 +7,7 @@ assembled as the schema's JSON and typed by `Report.from_dict`, so what the API 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -249,7 +250,8 @@ class AuditRun:
             batch = min(batch, self._quick_batch())
         resolved_mod.learn_provider(runtime)  # the report's provider, also where no session runs here
         self.notes.extend([note] if note else [])
-        self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, self.selected, config,
+        used = dataclasses.replace(config, limit=self.limit)  # workers that read the data read quick mode's share
+        self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, self.selected, used,
                                                         self.noise, batch, self._num_classes)
         progress.describe("clean pass")
         progress.grow(self.dataset.samples)
