@@ -89,7 +89,10 @@ def test_relative_costs_follow_the_suffix():
 def test_estimate_arithmetic():
     speed, copies = estimate.SUFFIX_SPEED, estimate.MODEL_COPIES
     assert estimate.audit_seconds(2.0, [0.5, 0.25], levels=6, repeats=3) == 2.0 * (1 + speed * 3 * 6 * 0.75)
-    assert estimate.peak_bytes(100, 10, 20, 8, 1000) == estimate.PROCESS_BYTES + copies * 100 + 8 * 50 + 1000
+    with_setup = estimate.audit_seconds(2.0, [0.5, 0.25], levels=6, repeats=3, setup=4.0)
+    assert with_setup == 2.0 * (1 + speed * 3 * 6 * 0.75) + 4.0 * (1 + estimate.SUFFIX_SETUP * 2)
+    batch_bytes = 8 * (estimate.ACTIVATION_COPIES * 10 + 2 * 20)
+    assert estimate.peak_bytes(100, 10, 20, 8, 1000) == estimate.PROCESS_BYTES + copies * 100 + batch_bytes + 1000
     assert estimate.Estimate(90, 3 << 29).line() == "estimated: ~2 min, peak ~1.5 GiB"
     assert estimate.duration_text(7200) == "2.0 h" and estimate.duration_text(0.2) == "1 s"
 

@@ -121,15 +121,16 @@ def _call(listener, method: str, *args) -> None:
         fn(*args)
 
 
-def _steady_seconds(began: float, ticks: list[tuple[float, int]], samples: int) -> float:
-    """The clean pass's time for all `samples`, without its first batch's set-up (sessions built, memory arenas
-    grown) where later batches measure the steady rate: (time after the first batch) × samples / (samples after
-    it). `ticks`: (time, samples) as each batch finished."""
+def _steady_seconds(began: float, ticks: list[tuple[float, int]], samples: int) -> tuple[float, float]:
+    """(the clean pass's time for all `samples` at its steady rate, its set-up): the first batch pays for building
+    the session (and growing memory arenas), so the rate is taken from the later batches and the set-up is what the
+    first batch took beyond it. `ticks`: (time, samples) as each batch finished. One batch: (its time, 0)."""
     total = (ticks[-1][0] if ticks else time.perf_counter()) - began
     later = sum(n for _, n in ticks[1:])
-    if len(ticks) < 3 or later <= 0:
-        return total
-    return (ticks[-1][0] - ticks[0][0]) * samples / later
+    if len(ticks) < 2 or later <= 0:
+        return total, 0.0
+    per_sample = (ticks[-1][0] - ticks[0][0]) / later
+    return per_sample * samples, max(0.0, ticks[0][0] - began - per_sample * ticks[0][1])
 
 
 def _quick_limit(loaded, config: AuditConfig) -> int:
@@ -214,7 +215,8 @@ class AuditRun:
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
         self.clean: CleanStats | None = None
-        self.clean_seconds = 0.0  # the clean pass's wall time (`start`)
+        self.clean_seconds = 0.0  # the clean pass's wall time at its steady rate (`start`)
+        self.setup_seconds = 0.0  # what building its session took (`start`)
         self._runtime: Runtime | None = None
         self._num_classes = num_classes  # the classes the data was read against
         #: every choice made here, once (`start` adds the batch size): what every executor's workers are built from
@@ -273,7 +275,7 @@ class AuditRun:
         except BaseException:
             self.close()
             raise
-        self.clean_seconds = _steady_seconds(began, ticks, self.dataset.samples)
+        self.clean_seconds, self.setup_seconds = _steady_seconds(began, ticks, self.dataset.samples)
         if len(self.done) < len(self.sites):
             _call(progress, "estimated", self.estimate().line())
         return self._executor
@@ -302,7 +304,8 @@ class AuditRun:
             relative = [c / whole for c in site_costs(loaded, self.sites)] if whole > 0 else [1.0] * len(self.sites)
         grid = config.sigmas or self.noise.grid()
         levels = len(grid) if grid else estimate_mod.QUICK_LEVELS if config.quick else estimate_mod.ADAPTIVE_LEVELS
-        seconds = estimate_mod.audit_seconds(self.clean_seconds * scale, relative, levels, config.repeats)
+        seconds = estimate_mod.audit_seconds(self.clean_seconds * scale, relative, levels, config.repeats,
+                                             setup=self.setup_seconds)
         site_bytes, largest = value_bytes(loaded, [s.name for s in self.selected if s.name in loaded.types])
         ran = [4 * math.prod(shape[1:]) for shape in self.clean.shapes.values()]  # as run: symbolic dims known
         site_bytes, largest = max(site_bytes, sum(ran)), max([largest, *ran])

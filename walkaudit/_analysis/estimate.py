@@ -3,7 +3,7 @@
 Time. A walk evaluates, per site, about `levels` σ levels over all the data, `repeats` times each, and each such
 evaluation runs the site's suffix: `relative` (`cost.site_costs / cost.pass_cost`) of a whole forward pass. So
 
-    seconds ≈ clean pass · (1 + SUFFIX_SPEED · repeats · Σ_sites levels · relative)
+    seconds ≈ clean · (1 + SUFFIX_SPEED · repeats · Σ_sites levels · relative) + set-up · (1 + SUFFIX_SETUP · sites)
 
 with the clean pass measured (it runs first, on the same data and the same machine). SUFFIX_SPEED: a clean pass
 reads out every site's value and its statistics, so a suffix run costs less than its share of it (measured: 0.4–0.6
@@ -11,8 +11,9 @@ on samples/mnist_lenet5; ResNet-50's quick audit on 8 images took 154 s against 
 `levels` of the adaptive search (`sweep.adaptive`, the default `Plan`): 7 coarse levels (−2…1 decades, 2 a decade)
 on a quarter of the data, about half of them then on the rest, one extension, and 3 refining levels on all of it:
 about 5.5 levels of all the data (5.3 measured on every site of samples/mnist_lenet5 and mnist_mlp); ADAPTIVE_LEVELS
-rounds it up. A fixed grid: its length. What it leaves out: session set-up per site (seconds on a 100 MB model),
-extra decades where a curve has not settled. The tests hold it within a factor of 4 of the measured time.
+rounds it up. A fixed grid: its length. Set-up: what the clean pass's first batch took beyond its steady rate
+(building the session: seconds on a 100 MB model); each site builds a suffix session. What it leaves out: extra
+decades where a curve has not settled. The tests hold it within a factor of 4 of the measured time.
 
 Memory. The process (Python, numpy, onnxruntime: PROCESS_BYTES), the model held MODEL_COPIES times (the proto, the
 clean session, a site's suffix session while it runs, with their pre-packed weights), a batch of the values the
@@ -28,11 +29,18 @@ from dataclasses import dataclass
 
 #: a suffix evaluation's time over its share (`relative`) of the clean pass's (see the module docstring)
 SUFFIX_SPEED = 0.5
+#: a site's suffix session's set-up over the clean session's (a suffix is on average about half the model; measured
+#: on a quick ResNet-50 audit: 54 sites spent about 130 s of its 272 s outside the estimated walk, its clean session
+#: about 5 s in set-up)
+SUFFIX_SETUP = 0.5
 #: σ levels of all the data the adaptive search evaluates per site (default plan; see the module docstring)
 ADAPTIVE_LEVELS = 6.0
 #: the same for quick mode's coarser search (`config.quick_plan`: 4 coarse levels, 1 refining): 2.4 measured on
 #: samples/mnist_lenet5 (256 samples)
 QUICK_LEVELS = 3.0
+#: copies of a batch of the sites' values held at once: the clean session's outputs, onnxruntime's arena that
+#: keeps their memory, the values kept (measured: a quick ResNet-50 audit, batch 16, peaked at 3.8 GiB)
+ACTIVATION_COPIES = 3
 #: what a walkaudit process holds before any model: the interpreter, numpy, scipy, onnxruntime
 PROCESS_BYTES = 200 << 20
 #: copies of the model's bytes held at once: the ModelProto, the clean session and the running site's suffix session,
@@ -62,17 +70,21 @@ def duration_text(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def audit_seconds(clean_seconds: float, relative: list[float], levels: float, repeats: int) -> float:
-    """Wall seconds of an audit whose clean pass took `clean_seconds`: per site `levels` σ levels × `repeats`
-    draws of its suffix (`relative`: the suffix's cost over a whole pass'), plus the clean pass itself."""
-    return clean_seconds * (1.0 + SUFFIX_SPEED * repeats * levels * sum(relative))
+def audit_seconds(clean_seconds: float, relative: list[float], levels: float, repeats: int,
+                  setup: float = 0.0) -> float:
+    """Wall seconds of an audit whose clean pass took `clean_seconds` (and whose session took `setup` to build):
+    per site `levels` σ levels × `repeats` draws of its suffix (`relative`: the suffix's cost over a whole pass')
+    and the set-up of its suffix session (SUFFIX_SETUP of the clean session's), plus the clean pass itself."""
+    walk = clean_seconds * SUFFIX_SPEED * repeats * levels * sum(relative)
+    return clean_seconds + setup + walk + SUFFIX_SETUP * setup * len(relative)
 
 
 def peak_bytes(model_bytes: int, site_bytes: int, largest_bytes: int, batch: int, cache_bytes: int) -> int:
     """Peak resident bytes: the process, MODEL_COPIES of the model, a batch of the sites' values (`site_bytes` per
     sample) and of the largest value twice (`largest_bytes` per sample), and the clean-value cache budget (at most
     what the sites' values of all the data would take, which the caller passes when it is less)."""
-    return PROCESS_BYTES + MODEL_COPIES * model_bytes + batch * (site_bytes + 2 * largest_bytes) + cache_bytes
+    return (PROCESS_BYTES + MODEL_COPIES * model_bytes + batch * (ACTIVATION_COPIES * site_bytes + 2 * largest_bytes)
+            + cache_bytes)
 
 
 #: quick mode's samples (where no limit is given): at most QUICK_LIMIT, at least QUICK_MIN, and no more than keep the
