@@ -6,8 +6,8 @@ evaluation runs the site's suffix: `relative` (`cost.site_costs / cost.pass_cost
     seconds ≈ clean · (1 + SUFFIX_SPEED · repeats · Σ_sites levels · relative) + set-up · (1 + SUFFIX_SETUP · sites)
 
 with the clean pass measured (it runs first, on the same data and the same machine). SUFFIX_SPEED: a clean pass
-reads out every site's value and its statistics, so a suffix run costs less than its share of it (measured: 0.4–0.6
-on samples/mnist_lenet5; ResNet-50's quick audit on 8 images took 154 s against 180 s estimated without it).
+reads out every site's value and its statistics, so a suffix run may cost less than its share of it (measured:
+0.4–0.6 on samples/mnist_lenet5, about 1 on a torchvision ResNet-50; 0.75 sits between).
 `levels` of the adaptive search (`sweep.adaptive`, the default `Plan`): 7 coarse levels (−2…1 decades, 2 a decade)
 on a quarter of the data, about half of them then on the rest, one extension, and 3 refining levels on all of it:
 about 5.5 levels of all the data (5.3 measured on every site of samples/mnist_lenet5 and mnist_mlp); ADAPTIVE_LEVELS
@@ -28,16 +28,16 @@ import math
 from dataclasses import dataclass
 
 #: a suffix evaluation's time over its share (`relative`) of the clean pass's (see the module docstring)
-SUFFIX_SPEED = 0.5
+SUFFIX_SPEED = 0.75
 #: a site's suffix session's set-up over the clean session's (a suffix is on average about half the model; measured
 #: on a quick ResNet-50 audit: 54 sites spent about 130 s of its 272 s outside the estimated walk, its clean session
 #: about 5 s in set-up)
 SUFFIX_SETUP = 0.5
 #: σ levels of all the data the adaptive search evaluates per site (default plan; see the module docstring)
 ADAPTIVE_LEVELS = 6.0
-#: the same for quick mode's coarser search (`config.quick_plan`: 4 coarse levels, 1 refining): 2.4 measured on
-#: samples/mnist_lenet5 (256 samples)
-QUICK_LEVELS = 3.0
+#: the same for quick mode's coarser search (`config.quick_plan`: 4 coarse levels, 1 refining): measured 2.4 on
+#: samples/mnist_lenet5 (256 samples), 5.3 on a random-weight ResNet-50 (32 samples: its curves needed more decades)
+QUICK_LEVELS = 4.0
 #: copies of a batch of the sites' values held at once: the clean session's outputs, onnxruntime's arena that
 #: keeps their memory, the values kept (measured: a quick ResNet-50 audit, batch 16, peaked at 3.8 GiB)
 ACTIVATION_COPIES = 3
