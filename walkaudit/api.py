@@ -7,6 +7,8 @@ assembled as the schema's JSON and typed by `Report.from_dict`, so what the API 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +36,9 @@ if TYPE_CHECKING:
 import numpy as np
 
 from walkaudit import __version__
+from walkaudit._analysis import estimate as estimate_mod
 from walkaudit._analysis import fit, sweep
+from walkaudit._analysis.estimate import Estimate
 from walkaudit._execution import resolved as resolved_mod
 from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.resolved import ResolvedAudit
@@ -46,7 +50,7 @@ from walkaudit._loading import data as data_mod
 from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
-from walkaudit.config import AuditConfig, with_options
+from walkaudit.config import AuditConfig, quick_plan, with_options
 from walkaudit.errors import UsageError, option
 from walkaudit.report.model import Report, SiteResult
 from walkaudit.report.schema import SCHEMA_ID
@@ -64,6 +68,7 @@ class Progress(Protocol):
     def describe(self, text: str) -> None: ...  # what runs now ("clean pass", a site's name)
     def site_started(self, position: int, total: int, name: str) -> None: ...  # site `position` of `total`, 1-based
     def site_finished(self, result: SiteResult) -> None: ...  # its result (also for sites resumed from a checkpoint)
+    # optional (`_call`): `estimated(text)`: the whole audit's expected time and memory, once the clean pass is done
 
 
 class _NoProgress:
@@ -137,6 +142,29 @@ def _call(listener: object, method: str, *args: object) -> None:
         fn(*args)
 
 
+def _steady_seconds(began: float, ticks: list[tuple[float, int]], samples: int) -> tuple[float, float]:
+    """(the clean pass's time for all `samples` at its steady rate, its set-up): the first batch pays for building
+    the session (and growing memory arenas), so the rate is taken from the later batches and the set-up is what the
+    first batch took beyond it. `ticks`: (time, samples) as each batch finished. One batch: (its time, 0)."""
+    total = (ticks[-1][0] if ticks else time.perf_counter()) - began
+    later = sum(n for _, n in ticks[1:])
+    if len(ticks) < 2 or later <= 0:
+        return total, 0.0
+    per_sample = (ticks[-1][0] - ticks[0][0]) / later
+    return per_sample * samples, max(0.0, ticks[0][0] - began - per_sample * ticks[0][1])
+
+
+def _quick_limit(loaded: LoadedModel, config: AuditConfig) -> int:
+    """Quick mode's samples where no limit is given (`estimate.quick_samples`), from the selected layers' costs."""
+    from walkaudit._graph.cost import site_costs
+
+    try:
+        sites = select(loaded.proto, loaded.types, config.selection, loaded.class_output.name)
+    except UsageError:  # said again, in full, where the audit selects its sites
+        return estimate_mod.QUICK_LIMIT
+    return estimate_mod.quick_samples(site_costs(loaded, sites), config.repeats, estimate_mod.QUICK_LIMIT)
+
+
 def _shard(model: LoadedModel, sites: list[Site], i: int, n: int) -> list[Site]:
     """The sites of shard i of n (1-based), balanced by estimated cost; they keep their indices in the full
     selection, so shard reports merge into the unsharded one."""
@@ -175,15 +203,17 @@ class AuditRun:
         out = self.loaded.class_output
         num_classes = out.num_classes if out.kind != "label" and len(rivals) < 2 else None
         tokens = _Tokens(per_token=out.per_token, ignore_label=config.ignore_label, mask=config.mask)
+        #: the samples used: --limit, or quick mode's share (`estimate.quick_samples`)
+        self.limit = config.limit if config.limit is not None or not config.quick else _quick_limit(self.loaded, config)
         if data is not None:
             self.dataset = data_mod.load(data, self.loaded.inputs, x_key=config.x_key, y_key=config.y_key,
-                                         limit=config.limit, num_classes=num_classes,
+                                         limit=self.limit, num_classes=num_classes,
                                          allow_nonfinite=config.allow_nonfinite, **tokens,
                                          digest=data_sha256 is None)
             if data_sha256 is not None:  # hashed by the caller already
                 self.dataset.sha256 = data_sha256
         elif x is not None:
-            self.dataset = data_mod.from_arrays(x, y, self.loaded.inputs, limit=config.limit, num_classes=num_classes,
+            self.dataset = data_mod.from_arrays(x, y, self.loaded.inputs, limit=self.limit, num_classes=num_classes,
                                                 allow_nonfinite=config.allow_nonfinite, **tokens)
         else:
             raise UsageError("no data: pass arrays (x, y) or a data file")
@@ -206,6 +236,8 @@ class AuditRun:
         self.done = {d["name"]: d for d in done}
         self.results: list[SiteResult] = []
         self.clean: CleanStats | None = None
+        self.clean_seconds = 0.0  # the clean pass's wall time at its steady rate (`start`)
+        self.setup_seconds = 0.0  # what building its session took (`start`)
         self._runtime: Runtime | None = None
         self._num_classes = num_classes  # the classes the data was read against
         #: every choice made here, once (`start` adds the batch size): what every executor's workers are built from
@@ -239,9 +271,12 @@ class AuditRun:
         config, progress = self.config, self.progress
         self._runtime = runtime = Runtime(config.provider, config.threads, config.exact)
         batch, note = resolved_mod.batch_size_for(self.loaded, config.batch_size, runtime)
+        if config.quick and config.batch_size is None and note is None:  # not a fixed-batch model
+            batch = min(batch, self._quick_batch())
         resolved_mod.learn_provider(runtime)  # the report's provider, also where no session runs here
         self.notes.extend([note] if note else [])
-        self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, self.selected, config,
+        used = dataclasses.replace(config, limit=self.limit)  # workers that read the data read quick mode's share
+        self.resolved = resolved = resolved_mod.resolve(self.loaded, self.dataset, self.sites, self.selected, used,
                                                         self.noise, batch, self._num_classes)
         progress.describe("clean pass")
         progress.grow(self.dataset.samples)
@@ -254,12 +289,57 @@ class AuditRun:
             executor = InProcess(resolved.build(model=self.loaded, dataset=self.dataset, runtime=runtime,
                                                 index=self.index), progress.advance)
         self._executor = executor
+        began, ticks = time.perf_counter(), []
+
+        def advance(amount: int) -> None:  # the clean pass's batches, timed for the estimate
+            ticks.append((time.perf_counter(), amount))
+            progress.advance(amount)
+
         try:
-            self.clean = executor.clean_pass(progress.advance, keep)
+            self.clean = executor.clean_pass(advance, keep)
         except BaseException:
             self.close()
             raise
+        self.clean_seconds, self.setup_seconds = _steady_seconds(began, ticks, self.dataset.samples)
+        if len(self.done) < len(self.sites):
+            _call(progress, "estimated", self.estimate().line())
         return executor
+
+    def _quick_batch(self) -> int:
+        """Quick mode's batch on the CPU (`estimate.quick_batch`): a batch of the sites' values within 1 GiB."""
+        from walkaudit._execution.sizing import DEFAULT_BATCH
+        from walkaudit._graph.cost import value_bytes
+
+        site_bytes, largest = value_bytes(self.loaded, [s.name for s in self.selected if s.name in self.loaded.types])
+        return estimate_mod.quick_batch(site_bytes + 2 * largest, DEFAULT_BATCH)
+
+    def estimate(self, samples: int | None = None, batch: int | None = None) -> Estimate:
+        """The whole audit's wall time and peak memory (`walkaudit._analysis.estimate`), from the clean pass just
+        measured (after `start`); `samples`, `batch`: for that many samples and that batch size instead of the
+        run's own (the clean pass's time scaled: `walkaudit inspect --data` measures on a slice)."""
+        from walkaudit._graph.cost import pass_cost, site_costs, value_bytes
+
+        config, loaded = self.config, self.loaded
+        scale = 1.0 if samples is None else samples / max(self.dataset.samples, 1)
+        samples = self.dataset.samples if samples is None else samples
+        if config.mode == "global":
+            relative = [1.0]
+        else:
+            whole = pass_cost(loaded)
+            relative = [c / whole for c in site_costs(loaded, self.sites)] if whole > 0 else [1.0] * len(self.sites)
+        grid = config.sigmas or self.noise.grid()
+        levels = len(grid) if grid else estimate_mod.QUICK_LEVELS if config.quick else estimate_mod.ADAPTIVE_LEVELS
+        seconds = estimate_mod.audit_seconds(self.clean_seconds * scale, relative, levels, config.repeats,
+                                             setup=self.setup_seconds)
+        site_bytes, largest = value_bytes(loaded, [s.name for s in self.selected if s.name in loaded.types])
+        ran = [4 * math.prod(shape[1:]) for shape in self._clean_stats().shapes.values()]  # as run: dims known
+        site_bytes, largest = max(site_bytes, sum(ran)), max([largest, *ran])
+        if self.resolved is None:
+            raise UsageError("the audit has not started: no estimate before its clean pass")
+        batch = min(batch or self.resolved.batch_size, samples)
+        cache = min(CACHE_BYTES, samples * site_bytes) if config.mode == "walk" else 0
+        peak = estimate_mod.peak_bytes(loaded.proto.ByteSize(), site_bytes, largest, batch, cache)
+        return Estimate(seconds, peak)
 
     @property
     def key(self) -> str:
@@ -347,7 +427,8 @@ class AuditRun:
         scale = self.noise.search_scale(float(np.median(stds)) if stds else 1.0)
         half = fit.halfway(clean.accuracy, self.chance)
         targets = tuple(clean.accuracy - d.points(clean.accuracy, self.chance) for d in config.drops)
-        return sweep.adaptive(half, self.noise.plan(), scale, n_blocks, clean.accuracy, targets)
+        plan = quick_plan(self.noise.plan()) if config.quick else self.noise.plan()
+        return sweep.adaptive(half, plan, scale, n_blocks, clean.accuracy, targets)
 
     def _step(self, state: _Search, counts: Counts | None, executor: Executor, handles: dict[object, int]) -> None:
         """Send a search the counts of its last request (None: start it) and submit its next request's units, or
@@ -442,7 +523,7 @@ class AuditRun:
         macs = site_macs(self.loaded, site, {site.name: ("N", *ran[1:])} if ran else None)
         return {"index": site.index, "name": site.name, "node": site.node, "op_type": site.op_type,
                 "shape": list(shape), "activation_std": std, "weight": weight_stats(self.loaded.proto, site),
-                "macs": macs, **body}
+                "macs": macs, **({"module": site.module} if site.module else {}), **body}
 
     # -- the report --------------------------------------------------------------------------------------------------
     def report(self, partial: bool = False) -> Report:
@@ -484,8 +565,9 @@ class AuditRun:
                        "search": "fixed" if grid else "adaptive", "repeats": config.repeats,
                        "seed": config.seed, "batch_size": resolved.batch_size,
                        "provider_requested": config.provider,
-                       "chance": config.chance, "limit": config.limit, "noise_source": config.noise_source,
-                       "exact": config.exact, "shard": list(config.shard) if config.shard else None,
+                       "chance": config.chance, "limit": self.limit, "noise_source": config.noise_source,
+                       "exact": config.exact, **({"quick": True} if config.quick else {}),
+                       "shard": list(config.shard) if config.shard else None,
                        "site_scales": dict(config.site_scales) or None,
                        "sites": {"ops": list(config.selection.ops), "include": config.selection.include,
                                  "exclude": config.selection.exclude, "names": list(config.selection.names)}},

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from walkaudit._analysis.drops import Bound as Bound  # re-exported
 from walkaudit._analysis.drops import parse_bound as parse_bound  # re-exported
+from walkaudit._analysis.sweep import Plan
 from walkaudit._graph.sites import LAYER_OPS, Selection
 from walkaudit._noise.registry import NOISE_MODELS, global_models, make_noise
 from walkaudit.errors import UsageError, option
@@ -28,7 +29,9 @@ MAX_THREADS = 1024
 MAX_BATCH = 1 << 20
 SIGMA_RANGE = (1e-30, 1e30)
 MAX_SEED = (1 << 63) - 1
-MAX_LABEL = 1 << 61  # |ignore_label|: far from the internal mark of unscored positions (`_units.UNSCORED`)
+MAX_LABEL = 1 << 61
+#: quick mode (`AuditConfig.quick`): noise draws where none are given (its samples: `estimate.quick_samples`)
+QUICK_REPEATS = 1  # |ignore_label|: far from the internal mark of unscored positions (`_units.UNSCORED`)
 
 
 class OptionError(UsageError):
@@ -74,6 +77,10 @@ class AuditConfig:
     #: the model input read as the attention mask (None: `attention_mask` if the model takes one)
     ignore_label: int = -100
     mask: str | None = None
+    #: a first look: a coarser adaptive search (`quick_plan`), and, where not given, 1 repeat (`with_options`, the
+    #: CLI), the first samples that fit the quick walk's budget (`estimate.quick_samples`: at most 256) and a batch
+    #: that fits its memory (`estimate.quick_batch`): wider intervals, stated in the report
+    quick: bool = False
 
     def check(self) -> AuditConfig:
         """This config, or OptionError naming the first field that cannot work."""
@@ -110,6 +117,8 @@ class AuditConfig:
         if not isinstance(self.selection, Selection):
             raise OptionError("selection", f"must be a walkaudit Selection, got {type(self.selection).__name__}")
         _integer("ignore_label", self.ignore_label, -MAX_LABEL, MAX_LABEL)
+        if not isinstance(self.quick, bool):
+            raise OptionError("quick", f"must be True or False, got {self.quick!r}")
         if self.mask is not None and (not isinstance(self.mask, str) or not self.mask):
             raise OptionError("mask", f"must name a model input, got {self.mask!r}")
         return self
@@ -135,7 +144,8 @@ class AuditConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options that change results (not the batch size, threads or provider): equal fingerprints and equal
         inputs give equal reports, timings aside."""
-        skip = {"batch_size", "threads", "provider"}  # the shard stays: each shard has a checkpoint of its own
+        # the shard stays: each shard has a checkpoint of its own; quick only when set (0.2 checkpoints resume)
+        skip = {"batch_size", "threads", "provider", *(() if self.quick else ("quick",))}
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         body["sigmas"] = list(self.sigmas) if self.sigmas is not None else None
         body["site_scales"] = [list(pair) for pair in self.site_scales]
@@ -256,6 +266,7 @@ class AuditOptions(TypedDict, total=False):
     drops: tuple[Bound, ...]
     ignore_label: int
     mask: str | None
+    quick: bool
     ops: str | tuple[str, ...]
     include: str | None
     exclude: str | None
@@ -281,7 +292,18 @@ def with_options(config: AuditConfig, options: Mapping[str, Any]) -> AuditConfig
         base = config.selection
         rest["selection"] = selection(picked.get("ops", base.ops), picked.get("include", base.include),
                                       picked.get("exclude", base.exclude), picked.get("sites", base.names))
+    if rest.get("quick") is True and "repeats" not in rest:
+        rest["repeats"] = QUICK_REPEATS  # the quick preset, where the caller did not ask for repeats
     import dataclasses
 
     return dataclasses.replace(config, **rest).check()
+
+
+def quick_plan(plan: Plan) -> Plan:
+    """Quick mode's adaptive search: the same range, one coarse level a decade instead of two, one refining level
+    inside the crossing bracket instead of three. The curve is still followed until it crosses the halfway line and
+    settles (the search's own rules); the fit's interval says how well the fewer levels and samples place σ50."""
+    import dataclasses
+
+    return dataclasses.replace(plan, per_decade=1, refine=1)
 

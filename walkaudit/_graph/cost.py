@@ -34,7 +34,8 @@ import onnx
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.queries import node_label
 
-__all__ = ["ELEMENT_COST", "NOISE_COST", "OVERHEAD_COST", "node_macs", "site_costs", "site_macs", "sites_macs"]
+__all__ = ["ELEMENT_COST", "NOISE_COST", "OVERHEAD_COST", "node_macs", "pass_cost", "site_costs", "site_macs",
+           "sites_macs", "value_bytes"]
 
 #: cost of one output element of an op without MACs, in MACs (onnxruntime's elementwise kernels run at memory speed)
 ELEMENT_COST = 8.0
@@ -238,10 +239,24 @@ def site_costs(model, sites: Sequence, output: str | None = None) -> list[float]
     if not sites:
         return []
     view = _View(model, output)
-    graph = view.proto.graph
-    index = GraphIndex(graph)
+    index = GraphIndex(view.proto.graph)
+    node_cost, typical, overhead = _node_costs(view, index)
+    out = []
+    plans = index.suffix_plans(dict.fromkeys(s.name for s in sites), view.output) if view.output else {}
+    for s in sites:
+        nodes = plans[s.name][0] if s.name in plans else []
+        size = _per_sample(view.shape(s.name))
+        noise = typical if size is None else NOISE_COST * max(size, 1)
+        out.append(overhead + noise + sum(node_cost[i] for i in nodes))
+    return out
+
+
+def _node_costs(view: _View, index: GraphIndex) -> tuple[list[float], float, float]:
+    """(per node its cost per sample, the mean known node's cost, the per-sample overhead) in MAC units: MACs where
+    modelled, ELEMENT_COST per output element for ops without, the mean known node where unknown, 0 for
+    constant-only nodes."""
     costs: list[float | None] = []
-    for i, node in enumerate(graph.node):
+    for i, node in enumerate(view.proto.graph.node):
         if all(o in index.static for o in index.writes[i]) and index.writes[i]:
             costs.append(0.0)  # constant-only: computed from weights, not per sample
             continue
@@ -257,12 +272,31 @@ def site_costs(model, sites: Sequence, output: str | None = None) -> list[float]
     known = [c for c in costs if c is not None and c > 0]
     typical = sum(known) / len(known) if known else 1.0
     overhead = OVERHEAD_COST if known else 0.0  # nothing known: node counts alone
-    node_cost = [typical if c is None else c for c in costs]
-    out = []
-    plans = index.suffix_plans(dict.fromkeys(s.name for s in sites), view.output) if view.output else {}
-    for s in sites:
-        nodes = plans[s.name][0] if s.name in plans else []
-        size = _per_sample(view.shape(s.name))
-        noise = typical if size is None else NOISE_COST * max(size, 1)
-        out.append(overhead + noise + sum(node_cost[i] for i in nodes))
-    return out
+    return [typical if c is None else c for c in costs], typical, overhead
+
+
+def pass_cost(model, output: str | None = None) -> float:
+    """The cost per sample of one whole forward pass, in the units of `site_costs` (a site's walk over one σ level
+    and one repeat costs `site_costs(...)[k] / pass_cost(...)` clean passes)."""
+    view = _View(model, output)
+    node_cost, _, overhead = _node_costs(view, GraphIndex(view.proto.graph))
+    return overhead + sum(node_cost)
+
+
+def value_bytes(model, names=None) -> tuple[int, int]:
+    """(bytes per sample of the named values, of the largest value of the graph) by their inferred shapes and
+    types (float32 where the type is unknown; values of unknown shape count 0). `names` None: every node output."""
+    view = _View(model)
+    graph = view.proto.graph
+    types = {} if isinstance(model, onnx.ModelProto) else model.types
+    outs = [o for n in graph.node for o in n.output if o]
+
+    def size(name: str) -> int:
+        n = _per_sample(view.shape(name)) or 0
+        spec = types.get(name)
+        item = onnx.helper.tensor_dtype_to_np_dtype(spec.elem_type).itemsize if spec is not None and \
+            spec.elem_type not in (0, onnx.TensorProto.STRING) else 4
+        return n * item
+
+    chosen = outs if names is None else list(names)
+    return sum(size(n) for n in chosen), max((size(n) for n in outs), default=0)

@@ -7,6 +7,8 @@ an Add of a constant (MatMul + Add from skl2onnx and the torch exporters), the s
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -39,6 +41,7 @@ class Site:
     op_type: str  # e.g. "Conv", "MatMul+Add"
     shape: tuple | None
     weight: str | None = None  # initializer holding the layer's weights, when there is one
+    module: str | None = None  # the exporter's module path (torch dynamo: `layer3.1.conv2`), when the graph says
 
     @property
     def base_op(self) -> str:
@@ -201,7 +204,7 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
     if target == "weights":
         return weight_sites(model, types, selection, output, index, stored)
     if selection.names:
-        everything = candidates(model, types, (ALL,), index, stored)
+        everything = with_modules(model, candidates(model, types, (ALL,), index, stored), index)
         pool = _feeding(model, everything, output, index)
         by_name = {s.name: s for s in pool}
         missing = [n for n in selection.names if n not in by_name]
@@ -211,19 +214,96 @@ def select(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Sele
             raise UsageError(f"site {missing[0]!r} {why}{_hint(pool)}")
         chosen = [by_name[n] for n in selection.names]
     else:
-        pool = _feeding(model, candidates(model, types, ops, index, stored), output, index)
+        pool = with_modules(model, _feeding(model, candidates(model, types, ops, index, stored), output, index),
+                            index)
         chosen = pool
         include = _regex(selection.include, "include")
         exclude = _regex(selection.exclude, "exclude")
         if include is not None:
-            chosen = [s for s in chosen if include.search(s.name) or include.search(s.node)]
+            chosen = [s for s in chosen if _matches(include, s)]
         if exclude is not None:
-            chosen = [s for s in chosen if not (exclude.search(s.name) or exclude.search(s.node))]
+            chosen = [s for s in chosen if not _matches(exclude, s)]
         if not pool:
             raise UsageError(_nothing_found(model, ops))
     if not chosen:
         raise UsageError(f"no site matches the selection{_hint(pool)}")
-    return [Site(i, s.name, s.node, s.op_type, s.shape, s.weight) for i, s in enumerate(chosen)]
+    return [dataclasses.replace(s, index=i) for i, s in enumerate(chosen)]
+
+
+def _matches(pattern: re.Pattern, site: Site) -> bool:
+    """Does `--include`/`--exclude` match the site's tensor, node or module path?"""
+    return any(pattern.search(text) for text in (site.name, site.node, site.module) if text)
+
+
+#: the metadata torch's dynamo exporter writes on every node: the module scopes, outermost first, the last being the
+#: FX node itself (`['', 'layer3', 'layer3.1', 'layer3.1.conv2', 'conv2d_5']`); `namespace` says the same as
+#: `': Net/layer3: Sequential/layer3.1: Bottleneck/layer3.1.conv2: Conv2d/conv2d_5: aten.conv2d.default'`
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+NAMESPACE = "namespace"
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    """The module scopes of a node from its metadata (`NAME_SCOPES`, else `NAMESPACE`), the FX node name last;
+    [] when the exporter wrote none."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    if NAME_SCOPES in meta:
+        try:
+            scopes = ast.literal_eval(meta[NAME_SCOPES])
+        except (ValueError, SyntaxError):
+            scopes = None
+        if isinstance(scopes, list) and all(isinstance(x, str) for x in scopes):
+            return scopes
+    if NAMESPACE in meta:
+        return [part.split(": ", 1)[0].strip() for part in meta[NAMESPACE].split("/")]
+    return []
+
+
+def module_path(node: onnx.NodeProto) -> tuple[str, str] | None:
+    """(the innermost module that ran the node, the FX node's own name), e.g. ('layer3.1.conv2', 'conv2d_5'); None
+    when the node has no module scope (not a dynamo export, or an op of the top module itself)."""
+    scopes = _scopes(node)
+    modules = [s for s in scopes[:-1] if s]
+    if not modules:
+        return None
+    return modules[-1], scopes[-1]
+
+
+def with_modules(model: onnx.ModelProto, sites: Sequence[Site], index: GraphIndex | None = None) -> list[Site]:
+    """The sites with their module path (`module_path` of the node that writes the site's tensor, else of the
+    layer's node). Where two sites of the list share a module (q, k and the attention matmuls of one attention
+    block), each is told apart by its FX node name: `layers.0.att/matmul_1`. Sites of graphs without module
+    metadata are returned unchanged."""
+    graph = model.graph
+    index = index_for(graph, index)
+    labels = {g.node_label(n, i): i for i, n in enumerate(graph.node)}
+    found: list[tuple[str, str] | None] = []
+    for site in sites:
+        at = index.producers.get(site.name, labels.get(site.node))
+        found.append(None if at is None else module_path(graph.node[at]))
+    modules = _unique([None if f is None else f[0] for f in found],
+                      [None if f is None else f"{f[0]}/{f[1]}" for f in found])
+    return [s if m is None else dataclasses.replace(s, module=m) for s, m in zip(sites, modules)]
+
+
+def _unique(short: list[str | None], long: list[str | None]) -> list[str | None]:
+    """Per item its short label where no other item has it, else its long one; long labels that still repeat get
+    `#1`, `#2`, ... in order."""
+    def repeated(labels):
+        seen: dict[str, int] = {}
+        for x in labels:
+            if x is not None:
+                seen[x] = seen.get(x, 0) + 1
+        return seen
+    once = repeated(short)
+    chosen = [a if a is None or once[a] == 1 else b for a, b in zip(short, long)]
+    again, turn = repeated(chosen), dict[str, int]()
+    out = []
+    for x in chosen:
+        if x is not None and again[x] > 1:
+            turn[x] = turn.get(x, 0) + 1
+            x = f"{x}#{turn[x]}"
+        out.append(x)
+    return out
 
 
 def weight_sites(model: onnx.ModelProto, types: dict[str, TensorSpec], selection: Selection,
@@ -249,7 +329,7 @@ def weight_sites(model: onnx.ModelProto, types: dict[str, TensorSpec], selection
         if layer.weight is None or layer.weight in {s.name for s in sites}:
             continue
         sites.append(Site(len(sites), layer.weight, layer.node, f"{layer.base_op} weight",
-                          types[layer.weight].shape, layer.weight))
+                          types[layer.weight].shape, layer.weight, layer.module))
     if not sites:
         raise UsageError("none of the selected layers reads its weights from an initializer: no weight sites")
     return sites

@@ -51,7 +51,8 @@ def bits_command(model: str, data: opt.Data, sites: opt.Sites, rate: Rate, noise
     if len(sites.site_names) != 1:
         raise UsageError("bits: give exactly one --site (the value or weight whose bits to flip)")
     site, ber, target, json_path = sites.site_names[0], rate.ber, noise.target or "activations", output.json_path
-    data_path, limit, repeats, seed, provider = data.data_path, data.limit, sweep.repeats, sweep.seed, runtime.provider
+    data_path, limit, seed, provider = data.data_path, data.limit, sweep.seed, runtime.provider
+    repeats = sweep.config()["repeats"]
     from rich.console import Console
     from rich.table import Table
 

@@ -40,7 +40,7 @@ FLAGS = {
     "sigmas": "--sigmas", "repeats": "--repeats",
     "seed": "--seed", "selection": "--ops/--include/--exclude/--site", "limit": "--limit", "chance": "--chance",
     "output": "--output", "noise_source": "--noise-source", "exact": "--exact", "x_key": "--x-key",
-    "y_key": "--y-key", "allow_nonfinite": "--allow-nonfinite",
+    "y_key": "--y-key", "allow_nonfinite": "--allow-nonfinite", "quick": "--quick",
 }
 
 

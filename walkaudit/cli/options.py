@@ -99,9 +99,9 @@ class Group:
         return f"<option group {self.title!r} -> {self.value.__name__}>"
 
     def __call__(self, fn=None, *, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
-                 helps: dict[str, str] | None = None):
+                 helps: dict[str, str] | None = None, optional: tuple[str, ...] = ()):
         if fn is None:
-            return functools.partial(self, only=only, skip=skip, helps=helps)
+            return functools.partial(self, only=only, skip=skip, helps=helps, optional=optional)
         names = [n for n in self.options if (only is None or n in only) and n not in skip]
         unknown = set(only or ()) | set(skip) | set(helps or {})
         assert unknown <= set(self.options), f"{self.title}: no options {unknown - set(self.options)}"
@@ -115,6 +115,8 @@ class Group:
             decls, kw = self.options[name]
             if helps and name in helps:
                 kw = {**kw, "help": helps[name]}
+            if name in optional:  # a required option that this command can do without (inspect's --data)
+                kw = {**kw, "required": False}
             click.option(*decls, cls=GroupOption, group=self, **kw)(wrapper)
         return wrapper
 
@@ -250,17 +252,26 @@ class Sweep:
 
     global_mode: bool = False
     sigmas: str | None = None
-    repeats: int = 3
+    repeats: int | None = None  # None: 3, or 1 with --quick
     drops: tuple[str, ...] = ()
     seed: int = 0
+    quick: bool = False
 
     def config(self) -> dict:
-        from walkaudit.config import parse_bound, parse_sigmas
+        from walkaudit.config import QUICK_REPEATS, parse_bound, parse_sigmas
 
+        repeats = self.repeats if self.repeats is not None else QUICK_REPEATS if self.quick else 3
         return {"mode": "global" if self.global_mode else "walk",
                 "sigmas": parse_sigmas(self.sigmas) if self.sigmas is not None else None,  # "": an empty grid
-                "repeats": self.repeats, "seed": self.seed,
+                "repeats": repeats, "seed": self.seed, **({"quick": True} if self.quick else {}),
                 "drops": tuple(parse_bound(d, "drops") for d in self.drops)}
+
+
+def _given(ctx: click.Context, param: click.Parameter, value):
+    """The value where the user gave it, None where it is the default (so that --quick can pick its own)."""
+    from click.core import ParameterSource
+
+    return None if ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT else value
 
 
 SWEEP = Group(
@@ -270,12 +281,16 @@ SWEEP = Group(
     (("--sigmas",), dict(metavar="LIST|A:B:N",
                          help="Fixed σ grid: '0.01,0.1,1' or '1e-3:1e2:21' (log). Default: adaptive search per "
                               "site.")),
-    (("--repeats",), dict(type=int, default=3, show_default=True, help="Noise draws per σ.")),
+    (("--repeats",), dict(type=int, default=3, show_default=True, callback=_given,
+                          help="Noise draws per σ (--quick: 1).")),
     (("--drop", "drops"), dict(multiple=True, metavar="DROP",
                                help="Also report per site the σ at which accuracy falls by DROP: '1%' (points) or "
                                     "'5%rel' (of clean − chance). Repeatable; gate it with --rule "
                                     "'REGEX:SIGMA@1%'.")),
     (("--seed",), dict(type=int, default=0, show_default=True, help="Noise seed (same seed, same report).")),
+    (("--quick",), dict(is_flag=True, help="A first look: a coarser σ search, 1 repeat and the first 32-256 samples "
+                                           "(fewer for larger models) unless --repeats/--limit are given; wider "
+                                           "intervals (docs/usage.md).")),
 )
 
 

@@ -191,6 +191,17 @@ class RichProgress:
                        f"({took}{format_rate(self.rate())}, {format_eta(self.eta())})")
         self._refresh()
 
+    def estimated(self, text: str) -> None:
+        """The audit's expected time and memory, one line after the clean pass (hidden by -q)."""
+        if not self._clean_over:
+            self._end_clean()
+        if self.disable:
+            return
+        if self._bar is not None:
+            self._bar.console.print(f"walkaudit: {text}", markup=False, highlight=False)
+        else:
+            self._line(text)
+
     # -- display -----------------------------------------------------------------------------------------------
     def _end_clean(self) -> None:
         self._clean_over = True

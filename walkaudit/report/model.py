@@ -146,6 +146,11 @@ class ConfigInfo(_Section):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def quick(self) -> bool:
+        """Was this a quick-mode audit (``--quick``: coarser search, fewer repeats and samples, wider intervals)?"""
+        return self.extra.get("quick") is True
+
+    @property
     def gate_rules(self) -> dict[str, Any] | None:
         """The gate rules recorded with the verdict (``config.gate``: thresholds, min_clean_accuracy, max_drop)."""
         return self.extra.get("gate")
@@ -342,6 +347,13 @@ class SiteResult(_Section):
             "midpoint_relative": self.midpoint_relative, "ci95": None if self.ci95 is None else list(self.ci95),
             "censored": self.censored, "fit": self.fit.to_dict(), **copy.deepcopy(self.extra),
         }
+
+    @property
+    def module(self) -> str | None:
+        """The module path the exporter recorded for the site (torch dynamo: ``layer3.1.conv2``); None where the
+        graph has none (and in reports before walkaudit 0.3)."""
+        value = self.extra.get("module")
+        return value if isinstance(value, str) and value else None
 
     @property
     def tolerance(self) -> list[dict[str, Any]]:

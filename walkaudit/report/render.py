@@ -25,7 +25,16 @@ from rich.text import Text
 
 from walkaudit._noise.registry import SIGMA
 from walkaudit.report.model import GateResult, Report, SiteResult
-from walkaudit.report.text import Level, format_bits, format_level, midpoint_text, printable, report_level, shape_text
+from walkaudit.report.text import (
+    Level,
+    format_bits,
+    format_level,
+    midpoint_text,
+    printable,
+    report_level,
+    shape_text,
+    site_label,
+)
 
 __all__ = ["Column", "Lines", "Name", "compare_table", "fit", "gate_lines", "legend", "midpoint_cells",
            "midpoint_columns", "output_width", "shorten", "short_names", "show", "site_table", "summary_lines",
@@ -287,7 +296,7 @@ def site_table(report: Report, bars: bool = True, width: int | None = None) -> T
     for s in report.sites:
         rows.append([
             "" if s.index is None else str(s.index),
-            Name(printable(s.name), _FIT_MARK.get(s.fit.method, ""),
+            Name(site_label(s.name, s.module), _FIT_MARK.get(s.fit.method, ""),
                  "bold red" if s.name in failing else "yellow" if s.name in undecided else ""),
             printable(s.op_type),
             "" if s.shape is None else shape_text(s.shape),
@@ -342,9 +351,15 @@ def tolerance_table(report: Report, width: int | None = None) -> Table | Lines |
     rows = []
     for s in report.sites:
         by = {t["of"]: t for t in s.tolerance}
-        rows.append([Name(printable(s.name), "", ""),
+        rows.append([Name(site_label(s.name, s.module), "", ""),
                      *(tolerance_cell(by[d], level) if d in by else "" for d in drops)])
     return fit(columns, rows, width)
+
+
+def quick_note(report: Report) -> str:
+    """What a quick-mode report can and cannot say (the summary's line; Markdown's too)."""
+    return (f"quick mode: a first look ({report.config.repeats} repeat(s), {report.data.samples} samples, a coarser "
+            f"σ search): intervals are wider than a full audit's; run without --quick for the audit of record")
 
 
 def summary_lines(report: Report) -> list[str]:
@@ -363,6 +378,8 @@ def summary_lines(report: Report) -> list[str]:
     ]
     if not report.above_chance:
         lines.append(f"the clean accuracy is not above chance: no {level.midpoint} means anything")
+    if cfg.quick:
+        lines.append(quick_note(report))
     weakest = report.weakest
     if weakest is not None:
         lines.append(f"weakest site: {printable(weakest.name)} "

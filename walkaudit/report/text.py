@@ -12,7 +12,7 @@ from typing import Any
 from walkaudit._noise.registry import REGISTRY, SIGMA, Level
 
 __all__ = ["Level", "axis_label", "finite", "format_bits", "format_level", "format_sigma", "midpoint_text", "printable",
-           "report_level"]
+           "report_level", "site_label"]
 
 # C0 and DEL, C1 (0x80-0x9f: 0x9b is a one-byte CSI), lone surrogates, line/paragraph separators and the bidi
 # embedding/override/isolate controls ("trojan source"), U+FFFE/U+FFFF (not XML): none of them may reach a terminal,
@@ -37,6 +37,12 @@ def printable(text: object) -> str:
     shown in the terminal, in Markdown, in JUnit, in plots and in the gate's messages.
     """
     return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def site_label(name: str, module: str | None) -> str:
+    """A site as a person reads it: ``layer3.1.conv2 (conv2d_5)`` (module path, then the tensor that is the site's
+    identity) where the exporter recorded a module path, else the tensor name; printable."""
+    return printable(f"{module} ({name})" if module else name)
 
 
 def finite(value: Any) -> float | None:

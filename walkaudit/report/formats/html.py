@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import math
 
-from walkaudit.report.model import Report
+from walkaudit.report.model import Report, SiteResult
 from walkaudit.report.render import midpoint_cells, midpoint_columns, tolerance_cell, tolerance_title
 from walkaudit.report.text import axis_label, format_level, midpoint_text, printable, report_level, shape_text
 
@@ -78,7 +78,7 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
     for s in report.sites:
         cells = [
             f'<td class="n">{"" if s.index is None else s.index}</td>',
-            f'<td class="name">{_breakable(s.name)}</td>',
+            f'<td class="name">{_site(s)}</td>',
             f"<td>{_e(s.op_type)}</td>",
             f"<td>{'' if s.shape is None else _e(shape_text(s.shape))}</td>",
             *(f'<td class="n">{_e(cell)}</td>' for cell in midpoint_cells(s, level)),
@@ -103,7 +103,7 @@ def to_html(report: Report, baseline: Report | None = None) -> str:
             by = {t["of"]: t for t in s.tolerance}
             cells = [f'<td class="n">{_e(tolerance_cell(by[d], level))}</td>' if d in by else "<td></td>"
                      for d in drops]
-            out.append(f'<tr><td class="name">{_breakable(s.name)}</td>' + "".join(cells) + "</tr>")
+            out.append(f'<tr><td class="name">{_site(s)}</td>' + "".join(cells) + "</tr>")
         out.append("</table>")
     out += [f"<h2>Accuracy against {_e(level.symbol)}</h2>", curves_svg(report)]
     if gate is not None and gate.failures:
@@ -205,3 +205,8 @@ def _tail(name: str, limit: int = 30) -> str:
     end = name[-(limit - 1):]
     cut = next((i + 1 for i, c in enumerate(end[:-1]) if c in SEPARATORS), 0)
     return "…" + end[cut:]
+
+
+def _site(site: SiteResult) -> str:
+    """A site's table cell: its module path (where the exporter recorded one), then its tensor name."""
+    return f"{_breakable(site.module)} ({_breakable(site.name)})" if site.module else _breakable(site.name)

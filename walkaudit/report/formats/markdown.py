@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Set as AbstractSet
 
 from walkaudit.report.model import Failure, GateResult, Report, SiteResult
-from walkaudit.report.render import midpoint_cells, midpoint_columns, tolerance_cell
+from walkaudit.report.render import midpoint_cells, midpoint_columns, quick_note, tolerance_cell
 from walkaudit.report.text import midpoint_text, printable, report_level
 
 __all__ = ["site_failures", "site_status", "to_markdown"]
@@ -42,7 +42,7 @@ def to_markdown(report: Report) -> str:
     for site in report.sites:
         cells = [
             "—" if site.index is None else str(site.index),
-            _code(site.name, table=True),
+            _site(site),
             _text(site.op_type),
             *midpoint_cells(site, level),
             _ci(site),
@@ -60,7 +60,7 @@ def to_markdown(report: Report) -> str:
         for site in report.sites:
             by = {t["of"]: t for t in site.tolerance}
             cells = [tolerance_cell({**by[d], "ci95": None}, level) if d in by else "—" for d in drops]
-            lines.append("| " + _code(site.name, table=True) + " | " + " | ".join(cells) + " |")
+            lines.append("| " + _site(site) + " | " + " | ".join(cells) + " |")
 
     failures = gate.failures if gate is not None else []
     if failures:
@@ -143,6 +143,8 @@ def _context(report: Report) -> str:
         parts.append(f"weakest {_code(weakest.name)} ({midpoint_text(weakest.sigma50, weakest.censored, level)})")
     if not report.above_chance:
         parts.append("**clean accuracy not above chance**")
+    if config.quick:
+        parts.append(_text(quick_note(report)))
     return " · ".join(parts)
 
 
@@ -170,3 +172,9 @@ def _code(text: str, *, table: bool = False) -> str:
     if table:
         text = text.replace("|", "\\|")
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _site(site: SiteResult) -> str:
+    """A site's table cell: its module path (where the exporter recorded one), then its tensor name in code."""
+    name = _code(site.name, table=True)
+    return f"{_text(site.module)} ({name})" if site.module else name
