@@ -247,3 +247,26 @@ def test_part_of_a_noise_block_equals_the_block_drawn_whole_and_nothing_is_kept(
 
 def test_the_heap_is_trimmed_without_failing_where_the_c_library_cannot():
     runtime_mod.trim_heap()  # glibc: hands free pages back; elsewhere: nothing, and no error
+
+
+def test_the_default_batch_keeps_a_batch_of_site_values_within_a_gibibyte():
+    """Without --batch-size a model with large activations gets a batch whose site values fit 1 GiB (an audit then
+    needs about the memory inference does), a small one the default; the counts do not depend on it."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(16, 1, 3, 3)).astype(np.float32), "w")
+    head = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "head")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "head"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 512, 512])]
+    graph = helper.make_graph(nodes, "wide", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w, head])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    x = rng.normal(size=(40, 1, 512, 512)).astype(np.float32)  # a conv site of 16 MiB a sample
+    options = dict(provider="cpu", seed=1, sigmas=(0.1, 10.0), repeats=1, sites=("conv",))
+    bounded = walkaudit.audit(model, x, **options)
+    assert 1 <= bounded.config.batch_size <= 32  # 256 samples would hold 12 GiB of site values
+    given = walkaudit.audit(model, x, batch_size=40, **options)
+    assert [p.accuracy for p in bounded.sites[0].points] == [p.accuracy for p in given.sites[0].points]

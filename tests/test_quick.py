@@ -72,9 +72,9 @@ def test_quick_samples_and_batch_follow_the_model():
     middle = estimate.quick_samples([5e10], 1, 1000)
     assert estimate.QUICK_MIN < middle < QUICK_LIMIT
     assert middle == int(estimate.QUICK_MACS // (estimate.QUICK_LEVELS * 5e10))
-    assert estimate.quick_batch(1 << 10, 256) == 256
-    assert estimate.quick_batch(40 << 20, 256) == 16  # ResNet-50's site values: ~40 MB a sample
-    assert estimate.quick_batch(1 << 40, 256) == 1
+    assert estimate.bounded_batch(1 << 10, 256) == 256
+    assert estimate.bounded_batch(40 << 20, 256) == 16  # ResNet-50's site values: ~40 MB a sample
+    assert estimate.bounded_batch(1 << 40, 256) == 1
 
 
 def test_relative_costs_follow_the_suffix():

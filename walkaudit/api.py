@@ -271,8 +271,8 @@ class AuditRun:
         config, progress = self.config, self.progress
         self._runtime = runtime = Runtime(config.provider, config.threads, config.exact)
         batch, note = resolved_mod.batch_size_for(self.loaded, config.batch_size, runtime)
-        if config.quick and config.batch_size is None and note is None:  # not a fixed-batch model
-            batch = min(batch, self._quick_batch())
+        if config.batch_size is None and note is None:  # not a fixed-batch model: site values within 1 GiB
+            batch = min(batch, self._bounded_batch())
         resolved_mod.learn_provider(runtime)  # the report's provider, also where no session runs here
         self.notes.extend([note] if note else [])
         used = dataclasses.replace(config, limit=self.limit)  # workers that read the data read quick mode's share
@@ -305,13 +305,13 @@ class AuditRun:
             _call(progress, "estimated", self.estimate().line())
         return executor
 
-    def _quick_batch(self) -> int:
-        """Quick mode's batch on the CPU (`estimate.quick_batch`): a batch of the sites' values within 1 GiB."""
+    def _bounded_batch(self) -> int:
+        """The batch where none is given (`estimate.bounded_batch`): a batch of the sites' values within 1 GiB."""
         from walkaudit._execution.sizing import DEFAULT_BATCH
         from walkaudit._graph.cost import value_bytes
 
         site_bytes, largest = value_bytes(self.loaded, [s.name for s in self.selected if s.name in self.loaded.types])
-        return estimate_mod.quick_batch(site_bytes + 2 * largest, DEFAULT_BATCH)
+        return estimate_mod.bounded_batch(site_bytes + 2 * largest, DEFAULT_BATCH)
 
     def estimate(self, samples: int | None = None, batch: int | None = None) -> Estimate:
         """The whole audit's wall time and peak memory (`walkaudit._analysis.estimate`), from the clean pass just

@@ -78,8 +78,8 @@ class AuditConfig:
     ignore_label: int = -100
     mask: str | None = None
     #: a first look: a coarser adaptive search (`quick_plan`), and, where not given, 1 repeat (`with_options`, the
-    #: CLI), the first samples that fit the quick walk's budget (`estimate.quick_samples`: at most 256) and a batch
-    #: that fits its memory (`estimate.quick_batch`): wider intervals, stated in the report
+    #: CLI) and the first samples that fit the quick walk's budget (`estimate.quick_samples`: at most 256): wider
+    #: intervals, stated in the report
     quick: bool = False
 
     def check(self) -> AuditConfig:

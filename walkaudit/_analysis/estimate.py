@@ -92,8 +92,9 @@ def peak_bytes(model_bytes: int, site_bytes: int, largest_bytes: int, batch: int
 QUICK_LIMIT = 256
 QUICK_MIN = 32
 QUICK_MACS = 1e13
-#: quick mode's batch (where none is given): a batch of the sites' values within this many bytes
-QUICK_BATCH_BYTES = 1 << 30
+#: the batch where none is given: a batch of the sites' values within this many bytes (ResNet-50: 16, a sample
+#: model: the default 256), so that an audit needs about the memory inference does, whatever the model
+BATCH_VALUE_BYTES = 1 << 30
 
 
 def quick_samples(site_costs: list[float], repeats: int, available: int) -> int:
@@ -105,10 +106,10 @@ def quick_samples(site_costs: list[float], repeats: int, available: int) -> int:
     return min(available, QUICK_LIMIT, max(QUICK_MIN, fits))
 
 
-def quick_batch(row_bytes: int, default: int) -> int:
-    """A quick audit's batch: `default`, halved until a batch of `row_bytes` per sample (the sites' values and the
-    largest value twice) fits QUICK_BATCH_BYTES; at least 1."""
+def bounded_batch(row_bytes: int, default: int) -> int:
+    """The batch where none is given: `default`, halved until a batch of `row_bytes` per sample (the sites' values
+    and the largest value twice) fits BATCH_VALUE_BYTES; at least 1. Counts never depend on the batch size."""
     batch = default
-    while batch > 1 and batch * row_bytes > QUICK_BATCH_BYTES:
+    while batch > 1 and batch * row_bytes > BATCH_VALUE_BYTES:
         batch //= 2
     return batch

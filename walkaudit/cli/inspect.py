@@ -97,12 +97,12 @@ def _estimate(model: str, data_path: str, sites: opt.Sites, quick: bool):
 
     options = {"selection": sites.selection(), "quick": quick, "data_sha256": ""}  # not hashed: nothing is stored
     full = api.iter_audit(model, data=data_path, **options)
-    samples, fitting = full.dataset.samples, full._quick_batch()  # the batch whose site values fit 1 GiB
+    samples, fitting = full.dataset.samples, full._bounded_batch()  # the batch whose site values fit 1 GiB
     probe = api.iter_audit(model, data=data_path, limit=min(samples, PROBE_SAMPLES),
                            batch_size=min(PROBE_BATCH, fitting), provider="cpu", **options)
     try:
         probe.start()
-        return probe.estimate(samples=samples, batch=min(DEFAULT_BATCH, fitting) if quick else DEFAULT_BATCH)
+        return probe.estimate(samples=samples, batch=min(DEFAULT_BATCH, fitting))
     finally:
         probe.close()
 
