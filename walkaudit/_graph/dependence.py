@@ -21,6 +21,11 @@ its inputs does. A constant laid out in such a shape (ConstantOfShape, Expand, T
 mask [N, T]) holds only the constant, but any op computing on its rows (CumSum: 1, 2, ..., N) holds N. The
 sequence length T of `Range(0, T)` (positions) does not hold N, so a position embedding added to token embeddings
 stays per sample. Pure: facts of one index, types and batch symbol.
+
+`batch_symbols`: the dimension symbols that shape inference gave the batch under other names. ONNX shape inference
+names a dimension it cannot merge anew (`unk__1`): a ViT's class token, expanded to the batch by shape arithmetic and
+concatenated to the patch tokens, gives the whole residual stream a batch dimension `unk__1`; a Concat's inputs and
+output agree on every axis but the one it joins, so those symbols are the batch.
 """
 
 from __future__ import annotations
@@ -95,6 +100,39 @@ def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
             kinds[w] = SHAPE
             holds[w] = entries if entries is not None else counts
     return kinds
+
+
+def batch_symbols(index: GraphIndex, types: dict, batch) -> frozenset:
+    """The symbols equal to the batch symbol `batch`: itself, and those a Concat equates with it (its inputs and
+    output have the same dimension on every axis but the joined one). Empty when `batch` is not a symbol."""
+    if not isinstance(batch, str):
+        return frozenset()
+    parent: dict[str, str] = {}
+
+    def root(a: str) -> str:
+        while parent.get(a, a) != a:
+            a = parent[a]
+        return a
+
+    for i in index.order:
+        node = index.graph.node[i]
+        if node.op_type != "Concat":
+            continue
+        shapes = [types[n].shape if n in types else None for n in (*node.input, *node.output)]
+        if any(s is None for s in shapes) or len({len(s) for s in shapes}) != 1:
+            continue
+        rank = len(shapes[0])
+        joined = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) % max(rank, 1)
+        for axis in range(rank):
+            dims = {s[axis] for s in shapes}
+            if axis == joined or not all(isinstance(d, str) for d in dims):
+                continue
+            first, *rest = [root(d) for d in dims]
+            parent.setdefault(first, first)
+            for other in rest:
+                parent[other] = first
+    same = root(batch)
+    return frozenset({batch, *(d for d in parent if root(d) == same)})
 
 
 def _any(entries: list[bool] | bool) -> bool:
