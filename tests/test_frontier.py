@@ -85,3 +85,27 @@ def test_the_class_token_encoder_packs_bit_for_bit():
     assert did and all(did.values())
     assert packed == single
     assert any(c.correct[-1].sum() < c.correct[0].sum() for c in packed)
+
+
+def test_the_batch_entry_of_a_sequence_first_shape_holds_n_after_the_class_token():
+    """Shape(seq0) of a sequence-first [T, N, D] value whose N is the renamed batch: its entry 1 is N (not entry 0,
+    the fallback for a shape without the batch symbol), so rows counted from it mixed with the data are "indexed"
+    (recomputed for a packed batch, never tiled) and Range(T) from entry 0 is only a shape."""
+    model = class_token_encoder()
+    n = helper.make_node
+    model.graph.node.extend([
+        n("Shape", ["seq0"], ["seq_shape"]), n("Gather", ["seq_shape", "one"], ["seq_n"], axis=0),
+        n("Gather", ["seq_shape", "zero"], ["seq_t"], axis=0),
+        n("Range", ["zero", "seq_n", "one"], ["rows"]), n("Cast", ["rows"], ["rows_f"], to=TensorProto.FLOAT),
+        n("Range", ["zero", "seq_t", "one"], ["positions"]), n("Cast", ["positions"], ["positions_f"],
+                                                                to=TensorProto.FLOAT),
+        n("ReduceSum", ["h0", "axes12"], ["total"], keepdims=0), n("Mul", ["total", "rows_f"], ["counted"]),
+        n("ReduceSum", ["h0", "axes02"], ["per_token"], keepdims=0), n("Mul", ["per_token", "positions_f"],
+                                                                      ["placed"])])
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+                                    (("one", 1), ("axes12", [1, 2]), ("axes02", [0, 2]))])
+    loaded = load_model(model)
+    kinds = dependence.classify(GraphIndex(loaded.proto.graph), loaded.types, "batch")
+    assert kinds["rows"] == kinds["positions"] == dependence.SHAPE
+    assert kinds["counted"] == dependence.INDEXED
+    assert kinds["placed"] == dependence.SAMPLE
