@@ -15,12 +15,18 @@ The classification (`classify`), derived from the graph rather than from which a
   another operand that only says how to lay data out), a shape value that holds the batch size N.
 
 A shape value "holds N" where its numbers come from the batch axis of a value's shape: `Shape(x)` is tracked entry
-by entry (the batch axis is where x's inferred shape carries the inputs' batch symbol, else axis 0), through Gather,
+by entry (the batch axis is where x's inferred shape carries the inputs' batch symbol or another name of it,
+`batch_symbols`, else axis 0), through Gather,
 Slice, Concat, Squeeze, Unsqueeze, Cast and Identity with constant indices; any other op on it holds N when any of
 its inputs does. A constant laid out in such a shape (ConstantOfShape, Expand, Tile: the zeros of an attention
 mask [N, T]) holds only the constant, but any op computing on its rows (CumSum: 1, 2, ..., N) holds N. The
 sequence length T of `Range(0, T)` (positions) does not hold N, so a position embedding added to token embeddings
 stays per sample. Pure: facts of one index, types and batch symbol.
+
+`batch_symbols`: the dimension symbols that shape inference gave the batch under other names. ONNX shape inference
+names a dimension it cannot merge anew (`unk__1`): a ViT's class token, expanded to the batch by shape arithmetic and
+concatenated to the patch tokens, gives the whole residual stream a batch dimension `unk__1`; a Concat's inputs and
+output agree on every axis but the one it joins, so those symbols are the batch.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ _MOVES = frozenset({"Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Cast",
 def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
     """Every value the graph's nodes write, and its inputs, by what it depends on (see the module docstring)."""
     kinds: dict[str, str] = {n: SAMPLE for n in index.inputs if n not in index.initializers}
+    batches = batch_symbols(index, types, batch)
     holds: dict[str, list[bool] | bool] = {}  # shape values: per entry (or as a whole), whether it holds N
     sized: set[str] = set()  # shape values whose rows count N (a constant expanded to [N, ...])
     for i in index.order:
@@ -64,7 +71,7 @@ def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
             x = node.input[0]
             for w in writes:
                 kinds[w] = SHAPE
-                holds[w] = True if node.op_type == "Size" else _shape_entries(node, types.get(x), batch)
+                holds[w] = True if node.op_type == "Size" else _shape_entries(node, types.get(x), batches)
             continue
         if node.op_type in RANDOM_OPS:
             kinds.update((w, SAMPLE) for w in writes)
@@ -97,6 +104,40 @@ def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
     return kinds
 
 
+def batch_symbols(index: GraphIndex, types: dict, batch) -> frozenset:
+    """The symbols equal to the batch symbol `batch`: itself, and those a Concat equates with it (its inputs and
+    output have the same dimension on every axis but the joined one). Empty when `batch` is not a symbol."""
+    if not isinstance(batch, str):
+        return frozenset()
+    parent: dict[str, str] = {}
+
+    def root(a: str) -> str:
+        while parent.get(a, a) != a:
+            a = parent[a]
+        return a
+
+    for i in index.order:
+        node = index.graph.node[i]
+        if node.op_type != "Concat":
+            continue
+        known = [types[n].shape if n in types else None for n in (*node.input, *node.output)]
+        shapes = [s for s in known if s is not None]
+        if len(shapes) < len(known) or len({len(s) for s in shapes}) != 1:
+            continue
+        rank = len(shapes[0])
+        joined = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) % max(rank, 1)
+        for axis in range(rank):
+            dims = {s[axis] for s in shapes}
+            if axis == joined or not all(isinstance(d, str) for d in dims):
+                continue
+            first, *rest = [root(d) for d in dims]
+            parent.setdefault(first, first)
+            for other in rest:
+                parent[other] = first
+    same = root(batch)
+    return frozenset({batch, *(d for d in parent if root(d) == same)})
+
+
 def _any(entries: list[bool] | bool) -> bool:
     return entries if isinstance(entries, bool) else any(entries)
 
@@ -106,12 +147,13 @@ def _layout_holds(i: int, index: GraphIndex, kinds: dict, holds: dict) -> bool:
     return any(kinds.get(n) == SHAPE and _any(holds.get(n, True)) for n in index.reads[i])
 
 
-def _shape_entries(node: onnx.NodeProto, spec, batch) -> list[bool] | bool:
-    """Per entry of Shape(x), whether it is x's batch axis; True (all of it) when x's rank is unknown."""
+def _shape_entries(node: onnx.NodeProto, spec, batches: frozenset) -> list[bool] | bool:
+    """Per entry of Shape(x), whether it is x's batch axis (where x's shape has one of `batches`, the symbols of
+    the batch); True (all of it) when x's rank is unknown."""
     if spec is None or spec.shape is None:
         return True
     rank = len(spec.shape)
-    axes = [a for a, d in enumerate(spec.shape) if isinstance(batch, str) and d == batch]
+    axes = [a for a, d in enumerate(spec.shape) if d in batches]
     axis = axes[0] if len(axes) == 1 else 0
     entries = [a == axis for a in range(rank)]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -143,7 +143,8 @@ def per_sample(plan: Plan, site: str, index: GraphIndex, types: dict[str, Tensor
       `Concat(Range(N), argmax)`, the indices of the GatherND that picks each sample's last token): tiled, every
       level would gather level 0's rows.
     - "sample" values whose inferred dimension 0 is not `batch` ([1, T, D] positional terms, [T, N, D]
-      sequence-first tensors).
+      sequence-first tensors), nor a symbol shape inference gave the batch under another name
+      (`dependence.batch_symbols`: a ViT's residual stream after its class token is concatenated).
     Their nodes join the suffix, back to values that do hold the samples (or graph inputs, or constants): the
     arithmetic then runs on the tiled batch and says G·N, as the model itself would for a batch of G·N samples.
     Values of unknown shape that the dataflow calls per sample stay in the frontier; the σ = 0 check before
@@ -155,9 +156,10 @@ def per_sample(plan: Plan, site: str, index: GraphIndex, types: dict[str, Tensor
     """
     if isinstance(batch, int):
         return plan
-    from walkaudit._graph.dependence import SAMPLE, classify
+    from walkaudit._graph.dependence import SAMPLE, batch_symbols, classify
 
     kinds = classify(index, types, batch) if kinds is None else kinds
+    batches = batch_symbols(index, types, batch)
     nodes, frontier = plan
     keep = set(nodes)
     made = {o for i in keep for o in index.writes[i]}
@@ -171,7 +173,7 @@ def per_sample(plan: Plan, site: str, index: GraphIndex, types: dict[str, Tensor
         if producer is None or index.graph.node[producer].op_type in RANDOM_OPS:
             continue  # a graph input, or drawn anew per run: fed by rows
         if kinds.get(name, SAMPLE) == SAMPLE and (spec is None or spec.shape is None or not isinstance(batch, str)
-                                                  or spec.shape[:1] == (batch,)):
+                                                  or (spec.shape[:1] and spec.shape[0] in batches)):
             continue  # per sample along axis 0 (or of unknown shape): fed by rows
         keep.add(producer)
         made.update(index.writes[producer])
