@@ -110,7 +110,7 @@ class HostApplied(Strategy):
         self.session = None if not suffix.model.graph.node else runtime.session(
             suffix.model, f"part of the model after {suffix.site}")
         self.site, self.frontier, self.noise, self.map = suffix.site, suffix.frontier, noise, map_
-        self.axis = passes.sample_axis(model.types.get(self.site), passes.batch_dimension(model.inputs))
+        self.axis = passes.sample_axis(model.types.get(self.site), model.batch_names)
         self.output = model.class_output.name
         self.reads, self.noisy = (self.site, *self.frontier), (self.site,)
 
@@ -163,8 +163,7 @@ class FedSuffix(Strategy):
         types = model.types
         self.program = passes.graph_noise(suffix, types, "mul" in noise.terms, "add" in noise.terms, seeds=seeds,
                                           fed=not self.drawn_in_graph, noise=noise,
-                                          axis=passes.sample_axis(types[suffix.site],
-                                                                  passes.batch_dimension(model.inputs)), tile=tile)
+                                          axis=passes.sample_axis(types[suffix.site], model.batch_names), tile=tile)
         self._runtime, self._made = runtime, (model, noise, suffix, seeds)
         self.tiles = tile
         self.graph = suffix.model
