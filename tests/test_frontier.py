@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from walkaudit._execution.runtime import Runtime
@@ -117,11 +118,14 @@ def test_the_batch_entry_of_a_sequence_first_shape_holds_n_after_the_class_token
     assert kinds["placed"] == dependence.SAMPLE
 
 
-def test_a_sequence_first_site_packs_along_its_renamed_batch_axis():
+@pytest.mark.parametrize("noise, sigmas", [(("additive", 0.3), (0.1, 0.5, 2.0, 8.0)),
+                                           (("bitflip", 0.3), (1e-4, 0.01, 0.1))])
+def test_a_sequence_first_site_packs_along_its_renamed_batch_axis(noise, sigmas):
     """act1 [T, N, D] between the Transposes carries the batch under its other name (`unk__0`) at axis 1: its
     batch axis is 1 (`LoadedModel.batch_names`), so packed σ levels fold into axis 1 and pass the σ = 0 check (it
     used to get axis 0, failed the check and ran one level at a time), and packed equals one-level runs bit for
-    bit."""
+    bit: noise fed to the graph (`FedSuffix`) and noise applied on the host (`HostApplied`: bit flips,
+    folded into axis 1 the same way)."""
     model = class_token_encoder()
     loaded = load_model(model)
     shape = loaded.types["act1"].shape
@@ -134,10 +138,10 @@ def test_a_sequence_first_site_packs_along_its_renamed_batch_axis():
         loaded = load_model(model)
         sites = select(loaded.proto, loaded.types, Selection(names=("act1",)), loaded.class_output.name)
         worker = Worker(loaded, from_arrays({"x": x}, None, loaded.inputs), runtime=Runtime("cpu"),
-                        noise=make_noise("additive", 0.3), source=NormalSource(5, threads=1), sites=sites,
+                        noise=make_noise(*noise), source=NormalSource(5, threads=1), sites=sites,
                         batch_size=50, pack=pack)
         worker.clean_pass()
-        counts[pack] = _walk(worker, ["act1"], (0, 4))
+        counts[pack] = _walk(worker, ["act1"], (0, 4), sigmas)
         packable[pack] = [e.packable for e in worker._evaluations.values()]
         worker.source.close()
     assert packable[True] == [True]

@@ -117,8 +117,10 @@ class HostApplied(Strategy):
     def run(self, values, sigmas, eps, device=None):
         g, y = len(sigmas), values[self.site]
         feeds = {n: _tile(values[n], g) for n in self.frontier}
-        noisy = self.noise.host(y, sigmas, eps.get(self.site), self.map, axis=self.axis if self.axis < y.ndim else 0)
-        feeds[self.site] = noisy.astype(y.dtype, copy=False).reshape(g * y.shape[0], *y.shape[1:])
+        axis = self.axis if self.axis < y.ndim else 0
+        noisy = self.noise.host(y, sigmas, eps.get(self.site), self.map, axis=axis).astype(y.dtype, copy=False)
+        # [G, ..., N, ...] -> [..., G·N, ...], level-major along the batch axis (as `passes.graph_noise` folds)
+        feeds[self.site] = np.moveaxis(noisy, 0, axis).reshape(*y.shape[:axis], g * y.shape[axis], *y.shape[axis + 1:])
         if self.session is None:
             return feeds[self.site]
         return run(self.session, [self.output], feeds, "noisy model")[0]
