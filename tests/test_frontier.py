@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from walkaudit._execution.runtime import Runtime
+from walkaudit._execution.worker import Worker, site_axes
 from walkaudit._graph import dependence, passes
 from walkaudit._graph.index import GraphIndex
+from walkaudit._graph.sites import Selection, select
+from walkaudit._loading.data import from_arrays
 from walkaudit._loading.model import load_model
+from walkaudit._noise import NormalSource, make_noise
 
 from .models import IR
 from .test_leak import _packed_and_single
+from .test_packing import _walk
 
 P, D, C, LAYERS = 4, 8, 3, 3
 
@@ -109,3 +116,36 @@ def test_the_batch_entry_of_a_sequence_first_shape_holds_n_after_the_class_token
     assert kinds["rows"] == kinds["positions"] == dependence.SHAPE
     assert kinds["counted"] == dependence.INDEXED
     assert kinds["placed"] == dependence.SAMPLE
+
+
+@pytest.mark.parametrize("noise, sigmas", [(("additive", 0.3), (0.1, 0.5, 2.0, 8.0)),
+                                           (("bitflip", 0.3), (1e-4, 0.01, 0.1))])
+def test_a_sequence_first_site_packs_along_its_renamed_batch_axis(noise, sigmas):
+    """act1 [T, N, D] between the Transposes carries the batch under its other name (`unk__0`) at axis 1: its
+    batch axis is 1 (`LoadedModel.batch_names`), so packed σ levels fold into axis 1 and pass the σ = 0 check (it
+    used to get axis 0, failed the check and ran one level at a time), and packed equals one-level runs bit for
+    bit: noise fed to the graph (`FedSuffix`) and noise applied on the host (`HostApplied`: bit flips,
+    folded into axis 1 the same way)."""
+    model = class_token_encoder()
+    loaded = load_model(model)
+    shape = loaded.types["act1"].shape
+    assert shape[1] != "batch" and shape[1] in loaded.batch_names and shape[0] not in loaded.batch_names
+    assert passes.sample_axis(loaded.types["act1"], loaded.batch_names) == 1
+    assert site_axes(loaded, ["act1", "mix1"]) == (("act1", 1), ("mix1", 0))
+    x = np.random.default_rng(6).normal(size=(120, P, D)).astype(np.float32)
+    counts, packable = {}, {}
+    for pack in (True, False):
+        loaded = load_model(model)
+        sites = select(loaded.proto, loaded.types, Selection(names=("act1",)), loaded.class_output.name)
+        worker = Worker(loaded, from_arrays({"x": x}, None, loaded.inputs), runtime=Runtime("cpu"),
+                        noise=make_noise(*noise), source=NormalSource(5, threads=1), sites=sites,
+                        batch_size=50, pack=pack)
+        worker.clean_pass()
+        counts[pack] = _walk(worker, ["act1"], (0, 4), sigmas)
+        packable[pack] = [e.packable for e in worker._evaluations.values()]
+        worker.source.close()
+    assert packable[True] == [True]
+    assert not any("one at a time" in note for note in counts[True][0].notes), counts[True][0].notes
+    assert any("axis 1" in note for note in counts[True][0].notes)
+    assert counts[True] == counts[False]
+    assert counts[True][0].correct[-1].sum() < counts[True][0].correct[0].sum()

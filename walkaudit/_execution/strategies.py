@@ -110,15 +110,17 @@ class HostApplied(Strategy):
         self.session = None if not suffix.model.graph.node else runtime.session(
             suffix.model, f"part of the model after {suffix.site}")
         self.site, self.frontier, self.noise, self.map = suffix.site, suffix.frontier, noise, map_
-        self.axis = passes.sample_axis(model.types.get(self.site), passes.batch_dimension(model.inputs))
+        self.axis = passes.sample_axis(model.types.get(self.site), model.batch_names)
         self.output = model.class_output.name
         self.reads, self.noisy = (self.site, *self.frontier), (self.site,)
 
     def run(self, values, sigmas, eps, device=None):
         g, y = len(sigmas), values[self.site]
         feeds = {n: _tile(values[n], g) for n in self.frontier}
-        noisy = self.noise.host(y, sigmas, eps.get(self.site), self.map, axis=self.axis if self.axis < y.ndim else 0)
-        feeds[self.site] = noisy.astype(y.dtype, copy=False).reshape(g * y.shape[0], *y.shape[1:])
+        axis = self.axis if self.axis < y.ndim else 0
+        noisy = self.noise.host(y, sigmas, eps.get(self.site), self.map, axis=axis).astype(y.dtype, copy=False)
+        # [G, ..., N, ...] -> [..., G·N, ...], level-major along the batch axis (as `passes.graph_noise` folds)
+        feeds[self.site] = np.moveaxis(noisy, 0, axis).reshape(*y.shape[:axis], g * y.shape[axis], *y.shape[axis + 1:])
         if self.session is None:
             return feeds[self.site]
         return run(self.session, [self.output], feeds, "noisy model")[0]
@@ -163,8 +165,7 @@ class FedSuffix(Strategy):
         types = model.types
         self.program = passes.graph_noise(suffix, types, "mul" in noise.terms, "add" in noise.terms, seeds=seeds,
                                           fed=not self.drawn_in_graph, noise=noise,
-                                          axis=passes.sample_axis(types[suffix.site],
-                                                                  passes.batch_dimension(model.inputs)), tile=tile)
+                                          axis=passes.sample_axis(types[suffix.site], model.batch_names), tile=tile)
         self._runtime, self._made = runtime, (model, noise, suffix, seeds)
         self.tiles = tile
         self.graph = suffix.model

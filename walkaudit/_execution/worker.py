@@ -87,8 +87,7 @@ def predictions(out: np.ndarray, kind: str, per_token: bool = False) -> tuple[np
 def site_axes(model: LoadedModel, sites) -> tuple[tuple[str, int | None], ...]:
     """Each site's batch axis by its inferred shape (where it carries the inputs' batch symbol; None: told by size
     when the values are seen, `Worker.batch_axis`)."""
-    batch = passes.batch_dimension(model.inputs)
-    return tuple((s, passes.symbol_axis(model.types.get(s), batch)) for s in sites)
+    return tuple((s, passes.symbol_axis(model.types.get(s), model.batch_names)) for s in sites)
 
 
 def graph_seeds(seed: int, model: LoadedModel, site: str) -> tuple[int, int]:
@@ -295,7 +294,7 @@ class Worker:
         dimension (LSTM outputs are [T, D, N, H]), else the first axis of `rows` entries, else None (a value shared
         by all samples, such as a positional embedding [1, T, D])."""
         if site not in self._axes:
-            found = passes.symbol_axis(self.model.types.get(site), passes.batch_dimension(self.model.inputs))
+            found = passes.symbol_axis(self.model.types.get(site), self.model.batch_names)
             self._axes[site] = "size" if found is None else found
         axis = self._axes[site]
         if isinstance(axis, int):  # else "size"
@@ -576,9 +575,7 @@ class _Evaluation:
         a graph takes G tiled copies does not depend on how many rows a copy has, and the check then costs a few
         rows instead of three runs of a batch (a quarter of a short transformer walk)."""
         model = self.worker.model
-        batch = passes.batch_dimension(model.inputs)
-        specs = [model.types.get(n) for n in self.strategy.reads]
-        if not isinstance(batch, str) or any(s is None or not s.shape or s.shape[0] != batch for s in specs):
+        if any(passes.symbol_axis(model.types.get(n), model.batch_names) != 0 for n in self.strategy.reads):
             return values, device
         small = {n: v[:PROBE_ROWS] for n, v in values.items()}
         return small, lambda: {n: self.worker.runtime.to_device(small[n]) for n in self.strategy.on_device}

@@ -498,12 +498,14 @@ def batch_dimension(inputs: list[TensorSpec]):
 
 
 def symbol_axis(spec: TensorSpec | None, batch) -> int | None:
-    """The axis where a value's inferred shape has the batch dimension `batch` (the symbol at dimension 0 of the
-    model's inputs), when it has it exactly once; else None. Sequence-first attention (torch's MultiheadAttention)
-    and LSTM outputs hold the samples along axis 1."""
-    if spec is None or spec.shape is None or not isinstance(batch, str):
+    """The axis where a value's inferred shape has the batch dimension, when it has it exactly once; else None.
+    `batch`: the batch's symbol (dimension 0 of the model's inputs), or all its names (`LoadedModel.batch_names`:
+    shape inference may name it anew, `unk__1` inside a ViT's attention after the class token). Sequence-first
+    attention (torch's MultiheadAttention) and LSTM outputs hold the samples along axis 1."""
+    names = frozenset({batch}) if isinstance(batch, str) else batch
+    if spec is None or spec.shape is None or not isinstance(names, frozenset) or not names:
         return None
-    axes = [a for a, d in enumerate(spec.shape) if d == batch]
+    axes = [a for a, d in enumerate(spec.shape) if isinstance(d, str) and d in names]
     return axes[0] if len(axes) == 1 else None
 
 

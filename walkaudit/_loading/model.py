@@ -5,6 +5,7 @@ Nothing here runs the model. The user's file is only ever read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -147,6 +148,17 @@ class LoadedModel:
         """The fixed batch size of the model's inputs, or None when dimension 0 is dynamic."""
         fixed = {s.shape[0] for s in self.inputs if s.shape and isinstance(s.shape[0], int)}
         return fixed.pop() if len(fixed) == 1 else None
+
+    @functools.cached_property
+    def batch_names(self) -> frozenset:
+        """The batch's dimension symbols: dimension 0 of the first input and the names shape inference gave it
+        besides (`dependence.batch_symbols`: `unk__1` after a ViT's class token). Empty for a fixed or unknown
+        batch. Computed once per model."""
+        from walkaudit._graph.dependence import batch_symbols
+        from walkaudit._graph.index import GraphIndex
+        from walkaudit._graph.passes import batch_dimension
+
+        return batch_symbols(GraphIndex(self.proto.graph), self.types, batch_dimension(self.inputs))
 
 
 def default_opset(proto: onnx.ModelProto) -> int:
