@@ -181,7 +181,6 @@ def quantize(zoo: Path, names: list[str], calib_samples: int) -> None:
     images (the same smooth random fields as the BatchNorm statistics); onnxruntime's pre-processing first."""
     import shutil
 
-    import numpy as np
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -198,14 +197,14 @@ def quantize(zoo: Path, names: list[str], calib_samples: int) -> None:
         calib = images(calib_samples, size, seed=2)
 
         class Reader(CalibrationDataReader):
-            def __init__(self):
+            def __init__(self, calib):
                 self.batches = iter([{"x": calib[i : i + 8]} for i in range(0, len(calib), 8)])
 
             def get_next(self):
                 return next(self.batches, None)
 
         tmp = zoo / f"{name}.tmp.onnx"
-        quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(pre), str(tmp), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         os.replace(tmp, path)
         pre.unlink()
