@@ -4,7 +4,10 @@ Two steps, in two environments (the suite and walkaudit stay torch-free):
 
     # 1. build: torch + torchvision in a venv of their own; random weights (nothing downloads), BatchNorm statistics
     #    from the data (train mode, momentum=None) so that the models do not predict one class; ONNX + data to --out
+    #    (torchvision, timm, and Hugging Face transformers models built from their configs)
     /work/tvenv/bin/python benchmarks/zoo.py build --out /work/zoo
+    # 1b. INT8 QDQ of the float models in QUANTIZED (walkaudit's venv: onnxruntime.quantization)
+    python benchmarks/zoo.py quantize --zoo /work/zoo
     # 2. run: walkaudit's venv; each model audited in a child process of its own, beside a plain onnxruntime session
     python benchmarks/zoo.py run --zoo /work/zoo --json zoo.json
 
