@@ -4,7 +4,10 @@ Two steps, in two environments (the suite and walkaudit stay torch-free):
 
     # 1. build: torch + torchvision in a venv of their own; random weights (nothing downloads), BatchNorm statistics
     #    from the data (train mode, momentum=None) so that the models do not predict one class; ONNX + data to --out
+    #    (torchvision, timm, and Hugging Face transformers models built from their configs)
     /work/tvenv/bin/python benchmarks/zoo.py build --out /work/zoo
+    # 1b. INT8 QDQ of the float models in QUANTIZED (walkaudit's venv: onnxruntime.quantization)
+    python benchmarks/zoo.py quantize --zoo /work/zoo
     # 2. run: walkaudit's venv; each model audited in a child process of its own, beside a plain onnxruntime session
     python benchmarks/zoo.py run --zoo /work/zoo --json zoo.json
 
@@ -28,19 +31,31 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-#: name -> (torchvision constructor, exporter, input size)
+#: name -> (library, constructor, exporter, input size: image side, or tokens per sequence for "hf")
 MODELS = {
-    "resnet18": ("resnet18", "legacy", 224),
-    "resnet50": ("resnet50", "legacy", 224),
-    "vit_b_16": ("vit_b_16", "legacy", 224),
-    "mobilenet_v3_large": ("mobilenet_v3_large", "legacy", 224),
-    "efficientnet_b0": ("efficientnet_b0", "legacy", 224),
-    "resnet18_dynamo": ("resnet18", "dynamo", 224),
+    "resnet18": ("torchvision", "resnet18", "legacy", 224),
+    "resnet50": ("torchvision", "resnet50", "legacy", 224),
+    "vit_b_16": ("torchvision", "vit_b_16", "legacy", 224),
+    "mobilenet_v3_large": ("torchvision", "mobilenet_v3_large", "legacy", 224),
+    "efficientnet_b0": ("torchvision", "efficientnet_b0", "legacy", 224),
+    "resnet18_dynamo": ("torchvision", "resnet18", "dynamo", 224),
+    # `.half()` after the BatchNorm statistics: weights, activations, input and logits in float16
+    "resnet18_fp16": ("torchvision", "resnet18", "legacy-half", 224),
+    "deit_tiny": ("timm", "deit_tiny_patch16_224", "legacy", 224),
+    "bert_cls": ("hf", "Bert", "legacy", 32),
+    "gpt2_cls": ("hf", "GPT2", "legacy", 32),
+    "convnext_tiny": ("torchvision", "convnext_tiny", "legacy", 224),
 }
+#: name -> the float model it quantizes (INT8 QDQ, static, per-channel, calibrated on the zoo's images; `zoo.py
+#: quantize` in walkaudit's venv, after `build`)
+QUANTIZED = {"resnet18_qdq": "resnet18"}
 #: every k-th site is audited (evenly spread, so the cost ratio stays representative) where a full audit takes hours on
 #: two shared cores; 1: all sites
 EVERY = {"resnet18": 1, "resnet50": 3, "vit_b_16": 12, "mobilenet_v3_large": 4, "efficientnet_b0": 5,
-         "resnet18_dynamo": 1}
+         "resnet18_dynamo": 1, "resnet18_qdq": 1, "resnet18_fp16": 1, "deit_tiny": 4, "bert_cls": 6, "gpt2_cls": 6,
+         "convnext_tiny": 5}
+#: Hugging Face sequence classifiers: labels (more than 2, so that random weights spread the predictions)
+HF_LABELS = 8
 OPSET, DYNAMO_OPSET, MAX_IR_VERSION = 17, 18, 10
 
 
@@ -55,59 +70,148 @@ def images(n: int, size: int, seed: int):
     return (up + 0.3 * rng.normal(size=up.shape)).astype(np.float32)
 
 
+def tokens(n: int, length: int, vocab: int, seed: int):
+    """Random token ids (below 1000 from the top of the vocabulary: no pad/eos/special token)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(1000, vocab - 1000, size=(n, length), dtype=np.int64)
+
+
+def construct(library: str, ctor: str):
+    """A model with random weights from its library's constructor (nothing downloaded) and an input maker."""
+    import torch
+
+    if library == "torchvision":
+        import torchvision
+
+        return getattr(torchvision.models, ctor)(weights=None), images
+    if library == "timm":
+        import timm
+
+        return timm.create_model(ctor, pretrained=False), images
+    import transformers
+
+    config = getattr(transformers, f"{ctor}Config")(num_labels=HF_LABELS)
+    if config.pad_token_id is None:  # GPT-2 finds each sequence's last token by its padding id
+        config.pad_token_id = config.eos_token_id
+    config.use_cache = False
+
+    class Logits(torch.nn.Module):  # the export's one output: the logits, not the model's output dataclass
+        def __init__(self):
+            super().__init__()
+            self.model = getattr(transformers, f"{ctor}ForSequenceClassification")(config)
+
+        def forward(self, input_ids):
+            if ctor != "GPT2":
+                return self.model(input_ids=input_ids).logits
+            # GPT-2 scores each sequence's last non-pad token, found with aten::diff, which the legacy exporter lacks;
+            # the sequences have no padding: the last token. An all-ones mask, else transformers looks for packed
+            # sequences with aten::diff too
+            hidden = self.model.transformer(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            return self.model.score(hidden.last_hidden_state[:, -1])
+
+    def make(n: int, length: int, seed: int):
+        return tokens(n, length, config.vocab_size, seed)
+
+    return Logits(), make
+
+
 def build(out: Path, names: list[str], samples: int, stats_samples: int) -> None:
     import warnings
 
     import numpy as np
     import onnx
     import torch
-    import torchvision
 
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        ctor, exporter, size = MODELS[name]
+        if name in QUANTIZED:
+            print(f"{name}: made by `zoo.py quantize` in walkaudit's venv", flush=True)
+            continue
+        library, ctor, exporter, size = MODELS[name]
         path = out / f"{name}.onnx"
-        x = images(samples, size, seed=1)
-        np.save(out / f"{name}_x.npy", x)
+        torch.manual_seed(0)
+        model, make = construct(library, ctor)
+        half = exporter.endswith("-half")
+        x = make(samples, size, seed=1)
+        np.save(out / f"{name}_x.npy", x.astype(np.float16) if half else x)
         if path.exists():
             print(f"{name}: {path} exists", flush=True)
             continue
         t = time.perf_counter()
-        torch.manual_seed(0)
-        model = getattr(torchvision.models, ctor)(weights=None)
-        for m in model.modules():  # ViT's head starts at zero: every image would score alike
+        for m in model.modules():  # ViT's (and timm's) head starts at zero: every image would score alike
             if isinstance(m, torch.nn.Linear) and not m.weight.detach().any():
                 torch.nn.init.normal_(m.weight, std=0.02)
         # BatchNorm statistics of the data (cumulative average over the batches): with random weights and the
         # default running statistics every image lands in the same class
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None
-        model.train()
-        calib = images(stats_samples, size, seed=2)
-        with torch.no_grad():
-            for i in range(0, len(calib), 8):
-                model(torch.from_numpy(calib[i : i + 8]))
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        if norms:
+            model.train()
+            calib = make(stats_samples, size, seed=2)
+            with torch.no_grad():
+                for i in range(0, len(calib), 8):
+                    model(torch.from_numpy(calib[i : i + 8]))
         model.eval()
-        example = (torch.from_numpy(x[:2]),)
+        if half:
+            model = model.half()
+        example = (torch.from_numpy(x[:2]).half() if half else torch.from_numpy(x[:2]),)
+        inp = "input_ids" if library == "hf" else "x"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 torch.onnx.export(model, example, str(path), dynamo=True, external_data=False,
-                                  opset_version=DYNAMO_OPSET, input_names=["x"], output_names=["logits"],
-                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+                                  opset_version=DYNAMO_OPSET, input_names=[inp], output_names=["logits"],
+                                  dynamic_shapes={inp: {0: torch.export.Dim("batch")}})
             else:
-                torch.onnx.export(model, example, str(path), dynamo=False, opset_version=OPSET, input_names=["x"],
-                                  output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+                torch.onnx.export(model, example, str(path), dynamo=False, opset_version=OPSET, input_names=[inp],
+                                  output_names=["logits"], dynamic_axes={inp: {0: "batch"}, "logits": {0: "batch"}})
         proto = onnx.load(str(path))
         proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
         onnx.save(proto, str(path))
         with torch.no_grad():
-            classes = model(torch.from_numpy(x)).argmax(1).tolist()
+            logits = model(example[0].new_tensor(x) if half else torch.from_numpy(x))
+            classes = (logits[0] if isinstance(logits, tuple) else logits).argmax(1).tolist()
         print(f"{name}: {path.stat().st_size / 2**20:.0f} MB, {time.perf_counter() - t:.0f} s, "
-              f"classes of the {samples} images: {classes}", flush=True)
+              f"classes of the {samples} inputs: {classes}", flush=True)
+
+
+def quantize(zoo: Path, names: list[str], calib_samples: int) -> None:
+    """INT8 QDQ (static, per-channel, QUInt8 activations, QInt8 weights) of the float models, calibrated on the zoo's
+    images (the same smooth random fields as the BatchNorm statistics); onnxruntime's pre-processing first."""
+    import shutil
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    for name in names:
+        source = QUANTIZED[name]
+        size = MODELS[source][3]
+        path, pre = zoo / f"{name}.onnx", zoo / f"{name}_pre.onnx"
+        shutil.copyfile(zoo / f"{source}_x.npy", zoo / f"{name}_x.npy")
+        if path.exists():
+            print(f"{name}: {path} exists", flush=True)
+            continue
+        t = time.perf_counter()
+        quant_pre_process(str(zoo / f"{source}.onnx"), str(pre), skip_symbolic_shape=True)  # no sympy here
+        calib = images(calib_samples, size, seed=2)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self, calib):
+                self.batches = iter([{"x": calib[i : i + 8]} for i in range(0, len(calib), 8)])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        tmp = zoo / f"{name}.tmp.onnx"
+        quantize_static(str(pre), str(tmp), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        os.replace(tmp, path)
+        pre.unlink()
+        print(f"{name}: {path.stat().st_size / 2**20:.0f} MB, {time.perf_counter() - t:.0f} s", flush=True)
 
 
 # -- measure (onnxruntime, walkaudit) ---------------------------------------------------------------------------------
@@ -247,7 +351,7 @@ def main() -> None:
     b.add_argument("--stats-images", type=int, default=64)
     r = sub.add_parser("run", help="audit each model in a child process, beside a plain session")
     r.add_argument("--zoo", type=Path, default=Path("/work/zoo"))
-    r.add_argument("--models", nargs="*", default=list(MODELS))
+    r.add_argument("--models", nargs="*", default=[*MODELS, *QUANTIZED])
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--cap-gib", type=float, default=10.0)
     r.add_argument("--passes", type=int, default=7)
@@ -260,9 +364,15 @@ def main() -> None:
         c.add_argument("--threads", type=int, default=2)
         c.add_argument("--passes", type=int, default=7)
         c.add_argument("--every", type=int, default=1)
+    q = sub.add_parser("quantize", help="INT8 QDQ of the built float models (walkaudit's venv, onnxruntime)")
+    q.add_argument("--zoo", type=Path, default=Path("/work/zoo"))
+    q.add_argument("--models", nargs="*", default=list(QUANTIZED))
+    q.add_argument("--calib-images", type=int, default=64)
     args = parser.parse_args()
     if args.command == "build":
-        build(args.out, args.models, args.images, args.stats_images)
+        build(args.out, [m for m in args.models if m not in QUANTIZED], args.images, args.stats_images)
+    elif args.command == "quantize":
+        quantize(args.zoo, args.models, args.calib_images)
     elif args.command == "run":
         run(args.zoo, args.models, args.threads, args.cap_gib, args.passes, args.every, args.json)
     elif args.command == "plain":
