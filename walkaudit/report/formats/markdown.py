@@ -64,22 +64,23 @@ def to_markdown(report: Report) -> str:
 
     failures = gate.failures if gate is not None else []
     if failures:
-        lines += ["", f"### Failures ({len(failures)})", ""]
-        for failure in failures:
-            where = "model" if failure.site is None else _code(failure.site)
-            lines.append(f"- {FAIL} {where} · {_text(failure.rule)}: {_text(failure.message)}")
+        lines += ["", f"### Failures ({len(failures)})", "", *_checks(failures, FAIL)]
     undecided = gate.undecided if gate is not None else []
     if undecided:
-        lines += ["", f"### Undecided ({len(undecided)}): the 95% interval straddles the threshold", ""]
-        for entry in undecided:
-            where = "model" if entry.site is None else _code(entry.site)
-            lines.append(f"- {UNDECIDED} {where} · {_text(entry.rule)}: {_text(entry.message)}")
+        lines += ["", f"### Undecided ({len(undecided)}): the 95% interval straddles the threshold", "",
+                  *_checks(undecided, UNDECIDED)]
     warnings = gate.warnings if gate is not None else []
     if warnings:
         lines += ["", "<details><summary>Warnings (" + str(len(warnings)) + ")</summary>", ""]
         lines += [f"- {_text(w)}" for w in warnings]
         lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _checks(entries: list[Failure], mark: str) -> list[str]:
+    """One list item per failed or undecided check: its mark, where (a site or the model), its rule and message."""
+    return [f"- {mark} {'model' if e.site is None else _code(e.site)} · {_text(e.rule)}: {_text(e.message)}"
+            for e in entries]
 
 
 def site_status(site: SiteResult, by_site: dict[str | None, list[Failure]],
