@@ -40,7 +40,7 @@ from walkaudit._graph import dependence, passes, positions
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site
 from walkaudit._loading.data import Dataset
-from walkaudit._loading.model import ClassOutput, LoadedModel
+from walkaudit._loading.model import BINARY_THRESHOLDS, ClassOutput, LoadedModel
 from walkaudit._noise import NoiseModel, NormalSource
 from walkaudit._units import (
     BLOCK,
@@ -77,9 +77,8 @@ def predictions(out: np.ndarray, kind: str, per_token: bool = False) -> tuple[np
         return pred, np.zeros(pred.shape, dtype=bool)
     scores = out.reshape(out.shape[0], -1)
     bad = ~np.isfinite(scores).all(axis=1)
-    if kind in ("binary-logit", "binary-probability"):
-        threshold = 0.0 if kind == "binary-logit" else 0.5
-        return np.where(bad, -1, (scores[:, 0] > threshold).astype(np.int64)), bad
+    if kind in BINARY_THRESHOLDS:
+        return np.where(bad, -1, (scores[:, 0] > BINARY_THRESHOLDS[kind]).astype(np.int64)), bad
     pred = np.where(bad, -1, np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1))
     return pred, bad
 
