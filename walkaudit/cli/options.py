@@ -267,13 +267,6 @@ class Sweep:
                 "drops": tuple(parse_bound(d, "drops") for d in self.drops)}
 
 
-def _given(ctx: click.Context, param: click.Parameter, value):
-    """The value where the user gave it, None where it is the default (so that --quick can pick its own)."""
-    from click.core import ParameterSource
-
-    return None if ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT else value
-
-
 SWEEP = Group(
     NOISE_AND_SWEEP, "sweep", Sweep,
     (("--global", "global_mode"), dict(is_flag=True, help="The same σ at every site at once (default: one site at "
@@ -281,8 +274,8 @@ SWEEP = Group(
     (("--sigmas",), dict(metavar="LIST|A:B:N",
                          help="Fixed σ grid: '0.01,0.1,1' or '1e-3:1e2:21' (log). Default: adaptive search per "
                               "site.")),
-    (("--repeats",), dict(type=int, default=3, show_default=True, callback=_given,
-                          help="Noise draws per σ (--quick: 1).")),
+    (("--repeats",), dict(type=int,  # no click default: --quick picks its own where none is given
+                          help="Noise draws per σ.  [default: 3; --quick: 1]")),
     (("--drop", "drops"), dict(multiple=True, metavar="DROP",
                                help="Also report per site the σ at which accuracy falls by DROP: '1%' (points) or "
                                     "'5%rel' (of clean − chance). Repeatable; gate it with --rule "
