@@ -179,6 +179,120 @@ def test_a_position_term_and_a_mask_laid_out_in_the_batch_shape_stay_per_sample(
     assert kinds["x"] == kinds["mask_add"] == dependence.SAMPLE
 
 
+def hf_encoder(seed: int = 0) -> onnx.ModelProto:
+    """How Hugging Face's BERT and GPT-2 export, in small (no shapes declared: shape inference names the batch anew
+    after every Reshape and broadcast, `unk__k`, as in the real exports):
+    - embeddings: tokens + token types Gather(table, Expand(zeros[1, T], Shape(ids))) + positions Gather(Range(T));
+    - an attention mask built from ones[N, T] (no mask input), flattened and gathered per row at Range(N)·T + t,
+      then (1 − m)·−10⁴, added to the attention scores;
+    - GPT-2's Conv1D: Reshape(h, [-1, D]) → Gemm (a site) → Reshape back to Shape(h)[0], T, D;
+    - mean over the tokens → logits [N, C]."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    nodes = [
+        n("Shape", ["input_ids"], ["ids_shape"]), n("Gather", ["ids_shape", "zero"], ["count"]),
+        n("Gather", ["ids_shape", "one"], ["length"]),
+        n("Gather", ["tok_emb", "input_ids"], ["tok"]),
+        n("Expand", ["type_ids0", "ids_shape"], ["type_ids"]), n("Gather", ["type_emb", "type_ids"], ["types"]),
+        n("Range", ["zero", "length", "one"], ["positions"]), n("Gather", ["pos_emb", "positions"], ["pos"]),
+        n("Add", ["tok", "types"], ["tt"]), n("Add", ["tt", "pos"], ["x"]),
+        n("ConstantOfShape", ["ids_shape"], ["ones"], value=_init("v", np.array([1], np.float32))),
+        n("Reshape", ["ones", "flat"], ["ones_flat"]),
+        n("Range", ["zero", "count", "one"], ["rows"]), n("Unsqueeze", ["rows", "axis1"], ["rows2"]),
+        n("Mul", ["rows2", "length"], ["row_starts"]), n("Unsqueeze", ["positions", "axis0"], ["cols"]),
+        n("Add", ["row_starts", "cols"], ["picks"]), n("Gather", ["ones_flat", "picks"], ["kept"]),
+        n("Sub", ["one_f", "kept"], ["masked"]), n("Mul", ["masked", "big"], ["mask_add"]),
+        n("Unsqueeze", ["mask_add", "axis1"], ["mask3"]),
+        n("MatMul", ["x", "wq"], ["q"]), n("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        n("MatMul", ["q", "xt"], ["scores"]), n("Add", ["scores", "mask3"], ["scores_masked"]),
+        n("Softmax", ["scores_masked"], ["attn"], axis=-1), n("MatMul", ["attn", "x"], ["mixed"]),
+        n("Add", ["x", "mixed"], ["h"]),
+        n("Reshape", ["h", "rows_by_width"], ["h2"]), n("Gemm", ["h2", "wf", "bf"], ["f2"]), n("Relu", ["f2"], ["r2"]),
+        n("Unsqueeze", ["count", "axis0"], ["count1"]), n("Unsqueeze", ["length", "axis0"], ["length1"]),
+        n("Concat", ["count1", "length1", "width1"], ["back"], axis=0), n("Reshape", ["r2", "back"], ["f"]),
+        n("ReduceMean", ["f"], ["pooled"], axes=[1], keepdims=0), n("MatMul", ["pooled", "wc"], ["logits"]),
+    ]
+    inits = [*_weights(rng, ("tok_emb", (V, D)), ("type_emb", (2, D)), ("pos_emb", (T, D)), ("wq", (D, D)),
+                       ("wf", (D, D)), ("wc", (D, C))),
+             _init("bf", np.zeros(D, np.float32)), _init("type_ids0", np.zeros((1, T), np.int64)),
+             _init("zero", np.array(0, np.int64)), _init("one", np.array(1, np.int64)),
+             _init("flat", np.array([-1], np.int64)), _init("rows_by_width", np.array([-1, D], np.int64)),
+             _init("width1", np.array([D], np.int64)), _init("axis0", np.array([0], np.int64)),
+             _init("axis1", np.array([1], np.int64)), _init("one_f", np.array(1, np.float32)),
+             _init("big", np.array(-1e4, np.float32))]
+    graph = helper.make_graph(nodes, "hf_encoder",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", T])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", C])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR)
+
+
+def test_hugging_face_embeddings_and_masks_stay_per_sample():
+    """Token types expanded to the batch's shape, a mask of ones gathered per row by Range(N)·T + t, and the
+    batch renamed by Reshape and broadcasting: the residual stream is per sample, so a late site's suffix is the
+    layers after it plus shape arithmetic (before: the type embeddings and the mask counted as "holding N", every
+    later value as "indexed", and each suffix recomputed the whole model: BERT's cost ratio 1.12, GPT-2's 1.25)."""
+    loaded = load_model(hf_encoder())
+    index = GraphIndex(loaded.proto.graph)
+    batch = passes.batch_dimension(loaded.inputs)
+    kinds = dependence.classify(index, loaded.types, batch)
+    assert kinds["types"] == kinds["kept"] == kinds["mask_add"] == dependence.SHAPE
+    assert kinds["rows"] == kinds["picks"] == dependence.SHAPE
+    assert {kinds[v] for v in ("tt", "x", "scores_masked", "h", "h2", "f2", "f", "logits")} == {dependence.SAMPLE}
+    assert loaded.types["h2"].shape[0] not in dependence.batch_symbols(index, loaded.types, batch)  # N·T rows
+    nodes, frontier = passes.per_sample(index.suffix_plan("f2", "logits"), "f2", index, loaded.types, batch)
+    ops = {loaded.proto.graph.node[i].op_type for i in nodes}
+    assert ops.isdisjoint({"MatMul", "Softmax"}) or {loaded.proto.graph.node[i].output[0] for i in nodes
+                                                     if loaded.proto.graph.node[i].op_type == "MatMul"} == {"logits"}
+    assert "h" not in {o for i in nodes for o in index.writes[i]}  # the attention is not rerun
+    assert all(kinds[f] == dependence.SAMPLE for f in frontier)
+
+
+def test_the_batch_keeps_its_names_through_broadcasts_and_reshapes():
+    """Shape inference names the batch anew where it cannot merge (`unk__k`, as in BERT's and GPT-2's exports):
+    an elementwise op's axis where an input has the batch is the batch; a Reshape with one symbol on each side and
+    the same known dimensions equates them; a Reshape folding the tokens into the rows does not."""
+    n = helper.make_node
+    graph = helper.make_graph([n("Add", ["a", "b"], ["c"]), n("Reshape", ["c", "s1"], ["d"]),
+                               n("Reshape", ["c", "s2"], ["e"]), n("Add", ["b", "b"], ["f"])], "names", [], [])
+    shapes = {"a": ("batch", T, D), "b": ("unk__1", T, D), "c": ("unk__2", T, D), "d": ("unk__3", T * D),
+              "e": ("unk__4", D), "f": ("unk__5", T, D)}
+    types = {k: TensorSpec(k, TensorProto.FLOAT, v) for k, v in shapes.items()}
+    names = dependence.batch_symbols(GraphIndex(graph), types, "batch")
+    assert names == {"batch", "unk__2", "unk__3"}  # not b's (a position term [1, T, D] broadcast), nor N·T rows
+
+
+def test_a_hugging_face_style_encoder_packs_bit_for_bit():
+    packed, single, did = _packed_and_single(hf_encoder(), {"input_ids": token_ids(250, 2)})
+    assert all(did.values()) and len(did) >= 3
+    assert packed == single
+    assert any(c.correct[-1].sum() < c.correct[0].sum() for c in packed)
+
+
+def test_what_counts_across_the_batch_still_holds_n():
+    """The rules that let masks through keep what does count N: CumSum over ones[N], Expand of Range(N), and a
+    non-uniform table picked at rows computed from Range(N)."""
+    n = helper.make_node
+    nodes = [n("Shape", ["x"], ["s"]), n("Gather", ["s", "zero"], ["count"]),
+             n("ConstantOfShape", ["s"], ["ones"], value=_init("v", np.array([1], np.float32))),
+             n("CumSum", ["ones", "zero"], ["counted"]), n("Add", ["x", "counted"], ["by_cumsum"]),
+             n("Range", ["zero", "count", "one"], ["rows"]), n("Unsqueeze", ["rows", "axis1"], ["rows2"]),
+             n("Expand", ["rows2", "s"], ["rows_nf"]), n("Cast", ["rows_nf"], ["rows_f"], to=TensorProto.FLOAT),
+             n("Add", ["x", "rows_f"], ["by_expand"]),
+             n("Gather", ["table", "rows"], ["picked"]), n("Add", ["x", "picked"], ["by_table"]),
+             n("Mul", ["ones", "x"], ["by_ones"])]
+    inits = [_init("zero", np.array(0, np.int64)), _init("one", np.array(1, np.int64)),
+             _init("axis1", np.array([1], np.int64)),
+             _init("table", np.arange(64 * F, dtype=np.float32).reshape(64, F))]
+    graph = helper.make_graph(nodes, "counts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", F])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                               for o in ("by_cumsum", "by_expand", "by_table", "by_ones")], inits)
+    index = GraphIndex(graph)
+    types = {"x": TensorSpec("x", TensorProto.FLOAT, ("batch", F))}
+    kinds = dependence.classify(index, types, "batch")
+    assert kinds["by_cumsum"] == kinds["by_expand"] == kinds["by_table"] == dependence.INDEXED
+    assert kinds["by_ones"] == dependence.SAMPLE  # ones[N, F] times the data, element by element
+
+
 #: every sample model with its data (the transformers' own packing test is tests/test_packing.py's)
 SAMPLE_CASES = [
     ("mnist_mlp.dynamo.onnx", "mnist_val.npz"), ("mnist_mlp.legacy.onnx", "mnist_val.npz"),

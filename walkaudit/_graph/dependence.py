@@ -26,7 +26,14 @@ stays per sample. Pure: facts of one index, types and batch symbol.
 `batch_symbols`: the dimension symbols that shape inference gave the batch under other names. ONNX shape inference
 names a dimension it cannot merge anew (`unk__1`): a ViT's class token, expanded to the batch by shape arithmetic and
 concatenated to the patch tokens, gives the whole residual stream a batch dimension `unk__1`; a Concat's inputs and
-output agree on every axis but the one it joins, so those symbols are the batch.
+output agree on every axis but the one it joins, so those symbols are the batch. So do a Reshape's sides where each
+has one symbol and the rest match (`view(-1, T)`), and the output of a broadcasting op where an input has the batch
+(BERT's embeddings: word + token type + position).
+
+Constants laid out in the batch's shape stay "shape" values that do not hold N as long as every op on them works
+element by element, picks by index or moves (`_ROWWISE`): an attention mask `(1 - ones[N, T]) * min` does not
+hold N, its rows only count N (`sized`), and a value with one number everywhere (`uniform`, from ConstantOfShape)
+does not hold N whatever indices pick from it — Hugging Face's masks gather `ones[N·T]` at `Range(N)·T + t`.
 """
 
 from __future__ import annotations
@@ -55,6 +62,19 @@ SHAPE_ENTRIES = 64
 _FILLS = frozenset({"ConstantOfShape", "Expand", "Tile"})
 #: Ops that move shape-vector entries without computing on them (tracked entry by entry).
 _MOVES = frozenset({"Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Cast", "Identity"})
+#: Ops whose every output element is computed from the elements at its own position (broadcast), picked by index
+#: from a table, or moved: on a constant laid out in [N, ...] they give numbers that still do not hold N (a mask
+#: `(1 - ones[N, T]) * -inf`, token-type embeddings `Gather(table, zeros[N, T])`), rows that still count N.
+_ELEMENTWISE = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Neg", "Abs", "Sign", "Reciprocal", "Sqrt", "Exp", "Log", "Erf",
+    "Floor", "Ceil", "Round", "Min", "Max", "Clip", "Relu", "Sigmoid", "Tanh", "Where", "Not", "And", "Or", "Xor",
+    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "BitShift", "Cast", "CastLike",
+    "Identity"})
+#: Ops whose output numbers are all taken from their first input: laid out, moved or picked by index.
+_SELECTS = frozenset({"Gather", "GatherElements", "GatherND", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+                      "Transpose", "Slice", "Expand", "Tile", "Cast", "Identity"})
+_ROWWISE = _ELEMENTWISE | {"Gather", "GatherElements", "GatherND", "Reshape", "Expand", "Tile", "Squeeze",
+                           "Unsqueeze", "Transpose", "Slice", "Concat", "Flatten"}
 
 
 def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
@@ -63,6 +83,7 @@ def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
     batches = batch_symbols(index, types, batch)
     holds: dict[str, list[bool] | bool] = {}  # shape values: per entry (or as a whole), whether it holds N
     sized: set[str] = set()  # shape values whose rows count N (a constant expanded to [N, ...])
+    uniform: set[str] = set()  # shape values with one number everywhere (ConstantOfShape, and what selects from it)
     for i in index.order:
         node, writes = index.graph.node[i], index.writes[i]
         if all(w in index.static for w in writes):
@@ -87,17 +108,31 @@ def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
             kind = INDEXED if carries else SAMPLE
             kinds.update((w, kind) for w in writes)
             continue
-        if node.op_type in _FILLS and not any(kinds.get(n) in (SAMPLE, INDEXED) for n in index.reads[i]):
-            # a constant laid out in a shape: its numbers do not hold N, its rows may count N (`sized`)
+        if node.op_type == "ConstantOfShape" or (node.op_type in _SELECTS and node.input[0] in uniform):
+            # one number everywhere, wherever the indices pick it (an attention mask of ones gathered per row by
+            # indices counted from Range(N)): its numbers do not hold N; its rows may count N
+            uniform.update(writes)
             kinds.update((w, SHAPE) for w in writes)
             holds.update((w, False) for w in writes)
+            if any(n in sized or (kinds.get(n) == SHAPE and _any(holds.get(n, True))) for n in index.reads[i]):
+                sized.update(writes)
+            continue
+        if node.op_type in _FILLS and not any(kinds.get(n) in (SAMPLE, INDEXED) for n in index.reads[i]):
+            # a value laid out in a shape: its numbers are its data input's (a constant's: they do not hold N), its
+            # rows may count N (`sized`)
+            kinds.update((w, SHAPE) for w in writes)
+            holds.update((w, _layout_holds_any(node.input[:1], kinds, holds)) for w in writes)
             if any(kinds.get(n) == SHAPE and _any(holds.get(n, True)) for n in index.reads[i]):
                 sized.update(writes)
             continue
         entries = _moved(node, index, holds) if node.op_type in _MOVES else None
-        # any other op on shape values: its numbers hold N where an input's numbers do, or where it computes on
-        # the rows of an N-sized value (CumSum over ConstantOfShape([N]) counts to N)
-        counts = carries or any(n in sized for n in data) or (not data and _layout_holds(i, index, kinds, holds))
+        # any other op on shape values: its numbers hold N where an input's numbers do, or where it computes across
+        # the rows of an N-sized value (CumSum over ConstantOfShape([N]) counts to N); element by element it does not
+        rows = any(n in sized for n in index.reads[i])
+        if rows and node.op_type in _ROWWISE:
+            sized.update(writes)
+        counts = (carries or (rows and node.op_type not in _ROWWISE)
+                  or (not data and _layout_holds(i, index, kinds, holds)))
         for w in writes:
             kinds[w] = SHAPE
             holds[w] = entries if entries is not None else counts
@@ -105,8 +140,10 @@ def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
 
 
 def batch_symbols(index: GraphIndex, types: dict, batch) -> frozenset:
-    """The symbols equal to the batch symbol `batch`: itself, and those a Concat equates with it (its inputs and
-    output have the same dimension on every axis but the joined one). Empty when `batch` is not a symbol."""
+    """The symbols equal to the batch symbol `batch`: itself, those a Concat equates with it (its inputs and output
+    have the same dimension on every axis but the joined one) or a Reshape (`_reshaped`), and those an elementwise
+    op or MatMul gives an axis where an input has the batch (broadcasting meets N with N or 1). Empty when `batch`
+    is not a symbol."""
     if not isinstance(batch, str):
         return frozenset()
     parent: dict[str, str] = {}
@@ -116,8 +153,18 @@ def batch_symbols(index: GraphIndex, types: dict, batch) -> frozenset:
             a = parent[a]
         return a
 
+    def union(a: str, b: str) -> None:
+        parent.setdefault(a, a)
+        parent.setdefault(b, b)
+        parent[root(b)] = root(a)
+
     for i in index.order:
         node = index.graph.node[i]
+        if node.op_type in ("Reshape", "Flatten"):
+            pair = _reshaped(types.get(node.input[0]), types.get(node.output[0]))
+            if pair is not None:
+                union(*pair)
+            continue
         if node.op_type != "Concat":
             continue
         known = [types[n].shape if n in types else None for n in (*node.input, *node.output)]
@@ -130,16 +177,52 @@ def batch_symbols(index: GraphIndex, types: dict, batch) -> frozenset:
             dims = {s[axis] for s in shapes}
             if axis == joined or not all(isinstance(d, str) for d in dims):
                 continue
-            first, *rest = [root(d) for d in dims]
-            parent.setdefault(first, first)
+            first, *rest = dims
             for other in rest:
-                parent[other] = first
+                union(first, other)
     same = root(batch)
-    return frozenset({batch, *(d for d in parent if root(d) == same)})
+    batches = {batch, *(d for d in parent if root(d) == same)}
+    for i in index.order:  # broadcasting: where an input's axis is the batch, so is the output's (N or 1 meets N)
+        node = index.graph.node[i]
+        if node.op_type not in _ELEMENTWISE and node.op_type != "MatMul":
+            continue
+        out = types[node.output[0]].shape if node.output[0] in types else None
+        if not out:
+            continue
+        skip = 2 if node.op_type == "MatMul" else 0  # MatMul broadcasts its leading axes only
+        for name in node.input:
+            shape = types[name].shape if name in types else None
+            if not shape or len(shape) <= skip:
+                continue
+            for back in range(skip + 1, min(len(shape), len(out)) + 1):
+                ours, theirs = out[-back], shape[-back]
+                if theirs in batches and isinstance(ours, str) and ours not in batches:
+                    batches.update(d for d in (ours, *parent) if root(d) == root(ours) or d == ours)
+    return frozenset(batches)
+
+
+def _reshaped(before, after) -> tuple[str, str] | None:
+    """The two symbols a Reshape equates: where each side has one symbol and the same product of known dimensions
+    (GPT-2's `input_ids.view(-1, T)`: [batch, 32] → [unk__0, 32]), the element counts make them equal."""
+    if before is None or after is None or before.shape is None or after.shape is None:
+        return None
+    sides = []
+    for shape in (before.shape, after.shape):
+        names = [d for d in shape if isinstance(d, str)]
+        if len(names) != 1 or any(d is None for d in shape):
+            return None
+        sides.append((names[0], int(np.prod([d for d in shape if isinstance(d, int)], dtype=np.int64))))
+    (a, known_a), (b, known_b) = sides
+    return (a, b) if known_a == known_b and a != b else None
 
 
 def _any(entries: list[bool] | bool) -> bool:
     return entries if isinstance(entries, bool) else any(entries)
+
+
+def _layout_holds_any(names, kinds: dict, holds: dict) -> bool:
+    """Whether any of these values is a shape value that holds N."""
+    return any(kinds.get(n) == SHAPE and _any(holds.get(n, True)) for n in names)
 
 
 def _layout_holds(i: int, index: GraphIndex, kinds: dict, holds: dict) -> bool:
