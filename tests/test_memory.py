@@ -270,3 +270,69 @@ def test_the_default_batch_keeps_a_batch_of_site_values_within_a_gibibyte():
     assert 1 <= bounded.config.batch_size <= 32  # 256 samples would hold 12 GiB of site values
     given = walkaudit.audit(model, x, batch_size=40, **options)
     assert [p.accuracy for p in bounded.sites[0].points] == [p.accuracy for p in given.sites[0].points]
+
+
+# --- weights named, not copied ----------------------------------------------------------------------------------------
+
+def test_derived_graphs_name_large_weights_and_the_runtime_holds_them_once(monkeypatch):
+    """The suffix, prefix and exposed graphs carry a stub for every large weight (name, type, shape), never its
+    bytes; the loaded model keeps its own; and the audit is the same bit for bit as with every weight serialized
+    into every session (GPT-2's first site held three copies of 0.3–0.6 GB in protobufs: peak 4.2 → 2.1 GiB)."""
+    from walkaudit._graph import passes, weights
+
+    monkeypatch.setattr(weights, "SHARE_BYTES", 256)  # the (d, d) projections and the patch kernel are large here
+    loaded = load_model(patch_attention(), None)
+    big = {t.name for t in loaded.proto.graph.initializer if weights.shareable(t)}
+    assert {"wq", "wk", "wv", "wo", "patch"} <= big
+    derived = [passes.expose(loaded.proto, ["q"], loaded.types),
+               passes.suffix(loaded.proto, "q", "logits", loaded.types).model,
+               passes.prefix(loaded.proto, ["q", "tokens"], loaded.types)]
+    for graph in derived:
+        inits = {t.name: t for t in graph.graph.initializer}
+        assert all(weights.is_stub(inits[n]) and not inits[n].raw_data for n in big & set(inits))
+    assert {n for g in derived for n in big & {t.name for t in g.graph.initializer}} == big
+    assert not any(weights.is_stub(t) for t in loaded.proto.graph.initializer)  # the model's own keep their bytes
+
+    def body(report):
+        d = report.to_dict()
+        d["runtime"].pop("elapsed_s")
+        return d
+
+    x = _images(seed=4)
+    named = walkaudit.audit(patch_attention(), x, provider="cpu", seed=3, repeats=2)
+    monkeypatch.setattr(weights, "SHARE_BYTES", 1 << 62)  # nothing shared: every session parses its weights
+    serialized = walkaudit.audit(patch_attention(), x, provider="cpu", seed=3, repeats=2)
+    assert body(named) == body(serialized)
+
+
+def test_a_weight_no_shared_model_holds_is_one_clear_failure():
+    from walkaudit._graph import weights
+    from walkaudit.errors import RuntimeFailure
+
+    proto = patch_attention()
+    graph = proto.graph
+    kept = [weights.stub(t) if t.name == "wq" else t for t in graph.initializer]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    with pytest.raises(RuntimeFailure, match="weight 'wq'"):
+        Runtime("cpu").session(proto, "part of the model")
+
+
+def test_after_the_clean_pass_no_session_runs_the_whole_model_again(monkeypatch):
+    """A site whose rows fold the samples with the tokens ([N·T, D] before GPT-2's Conv1D) is told apart by the
+    clean values of one and two samples: they come from the site's own prefix, not from the whole clean model made
+    again (+0.7 GB on GPT-2)."""
+    from .test_leak import hf_encoder, token_ids
+
+    made: list[str] = []
+    original = Runtime.session
+
+    def session(self, model, what="model", exact=False):
+        made.append(what)
+        return original(self, model, what, exact)
+
+    monkeypatch.setattr(Runtime, "session", session)
+    report = walkaudit.audit(hf_encoder(), {"input_ids": token_ids(60, 5)}, provider="cpu", seed=1, repeats=1,
+                             sigmas=(0.1, 1.0, 10.0))
+    assert any(s.name == "f2" for s in report.sites)  # the folded site was audited
+    assert made.count("model") == 1, made

@@ -16,9 +16,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from walkaudit._execution import strategies
-from walkaudit._execution.runtime import SHARE_BYTES, Runtime
+from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import Worker
 from walkaudit._graph.sites import Selection, select
+from walkaudit._graph.weights import SHARE_BYTES
 from walkaudit._loading.data import from_arrays
 from walkaudit._loading.model import load_model
 from walkaudit._noise import NormalSource, make_noise

@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import walkaudit
-from walkaudit._execution import runtime
+from walkaudit._graph import weights
 from walkaudit._graph.sites import Selection, candidates
 from walkaudit._loading.model import load_model
 
@@ -170,9 +170,9 @@ def test_zoo_additive_noise_and_shared_weights_change_nothing(squeezenet, monkey
     gives bit-identical results to serializing them into every session."""
     model, names = squeezenet.model, squeezenet.sites
     kwargs = dict(provider="cpu", sigmas=(0.1, 1.0, 10.0), repeats=2, selection=Selection(names=names))
-    monkeypatch.setattr(runtime, "SHARE_BYTES", 1 << 14)
+    monkeypatch.setattr(weights, "SHARE_BYTES", 1 << 14)
     shared = walkaudit.audit(model, inputs(2), **kwargs)
-    monkeypatch.setattr(runtime, "SHARE_BYTES", 1 << 62)
+    monkeypatch.setattr(weights, "SHARE_BYTES", 1 << 62)
     serialized = walkaudit.audit(model, inputs(2), **kwargs)
     for a, b in zip(shared.sites, serialized.sites):
         assert a.activation_std == b.activation_std

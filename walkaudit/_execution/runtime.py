@@ -11,18 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from walkaudit._graph import weights
 from walkaudit._loading.model import copy_fields
 from walkaudit.errors import ModelError, RuntimeFailure, option
-
-#: Initializers at least this large are handed to onnxruntime as shared OrtValues instead of inside the serialized
-#: model: one host copy serves the clean model and every site's suffix, and no session pays for serializing and
-#: parsing the weights again (1.3 s per session for VGG-19's 570 MB on two cores).
-SHARE_BYTES = 1 << 20
-_SHARED_LOCATION = "walkaudit-shared-initializer"
-_SHAREABLE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
-                    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
-                    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64}
-
 
 #: Graph fusions whose result depends on which values are graph outputs: exposing a site (or cutting the graph
 #: there) blocks them and changes the last bit of the outputs. MatMul+Add→Gemm and Conv+BN fusion cost nothing
@@ -34,14 +25,6 @@ PROVIDERS = ("auto", "cuda", "cpu")
 
 FUSIONS_OFF = ["MatMulAddFusion", "ConvBNFusion"]
 EXACT = [*FUSIONS_OFF, "NchwcTransformer"]
-
-
-def _shareable(t: onnx.TensorProto) -> bool:
-    """Large enough to share, judged by its declared shape (reading raw_data's length would copy it)."""
-    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in _SHAREABLE_TYPES:
-        return False
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize >= SHARE_BYTES
 
 
 @contextlib.contextmanager
@@ -148,6 +131,8 @@ class Runtime:
     #: each initializer's name and values, so the name identifies the values. A pass that changed an initializer's
     #: values would have to rename it.
     _shared: dict = field(default_factory=dict, repr=False)
+    #: the loaded models' large initializers by (name, type, shape): what stubs in derived graphs stand for
+    _sources: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.requested not in PROVIDERS:  # AuditConfig.check says so first, for users
@@ -163,9 +148,14 @@ class Runtime:
             return ["CPUExecutionProvider"]
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
+    def share(self, proto: onnx.ModelProto) -> None:
+        """Serve the stubs of derived graphs (`weights.stub`) from `proto`'s own initializers: the loaded model's.
+        Nothing is copied until a session needs a weight."""
+        self._sources.update((weights.key(t), t) for t in proto.graph.initializer if weights.shareable(t))
+
     def _serialized(self, model: onnx.ModelProto) -> tuple[bytes, list[str], list]:
         """The model's bytes with its large initializers left out, and those initializers as shared OrtValues."""
-        big = [t for t in model.graph.initializer if _shareable(t)]
+        big = [t for t in model.graph.initializer if weights.shareable(t) or weights.is_stub(t)]
         if not big:
             return model.SerializeToString(), [], []
         from onnx import numpy_helper
@@ -175,23 +165,22 @@ class Runtime:
         copy_fields(model.graph, slim.graph, skip="initializer")
         names, values = [], []
         for t in model.graph.initializer:
-            if not _shareable(t):
+            if not (weights.shareable(t) or weights.is_stub(t)):
                 slim.graph.initializer.append(t)
                 continue
-            key = (t.name, t.data_type, tuple(t.dims))
+            key = weights.key(t)
             if key not in self._shared:
+                source = self._sources.get(key, t)
+                if weights.is_stub(source):
+                    raise RuntimeFailure(f"walkaudit lost the values of weight '{t.name}' (a graph names it, but no "
+                                         "model shared with this runtime holds it)")
                 try:
-                    array = np.ascontiguousarray(numpy_helper.to_array(t))
+                    array = np.ascontiguousarray(numpy_helper.to_array(source))
                 except Exception:  # data that does not fit its shape: left in place for onnxruntime to refuse
-                    slim.graph.initializer.append(t)
+                    slim.graph.initializer.append(source)
                     continue
                 self._shared[key] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
-            stub = slim.graph.initializer.add()
-            stub.name, stub.data_type = t.name, t.data_type
-            stub.dims.extend(t.dims)
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            entry = stub.external_data.add()
-            entry.key, entry.value = "location", _SHARED_LOCATION
+            slim.graph.initializer.append(weights.stub(t))
             names.append(t.name)
             values.append(self._shared[key][1])
         return slim.SerializeToString(), names, values

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -145,6 +146,7 @@ class Worker:
         self.model, self.data, self.runtime, self.noise, self.source = model, data, runtime, noise, source
         self.sites, self.mode, self.noise_source = sites, mode, noise_source
         self.key = key or model.sha256 or "in-memory model"
+        runtime.share(model.proto)  # the derived graphs name the large weights; the runtime holds them once
         out = model.class_output.name
         # the clean pass reads every site (statistics) and, in walk mode, what each site's suffix reads besides it
         # (its frontier), so that it can keep those values for the walk
@@ -311,12 +313,13 @@ class Worker:
     def _by_size(self, site: str, shape: tuple, rows: int) -> int | None:
         return 0 if shape and shape[0] == rows else next((a for a, d in enumerate(shape) if d == rows), None)
 
-    def fold(self, site: str, shape: tuple, rows: int) -> str | None:
+    def fold(self, site: str, shape: tuple, rows: int, session=None) -> str | None:
         """How a value without a batch axis holds the samples when its first axis folds them with another axis
         ([T·N, D] after a sequence-first attention flattens its tokens, [N·T, D] after a batch-first one):
         "sample-major" (row n·T + t) or "sample-minor" (row t·N + n). Told apart once per site from the clean
         values of sample 0 alone and of samples 0 and 1; None when neither layout matches (a value shared by all
-        samples, such as a positional embedding) or both do."""
+        samples, such as a positional embedding) or both do. `session`: one that computes the site (its prefix;
+        default: the clean model)."""
         if (not shape or shape[0] <= rows or shape[0] % rows or self.model.batch_size is not None
                 or self.data.samples < 2):
             return None
@@ -324,7 +327,7 @@ class Worker:
             _, feeds = self.feeds(0)
             one, two = ({n: v[:k] for n, v in feeds.items()} for k in (1, 2))
             try:
-                a, b = self.clean_values(one, [site])[site], self.clean_values(two, [site])[site]
+                a, b = (self.clean_values(feeds, [site], session)[site] for feeds in (one, two))
             except RuntimeFailure:
                 a = b = np.zeros(0)
             layouts = []
@@ -400,12 +403,16 @@ class Worker:
             strategy = kind(self.runtime, model, self.noise, suffix)
         else:
             raise TypeError(f"{kind.__name__} does not run walk mode")
-        kept = self._take(site)
-        prefix = None if kept or self.on_weights else self.runtime.session(  # None: the clean model, if needed
-            passes.prefix(model.proto, [site, *suffix.frontier], model.types, index=self.index),
-            f"part of the model before {site}",
-            exact=True)
-        return _Evaluation(self, strategy, prefix, kept)
+        # the part of the model before the site, made when first needed: for batches not kept, or for rows of a
+        # kept batch that cannot be sliced out (before, those came from the whole clean model, made again: +0.7 GB
+        # at GPT-2's first site); weight sites read the clean model's values
+        prefix = None if self.on_weights else functools.partial(self._prefix, site, suffix.frontier)
+        return _Evaluation(self, strategy, prefix, self._take(site))
+
+    def _prefix(self, site: str, frontier: tuple[str, ...]):
+        """A session computing `site` and `frontier` from the inputs: the part of the model before the site."""
+        graph = passes.prefix(self.model.proto, [site, *frontier], self.model.types, index=self.index)
+        return self.runtime.session(graph, f"part of the model before {site}", exact=True)
 
     def _per_sample(self, site: str, plan):
         """The suffix plan fed by rows: values that describe the batch as a whole (shape vectors) are recomputed in
@@ -446,8 +453,9 @@ class _Evaluation:
     """One site's (or global mode's) noisy graph with its clean-value cache, its device copies and what it learnt
     about packing: the loop over batches, repeats and σ groups that every strategy shares."""
 
-    def __init__(self, worker: Worker, strategy: Strategy, prefix, kept: dict[int, dict[str, np.ndarray]]):
-        self.worker, self.strategy, self.prefix = worker, strategy, prefix
+    def __init__(self, worker: Worker, strategy: Strategy, prefix: Callable[[], Any] | None,
+                 kept: dict[int, dict[str, np.ndarray]]):
+        self.worker, self.strategy, self._make_prefix = worker, strategy, prefix
         self.cache = dict(kept)  # grid batch -> clean values
         self.cached = sum(v.nbytes for values in kept.values() for v in values.values())
         self.on_device: dict[int, dict] = {}
@@ -456,6 +464,11 @@ class _Evaluation:
         self.notes: list[str] = []
         self.scales: dict[str, float] = {}
         self.row_bytes = sizing.row_bytes(strategy.graph.graph, worker.model.types)
+
+    @functools.cached_property
+    def prefix(self):
+        """The site's prefix session (made at the first batch that needs it), or None: the clean model's."""
+        return None if self._make_prefix is None else self._make_prefix()
 
     def _grid_values(self, k: int) -> dict[str, np.ndarray]:
         """The clean values of grid batch k (all its rows), from the cache or the prefix."""
@@ -529,7 +542,7 @@ class _Evaluation:
             shape = values[site].shape
             fed = self.worker.model.batch_size or len(rows)  # rows in the run (a fixed batch is padded)
             axis = self.worker.batch_axis(site, shape, fed)
-            fold = self.worker.fold(site, shape, fed) if axis is None else None
+            fold = self.worker.fold(site, shape, fed, self.prefix) if axis is None else None
             notes = [self.worker.axis_note(site),
                      f"{site}: no batch axis; one noise draw is shared by every sample of a batch"
                      if axis is None and fold is None else None]

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from walkaudit._graph import quantized
+from walkaudit._graph import quantized, weights
 from walkaudit._graph.index import (
     RANDOM_OPS,
     GraphIndex,
@@ -34,7 +34,7 @@ from walkaudit._graph.index import (
     names_in_use,
     node_inputs,
 )
-from walkaudit._loading.model import TensorSpec
+from walkaudit._loading.model import TensorSpec, copy_fields
 from walkaudit.errors import ModelError
 
 
@@ -66,8 +66,17 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _copy_without_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = _copy(model)
-    out.graph.Clear()
+    """`model`'s metadata and opsets, an empty graph (copying the whole model first would copy its weights)."""
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip="graph")
+    return out
+
+
+def _copy_with_stubs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large weights are stubs (`weights.stubbed`): the values stay where they are."""
+    out = _copy_without_graph(model)
+    copy_fields(model.graph, out.graph, skip="initializer")
+    out.graph.initializer.extend(weights.stubbed(model.graph.initializer))
     return out
 
 
@@ -89,13 +98,14 @@ def _int64_constant(names: _Names, wanted: str, values: list[int]) -> onnx.Tenso
 
 
 def expose(model: onnx.ModelProto, names, types: dict[str, TensorSpec]) -> onnx.ModelProto:
-    """A copy of `model` whose outputs also include `names` (graph inputs and existing outputs are skipped).
+    """A copy of `model` (its large weights as stubs) whose outputs also include `names` (graph inputs and existing
+    outputs are skipped).
 
     The site of a QDQ layer among `names` is computed as its float value before re-quantisation where the deployed
     value shows it (`quantized.pre_activation`; the class output and the kernels stay the deployed model's): the
     names that adds are fresh. Functional: returns a new model and never modifies `model`.
     """
-    out = _copy(model)
+    out = _copy_with_stubs(model)
     have = {o.name for o in out.graph.output} | {i.name for i in out.graph.input}
     for name in dict.fromkeys(names):
         if name not in have:
@@ -256,11 +266,11 @@ def _reads_of(graph: onnx.GraphProto, nodes: list[int], index: GraphIndex | None
 
 
 def _initializers_read(graph: onnx.GraphProto, reads: set[str], index: GraphIndex | None) -> list[onnx.TensorProto]:
-    """The initializers named in `reads`, in the graph's order."""
+    """The initializers named in `reads`, in the graph's order, the large ones as stubs (`weights`)."""
     if index is None:
-        return [t for t in graph.initializer if t.name in reads]
+        return weights.stubbed(t for t in graph.initializer if t.name in reads)
     positions = index.initializer_positions
-    return [graph.initializer[k] for k in sorted(positions[n] for n in reads if n in positions)]
+    return weights.stubbed(graph.initializer[k] for k in sorted(positions[n] for n in reads if n in positions))
 
 
 @dataclass(frozen=True)
