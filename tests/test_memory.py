@@ -336,3 +336,10 @@ def test_after_the_clean_pass_no_session_runs_the_whole_model_again(monkeypatch)
                              sigmas=(0.1, 1.0, 10.0))
     assert any(s.name == "f2" for s in report.sites)  # the folded site was audited
     assert made.count("model") == 1, made
+
+
+def test_the_weights_bytes_are_counted_from_their_shapes_without_encoding_the_model():
+    from walkaudit._graph import weights
+
+    proto = patch_attention()
+    assert weights.nbytes(proto) == sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)

@@ -44,6 +44,7 @@ from walkaudit._execution.executors import Executor, InProcess
 from walkaudit._execution.resolved import ResolvedAudit
 from walkaudit._execution.runtime import Runtime
 from walkaudit._execution.worker import CACHE_BYTES
+from walkaudit._graph import weights
 from walkaudit._graph.index import GraphIndex
 from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats, weight_std
 from walkaudit._loading import data as data_mod
@@ -338,7 +339,7 @@ class AuditRun:
             raise UsageError("the audit has not started: no estimate before its clean pass")
         batch = min(batch or self.resolved.batch_size, samples)
         cache = min(CACHE_BYTES, samples * site_bytes) if config.mode == "walk" else 0
-        peak = estimate_mod.peak_bytes(loaded.proto.ByteSize(), site_bytes, largest, batch, cache)
+        peak = estimate_mod.peak_bytes(weights.nbytes(loaded.proto), site_bytes, largest, batch, cache)
         return Estimate(seconds, peak)
 
     @property
