@@ -114,15 +114,15 @@ def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
             uniform.update(writes)
             kinds.update((w, SHAPE) for w in writes)
             holds.update((w, False) for w in writes)
-            if any(n in sized or (kinds.get(n) == SHAPE and _any(holds.get(n, True))) for n in index.reads[i]):
+            if any(n in sized for n in index.reads[i]) or _holds(index.reads[i], kinds, holds):
                 sized.update(writes)
             continue
         if node.op_type in _FILLS and not any(kinds.get(n) in (SAMPLE, INDEXED) for n in index.reads[i]):
             # a value laid out in a shape: its numbers are its data input's (a constant's: they do not hold N), its
             # rows may count N (`sized`)
             kinds.update((w, SHAPE) for w in writes)
-            holds.update((w, _layout_holds_any(node.input[:1], kinds, holds)) for w in writes)
-            if any(kinds.get(n) == SHAPE and _any(holds.get(n, True)) for n in index.reads[i]):
+            holds.update((w, _holds(node.input[:1], kinds, holds)) for w in writes)
+            if _holds(index.reads[i], kinds, holds):
                 sized.update(writes)
             continue
         entries = _moved(node, index, holds) if node.op_type in _MOVES else None
@@ -132,7 +132,7 @@ def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
         if rows and node.op_type in _ROWWISE:
             sized.update(writes)
         counts = (carries or (rows and node.op_type not in _ROWWISE)
-                  or (not data and _layout_holds(i, index, kinds, holds)))
+                  or (not data and _holds(index.reads[i], kinds, holds)))  # Expand(constant, Shape(x))
         for w in writes:
             kinds[w] = SHAPE
             holds[w] = entries if entries is not None else counts
@@ -220,14 +220,9 @@ def _any(entries: list[bool] | bool) -> bool:
     return entries if isinstance(entries, bool) else any(entries)
 
 
-def _layout_holds_any(names, kinds: dict, holds: dict) -> bool:
+def _holds(names, kinds: dict, holds: dict) -> bool:
     """Whether any of these values is a shape value that holds N."""
     return any(kinds.get(n) == SHAPE and _any(holds.get(n, True)) for n in names)
-
-
-def _layout_holds(i: int, index: GraphIndex, kinds: dict, holds: dict) -> bool:
-    """Whether a node that reads shape values only as layout (Expand(constant, Shape(x))) holds N: where any does."""
-    return any(kinds.get(n) == SHAPE and _any(holds.get(n, True)) for n in index.reads[i])
 
 
 def _shape_entries(node: onnx.NodeProto, spec, batches: frozenset) -> list[bool] | bool:
