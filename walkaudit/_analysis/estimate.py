@@ -43,10 +43,11 @@ QUICK_LEVELS = 4.0
 ACTIVATION_COPIES = 3
 #: what a walkaudit process holds before any model: the interpreter, numpy, scipy, onnxruntime
 PROCESS_BYTES = 200 << 20
-#: copies of the model's bytes held at once: the ModelProto, the clean session and the running site's suffix session,
-#: each with onnxruntime's pre-packed weights (measured: a quick audit of torchvision ResNet-50, 97 MB, on 8 images
-#: peaked at 1.86 GiB; docs/performance.md's zoo: ResNet-18 0.83, ViT-B/16 2.75 GiB)
-MODEL_COPIES = 8
+#: copies of the model's bytes held at once: the ModelProto, the one shared copy of its large weights, the clean
+#: session's or the running site's prefix and suffix sessions with onnxruntime's pre-packed weights. With 4, the zoo's
+#: estimates (docs/performance.md) are 1.1-2.1x its measured peaks at batch 8, never under: GPT-2 2.1 GiB (measured
+#: 1.9), BERT 2.2 (1.6), ViT-B/16 3.3 (1.6), ResNet-50 1.9 (1.3). (8 before derived graphs stopped copying weights.)
+MODEL_COPIES = 4
 
 
 @dataclass(frozen=True)
