@@ -43,6 +43,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from walkaudit._graph.index import RANDOM_OPS, GraphIndex
+from walkaudit._graph.ops import ELEMENTWISE
 
 CONSTANT, SHAPE, SAMPLE, INDEXED = "constant", "shape", "sample", "indexed"
 
@@ -62,19 +63,13 @@ SHAPE_ENTRIES = 64
 _FILLS = frozenset({"ConstantOfShape", "Expand", "Tile"})
 #: Ops that move shape-vector entries without computing on them (tracked entry by entry).
 _MOVES = frozenset({"Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Cast", "Identity"})
-#: Ops whose every output element is computed from the elements at its own position (broadcast), picked by index
-#: from a table, or moved: on a constant laid out in [N, ...] they give numbers that still do not hold N (a mask
-#: `(1 - ones[N, T]) * -inf`, token-type embeddings `Gather(table, zeros[N, T])`), rows that still count N.
-_ELEMENTWISE = frozenset({
-    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Neg", "Abs", "Sign", "Reciprocal", "Sqrt", "Exp", "Log", "Erf",
-    "Floor", "Ceil", "Round", "Min", "Max", "Clip", "Relu", "Sigmoid", "Tanh", "Where", "Not", "And", "Or", "Xor",
-    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "BitShift", "Cast", "CastLike",
-    "Identity"})
 #: Ops whose output numbers are all taken from their first input: laid out, moved or picked by index.
 _SELECTS = frozenset({"Gather", "GatherElements", "GatherND", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
                       "Transpose", "Slice", "Expand", "Tile", "Cast", "Identity"})
-_ROWWISE = _ELEMENTWISE | {"Gather", "GatherElements", "GatherND", "Reshape", "Expand", "Tile", "Squeeze",
-                           "Unsqueeze", "Transpose", "Slice", "Concat", "Flatten"}
+#: Ops whose every output element is computed from the elements at its own position (broadcast), picked by index
+#: from a table, or moved: on a constant laid out in [N, ...] they give numbers that still do not hold N (a mask
+#: `(1 - ones[N, T]) * -inf`, token-type embeddings `Gather(table, zeros[N, T])`), rows that still count N.
+_ROWWISE = ELEMENTWISE | _SELECTS | {"Concat"}
 
 
 def classify(index: GraphIndex, types: dict, batch) -> dict[str, str]:
@@ -184,7 +179,7 @@ def batch_symbols(index: GraphIndex, types: dict, batch) -> frozenset:
     batches = {batch, *(d for d in parent if root(d) == same)}
     for i in index.order:  # broadcasting: where an input's axis is the batch, so is the output's (N or 1 meets N)
         node = index.graph.node[i]
-        if node.op_type not in _ELEMENTWISE and node.op_type != "MatMul":
+        if node.op_type not in ELEMENTWISE and node.op_type != "MatMul":
             continue
         out = types[node.output[0]].shape if node.output[0] in types else None
         if not out:

@@ -26,17 +26,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from walkaudit._graph.ops import ELEMENTWISE
 from walkaudit._graph.passes import _copy, _int64_constant, _Names
 from walkaudit._loading.model import TensorSpec
-
-#: Ops that compute every output element from the input elements at the same (broadcast) index.
-ELEMENTWISE = frozenset({
-    "Abs", "Add", "And", "BitwiseAnd", "BitwiseOr", "Cast", "Ceil", "Clip", "Cos", "Div", "Elu", "Equal", "Erf",
-    "Exp", "Floor", "Gelu", "Greater", "GreaterOrEqual", "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN",
-    "LeakyRelu", "Less", "LessOrEqual", "Log", "Max", "Mean", "Min", "Mish", "Mod", "Mul", "Neg", "Not", "Or", "Pow",
-    "PRelu", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid", "Sign", "Sin", "Softplus", "Softsign", "Sqrt", "Sub",
-    "Sum", "Tanh", "ThresholdedRelu", "Where", "Xor",
-})
 
 _END = np.iinfo(np.int64).max
 _UNKNOWN = "unknown"  # an input axis that may or may not be the output's (`_broadcast_axis`)
