@@ -65,7 +65,7 @@ def test_each_model_declares_its_level_once_and_its_report_names_it():
 def test_every_format_labels_the_midpoint_with_the_models_symbol(kind):
     report = typed(described(kind))
     label, symbol = LABELS[kind], REGISTRY[kind].level.symbol
-    for fmt, text in every_output(report).items():
+    for fmt, text in {**every_output(report), "repr": repr(report)}.items():
         assert label in text, fmt
         assert "σ50" not in text and "σ @" not in text, fmt  # nothing calls this level σ
     shown = terminal(report)

@@ -25,7 +25,7 @@ from walkaudit.report.schema import (
     check_report_version,
     schema_validator,
 )
-from walkaudit.report.text import format_sigma, printable
+from walkaudit.report.text import format_sigma, midpoint_text, printable, report_level
 
 __all__ = [
     "MAX_REPORT_BYTES", "SCHEMA", "CleanCounts", "ConfigInfo", "DataInfo", "Failure", "Fit", "GateResult",
@@ -380,7 +380,8 @@ class SiteResult(_Section):
         return None
 
     def __repr__(self) -> str:
-        return f"SiteResult({printable(self.name)!s}, {self.op_type}, σ50 {format_sigma(self.sigma50, self.censored)})"
+        midpoint = format_sigma(self.midpoint, self.censored)  # its level's unit is the report's (`report_level`)
+        return f"SiteResult({printable(self.name)!s}, {self.op_type}, midpoint {midpoint})"
 
 
 # --- gate -------------------------------------------------------------------------------------------------------
@@ -571,8 +572,9 @@ class Report:
 
     def __repr__(self) -> str:
         weakest = self.weakest
+        level = report_level(self.config)  # σ50, BER50, t50, Δ50 ... by the report's noise model
         where = "none" if weakest is None else \
-            f"{printable(weakest.name)} (σ50 {format_sigma(weakest.sigma50, weakest.censored)})"
+            f"{printable(weakest.name)} ({midpoint_text(weakest.sigma50, weakest.censored, level)})"
         gate = "" if self.gate is None else f", gate {self.gate.decision}"
         partial = ", partial" if self.partial else ""
         return (f"<walkaudit Report {printable(self.model.file_name)}: clean accuracy {self.clean_accuracy:.4f}, "
