@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -197,3 +198,19 @@ def test_compare_names_the_level_in_its_table_and_its_warning(tmp_path):
     assert "baseline BER50" in result.output and "BER50: baseline vs new" in result.output
     assert "no --max-drop: BER50 drops are shown, not gated" in result.output
     assert "σ" not in result.output
+
+
+def test_the_fits_sentences_name_the_level_of_a_real_audit():
+    """A bit-flip audit's fit messages and site notes say BER (the fit writes them in σ)."""
+    import numpy as np
+
+    import walkaudit
+
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    with np.load(samples / "mnist_val.npz") as d:
+        x, y = d["x"][:200], d["y"][:200]
+    report = walkaudit.audit(str(samples / "mnist_lenet5.legacy.onnx"), x, y, noise="bitflip", repeats=1,
+                             provider="cpu", sigmas=(1e-6, 1e-5, 0.1), ops=("Gemm",))
+    said = [s.fit.message for s in report.sites] + [n for s in report.to_dict()["sites"] for n in s["notes"]]
+    assert any("BER" in text for text in said)
+    assert not any("σ" in text for text in said), said

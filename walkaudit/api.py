@@ -50,6 +50,7 @@ from walkaudit._graph.sites import Site, left_out, select, untyped, weight_stats
 from walkaudit._loading import data as data_mod
 from walkaudit._loading.evidence import choose_class_output, class_candidates
 from walkaudit._loading.model import load_model
+from walkaudit._noise.registry import Level
 from walkaudit._units import CleanStats, Counts, WorkUnit, block_rows, blocks_of
 from walkaudit.config import AuditConfig, quick_plan, with_options
 from walkaudit.errors import UsageError, option
@@ -492,6 +493,9 @@ class AuditRun:
         effective = np.array([sweep.effective_samples(lv, clean.accuracy, self.chance) for lv in levels])
         mid = fit.midpoint(sig, acc, clean=clean.accuracy, chance=self.chance, samples=effective,
                            clean_samples=clean.samples)
+        # the fit writes its sentences in σ; a bit-flip, drift, quantize or uniform audit reads them in its level
+        mid = dataclasses.replace(mid, message=_in_level(mid.message, noise.label),
+                                  note=_in_level(mid.note, noise.label))
         points = [_point(s, a, lv) for s, a, lv in zip(sig, acc, levels)]
         name = site.name if site else "global"
         if mid.estimator == "none":  # nothing to measure: the site is flagged with the fit's one line
@@ -580,6 +584,11 @@ class AuditRun:
             "clean_counts": {"correct": clean.correct, "samples": clean.samples},
             "chance": self.chance, "num_classes": self.num_classes, "sites": sites, "partial": partial,
         }
+
+
+def _in_level(text: str | None, level: Level) -> str | None:
+    """A sentence the fit wrote in σ, in the level's own symbol (BER, t, Δ, w; σ50 becomes BER50)."""
+    return text if text is None or level.symbol == "σ" else text.replace("σ", level.symbol)
 
 
 def _point(sigma: float, accuracy: npt.NDArray[np.floating[Any]], level: Counts) -> dict[str, Any]:
