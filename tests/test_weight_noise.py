@@ -279,3 +279,37 @@ def test_a_worker_built_from_the_resolved_audit_serves_the_same_weight_sites(kin
         got = remote.evaluate(WorkUnit(remote.key, (site["name"],), sigmas, 3, (0, 2), 2))
         assert got.correct.tolist() == [p["per_repeat"]["correct"] for p in site["points"]]
     remote.source.close()
+
+
+@pytest.mark.parametrize("kind, sigma", [("weight-additive", 1000.0), ("weight-pcm", 1e8)])
+def test_an_int8_models_weights_take_value_noise_rounded_and_saturated(kind, sigma, monkeypatch):
+    """On the INT8 sample the weight sites are int8 initializers: the noisy weight is rounded to the nearest step
+    and saturated at -128/127, never wrapped by a cast (200.7 became -56, and additive noise of σ = 1000 steps spread
+    the weights uniformly over the byte instead of piling them at the rails)."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parent.parent / "samples"
+    with np.load(sample / "mnist_val.npz") as d:
+        x = d["x"][:16]
+    worker, sites = engine(str(sample / "mnist_lenet5.qdq.onnx"), x, kind)
+    site = next(s.name for s in sites if worker.model.types[s.name].dtype == np.int8)
+    fed = []
+    original = strategies.run
+
+    def spy(session, outputs, feeds, what):
+        fed.append(feeds[site].copy())
+        return original(session, outputs, feeds, what)
+
+    monkeypatch.setattr(strategies, "run", spy)
+    weight = numpy_helper.to_array(next(t for t in worker.model.proto.graph.initializer if t.name == site))
+    worker.evaluate(WorkUnit(worker.key, (site,), (1e-6 if kind == "weight-additive" else 20.0, sigma), 1, (0, 1),
+                             worker.source.seed))
+    small, large = fed
+    assert small.dtype == large.dtype == np.int8
+    if kind == "weight-additive":
+        assert np.array_equal(small, weight)  # far below half a step: every weight rounds back to itself
+        rails = np.isin(large, (-128, 127)).mean()
+        assert rails > 0.5, rails  # wrapped, about 2 in 256 would sit there
+    else:  # programming and read noise push the weights at the rails (each channel's ±127) past them: saturated
+        rails = np.abs(weight.astype(int)) >= 120
+        assert rails.sum() >= 4 and np.all(np.sign(large[rails]) == np.sign(weight[rails]))

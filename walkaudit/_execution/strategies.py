@@ -146,12 +146,24 @@ class WeightSuffix(Strategy):
 
     def run(self, values, sigmas, eps, device=None):
         feeds = {n: values[n] for n in self.reads}
+        # an integer weight (an INT8 model's) takes value noise in float and is stored back as the kernels read it:
+        # rounded and saturated (a cast would wrap 200.7 round to -56); bit flips work on the stored bits themselves
+        computed = self.weight if self.noise.stored or self.weight.dtype.kind == "f" else \
+            self.weight.astype(np.float32)
         outs = []
         for sigma in sigmas:
-            noisy = self.noise.host(self.weight, [sigma], eps[self.site], self.map)[0]
-            feeds[self.site] = noisy.astype(self.weight.dtype, copy=False)
+            noisy = self.noise.host(computed, [sigma], eps[self.site], self.map)[0]
+            feeds[self.site] = stored_as(noisy, self.weight.dtype)
             outs.append(run(self.session, [self.output], feeds, "noisy model")[0])
         return np.concatenate(outs)
+
+
+def stored_as(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`values` in `dtype`: integers rounded to the nearest and saturated to the type's range, floats cast."""
+    if np.dtype(dtype).kind in "iu" and values.dtype.kind == "f":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
 
 
 class FedSuffix(Strategy):
