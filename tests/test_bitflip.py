@@ -255,3 +255,9 @@ def test_a_baseline_with_other_bit_positions_is_refused(tmp_path):
     other = CliRunner().invoke(main, [*common, "--bits", "exponent", "--baseline", str(tmp_path / "base.json")])
     assert other.exit_code == 2
     assert "it used bits 'sign', this report 'exponent'" in other.stderr
+
+
+def test_asking_a_uint8_activation_for_its_sign_says_which_bit_is_the_int8_sign():
+    with pytest.raises(UsageError, match=r"uint8 value has no sign bits.*bit 7 is their int8 sign, --bits 7"):
+        positions("sign", np.uint8)
+    assert positions("7", np.uint8) == (7,) and positions("sign", np.int8) == (7,)

@@ -55,8 +55,10 @@ def positions(spec: str, dtype) -> tuple[int, ...]:
             chosen.update(range(width))
         elif part in GROUPS:
             if part not in layout:
+                hint = ("; onnxruntime runs int8 activations as uint8 (u = i XOR 0x80): bit 7 is their int8 sign, "
+                        "--bits 7" if dtype == np.uint8 and part == "sign" else "")
                 raise UsageError(f"bits {part!r}: a {dtype} value has no {part} bits (it has: "
-                                 f"{', '.join(layout)})")
+                                 f"{', '.join(layout)}){hint}")
             chosen.update(layout[part])
         else:
             numbers = parse_ints(part, "bits")
