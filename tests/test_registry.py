@@ -34,9 +34,13 @@ def test_both_schema_copies_are_identical_and_their_noise_enum_is_the_registry()
 
 def test_every_command_offers_the_registered_models():
     import walkaudit.cli.plan  # noqa: F401  (registers `walkaudit plan`)
+    from walkaudit._noise.registry import global_models
 
-    offered = [list(p.type.choices) for cmd in main.commands.values() for p in cmd.params if p.name == "noise"]
-    assert len(offered) >= 2 and all(choices == list(NOISE_MODELS) for choices in offered)
+    offered = {name: list(p.type.choices) for name, cmd in main.commands.items() for p in cmd.params
+               if p.name == "noise"}
+    assert offered.pop("plan") == list(global_models())  # every layer noisy at once: what global mode takes
+    assert len(offered) >= 1 and all(choices == list(NOISE_MODELS) for choices in offered.values())
+    assert set(global_models()) < set(NOISE_MODELS) and "bitflip" not in global_models()
 
 
 def test_every_registered_model_is_its_kind_and_describes_itself():

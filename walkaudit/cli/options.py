@@ -46,6 +46,13 @@ def noise_models() -> tuple[str, ...]:
     return NOISE_MODELS
 
 
+def global_noise_models() -> tuple[str, ...]:
+    """The noise models that can perturb every layer at once (global mode, `walkaudit plan`)."""
+    from walkaudit._noise.registry import global_models
+
+    return global_models()
+
+
 def providers() -> tuple[str, ...]:
     from walkaudit._execution.runtime import PROVIDERS
 
@@ -87,7 +94,7 @@ def deprecated(old: str, new: str, name: str, **kw) -> tuple[tuple[str, ...], di
 class Group:
     """Options defined once: `Group(title, key, Value, (decls, kwargs), ...)`; each option's parameter name is a
     field of `Value` (a frozen dataclass with a default for every field). Used as a decorator: `@GROUP` (every
-    option) or `@GROUP(only=(names), skip=(names), helps={name: text})`."""
+    option) or `@GROUP(only=(names), skip=(names), helps={name: text}, overrides={name: {click keyword: value}})`."""
 
     def __init__(self, title: str, key: str, value: type, *options: tuple[tuple[str, ...], dict]):
         self.title, self.key, self.value = title, key, value
@@ -99,11 +106,12 @@ class Group:
         return f"<option group {self.title!r} -> {self.value.__name__}>"
 
     def __call__(self, fn=None, *, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
-                 helps: dict[str, str] | None = None, optional: tuple[str, ...] = ()):
+                 helps: dict[str, str] | None = None, optional: tuple[str, ...] = (),
+                 overrides: dict[str, dict] | None = None):
         if fn is None:
-            return functools.partial(self, only=only, skip=skip, helps=helps, optional=optional)
+            return functools.partial(self, only=only, skip=skip, helps=helps, optional=optional, overrides=overrides)
         names = [n for n in self.options if (only is None or n in only) and n not in skip]
-        unknown = set(only or ()) | set(skip) | set(helps or {})
+        unknown = set(only or ()) | set(skip) | set(helps or {}) | set(overrides or {})
         assert unknown <= set(self.options), f"{self.title}: no options {unknown - set(self.options)}"
 
         @functools.wraps(fn)
@@ -117,6 +125,8 @@ class Group:
                 kw = {**kw, "help": helps[name]}
             if name in optional:  # a required option that this command can do without (inspect's --data)
                 kw = {**kw, "required": False}
+            if overrides and name in overrides:  # this command's own choices (plan's --noise: global-mode models)
+                kw = {**kw, **overrides[name]}
             click.option(*decls, cls=GroupOption, group=self, **kw)(wrapper)
         return wrapper
 

@@ -64,7 +64,8 @@ def _cost(text: str | None) -> float | None:
 @opt.DATA(only=("data_path", "limit"))
 @BUDGET
 @opt.SITES(only=("ops", "include", "exclude"))
-@opt.NOISE
+@opt.NOISE(overrides={"noise": {"type": opt.RegistryChoice(opt.global_noise_models),
+                                  "help": "Noise model (those that can be at every layer at once)."}})
 @opt.SWEEP(only=("repeats", "seed"))
 @opt.RUNTIME(only=("provider", "threads", "batch_size"))
 @opt.OUTPUT(only=("json_path", "quiet"))
