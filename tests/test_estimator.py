@@ -26,7 +26,7 @@ from scipy import optimize, special
 import walkaudit
 from walkaudit._analysis import fit, sweep
 from walkaudit._units import BLOCK, Counts
-from walkaudit.report.gate import GateConfig, Threshold, evaluate
+from walkaudit.report.gate import RULE_ABOVE_CHANCE, GateConfig, Threshold, evaluate, parse_drop
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 10
@@ -173,7 +173,9 @@ def test_a_clean_accuracy_within_its_interval_of_chance_gives_no_midpoint():
 
 def test_a_model_at_chance_reports_no_midpoint_and_fails_the_gate():
     """The MNIST MLP scored against shuffled labels (default_rng(0)): clean accuracy ~ 0.1 = chance, above it only
-    by luck. Every site: midpoint null, a one-line note, fit.estimator 'none'; a σ50 threshold fails each site."""
+    by luck. Every site: midpoint null, a one-line note, fit.estimator 'none'; the gate fails on the model (its
+    clean accuracy within its 95 % interval of chance), whatever the rules: a σ50 threshold, a minimum clean
+    accuracy it clears numerically, a comparison with itself as the baseline."""
     pytest.importorskip("onnxruntime")
     with np.load(ROOT / "samples/mnist_val.npz") as d:
         x, y = d["x"][:512], np.random.default_rng(0).permutation(d["y"][:512])
@@ -183,5 +185,10 @@ def test_a_model_at_chance_reports_no_midpoint_and_fails_the_gate():
     for site in report.sites:
         assert site.midpoint is None and site.sigma50 is None and site.fit.estimator == "none"
         assert sum("within its interval of chance" in n for n in site.extra["notes"]) == 1
-    verdict = evaluate(report, GateConfig(thresholds=(Threshold(None, 1e-9),)))
-    assert not verdict.passed and {f.site for f in verdict.failures} == {s.name for s in report.sites}
+    assert report.clean_accuracy > 0.1  # above chance by luck, within its interval
+    for config, baseline in ((GateConfig(thresholds=(Threshold(None, 1e-9),)), None),
+                             (GateConfig(min_clean_accuracy=0.05), None),
+                             (GateConfig(max_drop=parse_drop("20%")), report)):
+        verdict = evaluate(report, config, baseline=baseline)
+        assert not verdict.passed and [f.rule for f in verdict.failures] == [RULE_ABOVE_CHANCE], config
+        assert "within its 95% interval of chance 0.1" in verdict.failures[0].message

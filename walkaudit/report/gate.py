@@ -347,13 +347,14 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
     if baseline is not None:
         warnings += check_comparable(baseline, report)
 
-    gated = not config.empty or baseline is not None
-    usable = report.above_chance
+    gated = not config.empty  # a baseline alone is shown, not gated: without --max-drop no rule compares with it
+    usable = distinguishable(report)
     if gated and not usable:
         decisions.fail(Failure(
             RULE_ABOVE_CHANCE, None, report.clean_accuracy, report.chance,
-            f"clean accuracy {report.clean_accuracy:.4g} is not above chance {report.chance:.4g}: the model does "
-            f"not classify these data, so no {level.midpoint} means anything"))
+            f"clean accuracy {report.clean_accuracy:.4g} is "
+            f"{'within its 95% interval of' if report.above_chance else 'not above'} chance {report.chance:.4g}: "
+            f"the model does not classify these data, so no {level.midpoint} means anything"))
         if config.thresholds or config.max_drop is not None:
             warnings.append("site rules not checked: the clean accuracy is not above chance")
 
@@ -372,7 +373,7 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
 
     if baseline is not None and config.max_drop is not None:  # without a max drop the caller says what it did
         if usable:
-            if not baseline.above_chance:
+            if not distinguishable(baseline):
                 warnings.append(f"the baseline's clean accuracy {baseline.clean_accuracy:.4g} is not above its "
                                 f"chance {baseline.chance:.4g}: it has no {level.midpoint} to compare with")
             _check_drops(report, baseline, config.max_drop, decisions)
@@ -393,6 +394,19 @@ def evaluate(report: Report, config: GateConfig, baseline: Report | None = None,
     else:
         passed, verdict = True, "passed"
     return GateResult(passed=passed, failures=failures, warnings=warnings, undecided=open_, verdict=verdict)
+
+
+def distinguishable(report: Report) -> bool:
+    """Whether the clean accuracy is above chance on its 95 % interval over the samples (the fit's rule: no σ50
+    at chance, `fit.at_chance`); reports without clean counts compare the numbers."""
+    if not report.above_chance:
+        return False
+    counts = report.clean_counts
+    if counts is None:
+        return True
+    from walkaudit._analysis.fit import at_chance
+
+    return not at_chance(report.clean_accuracy, report.chance, counts.samples)
 
 
 def check_matched(config: GateConfig, names: list[str]) -> None:
