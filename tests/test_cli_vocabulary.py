@@ -56,6 +56,16 @@ def test_a_report_where_a_model_goes_is_a_useful_error(files):
         assert "walkaudit plot" in lines[0] and "Missing option" not in result.stderr
 
 
+def test_output_given_a_file_name_points_to_out(files):
+    """audit's --output names the class output (plot's and merge's old --output was their file): given a file name,
+    the one line says which option writes the report."""
+    result = invoke(files / "m.onnx", "--data", files / "d.npz", *FAST, "--output", files / "report.json")
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert "is not an output of the model" in result.stderr and "-o/--out the report's file" in result.stderr
+    plain = invoke(files / "m.onnx", "--data", files / "d.npz", *FAST, "--output", "probs")
+    assert plain.exit_code == 2 and "-o/--out" not in plain.stderr  # a tensor name: no hint
+
+
 def test_out_names_the_json_report_in_audit_compare_and_merge(files):
     audit = invoke(files / "m.onnx", "--data", files / "d.npz", *FAST, "-o", files / "a.json")
     assert audit.exit_code == 0, audit.stderr

@@ -407,7 +407,10 @@ def find_class_output(outputs: list[TensorSpec], override: str | None = None,
     if override is not None:
         match = [o for o in outputs if o.name == override]
         if not match:
-            raise ModelError(f"--output {override!r} is not an output of the model (outputs: {', '.join(names)})")
+            path = override.endswith((".json", ".md", ".html", ".xml", ".png", ".svg")) or "/" in override
+            hint = "; --output names the class output, -o/--out the report's file" if path else ""
+            raise ModelError(f"--output {override!r} is not an output of the model (outputs: {', '.join(names)})"
+                             f"{hint}")
         if facts is not None and not facts.computed(override):
             raise ModelError(f"output '{override}' is not computed by the model (a graph input or a constant passed "
                              "through): no noise can reach it")
