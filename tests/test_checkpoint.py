@@ -149,6 +149,22 @@ def test_a_checkpoint_that_cannot_be_written_is_said_once(tmp_path):
     assert len(c.sites) == 2
 
 
+def test_a_checkpoint_never_outgrows_what_resume_reads(tmp_path, monkeypatch):
+    """The checkpoint is checked against the reader's limit before it is written: past it, the one message says
+    so and the last checkpoint --resume can read stays (before, a checkpoint larger than the limit was written and
+    --resume refused it)."""
+    from walkaudit.report import model
+
+    sites = [make_site(f"s{i}", 0.1, index=i) for i in range(3)]
+    c = ckpt.Checkpoint(str(tmp_path / "c.json"), FP)
+    assert c.add(sites[0]) is None
+    monkeypatch.setattr(model, "MAX_REPORT_BYTES", len(c.dumps().encode()) + 10)
+    problem = c.add(sites[1])
+    assert problem and "more than the" in problem and "--resume reads" in problem
+    assert c.add(sites[2]) is None  # said once
+    assert [s["name"] for s in ckpt.load(c.path, FP)] == ["s0"]  # readable, with what fitted
+
+
 # --- the CLI ----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
