@@ -241,6 +241,21 @@ def test_range_warning_does_not_fire_on_the_samples():
             assert range_warning(Dataset({k: f[k] for k in f.files}, None)) is None, path.name
 
 
+def test_resized_images_on_a_0_to_255_scale_get_a_warning_and_tabular_data_does_not():
+    """Resized images are not whole numbers: an image batch (rank 4) of values 0..255 is warned of all the same; a
+    table of large non-negative floats (prices, counts) is not images and is left alone."""
+    from walkaudit._loading.data import Dataset, range_warning
+
+    with np.load(SAMPLES / "mnist_val.npz") as f:
+        x = f["x"][:64]
+    resized = ((x * 0.3081 + 0.1307) * 255 * 0.997 + 0.25).astype(np.float32)  # not whole numbers
+    said = range_warning(Dataset({"x": resized}, None))
+    assert said is not None and "0..255 scale" in said
+    table = np.random.default_rng(0).uniform(0, 200, (64, 12)).astype(np.float32)
+    assert range_warning(Dataset({"x": table}, None)) is None
+    assert range_warning(Dataset({"x": x}, None)) is None
+
+
 def test_images_as_0_to_255_floats_get_a_warning(tmp_path):
     with np.load(SAMPLES / "mnist_val.npz") as f:
         x, y = f["x"][:64], f["y"][:64]

@@ -84,19 +84,28 @@ def range_warning(dataset: Dataset) -> str | None:
     whole numbers with a maximum above RAW_PIXELS_ABOVE looks like images stored as 0–255 floats, while almost every
     model is trained on scaled input (0–1, or mean/std normalised: values of a few units). Integer inputs (token ids)
     and small whole numbers (the 0..16 pixels of the digits sample, whose scaler is inside the model) are left alone.
+    An image batch (rank 4) of non-negative values up to 255 with a maximum above RAW_PIXELS_ABOVE is warned of
+    too, whole numbers or not (resized images are not).
     """
     for name, values in dataset.inputs.items():
         head = np.asarray(values[:RANGE_SAMPLES])
         if not _is_float(head.dtype) or head.size == 0:
             continue
+        images = head.ndim == 4
         head = head.astype(np.float64)[np.isfinite(head.astype(np.float64))]
         if head.size == 0:
             continue
         low, high = float(head.min()), float(head.max())
-        if high > RAW_PIXELS_ABOVE and np.all(head == np.round(head)):
+        if high <= RAW_PIXELS_ABOVE:
+            continue
+        if np.all(head == np.round(head)):
             return (f"input {name!r} holds whole numbers {low:g}..{high:g}: raw pixel values? Most models expect "
                     "scaled input (0..1 or mean/std normalised); scale it as the model was trained, or the σ50 "
                     "values mean little")
+        if images and low >= 0 and high <= 255.5:
+            return (f"input {name!r} holds images with values {low:.3g}..{high:.3g}: pixels on a 0..255 scale? "
+                    "Most models expect scaled input (0..1 or mean/std normalised); scale it as the model was "
+                    "trained, or the σ50 values mean little")
     return None
 
 
