@@ -133,3 +133,20 @@ def test_every_registered_model_audits_end_to_end_and_accuracy_falls_along_its_a
             assert points[-1].sigma / points[0].sigma >= 1e6  # the search walks decades of t
             continue
         assert points[-1].accuracy < points[0].accuracy
+
+
+def test_the_docs_tables_list_every_registered_model():
+    """method.md's table of noise models and usage.md's table of their levels name every model of the registry
+    (they are written by hand: a model added to the registry must be added there)."""
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    method = docs.joinpath("method.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z][a-z-]*)` \|", method, flags=re.M))
+    assert listed == set(NOISE_MODELS), listed ^ set(NOISE_MODELS)
+    usage = docs.joinpath("usage.md").read_text()
+    table = usage[usage.index("| `--noise` | level | midpoint columns |"):]
+    table = table[:table.index("\n\n")]
+    rows = {kind.strip() for line in table.splitlines()[2:] for kind in line.split("|")[1].split(",")}
+    assert rows == set(NOISE_MODELS), rows ^ set(NOISE_MODELS)
