@@ -352,3 +352,27 @@ def test_merged_notes_are_the_runs_then_each_sites(runs, pair):
     pair[1]["runtime"]["notes"] = ["run note", "another run note", "site note"]
     merged = _merge(pair)
     assert list(merged.runtime.notes) == ["run note", "another run note", "site note"]
+
+
+@pytest.mark.parametrize("noise", [("--noise", "weight-additive", "--sigmas", "0.1,1,10"),
+                                   ("--noise", "bitflip", "--target", "weights", "--sigmas", "1e-4,1e-2,1e-1"),
+                                   ("--noise", "bitflip", "--sigmas", "1e-4,1e-2,1e-1")],
+                         ids=["weight-additive", "bitflip-weights", "bitflip-activations"])
+def test_shards_of_the_other_noise_models_merge_into_the_unsharded_report(tmp_path, noise):
+    """Weight noise (one draw per repeat) and bit flips (words keyed by site, block and repeat) split over shards
+    and merged give the unsharded report, as the Gaussian models do."""
+    options = ("--limit", "300", "--repeats", "2", "--provider", "cpu", *noise)
+
+    def run(path, *extra):
+        result = invoke(MODEL, "--data", DATA, *options, "--json", path, "-q", *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads(Path(path).read_text())
+
+    full = run(tmp_path / "full.json")
+    for i in (1, 2):
+        run(tmp_path / f"s{i}.json", "--shard", f"{i}/2")
+    merged = tmp_path / "merged.json"
+    assert invoke("merge", tmp_path / "s1.json", tmp_path / "s2.json", "-o", merged, "-q").exit_code == 0
+    assert _without_timing(json.loads(merged.read_text())) == _without_timing(full)
+    assert len(full["sites"]) == 3 and any(p["accuracy"] < full["clean_accuracy"] for s in full["sites"]
+                                           for p in s["points"])
