@@ -141,6 +141,23 @@ def test_inspect_lists_sites(mlp_files):
     assert sites[0]["shape"] == ["N", 32]
 
 
+def test_inspect_lists_the_sites_a_noise_model_perturbs_and_bits_takes_them():
+    """--noise bitflip lists an INT8 model's stored int8 values, --target weights its weight initializers: the
+    names `walkaudit bits --site` takes (plain inspect lists the float values, which bits refuses there)."""
+    model, data = SAMPLES / "mnist_lenet5.qdq.onnx", SAMPLES / "mnist_val.npz"
+    plain = [s["name"] for s in json.loads(invoke("inspect", model, "--format", "json").stdout)]
+    stored = [s["name"] for s in json.loads(invoke("inspect", model, "--noise", "bitflip", "--format", "json").stdout)]
+    weights = json.loads(invoke("inspect", model, "--noise", "bitflip", "--target", "weights", "--format",
+                                "json").stdout)
+    assert len(plain) == len(stored) == len(weights) == 5 and not set(plain) & set(stored)
+    assert all(n.endswith(".requantized") for n in stored[:4]) and all("weight" in w["name"] for w in weights)
+    assert weights[0]["shape"] == [6, 1, 5, 5]
+    table = invoke("bits", model, "--data", data, "--limit", "64", "--site", stored[0], "--ber", "0.05",
+                   "--repeats", "1", "--provider", "cpu")
+    assert table.exit_code == 0, table.stderr
+    assert invoke("inspect", model, "--target", "weights").exit_code == 2  # as the audit: weights need a model
+
+
 def test_inspect_table_says_what_it_lists_on_one_line(mlp_files, monkeypatch):
     monkeypatch.setenv("COLUMNS", "40")  # narrower than the summary line, which must not wrap
     result = invoke("inspect", mlp_files / "mlp.onnx")

@@ -41,21 +41,27 @@ LISTING = opt.Group(
 @click.argument("model", type=click.Path(dir_okay=False))
 @opt.SITES(only=("ops", "include", "exclude"))
 @opt.DATA(only=("data_path",), optional=("data_path",))
+@opt.NOISE(only=("noise", "target"))
 @opt.SWEEP(only=("quick",))
 @LISTING
-def inspect(model: str, sites: opt.Sites, data: opt.Data, sweep: opt.Sweep, listing: Listing):
+def inspect(model: str, sites: opt.Sites, data: opt.Data, noise: opt.Noise, sweep: opt.Sweep, listing: Listing):
     """List the candidate sites of MODEL: index, module path (dynamo exports), tensor, node, op type, shape, MACs
     per sample. With --data, also the audit's estimated time and peak memory ("estimated: ~N min, peak ~M GiB"),
-    from a clean pass over the data's first 256 samples, timed (with --quick: of a quick audit)."""
+    from a clean pass over the data's first 256 samples, timed (with --quick: of a quick audit). With --noise and
+    --target, the sites that audit would perturb (`--noise bitflip`: an INT8 model's stored int8 values;
+    `--target weights`: the layers' weight initializers), the names `walkaudit bits --site` takes."""
     data_path, quick = data.data_path, sweep.quick
     from rich.console import Console
 
     from walkaudit._graph.cost import sites_macs
     from walkaudit._graph.sites import select
     from walkaudit._loading.model import load_model
+    from walkaudit._noise import make_noise
 
+    kind = make_noise(noise.noise, target=noise.target)
     loaded = load_model(model)
-    found = select(loaded.proto, loaded.types, sites.selection(), loaded.class_output.name)
+    found = select(loaded.proto, loaded.types, sites.selection(), loaded.class_output.name, target=kind.target,
+                   stored=kind.stored)
     macs = sites_macs(loaded, found)
     estimate = None if data_path is None else _estimate(model, data_path, sites, quick)
     if listing.as_json and estimate is not None:
