@@ -45,6 +45,8 @@ from walkaudit._graph import queries as g
 from walkaudit._graph.sites import ALL, candidates
 from walkaudit._loading.model import prepare_for_runtime, read_model, value_types
 
+pytestmark = pytest.mark.slow  # the quick run (`python -m pytest -q`) leaves this module out
+
 DATA = Path(onnx.backend.test.__file__).parent / "data"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "backend-models.md"
 SAMPLE = 4

@@ -418,6 +418,7 @@ def test_batch_size_and_threads_may_change_on_resume(files, monkeypatch):
 
 # --- kill -9, then --resume, on a real model --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     model, data = ROOT / "samples" / "mnist_lenet5.dynamo.onnx", ROOT / "samples" / "mnist_val.npz"
     env = {k: v for k, v in os.environ.items() if k not in ("WALKAUDIT_DEBUG", "GITHUB_STEP_SUMMARY")}

@@ -558,6 +558,7 @@ def test_external_data_inside_folder_works(corpus):
 
 # --- real processes: nothing native leaks onto stderr -----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["model-truncated", "model-custom-op", "model-opset-too-new", "external-parent",
                                   "data-pickled-npz"])
 def test_real_process_prints_one_line(corpus, case):

@@ -147,6 +147,7 @@ def check_against_reference(model: onnx.ModelProto) -> None:
 BACKEND = list(backend_models())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for _, p in BACKEND], ids=[i for i, _ in BACKEND])
 def test_index_plans_like_the_reference_on_backend_models(path):
     check_against_reference(load(path))

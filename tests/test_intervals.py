@@ -78,6 +78,7 @@ def test_samples_per_level_are_accepted():
         midpoint(GRID, acc, clean=0.95, chance=0.1, samples=[1000, 1000])
 
 
+@pytest.mark.slow
 def test_lenet5_intervals_across_seeds_rarely_disjoint():
     """LeNet-5 on 1000 MNIST samples, seeds 0-7: of the 5 × 28 pairs of intervals of the same site, at most 3 are
     disjoint (measured: 0 of 140; 28 of the 40 σ50 are isotonic estimates, and the 40 intervals' median width is

@@ -249,6 +249,7 @@ def test_the_heap_is_trimmed_without_failing_where_the_c_library_cannot():
     runtime_mod.trim_heap()  # glibc: hands free pages back; elsewhere: nothing, and no error
 
 
+@pytest.mark.slow
 def test_the_default_batch_keeps_a_batch_of_site_values_within_a_gibibyte():
     """Without --batch-size a model with large activations gets a batch whose site values fit 1 GiB (an audit then
     needs about the memory inference does), a small one the default; the counts do not depend on it."""

@@ -28,6 +28,8 @@ from walkaudit.errors import RuntimeFailure, UsageError
 
 from .models import mlp, resnet_block, teacher_labels
 
+pytestmark = pytest.mark.slow  # the quick run (`python -m pytest -q`) leaves this module out
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

@@ -18,6 +18,8 @@ from walkaudit._execution.resolved import ResolvedAudit
 from walkaudit.errors import RuntimeFailure
 from walkaudit.report.merge import merge
 
+pytestmark = pytest.mark.slow  # the quick run (`python -m pytest -q`) leaves this module out
+
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 #: (model, data, limit, options): one of each kind the samples hold

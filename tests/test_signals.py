@@ -14,6 +14,8 @@ import pytest
 
 from walkaudit.cli import signals
 
+pytestmark = pytest.mark.slow  # the quick run (`python -m pytest -q`) leaves this module out
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, DATA = ROOT / "samples" / "mnist_lenet5.dynamo.onnx", ROOT / "samples" / "mnist_val.npz"
 DEADLINE = 600  # seconds: a slow, shared machine

@@ -27,6 +27,8 @@ from walkaudit._graph import weights
 from walkaudit._graph.sites import Selection, candidates
 from walkaudit._loading.model import load_model
 
+pytestmark = pytest.mark.slow  # the quick run (`python -m pytest -q`) leaves this module out
+
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = sorted(p.stem for p in LIGHT.glob("*.onnx")) if LIGHT.is_dir() else []
 HEAVY = {"light_bvlc_alexnet", "light_zfnet512", "light_vgg19"}  # > 50 M parameters
