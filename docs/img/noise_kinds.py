@@ -1,9 +1,9 @@
 """Draw docs/img/noise_kinds.png: LeNet-5's second convolution under every noise model (docs/tutorial.md §6).
 
-One panel per model, each along its own level (σ, w, Δ, BER, t): the measured accuracy per level (mean of the
+One panel per registered model, each along its own level (σ, w, Δ, BER, t): the measured accuracy per level (mean of the
 repeats), the clean and the halfway lines, and the midpoint with its 95 % interval. Rebuild with
 
-    python docs/img/noise_kinds.py        # about a minute on 2 cores
+    python docs/img/noise_kinds.py        # about two minutes on 2 cores
 
 It audits with the API on the first 500 samples (seed 0), so the numbers match the tutorial's in kind, not digit for
 digit (the tutorial uses all 1000).
@@ -24,12 +24,13 @@ from walkaudit.report.text import axis_label, midpoint_text, report_level  # noq
 ROOT = Path(__file__).resolve().parents[2]
 MODEL, DATA = ROOT / "samples" / "mnist_lenet5.dynamo.onnx", ROOT / "samples" / "mnist_val.npz"
 SITE = "conv2d_1"
-KINDS = [("additive", {}), ("multiplicative", {}), ("uniform", {}), ("quantize", {}),
-         ("bitflip", {"bits": "exponent"}), ("weight-additive", {})]
+KINDS = [("additive", {}), ("multiplicative", {}), ("combined", {}), ("uniform", {}), ("quantize", {}),
+         ("bitflip", {"bits": "exponent"}), ("weight-additive", {}), ("weight-multiplicative", {}),
+         ("weight-pcm", {})]
 
 
 def main() -> None:
-    figure, axes = plt.subplots(2, 3, figsize=(12, 6.5), constrained_layout=True)
+    figure, axes = plt.subplots(3, 3, figsize=(12, 9.5), constrained_layout=True)
     for ax, (kind, extra) in zip(axes.flat, KINDS):
         weights = kind.startswith("weight")
         report = walkaudit.audit(str(MODEL), data=str(DATA), noise=kind, limit=500, seed=0, provider="cpu",
@@ -49,8 +50,8 @@ def main() -> None:
         ax.set_xlabel(axis_label(level), fontsize=8)
         ax.set_title(f"{kind}{' (' + ', '.join(f'{k} {v}' for k, v in extra.items()) + ')' if extra else ''}: "
                      f"{midpoint_text(site.midpoint, site.censored, level)}", fontsize=9)
-    axes.flat[0].set_ylabel("accuracy")
-    axes.flat[3].set_ylabel("accuracy")
+    for row in axes:
+        row[0].set_ylabel("accuracy")
     figure.suptitle(f"LeNet-5, {SITE} (its weight for weight noise), 500 MNIST digits", fontsize=10)
     figure.savefig(Path(__file__).with_suffix(".png"), dpi=110)
 
