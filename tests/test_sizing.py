@@ -39,6 +39,9 @@ def test_levels_per_run_on_the_cpu_bounds_the_fed_elements_and_on_a_device_the_m
     assert sizing.levels_per_run(8, 256, sizing.CPU_RUN_ELEMENTS // 3, 999, None) == 3
     assert sizing.levels_per_run(8, 256, 10, 999, None) == 8
     assert sizing.levels_per_run(8, 256, 1 << 30, 1, None) == 1
+    # few elements fed, but a suffix computing large values (attention maps): the values' bytes bound the run
+    row = sizing.CPU_RUN_BYTES // (256 * 3)
+    assert sizing.levels_per_run(8, 256, 10, row, None) == 3
     free = 100 << 20
     row = 4096
     fit = int(free * sizing.DEVICE_SHARE) // (256 * row)  # 25

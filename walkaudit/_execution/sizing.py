@@ -1,8 +1,9 @@
 """How many rows one run takes: pure arithmetic on the model's value shapes and a memory budget.
 
-- On the CPU, runs stay small (`CPU_RUN_ELEMENTS` per fed tensor): the elementwise work of a suffix then stays in
-  the caches, which measured faster than larger runs (docs/performance.md). Levels are packed only where the
-  frontier that each packed level copies is small (`CPU_TILE_ELEMENTS`).
+- On the CPU, runs stay small (`CPU_RUN_ELEMENTS` per fed tensor, `CPU_RUN_BYTES` of values computed): the
+  elementwise work of a suffix then stays in the caches, which measured faster than larger runs, and a suffix whose
+  inner values dwarf what it is fed (attention maps) stays within memory (docs/performance.md). Levels are packed
+  only where the frontier that each packed level copies is small (`CPU_TILE_ELEMENTS`).
 - On a GPU, runs are as large as the device's free memory allows: the data batch and the number of σ levels packed
   into one run are sized from the bytes one row of the model (or of a suffix) occupies, counted over every value
   the graph computes. That count ignores onnxruntime's buffer reuse, so it overestimates, and only a share of the
@@ -18,6 +19,10 @@ from walkaudit._loading.model import TensorSpec
 
 #: Largest tensor (in elements) one packed run feeds on the CPU.
 CPU_RUN_ELEMENTS = 1 << 22
+#: Most bytes one packed run's values may take on the CPU, counted as `row_bytes` does (every value the suffix
+#: computes, per row): a MobileViT's early sites fed few elements but computed attention maps 20x larger, and ten
+#: packed levels peaked at 1.66 GiB; capped, 0.64 GiB, with the same counts and no slower (docs/performance.md).
+CPU_RUN_BYTES = 256 << 20
 #: Most clean values (in elements, per level) a suffix may copy per run to pack levels on the CPU: each packed
 #: level costs a copy of the frontier (skip connections, keys and values of attention), which on a transformer
 #: outweighs the runs saved (docs/performance.md, "Transformers").
@@ -60,7 +65,7 @@ def levels_per_run(levels: int, rows: int, per_level_elements: int, row: int, fr
     if free is None:
         if tiled_elements > CPU_TILE_ELEMENTS:
             return 1
-        fit = CPU_RUN_ELEMENTS // max(per_level_elements, 1)
+        fit = min(CPU_RUN_ELEMENTS // max(per_level_elements, 1), CPU_RUN_BYTES // max(rows * row, 1))
     else:
         fit = int(free * DEVICE_SHARE) // max(rows * row, 1)
     return int(max(1, min(levels, fit)))
