@@ -62,8 +62,8 @@ QUANTIZED = {"resnet18_qdq": "resnet18", "mobilenet_v3_large_qdq": "mobilenet_v3
 #: two shared cores; 1: all sites
 EVERY = {"resnet18": 1, "resnet50": 3, "vit_b_16": 12, "mobilenet_v3_large": 4, "efficientnet_b0": 5,
          "resnet18_dynamo": 1, "resnet18_qdq": 1, "resnet18_fp16": 1, "deit_tiny": 4, "bert_cls": 6, "gpt2_cls": 6,
-         "convnext_tiny": 5, "mobilevit_xxs_dynamo": 1, "distilbert_cls": 3, "gpt2_lm": 8,
-         "mobilenet_v3_large_qdq": 4}
+         "convnext_tiny": 5, "mobilevit_xxs_dynamo": 1, "distilbert_cls": 1, "gpt2_lm": 3,
+         "mobilenet_v3_large_qdq": 1}
 #: Hugging Face sequence classifiers: labels (more than 2, so that random weights spread the predictions)
 HF_LABELS = 8
 #: Hugging Face language models: the vocabulary of their config (small, so that the logits [N, T, vocabulary] stay
@@ -182,6 +182,10 @@ def build(out: Path, names: list[str], samples: int, stats_samples: int) -> None
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
+            # timm zero-initialises the last BatchNorm of every residual branch (`zero_init_last`): each branch would
+            # be 0, and noise anywhere inside it multiplied by 0 (those sites censored "above" at any σ)
+            if m.affine and not m.weight.detach().any():
+                torch.nn.init.ones_(m.weight)
         if norms:
             model.train()
             calib = make(stats_samples, size, seed=2)
@@ -284,8 +288,9 @@ def plain(model: str, data: str, threads: int, passes: int) -> dict:
             "images": len(x)}
 
 
-def audit(model: str, data: str, threads: int, every: int) -> dict:
-    """One walkaudit audit (library call, batch = the images; every `every`-th site), its peak and what it did."""
+def audit(model: str, data: str, threads: int, every: int, keep: str | None = None) -> dict:
+    """One walkaudit audit (library call, batch = the images; every `every`-th site), its peak and what it did; the
+    report written to `keep` when given."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
@@ -304,6 +309,8 @@ def audit(model: str, data: str, threads: int, every: int) -> dict:
         del loaded
     report = walkaudit.audit(model, x, None, threads=threads, provider="cpu", batch_size=len(x), **options)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
+    if keep:
+        Path(keep).write_text(report.to_json())
     body = report.to_dict()
     runtime, scored = body["runtime"], body["data"].get("scored_tokens")
     evaluations = runtime.get("evaluations")
@@ -366,8 +373,11 @@ def child(kind: str, model: Path, data: Path, threads: int, cap_mib: float, extr
     return result
 
 
-def run(zoo: Path, names: list[str], threads: int, cap_gib: float, passes: int, every: int | None, out: str | None):
+def run(zoo: Path, names: list[str], threads: int, cap_gib: float, passes: int, every: int | None, out: str | None,
+        reports: Path | None = None):
     rows = []
+    if reports:
+        reports.mkdir(parents=True, exist_ok=True)
     for name in names:
         model, data = zoo / f"{name}.onnx", zoo / f"{name}_x.npy"
         if not model.exists():
@@ -375,7 +385,8 @@ def run(zoo: Path, names: list[str], threads: int, cap_gib: float, passes: int, 
             continue
         base = child("plain", model, data, threads, cap_gib * 1024, ["--passes", str(passes)])
         stride = EVERY.get(name, 1) if every is None else every
-        result = child("audit", model, data, threads, cap_gib * 1024, ["--every", str(stride)])
+        keep = ["--report", str(reports / f"{name}.json")] if reports else []
+        result = child("audit", model, data, threads, cap_gib * 1024, ["--every", str(stride), *keep])
         row = {"model": name, "size_mb": model.stat().st_size / 2**20, "plain": base, "audit": result}
         after = child("plain", model, data, threads, cap_gib * 1024, ["--passes", str(passes)])
         row["plain_after"] = after
@@ -422,6 +433,7 @@ def main() -> None:
     r.add_argument("--passes", type=int, default=7)
     r.add_argument("--every", type=int, help="audit every k-th site (default: per model, EVERY)")
     r.add_argument("--json")
+    r.add_argument("--reports", type=Path, help="write each audit's report (walkaudit JSON) to this folder")
     for kind in ("plain", "audit"):
         c = sub.add_parser(kind, help="(internal) one measurement, one JSON line")
         c.add_argument("model")
@@ -429,6 +441,7 @@ def main() -> None:
         c.add_argument("--threads", type=int, default=2)
         c.add_argument("--passes", type=int, default=7)
         c.add_argument("--every", type=int, default=1)
+        c.add_argument("--report")
     q = sub.add_parser("quantize", help="INT8 QDQ of the built float models (walkaudit's venv, onnxruntime)")
     q.add_argument("--zoo", type=Path, default=Path("/work/zoo"))
     q.add_argument("--models", nargs="*", default=list(QUANTIZED))
@@ -444,11 +457,11 @@ def main() -> None:
     elif args.command == "deployed":
         deployed(args.zoo, args.models)
     elif args.command == "run":
-        run(args.zoo, args.models, args.threads, args.cap_gib, args.passes, args.every, args.json)
+        run(args.zoo, args.models, args.threads, args.cap_gib, args.passes, args.every, args.json, args.reports)
     elif args.command == "plain":
         print(json.dumps(plain(args.model, args.data, args.threads, args.passes)))
     else:
-        print(json.dumps(audit(args.model, args.data, args.threads, args.every)))
+        print(json.dumps(audit(args.model, args.data, args.threads, args.every, args.report)))
 
 
 if __name__ == "__main__":
