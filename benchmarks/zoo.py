@@ -6,16 +6,19 @@ Two steps, in two environments (the suite and walkaudit stay torch-free):
     #    from the data (train mode, momentum=None) so that the models do not predict one class; ONNX + data to --out
     #    (torchvision, timm, and Hugging Face transformers models built from their configs)
     /work/tvenv/bin/python benchmarks/zoo.py build --out /work/zoo
-    # 1b. INT8 QDQ of the float models in QUANTIZED (walkaudit's venv: onnxruntime.quantization)
+    # 1b. INT8 QDQ of the float models in QUANTIZED (walkaudit's venv: onnxruntime.quantization), and the check that
+    #     walkaudit's clean pass predicts what a plain session of each does
     python benchmarks/zoo.py quantize --zoo /work/zoo
+    python benchmarks/zoo.py deployed --zoo /work/zoo
     # 2. run: walkaudit's venv; each model audited in a child process of its own, beside a plain onnxruntime session
     python benchmarks/zoo.py run --zoo /work/zoo --json zoo.json
 
 Per model, `run` reports: the sites, the audit's wall time and peak RSS (the child's VmHWM, with a parent watchdog that
-kills an audit above --cap-gib), evaluations (sample forward passes under noise, `runtime.evaluations`), the cost
-ratio = wall time / (evaluations x one clean pass of one image by a plain session), and the plain session's peak
-RSS and time per pass of the same images. The naive method that reruns the whole model per evaluation has ratio
-1.0 (plus its own overheads); running only the suffixes averages about 0.5 on a chain of equal layers.
+kills an audit above --cap-gib), evaluations (sample forward passes under noise, `runtime.evaluations`; for a
+per-token output sequences, not the tokens the report counts), the cost ratio = wall time / (evaluations x one clean
+pass of one image by a plain session), and the plain session's peak RSS and time per pass of the same images. The
+naive method that reruns the whole model per evaluation has ratio 1.0 (plus its own overheads); running only the
+suffixes averages about 0.5 on a chain of equal layers.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-#: name -> (library, constructor, exporter, input size: image side, or tokens per sequence for "hf")
+#: name -> (library, constructor, exporter, input size: image side, or tokens per sequence for "hf"/"hf-lm")
+#: ("hf": a sequence classifier, `<ctor>ForSequenceClassification`; "hf-lm": a causal language model,
+#: `AutoModelForCausalLM`, whose output is the per-token logits [N, T, vocabulary])
 MODELS = {
     "resnet18": ("torchvision", "resnet18", "legacy", 224),
     "resnet50": ("torchvision", "resnet50", "legacy", 224),
@@ -45,17 +50,25 @@ MODELS = {
     "bert_cls": ("hf", "Bert", "legacy", 32),
     "gpt2_cls": ("hf", "GPT2", "legacy", 32),
     "convnext_tiny": ("torchvision", "convnext_tiny", "legacy", 224),
+    # timm's default input for MobileViT is 256 (at 224 its 2x2 patches need an interpolation in every block)
+    "mobilevit_xxs_dynamo": ("timm", "mobilevit_xxs", "dynamo", 256),
+    "distilbert_cls": ("hf", "DistilBert", "legacy", 32),
+    "gpt2_lm": ("hf-lm", "GPT2", "legacy", 32),
 }
 #: name -> the float model it quantizes (INT8 QDQ, static, per-channel, calibrated on the zoo's images; `zoo.py
 #: quantize` in walkaudit's venv, after `build`)
-QUANTIZED = {"resnet18_qdq": "resnet18"}
+QUANTIZED = {"resnet18_qdq": "resnet18", "mobilenet_v3_large_qdq": "mobilenet_v3_large"}
 #: every k-th site is audited (evenly spread, so the cost ratio stays representative) where a full audit takes hours on
 #: two shared cores; 1: all sites
 EVERY = {"resnet18": 1, "resnet50": 3, "vit_b_16": 12, "mobilenet_v3_large": 4, "efficientnet_b0": 5,
          "resnet18_dynamo": 1, "resnet18_qdq": 1, "resnet18_fp16": 1, "deit_tiny": 4, "bert_cls": 6, "gpt2_cls": 6,
-         "convnext_tiny": 5}
+         "convnext_tiny": 5, "mobilevit_xxs_dynamo": 1, "distilbert_cls": 1, "gpt2_lm": 3,
+         "mobilenet_v3_large_qdq": 1}
 #: Hugging Face sequence classifiers: labels (more than 2, so that random weights spread the predictions)
 HF_LABELS = 8
+#: Hugging Face language models: the vocabulary of their config (small, so that the logits [N, T, vocabulary] stay
+#: small; the audit scores every token against the clean model's prediction among them)
+LM_VOCAB = 512
 OPSET, DYNAMO_OPSET, MAX_IR_VERSION = 17, 18, 10
 
 
@@ -71,10 +84,11 @@ def images(n: int, size: int, seed: int):
 
 
 def tokens(n: int, length: int, vocab: int, seed: int):
-    """Random token ids (below 1000 from the top of the vocabulary: no pad/eos/special token)."""
+    """Random token ids, 1000 (an eighth of a small vocabulary) away from either end: no pad/eos/special token."""
     import numpy as np
 
-    return np.random.default_rng(seed).integers(1000, vocab - 1000, size=(n, length), dtype=np.int64)
+    margin = min(1000, vocab // 8)
+    return np.random.default_rng(seed).integers(margin, vocab - margin, size=(n, length), dtype=np.int64)
 
 
 def construct(library: str, ctor: str):
@@ -90,6 +104,25 @@ def construct(library: str, ctor: str):
 
         return timm.create_model(ctor, pretrained=False), images
     import transformers
+
+    if library == "hf-lm":
+        # eos/bos at the end of the small vocabulary (GPT-2's 50256 would be no token of it); the model is made with
+        # its constructor from the config (random weights), `AutoModelForCausalLM` picks GPT2LMHeadModel for GPT-2
+        config = getattr(transformers, f"{ctor}Config")(vocab_size=LM_VOCAB, bos_token_id=LM_VOCAB - 1,
+                                                         eos_token_id=LM_VOCAB - 1)
+        config.use_cache = False
+
+        class TokenLogits(torch.nn.Module):  # the logits [N, T, vocabulary], not the model's output dataclass
+            def __init__(self):
+                super().__init__()
+                self.model = transformers.AutoModelForCausalLM.from_config(config)
+
+            def forward(self, input_ids):
+                # an all-ones mask: without one transformers looks for packed sequences with aten::diff, which the
+                # legacy exporter lacks (as for gpt2_cls)
+                return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+
+        return TokenLogits(), lambda n, length, seed: tokens(n, length, config.vocab_size, seed)
 
     config = getattr(transformers, f"{ctor}Config")(num_labels=HF_LABELS)
     if config.pad_token_id is None:  # GPT-2 finds each sequence's last token by its padding id
@@ -149,6 +182,10 @@ def build(out: Path, names: list[str], samples: int, stats_samples: int) -> None
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
+            # timm zero-initialises the last BatchNorm of every residual branch (`zero_init_last`): each branch would
+            # be 0, and noise anywhere inside it multiplied by 0 (those sites censored "above" at any σ)
+            if m.affine and not m.weight.detach().any():
+                torch.nn.init.ones_(m.weight)
         if norms:
             model.train()
             calib = make(stats_samples, size, seed=2)
@@ -159,7 +196,7 @@ def build(out: Path, names: list[str], samples: int, stats_samples: int) -> None
         if half:
             model = model.half()
         example = (torch.from_numpy(x[:2]).half() if half else torch.from_numpy(x[:2]),)
-        inp = "input_ids" if library == "hf" else "x"
+        inp = "input_ids" if library.startswith("hf") else "x"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
@@ -174,9 +211,11 @@ def build(out: Path, names: list[str], samples: int, stats_samples: int) -> None
         onnx.save(proto, str(path))
         with torch.no_grad():
             logits = model(example[0].new_tensor(x) if half else torch.from_numpy(x))
-            classes = (logits[0] if isinstance(logits, tuple) else logits).argmax(1).tolist()
-        print(f"{name}: {path.stat().st_size / 2**20:.0f} MB, {time.perf_counter() - t:.0f} s, "
-              f"classes of the {samples} inputs: {classes}", flush=True)
+            classes = (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+        # per-token logits: how many distinct tokens are predicted over all positions
+        seen = (f"classes of the {samples} inputs: {classes.tolist()}" if classes.ndim == 1 else
+                f"{len(classes.unique())} distinct tokens predicted at the {classes.numel()} positions")
+        print(f"{name}: {path.stat().st_size / 2**20:.0f} MB, {time.perf_counter() - t:.0f} s, {seen}", flush=True)
 
 
 def quantize(zoo: Path, names: list[str], calib_samples: int) -> None:
@@ -249,8 +288,9 @@ def plain(model: str, data: str, threads: int, passes: int) -> dict:
             "images": len(x)}
 
 
-def audit(model: str, data: str, threads: int, every: int) -> dict:
-    """One walkaudit audit (library call, batch = the images; every `every`-th site), its peak and what it did."""
+def audit(model: str, data: str, threads: int, every: int, keep: str | None = None) -> dict:
+    """One walkaudit audit (library call, batch = the images; every `every`-th site), its peak and what it did; the
+    report written to `keep` when given."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
@@ -269,11 +309,43 @@ def audit(model: str, data: str, threads: int, every: int) -> dict:
         del loaded
     report = walkaudit.audit(model, x, None, threads=threads, provider="cpu", batch_size=len(x), **options)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    runtime = report.to_dict()["runtime"]
+    if keep:
+        Path(keep).write_text(report.to_json())
+    body = report.to_dict()
+    runtime, scored = body["runtime"], body["data"].get("scored_tokens")
+    evaluations = runtime.get("evaluations")
+    # a per-token output counts scored tokens: the evaluations of whole sequences are a `samples / scored` share
+    tokens = {"token_evaluations": evaluations, "scored_tokens": scored} if scored else {}
+    if scored:
+        evaluations = round(evaluations * body["data"]["samples"] / scored)
     return {"rss_before_mib": before, "peak_mib": _status("self", "VmHWM"), "wall_s": wall, "cpu_s": cpu,
-            "sites": len(report.sites), "every": every, "evaluations": runtime.get("evaluations"),
+            "sites": len(report.sites), "every": every, "evaluations": evaluations, **tokens,
             "clean_accuracy": report.clean_accuracy, "cache_budget_bytes": runtime.get("cache_budget_bytes"),
             "censored": sum(1 for s in report.sites if s.censored)}
+
+
+def deployed(zoo: Path, names: list[str]) -> None:
+    """The quantized models audited as deployed: with the labels a plain onnxruntime session of the model predicts,
+    walkaudit's clean accuracy and every site's accuracy at σ = 0 are 1.0 when its clean pass and its suffixes run
+    what the deployed model runs (every site, σ = 0 and 1e-4, one repeat: the clean pass is the point)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    import walkaudit
+
+    for name in names:
+        model, x = str(zoo / f"{name}.onnx"), np.load(zoo / f"{name}_x.npy")
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        y = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(-1)
+        del session
+        report = walkaudit.audit(model, x, y, threads=2, provider="cpu", batch_size=len(x),
+                                 sigmas=(0.0, 1e-4), repeats=1)
+        lowest = {level: min(p.accuracy for s in report.sites for p in s.points if p.sigma == level)
+                  for level in (0.0, 1e-4)}
+        print(json.dumps({"model": name, "deployed_predictions": y.tolist(), "clean_accuracy": report.clean_accuracy,
+                          "sites": len(report.sites), "lowest_site_accuracy": {"0": lowest[0.0], "1e-4": lowest[1e-4]},
+                          "first_sites": [s.name for s in report.sites[:2]]}), flush=True)
 
 
 def child(kind: str, model: Path, data: Path, threads: int, cap_mib: float, extra: list[str]) -> dict:
@@ -301,8 +373,11 @@ def child(kind: str, model: Path, data: Path, threads: int, cap_mib: float, extr
     return result
 
 
-def run(zoo: Path, names: list[str], threads: int, cap_gib: float, passes: int, every: int | None, out: str | None):
+def run(zoo: Path, names: list[str], threads: int, cap_gib: float, passes: int, every: int | None, out: str | None,
+        reports: Path | None = None):
     rows = []
+    if reports:
+        reports.mkdir(parents=True, exist_ok=True)
     for name in names:
         model, data = zoo / f"{name}.onnx", zoo / f"{name}_x.npy"
         if not model.exists():
@@ -310,7 +385,8 @@ def run(zoo: Path, names: list[str], threads: int, cap_gib: float, passes: int, 
             continue
         base = child("plain", model, data, threads, cap_gib * 1024, ["--passes", str(passes)])
         stride = EVERY.get(name, 1) if every is None else every
-        result = child("audit", model, data, threads, cap_gib * 1024, ["--every", str(stride)])
+        keep = ["--report", str(reports / f"{name}.json")] if reports else []
+        result = child("audit", model, data, threads, cap_gib * 1024, ["--every", str(stride), *keep])
         row = {"model": name, "size_mb": model.stat().st_size / 2**20, "plain": base, "audit": result}
         after = child("plain", model, data, threads, cap_gib * 1024, ["--passes", str(passes)])
         row["plain_after"] = after
@@ -357,6 +433,7 @@ def main() -> None:
     r.add_argument("--passes", type=int, default=7)
     r.add_argument("--every", type=int, help="audit every k-th site (default: per model, EVERY)")
     r.add_argument("--json")
+    r.add_argument("--reports", type=Path, help="write each audit's report (walkaudit JSON) to this folder")
     for kind in ("plain", "audit"):
         c = sub.add_parser(kind, help="(internal) one measurement, one JSON line")
         c.add_argument("model")
@@ -364,21 +441,27 @@ def main() -> None:
         c.add_argument("--threads", type=int, default=2)
         c.add_argument("--passes", type=int, default=7)
         c.add_argument("--every", type=int, default=1)
+        c.add_argument("--report")
     q = sub.add_parser("quantize", help="INT8 QDQ of the built float models (walkaudit's venv, onnxruntime)")
     q.add_argument("--zoo", type=Path, default=Path("/work/zoo"))
     q.add_argument("--models", nargs="*", default=list(QUANTIZED))
     q.add_argument("--calib-images", type=int, default=64)
+    d = sub.add_parser("deployed", help="clean accuracy against a plain session's predictions (quantized models)")
+    d.add_argument("--zoo", type=Path, default=Path("/work/zoo"))
+    d.add_argument("--models", nargs="*", default=list(QUANTIZED))
     args = parser.parse_args()
     if args.command == "build":
         build(args.out, [m for m in args.models if m not in QUANTIZED], args.images, args.stats_images)
     elif args.command == "quantize":
         quantize(args.zoo, args.models, args.calib_images)
+    elif args.command == "deployed":
+        deployed(args.zoo, args.models)
     elif args.command == "run":
-        run(args.zoo, args.models, args.threads, args.cap_gib, args.passes, args.every, args.json)
+        run(args.zoo, args.models, args.threads, args.cap_gib, args.passes, args.every, args.json, args.reports)
     elif args.command == "plain":
         print(json.dumps(plain(args.model, args.data, args.threads, args.passes)))
     else:
-        print(json.dumps(audit(args.model, args.data, args.threads, args.every)))
+        print(json.dumps(audit(args.model, args.data, args.threads, args.every, args.report)))
 
 
 if __name__ == "__main__":

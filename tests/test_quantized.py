@@ -337,3 +337,25 @@ def test_values_after_com_microsoft_integer_ops_are_typed(models):
     assert all(s.shape is not None for s in sites)
     adds = [n.output[0] for n in loaded.proto.graph.node if n.op_type == "QLinearAdd"]
     assert all(loaded.types[a].shape is not None and len(loaded.types[a].shape) == 4 for a in adds)
+
+
+def test_a_long_chain_of_com_microsoft_ops_is_typed_to_its_end():
+    """Each round of shape inference types one more op of a chain of com.microsoft ops (their inputs' types come
+    from the round before): MobileNetV3's squeeze-excitation blocks chain about 40 of them, and a fixed 8 rounds
+    left the rest untyped, so a suffix fed a skip connection after them was refused by onnxruntime ("does not have
+    type information"). A chain of 20 QLinearAdds is typed to its end, shape and element type."""
+    links = 20
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(3, np.uint8), "z")]
+    nodes = [*(helper.make_node("QLinearAdd", [f"q{i}", "s", "z", f"q{i}", "s", "z", "s", "z"], [f"q{i + 1}"],
+                                domain="com.microsoft") for i in range(links)),
+             helper.make_node("DequantizeLinear", [f"q{links}", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("q0", TensorProto.UINT8, ["N", 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    typed = {vi.name: vi for vi in quantized.typed_contrib_outputs(model).graph.value_info}
+    assert set(typed) == {f"q{i}" for i in range(1, links + 1)}
+    last = typed[f"q{links}"].type.tensor_type
+    assert last.elem_type == TensorProto.UINT8
+    assert [d.dim_param or d.dim_value for d in last.shape.dim] == ["N", 4, 5]

@@ -300,11 +300,13 @@ def _contrib_type(node: onnx.NodeProto, known: dict, inits: dict) -> onnx.ValueI
     return helper.make_tensor_value_info(node.output[0], elem, dims)
 
 
-def typed_contrib_outputs(bare: onnx.ModelProto, rounds: int = 8) -> onnx.ModelProto:
+def typed_contrib_outputs(bare: onnx.ModelProto) -> onnx.ModelProto:
     """`bare` with the type and shape of the outputs of the com.microsoft integer ops quantized graphs hold (QGemm,
     MatMulIntegerToFloat, QLinearAdd, QLinearGlobalAveragePool, ...) declared: onnx's shape inference does not know
     them, and without them a quantized model's layer sites, and everything after, are untyped (and a suffix could
-    not declare the values it is fed). The model itself when it has none."""
+    not declare the values it is fed). The model itself when it has none. Each round of shape inference types the
+    next op of every chain of them (MobileNetV3's squeeze-excitation blocks chain about 40), so the rounds go on
+    until a round types nothing new."""
     ops = ("QGemm", *FLOAT_RESULT_LAYERS, *_CONTRIB_SAME_SHAPE)
     todo = [n for n in bare.graph.node if n.op_type in ops and n.domain == "com.microsoft" and n.output]
     if not todo:
@@ -312,7 +314,7 @@ def typed_contrib_outputs(bare: onnx.ModelProto, rounds: int = 8) -> onnx.ModelP
     out = onnx.ModelProto()
     out.CopyFrom(bare)
     inits = {t.name: t for t in out.graph.initializer}
-    for _ in range(rounds):
+    for _ in range(len(todo)):  # at least one more typed per round, or done
         try:
             inferred = onnx.shape_inference.infer_shapes(out)
         except Exception:  # noqa: BLE001 -- inference failing leaves the types as they are
