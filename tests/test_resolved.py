@@ -34,6 +34,11 @@ CASES = [
     ("mnist_lenet5.dynamo.onnx", "mnist_val.npz", 200, {}),
     ("mnist_mlp_bn.legacy.onnx", "mnist_val.npz", 200, {}),  # MLP with BatchNormalization nodes
     ("mnist_mlp.dynamo.onnx", "mnist_val.npz", 200, {"noise": "weight-additive"}),  # sites are weights
+    ("digits_tokens_transformer.legacy.onnx", "digits_tokens_val.npz", 100, {}),  # sequence-first attention
+    ("mnist_lenet5.legacy.onnx", "mnist_val.npz", 200, {}),
+    ("mnist_mlp.jax.onnx", "mnist_val.npz", 200, {}),  # jax2onnx
+    ("mnist_lenet5.qdq.onnx", "mnist_val.npz", 200, {}),  # INT8 QDQ: the fused graph, dequantised sites
+    ("mnist_lenet5.qdq.onnx", "mnist_val.npz", 200, {"noise": "bitflip", "sigmas": (1e-3, 1e-1)}),  # int8 bits
 ]
 OPTIONS = dict(sigmas=(0.3, 3.0), repeats=1, seed=4, provider="cpu", threads=1, batch_size=64)
 
@@ -51,11 +56,11 @@ def _plain(report) -> dict:
 
 
 def _audit(name: str, data: str, limit: int, **options):
-    return api.audit(str(SAMPLES / name), data=str(SAMPLES / data), limit=limit, **OPTIONS, **options)
+    return api.audit(str(SAMPLES / name), data=str(SAMPLES / data), limit=limit, **{**OPTIONS, **options})
 
 
 @pytest.mark.parametrize("name, data, limit, options", CASES,
-                         ids=[c[0].split(".")[0] + "".join(f"-{v}" for v in c[3].values()) for c in CASES])
+                         ids=[c[0].removesuffix(".onnx") + (f"-{c[3]['noise']}" if c[3] else "") for c in CASES])
 def test_in_process_ray_and_merged_shards_give_the_same_report(ray_cluster, name, data, limit, options):
     from walkaudit._execution import ray_executor
 
