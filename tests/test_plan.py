@@ -189,3 +189,16 @@ def test_plan_refuses_what_the_audit_refuses_in_one_line(flags, phrase):
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("walkaudit: error: ") and phrase in result.stderr
     assert "Warning" not in result.stderr and "overflow" not in result.stderr
+
+
+def test_plan_never_writes_a_json_its_reader_refuses(tmp_path, monkeypatch):
+    """As the audit's and merge's reports: a plan's JSON past the reader's limit is one line, and nothing written."""
+    from walkaudit.report import model
+
+    monkeypatch.setattr(model, "MAX_REPORT_BYTES", 2_000)
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["plan", str(SAMPLES / "mnist_mlp.dynamo.onnx"), "--data",
+                                       str(SAMPLES / "mnist_val.npz"), "--limit", "200", "--sigma", "0.01",
+                                       "--max-drop", "50%", "--json", str(out), "-q"])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "the JSON report would be" in result.stderr and not out.exists()

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 
-from walkaudit.cli.outputs import write_atomic
+from walkaudit.cli.outputs import readable, write_atomic
 from walkaudit.errors import UsageError
 
 FORMAT = "walkaudit.checkpoint/1"
@@ -258,23 +258,12 @@ class Checkpoint:
         try:
             if self.make_folder:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            write_atomic(self.path, self._readable(self.dumps()), through_links=False)
+            write_atomic(self.path, readable(self.dumps(), "the checkpoint", "--resume would refuse it; the sites "
+                                                     "saved so far stay"), through_links=False)
         except (UsageError, OSError, TypeError, ValueError) as exc:
             self.broken = str(exc)
             return self.broken
         return None
-
-    @staticmethod
-    def _readable(text: str) -> str:
-        """`text`, if --resume can read it back (MAX_REPORT_BYTES, as a report); else UsageError: the last
-        checkpoint saved stays, and the audit goes on without saving more."""
-        from walkaudit.report.model import MAX_REPORT_BYTES
-
-        size = len(text.encode("utf-8"))
-        if size > MAX_REPORT_BYTES:
-            raise UsageError(f"the checkpoint would be {size / 2**20:.0f} MiB, more than the "
-                             f"{MAX_REPORT_BYTES // 2**20} MiB --resume reads; the sites saved so far stay")
-        return text
 
     def dumps(self) -> str:
         return json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "sites": self.sites}, indent=1) + "\n"

@@ -165,6 +165,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def readable(text: str, what: str = "the JSON report",
+             then: str = "nothing written (fewer sites per report: --include/--exclude, or a coarser --sigmas grid)"
+             ) -> str:
+    """`text`, a JSON document walkaudit can read back: refused (UsageError, one line) when it is larger than the
+    reader's limit (walkaudit.report.model.MAX_REPORT_BYTES); `then` says what happens instead."""
+    from walkaudit.report import model
+
+    size = len(text.encode("utf-8"))
+    if size > model.MAX_REPORT_BYTES:
+        raise UsageError(f"{what} would be {size / 2**20:.0f} MiB, more than the {model.MAX_REPORT_BYTES // 2**20} MiB "
+                         f"walkaudit reads back; {then}")
+    return text
+
+
 def write_atomic(path: str, text: str, *, through_links: bool = True) -> None:
     """Replace `path` with `text` (UTF-8) in one step: a reader sees the old file or the new one, never a mix.
 

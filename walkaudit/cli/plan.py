@@ -83,7 +83,7 @@ def plan_command(model: str, data: opt.Data, budget: Budget, sites: opt.Sites, n
     from rich.console import Console
     from rich.table import Table
 
-    from walkaudit.cli.outputs import write
+    from walkaudit.cli.outputs import readable, write
     from walkaudit.config import AuditConfig
     from walkaudit.planning import parse_bound, plan
     from walkaudit.report.model import dumps
@@ -119,7 +119,7 @@ def plan_command(model: str, data: opt.Data, budget: Budget, sites: opt.Sites, n
                       "failures": entries[: len(failures)],
                       **({"undecided": entries[len(failures):]} if open_ else {})}
     if json_path:
-        write(json_path, dumps(report))
+        write(json_path, readable(dumps(report)))
     console = Console(stderr=json_path == "-", highlight=False)
     if not quiet:
         table = Table(header_style="bold")

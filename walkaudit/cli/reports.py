@@ -9,7 +9,6 @@ import sys
 import click
 
 from walkaudit.cli.app import warn
-from walkaudit.errors import UsageError
 
 
 def read_report(path: str):
@@ -36,19 +35,6 @@ def _no_warnings(lines: list[str]) -> list[str]:
     return [ln for ln in lines if not (isinstance(ln, str) and ln.startswith("warning: "))]
 
 
-def readable(text: str) -> str:
-    """A JSON report walkaudit can read back: refused (one line, nothing written) when it is larger than the
-    reader's limit (walkaudit.report.model.MAX_REPORT_BYTES)."""
-    from walkaudit.report import model
-
-    size = len(text.encode("utf-8"))
-    if size > model.MAX_REPORT_BYTES:
-        raise UsageError(f"the JSON report would be {size / 2**20:.0f} MiB, more than the "
-                         f"{model.MAX_REPORT_BYTES // 2**20} MiB walkaudit reads back; nothing written (fewer sites "
-                         "per report: --include/--exclude, or a coarser --sigmas grid)")
-    return text
-
-
 def emit(report, output, compare_with=None) -> None:
     """Write the requested files of a typed Report and print the summary (to stderr when stdout carries a document).
 
@@ -59,7 +45,7 @@ def emit(report, output, compare_with=None) -> None:
     """
     from rich.console import Console
 
-    from walkaudit.cli.outputs import write
+    from walkaudit.cli.outputs import readable, write
     from walkaudit.report import render
     from walkaudit.report.formats import ANNOTATIONS, to_html, to_junit, to_markdown
     from walkaudit.report.model import dumps
