@@ -120,6 +120,7 @@ def test_audit_prints_the_estimate_after_the_clean_pass_and_q_hides_it(tmp_path)
     lines = shown.stderr.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("walkaudit: estimated: ~"))
     assert "GiB" in lines[at] and "clean pass done" in lines[at - 1]
+    assert "1 repeat, seed 0" in shown.stdout and "(1 repeat, " in shown.stdout and "1 repeats" not in shown.stdout
     config = json.loads((tmp_path / "r.json").read_text())["config"]
     assert config["quick"] is True and config["repeats"] == 1 and config["limit"] == QUICK_LIMIT
     given = runner.invoke(main, [*args, "--repeats", "3", "--limit", "100", "-q"], catch_exceptions=False)

@@ -358,8 +358,8 @@ def tolerance_table(report: Report, width: int | None = None) -> Table | Lines |
 
 def quick_note(report: Report) -> str:
     """What a quick-mode report can and cannot say (the summary's line; Markdown's too)."""
-    return (f"quick mode: a first look ({report.config.repeats} repeat(s), {report.data.samples} samples, a coarser "
-            f"σ search): intervals are wider than a full audit's; run without --quick for the audit of record")
+    return (f"quick mode: a first look ({_count(report.config.repeats, 'repeat')}, {report.data.samples} samples, a "
+            f"coarser σ search): intervals are wider than a full audit's; run without --quick for the audit of record")
 
 
 def summary_lines(report: Report) -> list[str]:
@@ -373,7 +373,7 @@ def summary_lines(report: Report) -> list[str]:
     lines = [
         (f"clean {'token ' if report.data.scored == 'tokens' else ''}accuracy {report.clean_accuracy:.4f} "
          f"({labels}), chance {report.chance:.4f}, {report.data.counted}"),
-        (f"noise {noise}, mode {cfg.mode}, {cfg.repeats} repeats, seed {cfg.seed}; "
+        (f"noise {noise}, mode {cfg.mode}, {_count(cfg.repeats, 'repeat')}, seed {cfg.seed}; "
          f"{printable(rt.provider)}, {rt.elapsed_s:.1f} s"),
     ]
     if not report.above_chance:
@@ -441,3 +441,8 @@ def compare_table(old: Report, new: Report, width: int | None = None) -> Table |
                      _sigma(o, level) if o else "—", _sigma(s, level), percent, decades])
     return fit(columns, rows, width, title=f"{level.midpoint}: baseline vs new",
                caption=f"clean accuracy {old.clean_accuracy:.4f} → {new.clean_accuracy:.4f}")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 repeat``, ``3 repeats``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
