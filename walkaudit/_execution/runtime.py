@@ -126,10 +126,9 @@ class Runtime:
     exact: bool = False  # disable every fusion that can change the last bit at σ = 0 (slower on conv nets)
     provider: str | None = None  # the provider sessions really run on, once one was made
     notes: list[str] = field(default_factory=list)
-    #: large initializers by (name, type, shape) as OrtValues, shared by every session of this runtime. A Runtime
-    #: serves the graphs of one model (api.audit makes one per audit): graphs derived from it (rewrite.py) keep
-    #: each initializer's name and values, so the name identifies the values. A pass that changed an initializer's
-    #: values would have to rename it.
+    #: large initializers by `weights.key` as (array, OrtValue), shared by every session of this runtime. A Runtime
+    #: serves the graphs of one model (api.audit makes one per audit), whose derived graphs name its weights
+    #: (`_graph/weights.py`).
     _shared: dict = field(default_factory=dict, repr=False)
     #: the loaded models' large initializers by (name, type, shape): what stubs in derived graphs stand for
     _sources: dict = field(default_factory=dict, repr=False)

@@ -433,6 +433,10 @@ class _Decisions:
     def open(self, failure: Failure) -> None:
         self.undecided.append(failure)
 
+    def record(self, verdict: str, failure: Failure) -> None:
+        """A rule check that did not pass: broken where `verdict` is "fail", else undecided."""
+        (self.fail if verdict == "fail" else self.open)(failure)
+
 
 def decide(interval: tuple[float, float], limit: float) -> str:
     """"pass" where the whole interval is at least ``limit``, "fail" where it is wholly below, else "undecided"."""
@@ -512,27 +516,19 @@ def _check_threshold(site: SiteResult, threshold: Threshold, decisions: _Decisio
     if verdict == "pass":
         return
     if censored == "above":  # (bound, ∞) with the bound under the threshold
-        decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {shown} never fell to halfway in the {level.symbol} grid, whose "
-                               f"top is below the threshold {limit:g}: undecided (rule {threshold}; extend the grid "
-                               "up)"))
+        message = (f"site {name}: {what} {shown} never fell to halfway in the {level.symbol} grid, whose top is "
+                   f"below the threshold {limit:g}: undecided (rule {threshold}; extend the grid up)")
     elif censored == "below" and verdict == "fail":
-        decisions.fail(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {shown} (already below halfway at the smallest {level.symbol} "
-                               f"tested) is under {limit:g} (rule {threshold})"))
+        message = (f"site {name}: {what} {shown} (already below halfway at the smallest {level.symbol} tested) is "
+                   f"under {limit:g} (rule {threshold})")
     elif censored == "below":
-        decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {shown}: already below halfway at the smallest {level.symbol} "
-                               f"tested, which is above the threshold {limit:g}: undecided (rule {threshold}; extend "
-                               "the grid down)"))
+        message = (f"site {name}: {what} {shown}: already below halfway at the smallest {level.symbol} tested, which "
+                   f"is above the threshold {limit:g}: undecided (rule {threshold}; extend the grid down)")
     elif verdict == "fail":
-        decisions.fail(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {value:.4g} < {limit:g}{_ci_text(interval, value)} "
-                               f"(rule {threshold})"))
+        message = f"site {name}: {what} {value:.4g} < {limit:g}{_ci_text(interval, value)} (rule {threshold})"
     else:
-        decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {value:.4g}{_ci_text(interval, value)} straddles {limit:g}: "
-                               f"undecided (rule {threshold}; more samples or --repeats narrow the interval)"))
+        message = _straddles(name, what, value, interval, threshold)
+    decisions.record(verdict, Failure(threshold.rule, site.name, value, limit, message))
 
 
 def _ci_text(interval: tuple[float, float], value: float) -> str:
@@ -730,20 +726,20 @@ def _check_tolerance(site: SiteResult, threshold: Threshold, decisions: _Decisio
     if verdict == "pass":
         return
     if verdict == "fail":
-        decisions.fail(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {value:.4g} < {limit:g}"
-                               f"{'' if censored else _ci_text(interval, value)} (rule {threshold})"))
+        message = (f"site {name}: {what} {value:.4g} < {limit:g}{'' if censored else _ci_text(interval, value)} "
+                   f"(rule {threshold})")
     elif censored == "above":
-        decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: accuracy never fell by {threshold.drop} in the {level.symbol} grid, "
-                               f"whose top is below {limit:g}: undecided (rule {threshold}; extend the grid up)"))
+        message = (f"site {name}: accuracy never fell by {threshold.drop} in the {level.symbol} grid, whose top is "
+                   f"below {limit:g}: undecided (rule {threshold}; extend the grid up)")
     elif censored == "below":
-        decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: accuracy had already fallen by {threshold.drop} at the smallest "
-                               f"{level.symbol} "
-                               f"tested, which is above {limit:g}: undecided (rule {threshold}; extend the grid "
-                               "down)"))
+        message = (f"site {name}: accuracy had already fallen by {threshold.drop} at the smallest {level.symbol} "
+                   f"tested, which is above {limit:g}: undecided (rule {threshold}; extend the grid down)")
     else:
-        decisions.open(Failure(threshold.rule, site.name, value, limit,
-                               f"site {name}: {what} {value:.4g}{_ci_text(interval, value)} straddles {limit:g}: "
-                               f"undecided (rule {threshold}; more samples or --repeats narrow the interval)"))
+        message = _straddles(name, what, value, interval, threshold)
+    decisions.record(verdict, Failure(threshold.rule, site.name, value, limit, message))
+
+
+def _straddles(name: str, what: str, value: float, interval: tuple[float, float], threshold: Threshold) -> str:
+    """An undecided site rule: the value's interval holds the threshold."""
+    return (f"site {name}: {what} {value:.4g}{_ci_text(interval, value)} straddles {threshold.value:g}: undecided "
+            f"(rule {threshold}; more samples or --repeats narrow the interval)")

@@ -257,9 +257,11 @@ def _draw(report: Report, np: Any, Figure: Any, FigureCanvasAgg: Any, baseline: 
 
 def _bits_axis(ax: Any, np: Any) -> None:
     """A top axis in bits over a relative-step axis: B = log2(1 + 1/Δ), ticked at whole bit counts."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        top = ax.secondary_xaxis("top", functions=(lambda d: np.log2(1.0 + 1.0 / np.maximum(d, 1e-300)),
-                                                   lambda b: 1.0 / (np.exp2(np.maximum(b, 1e-12)) - 1.0)))
+    from walkaudit._noise.quantize import bits_of, step
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # matplotlib probes the axis' ends, 0 included
+        top = ax.secondary_xaxis("top", functions=(lambda d: bits_of(np.maximum(d, 1e-300)),
+                                                   lambda b: step(np.maximum(b, 1e-12))))
     top.set_xticks([1, 2, 3, 4, 6, 8, 12, 16, 24])
     _plain_ticks(top.xaxis)
     top.set_xlabel("B (bits)")
